@@ -258,9 +258,8 @@ def init_random_weights(model: ImageClassifier, seed: int = 0, input_size: int =
         elif isinstance(m, nn.Linear):
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (1.0 / m.in_features) ** 0.5)
             m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-    # Estimate BN statistics on smooth random images (low-frequency noise, like natural images).
-    x = torch.randn((8, 3, input_size // 8, input_size // 8), generator=gen)
-    x = nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    # Estimate BN statistics on images with a natural-image power spectrum (1/f noise).
+    x = pink_noise(16, input_size, gen)
     for block in model.modules():
         if isinstance(block, (Bottleneck, BasicBlock)):
             last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
@@ -278,6 +277,21 @@ def init_random_weights(model: ImageClassifier, seed: int = 0, input_size: int =
     fc.weight.mul_(scale)
     # Cancel the component every image shares, or one class would win for all inputs.
     fc.bias.copy_(-(mean @ fc.weight.T).squeeze(0) + 0.1 * torch.randn(fc.bias.shape, generator=gen))
+
+
+def pink_noise(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """N×3×S×S noise whose amplitude spectrum falls as 1/f, like photographs; unit variance, channels correlated."""
+    fy = torch.fft.fftfreq(size).abs().view(-1, 1)
+    fx = torch.fft.rfftfreq(size).view(1, -1)
+    amp = 1.0 / torch.sqrt(fx**2 + fy**2).clamp_min(1.0 / size)
+    spec = torch.complex(torch.randn((n, 1, size, size // 2 + 1), generator=gen),
+                         torch.randn((n, 1, size, size // 2 + 1), generator=gen)) * amp
+    base = torch.fft.irfft2(spec, s=(size, size))
+    tint = torch.fft.irfft2(torch.complex(torch.randn((n, 3, size, size // 2 + 1), generator=gen),
+                                          torch.randn((n, 3, size, size // 2 + 1), generator=gen)) * amp,
+                            s=(size, size))
+    x = base + 0.5 * tint
+    return (x - x.mean()) / x.std()
 
 
 def count_params(model: nn.Module) -> int:

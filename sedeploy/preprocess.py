@@ -1,0 +1,154 @@
+"""The one image pipeline: mmcls's test transform, used wherever images enter sedeploy.
+
+mmcls test pipeline for SE-ResNet: load, resize the short side to 256 (bilinear), centre-crop 224, RGB,
+subtract mean / divide by std on 0–255 pixels. Export verification, INT8 calibration and benchmarks all call
+:func:`load_batch`, so the numbers they report are about the same input.
+
+Folders may be flat (``calib/*.jpg``) or ImageFolder-style (``root/<class>/*.jpg``); :func:`find_images`
+returns the class-folder name alongside each file so accuracy code can map it to a label.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sedeploy.errors import SedeployError
+from sedeploy.model import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger("sedeploy")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+#: Companion files that commonly sit next to images; ignored without a warning.
+QUIET_EXTENSIONS = {".md", ".txt", ".py", ".json", ".tsv", ".csv", ".yaml", ".yml"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize-short-side → centre-crop → normalise. Defaults are mmcls's ImageNet test pipeline."""
+
+    size: int = 224
+    resize_short: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def for_size(cls, size: int, **kw) -> "Preprocess":
+        """The mmcls pipeline scaled to another crop size (resize = size·256/224)."""
+        if size < 8:
+            raise SedeployError(f"Input size {size} is too small.", expected="a crop size ≥ 8 pixels, e.g. 224")
+        return cls(size=size, resize_short=round(size * 256 / 224), **kw)
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class ImageSet:
+    """Files found in a folder: paths (sorted), their class-folder name (None for flat folders), skipped files."""
+
+    root: Path
+    paths: list[Path] = field(default_factory=list)
+    classes: list[str | None] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def find_images(folder: str | os.PathLike, *, what: str = "image folder") -> ImageSet:
+    """List the images in a flat or class-subfolder folder, in a deterministic (sorted) order."""
+    root = Path(folder)
+    if not root.exists():
+        raise SedeployError(f"The {what} '{root}' does not exist.",
+                            fix="pass a folder of JPEG/PNG images (the shipped default is calib/)")
+    if not root.is_dir():
+        raise SedeployError(f"The {what} '{root}' is a file, not a folder.",
+                            expected="a folder of images, flat or with one subfolder per class")
+    found = ImageSet(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            ext = path.suffix.lower()
+            if ext in IMAGE_EXTENSIONS:
+                found.paths.append(path)
+                found.classes.append(rel.parts[0] if rel.parts else None)
+            elif ext not in QUIET_EXTENSIONS:
+                found.skipped.append(path)
+    if found.skipped:
+        names = ", ".join(str(p.relative_to(root)) for p in found.skipped[:5])
+        more = f" and {len(found.skipped) - 5} more" if len(found.skipped) > 5 else ""
+        log.warning("Skipping %d non-image file(s) in %s: %s%s", len(found.skipped), root, names, more)
+    if not found.paths:
+        raise SedeployError(f"The {what} '{root}' contains no images.",
+                            expected=f"files with one of the extensions {', '.join(sorted(IMAGE_EXTENSIONS))}",
+                            fix="point at a folder of photos, e.g. the shipped calib/")
+    return found
+
+
+def load_image(path: str | os.PathLike, pp: Preprocess = Preprocess()) -> np.ndarray:
+    """One image → float32 array (3, size, size), normalised. Raises OSError/ValueError on undecodable files."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = pp.resize_short / min(w, h)
+        nw, nh = max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left = max(0, int(round((nw - pp.size) / 2.0)))
+        top = max(0, int(round((nh - pp.size) / 2.0)))
+        im = im.crop((left, top, left + pp.size, top + pp.size))
+        arr = np.asarray(im, dtype=np.float32)
+    arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_batch(paths: list[Path], pp: Preprocess = Preprocess(), *, progress: bool = False,
+               what: str = "image folder") -> tuple[np.ndarray, list[Path]]:
+    """Load and preprocess ``paths``; corrupt files are skipped with a warning naming them.
+
+    Returns (N×3×S×S float32 array, the paths actually loaded). Raises if none could be loaded.
+    """
+    from tqdm import tqdm
+
+    arrays, loaded, bad = [], [], []
+    for path in tqdm(paths, desc="Loading images", unit="img", disable=not progress, leave=False):
+        try:
+            arrays.append(load_image(path, pp))
+            loaded.append(path)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for corrupt/unknown files
+            bad.append((path, err))
+    if bad:
+        names = ", ".join(f"{p.name} ({type(e).__name__})" for p, e in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        log.warning("Skipping %d unreadable image(s): %s%s", len(bad), names, more)
+    if not arrays:
+        raise SedeployError(f"None of the {len(paths)} image file(s) in the {what} could be decoded.",
+                            fix="check the files are valid JPEG/PNG images, or pass another folder")
+    return np.stack(arrays), loaded
+
+
+def load_folder(folder: str | os.PathLike, pp: Preprocess = Preprocess(), *, limit: int | None = None,
+                progress: bool = False, what: str = "image folder") -> tuple[np.ndarray, list[Path]]:
+    """:func:`find_images` + :func:`load_batch` (first ``limit`` files in sorted order)."""
+    found = find_images(folder, what=what)
+    paths = found.paths[:limit] if limit else found.paths
+    return load_batch(paths, pp, progress=progress, what=f"{what} '{found.root}'")
+
+
+def smooth_noise(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Random test input with natural-image statistics (low-frequency, unit variance), float32 N×3×S×S.
+
+    White noise is far outside what a classifier sees; smooth noise keeps activations in their usual range.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 3, max(2, size // 14), max(2, size // 14)), generator=gen)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x / x.std()).numpy().astype(np.float32)
