@@ -1,0 +1,278 @@
+"""PyTorch → one self-contained, checked and *verified* ONNX file.
+
+Default opset 18 through ``torch.onnx.export(dynamo=True)``: the exporter PyTorch maintains (the TorchScript one
+is deprecated since torch 2.9), and 18 is the lowest opset it emits (its down-conversion to 17 fails). Opset 18 is
+read by ONNX Runtime ≥ 1.14 and by TensorRT 10 / 11's ONNX parser. Opsets 13–17 are still available for older
+runtimes: they go through the legacy TorchScript exporter, and the result says ``exporter: torchscript``.
+Below 13 there is no per-channel QuantizeLinear/DequantizeLinear, which the INT8 artifacts need.
+
+The two exporters write SE squeezes differently (dynamo: ``ReduceMean`` over H,W; TorchScript:
+``GlobalAveragePool``); the SE fusion pass in :mod:`sedeploy.passes` accepts both.
+
+Verification is part of export: the file is written to a temporary path, run in ONNX Runtime on real images and
+on random input, compared with PyTorch, and renamed into place only when max |Δlogit| is within tolerance.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sedeploy.errors import SedeployError, VerificationError
+from sedeploy.fsutil import atomic_path
+from sedeploy.preprocess import Preprocess, load_folder, smooth_noise
+
+log = logging.getLogger("sedeploy")
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 13
+#: The exporter changes at 18: dynamo below 18 cannot be produced (facts: down-conversion fails).
+DYNAMO_MIN_OPSET = 18
+DEFAULT_ATOL = 1e-4
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+DEFAULT_CALIB_DIR = Path(__file__).resolve().parent.parent / "calib"
+
+
+@dataclass
+class Verification:
+    images: int
+    random_inputs: int
+    max_abs_diff: float
+    max_abs_diff_random: float
+    top1_agreement: float  # fraction of real images whose top-1 class is identical
+    distinct_top1: int  # how many different classes the real images produced (a degenerate net gives 1)
+    atol: float
+    image_folder: str
+
+    @property
+    def passed(self) -> bool:
+        return max(self.max_abs_diff, self.max_abs_diff_random) <= self.atol
+
+
+@dataclass
+class ExportResult:
+    path: str
+    model: str
+    depth: int
+    params: int
+    flops: int  # mmcls seed convention (multiply-adds, backbone + neck)
+    total_macs: int
+    opset: int
+    exporter: str
+    dynamic_batch: bool
+    batch_size: int | None
+    input_size: int
+    num_classes: int
+    weights: str
+    sha256: str
+    seconds: float
+    verification: Verification | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        v = d.pop("verification")
+        if v:
+            d.update(max_abs_diff=v["max_abs_diff"], max_abs_diff_random=v["max_abs_diff_random"],
+                     top1_agreement=v["top1_agreement"], verification=v)
+        return d
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET or opset > newest:
+        raise SedeployError(
+            f"Opset {opset} is not supported for SE-ResNet export.",
+            expected=f"an opset from {MIN_OPSET} to {newest} (default {DEFAULT_OPSET}); opsets below {MIN_OPSET} lack "
+                     "per-channel QuantizeLinear/DequantizeLinear, which INT8 artifacts need",
+            fix=f"pass --opset {DEFAULT_OPSET}")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters warn about deprecations and absent torchvision ops; none of it concerns our network."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_onnx(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, batch_size: int = 1,
+                input_size: int = 224, metadata: dict | None = None) -> Path:
+    """Export ``model`` (N×3×S×S → logits) to ``path`` as one self-contained ONNX file, checked in full.
+
+    Inputs are named ``input``/``logits``; with ``dynamic_batch`` the batch dimension is symbolic ("batch").
+    ``metadata`` goes into the model's metadata_props (values JSON-encoded when not strings).
+    """
+    import onnx
+    import torch
+
+    _check_opset(opset)
+    if batch_size < 1:
+        raise SedeployError(f"Batch size {batch_size} is not valid.", expected="a positive integer",
+                            fix="pass --batch-size 1, or --dynamic-batch")
+    path = Path(path)
+    x = torch.from_numpy(smooth_noise(batch_size if not dynamic_batch else 2, input_size, seed=0))
+    kw: dict = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset, verbose=False)
+    if opset >= DYNAMO_MIN_OPSET:
+        kw.update(dynamo=True, external_data=False, optimize=True)
+        if dynamic_batch:
+            kw["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    else:
+        kw.update(dynamo=False, do_constant_folding=True)
+        if dynamic_batch:
+            kw["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    with atomic_path(path) as tmp:
+        try:
+            with _quiet_exporter(), torch.no_grad():
+                torch.onnx.export(model.eval(), (x,), str(tmp), **kw)
+        except Exception as err:  # the exporters raise many unrelated types; re-raise as one clear error
+            raise SedeployError(f"torch.onnx.export failed at opset {opset}: {type(err).__name__}: {err}",
+                                fix=f"try the default --opset {DEFAULT_OPSET}") from err
+        proto = onnx.load(str(tmp), load_external_data=False)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            raise SedeployError("The exporter wrote weights to an external data file; sedeploy needs one file.")
+        _set_metadata(proto, metadata or {})
+        onnx.save(proto, str(tmp))
+        stray = tmp.with_name(tmp.name + ".data")
+        if stray.exists():
+            stray.unlink()
+        onnx.checker.check_model(str(tmp), full_check=True)
+    return path
+
+
+def _set_metadata(proto, metadata: dict) -> None:
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in metadata.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if key in existing:
+            existing[key].value = text
+        else:
+            proto.metadata_props.add(key=key, value=text)
+
+
+def read_metadata(path) -> dict:
+    """sedeploy's metadata from an ONNX file (JSON values decoded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def verify_onnx(model, onnx_path, *, images: np.ndarray, image_folder: str = "", atol: float = DEFAULT_ATOL,
+                batch_size: int | None = None, random_inputs: int = 2, seed: int = 0) -> Verification:
+    """Run ``onnx_path`` in ONNX Runtime (CPU) and ``model`` in PyTorch on the same inputs; compare logits."""
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    size = images.shape[-1]
+    noise = smooth_noise(random_inputs, size, seed=seed + 1) if random_inputs else images[:0]
+
+    def both(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        step = batch_size or len(x) or 1
+        ref, got = [], []
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            if batch_size and len(chunk) < batch_size:  # fixed-batch model: pad the last chunk
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+            with torch.no_grad():
+                ref.append(model(torch.from_numpy(chunk)).numpy()[: len(x) - i])
+            got.append(sess.run(None, {sess.get_inputs()[0].name: chunk})[0][: len(x) - i])
+        return np.concatenate(ref), np.concatenate(got)
+
+    ref, got = both(images)
+    diff = float(np.abs(ref - got).max())
+    diff_rand = 0.0
+    if random_inputs:
+        r2, g2 = both(noise)
+        diff_rand = float(np.abs(r2 - g2).max())
+    return Verification(images=len(images), random_inputs=random_inputs, max_abs_diff=diff,
+                        max_abs_diff_random=diff_rand,
+                        top1_agreement=float((ref.argmax(1) == got.argmax(1)).mean()),
+                        distinct_top1=len(set(ref.argmax(1).tolist())), atol=atol, image_folder=image_folder)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_model(*, depth: int = 50, checkpoint: str | None = None, output: str | Path | None = None,
+                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, batch_size: int = 1, input_size: int = 224,
+                 num_classes: int | None = None, se: bool = True, verify_images: str | Path | None = None,
+                 verify_limit: int | None = 32, atol: float = DEFAULT_ATOL, seed: int = 0,
+                 base_channels: int = 64) -> ExportResult:
+    """The `sedeploy export` job: build (or load) the network, export, verify, and only then publish the file."""
+    from sedeploy import model as M
+    from sedeploy.flops import count_complexity
+
+    t0 = time.perf_counter()
+    _check_opset(opset)
+    pp = Preprocess.for_size(input_size)
+    folder = Path(verify_images) if verify_images else DEFAULT_CALIB_DIR
+    images, _ = load_folder(folder, pp, limit=verify_limit, what="verification image folder")
+
+    if checkpoint:
+        from sedeploy.checkpoints import load_checkpoint, weights_label
+
+        loaded = load_checkpoint(checkpoint, depth=depth, num_classes=num_classes)
+        net, spec, weights = loaded.model, loaded.spec, weights_label(loaded)
+    else:
+        net = M.build_model(depth, se=se, num_classes=num_classes or 1000, base_channels=base_channels, seed=seed)
+        spec, weights = net.spec, f"random (seed {seed})"
+    cx = count_complexity(net, input_size)
+    output = Path(output) if output else Path(f"{spec.name}.onnx")
+    metadata = {
+        "sedeploy.model": spec.name, "sedeploy.depth": spec.depth, "sedeploy.se": spec.se,
+        "sedeploy.num_classes": spec.num_classes, "sedeploy.params": cx.params, "sedeploy.flops": cx.seed_macs,
+        "sedeploy.total_macs": cx.total_macs, "sedeploy.input_size": input_size,
+        "sedeploy.preprocess": pp.as_dict(), "sedeploy.weights": weights,
+        "sedeploy.block_style": spec.style, "sedeploy.precision": "fp32",
+    }
+    from sedeploy import __version__
+
+    metadata["sedeploy.version"] = __version__
+    # Export to a temporary name, verify, then rename: a failed verification leaves nothing behind.
+    with atomic_path(output) as staged:
+        export_onnx(net, staged, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size,
+                    input_size=input_size, metadata=metadata)
+        ver = verify_onnx(net, staged, images=images, image_folder=str(folder), atol=atol,
+                          batch_size=None if dynamic_batch else batch_size, seed=seed)
+        if not ver.passed:
+            raise VerificationError(
+                f"ONNX Runtime disagrees with PyTorch: max |Δlogit| {max(ver.max_abs_diff, ver.max_abs_diff_random):.3g}"
+                f" > tolerance {atol:g} (top-1 agreement {ver.top1_agreement:.1%}). The .onnx was not written.",
+                fix="report this as a bug with the command line; --atol relaxes the check if you accept the error")
+        sha = sha256_file(staged)
+    return ExportResult(path=str(output), model=spec.name, depth=spec.depth, params=cx.params, flops=cx.seed_macs,
+                        total_macs=cx.total_macs, opset=opset,
+                        exporter="dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript",
+                        dynamic_batch=dynamic_batch, batch_size=None if dynamic_batch else batch_size,
+                        input_size=input_size, num_classes=spec.num_classes, weights=weights, sha256=sha,
+                        seconds=round(time.perf_counter() - t0, 2), verification=ver, metadata=metadata)
