@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests that need the research images in ../shared/data skip with a reason without them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CALIB = REPO / "calib"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.skip(f"research images not available: {SHARED_DATA} is absent (it sits beside the checkout in CI)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def calib_dir() -> Path:
+    return CALIB
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A small SE-ResNet-18 (base width 8): 8 SE blocks, exports and runs in well under a second."""
+    from sedeploy.model import build_model
+
+    return build_model(18, base_channels=8, num_classes=10, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
+    from sedeploy.export import export_onnx
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    return export_onnx(tiny_model, path, input_size=32)
