@@ -1,0 +1,59 @@
+"""The command line: --json is parseable, errors are one clear message with a non-zero exit code."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sedeploy.cli import cli
+
+
+@pytest.fixture()
+def run():
+    runner = CliRunner()
+
+    def _run(*args):
+        return runner.invoke(cli, list(map(str, args)), catch_exceptions=False)
+
+    return _run
+
+
+def test_help_teaches_the_flow(run):
+    res = run("--help")
+    assert res.exit_code == 0
+    for cmd in ("info", "export"):
+        assert cmd in res.output
+
+
+def test_info_json(run):
+    res = run("info", "--depth", 101, "--json")
+    card = json.loads(res.output)
+    assert card["params"] == 49_326_872 and card["flops"] == 7_861_162_208 and card["se_blocks"] == 33
+
+
+def test_info_plain_resnet(run):
+    card = json.loads(run("info", "--depth", 50, "--no-se", "--json").output)
+    assert card["se_blocks"] == 0 and card["params"] == 25_557_032
+
+
+def test_export_json_and_human(run, tmp_path):
+    res = run("export", "--depth", 18, "--input-size", 64, "-o", tmp_path / "a.onnx", "--json")
+    assert res.exit_code == 0
+    out = json.loads(res.output)  # nothing but one JSON object on stdout
+    assert out["weights"].startswith("random") and out["max_abs_diff"] <= 1e-4
+    assert (tmp_path / "a.onnx").exists()
+    res = run("export", "--depth", 18, "--input-size", 64, "-o", tmp_path / "b.onnx")
+    assert "weights      random" in res.output and "top-1 agreement" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--depth", "7"], "is not one of"),
+    (["export", "--depth", "18", "--opset", "11"], "Opset 11 is not supported"),
+    (["export", "--depth", "18", "--batch-size", "0"], "--batch-size 0 is not valid"),
+    (["export", "--depth", "18", "--verify-images", "/nonexistent/dir"], "does not exist"),
+])
+def test_bad_input_exits_non_zero_with_one_message(run, tmp_path, args, message):
+    res = run(*args, "-o", tmp_path / "x.onnx")
+    assert res.exit_code != 0
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "x.onnx").exists()
