@@ -56,8 +56,13 @@ def _load_proto(model):
     path = Path(model)
     if not path.is_file():
         raise SedeployError(f"The ONNX file '{path}' does not exist.", fix="check the path")
-    # Only types are needed: external weight files need not be present.
-    return onnx.load(str(path), load_external_data=False)
+    from google.protobuf.message import DecodeError
+
+    try:  # only types are needed: external weight files need not be present
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as err:
+        raise SedeployError(f"'{path}' is not a readable ONNX file ({type(err).__name__}: {err}).",
+                            fix="re-export it (`sedeploy export`) or re-copy the file") from err
 
 
 def graph_precision(model) -> str:

@@ -1,0 +1,402 @@
+"""TensorRT backend (10.x and 11.x): build a serialized plan from an ONNX file, and run it.
+
+``tensorrt`` is imported only inside functions: this module imports, and its pure parts are tested, anywhere.
+
+Precision follows the graph. TensorRT 11 types every network strongly (the FP16 / INT8 builder flags are gone):
+an FP32 ONNX builds an FP32 engine, FP16 needs an FP16 graph, INT8 explicit Q/DQ nodes. TensorRT 10.x types
+weakly, so there the flag matching the graph is set (FP16; INT8 + FP16 for Q/DQ). The case is decided from
+``trt_version()`` and ``hasattr(trt.BuilderFlag, ...)``, never from enum integers (renumbered in 11).
+TensorRT's TF32 default is kept (and recorded): FP32 engines on Ampere+ use TF32 convolutions.
+
+A plan is tied to the exact TensorRT version and GPU architecture. The JSON sidecar (``<stem>.trt.json``) records
+both and :class:`TrtRunner` checks them before deserializing. GPU buffers are torch CUDA tensors (``data_ptr()``
+and a torch stream's ``cuda_stream``), so a CUDA build of torch is required; it also tells whether a GPU is there.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sedeploy.backends import EngineArtifact, graph_precision, read_sidecar, validate_input, write_sidecar
+from sedeploy.errors import MissingDependencyError, SedeployError
+from sedeploy.fsutil import atomic_path, atomic_write_bytes, ensure_writable_dir
+
+log = logging.getLogger("sedeploy")
+
+#: First TensorRT major version in which every network is strongly typed (precision flags removed).
+STRONGLY_TYPED_MAJOR = 11
+#: Builder flags a weakly typed (10.x) build needs for a graph of each precision.
+_FLAGS_FOR = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}
+#: TensorRT data type names → numpy dtype names (IO tensors sedeploy feeds / reads).
+_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "UINT8": "uint8", "INT32": "int32",
+           "INT64": "int64", "BOOL": "bool"}
+
+
+def parse_trt_version(text: str) -> tuple[int, int, int]:
+    """``"10.13.0.35"`` → ``(10, 13, 0)``; ``"11.0.0"`` → ``(11, 0, 0)``. Compared as numbers, never as text
+    (as text, "9.10" > "10.0")."""
+    match = re.match(r"\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?", str(text))
+    if not match:
+        raise SedeployError(f"Cannot read a TensorRT version from {text!r}.",
+                            expected="a version such as '10.13.0.35' or '11.0.0'")
+    major, minor, patch = (int(g or 0) for g in match.groups())
+    return major, minor, patch
+
+
+def _all_numbers(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", str(text)))
+
+
+def _import_trt(purpose: str):
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as err:  # OSError: the wheel is there but libnvinfer cannot be loaded
+        raise MissingDependencyError("tensorrt", "tensorrt", purpose) from err
+    return trt
+
+
+def trt_version() -> tuple[int, int, int] | None:
+    """The installed TensorRT version, or None when ``tensorrt`` is not importable."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError):
+        return None
+    return parse_trt_version(trt.__version__)
+
+
+def validate_profile(min_batch: int, opt_batch: int, max_batch: int) -> tuple[int, int, int]:
+    """Check the batch range of the optimization profile: positive integers with min ≤ opt ≤ max."""
+    values = (min_batch, opt_batch, max_batch)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise SedeployError(f"Batch profile min={min_batch}, opt={opt_batch}, max={max_batch} is not valid.",
+                            expected="positive integers", fix="e.g. --min-batch 1 --opt-batch 8 --max-batch 32")
+    if not min_batch <= opt_batch <= max_batch:
+        raise SedeployError(f"Batch profile min={min_batch}, opt={opt_batch}, max={max_batch} is not ordered.",
+                            expected="min ≤ opt ≤ max (TensorRT tunes kernels for opt and accepts min..max)",
+                            fix=f"e.g. --min-batch {min(values)} --opt-batch {sorted(values)[1]} "
+                                f"--max-batch {max(values)}")
+    return values
+
+
+def profile_shapes(input_shape: tuple[int, ...], min_batch: int, opt_batch: int,
+                   max_batch: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """min/opt/max shapes for an N×C×H×W network input whose batch (only) may be dynamic (-1)."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 4:
+        raise SedeployError(f"The network input has shape {list(shape)}.", expected="N×C×H×W (rank 4)")
+    if any(d < 0 for d in shape[1:]):
+        raise SedeployError(f"The network input {list(shape)} has dynamic channel or spatial dimensions.",
+                            expected="only the batch dimension dynamic", fix="export with a fixed --input-size")
+    if shape[0] >= 0:
+        if (min_batch, opt_batch, max_batch) != (shape[0],) * 3:
+            log.warning("The ONNX input has a fixed batch of %d: the engine is built for batch %d only "
+                        "(export with a dynamic batch for the range %d..%d).", shape[0], shape[0], min_batch,
+                        max_batch)
+        return shape, shape, shape
+    rest = shape[1:]
+    return (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest)
+
+
+def precision_flags(precision: str, version: tuple[int, int, int], flag_names: set[str]) -> list[str]:
+    """BuilderFlag names to set for a graph of ``precision`` on TensorRT ``version``.
+
+    ``flag_names``: the names ``trt.BuilderFlag`` has. 11+ → none (strong typing: the graph decides). 10.x →
+    the flags for the graph's precision that this TensorRT offers.
+    """
+    if precision not in _FLAGS_FOR:
+        raise SedeployError(f"Unknown precision {precision!r}.", expected="fp32, fp16 or int8")
+    if version[0] >= STRONGLY_TYPED_MAJOR:
+        return []
+    wanted = _FLAGS_FOR[precision]
+    missing = [f for f in wanted if f not in flag_names]
+    if missing:
+        log.warning("TensorRT %s has no BuilderFlag %s; building with the types in the graph only.",
+                    ".".join(map(str, version)), ", ".join(missing))
+    return [f for f in wanted if f in flag_names]
+
+
+def _cuda_device() -> dict[str, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SedeployError(
+            f"No CUDA GPU is visible to PyTorch (torch {torch.__version__}, CUDA build: {torch.version.cuda}).",
+            expected="an NVIDIA GPU with its driver, and a CUDA build of torch (sedeploy moves TensorRT's "
+                     "input and output buffers with torch)",
+            fix="run on a GPU machine; `nvidia-smi` must list the GPU and `python -c \"import torch; "
+                "print(torch.cuda.is_available())\"` must print True (a '+cpu' torch cannot)")
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
+            "cuda_runtime": str(torch.version.cuda), "device_index": str(index)}
+
+
+_LOGGER = None
+
+
+def _logger(trt):
+    """One process-wide TensorRT logger (TensorRT keeps the first one it is given) that also keeps the recent
+    messages, so that failures can quote TensorRT's own explanation."""
+    global _LOGGER
+    if _LOGGER is None:
+        sev = trt.ILogger.Severity
+
+        class _CapturingLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.lines: list[str] = []
+
+            def log(self, severity, msg):
+                if severity == sev.VERBOSE:
+                    return
+                self.lines = [*self.lines[-199:], f"[{getattr(severity, 'name', severity)}] {msg}"]
+                level = (logging.ERROR if severity in (sev.INTERNAL_ERROR, sev.ERROR) else
+                         logging.WARNING if severity == sev.WARNING else logging.DEBUG)
+                log.log(level, "TensorRT: %s", msg)
+
+            def take(self) -> str:
+                text, self.lines = "\n".join(self.lines), []
+                return text
+
+        _LOGGER = _CapturingLogger()
+    return _LOGGER
+
+
+def _load_timing_cache(config, path: Path) -> int:
+    """Attach the timing cache at ``path`` (empty if absent); return how many of its bytes were accepted."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return len(data)
+    log.warning("The timing cache '%s' does not match this TensorRT / GPU; starting an empty one.", path)
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    return 0
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    """Merge what the build learnt with the file as it is now (another build may have grown it), then replace
+    the file atomically."""
+    cache = config.get_timing_cache()
+    if path.is_file():
+        on_disk = config.create_timing_cache(path.read_bytes())
+        if on_disk is not None:
+            cache.combine(on_disk, False)
+    atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
+
+
+def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
+                     max_batch: int = 32, workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
+                     input_name: str | None = None) -> EngineArtifact:
+    """Build ``<stem>.plan`` and ``<stem>.trt.json`` in ``out_dir`` from ``onnx_path``.
+
+    The batch dimension gets one optimization profile (min/opt/max); ``workspace_gib`` caps TensorRT's scratch
+    memory; ``timing_cache`` (a file, created if absent) makes rebuilds faster and is merged, not overwritten.
+    """
+    from sedeploy import __version__
+    from sedeploy.export import sha256_file
+
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise SedeployError(f"The ONNX file '{src}' does not exist.", fix="check the path")
+    validate_profile(min_batch, opt_batch, max_batch)
+    if isinstance(workspace_gib, bool) or not isinstance(workspace_gib, (int, float)) or not workspace_gib > 0 \
+            or not math.isfinite(workspace_gib):
+        raise SedeployError(f"Workspace {workspace_gib!r} GiB is not valid.", expected="a positive number of GiB",
+                            fix="pass --workspace 4")
+    precision = graph_precision(src)
+    trt = _import_trt("Building a TensorRT engine")
+    version = parse_trt_version(trt.__version__)
+    device = _cuda_device()
+    out = ensure_writable_dir(out_dir)
+    plan_path, sidecar = out / f"{src.stem}.plan", out / f"{src.stem}.trt.json"
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    logger = _logger(trt)
+    logger.take()
+
+    t0 = time.perf_counter()
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # 10.x: explicit batch is implicit; 11: strongly typed, always
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(src)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise SedeployError(f"TensorRT {trt.__version__}'s ONNX parser rejected '{src}':\n{errors}\n{logger.take()}",
+                            fix="check the ops against TensorRT's ONNX operator support matrix; Q/DQ graphs "
+                                "must be symmetric int8 (all zero points 0)")
+    inputs = {t.name: t for t in (network.get_input(i) for i in range(network.num_inputs))}
+    if (input_name is None and len(inputs) != 1) or (input_name is not None and input_name not in inputs):
+        raise SedeployError(f"'{src}' has the inputs {', '.join(inputs)}; which is the image batch?",
+                            expected="one input, or input_name= naming one of them")
+    tensor = inputs[input_name] if input_name else next(iter(inputs.values()))
+    shapes = profile_shapes(tuple(tensor.shape), min_batch, opt_batch, max_batch)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    profile.set_shape(tensor.name, *shapes)
+    config.add_optimization_profile(profile)
+    flags = precision_flags(precision, version, {n for n in ("FP16", "INT8") if hasattr(trt.BuilderFlag, n)})
+    for name in flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    cache_bytes = _load_timing_cache(config, cache_path) if cache_path is not None else 0
+    tf32 = bool(config.get_flag(trt.BuilderFlag.TF32)) if hasattr(trt.BuilderFlag, "TF32") else None
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SedeployError(f"TensorRT {trt.__version__} could not build an engine from '{src}' on "
+                            f"{device['gpu']}:\n{logger.take()}",
+                            fix="read TensorRT's messages above; a larger --workspace or a smaller --max-batch "
+                                "helps when tactics run out of memory")
+    seconds = time.perf_counter() - t0
+    if cache_path is not None:
+        _save_timing_cache(config, cache_path)
+    with atomic_path(plan_path) as tmp, open(tmp, "wb") as f:
+        f.write(memoryview(serialized))
+    metadata = {
+        "backend": "tensorrt", "sedeploy_version": __version__, "tensorrt_version": trt.__version__,
+        **{k: v for k, v in device.items() if k != "device_index"},
+        "precision": precision, "builder_flags": flags, "tf32": tf32,
+        "strongly_typed": version[0] >= STRONGLY_TYPED_MAJOR,
+        "profile": {"input": tensor.name, "min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
+        "workspace_gib": workspace_gib, "source_model": str(src), "source_sha256": sha256_file(src),
+        "plan_sha256": sha256_file(plan_path), "build_seconds": round(seconds, 3),
+        "timing_cache": str(cache_path) if cache_path is not None else None,
+        "timing_cache_bytes_loaded": cache_bytes,
+    }
+    try:
+        write_sidecar(sidecar, metadata)
+    except BaseException:
+        plan_path.unlink(missing_ok=True)  # a plan without its sidecar cannot be checked: do not publish it
+        raise
+    log.info("Built %s (%s, %s) in %.1f s.", plan_path, precision, device["gpu"], seconds)
+    return EngineArtifact(path=plan_path, sidecar=sidecar, backend="tensorrt", precision=precision,
+                          metadata=metadata)
+
+
+def sidecar_for(plan_path: str | Path) -> Path:
+    plan_path = Path(plan_path)
+    stem = plan_path.stem if plan_path.suffix == ".plan" else plan_path.name
+    return plan_path.with_name(f"{stem}.trt.json")
+
+
+def check_plan_compatible(meta: dict[str, Any], tensorrt_version: str, device: dict[str, str], plan: str) -> None:
+    """Refuse a plan from another TensorRT version or GPU architecture; another GPU model of the same
+    architecture only warns."""
+    fix = f"rebuild the engine on this machine from its ONNX file ({meta.get('source_model', 'the source model')})"
+    built = str(meta.get("tensorrt_version", "?"))
+    if _all_numbers(built) != _all_numbers(tensorrt_version):
+        raise SedeployError(f"The plan '{plan}' was built with TensorRT {built}; this is TensorRT "
+                            f"{tensorrt_version}. TensorRT plans are not portable across TensorRT versions or GPUs.",
+                            fix=fix)
+    cc = str(meta.get("compute_capability", "?"))
+    if cc != device["compute_capability"]:
+        raise SedeployError(f"The plan '{plan}' was built for compute capability {cc} ({meta.get('gpu')}); this "
+                            f"GPU is {device['gpu']} ({device['compute_capability']}). TensorRT plans are not "
+                            "portable across GPU architectures.", fix=fix)
+    if meta.get("gpu") != device["gpu"]:
+        log.warning("The plan '%s' was built on %s and runs on %s (same architecture): timings may differ.",
+                    plan, meta.get("gpu"), device["gpu"])
+
+
+class TrtRunner:
+    """Runs a sedeploy-built TensorRT plan; ``run(x)`` has the same contract as :class:`OrtRunner.run`."""
+
+    def __init__(self, plan_path: str | Path, *, sidecar: str | Path | None = None):
+        from sedeploy.export import sha256_file
+
+        self.path = Path(plan_path)
+        if not self.path.is_file():
+            raise SedeployError(f"The TensorRT plan '{self.path}' does not exist.", fix="check the path")
+        self.meta = read_sidecar(sidecar or sidecar_for(self.path), engine=self.path)
+        trt = _import_trt("Running a TensorRT engine")
+        self._device = _cuda_device()
+        check_plan_compatible(self.meta, trt.__version__, self._device, str(self.path))
+        if self.meta.get("plan_sha256") not in (None, sha256_file(self.path)):
+            raise SedeployError(f"The sidecar of '{self.path}' describes a different plan (sha256 differs).",
+                                fix="rebuild the engine, or pass the matching sidecar=")
+        self._logger = logger = _logger(trt)
+        logger.take()
+        self._runtime = trt.Runtime(logger)  # must outlive the engine
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise SedeployError(f"TensorRT could not deserialize '{self.path}':\n{logger.take()}",
+                                fix="rebuild the engine on this machine")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise SedeployError(f"TensorRT could not create an execution context for '{self.path}' (out of GPU "
+                                f"memory?):\n{logger.take()}")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or not self.output_names:
+            raise SedeployError(f"'{self.path}' has inputs {inputs} and outputs {self.output_names}.",
+                                expected="one image-batch input and at least one output")
+        self.input_name = inputs[0]
+        self.input_shape = [int(d) for d in self.engine.get_tensor_shape(self.input_name)]
+        self._dtypes = {n: self._numpy_dtype(n) for n in names}
+        self.input_dtype = self._dtypes[self.input_name]
+        lo, opt, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+        self.profile = {"min": lo, "opt": opt, "max": hi}
+        import torch
+
+        self._stream = torch.cuda.Stream(torch.device("cuda", int(self._device["device_index"])))
+
+    def _numpy_dtype(self, name: str) -> np.dtype:
+        dt = self.engine.get_tensor_dtype(name)
+        kind = getattr(dt, "name", str(dt).rsplit(".", 1)[-1])
+        if kind not in _DTYPES:
+            raise SedeployError(f"'{self.path}': tensor '{name}' is {kind}, which sedeploy's runner cannot feed "
+                                "or read from numpy.", expected=f"one of {', '.join(_DTYPES)}")
+        return np.dtype(_DTYPES[kind])
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self.context is None:
+            raise SedeployError(f"The TensorRT runner for '{self.path}' is closed.", fix="create a new TrtRunner")
+        x = validate_input(x, name=self.input_name, dtype=self.input_dtype, shape=self.input_shape,
+                           engine=f"TensorRT ({self.path.name})")
+        lo, hi = self.profile["min"][0], self.profile["max"][0]
+        if not lo <= x.shape[0] <= hi:
+            raise SedeployError(f"Batch {x.shape[0]} is outside the engine's optimization profile {lo}..{hi} "
+                                f"('{self.path.name}').",
+                                fix=f"split the batch into chunks of at most {hi}, or rebuild with --max-batch "
+                                    f"{x.shape[0]}")
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise SedeployError(f"TensorRT refused input shape {tuple(x.shape)} for '{self.path.name}'.")
+        device = torch.device("cuda", int(self._device["device_index"]))
+        # A stream of our own (TensorRT warns that the legacy default stream costs extra synchronization);
+        # copies, allocations and the engine are all ordered on it.
+        with torch.cuda.stream(self._stream):
+            buffers = {self.input_name: torch.from_numpy(x).to(device, non_blocking=False)}
+            for name in self.output_names:
+                shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+                dtype = torch.from_numpy(np.empty(0, self._dtypes[name])).dtype
+                buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+            for name, tensor in buffers.items():
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            if not self.context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
+                raise SedeployError(f"TensorRT failed to run '{self.path.name}':\n{self._logger.take()}")
+            out = buffers[self.output_names[0]].cpu()  # waits for the stream
+        return out.numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "tensorrt", "path": str(self.path), "tensorrt_version": self.meta.get("tensorrt_version"),
+                "gpu": self._device["gpu"], "compute_capability": self._device["compute_capability"],
+                "precision": self.meta.get("precision"), "input": self.input_name, "input_shape": self.input_shape,
+                "input_dtype": self.input_dtype.name, "outputs": self.output_names,
+                "profile": {k: list(v) for k, v in self.profile.items()}}
+
+    def close(self) -> None:
+        self.context = self.engine = self._runtime = self._stream = None  # context before engine before runtime
+
+    def __enter__(self) -> "TrtRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
