@@ -1,0 +1,148 @@
+"""Measure this machine's arithmetic ceiling with two short GEMM probes.
+
+A throughput figure alone does not say whether an engine is good: 15 img/s may be excellent on two cores and
+poor on sixteen. The benchmark therefore reports *achieved* GFLOP/s per engine (the model's total FLOPs per
+image × images per second) next to what this machine reaches on the easiest possible workload, a large square
+matrix multiply:
+
+- **fp32**: ``torch.matmul`` on float32 (a tuned BLAS; torch's intra-op threads set for the probe only).
+- **int8**: ONNX Runtime ``MatMulInteger`` with uint8 activations × int8 weights (u8s8), the kernel family ORT's
+  quantized Conv/MatMul use on x86. The weights are a graph initializer, as in a real model, so ORT may prepack
+  them. The graph is built with ``onnx.helper``; it computes int32 accumulators (no requantisation), which is the
+  int8 GEMM ceiling proper. The weights are 7-bit (−64…63), as ORT's quantizer writes them with
+  ``reduce_range=True``: on x86 CPUs without VNNI the u8s8 kernel adds pairs of u8·s8 products in int16
+  (``vpmaddubsw``), which saturates with full-range weights and returns wrong sums. Speed is the same either
+  way; 7-bit weights keep the probe's product exact, so it measures a computation worth doing.
+
+Both probes run a few warm-up calls, then time calls for about ``seconds`` seconds. The ceiling is taken from
+the *median* call time (engine throughput is also quoted at the median), the best call is reported too. One
+multiply-add counts as 2 operations, as in :mod:`sedeploy.flops`. The figures describe the CPU: they are not a
+ceiling for GPU engines.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from sedeploy.errors import MissingDependencyError, SedeployError
+
+log = logging.getLogger("sedeploy")
+
+__all__ = ["probe_fp32_gemm", "probe_int8_gemm", "machine_ceilings", "ceiling_kind"]
+
+
+def _time_calls(fn: Callable[[], Any], *, seconds: float, warmup: int, min_calls: int,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = clock()
+    while len(samples) < min_calls or clock() - start < seconds:
+        t0 = clock()
+        fn()
+        samples.append(clock() - t0)
+    return samples
+
+
+def _summary(kind: str, ops_per_call: float, samples: list[float], **extra) -> dict[str, Any]:
+    med, best = float(np.median(samples)), float(np.min(samples))
+    unit = "GFLOP/s" if kind == "fp32" else "GOP/s"
+    return {"kind": kind, "unit": unit, "per_s": ops_per_call / med / 1e9, "best_per_s": ops_per_call / best / 1e9,
+            "ops_per_call": ops_per_call, "calls": len(samples), "median_ms": med * 1e3, "best_ms": best * 1e3,
+            **extra}
+
+
+def _check(size: int, threads: int, seconds: float) -> None:
+    if size < 16:
+        raise SedeployError(f"GEMM probe size {size} is too small to measure a ceiling.",
+                            expected="a square size ≥ 16 (1024 is the default)")
+    if threads < 1:
+        raise SedeployError(f"GEMM probe threads = {threads}.", expected="1 or more threads")
+    if seconds <= 0:
+        raise SedeployError(f"GEMM probe duration {seconds} s.", expected="a positive number of seconds")
+
+
+def probe_fp32_gemm(size: int = 1024, *, threads: int = 2, seconds: float = 1.0, warmup: int = 3,
+                    min_calls: int = 5) -> dict[str, Any]:
+    """float32 ``size``×``size`` @ ``size``×``size`` with torch on ``threads`` threads → GFLOP/s."""
+    _check(size, threads, seconds)
+    try:
+        import torch
+    except ImportError as err:
+        raise MissingDependencyError("torch", "dev", "The fp32 GEMM probe") from err
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=gen)
+        b = torch.randn(size, size, generator=gen)
+        out = torch.empty(size, size)
+        with torch.inference_mode():
+            samples = _time_calls(lambda: torch.matmul(a, b, out=out), seconds=seconds, warmup=warmup,
+                                  min_calls=min_calls)
+    finally:
+        torch.set_num_threads(previous)
+    return _summary("fp32", 2.0 * size ** 3, samples, shape=[size, size, size], threads=threads,
+                    method=f"torch {torch.__version__} matmul float32")
+
+
+def _int8_matmul_model(size: int, seed: int = 0):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.integers(-64, 64, (size, size), dtype=np.int8)  # 7-bit: exact on AVX2 u8s8 (module docstring)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "a_zero", "w_zero"], ["y"])],
+        "sedeploy_int8_gemm_probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [size, size])],
+        initializer=[numpy_helper.from_array(weight, "w"),
+                     numpy_helper.from_array(np.array(128, np.uint8), "a_zero"),
+                     numpy_helper.from_array(np.array(0, np.int8), "w_zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="sedeploy")
+    model.ir_version = 8  # readable by every onnxruntime sedeploy supports
+    onnx.checker.check_model(model)
+    return model
+
+
+def probe_int8_gemm(size: int = 1024, *, threads: int = 2, seconds: float = 1.0, warmup: int = 3,
+                    min_calls: int = 5) -> dict[str, Any]:
+    """uint8 × int8 → int32 ``MatMulInteger`` in ONNX Runtime (CPU, ``threads`` intra-op threads) → GOP/s."""
+    _check(size, threads, seconds)
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise MissingDependencyError("onnxruntime", "dev", "The int8 GEMM probe") from err
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    session = ort.InferenceSession(_int8_matmul_model(size).SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)
+    feed = {"a": a}
+    samples = _time_calls(lambda: session.run(["y"], feed), seconds=seconds, warmup=warmup, min_calls=min_calls)
+    return _summary("int8", 2.0 * size ** 3, samples, shape=[size, size, size], threads=threads,
+                    method=f"onnxruntime {ort.__version__} MatMulInteger u8s8 (CPU)")
+
+
+def machine_ceilings(*, size: int = 1024, threads: int = 2, seconds: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Both probes, fp32 first: ``{"fp32": {...}, "int8": {...}}`` (``per_s`` is the ceiling)."""
+    fp32 = probe_fp32_gemm(size, threads=threads, seconds=seconds)
+    int8 = probe_int8_gemm(size, threads=threads, seconds=seconds)
+    log.info("Machine ceiling (%d threads, %d³ GEMM): fp32 %.0f GFLOP/s, int8 %.0f GOP/s",
+             threads, size, fp32["per_s"], int8["per_s"])
+    return {"fp32": fp32, "int8": int8}
+
+
+def ceiling_kind(precision: str, device: str = "cpu") -> str | None:
+    """Which CPU ceiling an engine is compared with: int8 → "int8"; fp32 and fp16 → "fp32" (ONNX Runtime's CPU
+    provider runs FP16 graphs through Casts in fp32); anything not on the CPU → None (no CPU ceiling applies)."""
+    if device != "cpu":
+        return None
+    return "int8" if precision == "int8" else "fp32" if precision in ("fp32", "fp16") else None
