@@ -36,3 +36,15 @@ def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
     return export_onnx(tiny_model, path, input_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_art(tmp_path_factory):
+    """The tiny *trained* SE-ResNet-18 (tests/tiny_trained.py), trained once per test run and shared by the
+    pytest-xdist workers (their temp folders share a parent; a file lock makes one worker train)."""
+    import os
+
+    from tiny_trained import tiny_trained
+
+    base = os.environ.get("SEDEPLOY_TEST_CACHE") or tmp_path_factory.getbasetemp().parent / "tiny-trained-cache"
+    return tiny_trained(base)

@@ -1,0 +1,432 @@
+"""INT8 artifacts: one :class:`~sedeploy.calibration.CalibrationResult`, two Q/DQ flavours.
+
+Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good one looks like.
+
+``flavour="trt"`` — what TensorRT's ONNX parser imports as explicit quantization (facts §4, checked by
+    :func:`sedeploy.validate.check_trt_qdq`): QuantizeLinear/DequantizeLinear (QDQ) pairs with signed int8 and
+    zero point 0 everywhere; activations per tensor (scale = amax/127, amax from the calibration); weights stored as
+    int8 initializers, per output channel (Conv axis 0; Gemm axis 0 with transB=1, else 1), read through a
+    DequantizeLinear; biases stay float (no int32 bias DequantizeLinear). Placement follows NVIDIA's advice: a Q/DQ
+    pair on the data input of every Conv/Gemm and on the *skip* input of every residual Add (then TensorRT fuses
+    the Add into the preceding convolution with an int8 output); Sigmoid, ReduceMean and pools read float. The
+    Q/DQ nodes are inserted here rather than by ``onnxruntime.quantization``: its QDQ quantizer puts pairs on
+    operator outputs and on both Add inputs, the opposite of what TensorRT fuses best.
+
+``flavour="cpu"`` — what ONNX Runtime's CPU kernels run fastest on a machine without VNNI (facts §5: signed int8
+    QDQ is *slower* than FP32 there): ONNX Runtime's own quantizer in QOperator format with uint8 activations and
+    int8 weights (U8S8), weights with 7-bit range (``reduce_range``, avoids the int16 saturation of the AVX2
+    u8×s8 multiply-add), driven with *our* ranges (a ``TensorsData`` built from the calibration, never ORT's own
+    calibrators). The SE squeeze (ReduceMean over H,W) is first rewritten to the equivalent GlobalAveragePool so
+    that it, the Sigmoid gate, the channel-scaling Mul and the residual Add all get com.microsoft QLinear kernels
+    and activations stay uint8 from one convolution to the next. The settings are the measured optimum of
+    ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/int8_cpu_forms.md).
+
+SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float, ``"int8"`` quantizes it
+like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed (benchmarks/int8_cpu_forms.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from sedeploy.calibration import CalibrationResult
+from sedeploy.errors import MissingDependencyError, SedeployError
+from sedeploy.fsutil import atomic_path
+
+log = logging.getLogger("sedeploy")
+
+FLAVOURS = ("trt", "cpu")
+SE_POLICIES = ("fp32", "int8")
+#: Chosen by benchmarks/int8_cpu_forms.py (SE-ResNet-50 + the tiny trained model): see the .md for the numbers.
+DEFAULT_SE_POLICY = "int8"
+MIN_OPSET = 13  # per-channel (axis) Q/DQ
+_INT8_MAX = 127.0
+_SMALLEST_SCALE = 1e-12  # an all-zero tensor/channel still needs a positive scale
+_WEIGHTED = ("Conv", "Gemm")
+_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    """How the CPU flavour is quantized (the fields benchmarks/int8_cpu_forms.py explores)."""
+
+    format: str = "qoperator"  # "qoperator" (QLinearConv …) or "qdq" (ORT fuses QDQ groups at session creation)
+    per_channel: bool = True
+    reduce_range: bool = True  # 7-bit weights: no u8×s8 int16 saturation on AVX2 without VNNI
+    #: op types quantized besides Conv/Gemm; their QLinear kernels keep activations uint8 between layers
+    extra_ops: tuple[str, ...] = ("Add", "Mul", "Sigmoid", "GlobalAveragePool", "Relu", "MaxPool", "Reshape",
+                                  "Flatten")
+    squeeze_as_gap: bool = True  # rewrite ReduceMean(H,W) to GlobalAveragePool (QLinearGlobalAveragePool exists)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["extra_ops"] = list(self.extra_ops)
+        return d
+
+
+#: Measured fastest at ≥ 99 % agreement (benchmarks/int8_cpu_forms.md).
+CPU_OPTIONS = CpuOptions()
+
+
+@dataclass
+class QuantReport:
+    path: str
+    flavour: str
+    se: str
+    format: str  # "QDQ" or "QOperator"
+    quantized_ops: dict[str, int]  # op type → nodes computing in int8 (QLinearConv …, or Conv fed by DQ)
+    op_histogram: dict[str, int]  # every op type of the written graph
+    calibration: dict  # method, key, images
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _onnx():
+    import onnx
+
+    return onnx
+
+
+def _load_fp32(fp32_path):
+    """Load and copy the model; refuse anything that is not a float32 model."""
+    onnx = _onnx()
+    from sedeploy.validate import _load
+
+    proto, label = _load(fp32_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    meta = {p.key: p.value for p in model.metadata_props}
+    stated = meta.get("sedeploy.precision", "").strip('"')
+    quant = sorted({n.op_type for n in model.graph.node
+                    if n.op_type in _QUANT_OPS or n.op_type.startswith("QLinear") or n.op_type.endswith("Integer")})
+    fp16 = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    if stated not in ("", "fp32") or quant or fp16:
+        raise SedeployError(
+            f"'{label}' is not an FP32 model (metadata sedeploy.precision={stated or 'unset'}, quantization ops "
+            f"{quant or 'none'}, {fp16} float16 initializer(s)).",
+            expected="the FP32 ONNX export that the calibration ran on",
+            fix="quantize the FP32 .onnx from `sedeploy export` (not an FP16 or INT8 artifact)")
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise SedeployError(f"'{label}' needs exactly one float32 image input; it has "
+                            f"{[(i.name, i.type.tensor_type.elem_type) for i in inputs]}.",
+                            expected="an FP32 classifier with one N×3×H×W float32 input")
+    used = {n.name for n in model.graph.node if n.name}
+    for k, n in enumerate(model.graph.node):  # node names are how the SE policy excludes nodes
+        if not n.name:
+            n.name = f"{n.op_type}_{k}"
+            while n.name in used:
+                n.name += "_"
+            used.add(n.name)
+    return model, label
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _se_nodes(model) -> set[str]:
+    from sedeploy.precision import find_precision_groups
+
+    return set(find_precision_groups(model)["se"])
+
+
+def _check_ranges(model, calibration: CalibrationResult, tensors: list[str], label: str) -> None:
+    missing = [t for t in dict.fromkeys(tensors) if t not in calibration.ranges]
+    if missing:
+        raise SedeployError(
+            f"The calibration (method {calibration.method}, key {calibration.key[:12]}…) has no range for "
+            f"{len(missing)} activation(s) of '{label}', e.g. {missing[:4]}: it was made for another model.",
+            expected="a calibration of this very FP32 model (sedeploy.calibration.calibrate on the same .onnx)",
+            fix="calibrate this model (or pass --calib-cache pointing at its own cache file)")
+    bad = [t for t in tensors if not all(np.isfinite(calibration.ranges[t]))]
+    if bad:
+        raise SedeployError(f"Calibration ranges of {bad[:4]} are not finite.", fix="recalibrate")
+
+
+def _float_activation(model, name: str, inits: set[str]) -> bool:
+    return bool(name) and name not in inits
+
+
+def _squeeze_to_gap(model) -> int:
+    """ReduceMean over axes (2, 3) with keepdims=1 on a 4-D tensor → GlobalAveragePool (same values, same name)."""
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    changed = 0
+    for n in model.graph.node:
+        if n.op_type != "ReduceMean":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(n.input) > 1 and n.input[1] in consts:
+            axes = consts[n.input[1]].tolist()
+        if attrs.get("keepdims", 1) != 1 or axes is None or sorted(int(a) % 4 if a < 0 else int(a)
+                                                                    for a in axes) != [2, 3]:
+            continue
+        n.op_type = "GlobalAveragePool"
+        del n.input[1:]
+        del n.attribute[:]
+        changed += 1
+    return changed
+
+
+# ------------------------------------------------------------------------------------------------- TRT flavour
+def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) -> dict:
+    """Insert TensorRT-style Q/DQ (see module docstring); returns settings for the report."""
+    onnx = _onnx()
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sedeploy.validate import Graph, _depths
+
+    if _opset(model) < MIN_OPSET:
+        raise SedeployError(f"'{label}' has opset {_opset(model)}; TensorRT's per-channel Q/DQ needs ≥ {MIN_OPSET}.",
+                            fix="re-export with --opset 13 or newer (18 is the default)")
+    g = Graph(model)
+    inits = set(g.initializers)
+    skip_se = _se_nodes(model) if se == "fp32" else set()
+    weighted = [n for n in g.nodes if n.op_type in _WEIGHTED and n.name not in skip_se and len(n.input) > 1
+                and g.is_const(n.input[1]) and not g.is_const(n.input[0])]
+    depth = _depths(g)
+    act_uses: dict[str, list[tuple]] = {}  # tensor → [(node, input index)] to rewire to its DQ output
+    for n in weighted:
+        act_uses.setdefault(n.input[0], []).append((n, 0))
+    for n in g.nodes:
+        if n.op_type == "Add" and len(n.input) == 2 and not any(g.is_const(i) for i in n.input):
+            skip = min((0, 1), key=lambda k: depth.get(n.input[k], 0))
+            act_uses.setdefault(n.input[skip], []).append((n, skip))
+    _check_ranges(model, calibration, list(act_uses), label)
+
+    new_nodes: dict[str, list] = {}  # producer output (or "" for graph input) → Q/DQ nodes to insert after it
+    new_inits = []
+    zp8 = "sedeploy_zp_int8"
+    new_inits.append(numpy_helper.from_array(np.zeros((), np.int8), zp8))
+    for t, uses in act_uses.items():
+        scale = max(calibration.amax(t) / _INT8_MAX, _SMALLEST_SCALE)
+        s_name, q_out, dq_out = f"{t}_scale", f"{t}_QuantizeLinear", f"{t}_DequantizeLinear"
+        new_inits.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
+        nodes = [helper.make_node("QuantizeLinear", [t, s_name, zp8], [q_out], name=f"{t}_Q"),
+                 helper.make_node("DequantizeLinear", [q_out, s_name, zp8], [dq_out], name=f"{t}_DQ")]
+        new_nodes.setdefault(t, []).extend(nodes)
+        for node, k in uses:
+            node.input[k] = dq_out
+    for n in weighted:
+        w_name = n.input[1]
+        w = g.const(w_name).astype(np.float32)
+        axis = 0 if n.op_type == "Conv" or _attr(n, "transB", 0) else 1
+        amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+        scale = np.maximum(amax / _INT8_MAX, _SMALLEST_SCALE).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        wq = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        base = f"{w_name}_{n.name}"
+        new_inits += [numpy_helper.from_array(wq, f"{base}_int8"),
+                      numpy_helper.from_array(scale, f"{base}_scale"),
+                      numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{base}_zp")]
+        dq = helper.make_node("DequantizeLinear", [f"{base}_int8", f"{base}_scale", f"{base}_zp"],
+                              [f"{base}_DequantizeLinear"], name=f"{base}_DQ", axis=axis)
+        new_nodes.setdefault(f"__before__{n.name}", []).append(dq)
+        n.input[1] = dq.output[0]
+    # Rebuild the node list in topological order: Q/DQ right after their tensor's producer, weight DQs right
+    # before their consumer.
+    ordered = []
+    for t in [i.name for i in model.graph.input]:
+        ordered += new_nodes.pop(t, [])
+    for n in list(model.graph.node):
+        ordered += new_nodes.pop(f"__before__{n.name}", [])
+        ordered.append(n)
+        for o in n.output:
+            ordered += new_nodes.pop(o, [])
+    if new_nodes:
+        raise SedeployError(f"Internal error: Q/DQ for {list(new_nodes)[:3]} found no place in the graph.")
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    del model.graph.value_info[:]  # stale shapes/types of rewired tensors; checker infers them again
+    return {"activation_type": "int8 symmetric per-tensor", "weight_type": "int8 symmetric per-channel",
+            "bias": "float", "activation_qdq": len(act_uses), "weight_dq": len(weighted),
+            "excluded_se_nodes": len(skip_se)}
+
+
+def _attr(node, name: str, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+# ------------------------------------------------------------------------------------------------- CPU flavour
+def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, options: CpuOptions):
+    """ONNX Runtime's quantizer (QOperator or QDQ, U8S8) driven with our ranges; returns (model, settings)."""
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantType
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData
+        from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+        from onnxruntime.quantization.quant_utils import QuantizationMode, save_and_reload_model_with_shape_infer
+    except ImportError as err:
+        raise MissingDependencyError("onnxruntime", "ort", "INT8 quantization (CPU flavour)") from err
+
+    if options.format not in ("qoperator", "qdq"):
+        raise SedeployError(f"Unknown CPU INT8 format {options.format!r}.", expected="qoperator or qdq")
+    gap = _squeeze_to_gap(model) if options.squeeze_as_gap else 0
+    excluded = sorted(_se_nodes(model)) if se == "fp32" else []
+    op_types = list(dict.fromkeys([*_WEIGHTED, *options.extra_ops]))
+    inits = {t.name for t in model.graph.initializer}
+    # every float activation read or produced by a node of a quantized op type needs a range
+    needed = [t for n in model.graph.node if n.op_type in op_types and n.name not in excluded
+              for t in (*n.input, *n.output) if _float_activation(model, t, inits)]
+    _check_ranges(model, calibration, [t for t in needed if t in _all_activations(model)], label)
+    data = {name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+            for name, (lo, hi) in calibration.ranges.items()}
+    ranges = TensorsData(CalibrationMethod.MinMax, data)
+    model = save_and_reload_model_with_shape_infer(model)
+    if _opset(model) < 13:  # QLinear ops and per-channel need opset ≥ 10/13; ORT's quantize_static does the same
+        raise SedeployError(f"'{label}' has opset {_opset(model)}; INT8 needs ≥ {MIN_OPSET}.",
+                            fix="re-export with a newer opset (18 is the default)")
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    if options.format == "qoperator":
+        q = ONNXQuantizer(model, options.per_channel, options.reduce_range, QuantizationMode.QLinearOps, True,
+                          QuantType.QInt8, QuantType.QUInt8, ranges, [], excluded, op_types, extra)
+    else:
+        q = QDQQuantizer(model, options.per_channel, options.reduce_range, QuantType.QInt8, QuantType.QUInt8,
+                         ranges, [], excluded, op_types, extra)
+    q.quantize_model()
+    q.model.topological_sort()  # the QDQ quantizer appends its nodes at the end of the graph
+    settings = {"activation_type": "uint8 asymmetric per-tensor",
+                "weight_type": "int8 symmetric " + ("per-channel" if options.per_channel else "per-tensor"),
+                **options.as_dict(), "squeeze_rewritten_to_gap": gap, "excluded_se_nodes": len(excluded)}
+    return q.model.model, settings
+
+
+def _all_activations(model) -> set[str]:
+    return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+
+
+# ------------------------------------------------------------------------------------------------------- public
+def quantized_op_counts(model, *, qdq: bool = True) -> dict[str, int]:
+    """Op type → nodes that compute in int8: QLinear*/QGemm/…Integer nodes, and (``qdq``: QDQ format, where a
+    backend fuses DQ → op → Q into an integer kernel) float ops whose data input, and weight for Conv/Gemm, come
+    through DequantizeLinear. In QOperator format a float op behind a DequantizeLinear computes in float."""
+    from sedeploy.validate import Graph
+
+    g = Graph(model)
+    counts: Counter = Counter()
+    for n in g.nodes:
+        if n.op_type in _QUANT_OPS:
+            continue
+        if n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "QAttention") or n.op_type.endswith("Integer"):
+            counts[n.op_type] += 1
+        elif qdq and n.input and n.input[0] and g.made_by(n.input[0], "DequantizeLinear") and (
+                n.op_type not in _WEIGHTED or g.made_by(n.input[1], "DequantizeLinear")):
+            counts[n.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+def _set_metadata(model, values: dict) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def _smoke_run(path: Path, label: str) -> None:
+    """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published."""
+    import onnxruntime as ort
+
+    from sedeploy.preprocess import smooth_noise
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    size = inp.shape[2] if isinstance(inp.shape[2], int) else 224
+    out = sess.run(None, {inp.name: smooth_noise(1, size, seed=1)})[0]
+    if not np.all(np.isfinite(out)):
+        raise SedeployError(f"The INT8 model of '{label}' produced non-finite outputs.", fix="recalibrate")
+
+
+def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavour: str,
+                   se: str = DEFAULT_SE_POLICY, cpu_options: CpuOptions | None = None,
+                   smoke_test: bool = True) -> QuantReport:
+    """Write the INT8 ``flavour`` ("trt" or "cpu") of the FP32 model ``fp32_path`` to ``out_path``.
+
+    The activation ranges come from ``calibration`` (which must have been made on this model). ``se`` keeps the SE
+    path in float ("fp32") or quantizes it ("int8"). ``cpu_options`` overrides :data:`CPU_OPTIONS` (benchmarks).
+    The file is checked with ``onnx.checker`` (full check), loaded and run once in ONNX Runtime, and only then
+    renamed into place; on any failure nothing is left at ``out_path``.
+    """
+    onnx = _onnx()
+    t0 = time.perf_counter()
+    if flavour not in FLAVOURS:
+        raise SedeployError(f"Unknown INT8 flavour {flavour!r}.", expected=f"one of {', '.join(FLAVOURS)}",
+                            fix="pass flavour='trt' (TensorRT Q/DQ) or 'cpu' (fastest on ONNX Runtime CPU)")
+    if se not in SE_POLICIES:
+        raise SedeployError(f"Unknown SE precision policy {se!r}.", expected=f"one of {', '.join(SE_POLICIES)}",
+                            fix=f"pass se='{DEFAULT_SE_POLICY}' (the measured default)")
+    if not isinstance(calibration, CalibrationResult):
+        raise SedeployError(f"calibration must be a CalibrationResult, not {type(calibration).__name__}.",
+                            fix="pass the result of sedeploy.calibration.calibrate(...)")
+    model, label = _load_fp32(fp32_path)
+    src_sha = _sha256(fp32_path)
+    if src_sha and calibration.model_sha256 and src_sha != calibration.model_sha256:
+        log.warning("The calibration was made on a model with different bytes (sha256 %s…, this one %s…); its "
+                    "tensor names match, so its ranges are used.", calibration.model_sha256[:12], src_sha[:12])
+    if flavour == "trt":
+        settings = _trt_quantize(model, calibration, se, label)
+        fmt = "QDQ"
+    else:
+        options = cpu_options or CPU_OPTIONS
+        model, settings = _cpu_quantize(model, calibration, se, label, options)
+        fmt = "QOperator" if options.format == "qoperator" else "QDQ"
+    _set_metadata(model, {"sedeploy.precision": "int8", "sedeploy.int8_flavour": flavour,
+                          "sedeploy.int8_format": fmt, "sedeploy.int8_se": se,
+                          "sedeploy.calibration_method": calibration.method,
+                          "sedeploy.calibration_key": calibration.key,
+                          "sedeploy.calibration_images": str(len(calibration.images))})
+    counts = quantized_op_counts(model, qdq=fmt == "QDQ")
+    if not counts:
+        raise SedeployError(f"Quantizing '{label}' ({flavour}) quantized no operator.",
+                            expected="a CNN with Conv/Gemm layers", fix="check the model is an image classifier")
+    with atomic_path(out_path) as tmp:
+        onnx.save(model, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        if smoke_test:
+            _smoke_run(tmp, label)
+    histogram = dict(Counter(n.op_type for n in model.graph.node).most_common())
+    return QuantReport(path=str(out_path), flavour=flavour, se=se, format=fmt, quantized_ops=counts,
+                       op_histogram=histogram,
+                       calibration={"method": calibration.method, "key": calibration.key,
+                                    "images": len(calibration.images)},
+                       settings=settings, seconds=round(time.perf_counter() - t0, 2))
+
+
+def _sha256(path) -> str:
+    if not isinstance(path, (str, Path)):
+        return ""
+    from sedeploy.calibration import _sha256_file
+
+    return _sha256_file(Path(path))

@@ -1,0 +1,160 @@
+"""INT8 artifacts: both flavours from one calibration, agreement with FP32 on a trained model, TensorRT rules."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sedeploy.calibration import calibrate
+from sedeploy.errors import SedeployError
+from sedeploy.quantize import DEFAULT_SE_POLICY, quantize_model
+from sedeploy.validate import check_trt_qdq
+
+
+MIN_AGREEMENT = 0.99
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_trained_art):
+    return tiny_trained_art
+
+
+#: percentile, not the default entropy: calibration.py's entropy threshold collapses on ReLU outputs (the spike of
+#: exact zeros in bin 0 dominates the KL search; see test_calibration.test_entropy_keeps_relu_ranges).
+METHOD = "percentile"  # the default method
+
+
+@pytest.fixture(scope="session")
+def calib(tiny, tmp_path_factory):
+    return calibrate(tiny.onnx_path, tiny.calib_dir, method=METHOD, progress=False, preprocess=tiny.preprocess,
+                     cache_dir=tmp_path_factory.mktemp("calcache"))
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny, calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    return {(fl, se): quantize_model(tiny.onnx_path, calib, out / f"tiny_{fl}_{se}.onnx", flavour=fl, se=se)
+            for fl in ("trt", "cpu") for se in ("int8", "fp32")}
+
+
+def _logits(path, images):
+    from sedeploy.backends.ort import OrtRunner
+
+    with OrtRunner(path, threads=2) as r:
+        return np.concatenate([r.run(images[i:i + 100]) for i in range(0, len(images), 100)])
+
+
+@pytest.mark.parametrize("flavour", ["trt", "cpu"])
+@pytest.mark.parametrize("se", ["int8", "fp32"])
+def test_int8_agrees_with_fp32_on_trained_model(tiny, artifacts, flavour, se):
+    ref = _logits(tiny.onnx_path, tiny.images)
+    assert (ref.argmax(1) == tiny.labels).mean() >= 0.9  # the model is trained: agreement means something
+    got = _logits(artifacts[flavour, se].path, tiny.images)
+    agreement = float((got.argmax(1) == ref.argmax(1)).mean())
+    print(f"{flavour} se={se}: top-1 agreement {agreement:.2%} on {len(ref)} held-out images, "
+          f"max |dlogit| {np.abs(got - ref).max():.3f}")
+    assert agreement >= MIN_AGREEMENT
+    assert 0 < np.abs(got - ref).max()  # it really is a different (quantized) computation
+
+
+def test_trt_flavour_passes_validator_and_has_expected_ops(artifacts):
+    rep = artifacts["trt", "int8"]
+    v = check_trt_qdq(rep.path)
+    assert v.ok, [str(e) for e in v.errors]
+    assert not v.rules("warning"), [str(w) for w in v.warnings]
+    assert rep.format == "QDQ" and rep.quantized_ops["Conv"] >= 20 and rep.quantized_ops.get("Gemm") == 1
+    assert v.qdq["per_channel_dequantize"] == rep.quantized_ops["Conv"] + 1
+    assert "QLinearConv" not in rep.op_histogram and "Sigmoid" not in rep.quantized_ops
+    fp32_se = artifacts["trt", "fp32"]
+    assert check_trt_qdq(fp32_se.path).ok
+    # SE FCs (two 1×1 convs per block) stay float
+    assert rep.quantized_ops["Conv"] - fp32_se.quantized_ops["Conv"] == 2 * rep.op_histogram["Sigmoid"]
+
+
+def test_cpu_flavour_is_uint8_qoperator(artifacts):
+    import onnx
+
+    rep = artifacts["cpu", DEFAULT_SE_POLICY]
+    assert rep.format == "QOperator" and rep.quantized_ops["QLinearConv"] >= 20
+    assert "Conv" not in rep.op_histogram
+    m = onnx.load(rep.path)
+    assert not check_trt_qdq(m).ok  # QOperator ops: not a TensorRT artifact
+    zps = {t.data_type for t in m.graph.initializer if t.name.endswith("zero_point")}
+    assert onnx.TensorProto.UINT8 in zps
+    full = artifacts["cpu", "int8"]
+    assert full.quantized_ops.get("QLinearSigmoid") == full.op_histogram.get("QLinearSigmoid", 0) > 0
+    assert "QLinearSigmoid" not in artifacts["cpu", "fp32"].quantized_ops
+
+
+@pytest.mark.parametrize("flavour", ["trt", "cpu"])
+def test_artifact_checked_and_metadata(artifacts, calib, flavour):
+    import onnx
+
+    rep = artifacts[flavour, "int8"]
+    onnx.checker.check_model(rep.path, full_check=True)
+    meta = {p.key: p.value for p in onnx.load(rep.path).metadata_props}
+    assert meta["sedeploy.precision"] == "int8" and meta["sedeploy.int8_flavour"] == flavour
+    assert meta["sedeploy.calibration_method"] == METHOD and meta["sedeploy.calibration_key"] == calib.key
+    d = rep.as_dict()
+    assert d["flavour"] == flavour and d["se"] == "int8" and d["calibration"]["key"] == calib.key
+
+
+def _corrupt_and_check(path, tmp_path, edit):
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(path)
+    edit(m, numpy_helper)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    return check_trt_qdq(bad)
+
+
+def test_corrupted_trt_flavour_fails_validator(artifacts, tmp_path):
+    path = artifacts["trt", "int8"].path
+
+    def nonzero_zp(m, nh):
+        t = next(t for t in m.graph.initializer if t.name == "sedeploy_zp_int8")
+        t.CopyFrom(nh.from_array(np.array(3, np.int8), t.name))
+
+    def int32_bias(m, nh):
+        conv = next(n for n in m.graph.node if n.op_type == "Conv" and len(n.input) == 3)
+        bias = next(t for t in m.graph.initializer if t.name == conv.input[2])
+        b = nh.to_array(bias)
+        m.graph.initializer.extend([nh.from_array(np.round(b * 100).astype(np.int32), "b_i32"),
+                                    nh.from_array(np.array(0.01, np.float32), "b_scale")])
+        m.graph.node.insert(0, __import__("onnx").helper.make_node("DequantizeLinear", ["b_i32", "b_scale"],
+                                                                    ["b_dq"]))
+        conv.input[2] = "b_dq"
+
+    assert "zero-point-nonzero" in _corrupt_and_check(path, tmp_path, nonzero_zp).rules("error")
+    assert "int32-dequantize" in _corrupt_and_check(path, tmp_path, int32_bias).rules("error")
+
+
+def test_refuses_non_fp32_model_and_foreign_calibration(tiny, artifacts, calib, tiny_onnx, tmp_path):
+    with pytest.raises(SedeployError, match="not an FP32 model"):
+        quantize_model(artifacts["trt", "int8"].path, calib, tmp_path / "x.onnx", flavour="trt")
+    foreign = calib.__class__(**{**calib.__dict__, "ranges": {"input": (-2.0, 2.0)}})
+    for flavour in ("trt", "cpu"):
+        with pytest.raises(SedeployError, match="has no range for"):
+            quantize_model(tiny.onnx_path, foreign, tmp_path / "x.onnx", flavour=flavour)
+    with pytest.raises(SedeployError, match="Unknown INT8 flavour"):
+        quantize_model(tiny.onnx_path, calib, tmp_path / "x.onnx", flavour="gpu")
+    with pytest.raises(SedeployError, match="Unknown SE precision"):
+        quantize_model(tiny.onnx_path, calib, tmp_path / "x.onnx", flavour="cpu", se="fp16")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tiny, calib, tmp_path, monkeypatch):
+    import onnx
+
+    def boom(*a, **k):
+        raise onnx.checker.ValidationError("injected failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", boom)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(onnx.checker.ValidationError):
+        quantize_model(tiny.onnx_path, calib, out, flavour="trt")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
