@@ -23,6 +23,7 @@ setup(
         "onnxruntime>=1.20",
         "onnxscript>=0.5",
         "onnx-ir>=0.1.12",
+        "onnxconverter-common>=1.14",  # the FP16 graph rewrite (sedeploy.precision)
         "numpy>=1.24",
         "pillow>=10",
         "click>=8.1",
@@ -33,7 +34,8 @@ setup(
         "bench": ["matplotlib>=3.8"],
         # GPU runtimes are extras: the core runs anywhere on the CPU.
         "gpu": ["onnxruntime-gpu>=1.20"],
-        "tensorrt": ["tensorrt>=10.0", "cuda-python>=12"],
+        # TensorRT 10.x or 11.x; GPU buffers come from torch CUDA tensors (a CUDA build of torch is needed).
+        "tensorrt": ["tensorrt>=10.0"],
     },
     entry_points={"console_scripts": ["sedeploy=sedeploy.cli:main"]},
     classifiers=[

@@ -2,7 +2,8 @@
 
 Human-readable output goes to stdout, progress bars and warnings to stderr. With ``--json`` stdout carries exactly
 one JSON object, so scripts can parse it. Errors print one message (what was given, what is expected, how to fix)
-and exit non-zero: 2 bad input, 3 failed verification, 4 missing optional dependency, 130 interrupted.
+and exit non-zero: 1 a bench budget exceeded (--max-top1-drop, --min-agreement), 2 bad input, 3 failed
+verification, 4 missing optional dependency, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -138,6 +140,197 @@ def export(depth, checkpoint, output, opset, batch_size, input_size, num_classes
              f"top-1 agreement {v.top1_agreement:.1%}\n"
              f"  time         {res.seconds:.1f} s")
     _emit(res.as_dict(), as_json, human)
+
+
+def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise SedeployError(f"{option} '{text}' is not valid.", expected="three comma-separated numbers (R,G,B)",
+                            fix=f"e.g. {option} 123.675,116.28,103.53 (pixel scale 0–255)")
+    return values  # type: ignore[return-value]
+
+
+@cli.command("build-engine")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="engines", show_default=True,
+              help="Folder for the artifacts, engines and manifest.json.")
+@click.option("--depth", type=click.Choice(DEPTHS), default="50", show_default=True,
+              help="With no MODEL: export this SE-ResNet depth first.")
+@click.option("--checkpoint", metavar="PATH_OR_URL", help="With no MODEL: weights for the export (see `export`).")
+@click.option("--fp16", is_flag=True, help="Also write the FP16 artifact (FP16 graph, FP32 inputs/outputs).")
+@click.option("--int8", is_flag=True, help="Also calibrate and write both INT8 artifacts (TensorRT Q/DQ and CPU).")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration images (flat or class-subfolder layout). Default with --int8: the shipped calib/.")
+@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile"]), default=None,
+              help="Range estimator [default: percentile 99.99; entropy is TensorRT's calibrator].")
+@click.option("--calib-count", type=int, default=None, help="Most calibration images used [default: 256].")
+@click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed for picking the image subset.")
+@click.option("--calib-batch", type=int, default=None, help="Calibration batch size (speed/memory only).")
+@click.option("--calib-cache", type=click.Path(dir_okay=False), default=None,
+              help="Pin the calibration cache file (recomputed when its inputs changed).")
+@click.option("--se-int8", type=click.Choice(["fp32", "int8"]), default=None,
+              help="INT8 policy for the SE path (squeeze, FCs, gate, scale): keep in float or quantize "
+                   "[default: the measured choice, see benchmarks/int8_cpu_forms.md].")
+@click.option("--keep-fp32", default=None, metavar="GROUPS",
+              help="FP16 policy: comma list of se_gate, se, head kept in FP32, or 'none' [default: measured].")
+@click.option("--backend", type=click.Choice(["ort", "trt", "none"]), default="ort", show_default=True,
+              help="Engine backend: ort = ONNX Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
+                   "`pip install sedeploy[tensorrt]`); none = artifacts only.")
+@click.option("--no-fuse-se", is_flag=True, help="Skip the SE fusion pass.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [default: physical cores].")
+@click.option("--min-batch", type=int, default=1, show_default=True, help="TensorRT profile: smallest batch.")
+@click.option("--opt-batch", type=int, default=8, show_default=True, help="TensorRT profile: tuned batch.")
+@click.option("--max-batch", type=int, default=32, show_default=True, help="TensorRT profile: largest batch.")
+@click.option("--workspace", type=float, default=4.0, show_default=True, help="TensorRT workspace limit, GiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="TensorRT timing cache file (reused and updated; speeds up rebuilds).")
+@click.option("--mean", default=None, help="Foreign models: normalisation mean R,G,B (0–255 scale).")
+@click.option("--std", default=None, help="Foreign models: normalisation std R,G,B (0–255 scale).")
+@click.option("--resize", type=int, default=None, help="Foreign models: resize short side before the centre crop.")
+@common
+@handle_errors
+def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_method, calib_count, calib_seed,
+                 calib_batch, calib_cache, se_int8, keep_fp32, backend, no_fuse_se, threads, min_batch, opt_batch,
+                 max_batch, workspace, timing_cache, mean, std, resize, as_json, verbose):
+    """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
+
+    \b
+    MODEL is an FP32 ONNX image classifier with one N×C×H×W input (ours or any other); without it the
+    SE-ResNet of --depth is exported first. An FP16/INT8 artifact as MODEL builds only its engine, e.g. on a
+    GPU machine:  sedeploy build-engine engines/se-resnet50.int8-trt.onnx --backend trt -o plans/
+    \b
+    Every requested precision is written as a portable ONNX file in OUT_DIR, whichever backend runs:
+      <model>.fp32.onnx      SE-fused FP32 graph (numerically checked against the input, |Δ| ≤ 1e-5)
+      <model>.fp16.onnx      FP16 graph, FP32 inputs/outputs (TensorRT 11 builds it as FP16)
+      <model>.int8-trt.onnx  symmetric Q/DQ that obeys TensorRT's rules (checked by `sedeploy inspect`)
+      <model>.int8-cpu.onnx  the form that runs fastest on ONNX Runtime CPU
+    """
+    from sedeploy.engine import BuildOptions, build_engines, format_result
+    from sedeploy.preprocess import Preprocess
+
+    _setup_logging(verbose)
+    pp = None
+    if mean or std or resize:
+        from sedeploy.onnxutil import image_input, load_onnx
+
+        if not model:
+            raise SedeployError("--mean/--std/--resize describe a foreign MODEL; none was given.",
+                                fix="pass the ONNX file, or drop these options for the SE-ResNet export")
+        size = image_input(load_onnx(model), path=model).height
+        base = Preprocess.for_size(size)
+        pp = Preprocess(size=size, resize_short=resize or base.resize_short,
+                        mean=_triple(mean, "--mean") or base.mean, std=_triple(std, "--std") or base.std)
+    opts = BuildOptions(fp16=fp16, int8=int8, fuse_se=not no_fuse_se, backend=backend, calib=calib,
+                        calib_method=calib_method, calib_count=calib_count, calib_seed=calib_seed,
+                        calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,
+                        threads=threads, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                        workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp, progress=not as_json)
+    res = build_engines(model, out_dir, opts, depth=int(depth), checkpoint=checkpoint)
+    _emit(res.as_dict(), as_json, format_result(res))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@common
+@handle_errors
+def inspect(model, as_json, verbose):
+    """Precision per op type, and (for Q/DQ models) proof that TensorRT's INT8 rules hold.
+
+    Exits 3 when a Q/DQ model breaks a TensorRT rule, so it can gate CI before any GPU is involved.
+    """
+    from sedeploy.errors import VerificationError
+    from sedeploy.validate import format_inspection, inspect_model
+
+    _setup_logging(verbose)
+    d = inspect_model(model)
+    _emit(d, as_json, format_inspection(d))
+    if not d["ok"]:
+        raise VerificationError(f"'{model}' breaks TensorRT's Q/DQ rules (listed above).",
+                                fix="rebuild it with `sedeploy build-engine --int8` (the int8-trt artifact)")
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SedeployError(f"--batch '{text}' is not valid.", expected="comma-separated positive integers",
+                            fix="e.g. --batch 1,8,32")
+    return sizes
+
+
+@cli.command()
+@click.argument("engines", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--images", type=click.Path(path_type=Path),
+              help="Image folder: flat (agreement only) or class subfolders named by synset or class index.")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="Labels file: 'file<TAB>class index (or synset)' per line, paths relative to --images.")
+@click.option("--synsets", type=click.Path(path_type=Path),
+              help="Class-order table when the model's classes are not the sorted ImageNet-1k synsets.")
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", type=int, help="Intra-op threads for every engine [default: physical cores].")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per engine and batch.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per engine and batch.")
+@click.option("--max-seconds", type=float, help="Time budget per batch size for the timed rounds.")
+@click.option("--reference", help="Engine (name or path) that drift is measured against [default: the FP32 one].")
+@click.option("--torch-baseline/--no-torch-baseline", default=True, show_default=True,
+              help="Time PyTorch eager FP32 (channels_last) of the same model in the same run.")
+@click.option("--checkpoint", help="Checkpoint the engines were exported from (for the PyTorch baseline).")
+@click.option("--compare-plain", is_flag=True, help="Also time the same depth without SE: what SE costs.")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Measure this machine's fp32/int8 GEMM ceiling first (for achieved-GFLOP/s fractions).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Write results.json, results.csv, results.md and PNG plots here.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--image-limit", type=int, help="Use only the first N images (sorted).")
+@click.option("--max-top1-drop", type=float, help="CI gate: exit 1 if any engine loses more top-1 points.")
+@click.option("--min-agreement", type=float, help="CI gate: exit 1 if any engine's top-1 agreement (%) is lower.")
+@common
+@handle_errors
+def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, max_seconds, reference,
+          torch_baseline, checkpoint, compare_plain, probe, out_dir, no_plots, image_limit, max_top1_drop,
+          min_agreement, as_json, verbose):
+    """Throughput, latency and top-1 drift of engines, timed interleaved in one run, against FLOPs.
+
+    \b
+    ENGINES are ONNX artifacts/engines, TensorRT .plan files (with their .trt.json), or a build-engine
+    output folder (its manifest.json lists them). One must be FP32: drift is measured against it.
+    \b
+    Examples:
+      sedeploy bench engines/                                   speed at batch 1, 8, 32
+      sedeploy bench engines/ --images val/ --labels val.tsv    + top-1/top-5, flips, KL vs FP32
+      sedeploy bench engines/ --images val/ --max-top1-drop 0.5 --min-agreement 99 --batch 8
+                                                                CI gate: exit 1 when a budget is exceeded
+    The timer covers one engine call on a host batch (on GPU: host↔device copies included).
+    """
+    from sedeploy.bench.run import BenchInterrupted, bench_command_summary, run_bench
+
+    _setup_logging(verbose)
+    sizes = _batch_list(batches)
+    try:
+        res = run_bench(list(engines), images=images, labels=labels, synsets=synsets, batches=sizes,
+                        threads=threads, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
+                        reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
+                        compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
+                        progress=not as_json and sys.stderr.isatty(), max_top1_drop=max_top1_drop,
+                        min_agreement=min_agreement, image_limit=image_limit)
+    except BenchInterrupted as stop:  # partial results were written, marked complete: false
+        click.echo(bench_command_summary(stop.results), err=True)
+        click.echo("interrupted: partial results (complete: false) written to "
+                   + (", ".join(map(str, stop.files.values())) or "nowhere (no --out)"), err=True)
+        sys.exit(130)
+    summary = {k: v for k, v in res.items() if k != "engines"}
+    summary["engines"] = [{**e, "batch": {b: {k: v for k, v in st.items() if k != "samples_s"}
+                                          for b, st in e["batch"].items()}} for e in res["engines"]]
+    _emit(summary, as_json, bench_command_summary(res))
+    if res.get("gate") and not res["gate"]["passed"]:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -78,15 +78,3 @@ def image_input(proto, *, path: str = "model") -> ImageInput:
                             expected="NCHW layout with 3 (RGB) channels",
                             fix="convert an NHWC model to NCHW before using sedeploy")
     return ImageInput(inp.name, n, c, h, w)
-
-
-def graph_precision(proto) -> str:
-    """'int8' when the graph holds QuantizeLinear/DequantizeLinear, 'fp16' when it computes in float16, else 'fp32'."""
-    import onnx
-
-    ops = {n.op_type for n in proto.graph.node}
-    if {"QuantizeLinear", "DequantizeLinear"} & ops or any(op.startswith("QLinear") for op in ops):
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
-        return "fp16"
-    return "fp32"

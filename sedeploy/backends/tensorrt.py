@@ -70,6 +70,14 @@ def trt_version() -> tuple[int, int, int] | None:
     return parse_trt_version(trt.__version__)
 
 
+def require_trt(purpose: str) -> tuple[tuple[int, int, int], dict[str, str]]:
+    """Fail early, with the fix, when TensorRT or a CUDA GPU is missing; else (TensorRT version, GPU description).
+
+    Called before any long work (export, calibration) so that `--backend trt` on a CPU machine costs nothing."""
+    trt = _import_trt(purpose)
+    return parse_trt_version(trt.__version__), _cuda_device()
+
+
 def validate_profile(min_batch: int, opt_batch: int, max_batch: int) -> tuple[int, int, int]:
     """Check the batch range of the optimization profile: positive integers with min ≤ opt ≤ max."""
     values = (min_batch, opt_batch, max_batch)

@@ -1,0 +1,172 @@
+"""`build-engine` end to end on the tiny trained SE-ResNet-18: artifacts, engines, manifest, errors, inspect."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from sedeploy.backends import graph_precision
+from sedeploy.backends.ort import OrtRunner
+from sedeploy.cli import cli
+from sedeploy.engine import BuildOptions, artifact_stem, build_engines
+from sedeploy.errors import SedeployError
+
+
+def _run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def _top1(path, x):
+    with OrtRunner(path, threads=1) as r:
+        return r.run(x).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_trained_art, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines")
+    opts = BuildOptions(fp16=True, int8=True, calib=tiny_trained_art.calib_dir, calib_cache=out / "calib.json",
+                        threads=1, progress=False)
+    return build_engines(tiny_trained_art.onnx_path, out, opts), out
+
+
+def test_every_precision_is_written_and_agrees_with_fp32(built, tiny_trained_art):
+    res, out = built
+    assert res.se_blocks_found == res.se_blocks_fused == 8  # SE-ResNet-18: 8 BasicBlocks, one SE each
+    kinds = {(a["precision"], a["flavour"]) for a in res.artifacts}
+    assert kinds == {("fp32", None), ("fp16", None), ("int8", "trt"), ("int8", "cpu")}
+    for a in res.artifacts:
+        onnx.checker.check_model(a["path"], full_check=True)
+        assert graph_precision(a["path"]) == a["precision"]
+    x, y = tiny_trained_art.images, tiny_trained_art.labels
+    ref = _top1(out / f"{artifact_stem(tiny_trained_art.onnx_path)}.fp32.onnx", x)
+    assert (ref == y).mean() >= 0.9  # the trained network is not degenerate
+    for a in res.artifacts:
+        agree = (_top1(a["path"], x) == ref).mean()
+        # INT8: measured 98.6-99.2 % on this 32-px, width-16 network across calibration methods and SE policies
+        # (the 99 % goal of issue #3 is not met robustly here; see the closing note)
+        bound = 0.999 if a["precision"] == "fp16" else 0.985 if a["precision"] == "int8" else 1.0
+        assert agree >= bound, (a["path"], agree)
+    assert res.validation["ok"] is True
+
+
+def test_ort_engines_and_manifest(built):
+    res, out = built
+    built_from = {Path(e["from"]).name.split(".", 1)[1] for e in res.engines}
+    assert built_from == {"fp32.onnx", "fp16.onnx", "int8-cpu.onnx"}  # the TensorRT Q/DQ form is not an ORT engine
+    for e in res.engines:
+        assert Path(e["path"]).is_file() and Path(e["sidecar"]).is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["se_blocks_fused"] == 8 and len(manifest["artifacts"]) == 4
+    assert manifest["calibration"]["images"] == 64 and manifest["calibration"]["cache_hit"] is False
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_second_build_hits_the_calibration_cache(built, tiny_trained_art, tmp_path):
+    res, out = built
+    opts = BuildOptions(int8=True, calib=tiny_trained_art.calib_dir, calib_cache=out / "calib.json",
+                        backend="none", progress=False)
+    again = build_engines(tiny_trained_art.onnx_path, tmp_path, opts)
+    assert again.calibration["cache_hit"] is True and again.engines == []
+
+
+def test_artifact_input_builds_only_its_engine(built, tmp_path):
+    res, out = built
+    cpu = next(a["path"] for a in res.artifacts if a["flavour"] == "cpu")
+    again = build_engines(cpu, tmp_path, BuildOptions(threads=1, progress=False))
+    assert again.se_blocks_found is None and len(again.engines) == 1
+    assert again.engines[0]["precision"] == "int8"
+    with pytest.raises(SedeployError, match="already an INT8 artifact"):
+        build_engines(cpu, tmp_path, BuildOptions(fp16=True, progress=False))
+
+
+def test_cli_json_and_default_calib(tiny_onnx, tmp_path):
+    r = _run(["build-engine", str(tiny_onnx), "--int8", "--backend", "none", "--calib-method", "minmax",
+              "-o", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["se_blocks_found"] == 8 and d["calibration"]["method"] == "minmax"
+    assert d["calibration"]["folder"].endswith("calib") and d["calibration"]["images"] >= 20
+    assert any("shipped sample images" in n for n in d["notes"])
+
+
+def test_trt_backend_without_tensorrt_fails_before_any_work(tiny_onnx, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the missing-TensorRT error cannot be provoked")
+    except ImportError:
+        pass
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["build-engine", str(tiny_onnx), "--backend", "trt", "-o", str(out)])
+    assert r.exit_code == 4
+    assert "tensorrt" in r.output.lower() and "pip install" in r.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("case", ["not_onnx", "two_inputs", "empty_calib", "fp16_on_missing"])
+def test_bad_input(case, tiny_onnx, tmp_path):
+    model, extra = str(tiny_onnx), []
+    if case == "not_onnx":
+        model = tmp_path / "x.onnx"
+        model.write_bytes(b"not a model at all")
+    elif case == "two_inputs":
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8, 8]) for n in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 3, 8, 8])])
+        model = tmp_path / "two.onnx"
+        onnx.save(helper.make_model(g), model)
+    elif case == "empty_calib":
+        (tmp_path / "empty").mkdir()
+        extra = ["--int8", "--calib", str(tmp_path / "empty")]
+    else:
+        model = tmp_path / "missing.onnx"
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["build-engine", str(model), "-o", str(out), "--backend", "none", *extra])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error:") and r.output.count("error:") == 1
+    leftovers = [p.name for p in out.rglob("*") if "int8" in p.name or p.name.endswith(".tmp")] if out.exists() else []
+    assert leftovers == []
+
+
+def test_interrupted_build_leaves_no_partial_artifact(tiny_onnx, tmp_path, monkeypatch):
+    import sedeploy.quantize as q
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(q, "quantize_model", boom)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["build-engine", str(tiny_onnx), "--int8", "--calib-method", "minmax",
+                                 "--backend", "none", "-o", str(out)])
+    assert r.exit_code == 130
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if "int8" in n or n.startswith(".")], names
+    assert "manifest.json" not in names  # the manifest is written only for a finished build
+
+
+def test_inspect_passes_trt_flavour_and_fails_a_corrupted_one(built, tmp_path):
+    res, out = built
+    trt = next(a["path"] for a in res.artifacts if a["flavour"] == "trt")
+    r = _run(["inspect", trt, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ok"] is True
+    m = onnx.load(trt)
+    zero_points = {n.input[2] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(n.input) > 2}
+    assert zero_points
+    for init in m.graph.initializer:  # make every zero point non-zero: asymmetric, which TensorRT rejects
+        if init.name in zero_points:
+            arr = onnx.numpy_helper.to_array(init).copy()
+            init.CopyFrom(onnx.numpy_helper.from_array(arr + np.int8(3), init.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, bad)
+    r = CliRunner().invoke(cli, ["inspect", str(bad)])
+    assert r.exit_code == 3
+    assert "zero" in r.output.lower()
