@@ -1,0 +1,440 @@
+"""What the benchmark runs: engine files described from their metadata, opened as runners, checked to be one model.
+
+An engine is an ONNX artifact (``build-engine``'s FP32 / FP16 / INT8 files, or ORT's ``.ort-opt.onnx``) run by
+ONNX Runtime, or a TensorRT ``.plan`` with its ``.trt.json`` sidecar. Everything the report needs (precision,
+flavour, model, FLOPs, input size, batch limits) is read *before* anything runs, from the ONNX ``metadata_props``
+sedeploy writes (read without the weights) or from the sidecar, so that a mixed-up set of files is refused in
+seconds rather than after a long timing run.
+
+Why the "same model" check matters: comparing an INT8 SE-ResNet-101 with an FP32 SE-ResNet-50 gives a drift figure
+that looks like a quantisation disaster and is nothing of the kind. Engines are compared field by field with the
+reference (model name, depth, SE, classes, weights, parameter count, input size) and every difference is named.
+
+The PyTorch baseline (:func:`torch_baseline`) is rebuilt from the same metadata (or a checkpoint) and accepted only
+when its logits match the FP32 reference engine: a baseline of another network would make the speed ratio a lie.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sedeploy.errors import SedeployError
+from sedeploy.preprocess import Preprocess
+
+log = logging.getLogger("sedeploy")
+
+__all__ = ["EngineSpec", "expand_engine_paths", "describe_engine", "check_same_model", "pick_reference",
+           "open_runner", "check_batches", "model_flops", "preprocess_for", "TorchRunner", "torch_baseline"]
+
+#: metadata fields that must agree between engines of one benchmark (sedeploy export writes them)
+IDENTITY_FIELDS = ("sedeploy.model", "sedeploy.depth", "sedeploy.se", "sedeploy.num_classes", "sedeploy.weights",
+                   "sedeploy.params", "sedeploy.block_style")
+_RANDOM_WEIGHTS = re.compile(r"^random \(seed (\d+)\)$")
+
+
+@dataclass
+class EngineSpec:
+    """One engine file, described without running it."""
+
+    name: str
+    path: Path
+    backend: str  # "onnxruntime" | "tensorrt"
+    precision: str  # fp32 | fp16 | int8
+    flavour: str  # "trt" / "cpu" for INT8 artifacts, "ort-opt" for ORT's saved graph, "" otherwise
+    meta: dict[str, Any] = field(default_factory=dict)  # sedeploy.* metadata (of the source ONNX for plans)
+    input_shape: tuple = ()  # (N, C, H, W); N an int for a static batch, None when dynamic
+    num_classes: int | None = None
+    max_batch: int | None = None  # static batch or TensorRT profile max; None = unlimited
+    sidecar: dict[str, Any] | None = None
+
+    @property
+    def static_batch(self) -> int | None:
+        """The one batch size an ONNX graph with a fixed batch dimension accepts (None: any)."""
+        return self.max_batch if self.backend == "onnxruntime" else None
+
+    @property
+    def input_size(self) -> int | None:
+        return self.input_shape[2] if len(self.input_shape) == 4 else None
+
+
+def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; a folder stands for the engines its ``manifest.json`` (written by ``build-engine``) lists,
+    or, when it built no engines (``--backend none``), its artifacts."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            manifest = p / "manifest.json"
+            if not manifest.is_file():
+                raise SedeployError(f"'{p}' is a folder without a manifest.json.",
+                                    expected="engine files (.onnx, .plan) or a folder written by `sedeploy "
+                                             "build-engine`", fix="pass the engine files themselves")
+            try:
+                data = json.loads(manifest.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise SedeployError(f"'{manifest}' is not valid JSON ({err}).",
+                                    fix="rebuild with `sedeploy build-engine`, or pass the engine files") from err
+            entries = data.get("engines") or data.get("artifacts") or []
+            if not entries:
+                raise SedeployError(f"'{manifest}' lists no engines or artifacts.",
+                                    fix="pass the engine files themselves")
+            for e in entries:
+                f = Path(e["path"])
+                out.append(f if f.is_absolute() or f.exists() else p / f.name)
+        else:
+            out.append(p)
+    if not out:
+        raise SedeployError("No engines to benchmark.",
+                            expected="one or more engine files (.onnx, .plan) or a `build-engine` output folder",
+                            fix="e.g. sedeploy bench out/model.fp32.onnx out/model.int8-cpu.onnx")
+    return out
+
+
+def _onnx_meta(proto) -> dict[str, Any]:
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def _load_light(path: Path):
+    """The ONNX graph without external weight files (only names, types, shapes and metadata are needed)."""
+    from sedeploy.backends import _load_proto
+
+    return _load_proto(path)
+
+
+def _ort_sidecar(path: Path) -> dict[str, Any] | None:
+    from sedeploy.backends import read_sidecar
+
+    name = path.name
+    for suffix in (".ort-opt.onnx", ".onnx"):
+        if name.endswith(suffix):
+            side = path.with_name(name[: -len(suffix)] + ".ort.json")
+            if side.is_file():
+                return read_sidecar(side, engine=path)
+    return None
+
+
+def describe_engine(path: str | Path) -> EngineSpec:
+    """Read an engine's description (precision, flavour, model metadata, input shape, batch limit)."""
+    from sedeploy.backends import graph_precision
+    from sedeploy.onnxutil import image_input
+
+    path = Path(path)
+    if not path.exists():
+        raise SedeployError(f"The engine '{path}' does not exist.", fix="check the path")
+    if path.is_dir():
+        raise SedeployError(f"The engine '{path}' is a folder.", fix="pass the engine file")
+    if path.suffix == ".plan":
+        return _describe_plan(path)
+    if path.suffix != ".onnx":
+        raise SedeployError(f"'{path}' is neither an ONNX file nor a TensorRT plan.",
+                            expected="*.onnx (ONNX Runtime) or *.plan with its .trt.json sidecar (TensorRT)")
+    proto = _load_light(path)
+    inp = image_input(proto, path=str(path))
+    meta = _onnx_meta(proto)
+    sidecar = _ort_sidecar(path)
+    precision = str(meta.get("sedeploy.precision") or graph_precision(proto)).lower()
+    flavour = str(meta.get("sedeploy.flavour") or ("ort-opt" if path.name.endswith(".ort-opt.onnx") else ""))
+    dims = proto.graph.output[0].type.tensor_type.shape.dim if proto.graph.output else []
+    classes = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value > 0 else meta.get("sedeploy.num_classes")
+    batch = None if inp.dynamic_batch else int(inp.batch)
+    return EngineSpec(name=path.name.removesuffix(".onnx"), path=path, backend="onnxruntime", precision=precision,
+                      flavour=flavour, meta=meta, input_shape=(batch, inp.channels, inp.height, inp.width),
+                      num_classes=int(classes) if classes else None, max_batch=batch, sidecar=sidecar)
+
+
+def _describe_plan(path: Path) -> EngineSpec:
+    from sedeploy.backends import read_sidecar
+    from sedeploy.backends.tensorrt import sidecar_for
+
+    side = read_sidecar(sidecar_for(path), engine=path)
+    meta: dict[str, Any] = {}
+    src = side.get("source_model")
+    if src and Path(src).is_file():
+        meta = _onnx_meta(_load_light(Path(src)))
+    prof = side.get("profile") or {}
+    hi = prof.get("max") or []
+    if len(hi) != 4:
+        raise SedeployError(f"The sidecar of '{path}' has no 4-D optimization profile ({prof}).",
+                            fix="rebuild the engine with `sedeploy build-engine --backend trt`")
+    return EngineSpec(name=path.name, path=path, backend="tensorrt", precision=str(side.get("precision", "fp32")),
+                      flavour=str(meta.get("sedeploy.flavour") or ""), meta=meta,
+                      input_shape=(None, *map(int, hi[1:])), num_classes=meta.get("sedeploy.num_classes"),
+                      max_batch=int(hi[0]), sidecar=side)
+
+
+def unique_names(specs: list[EngineSpec]) -> None:
+    """Engine names are file names; files of the same name in different folders get the folder prepended."""
+    seen: dict[str, int] = {}
+    for s in specs:
+        seen[s.name] = seen.get(s.name, 0) + 1
+    for s in specs:
+        if seen[s.name] > 1:
+            s.name = f"{s.path.parent.name}/{s.name}"
+    names = [s.name for s in specs]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise SedeployError(f"The same engine is listed twice: {', '.join(dups)}.", fix="list each engine once")
+
+
+def pick_reference(specs: list[EngineSpec], reference: str | None) -> EngineSpec:
+    """The engine drift is measured against: ``reference`` (a name or path), else the one FP32 engine."""
+    if reference is not None:
+        for s in specs:
+            if reference in (s.name, str(s.path), s.path.name) or Path(reference).resolve() == s.path.resolve():
+                return s
+        raise SedeployError(f"The reference '{reference}' is not among the engines.",
+                            expected=f"one of {', '.join(s.name for s in specs)}")
+    fp32 = [s for s in specs if s.precision == "fp32"]
+    if len(fp32) == 1:
+        return fp32[0]
+    listing = ", ".join(f"{s.name} ({s.precision})" for s in specs)
+    if not fp32:
+        raise SedeployError(f"No FP32 engine among {listing}: drift needs an FP32 reference.",
+                            fix="add the FP32 artifact (model.fp32.onnx), or name the reference with --reference")
+    raise SedeployError(f"Several FP32 engines ({', '.join(s.name for s in fp32)}): which one is the reference?",
+                        fix=f"pass --reference {fp32[0].name}")
+
+
+def check_same_model(specs: list[EngineSpec], reference: EngineSpec) -> None:
+    """Refuse engines of another model than the reference, naming each engine and field that differs."""
+    problems = []
+    for s in specs:
+        if s is reference:
+            continue
+        diffs = []
+        if s.input_shape[1:] != reference.input_shape[1:]:
+            diffs.append(f"input {'×'.join(map(str, s.input_shape[1:]))} vs "
+                         f"{'×'.join(map(str, reference.input_shape[1:]))}")
+        if s.num_classes and reference.num_classes and s.num_classes != reference.num_classes:
+            diffs.append(f"{s.num_classes} classes vs {reference.num_classes}")
+        for key in IDENTITY_FIELDS:
+            if key == "sedeploy.num_classes":
+                continue
+            a, b = s.meta.get(key), reference.meta.get(key)
+            if a is not None and b is not None and a != b:
+                diffs.append(f"{key.removeprefix('sedeploy.')} {a!r} vs {b!r}")
+        if diffs:
+            problems.append(f"{s.name}: " + "; ".join(diffs))
+    if problems:
+        raise SedeployError(f"These engines are not the same model as the reference {reference.name}:\n    "
+                            + "\n    ".join(problems),
+                            fix="benchmark the engines of one model per run (the artifacts of one `sedeploy "
+                                "build-engine` call)")
+
+
+def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
+    """Every batch size must fit every engine (a static batch, a TensorRT profile's max) — checked before timing."""
+    for s in specs:
+        if s.max_batch is None:
+            continue
+        static = s.backend == "onnxruntime"
+        bad = [b for b in batch_sizes if (b != s.max_batch if static else b > s.max_batch)]
+        if bad:
+            what = (f"has a static batch of {s.max_batch}" if static
+                    else f"has a TensorRT optimization profile up to batch {s.max_batch}")
+            raise SedeployError(f"Batch size {', '.join(map(str, bad))} does not fit '{s.name}', which {what}.",
+                                expected=f"batch sizes {'=' if static else '≤'} {s.max_batch} for this engine",
+                                fix=f"pass --batch {s.max_batch}, or rebuild the engine "
+                                    + ("exported with a dynamic batch" if static else f"with --max-batch "
+                                                                                        f"{max(bad)}"))
+
+
+def open_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all"):
+    """A runner for the engine. A plan needs TensorRT and a GPU; without them this raises, naming the engine
+    (no engine is dropped from a benchmark behind the user's back)."""
+    if spec.backend == "tensorrt":
+        from sedeploy.backends.tensorrt import TrtRunner
+
+        try:
+            return TrtRunner(spec.path)
+        except SedeployError as err:
+            raise SedeployError(f"Cannot run the TensorRT engine '{spec.name}': {err.what}",
+                                expected=err.expected, fix=(err.fix or "") + "; or leave this engine out of the "
+                                                                             "benchmark") from err
+    from sedeploy.backends.ort import OrtRunner
+
+    return OrtRunner(spec.path, providers=providers, threads=threads, optimization=optimization)
+
+
+def preprocess_for(spec: EngineSpec) -> Preprocess:
+    """The preprocessing stored in the model's metadata, else mmcls's pipeline at the engine's input size."""
+    size = spec.input_size or 224
+    stored = spec.meta.get("sedeploy.preprocess")
+    if isinstance(stored, dict):
+        try:
+            pp = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+        except TypeError:
+            log.warning("Ignoring unreadable preprocessing metadata %s of %s; using the mmcls pipeline at %d px.",
+                        stored, spec.name, size)
+        else:
+            if pp.size == size:
+                return pp
+            log.warning("The preprocessing metadata of %s crops to %d px, its input is %d px; using the mmcls "
+                        "pipeline at %d px.", spec.name, pp.size, size, size)
+    return Preprocess.for_size(size)
+
+
+# --------------------------------------------------------------------------------------------------- FLOPs
+def _base_channels(proto) -> int | None:
+    """Width of the stem: output channels of the conv that reads the image input."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    data = {i.name for i in proto.graph.input} - set(inits)
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.input and node.input[0] in data and node.input[1] in inits:
+            return int(inits[node.input[1]].dims[0])
+    return None
+
+
+def _graph_macs(proto) -> int | None:
+    """Multiply-adds per image of Conv and Gemm/MatMul nodes (> 99 % of a ResNet's work), from shape inference.
+    Used only for graphs without sedeploy metadata."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:
+        log.warning("Shape inference failed (%s); no FLOPs for this graph.", err)
+        return None
+    shapes = {}
+    for vi in (*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info):
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    for t in inferred.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type == "Conv":
+            out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
+            if not out or not w or any(d is None for d in out[1:]) or any(d is None for d in w):
+                return None
+            total += int(np.prod(out[1:])) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            w = shapes.get(node.input[1])
+            if not w or len(w) != 2 or any(d is None for d in w):
+                return None
+            total += int(w[0]) * int(w[1])
+    return total
+
+
+def model_flops(spec: EngineSpec) -> dict[str, Any]:
+    """The model's FLOPs per image: ``gflops_seed`` (model-zoo convention, multiply-adds) and ``gflops_total``
+    (2 × all multiply-adds), with where they came from. Metadata first, then :mod:`sedeploy.flops` on the rebuilt
+    network, then a count of the graph's Conv/Gemm nodes."""
+    meta = spec.meta
+    if meta.get("sedeploy.total_macs") is not None:
+        seed = meta.get("sedeploy.flops")
+        return {"gflops_seed": seed / 1e9 if seed is not None else None,
+                "gflops_total": 2 * meta["sedeploy.total_macs"] / 1e9, "flops_source": "ONNX metadata"}
+    proto = None
+    onnx_path = spec.path if spec.backend == "onnxruntime" else Path((spec.sidecar or {}).get("source_model", ""))
+    if onnx_path.suffix == ".onnx" and onnx_path.is_file():
+        import onnx
+
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    depth = meta.get("sedeploy.depth")
+    if depth is not None and spec.input_size:
+        from sedeploy.flops import count_complexity
+        from sedeploy.model import build_model
+
+        width = (_base_channels(proto) if proto is not None else None) or 64
+        net = build_model(int(depth), se=bool(meta.get("sedeploy.se", True)),
+                          num_classes=int(spec.num_classes or 1000), base_channels=width, seed=None)
+        cx = count_complexity(net, spec.input_size)
+        return {"gflops_seed": cx.seed_macs / 1e9, "gflops_total": cx.total_gflops,
+                "flops_source": "sedeploy.flops on the rebuilt network"}
+    if proto is not None and spec.precision == "fp32":
+        macs = _graph_macs(proto)
+        if macs:
+            return {"gflops_seed": None, "gflops_total": 2 * macs / 1e9,
+                    "flops_source": "Conv + Gemm/MatMul nodes of the FP32 graph (no sedeploy metadata)"}
+    return {"gflops_seed": None, "gflops_total": None, "flops_source": "unknown (no metadata, no FP32 graph)"}
+
+
+# --------------------------------------------------------------------------------------------------- PyTorch
+class TorchRunner:
+    """PyTorch eager FP32, channels_last, under ``inference_mode`` — the baseline the engines are compared with."""
+
+    timer_coverage = ("PyTorch eager forward, channels_last: host numpy in (NCHW → channels_last copy "
+                      "included) → host numpy out")
+    input_dtype = np.float32
+
+    def __init__(self, model):
+        import torch
+
+        self.model = model.eval().to(memory_format=torch.channels_last)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=torch.channels_last)
+            return self.model(t).numpy()
+
+
+def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_logits: np.ndarray, *,
+                   checkpoint: str | None = None) -> tuple[TorchRunner | None, str]:
+    """(runner, description) of the reference's network in PyTorch, or (None, the reason it cannot be made).
+
+    From ``checkpoint`` when given (a mismatch with the engines is then an error: the user named the wrong
+    file), else rebuilt from the metadata of a randomly initialised export (depth, SE, classes, width, seed).
+    Either way its logits on ``check_images`` must match ``reference_logits``.
+    """
+    meta = reference.meta
+    depth = meta.get("sedeploy.depth")
+    if checkpoint is not None:
+        from sedeploy.checkpoints import load_checkpoint, weights_label
+
+        loaded = load_checkpoint(checkpoint, depth=depth, num_classes=reference.num_classes)
+        model, source = loaded.model, weights_label(loaded)
+    else:
+        if depth is None:
+            return None, (f"the reference {reference.name} carries no sedeploy model metadata (not exported by "
+                          "sedeploy), so its PyTorch network cannot be rebuilt; pass a checkpoint to time it")
+        weights = str(meta.get("sedeploy.weights", ""))
+        match = _RANDOM_WEIGHTS.match(weights)
+        if not match:
+            return None, (f"{reference.name} was exported from {weights or 'unrecorded weights'}; pass that "
+                          "checkpoint to time the PyTorch baseline")
+        src = reference.path if reference.backend == "onnxruntime" else Path((reference.sidecar or {})
+                                                                              .get("source_model", ""))
+        width = None
+        if src.suffix == ".onnx" and src.is_file():
+            import onnx
+
+            width = _base_channels(onnx.load(str(src), load_external_data=False))
+        if width is None:
+            return None, f"the stem width of {reference.name} cannot be read from an ONNX graph"
+        from sedeploy.model import build_model, count_params
+
+        model = build_model(int(depth), se=bool(meta.get("sedeploy.se", True)),
+                            num_classes=int(reference.num_classes or meta.get("sedeploy.num_classes", 1000)),
+                            base_channels=width, style=str(meta.get("sedeploy.block_style", "pytorch")),
+                            seed=int(match.group(1)))
+        params = meta.get("sedeploy.params")
+        if params is not None and count_params(model) != params:
+            return None, (f"the rebuilt {model.spec.name} has {count_params(model)} parameters, the engines' "
+                          f"model {params}")
+        source = f"{model.spec.name}, {weights}, rebuilt from the ONNX metadata"
+    runner = TorchRunner(model)
+    got = runner.run(check_images.astype(np.float32))
+    ref = np.asarray(reference_logits, np.float64)
+    diff = float(np.abs(got - ref).max())
+    tol = 1e-3 * max(1.0, float(np.abs(ref).max()))
+    if not diff <= tol:
+        what = (f"the PyTorch network ({source}) differs from the reference engine {reference.name} by max "
+                f"|Δlogit| {diff:.3g} (> {tol:.2g}) on {len(check_images)} images")
+        if checkpoint is not None:
+            raise SedeployError(f"The checkpoint does not match the engines: {what}.",
+                                fix="pass the checkpoint the engines were exported from, or leave it out")
+        return None, what
+    return runner, f"{source}; matches {reference.name} to max |Δlogit| {diff:.2g}"

@@ -1,0 +1,422 @@
+"""The `sedeploy bench` job: engines in, one results dict (and its files) out.
+
+Order of work, chosen so that every mistake surfaces before the long part and an interruption loses nothing:
+
+1. **Checks** (seconds): output folder writable, engines described from their metadata, one model
+   (:func:`~sedeploy.bench.engines.check_same_model`), batch sizes within every engine's limits, labels resolved
+   against the model's classes *before* any image is decoded, budgets usable (a top-1 budget needs labels).
+2. **Runners** opened (a TensorRT plan without TensorRT / GPU is an error naming it), the FP32 reference run once.
+3. **Ceiling probe** (GEMM fp32 / int8, ~2 s) when an engine runs on the CPU.
+4. **Extra rows**: the PyTorch eager FP32 baseline of the same network, and with ``compare_plain`` the same depth
+   without SE, exported to a temporary folder — both timed with the engines, not scored for accuracy.
+5. **Timing**, interleaved (:func:`~sedeploy.bench.timing.time_runners`), per batch size.
+6. **Accuracy** over the image folder: image chunks in the outer loop, engines inside, so that at any moment
+   every engine has seen the same images — an interrupted pass still yields figures on a common subset.
+7. **Results** assembled, the CI gate applied (``gate.violations``), files written.
+
+Ctrl-C anywhere in 3–6 stops the run; what was measured is assembled with ``"complete": false``, written to
+``out_dir``, and :class:`BenchInterrupted` (a ``KeyboardInterrupt`` carrying the results) is raised, so a CLI can
+print the partial table and exit 130.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sedeploy.bench import engines as E
+from sedeploy.bench.accuracy import check_budget, compare_engines
+from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_table, require_matplotlib, \
+    write_reports
+from sedeploy.bench.timing import _check_config, paired_speedup, time_runners
+from sedeploy.errors import SedeployError
+from sedeploy.fsutil import ensure_writable_dir
+
+log = logging.getLogger("sedeploy")
+
+__all__ = ["run_bench", "BenchInterrupted", "bench_command_summary", "DEFAULT_BATCHES"]
+
+DEFAULT_BATCHES = (1, 8, 32)
+TORCH_NAME = "pytorch-eager-fp32"
+#: images used to check that the PyTorch baseline is the engines' network
+_CHECK_IMAGES = 4
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a benchmark: ``results`` (``complete`` False) were written to ``files`` (when out_dir)."""
+
+    def __init__(self, results: dict[str, Any], files: dict[str, Path]):
+        super().__init__(results.get("interrupted") or "interrupted")
+        self.results, self.files = results, files
+
+
+class _Interrupted(Exception):
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
+def _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels) -> list[int]:
+    sizes = _check_config(batches, warmup, repeats, min(3, repeats) if repeats >= 1 else 1, None)
+    if max_top1_drop is not None and not (isinstance(max_top1_drop, (int, float)) and max_top1_drop >= 0):
+        raise SedeployError(f"--max-top1-drop {max_top1_drop}.", expected="percentage points ≥ 0, e.g. 0.5")
+    if min_agreement is not None and not (isinstance(min_agreement, (int, float)) and 0 <= min_agreement <= 100):
+        raise SedeployError(f"--min-agreement {min_agreement}.", expected="a percentage from 0 to 100, e.g. 99")
+    if image_limit is not None and image_limit < 1:
+        raise SedeployError(f"--image-limit {image_limit}.", expected="a number of images ≥ 1, or no limit")
+    if labels is not None and images is None:
+        raise SedeployError("A labels file was given without an image folder.",
+                            fix="pass --images DIR (the folder the labels file names files in)")
+    if images is None and (max_top1_drop is not None or min_agreement is not None):
+        raise SedeployError("An accuracy budget (--max-top1-drop / --min-agreement) needs images to measure on.",
+                            fix="pass --images DIR, or drop the budget")
+    return sizes
+
+
+def _engine_info(spec: E.EngineSpec, flops: dict[str, Any], runner, device: str) -> EngineInfo:
+    meta = spec.meta
+    info = {"path": str(spec.path), "flops_source": flops["flops_source"],
+            "input_shape": list(spec.input_shape), "metadata": {k: v for k, v in meta.items()
+                                                               if k != "sedeploy.preprocess"}}
+    describe = getattr(runner, "describe", None)
+    if callable(describe):
+        info["runner"] = describe()
+    return EngineInfo(name=spec.name, model=str(meta.get("sedeploy.model") or spec.path.name.split(".")[0]),
+                      precision=spec.precision, gflops_total=_nan(flops["gflops_total"]),
+                      depth=meta.get("sedeploy.depth"), flavour=spec.flavour, backend=spec.backend, device=device,
+                      gflops_seed=flops["gflops_seed"], info=info)
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _device(spec: E.EngineSpec, runner) -> str:
+    if spec.backend == "tensorrt":
+        return "cuda"
+    providers = getattr(runner, "providers", None) or []
+    return "cuda" if any(p != "CPUExecutionProvider" for p in providers[:1]) else "cpu"
+
+
+def _pad_run(runner, x: np.ndarray, static: int | None) -> np.ndarray:
+    """Run a chunk; an engine with a static batch gets the chunk padded with its last image (rows dropped)."""
+    if static is None or len(x) == static:
+        return runner.run(x)
+    pad = np.concatenate([x, np.repeat(x[-1:], static - len(x), axis=0)])
+    return runner.run(pad)[: len(x)]
+
+
+def _prepare(runner, x: np.ndarray) -> np.ndarray:
+    want = getattr(runner, "input_dtype", None)
+    return x if want is None or np.dtype(want) == x.dtype else x.astype(want)
+
+
+def _accuracy_pass(specs, runners, x: np.ndarray, chunk: int, progress: bool) -> tuple[dict[str, np.ndarray], int,
+                                                                                         bool]:
+    """Logits of every engine on ``x``; returns (logits over the images all engines finished, n, complete)."""
+    from tqdm import tqdm
+
+    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
+    done = 0
+    complete = True
+    with tqdm(total=len(x), desc="Accuracy", unit="img", disable=not progress, leave=False) as bar:
+        try:
+            for i in range(0, len(x), chunk):
+                xb = x[i:i + chunk]
+                outs = {}
+                for s in specs:
+                    size = s.static_batch or min(chunk, s.max_batch or chunk)
+                    got = [_pad_run(runners[s.name], _prepare(runners[s.name], xb[j:j + size]), s.static_batch)
+                           for j in range(0, len(xb), size)]
+                    outs[s.name] = np.concatenate(got)
+                for name, out in outs.items():  # only whole chunks count: every engine has the same images
+                    parts[name].append(np.asarray(out, np.float32))
+                done += len(xb)
+                bar.update(len(xb))
+        except KeyboardInterrupt:
+            complete = False
+    logits = {n: np.concatenate(p) if p else np.zeros((0, 0), np.float32) for n, p in parts.items()}
+    return logits, done, complete
+
+
+def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, EngineInfo] | str:
+    """The same depth and width without SE, exported FP32 into ``tmp``; or the reason it cannot be made."""
+    import onnx
+
+    from sedeploy.backends.ort import OrtRunner
+    from sedeploy.export import export_onnx
+    from sedeploy.flops import count_complexity
+    from sedeploy.model import build_model
+
+    depth = ref.meta.get("sedeploy.depth")
+    if depth is None:
+        return f"the reference {ref.name} carries no depth metadata (not exported by sedeploy)"
+    src = ref.path if ref.backend == "onnxruntime" else Path((ref.sidecar or {}).get("source_model", ""))
+    proto = onnx.load(str(src), load_external_data=False) if src.suffix == ".onnx" and src.is_file() else None
+    width = (E._base_channels(proto) if proto is not None else None) or 64
+    # the reference's opset, so both graphs come from the same exporter (dynamo ≥ 18, TorchScript below)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18) if proto else 18
+    net = build_model(int(depth), se=False, num_classes=int(ref.num_classes or 1000), base_channels=width, seed=0)
+    size = ref.input_size or 224
+    path = export_onnx(net, tmp / f"{net.spec.name}.onnx", input_size=size, opset=max(13, min(opset, 18)))
+    cx = count_complexity(net, size)
+    runner = OrtRunner(path, threads=threads)
+    name = f"{net.spec.name}-plain-fp32"
+    info = EngineInfo(name=name, model=net.spec.name, precision="fp32", gflops_total=cx.total_gflops,
+                      depth=int(depth), flavour="no-SE", backend="onnxruntime", device="cpu",
+                      gflops_seed=cx.seed_macs / 1e9,
+                      info={"path": "(temporary)", "flops_source": "sedeploy.flops", "runner": runner.describe(),
+                            "opset": max(13, min(opset, 18)), "note": "random weights: timed only, no accuracy"})
+    return runner, info
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None, labels: str | Path | None = None,
+              batches: Sequence[int] = DEFAULT_BATCHES, threads: int | None = None, warmup: int = 3,
+              repeats: int = 20, max_seconds: float | None = None, reference: str | None = None,
+              torch_baseline: bool = True, checkpoint: str | None = None, compare_plain: bool = False,
+              probe: bool = True, probe_seconds: float = 1.0, out_dir: str | Path | None = None, plots: bool = True,
+              progress: bool = True, max_top1_drop: float | None = None, min_agreement: float | None = None,
+              image_limit: int | None = None, eval_batch: int = 32, synsets: str | Path | None = None,
+              providers=None, optimization: str = "all") -> dict[str, Any]:
+    """Benchmark ``engines`` (files, or ``build-engine`` output folders) and return the results dict
+    (:mod:`sedeploy.bench.report` schema, plus ``notes``, ``gate``, ``flops`` and ``se_cost``).
+
+    ``images``: a folder (flat or class subfolders; ``labels``: a ``file<TAB>index`` file for it), first
+    ``image_limit`` files in sorted order; without it only speed is measured. ``reference``: engine name or path
+    (default: the one FP32 engine). ``torch_baseline``: time PyTorch eager FP32 of the same network (rebuilt from
+    the ONNX metadata or ``checkpoint``; skipped with the reason in ``notes`` when it cannot be).
+    ``compare_plain``: also time the same depth without SE. ``probe``: measure the GEMM ceilings.
+    ``out_dir``: write results.json/csv/md and the plots. Budgets fill ``results["gate"]["violations"]`` (the
+    caller decides the exit code). Raises :class:`SedeployError` for bad input, :class:`BenchInterrupted` on
+    Ctrl-C after writing the partial results.
+    """
+    from sedeploy.backends.ort import default_threads
+    from sedeploy.bench.labels import resolve_labels
+    from sedeploy.preprocess import find_images, load_batch, smooth_noise
+
+    sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
+    if eval_batch < 1:
+        raise SedeployError(f"Accuracy batch {eval_batch}.", expected="a positive integer, e.g. 32")
+    out = ensure_writable_dir(out_dir, "results directory") if out_dir is not None else None
+    if out is not None and plots:
+        require_matplotlib()
+    threads = default_threads() if threads is None else threads
+    specs = [E.describe_engine(p) for p in E.expand_engine_paths(engines)]
+    E.unique_names(specs)
+    ref = E.pick_reference(specs, reference)
+    specs.sort(key=lambda s: s is not ref)  # the reference first: tables read from it
+    E.check_same_model(specs, ref)
+    E.check_batches(specs, sizes)
+    pp = E.preprocess_for(ref)
+    notes: list[str] = ["Timings were taken interleaved (round-robin, rotated order): compare engines by their "
+                        "ratios; absolute figures depend on the machine's load (see machine.loadavg)."]
+
+    found = None
+    if images is not None:
+        found = find_images(images, what="benchmark image folder")
+        if image_limit:
+            found.paths = found.paths[:image_limit]
+
+    runners: dict[str, Any] = {}
+    infos: list[EngineInfo] = []
+    flops = E.model_flops(ref)
+    try:
+        for s in specs:
+            runners[s.name] = E.open_runner(s, threads=threads, providers=providers, optimization=optimization)
+        probe_x = smooth_noise(ref.static_batch or 1, pp.size, seed=0)
+        ref_out = np.asarray(runners[ref.name].run(_prepare(runners[ref.name], probe_x)))
+        num_classes = int(ref_out.shape[1])
+        if ref.num_classes is None:
+            ref.num_classes = num_classes
+        lab = None
+        if found is not None:
+            lab = resolve_labels(found.paths, found.root, num_classes=num_classes, labels_file=labels,
+                                 synsets=synsets)
+            if lab is None and max_top1_drop is not None:
+                raise SedeployError(f"--max-top1-drop needs labels, but '{found.root}' is a flat folder without a "
+                                    "labels file.", fix="pass --labels FILE (file<TAB>class index), or gate on "
+                                                        "--min-agreement instead")
+        if len(specs) < 2 and (max_top1_drop is not None or min_agreement is not None):
+            raise SedeployError("An accuracy budget was given but there is only the reference engine to compare.",
+                                fix="benchmark at least one engine besides the FP32 reference")
+        for s in specs:
+            infos.append(_engine_info(s, flops, runners[s.name], _device(s, runners[s.name])))
+        x = None
+        if found is not None:
+            x, loaded = load_batch(found.paths, pp, progress=progress, what=f"image folder '{found.root}'")
+            if lab is not None and len(loaded) != len(found.paths):
+                lab = resolve_labels(loaded, found.root, num_classes=num_classes, labels_file=labels,
+                                     synsets=synsets)
+    except BaseException:
+        for r in runners.values():
+            with contextlib.suppress(AttributeError):
+                r.close()
+        raise
+
+    config = {"engines_given": [str(p) for p in engines], "threads": threads, "images": str(images) if images else
+              None, "labels_file": str(labels) if labels else None, "image_limit": image_limit,
+              "n_images": int(len(x)) if x is not None else 0, "eval_batch": eval_batch,
+              "preprocess": pp.as_dict(), "max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
+              "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain}
+    state: dict[str, Any] = {"ceilings": None, "timing": None, "accuracy": None, "stage": "setup"}
+    extra_runners: dict[str, Any] = {}
+    tmp = tempfile.TemporaryDirectory(prefix="sedeploy-bench-")
+    try:
+        try:
+            if probe and any(i.device == "cpu" for i in infos):
+                from sedeploy.bench.probe import machine_ceilings
+
+                state["stage"] = "the GEMM ceiling probe"
+                state["ceilings"] = machine_ceilings(threads=threads, seconds=probe_seconds)
+            elif not probe:
+                notes.append("No ceiling probe (--no-probe): achieved GFLOP/s are not related to a ceiling.")
+            if torch_baseline:
+                state["stage"] = "building the PyTorch baseline"
+                check = x[:_CHECK_IMAGES] if x is not None else smooth_noise(_CHECK_IMAGES, pp.size, seed=2)
+                ref_logits = np.concatenate([_pad_run(runners[ref.name], _prepare(runners[ref.name], c[None]),
+                                                      ref.static_batch) for c in check])
+                with _torch_threads(threads):
+                    runner, why = E.torch_baseline(ref, check, ref_logits, checkpoint=checkpoint)
+                if runner is None:
+                    notes.append(f"PyTorch baseline skipped: {why}.")
+                    config["torch_baseline"] = f"skipped: {why}"
+                else:
+                    extra_runners[TORCH_NAME] = runner
+                    infos.append(EngineInfo(name=TORCH_NAME, model=infos[0].model, precision="fp32",
+                                            gflops_total=infos[0].gflops_total, depth=infos[0].depth,
+                                            flavour="eager channels_last", backend="pytorch", device="cpu",
+                                            gflops_seed=infos[0].gflops_seed,
+                                            info={"source": why, "threads": threads}))
+                    config["torch_baseline"] = why
+            if compare_plain:
+                state["stage"] = "exporting the plain (no SE) model"
+                made = _plain_engine(ref, Path(tmp.name), threads)
+                if isinstance(made, str):
+                    notes.append(f"--compare-plain skipped: {made}.")
+                    config["compare_plain"] = f"skipped: {made}"
+                else:
+                    extra_runners[made[1].name] = made[0]
+                    infos.append(made[1])
+            state["stage"] = "timing"
+            pool = x if x is not None else smooth_noise(max(sizes), pp.size, seed=0)
+            with _torch_threads(threads):
+                timing = time_runners({**runners, **extra_runners}, pool, batch_sizes=sizes, warmup=warmup,
+                                      repeats=repeats, max_seconds=max_seconds)
+            state["timing"] = timing
+            if not timing.complete:
+                raise _Interrupted(timing.interrupted or "timing")
+            if x is not None:
+                state["stage"] = "the accuracy pass"
+                logits, done, complete = _accuracy_pass(specs, runners, x, eval_batch, progress)
+                if done:
+                    state["accuracy"] = compare_engines(ref.name, logits,
+                                                        lab.indices[:done] if lab is not None else None)
+                if not complete:
+                    raise _Interrupted(f"the accuracy pass after {done} of {len(x)} images (figures cover those)")
+            else:
+                notes.append("No image folder: speed only (pass --images for accuracy and drift).")
+        except KeyboardInterrupt:
+            raise _Interrupted(state["stage"]) from None
+    except _Interrupted as stop:
+        text = stop.stage if stop.stage.startswith("interrupted") else f"interrupted (Ctrl-C) during {stop.stage}"
+        results = _assemble(infos, state, ref, config, lab, notes, flops,
+                            complete=False, interrupted=text)
+        files = write_reports(results, out, plots=plots) if out is not None else {}
+        raise BenchInterrupted(results, files) from None
+    finally:
+        for r in (*runners.values(), *extra_runners.values()):
+            with contextlib.suppress(AttributeError):
+                r.close()
+        tmp.cleanup()
+
+    results = _assemble(infos, state, ref, config, lab, notes, flops, complete=True, interrupted=None)
+    if max_top1_drop is not None or min_agreement is not None:
+        violations = check_budget(results, max_top1_drop, min_agreement)
+        results["gate"] = {"max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
+                           "violations": violations, "passed": not violations}
+    if out is not None:
+        write_reports(results, out, plots=plots)
+        results["files"] = {k: str(out / v) for k, v in FILES.items() if (out / v).exists()}
+    return results
+
+
+def _assemble(infos, state, ref, config, lab, notes, flops, *, complete: bool, interrupted: str | None):
+    timing = state["timing"]
+    if timing is not None:
+        known = set(timing.engines)
+        infos = [i for i in infos if i.name in known]
+    results = assemble_results(infos, timing, accuracy=state["accuracy"], ceilings=state["ceilings"],
+                               reference=ref.name, config=config, labels=lab.as_dict() if lab is not None else None,
+                               complete=complete, interrupted=interrupted)
+    results["notes"] = list(notes)
+    results["flops"] = {"gflops_seed": flops["gflops_seed"], "gflops_total": flops["gflops_total"],
+                        "source": flops["flops_source"]}
+    results["se_cost"] = _se_cost(results, timing)
+    results["gate"] = None
+    return results
+
+
+def _se_cost(results: dict[str, Any], timing) -> list[dict[str, Any]] | None:
+    """With --compare-plain: per batch size, the SE model's FP32 time over the plain model's (paired by round)
+    next to its FLOPs ratio — what SE costs in time versus what it costs in arithmetic."""
+    plain = [e for e in results["engines"] if e.get("flavour") == "no-SE"]
+    ref = results.get("reference")
+    if not plain or timing is None or not ref:
+        return None
+    p = plain[0]
+    ref_e = next(e for e in results["engines"] if e["name"] == ref)
+    out = []
+    for b in timing.batch_sizes:
+        s_ref, s_plain = timing.samples.get(ref, {}).get(b, []), timing.samples.get(p["name"], {}).get(b, [])
+        ratio = paired_speedup(s_plain, s_ref)  # median t_plain / t_se
+        flops_ratio = (ref_e["gflops_total"] / p["gflops_total"]
+                       if ref_e.get("gflops_total") and p.get("gflops_total") else None)
+        out.append({"batch": b, "se_time_over_plain": (1 / ratio) if ratio else None,
+                    "se_flops_over_plain": flops_ratio, "engine": ref, "plain": p["name"]})
+    return out
+
+
+def bench_command_summary(results: dict[str, Any]) -> str:
+    """What `sedeploy bench` prints: the report table, then FLOPs, SE cost, notes, gate verdict and files."""
+    parts = [format_table(results).rstrip()]
+    fl = results.get("flops") or {}
+    if fl.get("gflops_total") is not None:
+        seed = fl.get("gflops_seed")
+        parts.append(f"FLOPs per image: {fl['gflops_total']:.3g} GFLOP total"
+                     + (f" ({seed:.3g} G multiply-adds, model-zoo convention)" if seed is not None else "")
+                     + f" — {fl.get('source')}")
+    for row in results.get("se_cost") or []:
+        t, f = row["se_time_over_plain"], row["se_flops_over_plain"]
+        if t is not None:
+            parts.append(f"SE cost at batch {row['batch']}: {row['engine']} takes {t:.2f}× the time of "
+                         f"{row['plain']}" + (f" for {f:.3f}× the FLOPs" if f else ""))
+    parts += [n for n in results.get("notes") or [] if not n.startswith("Timings were taken interleaved")]
+    gate = results.get("gate")
+    if gate:
+        if gate["passed"]:
+            parts.append("Accuracy budget: PASS")
+        else:
+            parts.append("Accuracy budget: FAIL")
+            parts += [f"  {v}" for v in gate["violations"]]
+    if not results.get("complete", True):
+        parts.append(f"INCOMPLETE: {results.get('interrupted')}")
+    files = results.get("files")
+    if files:
+        parts.append("Wrote " + ", ".join(files.values()))
+    return "\n".join(parts) + "\n"

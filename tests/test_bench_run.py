@@ -1,0 +1,259 @@
+"""`run_bench` end to end on tiny models: files written and parseable, accuracy on real and trained data, the CI
+gate, Ctrl-C partial results, and every bad input refused before the long part."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sedeploy.bench import engines as E
+from sedeploy.bench.run import BenchInterrupted, bench_command_summary, run_bench
+from sedeploy.errors import SedeployError
+
+FAST = dict(warmup=1, repeats=3, threads=1, probe=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory, calib_dir):
+    """An SE-ResNet-18 (width 8, 10 classes, 32 px) exported by sedeploy (full metadata) + its FP16 artifact."""
+    from sedeploy.export import export_model
+    from sedeploy.precision import convert_fp16
+
+    d = tmp_path_factory.mktemp("bench")
+    fp32 = d / "tiny.fp32.onnx"
+    export_model(depth=18, base_channels=8, num_classes=10, input_size=32, output=fp32, verify_images=calib_dir,
+                 verify_limit=4, opset=17)  # the TorchScript exporter: seconds faster than dynamo on a tiny net
+    convert_fp16(fp32, d / "tiny.fp16.onnx")
+    return fp32, d / "tiny.fp16.onnx"
+
+
+@pytest.fixture(scope="module")
+def trained_pair(tiny_trained_art, tmp_path_factory):
+    """The tiny *trained* network (no sedeploy depth metadata: a 'foreign' ONNX), its FP16, and a labels file
+    for its held-out folder (folders are '<index>_<name>', which only a labels file can map)."""
+    from sedeploy.precision import convert_fp16
+
+    d = tmp_path_factory.mktemp("trained")
+    fp16 = d / "trained.fp16.onnx"
+    convert_fp16(tiny_trained_art.onnx_path, fp16)
+    root = tiny_trained_art.heldout_dir
+    lines = [f"{p.relative_to(root).as_posix()}\t{int(p.parent.name.split('_')[0])}"
+             for p in sorted(root.rglob("*.png"))]
+    labels = d / "labels.tsv"
+    labels.write_text("\n".join(lines) + "\n")
+    return tiny_trained_art.onnx_path, fp16, labels, root
+
+
+def _png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_end_to_end_on_real_images(tiny_pair, shared_data, tmp_path):
+    fp32, fp16 = tiny_pair
+    out = tmp_path / "out"
+    res = run_bench([fp32, fp16], images=shared_data / "imagenette" / "val", image_limit=8, batches=(1, 4),
+                    compare_plain=True, out_dir=out, **{**FAST, "probe": True}, probe_seconds=0.05)
+    assert res["complete"] is True and res["reference"] == "tiny.fp32"
+    names = [e["name"] for e in res["engines"]]
+    assert names[:2] == ["tiny.fp32", "tiny.fp16"]
+    assert "pytorch-eager-fp32" in names, res["notes"]  # rebuilt from the metadata and checked against FP32
+    plain = [e for e in res["engines"] if e["flavour"] == "no-SE"]
+    assert len(plain) == 1 and plain[0]["gflops_total"] < res["engines"][0]["gflops_total"]
+    for e in res["engines"]:
+        assert set(e["batch"]) == {"1", "4"}
+        for b, s in e["batch"].items():
+            assert s["n"] == 3 and s["throughput"] > 0 and len(s["samples_s"]) == 3
+            assert s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
+    acc = {e["name"]: e["accuracy"] for e in res["engines"]}
+    assert acc["pytorch-eager-fp32"] is None and acc[plain[0]["name"]] is None  # timed only
+    for name in ("tiny.fp32", "tiny.fp16"):
+        assert acc[name]["labelled"] and acc[name]["n_images"] == 8
+    assert acc["tiny.fp32"]["top1_agreement_pct"] == 100.0
+    assert res["labels"]["source"] == "synset folders" and "rank in sorted order" in res["labels"]["rule"]
+    assert res["flops"]["source"] == "ONNX metadata" and res["ceilings"]["fp32"]["per_s"] > 0
+    assert res["se_cost"] and {r["batch"] for r in res["se_cost"]} == {1, 4}
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] is True and len(data["engines"]) == len(names)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 * len(names) and {r["batch"] for r in rows} == {"1", "4"}
+    assert all(float(r["p50_ms"]) > 0 for r in rows)
+    md = (out / "results.md").read_text()
+    assert "## Speed" in md and "## Accuracy drift" in md and "tiny.fp16" in md
+    assert _png(out / "throughput_vs_gflops.png") and _png(out / "latency_vs_batch.png")
+    text = bench_command_summary(res)
+    assert "tiny.fp16" in text and "FLOPs per image" in text and "SE cost at batch 4" in text
+
+
+def test_trained_heldout_gate_names_engine_and_figure(trained_pair, tmp_path):
+    import onnx
+
+    fp32, fp16, labels, root = trained_pair
+    # an engine of the same model whose classifier is biased towards class 0: real drift the gate must catch
+    proto = onnx.load(str(fp32))
+    gemm = next(n for n in proto.graph.node if n.op_type in ("Gemm", "MatMul", "Add") and
+                any(i.name == n.input[-1] and len(i.dims) == 1 for i in proto.graph.initializer))
+    bias = next(i for i in proto.graph.initializer if i.name == gemm.input[-1])
+    b = onnx.numpy_helper.to_array(bias).copy()
+    b[0] += 3.0 * (np.abs(b).max() + 1.0)
+    bias.CopyFrom(onnx.numpy_helper.from_array(b, bias.name))
+    drifted = tmp_path / "trained.drifted.onnx"
+    onnx.save(proto, str(drifted))
+
+    res = run_bench([fp32, fp16, drifted], images=root, labels=labels, batches=(8,), reference=fp32.name,
+                    max_top1_drop=0.5, min_agreement=99.0, out_dir=tmp_path / "out", plots=False, **FAST)
+    acc = {e["name"]: e["accuracy"] for e in res["engines"]}
+    ref = fp32.name.removesuffix(".onnx")
+    assert acc[ref]["n_images"] == 500 and acc[ref]["top1_pct"] >= 85.0  # trained to ≥ 90 %
+    assert acc["trained.fp16"]["top1_agreement_pct"] >= 98.0
+    assert acc["trained.drifted"]["flips_right_to_wrong"] > 50
+    gate = res["gate"]
+    assert gate["passed"] is False
+    drifted_lines = [v for v in gate["violations"] if v.startswith("trained.drifted:")]
+    assert any("top-1" in v and "points below" in v for v in drifted_lines)
+    assert any("agreement" in v for v in drifted_lines)
+    assert not any(v.startswith("trained.fp16:") for v in gate["violations"])
+    assert "Accuracy budget: FAIL" in bench_command_summary(res)
+    # a 'foreign' ONNX (no depth metadata): FLOPs from the graph, baseline and plain model skipped with reasons
+    assert "Conv + Gemm" in res["flops"]["source"] and res["flops"]["gflops_total"] > 0
+    assert any("PyTorch baseline skipped" in n and "metadata" in n for n in res["notes"])
+    assert "pytorch-eager-fp32" not in acc
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["gate"]["passed"] is False
+
+
+def test_mixed_models_are_refused_naming_the_engine(tiny_pair, tmp_path):
+    import onnx
+
+    fp32, fp16 = tiny_pair
+    # another model, as the check sees it: other weights, another depth, another input size (declared shape and
+    # metadata; the check runs before any engine does)
+    proto = onnx.load(str(fp32))
+    meta = {p.key: p for p in proto.metadata_props}
+    meta["sedeploy.weights"].value = "random (seed 1)"
+    meta["sedeploy.depth"].value = "34"
+    for d in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 40
+    other = tmp_path / "other.fp32.onnx"
+    onnx.save(proto, str(other))
+    with pytest.raises(SedeployError) as err:
+        run_bench([fp32, fp16, other], reference="tiny.fp32", batches=(1,), **FAST)
+    text = str(err.value)
+    assert "other.fp32:" in text and "input 3×40×40 vs 3×32×32" in text and "depth 34 vs 18" in text
+    assert "weights 'random (seed 1)' vs 'random (seed 0)'" in text
+    assert "tiny.fp16" not in text.split("reference")[1].split("Fix")[0]  # the FP16 of the same model is fine
+    with pytest.raises(SedeployError, match="Several FP32 engines"):
+        run_bench([fp32, other], batches=(1,), **FAST)
+
+
+class _Interrupting:
+    """Wraps a runner; raises KeyboardInterrupt on the ``after``-th call whose batch has ``batch`` images."""
+
+    def __init__(self, inner, batch: int, after: int):
+        self.inner, self.batch, self.after, self.calls = inner, batch, after, 0
+        self.input_dtype = inner.input_dtype
+
+    def run(self, x):
+        if x.shape[0] == self.batch:
+            self.calls += 1
+            if self.calls >= self.after:
+                raise KeyboardInterrupt
+        return self.inner.run(x)
+
+    def close(self):
+        self.inner.close()
+
+
+def _patch_runner(monkeypatch, engine_name: str, batch: int, after: int):
+    real = E.open_runner
+
+    def fake(spec, **kw):
+        runner = real(spec, **kw)
+        return _Interrupting(runner, batch, after) if spec.name == engine_name else runner
+
+    monkeypatch.setattr(E, "open_runner", fake)
+
+
+def test_ctrl_c_during_timing_writes_partial_results(tiny_pair, tmp_path, monkeypatch):
+    fp32, fp16 = tiny_pair
+    _patch_runner(monkeypatch, "tiny.fp16", batch=4, after=3)  # warm-up call + 1 timed round of batch 4
+    out = tmp_path / "out"
+    with pytest.raises(BenchInterrupted) as err:
+        run_bench([fp32, fp16], batches=(1, 4), out_dir=out, torch_baseline=False, **FAST)
+    assert isinstance(err.value, KeyboardInterrupt)
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] is False and "Ctrl-C" in data["interrupted"] and "batch 4" in data["interrupted"]
+    by = {e["name"]: e for e in data["engines"]}
+    assert by["tiny.fp16"]["batch"]["1"]["n"] == 3  # batch 1 finished before the interrupt
+    assert "4" in by["tiny.fp32"]["batch"]  # the round in progress kept what it measured
+    assert "Incomplete" in (out / "results.md").read_text()
+    assert err.value.results["complete"] is False and set(err.value.files) >= {"json", "csv", "md"}
+
+
+def test_ctrl_c_during_accuracy_keeps_common_images(tiny_pair, tmp_path, monkeypatch, calib_dir):
+    fp32, fp16 = tiny_pair
+    _patch_runner(monkeypatch, "tiny.fp16", batch=5, after=2)  # batch 5 occurs only in the accuracy pass
+    with pytest.raises(BenchInterrupted) as err:
+        run_bench([fp32, fp16], images=calib_dir, eval_batch=5, batches=(1,), out_dir=tmp_path, plots=False,
+                  torch_baseline=False, **FAST)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] is False and "accuracy pass after 5 of" in data["interrupted"]
+    acc = {e["name"]: e["accuracy"] for e in data["engines"]}
+    assert acc["tiny.fp16"]["n_images"] == 5 and acc["tiny.fp16"]["labelled"] is False  # a flat folder
+    assert data["engines"][0]["batch"]["1"]["n"] == 3  # timing had completed
+
+
+def test_static_batch(tiny_model, tmp_path, calib_dir):
+    from sedeploy.export import export_onnx
+
+    static = export_onnx(tiny_model, tmp_path / "static.onnx", dynamic_batch=False, batch_size=2, input_size=32,
+                         opset=17)
+    with pytest.raises(SedeployError, match=r"Batch size 1, 8 does not fit 'static', which has a static batch "
+                                            r"of 2"):
+        run_bench([static], batches=(1, 2, 8), **FAST)
+    # the accuracy pass pads the last chunk for a static-batch engine (5 images, batch 2)
+    res = run_bench([static], batches=(2,), images=calib_dir, image_limit=5, torch_baseline=False, **FAST)
+    assert res["engines"][0]["accuracy"]["n_images"] == 5 and res["complete"]
+
+
+def test_bad_inputs_are_refused_before_measuring(tiny_pair, tmp_path, calib_dir, shared_data):
+    fp32, fp16 = tiny_pair
+    with pytest.raises(SedeployError, match="No engines"):
+        run_bench([], **FAST)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SedeployError, match="not writable"):
+        run_bench([fp32], out_dir=blocker / "sub", **FAST)
+    with pytest.raises(SedeployError, match="needs images"):
+        run_bench([fp32, fp16], min_agreement=99, **FAST)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("astronaut.jpg\t3\nnot_there.jpg\t1\n")
+    with pytest.raises(SedeployError, match="not_there.jpg"):
+        run_bench([fp32], images=calib_dir, labels=labels, **FAST)
+    names = sorted(p.name for p in calib_dir.iterdir() if p.suffix == ".jpg")
+    labels.write_text("".join(f"{n}\t{12 if i == 0 else 1}\n" for i, n in enumerate(names)))
+    with pytest.raises(SedeployError, match=r"outside 0…9.*12"):
+        run_bench([fp32], images=calib_dir, labels=labels, **FAST)
+    with pytest.raises(SedeployError, match="cannot be matched to a model with 10 classes"):
+        run_bench([fp32], images=shared_data / "imagenet-samples-500", **FAST)
+    with pytest.raises(SedeployError, match="needs labels"):
+        run_bench([fp32, fp16], images=calib_dir, max_top1_drop=0.5, **FAST)
+
+
+def test_tensorrt_plan_without_tensorrt_is_an_error_not_dropped(tiny_pair, tmp_path):
+    from sedeploy.backends.tensorrt import trt_version
+
+    if trt_version() is not None:
+        pytest.skip("TensorRT is installed here: the missing-TensorRT path cannot be exercised")
+    fp32, _ = tiny_pair
+    plan = tmp_path / "tiny.fp16.plan"
+    plan.write_bytes(b"not a real plan")
+    (tmp_path / "tiny.fp16.trt.json").write_text(json.dumps(
+        {"backend": "tensorrt", "precision": "fp16", "source_model": str(fp32),
+         "profile": {"input": "input", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}}))
+    with pytest.raises(SedeployError, match="beyond|profile up to batch 16"):
+        run_bench([fp32, plan], batches=(1, 32), **FAST)
+    with pytest.raises(SedeployError, match=r"Cannot run the TensorRT engine 'tiny.fp16.plan'.*tensorrt"):
+        run_bench([fp32, plan], batches=(1, 8), **FAST)
