@@ -29,6 +29,7 @@ import numpy as np
 
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir
+from sedeploy.onnxutil import get_metadata, set_metadata
 from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
@@ -119,22 +120,6 @@ def _check_options(opt: BuildOptions) -> None:
                     "anywhere with --backend ort and built on the GPU machine later")
 
 
-def _metadata(proto) -> dict[str, Any]:
-    out = {}
-    for p in proto.metadata_props:
-        try:
-            out[p.key] = json.loads(p.value)
-        except json.JSONDecodeError:
-            out[p.key] = p.value
-    return out
-
-
-def _set_metadata(proto, values: dict[str, Any]) -> None:
-    from sedeploy.export import _set_metadata as set_meta
-
-    set_meta(proto, values)
-
-
 def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None) -> Preprocess:
     if given is not None:
         if given.size != height:
@@ -188,7 +173,7 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
     fp32_path = out / f"{stem}.fp32.onnx"
     if not opt.fuse_se:
         res.notes.append("SE fusion skipped (--no-fuse-se): the FP32 artifact is the input graph")
-        _set_metadata(proto, {"sedeploy.precision": "fp32", "sedeploy.se_fused": 0})
+        set_metadata(proto, {"sedeploy.precision": "fp32", "sedeploy.se_fused": 0})
         return _save(proto, fp32_path)
     from sedeploy.passes import fuse_se_blocks
 
@@ -203,7 +188,7 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
         raise VerificationError(f"The SE-fused graph differs from the input graph by max |Δlogit| {diff:.3g} "
                                 f"> {tol:.3g} (1e-5 × max |logit|); nothing was written.",
                                 fix="report this as a bug with the model; --no-fuse-se builds without the pass")
-    _set_metadata(fused, {"sedeploy.precision": "fp32", "sedeploy.se_fused": report.fused,
+    set_metadata(fused, {"sedeploy.precision": "fp32", "sedeploy.se_fused": report.fused,
                           "sedeploy.se_form": report.form})
     _save(fused, fp32_path)
     res.timings["fuse_se_s"] = round(time.perf_counter() - t0, 2)
@@ -318,7 +303,7 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     res.source = str(src)
     proto = load_onnx(src)
     inp = image_input(proto, path=str(src))
-    meta = _metadata(proto)
+    meta = get_metadata(proto)
     pp = _preprocess_for(meta, inp.height, opt.preprocess)
     precision = graph_precision(proto)
     stem = artifact_stem(src)

@@ -1,8 +1,10 @@
 """Loading user-supplied ONNX files with clear errors, and reading what kind of image model they are."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from sedeploy.errors import SedeployError
@@ -78,3 +80,25 @@ def image_input(proto, *, path: str = "model") -> ImageInput:
                             expected="NCHW layout with 3 (RGB) channels",
                             fix="convert an NHWC model to NCHW before using sedeploy")
     return ImageInput(inp.name, n, c, h, w)
+
+
+def get_metadata(proto) -> dict[str, Any]:
+    """A model's ``metadata_props`` as a dict, JSON values decoded (plain strings stay strings)."""
+    out: dict[str, Any] = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def set_metadata(proto, values: dict[str, Any]) -> None:
+    """Set (add or overwrite) ``metadata_props`` entries; non-string values are JSON-encoded."""
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if key in existing:
+            existing[key].value = text
+        else:
+            proto.metadata_props.add(key=key, value=text)

@@ -27,7 +27,6 @@ not mistaken for the classifier.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -39,6 +38,7 @@ import numpy as np
 
 from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import atomic_path
+from sedeploy.onnxutil import set_metadata
 from sedeploy.validate import Graph, summarize_precision
 
 log = logging.getLogger("sedeploy")
@@ -342,16 +342,6 @@ def _merge_duplicate_casts(model) -> int:
     return len(remove)
 
 
-def _set_metadata(model, keep: tuple[str, ...]) -> None:
-    values = {"sedeploy.precision": "fp16", "sedeploy.fp16_keep_fp32": json.dumps(list(keep))}
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in values.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            model.metadata_props.add(key=key, value=value)
-
-
 def to_fp16(model, *, keep_fp32: str | Iterable[str] | None = DEFAULT_KEEP_FP32):
     """In-memory conversion: FP32 ModelProto (or path) → (FP16 ModelProto, {group: kept node names},
     (saturated, tiny) weight-value counts)."""
@@ -374,7 +364,7 @@ def to_fp16(model, *, keep_fp32: str | Iterable[str] | None = DEFAULT_KEEP_FP32)
     _restore_fp32_weights(out, src)
     _restore_fp32_outputs(out, src)
     _merge_duplicate_casts(out)
-    _set_metadata(out, keep)
+    set_metadata(out, {"sedeploy.precision": "fp16", "sedeploy.fp16_keep_fp32": list(keep)})
     return out, kept, out_of_range
 
 

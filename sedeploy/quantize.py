@@ -26,11 +26,10 @@ like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ import numpy as np
 from sedeploy.calibration import CalibrationResult
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_path
+from sedeploy.onnxutil import set_metadata
 
 log = logging.getLogger("sedeploy")
 
@@ -190,8 +190,7 @@ def _squeeze_to_gap(model) -> int:
 # ------------------------------------------------------------------------------------------------- TRT flavour
 def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) -> dict:
     """Insert TensorRT-style Q/DQ (see module docstring); returns settings for the report."""
-    onnx = _onnx()
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from sedeploy.validate import Graph, _depths
 
@@ -199,7 +198,6 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) ->
         raise SedeployError(f"'{label}' has opset {_opset(model)}; TensorRT's per-channel Q/DQ needs ≥ {MIN_OPSET}.",
                             fix="re-export with --opset 13 or newer (18 is the default)")
     g = Graph(model)
-    inits = set(g.initializers)
     skip_se = _se_nodes(model) if se == "fp32" else set()
     weighted = [n for n in g.nodes if n.op_type in _WEIGHTED and n.name not in skip_se and len(n.input) > 1
                 and g.is_const(n.input[1]) and not g.is_const(n.input[0])]
@@ -344,15 +342,6 @@ def quantized_op_counts(model, *, qdq: bool = True) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _set_metadata(model, values: dict) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in values.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            model.metadata_props.add(key=key, value=value)
-
-
 def _smoke_run(path: Path, label: str) -> None:
     """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published."""
     import onnxruntime as ort
@@ -402,7 +391,7 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         options = cpu_options or CPU_OPTIONS
         model, settings = _cpu_quantize(model, calibration, se, label, options)
         fmt = "QOperator" if options.format == "qoperator" else "QDQ"
-    _set_metadata(model, {"sedeploy.precision": "int8", "sedeploy.int8_flavour": flavour,
+    set_metadata(model, {"sedeploy.precision": "int8", "sedeploy.int8_flavour": flavour,
                           "sedeploy.int8_format": fmt, "sedeploy.int8_se": se,
                           "sedeploy.calibration_method": calibration.method,
                           "sedeploy.calibration_key": calibration.key,

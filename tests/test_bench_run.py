@@ -195,7 +195,7 @@ def test_ctrl_c_during_timing_writes_partial_results(tiny_pair, tmp_path, monkey
 def test_ctrl_c_during_accuracy_keeps_common_images(tiny_pair, tmp_path, monkeypatch, calib_dir):
     fp32, fp16 = tiny_pair
     _patch_runner(monkeypatch, "tiny.fp16", batch=5, after=2)  # batch 5 occurs only in the accuracy pass
-    with pytest.raises(BenchInterrupted) as err:
+    with pytest.raises(BenchInterrupted):
         run_bench([fp32, fp16], images=calib_dir, eval_batch=5, batches=(1,), out_dir=tmp_path, plots=False,
                   torch_baseline=False, **FAST)
     data = json.loads((tmp_path / "results.json").read_text())

@@ -1,9 +1,6 @@
 """INT8 artifacts: both flavours from one calibration, agreement with FP32 on a trained model, TensorRT rules."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 

@@ -126,9 +126,9 @@ def se_block(*, quantize=True, **bad):
         c2 = b.node("Conv", [r1q, wdq("w2"), "b2"], ["c2"], pads=[1, 1, 1, 1])
     pool_in = qdq("c2") if bad.get("quantized_pool") else c2
     b.init("axes", np.array([2, 3], np.int64))
-    p = b.node("ReduceMean", [pool_in, "axes"], ["p"], keepdims=1)
+    b.node("ReduceMean", [pool_in, "axes"], ["p"], keepdims=1)
     f1 = b.node("Conv", [qdq("p"), wdq("wf1"), "bf1"], ["f1"])
-    f1r = b.node("Relu", [f1], ["f1r"])
+    b.node("Relu", [f1], ["f1r"])
     f2 = b.node("Conv", [qdq("f1r"), wdq("wf2"), "bf2"], ["f2"])
     gate = b.node("Sigmoid", [qdq("f2") if bad.get("quantized_gate") else f2], ["gate"])
     m = b.node("Mul", [c2, gate], ["m"])

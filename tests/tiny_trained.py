@@ -119,9 +119,6 @@ def to_input(images_uint8: np.ndarray, pp: Preprocess = PREPROCESS) -> np.ndarra
 
 def _train(seed: int = 0):
     import torch
-    from torch import nn
-
-    from sedeploy.model import build_model
 
     threads = torch.get_num_threads()
     # One thread: on a shared 2-core machine two OpenMP threads spin against other processes and a step takes

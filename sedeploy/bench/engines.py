@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sedeploy.errors import SedeployError
+from sedeploy.onnxutil import get_metadata
 from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
@@ -95,16 +96,6 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def _onnx_meta(proto) -> dict[str, Any]:
-    out = {}
-    for p in proto.metadata_props:
-        try:
-            out[p.key] = json.loads(p.value)
-        except json.JSONDecodeError:
-            out[p.key] = p.value
-    return out
-
-
 def _load_light(path: Path):
     """The ONNX graph without external weight files (only names, types, shapes and metadata are needed)."""
     from sedeploy.backends import _load_proto
@@ -141,7 +132,7 @@ def describe_engine(path: str | Path) -> EngineSpec:
                             expected="*.onnx (ONNX Runtime) or *.plan with its .trt.json sidecar (TensorRT)")
     proto = _load_light(path)
     inp = image_input(proto, path=str(path))
-    meta = _onnx_meta(proto)
+    meta = get_metadata(proto)
     sidecar = _ort_sidecar(path)
     precision = str(meta.get("sedeploy.precision") or graph_precision(proto)).lower()
     flavour = str(meta.get("sedeploy.flavour") or ("ort-opt" if path.name.endswith(".ort-opt.onnx") else ""))
@@ -161,7 +152,7 @@ def _describe_plan(path: Path) -> EngineSpec:
     meta: dict[str, Any] = {}
     src = side.get("source_model")
     if src and Path(src).is_file():
-        meta = _onnx_meta(_load_light(Path(src)))
+        meta = get_metadata(_load_light(Path(src)))
     prof = side.get("profile") or {}
     hi = prof.get("max") or []
     if len(hi) != 4:

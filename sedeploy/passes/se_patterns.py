@@ -328,7 +328,6 @@ def match_block(gate_node: ir.Node) -> tuple[SEMatch | None, MatchResult]:
     gate = match_gate(gate_node)
     if gate is None:
         return None, MatchResult().fail(f"{gate_node.op_type} '{gate_node.name}' is not an SE gate", gate_node)
-    nodes: list = list(gate.nodes)
     # gate output → optional Reshape/Unsqueeze → the scale Mul
     g = gate.out
     post = [u.node for u in g.uses()]
