@@ -67,8 +67,21 @@ def test_fixed_batch_export(tmp_path):
 def test_verification_failure_leaves_no_file(tmp_path):
     out = tmp_path / "m.onnx"
     with pytest.raises(VerificationError, match="not written"):
-        E.export_model(depth=18, base_channels=8, input_size=32, output=out, verify_limit=4, atol=1e-12)
+        E.export_model(depth=18, base_channels=8, input_size=32, output=out, verify_limit=4, atol=1e-12,
+                       rtol=0.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tolerance_scales_with_each_input_sets_own_logits():
+    def ver(diff, diff_rand, scale, scale_rand):
+        return E.Verification(images=4, random_inputs=2, max_abs_diff=diff, max_abs_diff_random=diff_rand,
+                              top1_agreement=1.0, distinct_top1=4, atol=1e-4, image_folder="", rtol=4e-6,
+                              logit_scale=scale, logit_scale_random=scale_rand)
+
+    assert ver(1.8e-4, 1e-4, 175.0, 20.0).passed  # deep net, large logits: 1e-4 + 7e-4
+    assert not ver(1.8e-4, 1e-4, 10.0, 175.0).passed  # the random set's large logits do not excuse the images
+    assert not ver(1e-4, 3e-4, 175.0, 10.0).passed
+    assert ver(1e-4, 0.0, 0.0, 0.0).passed and not ver(1.01e-4, 0.0, 0.0, 0.0).passed  # atol alone at scale 0
 
 
 def test_interrupted_export_leaves_no_partial_file(tmp_path, monkeypatch):
