@@ -190,7 +190,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               batches: Sequence[int] = DEFAULT_BATCHES, threads: int | None = None, warmup: int = 3,
               repeats: int = 20, max_seconds: float | None = None, reference: str | None = None,
               torch_baseline: bool = True, checkpoint: str | None = None, compare_plain: bool = False,
-              probe: bool = True, probe_seconds: float = 1.0, out_dir: str | Path | None = None, plots: bool = True,
+              probe: bool = True, probe_seconds: float = 2.0, out_dir: str | Path | None = None, plots: bool = True,
               progress: bool = True, max_top1_drop: float | None = None, min_agreement: float | None = None,
               image_limit: int | None = None, eval_batch: int = 32, synsets: str | Path | None = None,
               providers=None, optimization: str = "all") -> dict[str, Any]:
