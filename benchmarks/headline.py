@@ -72,19 +72,49 @@ def unfused_copy(folder: Path, source: Path) -> Path:
     return target
 
 
+def tensorrt_status() -> str | None:
+    """None when TensorRT and a CUDA GPU are usable here, else the reason the TensorRT rows are left out."""
+    from sedeploy.backends.tensorrt import require_trt
+    from sedeploy.errors import SedeployError
+
+    try:
+        require_trt("TensorRT rows of the headline benchmark")
+    except SedeployError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+def trt_plans(folder: Path, arts: dict[str, Path]) -> list[Path]:
+    """TensorRT plans built from the same portable artifacts the ONNX Runtime rows use (FP32, FP16, INT8 Q/DQ)."""
+    plans = []
+    for key in ("fp32", "fp16", "int8-trt"):
+        target = folder / "trt" / key
+        if not (target / "manifest.json").exists():
+            sh("build-engine", str(arts[key]), "--backend", "trt", "--opt-batch", "8", "--max-batch", "32",
+               "-o", str(target))
+        m = json.loads((target / "manifest.json").read_text())
+        plans += [Path(e["path"]) for e in m["engines"] if e["backend"] == "tensorrt"]
+    return plans
+
+
 def stage_speed(args, work: Path, out: Path) -> list[dict]:
     runs = []
+    trt_missing = tensorrt_status()
+    if trt_missing:
+        print(f"TensorRT rows left out: {trt_missing}", file=sys.stderr, flush=True)
     for depth in args.depths:
         folder = build(work, depth, "--fp16")
         arts = artifacts(folder)
         unfused = unfused_copy(folder, folder / f"se-resnet{depth}.onnx")
         engines = [arts["fp32"], unfused, arts["fp16"], arts["int8-cpu"], arts["int8-trt"]]
+        if not trt_missing:
+            engines += trt_plans(folder, arts)
         img = ["--images", str(IMAGENET / "images"), "--labels", str(IMAGENET / "labels.tsv"),
                "--image-limit", str(args.agreement_images)] if IMAGENET.exists() else []
         res = sh("bench", *map(str, engines), "--reference", str(arts["fp32"]), "--compare-plain",
                  "--batch", "1,8,32", "--repeats", str(args.repeats if depth <= 50 else max(3, args.repeats // 2)),
                  "--threads", str(args.threads), *img, "--out", str(out / f"speed-se-resnet{depth}"))
-        runs.append({"stage": "speed", "depth": depth, "results": res})
+        runs.append({"stage": "speed", "depth": depth, "results": res, "tensorrt_rows": trt_missing or "included"})
     return runs
 
 

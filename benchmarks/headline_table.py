@@ -19,17 +19,19 @@ def _load_runs(out: Path) -> list[dict]:
 
 
 def _kind(e: dict) -> str:
-    name = e["name"].lower()
-    if e.get("backend") == "pytorch" or "pytorch" in name or "torch" in name:
+    name, flavour = e["name"].lower(), (e.get("flavour") or "").lower()
+    if e.get("backend") == "pytorch":
         return "PyTorch eager FP32"
-    if "plain" in name:
+    if e.get("backend") == "tensorrt":
+        return f"TensorRT {e['precision'].upper()}"
+    if flavour == "no-se":
         return "ORT FP32, plain ResNet (no SE)"
     if "unfused" in name:
         return "ORT FP32 (SE unfused)"
     if e["precision"] == "fp16":
         return "ORT FP16"
     if e["precision"] == "int8":
-        return "ORT INT8 " + ("TensorRT Q/DQ flavour" if "trt" in name else "CPU flavour")
+        return "ORT INT8 " + ("TensorRT Q/DQ flavour" if "int8-trt" in name else "CPU flavour (uint8 QOperator)")
     return "ORT FP32 (SE fused)"
 
 
@@ -39,6 +41,17 @@ def _tp(e: dict, b: str) -> str:
         return "–"
     spread = s.get("spread", {}).get("iqr_pct")
     return f"{s['throughput']:.1f}" + (f" ±{spread / 2:.0f}%" if spread is not None else "")
+
+
+def _num(x, fmt: str = ".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _machine_line(m: dict) -> str:
+    v = m.get("versions", {})
+    return (f"{m.get('cpu', '?')} ({', '.join(m.get('cpu_features', []) or [])}), {m.get('usable_cores', '?')} usable "
+            f"cores, {m.get('ram_gib', '?')} GiB; {m.get('os', '?')}; Python {m.get('python', '?')}, "
+            + ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnx", "torch", "tensorrt") if v.get(k)))
 
 
 def _ratio(e: dict, b: str) -> str:
@@ -131,17 +144,19 @@ def write_headline(runs: list[dict] | None, out: Path) -> None:
     drift = [r for r in runs if r["stage"] == "drift"]
     flops = _flops_rows([r for r in runs if r["stage"] in ("speed", "flops")])
     md = ["# sedeploy headline benchmark", "",
-          f"Machine: {machine.get('cpu', '?')}, {machine.get('logical_cpus', machine.get('cpus', '?'))} logical CPUs; "
-          f"{json.dumps({k: machine[k] for k in ('onnxruntime', 'torch', 'python') if k in machine})}", "",
+          f"Machine: {_machine_line(machine)}", "",
           "Made by `python benchmarks/headline.py`; each run's full figures (raw samples included) are in its "
           "folder's results.json. Timer: one engine call on a host batch (preprocessing excluded).", ""]
     for r in speed:
         md += _speed_table(r) + [""]
         se = r["results"].get("se_cost")
         if se:
-            md += ["What SE costs (same depth without SE, timed in the same run): "
-                   + "; ".join(f"b{c.get('batch')}: {c.get('time_ratio', float('nan')):.2f}× time for "
-                               f"{c.get('flops_ratio', float('nan')):.3f}× FLOPs" for c in se), ""]
+            md += ["What SE costs (ORT FP32, same depth without SE, paired rounds of the same run): "
+                   + "; ".join(f"b{c['batch']}: {_num(c.get('se_time_over_plain'))}× the time for "
+                               f"{_num(c.get('se_flops_over_plain'), '.3f')}× the FLOPs" for c in se), ""]
+        for note in r["results"].get("notes") or []:
+            md.append(f"- {note}")
+        md.append("")
     if drift:
         md += ["## Drift on the trained reference SE-ResNet-50 (Imagenette val)", ""] + _drift_table(drift) + [""]
     if flops:

@@ -8,13 +8,17 @@ GlobalAveragePool), SE kept in FP32 or quantized) plus the TensorRT flavour, the
   every round), 2 threads, ORT_ENABLE_ALL, batch 1 and 8; the speed-up is the median of per-round ratios, so a
   background load slows all forms alike;
 * measures top-1 agreement and max |Δlogit| against FP32: on ~200 ImageNet validation images for SE-ResNet-50
-  (random weights: weak evidence, logits of an untrained net are close together), and on the 500 held-out
-  images of the tiny *trained* SE-ResNet-18 of tests/tiny_trained.py (the meaningful drift number).
+  (random weights: weak evidence, logits of an untrained net are close together), on the 500 held-out
+  images of the tiny *trained* SE-ResNet-18 of tests/tiny_trained.py, and — the number that decides — on
+  Imagenette val for the trained reference SE-ResNet-50 (benchmarks/train_reference.py) at its training
+  resolution, calibrated on Imagenette train.
 
 Usage::
 
     python benchmarks/int8_cpu_forms.py --model /tmp/q/se50.onnx --calib calib \\
-        --images ../shared/data/imagenet-val-1300/images --tiny-cache /tmp/q/tinycache
+        --images ../shared/data/imagenet-val-1300/images --tiny-cache /tmp/q/tinycache \
+        --trained ~/.cache/sedeploy/headline/reference-112.onnx --trained-size 112 \
+        --trained-calib ../shared/data/imagenette/train --trained-images ../shared/data/imagenette/val
 
 Writes benchmarks/int8_cpu_forms.json and .md.
 """
@@ -34,7 +38,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from sedeploy.backends.ort import OrtRunner  # noqa: E402
 from sedeploy.bench.timing import paired_speedup, time_runners  # noqa: E402
-from sedeploy.calibration import calibrate  # noqa: E402
+from sedeploy.bench.labels import resolve_labels  # noqa: E402
+from sedeploy.calibration import DEFAULT_METHOD, calibrate  # noqa: E402
 from sedeploy.preprocess import Preprocess, find_images, load_batch  # noqa: E402
 from sedeploy.quantize import CPU_OPTIONS, CpuOptions, quantize_model  # noqa: E402
 
@@ -104,15 +109,17 @@ def speed(paths: dict[str, str], fp32: Path, batch_sizes, repeats: int, images: 
 def to_md(res: dict) -> str:
     L = ["# INT8 forms on ONNX Runtime CPU (SE-ResNet-50) and SE policy", "",
          f"Machine: {res['machine']}. ORT {res['onnxruntime']}, 2 threads, ORT_ENABLE_ALL. "
-         "A training job shared the 2 cores during the run: absolute img/s are depressed and noisy; compare the "
-         "**speed-up vs FP32** (median of per-round ratios, forms interleaved with rotation).", "",
+         f"Load average at start / end: {res.get('load_start')} / {res.get('load_end')}. Compare the "
+         "**speed-up vs FP32** (median of per-round ratios, forms interleaved with rotation); absolute img/s "
+         "move with machine load.", "",
          f"Calibration: {res['calibration']}.", "", "Command: `" + res["command"] + "`", ""]
     for b, rows in res["speed"].items():
         L += [f"## Speed, batch {b} ({next(iter(rows.values()))['rounds']} interleaved rounds)", "",
               "| form | img/s (median) | speed-up vs FP32 |", "|---|---|---|"]
         L += [f"| {n} | {v['median_img_s']} | {v['speedup_vs_fp32']:.2f}× |" for n, v in rows.items()]
         L.append("")
-    for title, key in (("SE-ResNet-50 (random weights) vs FP32 on ImageNet val images", "agreement_se50"),
+    for title, key in (("trained reference SE-ResNet-50, Imagenette val", "agreement_trained"),
+                       ("SE-ResNet-50 (random weights) vs FP32 on ImageNet val images", "agreement_se50"),
                        ("Tiny trained SE-ResNet-18 (tests/tiny_trained.py), 500 held-out images", "agreement_tiny")):
         if key not in res:
             continue
@@ -131,10 +138,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="FP32 SE-ResNet-50 .onnx (sedeploy export)")
     ap.add_argument("--calib", default=str(HERE.parent / "calib"))
-    ap.add_argument("--method", default="entropy")
+    ap.add_argument("--method", default=DEFAULT_METHOD)
     ap.add_argument("--images", type=Path, help="real images for SE-50 agreement (ImageNet val)")
     ap.add_argument("--n-images", type=int, default=200)
     ap.add_argument("--tiny-cache", type=Path, help="cache dir of tests/tiny_trained.py")
+    ap.add_argument("--trained", type=Path, help="FP32 ONNX of the trained reference (sedeploy export --checkpoint)")
+    ap.add_argument("--trained-size", type=int, default=112, help="its input size (training resolution)")
+    ap.add_argument("--trained-calib", type=Path, help="calibration images for it (Imagenette train)")
+    ap.add_argument("--trained-calib-count", type=int, default=512)
+    ap.add_argument("--trained-images", type=Path, help="labelled evaluation images (Imagenette val)")
+    ap.add_argument("--trained-n", type=int, default=0, help="evaluation images (0: all)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/sedeploy-int8-forms"))
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
@@ -148,6 +161,7 @@ def main() -> None:
            "variants": {n: {"flavour": VARIANTS[n][0], "se": VARIANTS[n][1],
                             "cpu_options": VARIANTS[n][2].as_dict() if VARIANTS[n][2] else None}
                         for n in a.variants}}
+    res["load_start"] = [round(v, 2) for v in __import__("os").getloadavg()]
     cal = calibrate(a.model, a.calib, method=a.method, cache_dir=a.out / "cache", progress=False)
     res["calibration"] = f"{cal.method} on {len(cal.images)} images of {a.calib} (key {cal.key[:12]}…)"
     t0 = time.time()
@@ -169,9 +183,25 @@ def main() -> None:
                          preprocess=art.preprocess)
         tiny_paths = {n: b["path"] for n, b in build(Path(art.onnx_path), tcal, a.out, a.variants).items()}
         res["agreement_tiny"] = agreement(tiny_paths, art.onnx_path, art.images, art.labels, batch=100)
+    if a.trained:
+        pp = Preprocess.for_size(a.trained_size)
+        rcal = calibrate(a.trained, a.trained_calib, method=a.method, count=a.trained_calib_count,
+                         cache_dir=a.out / "cache", progress=False, preprocess=pp)
+        r_paths = {n: b["path"] for n, b in build(a.trained, rcal, a.out, a.variants).items()}
+        found = find_images(a.trained_images)
+        sel = found.paths
+        if a.trained_n:
+            rng = np.random.default_rng(0)
+            sel = [found.paths[i] for i in sorted(rng.choice(len(found.paths), size=min(a.trained_n, len(sel)),
+                                                             replace=False))]
+        x, loaded = load_batch(list(sel), pp)
+        lab = resolve_labels(loaded, a.trained_images, num_classes=10)
+        res["trained_calibration"] = f"{rcal.method} on {len(rcal.images)} images of {a.trained_calib}"
+        res["agreement_trained"] = agreement(r_paths, a.trained, x, lab.indices, batch=64)
     imgs = pool if pool is not None else np.random.default_rng(0).standard_normal((8, 3, 224, 224), np.float32)
     res["speed"] = speed(paths, a.model, [1, 8], a.repeats, imgs)
     res["seconds"] = round(time.time() - t0, 1)
+    res["load_end"] = [round(v, 2) for v in __import__("os").getloadavg()]
     if a.conclusions and a.conclusions.exists():
         res["conclusions"] = a.conclusions.read_text().splitlines()
     (HERE / "int8_cpu_forms.json").write_text(json.dumps(res, indent=1))
