@@ -63,9 +63,11 @@ def _ratio(e: dict, b: str) -> str:
 def _speed_table(run: dict) -> list[str]:
     res = run["results"]
     model = res["engines"][0].get("model", run["run"])
-    lines = [f"**{model}** ({res['engines'][0].get('gflops_total', 0):.2f} GFLOP/image total) — img/s, median "
-             "(± half the IQR), interleaved in one run; × = paired speed ratio vs ORT FP32 fused", "",
-             "| engine | b1 | b8 | b32 | × FP32 b1 | × FP32 b8 | × FP32 b32 | top-1 agreement vs FP32 |",
+    lines = [f"### {model} ({res['engines'][0].get('gflops_total', 0):.2f} GFLOP/image total)", "",
+             "img/s, median (± half the IQR) of interleaved rounds; × = paired speed ratio vs ORT FP32 fused. "
+             "Agreement: top-1 vs FP32 on ImageNet val images — the weights are random here, whose near-tied logits "
+             "flip easily, so it is a smoke test; drift that means something is in the next section.", "",
+             "| engine | b1 | b8 | b32 | × FP32 b1 | × FP32 b8 | × FP32 b32 | top-1 agreement vs FP32 (random weights) |",
              "|---|---|---|---|---|---|---|---|"]
     for e in res["engines"]:
         acc = e.get("accuracy") or {}
@@ -87,7 +89,7 @@ def _drift_table(runs: list[dict]) -> list[str]:
                 continue
             drop = a.get("top1_drop_pts")
             lines.append(f"| {_kind(e)} | {size} px | {a.get('top1_pct', float('nan')):.2f} | "
-                         + (f"{-drop:+.2f}" if drop is not None else "–")
+                         + (f"{-drop + 0.0:+.2f}" if drop is not None else "–")
                          + f" | {a.get('top1_agreement_pct', float('nan')):.2f} | {a.get('flips_right_to_wrong', '–')}"
                          f" | {a.get('flips_wrong_to_right', '–')} | {a.get('mean_kl', float('nan')):.2e} | "
                          f"{a.get('n_images')} |")
@@ -140,13 +142,19 @@ def write_headline(runs: list[dict] | None, out: Path) -> None:
     if not runs:
         sys.exit(f"no */results.json under {out}")
     machine = runs[0]["results"].get("machine", {})
-    speed = [r for r in runs if r["stage"] == "speed"]
+    speed = sorted((r for r in runs if r["stage"] == "speed"), key=lambda r: r["results"]["engines"][0].get("depth") or 0)
     drift = [r for r in runs if r["stage"] == "drift"]
     flops = _flops_rows([r for r in runs if r["stage"] in ("speed", "flops")])
     md = ["# sedeploy headline benchmark", "",
           f"Machine: {_machine_line(machine)}", "",
           "Made by `python benchmarks/headline.py`; each run's full figures (raw samples included) are in its "
           "folder's results.json. Timer: one engine call on a host batch (preprocessing excluded).", ""]
+    if speed:
+        md += ["## Speed on ONNX Runtime CPU", ""]
+        if not any(e.get("backend") == "tensorrt" for r in speed for e in r["results"]["engines"]):
+            md += ["No TensorRT rows: this machine has no NVIDIA GPU and no TensorRT. `headline.py` builds TensorRT "
+                   "plans from the same FP32/FP16/INT8-Q/DQ artifacts and adds their rows where both are present.",
+                   ""]
     for r in speed:
         md += _speed_table(r) + [""]
         se = r["results"].get("se_cost")
