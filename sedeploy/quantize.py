@@ -43,7 +43,9 @@ log = logging.getLogger("sedeploy")
 
 FLAVOURS = ("trt", "cpu")
 SE_POLICIES = ("fp32", "int8")
-#: Chosen by benchmarks/int8_cpu_forms.py (SE-ResNet-50 + the tiny trained model): see the .md for the numbers.
+#: Chosen by benchmarks/int8_cpu_forms.py on the trained reference SE-ResNet-50 (Imagenette val, 3,925 images):
+#: quantizing SE runs 1.97× FP32 at batch 8 against 1.60× with SE in FP32, for 97.9 % vs 98.1 % top-1 agreement
+#: and equal top-1 — 0.2 pt of agreement is not worth 19 % of the speed.
 DEFAULT_SE_POLICY = "int8"
 MIN_OPSET = 13  # per-channel (axis) Q/DQ
 _INT8_MAX = 127.0
