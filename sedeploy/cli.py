@@ -283,6 +283,9 @@ def _batch_list(text: str) -> list[int]:
 @click.option("--threads", type=int, help="Intra-op threads for every engine [default: physical cores].")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per engine and batch.")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per engine and batch.")
+@click.option("--settle", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed calls of the same engine right before each timed one, so the timed call is warm as in "
+                   "steady serving (0: cold calls right after other engines, about 2× slower at batch 1 here).")
 @click.option("--max-seconds", type=float, help="Time budget per batch size for the timed rounds.")
 @click.option("--reference", help="Engine (name or path) that drift is measured against [default: the FP32 one].")
 @click.option("--torch-baseline/--no-torch-baseline", default=True, show_default=True,
@@ -299,7 +302,7 @@ def _batch_list(text: str) -> list[int]:
 @click.option("--min-agreement", type=float, help="CI gate: exit 1 if any engine's top-1 agreement (%) is lower.")
 @common
 @handle_errors
-def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, max_seconds, reference,
+def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, settle, max_seconds, reference,
           torch_baseline, checkpoint, compare_plain, probe, out_dir, no_plots, image_limit, max_top1_drop,
           min_agreement, as_json, verbose):
     """Throughput, latency and top-1 drift of engines, timed interleaved in one run, against FLOPs.
@@ -313,7 +316,8 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, m
       sedeploy bench engines/ --images val/ --labels val.tsv    + top-1/top-5, flips, KL vs FP32
       sedeploy bench engines/ --images val/ --max-top1-drop 0.5 --min-agreement 99 --batch 8
                                                                 CI gate: exit 1 when a budget is exceeded
-    The timer covers one engine call on a host batch (on GPU: host↔device copies included).
+    The timer covers one engine call on a host batch (on GPU: host↔device copies included), right after
+    --settle untimed calls of the same engine.
     """
     from sedeploy.bench.run import BenchInterrupted, bench_command_summary, run_bench
 
@@ -321,7 +325,7 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, m
     sizes = _batch_list(batches)
     try:
         res = run_bench(list(engines), images=images, labels=labels, synsets=synsets, batches=sizes,
-                        threads=threads, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
+                        threads=threads, warmup=warmup, repeats=repeats, settle=settle, max_seconds=max_seconds,
                         reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
                         compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
                         progress=not as_json and sys.stderr.isatty(), max_top1_drop=max_top1_drop,

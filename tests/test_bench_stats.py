@@ -469,3 +469,29 @@ def test_probes_report_consistent_figures():
     with pytest.raises(SedeployError, match="too small"):
         probe_fp32_gemm(4)
     assert ceiling_kind("int8") == "int8" and ceiling_kind("fp16") == "fp32" and ceiling_kind("fp32", "cuda") is None
+
+
+class ColdRunner(FakeRunner):
+    """Slow (10 ms) on a call that follows another engine's call, fast (1 ms) when it follows its own: the cache
+    and thread-pool effect that makes interleaved batch-1 timings pessimistic."""
+
+    def run(self, x):
+        cold = not self.log or self.log[-1] != self.name
+        self.costs = itertools.cycle([0.010 if cold else 0.001])
+        return super().run(x)
+
+
+@pytest.mark.parametrize("settle, expected", [(0, 0.010), (1, 0.001), (2, 0.001)])
+def test_settle_times_a_warm_call_and_keeps_pairing(clock, settle, expected):
+    log = []
+    runners = [ColdRunner(n, clock, [0.0], log) for n in "abc"]
+    res = time_runners(runners, X, batch_sizes=[1], warmup=1, repeats=4, min_repeats=1, clock=clock, settle=settle)
+    assert all(res.samples[n][1] == pytest.approx([expected] * 4) for n in "abc")
+    assert res.order[1] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # timed calls only
+    assert len(log) == 3 + 12 * (settle + 1) and res.config["settle_calls"] == settle
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_settle_must_be_a_count(clock, bad):
+    with pytest.raises(SedeployError, match="settle"):
+        time_runners([FakeRunner("a", clock, [0.001], [])], X, settle=bad, clock=clock)

@@ -193,7 +193,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               probe: bool = True, probe_seconds: float = 2.0, out_dir: str | Path | None = None, plots: bool = True,
               progress: bool = True, max_top1_drop: float | None = None, min_agreement: float | None = None,
               image_limit: int | None = None, eval_batch: int = 32, synsets: str | Path | None = None,
-              providers=None, optimization: str = "all") -> dict[str, Any]:
+              providers=None, optimization: str = "all", settle: int = 1) -> dict[str, Any]:
     """Benchmark ``engines`` (files, or ``build-engine`` output folders) and return the results dict
     (:mod:`sedeploy.bench.report` schema, plus ``notes``, ``gate``, ``flops`` and ``se_cost``).
 
@@ -317,7 +317,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
             pool = x if x is not None else smooth_noise(max(sizes), pp.size, seed=0)
             with _torch_threads(threads):
                 timing = time_runners({**runners, **extra_runners}, pool, batch_sizes=sizes, warmup=warmup,
-                                      repeats=repeats, max_seconds=max_seconds)
+                                      repeats=repeats, max_seconds=max_seconds, settle=settle)
             state["timing"] = timing
             if not timing.complete:
                 raise _Interrupted(timing.interrupted or "timing")
