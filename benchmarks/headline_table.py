@@ -148,7 +148,8 @@ def write_headline(runs: list[dict] | None, out: Path) -> None:
     md = ["# sedeploy headline benchmark", "",
           f"Machine: {_machine_line(machine)}", "",
           "Made by `python benchmarks/headline.py`; each run's full figures (raw samples included) are in its "
-          "folder's results.json. Timer: one engine call on a host batch (preprocessing excluded).", ""]
+          "folder's results.json. Timer: one engine call on a host batch (preprocessing excluded), "
+          "right after one untimed call of the same engine (`--settle 1`: warm caches and threads, as in serving).", ""]
     if speed:
         md += ["## Speed on ONNX Runtime CPU", ""]
         if not any(e.get("backend") == "tensorrt" for r in speed for e in r["results"]["engines"]):
