@@ -89,7 +89,7 @@ def _drift_table(runs: list[dict]) -> list[str]:
                 continue
             drop = a.get("top1_drop_pts")
             lines.append(f"| {_kind(e)} | {size} px | {a.get('top1_pct', float('nan')):.2f} | "
-                         + (f"{-drop + 0.0:+.2f}" if drop is not None else "–")
+                         + (f"{-drop + 0.0:+.2f}" if drop is not None else "–")  # + 0.0: no "-0.00"
                          + f" | {a.get('top1_agreement_pct', float('nan')):.2f} | {a.get('flips_right_to_wrong', '–')}"
                          f" | {a.get('flips_wrong_to_right', '–')} | {a.get('mean_kl', float('nan')):.2e} | "
                          f"{a.get('n_images')} |")

@@ -1,51 +1,75 @@
 """Does keeping a few layers in float lift INT8 top-1 agreement to 99 %? (trained reference, CPU flavour)
 
-Quantizes the trained reference SE-ResNet-50 (112 px, benchmarks/train_reference.py, exported with
-`sedeploy export --checkpoint … --input-size 112`) with the CPU flavour while leaving chosen nodes in FP32 — the
-stem conv, the classifier, the last stage — and measures top-1 agreement with FP32 on all 3,925 Imagenette val
+Quantizes the trained reference SE-ResNet-50 (112 px, benchmarks/train_reference.py, exported by
+`benchmarks/headline.py --stages drift` to ~/.cache/sedeploy/headline/reference-112.onnx) with the CPU flavour
+while leaving chosen nodes in FP32 — the stem conv, the classifier, the last stage (layer4 from its first conv to
+the end, which includes the classifier) — and measures top-1 agreement with FP32 on all 3,925 Imagenette val
 images. It reuses quantize's SE-exclusion hook (``_se_nodes``) to name the nodes to exclude: an experiment, not
 a product option. Calibration: percentile on 512 Imagenette train images (cached). Writes int8_keep_float.json.
 
     python benchmarks/int8_keep_float.py      # ≈ 6 min on 2 cores
 """
+from __future__ import annotations
+
 import json
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
-from pathlib import Path
+
 import sedeploy.quantize as Q
+from sedeploy.backends.ort import OrtRunner
+from sedeploy.bench.labels import resolve_labels
 from sedeploy.calibration import calibrate
 from sedeploy.preprocess import Preprocess, find_images, load_batch
-from sedeploy.bench.labels import resolve_labels
-from sedeploy.backends.ort import OrtRunner
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-M = Path.home() / ".cache/sedeploy/headline/reference-112.onnx"
-pp = Preprocess.for_size(112)
-cal = calibrate(M, str(DATA / "imagenette/train"), count=512, cache_dir=Path(tempfile.gettempdir()) / "sedeploy-int8forms-cache", progress=False, preprocess=pp)
-m = onnx.load(str(M))
-w = [n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm")]
-order = [n.name for n in m.graph.node]
-# last stage: nodes after the last stride-2 conv's block start ~ take the last 16 weighted nodes + everything after first of them
-variants = {"none": set(), "stem": {w[0]}, "head": {w[-1]}, "stem+head": {w[0], w[-1]},
-            "last stage": set(order[order.index(w[-17]):]), "stem+head+last stage": {w[0]} | set(order[order.index(w[-17]):])}
-found = find_images(str(DATA / "imagenette/val"))
-x, loaded = load_batch(list(found.paths), pp)
-lab = resolve_labels(loaded, str(DATA / "imagenette/val"), num_classes=10).indices
-def logits(p):
-    r = OrtRunner(p, threads=2)
-    return np.concatenate([r.run(x[i:i+64]) for i in range(0, len(x), 64)])
-ref = logits(M)
-orig = Q._se_nodes
-out = {}
-for name, ex in variants.items():
-    Q._se_nodes = lambda model, ex=ex: set(ex)
-    p = f"{tempfile.gettempdir()}/sedeploy-keep-float-{name.replace(' ', '_').replace('+','_')}.onnx"
-    Q.quantize_model(M, cal, p, flavour="cpu", se="fp32")
-    g = logits(p)
-    out[name] = {"excluded_nodes": len(ex), "agreement": float((g.argmax(1) == ref.argmax(1)).mean()),
-                 "top1": float((g.argmax(1) == lab).mean()), "mean_abs_dlogit": float(np.abs(g - ref).mean())}
-    print(name, out[name], flush=True)
-Q._se_nodes = orig
-print("fp32 top1", float((ref.argmax(1) == lab).mean()))
-Path(__file__).with_name("int8_keep_float.json").write_text(json.dumps(out, indent=1))
+MODEL = Path.home() / ".cache" / "sedeploy" / "headline" / "reference-112.onnx"
+TMP = Path(tempfile.gettempdir())
+
+
+def variants(model) -> dict[str, set[str]]:
+    """Node names kept in FP32 per variant. SE-ResNet-50's last 17 Conv/Gemm nodes are layer4 (3 blocks × 3
+    convs + 2 SE FCs each, 1 downsample conv) and the classifier, so the 17th from the end starts layer4."""
+    weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    order = [n.name for n in model.graph.node]
+    tail = set(order[order.index(weighted[-17]):])
+    stem, head = weighted[0], weighted[-1]
+    return {"none": set(), "stem": {stem}, "head": {head}, "stem+head": {stem, head},
+            "last stage+head": tail, "stem+last stage+head": {stem} | tail}
+
+
+def main() -> None:
+    pp = Preprocess.for_size(112)
+    cal = calibrate(MODEL, DATA / "imagenette" / "train", count=512, cache_dir=TMP / "sedeploy-int8forms-cache",
+                    progress=False, preprocess=pp)
+    val = DATA / "imagenette" / "val"
+    x, loaded = load_batch(list(find_images(val).paths), pp)
+    labels = resolve_labels(loaded, val, num_classes=10).indices
+
+    def logits(path) -> np.ndarray:
+        runner = OrtRunner(path, threads=2)
+        return np.concatenate([runner.run(x[i:i + 64]) for i in range(0, len(x), 64)])
+
+    ref = logits(MODEL)
+    out = {}
+    original = Q._se_nodes
+    try:
+        for name, keep in variants(onnx.load(str(MODEL))).items():
+            Q._se_nodes = lambda model, keep=keep: set(keep)
+            path = TMP / f"sedeploy-keep-float-{name.replace('+', '_').replace(' ', '_')}.onnx"
+            Q.quantize_model(MODEL, cal, path, flavour="cpu", se="fp32")
+            got = logits(path)
+            out[name] = {"excluded_nodes": len(keep), "agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+                         "top1": float((got.argmax(1) == labels).mean()),
+                         "mean_abs_dlogit": float(np.abs(got - ref).mean())}
+            print(name, out[name], flush=True)
+    finally:
+        Q._se_nodes = original
+    print("fp32 top1", float((ref.argmax(1) == labels).mean()))
+    Path(__file__).with_name("int8_keep_float.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -57,3 +57,12 @@ def test_bad_input_exits_non_zero_with_one_message(run, tmp_path, args, message)
     assert message in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_tolerance_defaults_match_the_library():
+    """The CLI spells its defaults out (importing sedeploy.export would load torch for every --help)."""
+    from sedeploy import export as E
+
+    params = {p.name: p.default for p in cli.commands["export"].params}
+    assert (params["atol"], params["rtol"]) == (E.DEFAULT_ATOL, E.DEFAULT_RTOL)
+    assert params["opset"] == E.DEFAULT_OPSET
