@@ -1,6 +1,6 @@
 """INT8 calibration: run an FP32 ONNX model on real images and record the range of every activation.
 
-One :class:`CalibrationResult` (tensor name → (lo, hi)) feeds both INT8 flavours in :mod:`sedeploy.quantize`:
+One :class:`CalibrationResult` (tensor name → (lo, hi)) feeds both INT8 flavours in :mod:`sedeploy.int8`:
 the symmetric TensorRT one uses ``max(|lo|, |hi|)``, the asymmetric uint8 CPU one uses ``(lo, hi)``.
 
 Methods
@@ -37,6 +37,7 @@ import numpy as np
 
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import atomic_write_text
+from sedeploy.onnxcore import sha256_file
 from sedeploy.preprocess import Preprocess, find_images, load_batch
 
 log = logging.getLogger("sedeploy")
@@ -123,16 +124,9 @@ class CalibrationResult:
 
 def default_cache_dir() -> Path:
     """``$SEDEPLOY_CACHE/calib`` when SEDEPLOY_CACHE is set, else ``~/.cache/sedeploy/calib``."""
-    root = os.environ.get("SEDEPLOY_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "sedeploy") / "calib"
+    from sedeploy.fsutil import cache_dir
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return cache_dir("calib")
 
 
 def method_params(method: str, percentile: float = DEFAULT_PERCENTILE) -> dict:
@@ -288,54 +282,53 @@ def _activation_outputs(model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _model_input(model, pp: Preprocess) -> str:
-    import onnx
+def _model_input(model, pp: Preprocess):
+    """The model's image input (must be float32 and match the preprocessing's size)."""
+    from sedeploy.onnxcore import image_input
 
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise SedeployError(f"Calibration needs a model with one image input; this one has {len(inputs)}.",
-                            expected="an SE-ResNet exported by sedeploy (input 'input', N×3×S×S)")
-    inp = inputs[0]
-    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+    inp = image_input(model, path="the model to calibrate")
+    if inp.elem_type != 1:
         raise SedeployError(f"The model input '{inp.name}' is not float32; calibration needs the FP32 model.",
                             fix="calibrate the FP32 .onnx (before FP16/INT8 conversion)")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    if len(dims) == 4 and dims[2] and dims[3] and (dims[2], dims[3]) != (pp.size, pp.size):
+    if (inp.height, inp.width) != (pp.size, pp.size):
         raise SedeployError(
-            f"The model expects {dims[2]}×{dims[3]} images but preprocessing crops to {pp.size}×{pp.size}.",
-            fix=f"use Preprocess.for_size({dims[2]}) (CLI: --input-size {dims[2]})")
-    return inp.name
+            f"The model expects {inp.height}×{inp.width} images but preprocessing crops to {pp.size}×{pp.size}.",
+            fix=f"use Preprocess.for_size({inp.height}) (CLI: --input-size {inp.height})")
+    return inp
 
 
 def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, batch_size: int, pp: Preprocess,
              progress: bool) -> dict[str, tuple[float, float]]:
     import onnx
-    import onnxruntime as ort
     from tqdm import tqdm
 
-    model = onnx.load(str(model_path))
-    input_name = _model_input(model, pp)
+    from sedeploy.onnxcore import cpu_session, load_onnx
+
+    model = load_onnx(model_path, check=False)
+    inp = _model_input(model, pp)
+    fixed = inp.static_batch  # a fixed-batch model is fed exactly that many images per call
     names = _activation_outputs(model)
     existing = {o.name for o in model.graph.output}
     for name in names:
         if name not in existing:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    so = ort.SessionOptions()
     # Full optimisation is safe here: ORT keeps every graph output (a fused Conv+Relu still yields the exposed
     # Conv output), values match ORT_DISABLE_ALL to ~3e-6 relative, and it runs ~3.5× faster than BASIC.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model, optimization="all")
     out_names = [o.name for o in sess.get_outputs()]
     wanted = set(names)
     stats = {n: _TensorStats(histogram=method != "minmax") for n in names}
-    batches = range(0, len(images), batch_size)
+    step = fixed or batch_size
+    batches = range(0, len(images), step)
     for start in tqdm(batches, desc=f"Calibrating ({method})", unit="batch", disable=not progress, leave=False):
-        outs = sess.run(out_names, {input_name: images[start:start + batch_size]})
+        chunk = images[start:start + step]
+        n = len(chunk)
+        if fixed and n < fixed:  # pad the last chunk; the copies' activations are cut off again below
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+        outs = sess.run(out_names, {inp.name: chunk})
         for name, arr in zip(out_names, outs):
             if name in wanted:
-                stats[name].update(arr)
+                stats[name].update(arr[:n] if fixed and arr.ndim and arr.shape[0] == fixed else arr)
         del outs
     return {n: s.range(method, params) for n, s in stats.items()}
 
@@ -397,9 +390,9 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
     _check_count(method, len(paths), root, "found")
 
     params = method_params(method, percentile)
-    model_sha = _sha256_file(model_path)
+    model_sha = sha256_file(model_path, what="model")
     rel = [p.relative_to(root).as_posix() for p in paths]
-    key = calibration_key(model_sha256=model_sha, images=[(r, _sha256_file(p)) for r, p in zip(rel, paths)],
+    key = calibration_key(model_sha256=model_sha, images=[(r, sha256_file(p, what="calibration image")) for r, p in zip(rel, paths)],
                           preprocess=preprocess, method=method, params=params, count=count or 0, seed=seed)
     target = Path(cache_path) if cache_path else (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{key}.json"
 

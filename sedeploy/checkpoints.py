@@ -89,8 +89,9 @@ def weights_label(loaded: LoadedCheckpoint | None, seed: int = 0) -> str:
 
 def default_cache_dir() -> Path:
     """``$SEDEPLOY_CACHE/checkpoints`` when SEDEPLOY_CACHE is set, else ``~/.cache/sedeploy/checkpoints``."""
-    root = os.environ.get("SEDEPLOY_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "sedeploy") / "checkpoints"
+    from sedeploy.fsutil import cache_dir
+
+    return cache_dir("checkpoints")
 
 
 def load_checkpoint(source: str | os.PathLike, *, depth: int | None = None, num_classes: int | None = None,
@@ -197,15 +198,9 @@ def _check_hash_prefix(path: Path, sha: str, downloaded_from: str | None = None)
 
 
 def _sha256(path: Path, src: str) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as err:
-        raise SedeployError(f"The checkpoint '{src}' cannot be read ({err.strerror or err}).",
-                            fix="check the file's permissions") from err
-    return h.hexdigest()
+    from sedeploy.onnxcore import sha256_file
+
+    return sha256_file(path, what=f"checkpoint (given as '{src}')")
 
 
 def _torch_load(path: Path, src: str, allow_pickle: bool):

@@ -69,7 +69,7 @@ def cli():
       sedeploy build-engine se50.onnx --fp16 --int8 -o engines/
                                                      fuse SE blocks, FP16 + calibrated INT8 artifacts, ORT engines
       sedeploy inspect engines/*.int8-trt.onnx       TensorRT Q/DQ rules check + precision summary
-      sedeploy bench engines/ --data DIR             throughput, latency, top-1 drift vs FP32
+      sedeploy bench engines/ --images DIR           throughput, latency, top-1 drift vs FP32
 
     Without --checkpoint the network has random (but non-degenerate) weights and every output says so.
     """
@@ -184,9 +184,10 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
                    "[default: the measured choice, see benchmarks/int8_cpu_forms.md].")
 @click.option("--keep-fp32", default=None, metavar="GROUPS",
               help="FP16 policy: comma list of se_gate, se, head kept in FP32, or 'none' [default: measured].")
-@click.option("--backend", type=click.Choice(["ort", "trt", "none"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(["ort", "trt", "openvino", "none"]), default="ort", show_default=True,
               help="Engine backend: ort = ONNX Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
-                   "`pip install sedeploy[tensorrt]`); none = artifacts only.")
+                   "`pip install sedeploy[tensorrt]`); openvino = OpenVINO (CPU, `pip install sedeploy[openvino]`); "
+                   "none = artifacts only.")
 @click.option("--no-fuse-se", is_flag=True, help="Skip the SE fusion pass.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [default: physical cores].")
 @click.option("--min-batch", type=int, default=1, show_default=True, help="TensorRT profile: smallest batch.")
@@ -216,13 +217,13 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
       <model>.int8-trt.onnx  symmetric Q/DQ that obeys TensorRT's rules (checked by `sedeploy inspect`)
       <model>.int8-cpu.onnx  the form that runs fastest on ONNX Runtime CPU
     """
-    from sedeploy.engine import BuildOptions, build_engines, format_result
+    from sedeploy.pipeline import BuildOptions, build_engines, format_result
     from sedeploy.preprocess import Preprocess
 
     _setup_logging(verbose)
     pp = None
     if mean or std or resize:
-        from sedeploy.onnxutil import image_input, load_onnx
+        from sedeploy.onnxcore import image_input, load_onnx
 
         if not model:
             raise SedeployError("--mean/--std/--resize describe a foreign MODEL; none was given.",
@@ -250,7 +251,7 @@ def inspect(model, as_json, verbose):
     Exits 3 when a Q/DQ model breaks a TensorRT rule, so it can gate CI before any GPU is involved.
     """
     from sedeploy.errors import VerificationError
-    from sedeploy.validate import format_inspection, inspect_model
+    from sedeploy.checks import format_inspection, inspect_model
 
     _setup_logging(verbose)
     d = inspect_model(model)

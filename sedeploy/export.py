@@ -15,7 +15,6 @@ on random input, compared with PyTorch, and renamed into place only when max |Δ
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 import warnings
@@ -26,7 +25,7 @@ import numpy as np
 
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import atomic_path
-from sedeploy.onnxutil import get_metadata, set_metadata
+from sedeploy.onnxcore import get_metadata, set_metadata, sha256_file
 from sedeploy.preprocess import Preprocess, load_folder, smooth_noise
 
 log = logging.getLogger("sedeploy")
@@ -178,18 +177,19 @@ def export_onnx(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool 
 
 def read_metadata(path) -> dict:
     """sedeploy's metadata from an ONNX file (JSON values decoded)."""
-    import onnx
+    from sedeploy.onnxcore import load_onnx
 
-    return get_metadata(onnx.load(str(path), load_external_data=False))
+    return get_metadata(load_onnx(path, weights=False, check=False))
 
 
 def verify_onnx(model, onnx_path, *, images: np.ndarray, image_folder: str = "", atol: float = DEFAULT_ATOL,
                 rtol: float = DEFAULT_RTOL, batch_size: int | None = None, random_inputs: int = 2, seed: int = 0) -> Verification:
     """Run ``onnx_path`` in ONNX Runtime (CPU) and ``model`` in PyTorch on the same inputs; compare logits."""
-    import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from sedeploy.onnxcore import cpu_session
+
+    sess = cpu_session(onnx_path)
     size = images.shape[-1]
     noise = smooth_noise(random_inputs, size, seed=seed + 1) if random_inputs else images[:0]
 
@@ -216,14 +216,6 @@ def verify_onnx(model, onnx_path, *, images: np.ndarray, image_folder: str = "",
                         top1_agreement=float((ref.argmax(1) == got.argmax(1)).mean()),
                         distinct_top1=len(set(ref.argmax(1).tolist())), atol=atol, image_folder=image_folder,
                         rtol=rtol, logit_scale=float(np.abs(ref).max()), logit_scale_random=scale_rand)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_model(*, depth: int = 50, checkpoint: str | None = None, output: str | Path | None = None,

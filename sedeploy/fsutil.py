@@ -10,6 +10,13 @@ from typing import Iterator
 from sedeploy.errors import SedeployError
 
 
+def cache_dir(kind: str) -> Path:
+    """``$SEDEPLOY_CACHE/<kind>`` when SEDEPLOY_CACHE is set, else ``~/.cache/sedeploy/<kind>`` (the one place
+    sedeploy's caches live: ``checkpoints``, ``calib``)."""
+    root = os.environ.get("SEDEPLOY_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "sedeploy") / kind
+
+
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
     """Create ``path`` if needed and prove we can write there, or raise a clear error."""
     p = Path(path)

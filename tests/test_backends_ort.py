@@ -17,6 +17,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from sedeploy.backends import ort as B
+from sedeploy.onnxcore import session as S
 from sedeploy.errors import SedeployError
 
 
@@ -83,9 +84,9 @@ def batch(n: int, size: int, seed: int = 1) -> np.ndarray:
 
 
 def test_cpu_provider_is_available_and_default():
-    assert "CPUExecutionProvider" in B.available_providers()
-    assert B.resolve_providers(None) == ["CPUExecutionProvider"]
-    assert B.resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert "CPUExecutionProvider" in S.available_providers()
+    assert S.resolve_providers(None) == ["CPUExecutionProvider"]
+    assert S.resolve_providers("cpu") == ["CPUExecutionProvider"]
 
 
 def test_runner_matches_torch_on_se_block(se_files):
@@ -94,8 +95,8 @@ def test_runner_matches_torch_on_se_block(se_files):
     ref = se_block_reference(params, x)
     assert ref.std(axis=0).min() > 1e-3, "reference is degenerate: the test would prove nothing"
     with B.OrtRunner(path, threads=1) as runner:
-        got = runner.run(x)
-        assert runner.input_name == "input" and runner.input_shape == ["batch", 3, 16, 16]
+        got = runner.infer(x)
+        assert runner.input_name == "input" and runner.input_shape == [None, 3, 16, 16]
         assert runner.providers == ["CPUExecutionProvider"]
     assert got.shape == (4, 10)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
@@ -108,42 +109,42 @@ def test_runner_matches_pytorch_model(tiny_model, tiny_onnx):
         ref = net(torch.from_numpy(x)).numpy()
     assert len(set(ref.argmax(1).tolist())) > 1 or ref.std(axis=0).min() > 1e-3
     with B.OrtRunner(path) as runner:
-        np.testing.assert_allclose(runner.run(x), ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(runner.infer(x), ref, atol=1e-4, rtol=1e-4)
         desc = runner.describe()
-    assert desc["intra_op_threads"] == B.default_threads() and desc["inter_op_threads"] == 1
+    assert desc["intra_op_threads"] == S.default_threads() and desc["inter_op_threads"] == 1
     assert desc["onnxruntime_version"] == onnxruntime.__version__
 
 
 def test_runner_rejects_wrong_inputs_precisely(se_files):
     path, _ = se_files["ReduceMean"]
-    runner = B.OrtRunner(path, threads=1)
+    runner = B.OrtRunner(path, threads=1).activate()
     with pytest.raises(SedeployError, match="float64.*float32"):
-        runner.run(batch(1, 16).astype(np.float64))
+        runner.infer(batch(1, 16).astype(np.float64))
     with pytest.raises(SedeployError, match="dimension 2 must be 16"):
-        runner.run(batch(1, 15))
+        runner.infer(batch(1, 15))
     with pytest.raises(SedeployError, match="rank 4"):
-        runner.run(batch(1, 16)[0])
+        runner.infer(batch(1, 16)[0])
     with pytest.raises(SedeployError, match="numpy array"):
-        runner.run(batch(1, 16).tolist())
-    runner.close()
-    with pytest.raises(SedeployError, match="closed"):
-        runner.run(batch(1, 16))
+        runner.infer(batch(1, 16).tolist())
+    runner.deactivate()
+    with pytest.raises(SedeployError, match="not active"):
+        runner.infer(batch(1, 16))
 
 
 def test_missing_gpu_provider_lists_available_and_how_to_install(se_files):
-    if "CUDAExecutionProvider" in B.available_providers():
+    if "CUDAExecutionProvider" in S.available_providers():
         pytest.skip("onnxruntime-gpu is installed: CUDAExecutionProvider is not missing here")
     with pytest.raises(SedeployError) as err:
-        B.make_session(se_files["ReduceMean"][0], providers=["cuda"])
+        S.make_session(se_files["ReduceMean"][0], providers=["cuda"])
     text = str(err.value)
     assert "CUDAExecutionProvider" in text and "sedeploy[gpu]" in text
-    for provider in B.available_providers():
+    for provider in S.available_providers():
         assert provider in text
 
 
 def test_unknown_provider_is_rejected(se_files):
     with pytest.raises(SedeployError, match="Unknown ONNX Runtime provider 'NopeExecutionProvider'") as err:
-        B.make_session(se_files["ReduceMean"][0], providers=["NopeExecutionProvider"])
+        S.make_session(se_files["ReduceMean"][0], providers=["NopeExecutionProvider"])
     assert "CPUExecutionProvider" in str(err.value)
 
 
@@ -163,38 +164,38 @@ def test_gpu_provider_that_did_not_start_is_an_error(se_files, monkeypatch, capl
     monkeypatch.setattr(onnxruntime, "InferenceSession", _SessionThatDroppedCuda)
     path = se_files["ReduceMean"][0]
     with pytest.raises(SedeployError, match="did not start the requested provider.*CUDAExecutionProvider"):
-        B.make_session(path, providers="cuda")
+        S.make_session(path, providers="cuda")
     with caplog.at_level(logging.WARNING, logger="sedeploy"):  # "auto" may degrade, but says so
-        session = B.make_session(path, providers="auto")
+        session = S.make_session(path, providers="auto")
     assert session.requested == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert "could not start CUDAExecutionProvider" in caplog.text
 
 
 def test_threads_and_optimization_options(se_files):
     path = se_files["ReduceMean"][0]
-    so = B.make_session(path, threads=1).get_session_options()
+    so = S.make_session(path, threads=1).get_session_options()
     assert (so.intra_op_num_threads, so.inter_op_num_threads) == (1, 1)
-    so = B.make_session(path, optimization="basic").get_session_options()
-    assert so.intra_op_num_threads == B.default_threads()
+    so = S.make_session(path, optimization="basic").get_session_options()
+    assert so.intra_op_num_threads == S.default_threads()
     assert so.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with pytest.raises(SedeployError, match="Thread count 0"):
-        B.make_session(path, threads=0)
+        S.make_session(path, threads=0)
     with pytest.raises(SedeployError, match="optimization level 'fast'") as err:
-        B.make_session(path, optimization="fast")
+        S.make_session(path, optimization="fast")
     assert "extended" in str(err.value)
 
 
 def test_session_from_bytes_and_bad_model(se_files, tmp_path):
     path, params = se_files["ReduceMean"]
-    session = B.make_session(path.read_bytes(), threads=1)
+    session = S.make_session(path.read_bytes(), threads=1)
     x = batch(2, 16)
     np.testing.assert_allclose(session.run(None, {"input": x})[0], se_block_reference(params, x), atol=1e-4)
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(SedeployError, match="could not load"):
-        B.make_session(bad)
+        S.make_session(bad)
     with pytest.raises(SedeployError, match="does not exist"):
-        B.make_session(tmp_path / "missing.onnx")
+        S.make_session(tmp_path / "missing.onnx")
 
 
 def test_histogram_shows_nchwc_reorders_around_the_se_squeeze(se_files):
@@ -217,7 +218,7 @@ def test_build_ort_engine_publishes_model_and_sidecar(tiny_model, tiny_onnx, tmp
     net, src = tiny_model, tiny_onnx
     art = B.build_ort_engine(src, tmp_path / "out", threads=1)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny.ort-opt.onnx", "tiny.ort.json"]
-    assert art.path.name == "tiny.ort-opt.onnx" and art.backend == "onnxruntime" and art.precision == "fp32"
+    assert art.path.name == "tiny.ort-opt.onnx" and art.backend == "ort" and art.precision == "fp32"
     side = json.loads(art.sidecar.read_text())
     assert side == art.metadata
     assert side["onnxruntime_version"] == onnxruntime.__version__
@@ -231,7 +232,7 @@ def test_build_ort_engine_publishes_model_and_sidecar(tiny_model, tiny_onnx, tmp
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     with B.OrtRunner(art.path, threads=1) as runner:
-        np.testing.assert_allclose(runner.run(x), ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(runner.infer(x), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_build_ort_engine_extended_is_portable(se_files, tmp_path):

@@ -17,7 +17,7 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from sedeploy.backends import graph_precision
+from sedeploy.onnxcore import graph_precision
 from sedeploy.backends import tensorrt as T
 from sedeploy.errors import MissingDependencyError, SedeployError
 
@@ -380,7 +380,7 @@ def _ort_reference(path, x):
     from sedeploy.backends.ort import OrtRunner
 
     with OrtRunner(path) as runner:
-        return runner.run(x)
+        return runner.infer(x)
 
 
 def test_fp32_engine_builds_runs_and_matches_ort(trt, tiny_onnx, tmp_path):
@@ -400,16 +400,16 @@ def test_fp32_engine_builds_runs_and_matches_ort(trt, tiny_onnx, tmp_path):
         assert runner.profile["max"] == (8, 3, 32, 32) and runner.input_dtype == np.float32
         for n in (1, 5, 8):
             x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
-            ref, got = _ort_reference(tiny_onnx, x), runner.run(x)
+            ref, got = _ort_reference(tiny_onnx, x), runner.infer(x)
             assert got.shape == ref.shape == (n, 10)
             assert np.abs(got - ref).max() <= FP32_BUILD_TOL * np.abs(ref).max()
             assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
         with pytest.raises(SedeployError, match="outside the engine's optimization profile 1..8"):
-            runner.run(rng.standard_normal((9, 3, 32, 32)).astype(np.float32))
+            runner.infer(rng.standard_normal((9, 3, 32, 32)).astype(np.float32))
         with pytest.raises(SedeployError, match="float64"):
-            runner.run(rng.standard_normal((2, 3, 32, 32)))
+            runner.infer(rng.standard_normal((2, 3, 32, 32)))
     with pytest.raises(SedeployError, match="closed"):
-        runner.run(x)
+        runner.infer(x)
 
 
 def test_fp16_graph_builds_an_fp16_engine(trt, tiny_onnx, tmp_path):
@@ -423,7 +423,7 @@ def test_fp16_graph_builds_an_fp16_engine(trt, tiny_onnx, tmp_path):
     ref = _ort_reference(tiny_onnx, x)
     with T.TrtRunner(art.path) as runner:
         assert runner.input_dtype == np.float16
-        got = runner.run(x.astype(np.float16)).astype(np.float32)
+        got = runner.infer(x.astype(np.float16)).astype(np.float32)
     assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
 
 

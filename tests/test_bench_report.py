@@ -25,7 +25,7 @@ class Fake:
     def __init__(self, name, clock, ms):
         self.name, self.clock, self.ms = name, clock, ms
 
-    def run(self, x):
+    def infer(self, x):
         self.clock.t += self.ms * 1e-3 * x.shape[0]
         return np.zeros((x.shape[0], 10), np.float32)
 
@@ -138,7 +138,7 @@ def test_terminal_table(results):
     assert "2.00×" in text  # int8 vs reference
     assert "160% fp32" in text  # fraction of ceiling, r50-fp32 at batch 1
     assert "CPU ceiling (GEMM probe): fp32 100 GFLOP/s" in text
-    assert "Timer: runner.run() wall time" in text and "INCOMPLETE" not in text
+    assert "Timer: runner.infer() wall time" in text and "INCOMPLETE" not in text
 
 
 def test_incomplete_run_is_marked(tmp_path):

@@ -20,7 +20,7 @@ FAST = dict(warmup=1, repeats=3, threads=1, probe=False, progress=False)
 def tiny_pair(tmp_path_factory, calib_dir):
     """An SE-ResNet-18 (width 8, 10 classes, 32 px) exported by sedeploy (full metadata) + its FP16 artifact."""
     from sedeploy.export import export_model
-    from sedeploy.precision import convert_fp16
+    from sedeploy.fp16 import convert_fp16
 
     d = tmp_path_factory.mktemp("bench")
     fp32 = d / "tiny.fp32.onnx"
@@ -34,7 +34,7 @@ def tiny_pair(tmp_path_factory, calib_dir):
 def trained_pair(tiny_trained_art, tmp_path_factory):
     """The tiny *trained* network (no sedeploy depth metadata: a 'foreign' ONNX), its FP16, and a labels file
     for its held-out folder (folders are '<index>_<name>', which only a labels file can map)."""
-    from sedeploy.precision import convert_fp16
+    from sedeploy.fp16 import convert_fp16
 
     d = tmp_path_factory.mktemp("trained")
     fp16 = d / "trained.fp16.onnx"
@@ -155,15 +155,15 @@ class _Interrupting:
         self.inner, self.batch, self.after, self.calls = inner, batch, after, 0
         self.input_dtype = inner.input_dtype
 
-    def run(self, x):
+    def infer(self, x):
         if x.shape[0] == self.batch:
             self.calls += 1
             if self.calls >= self.after:
                 raise KeyboardInterrupt
-        return self.inner.run(x)
+        return self.inner.infer(x)
 
-    def close(self):
-        self.inner.close()
+    def deactivate(self):
+        self.inner.deactivate()
 
 
 def _patch_runner(monkeypatch, engine_name: str, batch: int, after: int):

@@ -33,7 +33,7 @@ class FakeRunner:
         self.classes, self.interrupt_on_call, self.calls, self.seen_dtypes = classes, interrupt_on_call, 0, []
         self.__dict__.update(attrs)
 
-    def run(self, x):
+    def infer(self, x):
         self.calls += 1
         if self.calls == self.interrupt_on_call:
             raise KeyboardInterrupt
@@ -168,7 +168,7 @@ def test_input_pool_is_cycled_and_callable_inputs(clock):
     class Echo:
         name = "echo"
 
-        def run(self, x):
+        def infer(self, x):
             seen.append(x.copy())
             clock.t += 0.001
             return x.reshape(x.shape[0], -1)
@@ -187,7 +187,7 @@ def test_timing_input_errors(clock):
         time_runners([r, FakeRunner("a", clock, [0.001], [])], X, clock=clock)
     with pytest.raises(SedeployError, match="has no name"):
         time_runners([object()], X, clock=clock)
-    with pytest.raises(SedeployError, match="no run"):
+    with pytest.raises(SedeployError, match="no infer"):
         time_runners({"x": object()}, X, clock=clock)
     with pytest.raises(SedeployError, match="Batch sizes"):
         time_runners([r], X, batch_sizes=[0], clock=clock)
@@ -199,7 +199,7 @@ def test_timing_input_errors(clock):
     class WrongBatch:
         name = "static"
 
-        def run(self, x):
+        def infer(self, x):
             return np.zeros((1, 10), np.float32)
 
     with pytest.raises(SedeployError, match="static.*batch of 4"):
@@ -475,10 +475,10 @@ class ColdRunner(FakeRunner):
     """Slow (10 ms) on a call that follows another engine's call, fast (1 ms) when it follows its own: the cache
     and thread-pool effect that makes interleaved batch-1 timings pessimistic."""
 
-    def run(self, x):
+    def infer(self, x):
         cold = not self.log or self.log[-1] != self.name
         self.costs = itertools.cycle([0.010 if cold else 0.001])
-        return super().run(x)
+        return super().infer(x)
 
 
 @pytest.mark.parametrize("settle, expected", [(0, 0.010), (1, 0.001), (2, 0.001)])

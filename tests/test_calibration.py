@@ -38,6 +38,7 @@ def _cal(tiny, folder, tmp_path, **kw):
     return calibrate(tiny.onnx_path, folder, progress=False, **kw)
 
 
+@pytest.mark.slow
 def test_methods_give_sane_ranges(tiny, tmp_path):
     res = {m: _cal(tiny, tiny.calib_dir, tmp_path, method=m, count=32) for m in ("minmax", "entropy", "percentile")}
     mm = res["minmax"]

@@ -17,11 +17,24 @@ def run():
     return _run
 
 
-def test_help_teaches_the_flow(run):
+def test_help_flow_names_only_real_commands_and_options(run):
+    """Every `sedeploy CMD … --opt` line of the top-level help must name a real command and real options of it
+    (a renamed option would otherwise leave the help teaching a command that fails)."""
+    import re
+
+    from sedeploy.cli import cli
+
     res = run("--help")
     assert res.exit_code == 0
-    for cmd in ("info", "export"):
-        assert cmd in res.output
+    flow = [line.split("sedeploy ", 1)[1] for line in res.output.splitlines() if line.strip().startswith("sedeploy ")]
+    assert len(flow) >= 4, res.output
+    for line in flow:
+        cmd, *_ = line.split()
+        assert cmd in cli.commands, f"help names a command that does not exist: {line!r}"
+        sub = run(cmd, "--help")
+        assert sub.exit_code == 0
+        for opt in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", line):
+            assert opt in sub.output, f"help line {line!r} uses {opt}, which `sedeploy {cmd}` does not have"
 
 
 def test_info_json(run):
@@ -35,6 +48,7 @@ def test_info_plain_resnet(run):
     assert card["se_blocks"] == 0 and card["params"] == 25_557_032
 
 
+@pytest.mark.slow
 def test_export_json_and_human(run, tmp_path):
     res = run("export", "--depth", 18, "--input-size", 64, "-o", tmp_path / "a.onnx", "--json")
     assert res.exit_code == 0

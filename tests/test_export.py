@@ -115,6 +115,7 @@ def test_empty_verification_folder_is_a_clear_error(tmp_path):
                        verify_images=tmp_path / "imgs")
 
 
+@pytest.mark.slow
 def test_se_resnet50_parity_on_real_images(tmp_path, shared_data):
     """The headline export: SE-ResNet-50 at 224, verified on the shipped photos; then checked on ImageNet val."""
     res = E.export_model(depth=50, output=tmp_path / "se50.onnx")

@@ -1,4 +1,4 @@
-"""FP16 artifact (sedeploy.precision): numerics on a trained net, real FP16 weights, keep-FP32 policies, refusals.
+"""FP16 artifact (sedeploy.fp16): numerics on a trained net, real FP16 weights, keep-FP32 policies, refusals.
 
 The policy tests find the SE gate / SE branch / head in the FP32 graph with their own structural walk (not with
 precision.find_precision_groups) and require exactly those nodes, and no others, to compute in FP32.
@@ -13,8 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.precision import DEFAULT_KEEP_FP32, convert_fp16, parse_keep_fp32
-from sedeploy.validate import Graph, summarize_precision
+from sedeploy.fp16 import DEFAULT_KEEP_FP32, convert_fp16, parse_keep_fp32
+from sedeploy.checks import summarize_precision
+from sedeploy.onnxcore import Graph
 
 NON_COMPUTE = {"Cast", "Constant", "Identity", "QuantizeLinear", "DequantizeLinear"}
 
@@ -284,7 +285,7 @@ def test_model_that_would_stay_fp32_is_refused(tmp_path):
 
 def test_converter_that_converts_nothing_is_caught(tiny, tmp_path, monkeypatch):
     """If the converter silently returned FP32, the artifact must not be written as 'FP16'."""
-    import sedeploy.precision as P
+    import sedeploy.fp16 as P
 
     class Identity:
         @staticmethod

@@ -71,6 +71,7 @@ def test_pytorch_style_strides_on_3x3_caffe_on_1x1():
     assert (cf.conv1.stride, cf.conv2.stride) == ((2, 2), (1, 1))
 
 
+@pytest.mark.slow
 def test_random_init_is_not_degenerate(calib_dir):
     from sedeploy.preprocess import load_folder
 

@@ -62,6 +62,7 @@ def images(n=3, size=64, seed=0):
 # ----------------------------------------------------------------------------------------- exported nets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,opset,blocks", [(50, 18, 16), (50, 17, 16), (101, 18, 33)])
 def test_exported_se_resnet_fused_exactly(exported, depth, opset, blocks):
     model = exported((depth, True, opset))
@@ -113,6 +114,7 @@ def test_exported_numerics_and_idempotency(exported, depth, opset):
     assert again.SerializeToString() == fused.SerializeToString()
 
 
+@pytest.mark.slow
 def test_plain_resnet_has_no_candidates(exported):
     model = exported((50, False, 18))
     fused, report = fuse_se_blocks(model)

@@ -1,20 +1,28 @@
-"""Engine backends: a *builder* turns an ONNX file into an engine artifact, a *runner* executes one.
+"""Engine backends: a *builder* turns a portable ONNX artifact into an engine, a *runner* executes one.
 
-Two backends share the vocabulary defined here:
+The backends, in one table (:data:`BACKENDS`):
 
-- :mod:`sedeploy.backends.ort` — ONNX Runtime (CPU by default). Its "engine" is ORT's own optimized graph.
-- :mod:`sedeploy.backends.tensorrt` — TensorRT (optional, NVIDIA GPU). Its engine is a serialized plan.
+- ``ort`` — ONNX Runtime (:mod:`sedeploy.backends.ort`), the embedded default; runs on any CPU (and on CUDA with
+  onnxruntime-gpu). Its "engine" is ORT's own optimized graph.
+- ``trt`` — TensorRT 10.x/11.x (:mod:`sedeploy.backends.tensorrt`), NVIDIA GPUs; a serialized plan.
+- ``openvino`` — OpenVINO (:mod:`sedeploy.backends.openvino`), Intel/AMD CPUs; a compiled model.
 
-Every engine file is published together with a JSON *sidecar* (``<stem>.ort.json`` / ``<stem>.trt.json``) that
-records what it was built from and with what (library version, device, precision, source sha256). The sidecar is
-a separate file on purpose: the engine file stays byte-for-byte what the library produced and can be loaded by
-other tools, and the runner can refuse a plan built for another library version before touching the GPU.
+Each backend module provides ``build_engine(artifact_path, out_dir, options) -> Engine`` and a runner class; this
+module dispatches to them (:func:`build_engine`, :func:`open_runner`) so no other module switches on backend
+names. Heavy libraries are imported inside the backend's functions only.
 
-Runners have one interface: ``.input_name``, ``.input_shape``, ``.run(x: np.ndarray) -> np.ndarray`` (the first
-output), ``.describe()``, and they are context managers.
+Every engine file is published together with a JSON *sidecar* (``<stem>.<backend>.json``) that records what it
+was built from and with what (library version, device, precision, source sha256). The sidecar is a separate file
+on purpose: the engine file stays byte-for-byte what the library produced and can be loaded by other tools, and
+the runner can refuse an engine built for another library version before touching a device.
+
+Runners follow one protocol (:class:`Runner`, after Polygraphy's runners): construct (cheap: checks only),
+``activate()`` (load the engine, allocate), ``infer(x) -> logits`` (as often as needed), ``deactivate()``
+(free everything); ``with runner:`` does activate/deactivate. ``describe()`` says what runs and how.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,76 +30,191 @@ from typing import Any
 
 import numpy as np
 
-from sedeploy.errors import SedeployError
+from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_write_text
 
-__all__ = ["EngineArtifact", "graph_precision", "read_sidecar", "write_sidecar", "validate_input"]
+__all__ = ["BACKENDS", "Backend", "Engine", "EngineOptions", "Runner", "backend", "build_engine",
+           "backend_for_engine", "open_runner", "sidecar_path", "read_sidecar", "write_sidecar", "validate_input"]
 
-#: Ops whose presence means the graph computes in int8: explicit Q/DQ (what TensorRT wants) and the QOperator
-#: / integer forms ONNX Runtime's quantizer can emit.
-_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
-             "QLinearConv", "QLinearMatMul", "QGemm"}
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table."""
+
+    name: str  # the CLI's --backend value
+    label: str  # what people call it
+    module: str  # the module with build_engine() and the runner
+    runner: str  # the runner class in that module
+    kinds: tuple[str, ...]  # artifact kinds it builds engines from (the other INT8 flavour is not meant for it)
+    engine_suffixes: tuple[str, ...]  # file endings of its engines
+    extra: str | None  # pip extra that installs it (None: a core dependency)
+    import_name: str  # the Python package it needs
+    device: str  # "cpu" | "gpu" | "cpu/gpu"
+    sidecar_suffix: str  # <stem><suffix> is the JSON sidecar of <stem><engine suffix>
+    runner_options: tuple[str, ...] = ()  # keyword options its runner takes (threads, providers, …)
+
+
+#: The backends sedeploy builds for, in the order the CLI lists them.
+BACKENDS: dict[str, Backend] = {
+    "ort": Backend("ort", "ONNX Runtime", "sedeploy.backends.ort", "OrtRunner", ("fp32", "fp16", "int8-cpu"),
+                   (".ort-opt.onnx",), None, "onnxruntime", "cpu/gpu", ".ort.json",
+                   ("threads", "providers", "optimization")),
+    "trt": Backend("trt", "TensorRT", "sedeploy.backends.tensorrt", "TrtRunner", ("fp32", "fp16", "int8-trt"),
+                   (".plan",), "tensorrt", "tensorrt", "gpu", ".trt.json"),
+    "openvino": Backend("openvino", "OpenVINO", "sedeploy.backends.openvino", "OpenVinoRunner",
+                        ("fp32", "fp16", "int8-trt", "int8-cpu"), (".ov.xml",), "openvino", "openvino", "cpu",
+                        ".ov.json", ("threads",)),
+}
 
 
 @dataclass
-class EngineArtifact:
+class EngineOptions:
+    """What a build may be asked, for any backend (each backend reads the fields that concern it)."""
+
+    threads: int | None = None  # CPU backends: intra-op threads (None: all cores this process may use)
+    min_batch: int = 1  # TensorRT optimization profile
+    opt_batch: int = 8
+    max_batch: int = 32
+    workspace_gib: float = 4.0  # TensorRT builder workspace
+    timing_cache: str | Path | None = None  # TensorRT timing cache file
+
+
+@dataclass
+class Engine:
     """What a builder produced: the engine file, its sidecar, and the sidecar's content."""
 
     path: Path
     sidecar: Path
-    backend: str  # "onnxruntime" | "tensorrt"
+    backend: str  # a key of BACKENDS
     precision: str  # "fp32" | "fp16" | "int8", as read from the graph
+    source: Path | None = None  # the artifact it was built from
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "sidecar": str(self.sidecar), "backend": self.backend,
-                "precision": self.precision, "metadata": self.metadata}
+                "precision": self.precision, "source": str(self.source) if self.source else None}
 
 
-def _load_proto(model):
-    import onnx
+class Runner:
+    """The runner protocol (base class). Subclasses implement ``_activate``, ``_infer`` and ``_deactivate`` and set
+    ``input_name``, ``input_shape`` (ints for static dimensions, None for dynamic ones) and ``input_dtype`` in
+    ``_activate``."""
 
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise SedeployError(f"The ONNX file '{path}' does not exist.", fix="check the path")
-    from google.protobuf.message import DecodeError
+    backend: str = ""
+    #: what the bench timer covers for this runner (said in every results file)
+    timer_coverage: str = "one engine call: host numpy batch in → host numpy logits out"
+    input_name: str = ""
+    input_shape: list = []
+    input_dtype: np.dtype = np.dtype(np.float32)
 
-    try:  # only types are needed: external weight files need not be present
-        return onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, OSError) as err:
-        raise SedeployError(f"'{path}' is not a readable ONNX file ({type(err).__name__}: {err}).",
-                            fix="re-export it (`sedeploy export`) or re-copy the file") from err
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self._active = False
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else type(self).__name__
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    def activate(self) -> "Runner":
+        if not self._active:
+            self._activate()
+            self._active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self._active:
+            self._active = False
+            self._deactivate()
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Logits of one batch (the first output), as a host numpy array."""
+        if not self._active:
+            raise SedeployError(f"The {self.backend or type(self).__name__} runner for '{self.name}' is not active.",
+                                fix="use it inside `with runner:` (or call runner.activate() first)")
+        return self._infer(x)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "path": str(self.path) if self.path else None, "input": self.input_name,
+                "input_shape": list(self.input_shape), "input_dtype": np.dtype(self.input_dtype).name}
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    # subclasses
+    def _activate(self) -> None:
+        pass
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _deactivate(self) -> None:
+        pass
 
 
-def graph_precision(model) -> str:
-    """Precision a graph computes in, read from the graph itself: ``"int8"``, ``"fp16"`` or ``"fp32"``.
+def backend(name: str) -> Backend:
+    """The table row for ``name``, or a clear error listing the backends."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise SedeployError(f"Unknown backend {name!r}.", expected=f"one of {', '.join(BACKENDS)}",
+                            fix="pass --backend ort (ONNX Runtime, runs everywhere), trt (NVIDIA GPU) or openvino "
+                                "(CPU)") from None
 
-    Q/DQ (or QOperator) nodes → int8; otherwise any float16 tensor (initializer, graph input/output, value_info,
-    Constant, Cast target) → fp16; otherwise fp32. This is what decides TensorRT's precision: TensorRT 11 builds
-    exactly the types the graph contains, and on 10.x the builder flags are chosen from this answer.
-    ``model`` is an ``onnx.ModelProto`` or a path.
-    """
-    import onnx
 
-    proto = _load_proto(model)
-    graph = proto.graph
-    if any(n.op_type in _INT8_OPS for n in graph.node):
-        return "int8"
-    fp16 = onnx.TensorProto.FLOAT16
-    if any(t.data_type == fp16 for t in graph.initializer):
-        return "fp16"
-    for vi in (*graph.input, *graph.output, *graph.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == fp16:
-            return "fp16"
-    for node in graph.node:
-        for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and attr.i == fp16:
-                return "fp16"
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == fp16:
-                return "fp16"
-    return "fp32"
+def require(name: str, purpose: str):
+    """Import backend ``name``'s module after checking its library is importable (exit 4 with the install hint)."""
+    b = backend(name)
+    if importlib.util.find_spec(b.import_name) is None:
+        raise MissingDependencyError(b.import_name, b.extra or "", purpose)
+    return importlib.import_module(b.module)
+
+
+def build_engine(name: str, artifact: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
+    """Build backend ``name``'s engine from one ONNX artifact into ``out_dir``."""
+    module = importlib.import_module(backend(name).module)
+    return module.build_engine(artifact, out_dir, options or EngineOptions())
+
+
+def backend_for_engine(path: str | Path) -> Backend:
+    """Which backend runs an engine file, from its name (``.ort-opt.onnx``, ``.plan``, ``.ov.xml``); a plain
+    ``.onnx`` artifact runs on ONNX Runtime."""
+    name = Path(path).name
+    for b in BACKENDS.values():
+        if any(name.endswith(s) for s in b.engine_suffixes):
+            return b
+    if name.endswith(".onnx"):
+        return BACKENDS["ort"]
+    endings = ", ".join(s for b in BACKENDS.values() for s in b.engine_suffixes)
+    raise SedeployError(f"'{path}' is not an engine file sedeploy knows.",
+                        expected=f"an .onnx artifact or an engine ending in {endings}",
+                        fix="pass a file written by `sedeploy build-engine`")
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    """The JSON sidecar that belongs to an engine file (``x.fp32.plan`` → ``x.fp32.trt.json``)."""
+    engine = Path(engine)
+    b = backend_for_engine(engine)
+    name = engine.name
+    for suffix in (*b.engine_suffixes, ".onnx"):
+        if name.endswith(suffix):
+            return engine.with_name(name[: -len(suffix)] + b.sidecar_suffix)
+    return engine.with_name(name + b.sidecar_suffix)
+
+
+def open_runner(path: str | Path, **options) -> Runner:
+    """An (inactive) runner for an engine file. ``options`` (threads, providers, optimization) go to the backend's
+    runner when it takes them (see :attr:`Backend.runner_options`); ``None`` values mean "the default"."""
+    b = backend_for_engine(path)
+    module = importlib.import_module(b.module)
+    kwargs = {k: v for k, v in options.items() if k in b.runner_options and v is not None}
+    return getattr(module, b.runner)(path, **kwargs)
 
 
 def write_sidecar(path: str | Path, data: dict[str, Any]) -> Path:

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from sedeploy.backends import EngineArtifact, graph_precision, read_sidecar, validate_input, write_sidecar
+from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, validate_input, write_sidecar
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_path, atomic_write_bytes, ensure_writable_dir
+from sedeploy.onnxcore import graph_precision, sha256_file
 
 log = logging.getLogger("sedeploy")
 
@@ -198,16 +199,22 @@ def _save_timing_cache(config, path: Path) -> None:
     atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
 
 
+def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
+    """The backend-table entry point: :func:`build_trt_engine` with the options that concern TensorRT."""
+    o = options or EngineOptions()
+    return build_trt_engine(onnx_path, out_dir, min_batch=o.min_batch, opt_batch=o.opt_batch, max_batch=o.max_batch,
+                            workspace_gib=o.workspace_gib, timing_cache=o.timing_cache)
+
+
 def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
                      max_batch: int = 32, workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
-                     input_name: str | None = None) -> EngineArtifact:
+                     input_name: str | None = None) -> Engine:
     """Build ``<stem>.plan`` and ``<stem>.trt.json`` in ``out_dir`` from ``onnx_path``.
 
     The batch dimension gets one optimization profile (min/opt/max); ``workspace_gib`` caps TensorRT's scratch
     memory; ``timing_cache`` (a file, created if absent) makes rebuilds faster and is merged, not overwritten.
     """
     from sedeploy import __version__
-    from sedeploy.export import sha256_file
 
     src = Path(onnx_path)
     if not src.is_file():
@@ -266,7 +273,7 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
     with atomic_path(plan_path) as tmp, open(tmp, "wb") as f:
         f.write(memoryview(serialized))
     metadata = {
-        "backend": "tensorrt", "sedeploy_version": __version__, "tensorrt_version": trt.__version__,
+        "backend": "trt", "sedeploy_version": __version__, "tensorrt_version": trt.__version__,
         **{k: v for k, v in device.items() if k != "device_index"},
         "precision": precision, "builder_flags": flags, "tf32": tf32,
         "strongly_typed": version[0] >= STRONGLY_TYPED_MAJOR,
@@ -282,14 +289,13 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
         plan_path.unlink(missing_ok=True)  # a plan without its sidecar cannot be checked: do not publish it
         raise
     log.info("Built %s (%s, %s) in %.1f s.", plan_path, precision, device["gpu"], seconds)
-    return EngineArtifact(path=plan_path, sidecar=sidecar, backend="tensorrt", precision=precision,
-                          metadata=metadata)
+    return Engine(path=plan_path, sidecar=sidecar, backend="trt", precision=precision, source=src, metadata=metadata)
 
 
 def sidecar_for(plan_path: str | Path) -> Path:
-    plan_path = Path(plan_path)
-    stem = plan_path.stem if plan_path.suffix == ".plan" else plan_path.name
-    return plan_path.with_name(f"{stem}.trt.json")
+    from sedeploy.backends import sidecar_path
+
+    return sidecar_path(plan_path)
 
 
 def check_plan_compatible(meta: dict[str, Any], tensorrt_version: str, device: dict[str, str], plan: str) -> None:
@@ -311,13 +317,18 @@ def check_plan_compatible(meta: dict[str, Any], tensorrt_version: str, device: d
                     plan, meta.get("gpu"), device["gpu"])
 
 
-class TrtRunner:
-    """Runs a sedeploy-built TensorRT plan; ``run(x)`` has the same contract as :class:`OrtRunner.run`."""
+class TrtRunner(Runner):
+    """Runs a sedeploy-built TensorRT plan (the :class:`~sedeploy.backends.Runner` protocol).
+
+    Construction checks the sidecar (TensorRT version, GPU architecture, plan hash) without touching the GPU
+    beyond asking which one it is; ``activate()`` deserializes the plan and creates the execution context."""
+
+    backend = "trt"
+    timer_coverage = ("TensorRT execute_async_v3 with host↔device copies: host numpy batch in → host numpy "
+                      "logits out")
 
     def __init__(self, plan_path: str | Path, *, sidecar: str | Path | None = None):
-        from sedeploy.export import sha256_file
-
-        self.path = Path(plan_path)
+        super().__init__(plan_path)
         if not self.path.is_file():
             raise SedeployError(f"The TensorRT plan '{self.path}' does not exist.", fix="check the path")
         self.meta = read_sidecar(sidecar or sidecar_for(self.path), engine=self.path)
@@ -327,6 +338,10 @@ class TrtRunner:
         if self.meta.get("plan_sha256") not in (None, sha256_file(self.path)):
             raise SedeployError(f"The sidecar of '{self.path}' describes a different plan (sha256 differs).",
                                 fix="rebuild the engine, or pass the matching sidecar=")
+        self.engine = self.context = self._runtime = self._stream = None
+
+    def _activate(self) -> None:
+        trt = _import_trt("Running a TensorRT engine")
         self._logger = logger = _logger(trt)
         logger.take()
         self._runtime = trt.Runtime(logger)  # must outlive the engine
@@ -345,7 +360,7 @@ class TrtRunner:
             raise SedeployError(f"'{self.path}' has inputs {inputs} and outputs {self.output_names}.",
                                 expected="one image-batch input and at least one output")
         self.input_name = inputs[0]
-        self.input_shape = [int(d) for d in self.engine.get_tensor_shape(self.input_name)]
+        self.input_shape = [int(d) if int(d) >= 0 else None for d in self.engine.get_tensor_shape(self.input_name)]
         self._dtypes = {n: self._numpy_dtype(n) for n in names}
         self.input_dtype = self._dtypes[self.input_name]
         lo, opt, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
@@ -362,11 +377,9 @@ class TrtRunner:
                                 "or read from numpy.", expected=f"one of {', '.join(_DTYPES)}")
         return np.dtype(_DTYPES[kind])
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def _infer(self, x: np.ndarray) -> np.ndarray:
         import torch
 
-        if self.context is None:
-            raise SedeployError(f"The TensorRT runner for '{self.path}' is closed.", fix="create a new TrtRunner")
         x = validate_input(x, name=self.input_name, dtype=self.input_dtype, shape=self.input_shape,
                            engine=f"TensorRT ({self.path.name})")
         lo, hi = self.profile["min"][0], self.profile["max"][0]
@@ -394,17 +407,12 @@ class TrtRunner:
         return out.numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "tensorrt", "path": str(self.path), "tensorrt_version": self.meta.get("tensorrt_version"),
-                "gpu": self._device["gpu"], "compute_capability": self._device["compute_capability"],
-                "precision": self.meta.get("precision"), "input": self.input_name, "input_shape": self.input_shape,
-                "input_dtype": self.input_dtype.name, "outputs": self.output_names,
-                "profile": {k: list(v) for k, v in self.profile.items()}}
+        d = super().describe()
+        d.update({"tensorrt_version": self.meta.get("tensorrt_version"), "gpu": self._device["gpu"],
+                  "compute_capability": self._device["compute_capability"], "precision": self.meta.get("precision")})
+        if self.engine is not None:
+            d.update({"outputs": self.output_names, "profile": {k: list(v) for k, v in self.profile.items()}})
+        return d
 
-    def close(self) -> None:
+    def _deactivate(self) -> None:
         self.context = self.engine = self._runtime = self._stream = None  # context before engine before runtime
-
-    def __enter__(self) -> "TrtRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -24,8 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sedeploy.backends import Runner
 from sedeploy.errors import SedeployError
-from sedeploy.onnxutil import get_metadata
+from sedeploy.onnxcore import META, get_metadata
 from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
@@ -45,7 +46,7 @@ class EngineSpec:
 
     name: str
     path: Path
-    backend: str  # "onnxruntime" | "tensorrt"
+    backend: str  # a key of sedeploy.backends.BACKENDS
     precision: str  # fp32 | fp16 | int8
     flavour: str  # "trt" / "cpu" for INT8 artifacts, "ort-opt" for ORT's saved graph, "" otherwise
     meta: dict[str, Any] = field(default_factory=dict)  # sedeploy.* metadata (of the source ONNX for plans)
@@ -57,7 +58,7 @@ class EngineSpec:
     @property
     def static_batch(self) -> int | None:
         """The one batch size an ONNX graph with a fixed batch dimension accepts (None: any)."""
-        return self.max_batch if self.backend == "onnxruntime" else None
+        return self.max_batch if self.backend == "ort" else None
 
     @property
     def input_size(self) -> int | None:
@@ -98,57 +99,50 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 def _load_light(path: Path):
     """The ONNX graph without external weight files (only names, types, shapes and metadata are needed)."""
-    from sedeploy.backends import _load_proto
+    from sedeploy.onnxcore import load_onnx
 
-    return _load_proto(path)
+    return load_onnx(path, weights=False, check=False)
 
 
 def _ort_sidecar(path: Path) -> dict[str, Any] | None:
-    from sedeploy.backends import read_sidecar
+    from sedeploy.backends import read_sidecar, sidecar_path
 
-    name = path.name
-    for suffix in (".ort-opt.onnx", ".onnx"):
-        if name.endswith(suffix):
-            side = path.with_name(name[: -len(suffix)] + ".ort.json")
-            if side.is_file():
-                return read_sidecar(side, engine=path)
-    return None
+    side = sidecar_path(path)
+    return read_sidecar(side, engine=path) if side.is_file() else None
 
 
 def describe_engine(path: str | Path) -> EngineSpec:
     """Read an engine's description (precision, flavour, model metadata, input shape, batch limit)."""
-    from sedeploy.backends import graph_precision
-    from sedeploy.onnxutil import image_input
+    from sedeploy.backends import backend_for_engine
+    from sedeploy.onnxcore import graph_precision, image_input
 
     path = Path(path)
     if not path.exists():
         raise SedeployError(f"The engine '{path}' does not exist.", fix="check the path")
     if path.is_dir():
         raise SedeployError(f"The engine '{path}' is a folder.", fix="pass the engine file")
-    if path.suffix == ".plan":
-        return _describe_plan(path)
-    if path.suffix != ".onnx":
-        raise SedeployError(f"'{path}' is neither an ONNX file nor a TensorRT plan.",
-                            expected="*.onnx (ONNX Runtime) or *.plan with its .trt.json sidecar (TensorRT)")
+    backend = backend_for_engine(path)
+    if backend.name != "ort":
+        return _describe_compiled(path, backend.name)
     proto = _load_light(path)
     inp = image_input(proto, path=str(path))
     meta = get_metadata(proto)
     sidecar = _ort_sidecar(path)
-    precision = str(meta.get("sedeploy.precision") or graph_precision(proto)).lower()
-    flavour = str(meta.get("sedeploy.flavour") or ("ort-opt" if path.name.endswith(".ort-opt.onnx") else ""))
+    precision = str(meta.get(META.PRECISION) or graph_precision(proto)).lower()
+    flavour = str(meta.get(META.FLAVOUR) or ("ort-opt" if path.name.endswith(".ort-opt.onnx") else ""))
     dims = proto.graph.output[0].type.tensor_type.shape.dim if proto.graph.output else []
     classes = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value > 0 else meta.get("sedeploy.num_classes")
     batch = None if inp.dynamic_batch else int(inp.batch)
-    return EngineSpec(name=path.name.removesuffix(".onnx"), path=path, backend="onnxruntime", precision=precision,
+    return EngineSpec(name=path.name.removesuffix(".onnx"), path=path, backend="ort", precision=precision,
                       flavour=flavour, meta=meta, input_shape=(batch, inp.channels, inp.height, inp.width),
                       num_classes=int(classes) if classes else None, max_batch=batch, sidecar=sidecar)
 
 
-def _describe_plan(path: Path) -> EngineSpec:
-    from sedeploy.backends import read_sidecar
-    from sedeploy.backends.tensorrt import sidecar_for
+def _describe_compiled(path: Path, backend: str) -> EngineSpec:
+    """A compiled engine (TensorRT plan, OpenVINO model) described from its sidecar and its source ONNX."""
+    from sedeploy.backends import read_sidecar, sidecar_path
 
-    side = read_sidecar(sidecar_for(path), engine=path)
+    side = read_sidecar(sidecar_path(path), engine=path)
     meta: dict[str, Any] = {}
     src = side.get("source_model")
     if src and Path(src).is_file():
@@ -156,10 +150,10 @@ def _describe_plan(path: Path) -> EngineSpec:
     prof = side.get("profile") or {}
     hi = prof.get("max") or []
     if len(hi) != 4:
-        raise SedeployError(f"The sidecar of '{path}' has no 4-D optimization profile ({prof}).",
-                            fix="rebuild the engine with `sedeploy build-engine --backend trt`")
-    return EngineSpec(name=path.name, path=path, backend="tensorrt", precision=str(side.get("precision", "fp32")),
-                      flavour=str(meta.get("sedeploy.flavour") or ""), meta=meta,
+        raise SedeployError(f"The sidecar of '{path}' has no 4-D input profile ({prof}).",
+                            fix=f"rebuild the engine with `sedeploy build-engine --backend {backend}`")
+    return EngineSpec(name=path.name, path=path, backend=backend, precision=str(side.get("precision", "fp32")),
+                      flavour=str(meta.get(META.FLAVOUR) or ""), meta=meta,
                       input_shape=(None, *map(int, hi[1:])), num_classes=meta.get("sedeploy.num_classes"),
                       max_batch=int(hi[0]), sidecar=side)
 
@@ -229,7 +223,7 @@ def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
     for s in specs:
         if s.max_batch is None:
             continue
-        static = s.backend == "onnxruntime"
+        static = s.backend == "ort"
         bad = [b for b in batch_sizes if (b != s.max_batch if static else b > s.max_batch)]
         if bad:
             what = (f"has a static batch of {s.max_batch}" if static
@@ -241,21 +235,17 @@ def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
                                                                                         f"{max(bad)}"))
 
 
-def open_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all"):
-    """A runner for the engine. A plan needs TensorRT and a GPU; without them this raises, naming the engine
-    (no engine is dropped from a benchmark behind the user's back)."""
-    if spec.backend == "tensorrt":
-        from sedeploy.backends.tensorrt import TrtRunner
+def open_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all") -> Runner:
+    """An active runner for the engine. A plan needs TensorRT and a GPU; without them this raises, naming the
+    engine (no engine is dropped from a benchmark behind the user's back)."""
+    from sedeploy.backends import BACKENDS, open_runner as backend_runner
 
-        try:
-            return TrtRunner(spec.path)
-        except SedeployError as err:
-            raise SedeployError(f"Cannot run the TensorRT engine '{spec.name}': {err.what}",
-                                expected=err.expected, fix=(err.fix or "") + "; or leave this engine out of the "
-                                                                             "benchmark") from err
-    from sedeploy.backends.ort import OrtRunner
-
-    return OrtRunner(spec.path, providers=providers, threads=threads, optimization=optimization)
+    try:
+        return backend_runner(spec.path, threads=threads, providers=providers, optimization=optimization).activate()
+    except SedeployError as err:
+        raise SedeployError(f"Cannot run the {BACKENDS[spec.backend].label} engine '{spec.name}': {err.what}",
+                            expected=err.expected, fix=(err.fix or "") + "; or leave this engine out of the "
+                                                                         "benchmark") from err
 
 
 def preprocess_for(spec: EngineSpec) -> Preprocess:
@@ -327,7 +317,7 @@ def model_flops(spec: EngineSpec) -> dict[str, Any]:
         return {"gflops_seed": seed / 1e9 if seed is not None else None,
                 "gflops_total": 2 * meta["sedeploy.total_macs"] / 1e9, "flops_source": "ONNX metadata"}
     proto = None
-    onnx_path = spec.path if spec.backend == "onnxruntime" else Path((spec.sidecar or {}).get("source_model", ""))
+    onnx_path = spec.path if spec.backend == "ort" else Path((spec.sidecar or {}).get("source_model", ""))
     if onnx_path.suffix == ".onnx" and onnx_path.is_file():
         import onnx
 
@@ -352,19 +342,22 @@ def model_flops(spec: EngineSpec) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- PyTorch
-class TorchRunner:
+class TorchRunner(Runner):
     """PyTorch eager FP32, channels_last, under ``inference_mode`` — the baseline the engines are compared with."""
 
+    backend = "torch"
     timer_coverage = ("PyTorch eager forward, channels_last: host numpy in (NCHW → channels_last copy "
                       "included) → host numpy out")
-    input_dtype = np.float32
+    input_dtype = np.dtype(np.float32)
 
     def __init__(self, model):
         import torch
 
+        super().__init__()
         self.model = model.eval().to(memory_format=torch.channels_last)
+        self.activate()
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def _infer(self, x: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
@@ -396,7 +389,7 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
         if not match:
             return None, (f"{reference.name} was exported from {weights or 'unrecorded weights'}; pass that "
                           "checkpoint to time the PyTorch baseline")
-        src = reference.path if reference.backend == "onnxruntime" else Path((reference.sidecar or {})
+        src = reference.path if reference.backend == "ort" else Path((reference.sidecar or {})
                                                                               .get("source_model", ""))
         width = None
         if src.suffix == ".onnx" and src.is_file():
@@ -417,7 +410,7 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
                           f"model {params}")
         source = f"{model.spec.name}, {weights}, rebuilt from the ONNX metadata"
     runner = TorchRunner(model)
-    got = runner.run(check_images.astype(np.float32))
+    got = runner.infer(check_images.astype(np.float32))
     ref = np.asarray(reference_logits, np.float64)
     diff = float(np.abs(got - ref).max())
     tol = 1e-3 * max(1.0, float(np.abs(ref).max()))

@@ -32,7 +32,7 @@ from sedeploy.bench import engines as E
 from sedeploy.bench.accuracy import check_budget, compare_engines
 from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_table, require_matplotlib, \
     write_reports
-from sedeploy.bench.timing import _check_config, paired_speedup, time_runners
+from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runners
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import ensure_writable_dir
 
@@ -61,7 +61,7 @@ class _Interrupted(Exception):
 
 
 def _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels) -> list[int]:
-    sizes = _check_config(batches, warmup, repeats, min(3, repeats) if repeats >= 1 else 1, None)
+    sizes = check_timing_config(batches, warmup, repeats, min(3, repeats) if repeats >= 1 else 1, None)
     if max_top1_drop is not None and not (isinstance(max_top1_drop, (int, float)) and max_top1_drop >= 0):
         raise SedeployError(f"--max-top1-drop {max_top1_drop}.", expected="percentage points ≥ 0, e.g. 0.5")
     if min_agreement is not None and not (isinstance(min_agreement, (int, float)) and 0 <= min_agreement <= 100):
@@ -96,7 +96,7 @@ def _nan(v: float | None) -> float:
 
 
 def _device(spec: E.EngineSpec, runner) -> str:
-    if spec.backend == "tensorrt":
+    if spec.backend == "trt":
         return "cuda"
     providers = getattr(runner, "providers", None) or []
     return "cuda" if any(p != "CPUExecutionProvider" for p in providers[:1]) else "cpu"
@@ -105,9 +105,9 @@ def _device(spec: E.EngineSpec, runner) -> str:
 def _pad_run(runner, x: np.ndarray, static: int | None) -> np.ndarray:
     """Run a chunk; an engine with a static batch gets the chunk padded with its last image (rows dropped)."""
     if static is None or len(x) == static:
-        return runner.run(x)
+        return runner.infer(x)
     pad = np.concatenate([x, np.repeat(x[-1:], static - len(x), axis=0)])
-    return runner.run(pad)[: len(x)]
+    return runner.infer(pad)[: len(x)]
 
 
 def _prepare(runner, x: np.ndarray) -> np.ndarray:
@@ -155,7 +155,7 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     depth = ref.meta.get("sedeploy.depth")
     if depth is None:
         return f"the reference {ref.name} carries no depth metadata (not exported by sedeploy)"
-    src = ref.path if ref.backend == "onnxruntime" else Path((ref.sidecar or {}).get("source_model", ""))
+    src = ref.path if ref.backend == "ort" else Path((ref.sidecar or {}).get("source_model", ""))
     proto = onnx.load(str(src), load_external_data=False) if src.suffix == ".onnx" and src.is_file() else None
     width = (E._base_channels(proto) if proto is not None else None) or 64
     # the reference's opset, so both graphs come from the same exporter (dynamo ≥ 18, TorchScript below)
@@ -164,10 +164,10 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     size = ref.input_size or 224
     path = export_onnx(net, tmp / f"{net.spec.name}.onnx", input_size=size, opset=max(13, min(opset, 18)))
     cx = count_complexity(net, size)
-    runner = OrtRunner(path, threads=threads)
+    runner = OrtRunner(path, threads=threads).activate()
     name = f"{net.spec.name}-plain-fp32"
     info = EngineInfo(name=name, model=net.spec.name, precision="fp32", gflops_total=cx.total_gflops,
-                      depth=int(depth), flavour="no-SE", backend="onnxruntime", device="cpu",
+                      depth=int(depth), flavour="no-SE", backend="ort", device="cpu",
                       gflops_seed=cx.seed_macs / 1e9,
                       info={"path": "(temporary)", "flops_source": "sedeploy.flops", "runner": runner.describe(),
                             "opset": max(13, min(opset, 18)), "note": "random weights: timed only, no accuracy"})
@@ -240,7 +240,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
         for s in specs:
             runners[s.name] = E.open_runner(s, threads=threads, providers=providers, optimization=optimization)
         probe_x = smooth_noise(ref.static_batch or 1, pp.size, seed=0)
-        ref_out = np.asarray(runners[ref.name].run(_prepare(runners[ref.name], probe_x)))
+        ref_out = np.asarray(runners[ref.name].infer(_prepare(runners[ref.name], probe_x)))
         num_classes = int(ref_out.shape[1])
         if ref.num_classes is None:
             ref.num_classes = num_classes
@@ -265,8 +265,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                                      synsets=synsets)
     except BaseException:
         for r in runners.values():
-            with contextlib.suppress(AttributeError):
-                r.close()
+            r.deactivate()
         raise
 
     config = {"engines_given": [str(p) for p in engines], "threads": threads, "images": str(images) if images else
@@ -341,8 +340,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
         raise BenchInterrupted(results, files) from None
     finally:
         for r in (*runners.values(), *extra_runners.values()):
-            with contextlib.suppress(AttributeError):
-                r.close()
+            r.deactivate()
         tmp.cleanup()
 
     results = _assemble(infos, state, ref, config, lab, notes, flops, complete=True, interrupted=None)

@@ -7,7 +7,7 @@ spell hits all runners alike and no runner always runs right after the same neig
 Because samples of the same round were taken seconds apart, per-round ratios between two runners
 (:func:`paired_speedup`) are more robust than a ratio of two medians.
 
-What is timed: one ``runner.run(x)`` call, host numpy array in → host numpy array out, measured with
+What is timed: one ``runner.infer(x)`` call, host numpy array in → host numpy array out, measured with
 :func:`time.perf_counter` (monotonic, highest resolution). For a GPU backend that includes the host↔device copies
 and the synchronisation. A runner may describe its own coverage in a ``timer_coverage`` attribute; it is copied
 into the result so that nobody compares a kernel-only GPU time with a host-to-host CPU time by accident.
@@ -32,10 +32,11 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from sedeploy.backends import Runner
 from sedeploy.errors import SedeployError
 
 log = logging.getLogger("sedeploy")
@@ -43,16 +44,10 @@ log = logging.getLogger("sedeploy")
 __all__ = ["Runner", "TimingResult", "time_runners", "latency_stats", "paired_speedup", "DEFAULT_TIMER_COVERAGE",
            "PERCENTILE_METHOD"]
 
-DEFAULT_TIMER_COVERAGE = ("runner.run() wall time: host input → host output "
+DEFAULT_TIMER_COVERAGE = ("runner.infer() wall time: host input → host output "
                           "(includes H2D/D2H copies on GPU backends)")
 #: numpy's default percentile definition (linear interpolation between closest ranks), stated in the results.
 PERCENTILE_METHOD = "linear"
-
-
-class Runner(Protocol):
-    """Anything with ``run(x) -> logits``. Optional: ``name``, ``timer_coverage``, ``input_dtype``."""
-
-    def run(self, x: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -145,13 +140,13 @@ def _named(runners: Mapping[str, Runner] | Sequence[Runner]) -> list[tuple[str, 
         raise SedeployError(f"Engine names must be unique; repeated: {', '.join(dups)}.",
                             fix="name each engine after its file, precision and backend")
     for name, r in items:
-        if not callable(getattr(r, "run", None)):
-            raise SedeployError(f"Engine '{name}' ({type(r).__name__}) has no run(x) method.",
-                                expected="a runner object with run(x: np.ndarray) -> np.ndarray")
+        if not callable(getattr(r, "infer", None)):
+            raise SedeployError(f"Engine '{name}' ({type(r).__name__}) has no infer(x) method.",
+                                expected="an active runner with infer(x: np.ndarray) -> np.ndarray (sedeploy.backends.Runner)")
     return items
 
 
-def _check_config(batch_sizes: Sequence[int], warmup: int, repeats: int, min_repeats: int,
+def check_timing_config(batch_sizes: Sequence[int], warmup: int, repeats: int, min_repeats: int,
                   max_seconds: float | None) -> list[int]:
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):
@@ -208,7 +203,7 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
                             fix="pass settle=1 (one untimed call before each timed one) or 0 (cold calls)")
     if min_repeats is None:
         min_repeats = min(3, repeats)
-    sizes = _check_config(batch_sizes, warmup, repeats, min_repeats, max_seconds)
+    sizes = check_timing_config(batch_sizes, warmup, repeats, min_repeats, max_seconds)
     names = [n for n, _ in named]
     result = TimingResult(
         engines=names, batch_sizes=sizes, samples={n: {} for n in names}, order={},
@@ -228,7 +223,7 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
             stage = f"batch {b}, warm-up"
             for w in range(warmup):
                 for name, runner in _rotated(named, w):
-                    out = runner.run(feeds[name])
+                    out = runner.infer(feeds[name])
                     if w == 0:
                         _check_output(name, out, b)
             stage = f"batch {b}, timed rounds"
@@ -240,9 +235,9 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
             while rounds < repeats:
                 for name, runner in _rotated(named, rounds):
                     for _ in range(settle):
-                        runner.run(feeds[name])
+                        runner.infer(feeds[name])
                     t0 = clock()
-                    runner.run(feeds[name])
+                    runner.infer(feeds[name])
                     t1 = clock()
                     result.samples[name].setdefault(b, []).append(t1 - t0)
                     order.append(name)

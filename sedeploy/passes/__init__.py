@@ -2,9 +2,13 @@
 
 :func:`fuse_se_blocks` rewrites every Squeeze-and-Excitation block into one measured form (see
 :mod:`sedeploy.passes.se_fusion`); :func:`find_se_blocks` only reports what it would match and why it refuses
-the rest (matching rules: :mod:`sedeploy.passes.se_patterns`).
+the rest (matching rules: :mod:`sedeploy.passes.se_patterns`); :func:`se_block_nodes` is the one SE
+recogniser the precision policies use; :func:`reduce_mean_to_global_pool` spells every H,W mean as
+GlobalAveragePool (the INT8 CPU form needs it for the classifier's pool too).
 """
-from sedeploy.passes.se_fusion import (DEFAULT_FORM, FORMS, FusionReport, SECandidate, find_se_blocks,
-                                       fuse_se_blocks)
+from sedeploy.passes.global_pool import reduce_mean_to_global_pool
+from sedeploy.passes.se_fusion import (DEFAULT_FORM, FORMS, FusionReport, SEBlockNodes, SECandidate, find_se_blocks,
+                                       fuse_se_blocks, se_block_nodes)
 
-__all__ = ["DEFAULT_FORM", "FORMS", "FusionReport", "SECandidate", "find_se_blocks", "fuse_se_blocks"]
+__all__ = ["DEFAULT_FORM", "FORMS", "FusionReport", "SEBlockNodes", "SECandidate", "find_se_blocks", "fuse_se_blocks",
+           "reduce_mean_to_global_pool", "se_block_nodes"]

@@ -99,7 +99,7 @@ def _to_ir(model):
 
     if not isinstance(model, onnx.ModelProto):
         raise SedeployError(f"SE fusion was given a {type(model).__name__}.", expected="an onnx.ModelProto",
-                            fix="load the file first: sedeploy.onnxutil.load_onnx(path)")
+                            fix="load the file first: sedeploy.onnxcore.load_onnx(path)")
     try:  # shapes (ranks) make the ReduceMean axis check exact; a model ONNX cannot infer is matched without
         inferred = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError) as err:
@@ -155,6 +155,51 @@ def find_se_blocks(model, *, form: str = DEFAULT_FORM) -> list[SECandidate]:
     ``.reason``. ``form`` only decides which matched blocks count as ``already_fused``."""
     _check_form(form)
     return _scan(_to_ir(model).graph, form)[0]
+
+
+@dataclass(frozen=True)
+class SEBlockNodes:
+    """The node names of one recognised SE block, by role (what precision policies need)."""
+
+    squeeze: tuple[str, ...]  # the pool and any reshape after it
+    excite: tuple[str, ...]  # FC1, activation, FC2 (with their reshapes / bias Adds)
+    excite_logits: tuple[str, ...]  # the node(s) of the second FC, which produce the gate's input
+    gate: tuple[str, ...]  # Sigmoid / HardSigmoid (or its decomposed Add/Clip/Div form)
+    scale: str  # the Mul that scales the block's input
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.squeeze, *self.excite, *self.gate, self.scale)
+
+
+def se_block_nodes(model) -> list[SEBlockNodes]:
+    """Every SE block of ``model`` (an onnx.ModelProto whose nodes all have unique names) as node names by role.
+
+    This is the one SE recogniser: the fusion pass, the FP16 keep-FP32 groups and the INT8 SE policy all use the
+    matcher of :mod:`sedeploy.passes.se_patterns`, so a block that is fused is also the block a policy keeps.
+    """
+    from sedeploy.passes.se_patterns import match_block, match_gate
+
+    names = [n.name for n in model.graph.node]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise SedeployError("SE recognition needs every node to have a unique name.",
+                            fix="name the nodes first (sedeploy.onnxcore.name_nodes)")
+    blocks, seen = [], set()
+    for node in list(_to_ir(model).graph):
+        gate = match_gate(node)
+        if gate is None or id(gate.nodes[0]) in seen:
+            continue
+        seen.update(id(n) for n in gate.nodes)
+        m, _ = match_block(node)
+        if m is None:
+            continue
+        gate_ids = {id(n) for n in m.gate.nodes}
+        squeeze_ids = {id(n) for n in m.squeeze_nodes}
+        excite = [n.name for n in m.block_nodes if id(n) not in gate_ids | squeeze_ids and n is not m.mul]
+        blocks.append(SEBlockNodes(squeeze=tuple(n.name for n in m.squeeze_nodes), excite=tuple(excite),
+                                   excite_logits=tuple(n.name for n in m.fc2.nodes),
+                                   gate=tuple(n.name for n in m.gate.nodes), scale=m.mul.name))
+    return blocks
 
 
 def _check_form(form: str) -> None:

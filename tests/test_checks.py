@@ -1,4 +1,4 @@
-"""TensorRT Q/DQ validator (sedeploy.validate): a hand-built graph in TensorRT's form passes; one corruption per
+"""TensorRT Q/DQ validator (sedeploy.checks): a hand-built graph in TensorRT's form passes; one corruption per
 rule in RULES fails with that rule named; precision summaries of FP32 / FP16 / Q/DQ graphs; inspect_model.
 
 The reference graph is one SE residual block in the form TensorRT wants (Q/DQ = a QuantizeLinear →
@@ -17,8 +17,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sedeploy.errors import SedeployError
-from sedeploy.validate import (RULES, check_trt_qdq, format_inspection, format_precision, format_report,
-                               inspect_model, rules_table, summarize_precision)
+from sedeploy.checks import (check_trt_qdq, format_inspection, format_precision, format_report, inspect_model,
+                             rules_table, summarize_precision)
+from sedeploy.checks.trt_rules import RULES
 
 C = 8  # channels
 SE = 4  # SE bottleneck width
@@ -259,7 +260,7 @@ def test_bad_files_are_clear_errors(tmp_path):
         check_trt_qdq(tmp_path / "missing.onnx")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00not a protobuf\xff" * 10)
-    with pytest.raises(SedeployError, match="not a readable ONNX model"):
+    with pytest.raises(SedeployError, match="not a readable ONNX file"):
         summarize_precision(junk)
 
 def test_rules_table_lists_every_rule_with_its_source():
@@ -291,7 +292,7 @@ def test_precision_summary_qdq():
     assert s["initializers"]["INT8"]["elements"] == sum(w.size for w in WEIGHTS.values()) + zero_points
 
 def test_precision_summary_fp16(tmp_path):
-    from sedeploy.precision import convert_fp16
+    from sedeploy.fp16 import convert_fp16
 
     path = tmp_path / "fp16.onnx"
     convert_fp16(se_block(quantize=False), path, keep_fp32="se_gate",
@@ -340,7 +341,7 @@ def test_inspect_quantized_model(tmp_path, bad, ok):
 @pytest.fixture(scope="module")
 def trt_artifacts(tiny_trained_art, tmp_path_factory):
     from sedeploy.calibration import calibrate
-    from sedeploy.quantize import quantize_model
+    from sedeploy.int8 import quantize_model
 
     art = tiny_trained_art
     out = tmp_path_factory.mktemp("trt")

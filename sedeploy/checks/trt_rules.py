@@ -1,10 +1,12 @@
-"""TensorRT's explicit-quantization rules that :func:`sedeploy.validate.check_trt_qdq` applies, with their sources.
+"""TensorRT's explicit-quantization rules that :func:`sedeploy.checks.trt_qdq.check_trt_qdq` applies, with their sources.
 
 Kept apart from the checker so the rule table (what is checked, why, and how to fix it) reads on its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from sedeploy.onnxcore.graph import QOPERATOR_OPS  # noqa: F401  (the one list; the rules refer to it)
 
 TRT_GUIDE = ("TensorRT Developer Guide, 'Explicit Quantization' (per-tensor activations; per-channel weights on the "
              "output-channel axis; Gemm transB note; QLinearConv/ConvInteger unsupported; Q/DQ placement advice)")
@@ -78,10 +80,5 @@ RULES: dict[str, Rule] = {
                               TRT_GUIDE),
 }
 
-QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
-                 "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
-                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearReduceMean",
-                 "QLinearWhere", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-                 "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "QOrderedMatMul", "MatMulNBits"}
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SENSITIVE_OPS = ("Sigmoid", "HardSigmoid", "ReduceMean", "GlobalAveragePool")

@@ -6,11 +6,10 @@ import pytest
 
 from sedeploy.calibration import calibrate
 from sedeploy.errors import SedeployError
-from sedeploy.quantize import DEFAULT_SE_POLICY, quantize_model
-from sedeploy.validate import check_trt_qdq
+from sedeploy.int8 import DEFAULT_SE_POLICY, quantize_model
+from sedeploy.checks import check_trt_qdq
 
-
-MIN_AGREEMENT = 0.99
+from tiny_trained import INT8_MIN_AGREEMENT as MIN_AGREEMENT
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +39,7 @@ def _logits(path, images):
     from sedeploy.backends.ort import OrtRunner
 
     with OrtRunner(path, threads=2) as r:
-        return np.concatenate([r.run(images[i:i + 100]) for i in range(0, len(images), 100)])
+        return np.concatenate([r.infer(images[i:i + 100]) for i in range(0, len(images), 100)])
 
 
 @pytest.mark.parametrize("flavour", ["trt", "cpu"])

@@ -3,7 +3,7 @@
 Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good one looks like.
 
 ``flavour="trt"`` — what TensorRT's ONNX parser imports as explicit quantization (facts §4, checked by
-    :func:`sedeploy.validate.check_trt_qdq`): QuantizeLinear/DequantizeLinear (QDQ) pairs with signed int8 and
+    :func:`sedeploy.checks.check_trt_qdq`): QuantizeLinear/DequantizeLinear (QDQ) pairs with signed int8 and
     zero point 0 everywhere; activations per tensor (scale = amax/127, amax from the calibration); weights stored as
     int8 initializers, per output channel (Conv axis 0; Gemm axis 0 with transB=1, else 1), read through a
     DequantizeLinear; biases stay float (no int32 bias DequantizeLinear). Placement follows NVIDIA's advice: a Q/DQ
@@ -36,8 +36,9 @@ import numpy as np
 
 from sedeploy.calibration import CalibrationResult
 from sedeploy.errors import MissingDependencyError, SedeployError
-from sedeploy.fsutil import atomic_path
-from sedeploy.onnxutil import set_metadata
+from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, compute_depths, copy_model, default_opset,
+                               get_metadata, image_input, is_quantized, name_nodes, run_model, save_onnx, set_metadata,
+                               sha256_file)
 
 log = logging.getLogger("sedeploy")
 
@@ -101,48 +102,33 @@ def _onnx():
 
 
 def _load_fp32(fp32_path):
-    """Load and copy the model; refuse anything that is not a float32 model."""
+    """Load and copy the model (nodes named: the SE policy excludes nodes by name); refuse anything that is not
+    an FP32 classifier with one float32 image input."""
     onnx = _onnx()
-    from sedeploy.validate import _load
-
-    proto, label = _load(fp32_path)
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    meta = {p.key: p.value for p in model.metadata_props}
-    stated = meta.get("sedeploy.precision", "").strip('"')
-    quant = sorted({n.op_type for n in model.graph.node
-                    if n.op_type in _QUANT_OPS or n.op_type.startswith("QLinear") or n.op_type.endswith("Integer")})
+    model, label = copy_model(fp32_path, what="FP32 model")
+    stated = str(get_metadata(model).get(META.PRECISION, ""))
     fp16 = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
-    if stated not in ("", "fp32") or quant or fp16:
+    if stated not in ("", "fp32") or is_quantized(model) or fp16:
+        quant = sorted({n.op_type for n in model.graph.node if n.op_type in QDQ_OPS or n.op_type in QOPERATOR_OPS})
         raise SedeployError(
-            f"'{label}' is not an FP32 model (metadata sedeploy.precision={stated or 'unset'}, quantization ops "
+            f"'{label}' is not an FP32 model (metadata {META.PRECISION}={stated or 'unset'}, quantization ops "
             f"{quant or 'none'}, {fp16} float16 initializer(s)).",
             expected="the FP32 ONNX export that the calibration ran on",
             fix="quantize the FP32 .onnx from `sedeploy export` (not an FP16 or INT8 artifact)")
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise SedeployError(f"'{label}' needs exactly one float32 image input; it has "
-                            f"{[(i.name, i.type.tensor_type.elem_type) for i in inputs]}.",
-                            expected="an FP32 classifier with one N×3×H×W float32 input")
-    used = {n.name for n in model.graph.node if n.name}
-    for k, n in enumerate(model.graph.node):  # node names are how the SE policy excludes nodes
-        if not n.name:
-            n.name = f"{n.op_type}_{k}"
-            while n.name in used:
-                n.name += "_"
-            used.add(n.name)
+    inp = image_input(model, path=label)
+    if inp.elem_type != onnx.TensorProto.FLOAT:
+        raise SedeployError(f"'{label}' input '{inp.name}' is not float32.",
+                            expected="an FP32 classifier with one N×3×H×W float32 input",
+                            fix="quantize the FP32 model")
+    name_nodes(model)
     return model, label
 
 
-def _opset(model) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _se_nodes(model) -> set[str]:
-    from sedeploy.precision import find_precision_groups
+    """Names of every SE block's nodes, from the one SE recogniser."""
+    from sedeploy.passes import se_block_nodes
 
-    return set(find_precision_groups(model)["se"])
+    return {name for block in se_block_nodes(model) for name in block.all}
 
 
 def _check_ranges(model, calibration: CalibrationResult, tensors: list[str], label: str) -> None:
@@ -162,49 +148,19 @@ def _float_activation(model, name: str, inits: set[str]) -> bool:
     return bool(name) and name not in inits
 
 
-def _squeeze_to_gap(model) -> int:
-    """ReduceMean over axes (2, 3) with keepdims=1 on a 4-D tensor → GlobalAveragePool (same values, same name)."""
-    from onnx import helper, numpy_helper
-
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-    changed = 0
-    for n in model.graph.node:
-        if n.op_type != "ReduceMean":
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        axes = attrs.get("axes")
-        if axes is None and len(n.input) > 1 and n.input[1] in consts:
-            axes = consts[n.input[1]].tolist()
-        if attrs.get("keepdims", 1) != 1 or axes is None or sorted(int(a) % 4 if a < 0 else int(a)
-                                                                    for a in axes) != [2, 3]:
-            continue
-        n.op_type = "GlobalAveragePool"
-        del n.input[1:]
-        del n.attribute[:]
-        changed += 1
-    return changed
-
-
 # ------------------------------------------------------------------------------------------------- TRT flavour
 def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) -> dict:
     """Insert TensorRT-style Q/DQ (see module docstring); returns settings for the report."""
     from onnx import helper, numpy_helper
 
-    from sedeploy.validate import Graph, _depths
-
-    if _opset(model) < MIN_OPSET:
-        raise SedeployError(f"'{label}' has opset {_opset(model)}; TensorRT's per-channel Q/DQ needs ≥ {MIN_OPSET}.",
+    if default_opset(model) < MIN_OPSET:
+        raise SedeployError(f"'{label}' has opset {default_opset(model)}; TensorRT's per-channel Q/DQ needs ≥ {MIN_OPSET}.",
                             fix="re-export with --opset 13 or newer (18 is the default)")
     g = Graph(model)
     skip_se = _se_nodes(model) if se == "fp32" else set()
     weighted = [n for n in g.nodes if n.op_type in _WEIGHTED and n.name not in skip_se and len(n.input) > 1
                 and g.is_const(n.input[1]) and not g.is_const(n.input[0])]
-    depth = _depths(g)
+    depth = compute_depths(g)
     act_uses: dict[str, list[tuple]] = {}  # tensor → [(node, input index)] to rewire to its DQ output
     for n in weighted:
         act_uses.setdefault(n.input[0], []).append((n, 0))
@@ -279,19 +235,27 @@ def _attr(node, name: str, default=None):
 
 # ------------------------------------------------------------------------------------------------- CPU flavour
 def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, options: CpuOptions):
-    """ONNX Runtime's quantizer (QOperator or QDQ, U8S8) driven with our ranges; returns (model, settings)."""
+    """ONNX Runtime's public ``quantize_static`` (QOperator or QDQ, U8S8) driven with *our* ranges: they are written
+    in ORT's own calibration-cache format (``save_tensors_data``) and passed as ``calibration_cache_path``, so ORT
+    runs no calibrator of its own. Returns (model, settings)."""
+    import tempfile
+
     try:
-        from onnxruntime.quantization import CalibrationMethod, QuantType
-        from onnxruntime.quantization.calibrate import TensorData, TensorsData
-        from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
-        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-        from onnxruntime.quantization.quant_utils import QuantizationMode, save_and_reload_model_with_shape_infer
+        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, TensorsData,
+                                              quantize_static, save_tensors_data)
+        from onnxruntime.quantization.calibrate import TensorData
     except ImportError as err:
         raise MissingDependencyError("onnxruntime", "ort", "INT8 quantization (CPU flavour)") from err
+    import onnx
+
+    from sedeploy.passes import reduce_mean_to_global_pool
 
     if options.format not in ("qoperator", "qdq"):
         raise SedeployError(f"Unknown CPU INT8 format {options.format!r}.", expected="qoperator or qdq")
-    gap = _squeeze_to_gap(model) if options.squeeze_as_gap else 0
+    if default_opset(model) < MIN_OPSET:  # QLinear ops and per-channel Q/DQ need opset ≥ 13
+        raise SedeployError(f"'{label}' has opset {default_opset(model)}; INT8 needs ≥ {MIN_OPSET}.",
+                            fix="re-export with a newer opset (18 is the default)")
+    gap = reduce_mean_to_global_pool(model) if options.squeeze_as_gap else 0
     excluded = sorted(_se_nodes(model)) if se == "fp32" else []
     op_types = list(dict.fromkeys([*_WEIGHTED, *options.extra_ops]))
     inits = {t.name for t in model.graph.initializer}
@@ -301,24 +265,43 @@ def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, op
     _check_ranges(model, calibration, [t for t in needed if t in _all_activations(model)], label)
     data = {name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
             for name, (lo, hi) in calibration.ranges.items()}
-    ranges = TensorsData(CalibrationMethod.MinMax, data)
-    model = save_and_reload_model_with_shape_infer(model)
-    if _opset(model) < 13:  # QLinear ops and per-channel need opset ≥ 10/13; ORT's quantize_static does the same
-        raise SedeployError(f"'{label}' has opset {_opset(model)}; INT8 needs ≥ {MIN_OPSET}.",
-                            fix="re-export with a newer opset (18 is the default)")
-    extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
-    if options.format == "qoperator":
-        q = ONNXQuantizer(model, options.per_channel, options.reduce_range, QuantizationMode.QLinearOps, True,
-                          QuantType.QInt8, QuantType.QUInt8, ranges, [], excluded, op_types, extra)
-    else:
-        q = QDQQuantizer(model, options.per_channel, options.reduce_range, QuantType.QInt8, QuantType.QUInt8,
-                         ranges, [], excluded, op_types, extra)
-    q.quantize_model()
-    q.model.topological_sort()  # the QDQ quantizer appends its nodes at the end of the graph
+    fmt = QuantFormat.QOperator if options.format == "qoperator" else QuantFormat.QDQ
+    with tempfile.TemporaryDirectory(prefix="sedeploy-int8-") as tmp:
+        cache, out = Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+        with _quiet_root_logger():  # ORT logs "consider pre-processing" on the root logger for every call
+            quantize_static(model, out, calibration_data_reader=None, calibration_cache_path=cache,
+                            calibrate_method=CalibrationMethod.MinMax, quant_format=fmt,
+                            op_types_to_quantize=op_types, per_channel=options.per_channel,
+                            reduce_range=options.reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        quantized = onnx.load(str(out))
+    if fmt == QuantFormat.QDQ:  # the QDQ quantizer appends its nodes at the end of the graph
+        quantized = _topological(quantized)
     settings = {"activation_type": "uint8 asymmetric per-tensor",
                 "weight_type": "int8 symmetric " + ("per-channel" if options.per_channel else "per-tensor"),
                 **options.as_dict(), "squeeze_rewritten_to_gap": gap, "excluded_se_nodes": len(excluded)}
-    return q.model.model, settings
+    return quantized, settings
+
+
+class _quiet_root_logger:
+    def __enter__(self):
+        import logging as _logging
+
+        self.logger, self.level = _logging.getLogger(), _logging.getLogger().level
+        self.logger.setLevel(_logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _topological(model):
+    import onnx_ir as ir
+
+    m = ir.serde.deserialize_model(model)
+    m.graph.sort()
+    return ir.serde.serialize_model(m)
 
 
 def _all_activations(model) -> set[str]:
@@ -330,8 +313,6 @@ def quantized_op_counts(model, *, qdq: bool = True) -> dict[str, int]:
     """Op type → nodes that compute in int8: QLinear*/QGemm/…Integer nodes, and (``qdq``: QDQ format, where a
     backend fuses DQ → op → Q into an integer kernel) float ops whose data input, and weight for Conv/Gemm, come
     through DequantizeLinear. In QOperator format a float op behind a DequantizeLinear computes in float."""
-    from sedeploy.validate import Graph
-
     g = Graph(model)
     counts: Counter = Counter()
     for n in g.nodes:
@@ -347,16 +328,13 @@ def quantized_op_counts(model, *, qdq: bool = True) -> dict[str, int]:
 
 def _smoke_run(path: Path, label: str) -> None:
     """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published."""
-    import onnxruntime as ort
-
+    from sedeploy.onnxcore import cpu_session
     from sedeploy.preprocess import smooth_noise
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     inp = sess.get_inputs()[0]
     size = inp.shape[2] if isinstance(inp.shape[2], int) else 224
-    out = sess.run(None, {inp.name: smooth_noise(1, size, seed=1)})[0]
+    out = run_model(sess, smooth_noise(1, size, seed=1))
     if not np.all(np.isfinite(out)):
         raise SedeployError(f"The INT8 model of '{label}' produced non-finite outputs.", fix="recalibrate")
 
@@ -371,7 +349,6 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     The file is checked with ``onnx.checker`` (full check), loaded and run once in ONNX Runtime, and only then
     renamed into place; on any failure nothing is left at ``out_path``.
     """
-    onnx = _onnx()
     t0 = time.perf_counter()
     if flavour not in FLAVOURS:
         raise SedeployError(f"Unknown INT8 flavour {flavour!r}.", expected=f"one of {', '.join(FLAVOURS)}",
@@ -383,7 +360,7 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         raise SedeployError(f"calibration must be a CalibrationResult, not {type(calibration).__name__}.",
                             fix="pass the result of sedeploy.calibration.calibrate(...)")
     model, label = _load_fp32(fp32_path)
-    src_sha = _sha256(fp32_path)
+    src_sha = sha256_file(fp32_path, what="FP32 model") if isinstance(fp32_path, (str, Path)) else ""
     if src_sha and calibration.model_sha256 and src_sha != calibration.model_sha256:
         log.warning("The calibration was made on a model with different bytes (sha256 %s…, this one %s…); its "
                     "tensor names match, so its ranges are used.", calibration.model_sha256[:12], src_sha[:12])
@@ -394,31 +371,17 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         options = cpu_options or CPU_OPTIONS
         model, settings = _cpu_quantize(model, calibration, se, label, options)
         fmt = "QOperator" if options.format == "qoperator" else "QDQ"
-    set_metadata(model, {"sedeploy.precision": "int8", "sedeploy.int8_flavour": flavour,
-                          "sedeploy.int8_format": fmt, "sedeploy.int8_se": se,
-                          "sedeploy.calibration_method": calibration.method,
-                          "sedeploy.calibration_key": calibration.key,
-                          "sedeploy.calibration_images": str(len(calibration.images))})
+    set_metadata(model, {META.PRECISION: "int8", META.FLAVOUR: flavour, META.INT8_FORMAT: fmt, META.INT8_SE: se,
+                         META.CALIBRATION_METHOD: calibration.method, META.CALIBRATION_KEY: calibration.key,
+                         META.CALIBRATION_IMAGES: str(len(calibration.images))})
     counts = quantized_op_counts(model, qdq=fmt == "QDQ")
     if not counts:
         raise SedeployError(f"Quantizing '{label}' ({flavour}) quantized no operator.",
                             expected="a CNN with Conv/Gemm layers", fix="check the model is an image classifier")
-    with atomic_path(out_path) as tmp:
-        onnx.save(model, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-        if smoke_test:
-            _smoke_run(tmp, label)
+    save_onnx(model, out_path, before_publish=(lambda tmp: _smoke_run(tmp, label)) if smoke_test else None)
     histogram = dict(Counter(n.op_type for n in model.graph.node).most_common())
     return QuantReport(path=str(out_path), flavour=flavour, se=se, format=fmt, quantized_ops=counts,
                        op_histogram=histogram,
                        calibration={"method": calibration.method, "key": calibration.key,
                                     "images": len(calibration.images)},
                        settings=settings, seconds=round(time.perf_counter() - t0, 2))
-
-
-def _sha256(path) -> str:
-    if not isinstance(path, (str, Path)):
-        return ""
-    from sedeploy.calibration import _sha256_file
-
-    return _sha256_file(Path(path))

@@ -9,11 +9,13 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from sedeploy.backends import graph_precision
+from sedeploy.onnxcore import graph_precision
 from sedeploy.backends.ort import OrtRunner
 from sedeploy.cli import cli
-from sedeploy.engine import BuildOptions, artifact_stem, build_engines
+from sedeploy.artifacts import artifact_stem
+from sedeploy.pipeline import BuildOptions, build_engines
 from sedeploy.errors import SedeployError
+from tiny_trained import INT8_MIN_AGREEMENT
 
 
 def _run(args):
@@ -22,7 +24,7 @@ def _run(args):
 
 def _top1(path, x):
     with OrtRunner(path, threads=1) as r:
-        return r.run(x).argmax(1)
+        return r.infer(x).argmax(1)
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +38,20 @@ def built(tiny_trained_art, tmp_path_factory):
 def test_every_precision_is_written_and_agrees_with_fp32(built, tiny_trained_art):
     res, out = built
     assert res.se_blocks_found == res.se_blocks_fused == 8  # SE-ResNet-18: 8 BasicBlocks, one SE each
-    kinds = {(a["precision"], a["flavour"]) for a in res.artifacts}
+    kinds = {(a.precision, a.flavour) for a in res.artifacts}
     assert kinds == {("fp32", None), ("fp16", None), ("int8", "trt"), ("int8", "cpu")}
     for a in res.artifacts:
-        onnx.checker.check_model(a["path"], full_check=True)
-        assert graph_precision(a["path"]) == a["precision"]
+        onnx.checker.check_model(a.path, full_check=True)
+        assert graph_precision(a.path) == a.precision
     x, y = tiny_trained_art.images, tiny_trained_art.labels
     ref = _top1(out / f"{artifact_stem(tiny_trained_art.onnx_path)}.fp32.onnx", x)
     assert (ref == y).mean() >= 0.9  # the trained network is not degenerate
     for a in res.artifacts:
-        agree = (_top1(a["path"], x) == ref).mean()
+        agree = (_top1(a.path, x) == ref).mean()
         # INT8: measured 98.6-99.2 % on this 32-px, width-16 network across calibration methods and SE policies
         # (the 99 % goal of issue #3 is not met robustly here; see the closing note)
-        bound = 0.999 if a["precision"] == "fp16" else 0.985 if a["precision"] == "int8" else 1.0
-        assert agree >= bound, (a["path"], agree)
+        bound = 0.999 if a.precision == "fp16" else INT8_MIN_AGREEMENT if a.precision == "int8" else 1.0
+        assert agree >= bound, (a.path, agree)
     assert res.validation["ok"] is True
 
 
@@ -75,7 +77,7 @@ def test_second_build_hits_the_calibration_cache(built, tiny_trained_art, tmp_pa
 
 def test_artifact_input_builds_only_its_engine(built, tmp_path):
     res, out = built
-    cpu = next(a["path"] for a in res.artifacts if a["flavour"] == "cpu")
+    cpu = next(a.path for a in res.artifacts if a.flavour == "cpu")
     again = build_engines(cpu, tmp_path, BuildOptions(threads=1, progress=False))
     assert again.se_blocks_found is None and len(again.engines) == 1
     assert again.engines[0]["precision"] == "int8"
@@ -135,7 +137,7 @@ def test_bad_input(case, tiny_onnx, tmp_path):
 
 
 def test_interrupted_build_leaves_no_partial_artifact(tiny_onnx, tmp_path, monkeypatch):
-    import sedeploy.quantize as q
+    import sedeploy.int8 as q
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -152,8 +154,8 @@ def test_interrupted_build_leaves_no_partial_artifact(tiny_onnx, tmp_path, monke
 
 def test_inspect_passes_trt_flavour_and_fails_a_corrupted_one(built, tmp_path):
     res, out = built
-    trt = next(a["path"] for a in res.artifacts if a["flavour"] == "trt")
-    r = _run(["inspect", trt, "--json"])
+    trt = next(a.path for a in res.artifacts if a.flavour == "trt")
+    r = _run(["inspect", str(trt), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["ok"] is True
     m = onnx.load(trt)

@@ -1,4 +1,4 @@
-"""The `sedeploy build-engine` job: an FP32 ONNX classifier → portable precision artifacts → backend engines.
+"""The build pipeline (`sedeploy build-engine`): an FP32 ONNX classifier → portable precision artifacts → backend engines.
 
 Data flow (every step reported in the result, every file written atomically)::
 
@@ -6,8 +6,8 @@ Data flow (every step reported in the result, every file written atomically)::
                                   │
                                   └─ calibrate on images ─▶ <stem>.int8-trt.onnx  (TensorRT Q/DQ rules, validated)
                                                             <stem>.int8-cpu.onnx  (fastest ONNX Runtime CPU form)
-    each artifact ─ backend ─▶ ONNX Runtime optimized graph (.ort-opt.onnx + .ort.json)
-                               or TensorRT plan (.plan + .trt.json)
+    each artifact ─ backend ─▶ ONNX Runtime optimized graph (.ort-opt.onnx + .ort.json),
+                               TensorRT plan (.plan + .trt.json) or OpenVINO model (.ov.xml + .ov.json)
 
 Why the artifacts are ONNX files first: TensorRT 11 builds every network strongly typed, so the precision must be
 in the graph (FP16 tensors, explicit Q/DQ). The same files run on ONNX Runtime anywhere, so a model calibrated on
@@ -27,22 +27,22 @@ from typing import Any
 
 import numpy as np
 
+from sedeploy.artifacts import Artifact, artifact_path, artifact_stem
+from sedeploy.backends import BACKENDS, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir
-from sedeploy.onnxutil import get_metadata, set_metadata
+from sedeploy.fsutil import atomic_write_text, ensure_writable_dir
+from sedeploy.onnxcore import META, get_metadata, run_model, save_onnx, set_metadata
 from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
 
-BACKENDS = ("ort", "trt", "none")
+#: --backend values: a backend of the table, or "none" (portable artifacts only)
+BACKEND_CHOICES = (*BACKENDS, "none")
 #: fused vs unfused FP32 logits must agree to FUSION_RTOL × max|logit| (at least FUSION_ATOL). The pass computes
 #: the same arithmetic, but ReduceMean → GlobalAveragePool sums in another order: on SE-ResNet-50 (|logit| ≈ 35)
 #: that moves logits by 2.6e-5, less than ONNX Runtime's own optimization levels do to the unfused graph (3.3e-5).
 FUSION_ATOL = 1e-5
 FUSION_RTOL = 1e-5
-#: which artifacts each backend turns into an engine (the other INT8 flavour is written, not built)
-ENGINE_ARTIFACTS = {"ort": ("fp32", "fp16", "int8-cpu"), "trt": ("fp32", "fp16", "int8-trt"), "none": ()}
-_ARTIFACT_SUFFIXES = (".fp32", ".fp16", ".int8-trt", ".int8-cpu", ".ort-opt")
 MANIFEST = "manifest.json"
 
 
@@ -60,8 +60,8 @@ class BuildOptions:
     calib_seed: int = 0
     calib_batch: int | None = None
     calib_cache: str | Path | None = None
-    se_int8: str | None = None  # None: quantize.DEFAULT_SE_POLICY
-    keep_fp32: str | None = None  # None: precision.DEFAULT_KEEP_FP32
+    se_int8: str | None = None  # None: int8.DEFAULT_SE_POLICY
+    keep_fp32: str | None = None  # None: fp16.DEFAULT_KEEP_FP32
     threads: int | None = None
     min_batch: int = 1
     opt_batch: int = 8
@@ -79,7 +79,7 @@ class BuildResult:
     se_blocks_found: int | None = None
     se_blocks_fused: int | None = None
     fusion: dict[str, Any] | None = None
-    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
     engines: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
@@ -88,15 +88,9 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-def artifact_stem(path: str | Path) -> str:
-    """``se-resnet50.int8-cpu.onnx`` → ``se-resnet50``: artifacts of artifacts keep the model's name."""
-    stem = Path(path).name.removesuffix(".onnx")
-    for suffix in _ARTIFACT_SUFFIXES:
-        stem = stem.removesuffix(suffix)
-    return stem
+        d = dict(self.__dict__)
+        d["artifacts"] = [a.as_dict() for a in self.artifacts]
+        return d
 
 
 def default_calib_dir() -> Path:
@@ -106,9 +100,10 @@ def default_calib_dir() -> Path:
 
 
 def _check_options(opt: BuildOptions) -> None:
-    if opt.backend not in BACKENDS:
-        raise SedeployError(f"Unknown backend '{opt.backend}'.", expected=f"one of {', '.join(BACKENDS)}",
-                            fix="pass --backend ort (ONNX Runtime, runs everywhere) or --backend trt (NVIDIA GPU)")
+    if opt.backend not in BACKEND_CHOICES:
+        raise SedeployError(f"Unknown backend '{opt.backend}'.", expected=f"one of {', '.join(BACKEND_CHOICES)}",
+                            fix="pass --backend ort (ONNX Runtime, runs everywhere), trt (NVIDIA GPU), openvino "
+                                "(CPU) or none (portable artifacts only)")
     if opt.threads is not None and opt.threads < 1:
         raise SedeployError(f"--threads {opt.threads} is not valid.", expected="a positive integer",
                             fix="omit --threads to use one per physical core")
@@ -136,28 +131,6 @@ def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None)
     return Preprocess.for_size(height)
 
 
-def _save(proto, path: Path) -> Path:
-    import onnx
-
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-    return path
-
-
-def _ort_logits(model, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    blob = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    dim0 = sess.get_inputs()[0].shape[0]
-    if isinstance(dim0, int) and dim0 > 0 and dim0 != len(x):  # static batch: run in chunks of that size
-        chunks = [x[i:i + dim0] for i in range(0, len(x) - len(x) % dim0, dim0)] or [np.repeat(x[:1], dim0, 0)]
-        return np.concatenate([sess.run(None, {name: c})[0] for c in chunks])
-    return sess.run(None, {name: x})[0]
 
 
 def _check_images(pp: Preprocess, folder: Path | None, limit: int = 8) -> np.ndarray:
@@ -170,27 +143,26 @@ def _check_images(pp: Preprocess, folder: Path | None, limit: int = 8) -> np.nda
 def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> Path:
     from sedeploy.backends.ort import optimized_graph_histogram
 
-    fp32_path = out / f"{stem}.fp32.onnx"
+    fp32_path = artifact_path(out, stem, "fp32")
     if not opt.fuse_se:
         res.notes.append("SE fusion skipped (--no-fuse-se): the FP32 artifact is the input graph")
-        set_metadata(proto, {"sedeploy.precision": "fp32", "sedeploy.se_fused": 0})
-        return _save(proto, fp32_path)
+        set_metadata(proto, {META.PRECISION: "fp32", META.SE_FUSED: 0})
+        return save_onnx(proto, fp32_path)
     from sedeploy.passes import fuse_se_blocks
 
     t0 = time.perf_counter()
     fused, report = fuse_se_blocks(proto)
     res.se_blocks_found, res.se_blocks_fused = report.found, report.fused
     x = _check_images(pp, Path(opt.calib) if opt.calib else None)
-    before = _ort_logits(proto, x)
-    diff = float(np.abs(before - _ort_logits(fused, x)).max())
+    before = run_model(proto, x)
+    diff = float(np.abs(before - run_model(fused, x)).max())
     tol = max(FUSION_ATOL, FUSION_RTOL * float(np.abs(before).max()))
     if not diff <= tol:
         raise VerificationError(f"The SE-fused graph differs from the input graph by max |Δlogit| {diff:.3g} "
                                 f"> {tol:.3g} (1e-5 × max |logit|); nothing was written.",
                                 fix="report this as a bug with the model; --no-fuse-se builds without the pass")
-    set_metadata(fused, {"sedeploy.precision": "fp32", "sedeploy.se_fused": report.fused,
-                          "sedeploy.se_form": report.form})
-    _save(fused, fp32_path)
+    set_metadata(fused, {META.PRECISION: "fp32", META.SE_FUSED: report.fused, META.SE_FORM: report.form})
+    save_onnx(fused, fp32_path)
     res.timings["fuse_se_s"] = round(time.perf_counter() - t0, 2)
     res.fusion = {**report.as_dict(), "max_abs_diff_vs_unfused": diff, "tolerance": tol, "checked_on": len(x)}
     try:
@@ -203,20 +175,20 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
 
 
 def _fp16(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> None:
-    from sedeploy import precision
+    from sedeploy import fp16
 
     t0 = time.perf_counter()
-    keep = precision.DEFAULT_KEEP_FP32 if opt.keep_fp32 is None else opt.keep_fp32
-    path = out / f"{stem}.fp16.onnx"
-    report = precision.convert_fp16(fp32_path, path, keep_fp32=keep,
+    keep = fp16.DEFAULT_KEEP_FP32 if opt.keep_fp32 is None else opt.keep_fp32
+    path = artifact_path(out, stem, "fp16")
+    report = fp16.convert_fp16(fp32_path, path, keep_fp32=keep,
                                     verify_inputs=_check_images(pp, Path(opt.calib) if opt.calib else None))
     res.timings["fp16_s"] = round(time.perf_counter() - t0, 2)
-    res.artifacts.append({"path": str(path), "precision": "fp16", "flavour": None, "report": report.as_dict()})
+    res.artifacts.append(Artifact(path, "fp16", None, report.as_dict()))
 
 
 def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> None:
-    from sedeploy import calibration, quantize
-    from sedeploy.validate import check_trt_qdq, format_report
+    from sedeploy import calibration, int8
+    from sedeploy.checks import check_trt_qdq, format_report
 
     if opt.calib is None:
         log.info("--int8 without --calib: calibrating on the %s images shipped in %s (pass --calib DIR with "
@@ -233,12 +205,12 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
                        "method": calib.method, "params": calib.params, "seed": opt.calib_seed,
                        "cache_hit": calib.cache_hit, "cache_path": calib.cache_path, "key": calib.key,
                        "seconds": calib.seconds}
-    se = quantize.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
+    se = int8.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
     for flavour in ("trt", "cpu"):
         t0 = time.perf_counter()
-        path = out / f"{stem}.int8-{flavour}.onnx"
-        report = quantize.quantize_model(fp32_path, calib, path, flavour=flavour, se=se)
-        entry = {"path": str(path), "precision": "int8", "flavour": flavour, "report": report.as_dict()}
+        path = artifact_path(out, stem, f"int8-{flavour}")
+        report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se)
+        entry = Artifact(path, "int8", flavour, report.as_dict())
         if flavour == "trt":
             check = check_trt_qdq(str(path))
             res.validation = check.as_dict()
@@ -251,38 +223,50 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
         res.artifacts.append(entry)
 
 
+def _engine_options(opt: BuildOptions) -> EngineOptions:
+    return EngineOptions(threads=opt.threads, min_batch=opt.min_batch, opt_batch=opt.opt_batch,
+                         max_batch=opt.max_batch, workspace_gib=opt.workspace_gib, timing_cache=opt.timing_cache)
+
+
 def _build_engines(res: BuildResult, out: Path, opt: BuildOptions) -> None:
-    wanted = ENGINE_ARTIFACTS[opt.backend]
+    from sedeploy.backends import build_engine
+
+    if opt.backend == "none":
+        return
+    table = BACKENDS[opt.backend]
     for art in res.artifacts:
-        kind = art["precision"] + (f"-{art['flavour']}" if art.get("flavour") else "")
-        if opt.backend == "none":
-            continue
-        if kind not in wanted and kind != "int8":  # "int8": an artifact of unknown flavour, built as given
-            res.notes.append(f"{Path(art['path']).name}: written as a portable artifact; no {opt.backend} engine "
-                             f"is built from it (that INT8 form is meant for the other backend)")
+        if art.kind not in table.kinds and art.kind != "int8":  # "int8": unknown flavour, built as given
+            res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is built "
+                             f"from it (the {art.kind} form is meant for another backend)")
             continue
         t0 = time.perf_counter()
-        if opt.backend == "ort":
-            from sedeploy.backends.ort import build_ort_engine
+        eng = build_engine(opt.backend, art.path, out, _engine_options(opt))
+        res.timings[f"engine_{art.kind}_s"] = round(time.perf_counter() - t0, 2)
+        res.engines.append({**eng.as_dict(), "from": str(art.path), "kind": art.kind, "flavour": art.flavour})
 
-            eng = build_ort_engine(art["path"], out, threads=opt.threads)
-        else:
-            from sedeploy.backends.tensorrt import build_trt_engine
 
-            eng = build_trt_engine(art["path"], out, min_batch=opt.min_batch, opt_batch=opt.opt_batch,
-                                   max_batch=opt.max_batch, workspace_gib=opt.workspace_gib,
-                                   timing_cache=opt.timing_cache)
-        res.timings[f"engine_{kind}_s"] = round(time.perf_counter() - t0, 2)
-        d = eng.as_dict()
-        d.pop("metadata", None)
-        res.engines.append({**d, "from": art["path"], "flavour": art["flavour"]})
+def _check_artifact_for_backend(art: Artifact, backend: str) -> None:
+    """An INT8 artifact given as MODEL must be the form its backend reads, checked before any build."""
+    if backend != "trt" or art.precision != "int8":
+        return
+    if art.flavour == "cpu":
+        raise SedeployError(f"'{art.path}' is the INT8 CPU form (ONNX Runtime QOperator ops such as QLinearConv), "
+                            "which TensorRT's ONNX parser does not import.",
+                            expected="the TensorRT INT8 artifact (<model>.int8-trt.onnx, Q/DQ)",
+                            fix="pass the .int8-trt.onnx written by the same build-engine run")
+    from sedeploy.checks import check_trt_qdq, format_report
+
+    report = check_trt_qdq(art.path)
+    if not report.ok:
+        raise VerificationError(f"'{art.path}' breaks TensorRT's Q/DQ rules; no engine was built.\n"
+                                f"{format_report(report, precision=False)}",
+                                fix="rebuild the INT8 artifact with `sedeploy build-engine MODEL --int8`")
 
 
 def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildOptions | None = None, *,
                   depth: int = 50, checkpoint: str | None = None) -> BuildResult:
     """Run the whole `build-engine` job; see the module docstring. ``model=None`` exports ``depth`` first."""
-    from sedeploy.backends import graph_precision
-    from sedeploy.onnxutil import image_input, load_onnx
+    from sedeploy.onnxcore import image_input, load_onnx
 
     opt = options or BuildOptions()
     t_all = time.perf_counter()
@@ -305,20 +289,20 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     inp = image_input(proto, path=str(src))
     meta = get_metadata(proto)
     pp = _preprocess_for(meta, inp.height, opt.preprocess)
-    precision = graph_precision(proto)
+    given = Artifact.from_file(src, proto)
     stem = artifact_stem(src)
 
-    if precision != "fp32":  # an artifact made elsewhere: build its engine only
+    if given.precision != "fp32":  # an artifact made elsewhere: build its engine only
         if opt.fp16 or opt.int8:
-            raise SedeployError(f"'{src}' is already an {precision.upper()} artifact; --fp16/--int8 convert an "
-                                "FP32 model.", fix=f"pass the FP32 model, or drop --fp16/--int8 to build a "
-                                                   f"{opt.backend} engine from this artifact as it is")
-        flavour = meta.get("sedeploy.flavour")
-        res.artifacts.append({"path": str(src), "precision": precision, "flavour": flavour})
-        res.notes.append(f"input is a {precision} artifact: used as is (no SE fusion, no conversion)")
+            raise SedeployError(f"'{src}' is already an {given.precision.upper()} artifact; --fp16/--int8 convert "
+                                "an FP32 model.", fix=f"pass the FP32 model, or drop --fp16/--int8 to build a "
+                                                      f"{opt.backend} engine from this artifact as it is")
+        _check_artifact_for_backend(given, opt.backend)
+        res.artifacts.append(given)
+        res.notes.append(f"input is a {given.kind} artifact: used as is (no SE fusion, no conversion)")
     else:
         fp32_path = _fuse(proto, out, stem, opt, pp, res)
-        res.artifacts.append({"path": str(fp32_path), "precision": "fp32", "flavour": None})
+        res.artifacts.append(Artifact(fp32_path, "fp32"))
         if opt.fp16:
             _fp16(fp32_path, out, stem, opt, pp, res)
         if opt.int8:
@@ -347,8 +331,7 @@ def format_result(res: BuildResult) -> str:
         lines.append(f"TensorRT Q/DQ rules: {'pass' if res.validation.get('ok') else 'FAIL'}")
     lines.append("artifacts (portable ONNX):")
     for a in res.artifacts:
-        kind = a["precision"] + (f" ({a['flavour']} flavour)" if a.get("flavour") else "")
-        lines.append(f"  {kind:<22} {a['path']}")
+        lines.append(f"  {a.kind:<22} {a.path}")
     if res.engines:
         lines.append("engines:")
         for e in res.engines:

@@ -38,8 +38,8 @@ import numpy as np
 
 from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import atomic_path
-from sedeploy.onnxutil import set_metadata
-from sedeploy.validate import Graph, summarize_precision
+from sedeploy.checks import summarize_precision
+from sedeploy.onnxcore import META, QDQ_OPS, QOPERATOR_OPS, Graph, copy_model, name_nodes, set_metadata
 
 log = logging.getLogger("sedeploy")
 
@@ -57,7 +57,6 @@ FP16_MIN_SUBNORMAL = 2.0 ** -24
 #: Below this share of float weight values in FP16 the result is refused as "not an FP16 model".
 MIN_FP16_WEIGHT_FRACTION = 0.5
 _POOLS = ("ReduceMean", "GlobalAveragePool")
-_GATES = ("Sigmoid", "HardSigmoid")
 _FLATTEN = ("Reshape", "Flatten", "Squeeze")
 _OTHER_FLOATS = (10, 11, 16)  # TensorProto FLOAT16, DOUBLE, BFLOAT16
 #: Ops that may sit between the classifier and the graph output (bias Add, softmax, reshapes).
@@ -121,40 +120,22 @@ def parse_keep_fp32(keep_fp32: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 def find_precision_groups(model) -> dict[str, list[str]]:
-    """Node names of each policy group in ``model`` (a ModelProto whose nodes all have names)."""
+    """Node names of each policy group in ``model`` (a ModelProto whose nodes all have unique names).
+
+    SE blocks come from the one SE recogniser (:func:`sedeploy.passes.se_block_nodes`), so the blocks a policy
+    keeps are exactly the blocks the fusion pass recognises."""
+    from sedeploy.passes import se_block_nodes
+
     g = Graph(model)
     groups: dict[str, list[str]] = {name: [] for name in PRECISION_GROUPS}
+    for block in se_block_nodes(model):
+        groups["se_gate"] += [*block.excite_logits, *block.gate]
+        groups["se"] += list(block.all)
     for node in g.nodes:
-        if node.op_type in _GATES:
-            gate = [node]
-            excite = g.producer.get(node.input[0])
-            if excite is not None and excite.op_type in ("Conv", "Gemm", "MatMul"):
-                gate.insert(0, excite)
-            groups["se_gate"] += [n.name for n in gate]
-            groups["se"] += [n.name for n in _se_branch(g, node, gate)]
-        elif node.op_type in ("Gemm", "MatMul") and not g.is_const(node.input[0]) and g.is_const(node.input[1]) \
+        if node.op_type in ("Gemm", "MatMul") and not g.is_const(node.input[0]) and g.is_const(node.input[1]) \
                 and _reaches_output(g, node):
             groups["head"] += [n.name for n in _head(g, node)]
     return {k: list(dict.fromkeys(v)) for k, v in groups.items()}
-
-
-def _se_branch(g: Graph, gate, gate_nodes: list) -> list:
-    """pool → conv → act → [excite conv] → gate → Mul(x, gate): the nodes of one SE branch (as far as matched)."""
-    nodes = list(gate_nodes)
-    cur = gate_nodes[0]
-    for _ in range(3):  # back over the activation and the reduce conv to the squeeze pool
-        prev = g.producer.get(cur.input[0]) if cur.input else None
-        if prev is None:
-            break
-        nodes.insert(0, prev)
-        if prev.op_type in _POOLS:
-            break
-        cur = prev
-    pool = nodes[0] if nodes[0].op_type in _POOLS else None
-    for consumer in g.consumers.get(gate.output[0], []):
-        if consumer.op_type == "Mul" and (pool is None or pool.input[0] in consumer.input):
-            nodes.append(consumer)
-    return nodes
 
 
 def _reaches_output(g: Graph, fc) -> bool:
@@ -197,24 +178,15 @@ def _converter():
 
 
 def _load_fp32(model):
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)  # never modify the caller's model
-        return proto
-    from sedeploy.validate import _load
-
-    return _load(model)[0]
+    return copy_model(model, what="FP32 model")[0]  # never modify the caller's model
 
 
 def _check_convertible(model) -> None:
     g = Graph(model)
     meta = {p.key: p.value for p in model.metadata_props}
-    stated = meta.get("sedeploy.precision", "").strip('"')
+    stated = meta.get(META.PRECISION, "").strip('"')
     fp16 = sum(1 for t in model.graph.initializer if t.data_type == 10)
-    quant = [n.op_type for n in g.nodes if "Quantize" in n.op_type or n.op_type.startswith("QLinear")
-             or n.op_type.endswith("Integer")]
+    quant = [n.op_type for n in g.nodes if n.op_type in QDQ_OPS or n.op_type in QOPERATOR_OPS]
     if stated == "fp16" or fp16:
         raise SedeployError(
             f"The model is already FP16 (metadata sedeploy.precision={stated or 'unset'}, {fp16} float16 "
@@ -236,18 +208,6 @@ def _check_convertible(model) -> None:
     if not floats and not float_io:
         raise SedeployError("The model has no float32 weights or inputs: there is nothing to convert to FP16.",
                             expected="an FP32 classifier ONNX (float32 input 'input', float32 weights)")
-
-
-def _name_nodes(model) -> None:
-    """The converter blocks nodes by name: give every unnamed node a unique one."""
-    used = {n.name for n in model.graph.node if n.name}
-    for k, n in enumerate(model.graph.node):
-        if not n.name:
-            name = f"{n.op_type}_{k}"
-            while name in used:
-                name += "_"
-            n.name = name
-            used.add(name)
 
 
 def _count_out_of_range(model) -> tuple[int, int]:
@@ -348,7 +308,7 @@ def to_fp16(model, *, keep_fp32: str | Iterable[str] | None = DEFAULT_KEEP_FP32)
     keep = parse_keep_fp32(keep_fp32)
     src = _load_fp32(model)
     _check_convertible(src)
-    _name_nodes(src)
+    name_nodes(src)
     groups = find_precision_groups(src)
     kept = {k: groups[k] for k in keep}
     for k, names in kept.items():
@@ -364,7 +324,7 @@ def to_fp16(model, *, keep_fp32: str | Iterable[str] | None = DEFAULT_KEEP_FP32)
     _restore_fp32_weights(out, src)
     _restore_fp32_outputs(out, src)
     _merge_duplicate_casts(out)
-    set_metadata(out, {"sedeploy.precision": "fp16", "sedeploy.fp16_keep_fp32": list(keep)})
+    set_metadata(out, {META.PRECISION: "fp16", META.FP16_KEEP_FP32: list(keep)})
     return out, kept, out_of_range
 
 
@@ -442,8 +402,7 @@ def _input_size(model) -> int | None:
 
 
 def _verify(src, fp16_path: Path, inputs: np.ndarray | None, atol: float | None) -> Fp16Verification | None:
-    import onnxruntime as ort
-
+    from sedeploy.onnxcore import run_model
     from sedeploy.preprocess import smooth_noise
 
     if inputs is None:
@@ -454,12 +413,7 @@ def _verify(src, fp16_path: Path, inputs: np.ndarray | None, atol: float | None)
         dims = _data_input(src).type.tensor_type.shape.dim
         batch = dims[0].dim_value or 4
         inputs = smooth_noise(batch, size, seed=7)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    s32 = ort.InferenceSession(src.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    s16 = ort.InferenceSession(str(fp16_path), opts, providers=["CPUExecutionProvider"])
-    name = _data_input(src).name
-    ref, got = s32.run(None, {name: inputs})[0], s16.run(None, {name: inputs})[0]
+    ref, got = run_model(src, inputs), run_model(fp16_path, inputs)
     if got.dtype != np.float32:
         raise VerificationError(f"The FP16 model returns {got.dtype}, not float32.", fix="report this as a bug")
     if not np.all(np.isfinite(got)):

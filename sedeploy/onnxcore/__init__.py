@@ -1,0 +1,21 @@
+"""The ONNX core every other module builds on: one place for each basic ONNX concept.
+
+- :mod:`~sedeploy.onnxcore.io` — load (with clear errors), save (atomic, checked), metadata, file hashes, the
+  image input of a classifier, node naming;
+- :mod:`~sedeploy.onnxcore.graph` — a read-only index over a graph (producers, consumers, constants, element
+  types), "is this model quantized?" and "what precision does this graph compute in?";
+- :mod:`~sedeploy.onnxcore.session` — ONNX Runtime sessions with explicit providers and threads.
+
+Nothing heavy is imported here: ``onnx`` and ``onnxruntime`` load inside the functions that use them.
+"""
+from sedeploy.onnxcore.graph import (QOPERATOR_OPS, QDQ_OPS, Graph, attr, compute_depths, default_opset,
+                                     graph_precision, is_quantized)
+from sedeploy.onnxcore.io import (META, ImageInput, as_model, copy_model, get_metadata, image_input, load_onnx,
+                                  name_nodes, save_onnx, set_metadata, sha256_file)
+from sedeploy.onnxcore.session import (CPU, available_providers, cpu_session, default_threads, make_session,
+                                       resolve_providers, run_model)
+
+__all__ = ["QOPERATOR_OPS", "QDQ_OPS", "Graph", "attr", "compute_depths", "default_opset", "graph_precision",
+           "is_quantized", "META", "ImageInput", "as_model", "copy_model", "get_metadata", "image_input",
+           "load_onnx", "name_nodes", "save_onnx", "set_metadata", "sha256_file", "CPU", "available_providers",
+           "cpu_session", "default_threads", "make_session", "resolve_providers", "run_model"]

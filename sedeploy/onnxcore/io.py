@@ -1,0 +1,224 @@
+"""Reading and writing ONNX files: one loader with clear errors, one atomic saver, metadata, hashes, the image input.
+
+Every module that touches an ONNX file on disk goes through here, so a missing, truncated or non-ONNX file gets
+the same clear message wherever it is met, and a written file is always checked and renamed into place whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sedeploy.errors import SedeployError
+
+
+class META:
+    """The ``metadata_props`` keys sedeploy writes into the ONNX files it produces (one constant per key)."""
+
+    MODEL = "sedeploy.model"
+    DEPTH = "sedeploy.depth"
+    SE = "sedeploy.se"
+    NUM_CLASSES = "sedeploy.num_classes"
+    WEIGHTS = "sedeploy.weights"
+    PARAMS = "sedeploy.params"
+    BLOCK_STYLE = "sedeploy.block_style"
+    PREPROCESS = "sedeploy.preprocess"
+    PRECISION = "sedeploy.precision"
+    #: the INT8 flavour ("trt" / "cpu"); the one key every reader and writer uses
+    FLAVOUR = "sedeploy.int8_flavour"
+    INT8_FORMAT = "sedeploy.int8_format"
+    INT8_SE = "sedeploy.int8_se"
+    FP16_KEEP_FP32 = "sedeploy.fp16_keep_fp32"
+    SE_FUSED = "sedeploy.se_fused"
+    SE_FORM = "sedeploy.se_form"
+    CALIBRATION_METHOD = "sedeploy.calibration_method"
+    CALIBRATION_KEY = "sedeploy.calibration_key"
+    CALIBRATION_IMAGES = "sedeploy.calibration_images"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The single NCHW image input of a classifier."""
+
+    name: str
+    batch: int | str  # a fixed size or the symbolic name of a dynamic dimension
+    channels: int
+    height: int
+    width: int
+    elem_type: int = 1  # TensorProto element type (1 = float32)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return not isinstance(self.batch, int) or self.batch <= 0
+
+    @property
+    def static_batch(self) -> int | None:
+        """The one batch size a fixed-batch model accepts, None when the batch is dynamic."""
+        return None if self.dynamic_batch else int(self.batch)
+
+
+def _not_found(p: Path, what: str) -> SedeployError:
+    return SedeployError(f"The {what} '{p}' does not exist.",
+                         fix="pass an .onnx file, e.g. one written by `sedeploy export`")
+
+
+def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = True, check: bool = True):
+    """``onnx.load`` with one clear error for a missing, non-ONNX, truncated or invalid file.
+
+    ``weights=False`` skips external weight files (enough for names, types, shapes and metadata).
+    ``check`` runs ``onnx.checker.check_model`` and refuses a graph it rejects.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    p = Path(path)
+    if not p.exists():
+        raise _not_found(p, what)
+    if p.is_dir():
+        raise SedeployError(f"The {what} '{p}' is a folder, not an ONNX file.", fix="pass the .onnx file itself")
+    if p.stat().st_size == 0:
+        raise SedeployError(f"The {what} '{p}' is an empty file (0 bytes), not an ONNX model.",
+                            fix="re-export it (`sedeploy export`) or re-copy the file")
+    try:
+        proto = onnx.load(str(p), load_external_data=weights)
+    except (DecodeError, ValueError, OSError, RuntimeError) as err:
+        raise SedeployError(f"The {what} '{p}' is not a readable ONNX file ({type(err).__name__}: {err}); it may be "
+                            "truncated or not ONNX at all.",
+                            fix="re-export it (`sedeploy export`) or re-copy the file") from err
+    if not proto.graph.node:
+        raise SedeployError(f"The {what} '{p}' holds no ONNX graph (0 nodes); it is probably not an ONNX model "
+                            "or was truncated.", fix="re-export it (`sedeploy export`) or re-copy the file")
+    if check:
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SedeployError(f"The {what} '{p}' is not a valid ONNX model: {first}",
+                                fix="re-export it (`sedeploy export`) or re-copy the file") from err
+    return proto
+
+
+def as_model(model, *, what: str = "model", weights: bool = True):
+    """(ModelProto, label) for a ModelProto or a path — what library functions that accept either need."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model, "<in-memory model>"
+    return load_onnx(model, what=what, weights=weights, check=False), str(model)
+
+
+def copy_model(model, *, what: str = "model"):
+    """(a private copy of the model, label): passes that edit a graph never modify their caller's proto."""
+    import onnx
+
+    proto, label = as_model(model, what=what)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out, label
+
+
+def save_onnx(proto, path: str | os.PathLike, *, full_check: bool = True, before_publish=None) -> Path:
+    """Write ``proto`` to ``path`` atomically: saved under a temporary name, checked (``onnx.checker``, full
+    check with shape inference), optionally tested by ``before_publish(tmp_path)``, then renamed into place.
+    On any failure nothing is left at ``path``."""
+    import onnx
+
+    from sedeploy.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=full_check)
+        if before_publish is not None:
+            before_publish(tmp)
+    return Path(path)
+
+
+def get_metadata(proto) -> dict[str, Any]:
+    """A model's ``metadata_props`` as a dict, JSON values decoded (plain strings stay strings)."""
+    out: dict[str, Any] = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def set_metadata(proto, values: dict[str, Any]) -> None:
+    """Set (add or overwrite) ``metadata_props`` entries; non-string values are JSON-encoded."""
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if key in existing:
+            existing[key].value = text
+        else:
+            proto.metadata_props.add(key=key, value=text)
+
+
+def sha256_file(path: str | os.PathLike, *, what: str = "file") -> str:
+    """Hex sha256 of a file's bytes, streamed; a clear error for a dangling link or an unreadable file."""
+    p = Path(path)
+    h = hashlib.sha256()
+    try:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as err:
+        raise SedeployError(f"The {what} '{p}' cannot be read ({err.strerror or err}).",
+                            fix="check that it exists (a symbolic link must point to a real file) and is readable"
+                            ) from err
+    return h.hexdigest()
+
+
+def image_input(proto, *, path: str = "model") -> ImageInput:
+    """The model's one 4-D NCHW float input, or a clear error saying what the model has instead."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "none"
+        raise SedeployError(f"'{path}' has {len(inputs)} graph inputs ({names}).",
+                            expected="an image classifier with exactly one N×C×H×W input",
+                            fix="export the classifier with a single image input")
+    inp = inputs[0]
+    elem = inp.type.tensor_type.elem_type
+    if elem not in (1, 10):  # FLOAT, FLOAT16
+        import onnx
+
+        raise SedeployError(f"'{path}' input '{inp.name}' is {onnx.TensorProto.DataType.Name(elem).lower()}.",
+                            expected="a float32 (or float16) image tensor",
+                            fix="export the classifier with a float input (normalisation inside or before it)")
+    dims = inp.type.tensor_type.shape.dim
+    shape = [d.dim_param or d.dim_value for d in dims]
+    if len(dims) != 4:
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}.",
+                            expected="a 4-D N×C×H×W image input",
+                            fix="sedeploy handles image classifiers; export the model with an NCHW input")
+    n, c, h, w = shape
+    if isinstance(w, int) and w in (1, 3) and isinstance(c, int) and c not in (1, 3):
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: that is NHWC (channels last).",
+                            expected="NCHW layout with 3 (RGB) channels in position 1",
+                            fix="re-export the model with an NCHW input (e.g. tf2onnx --inputs-as-nchw)")
+    if not all(isinstance(v, int) and v > 0 for v in (c, h, w)):
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: channels and spatial size must be fixed.",
+                            expected="N×3×H×W with fixed C, H, W (the batch may be dynamic)",
+                            fix="export with a fixed input size, e.g. `sedeploy export --input-size 224`")
+    if c != 3:
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: {c} channel(s) in position 1.",
+                            expected="NCHW layout with 3 (RGB) channels",
+                            fix="sedeploy feeds RGB images; export a 3-channel model (convert NHWC to NCHW first)")
+    return ImageInput(inp.name, n, c, h, w, elem)
+
+
+def name_nodes(proto) -> None:
+    """Give every unnamed node a unique name (``<OpType>_<index>``): policies and passes refer to nodes by name."""
+    used = {n.name for n in proto.graph.node if n.name}
+    for k, n in enumerate(proto.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{k}"
+            while name in used:
+                name += "_"
+            n.name = name
+            used.add(name)
