@@ -23,7 +23,7 @@ setup(
         "onnxruntime>=1.20",
         "onnxscript>=0.5",
         "onnx-ir>=0.1.12",
-        "onnxconverter-common>=1.14",  # the FP16 graph rewrite (sedeploy.precision)
+        "onnxconverter-common>=1.14",  # the FP16 graph rewrite (sedeploy.fp16)
         "numpy>=1.24",
         "pillow>=10",
         "click>=8.1",

@@ -10,7 +10,7 @@ is converted with :func:`sedeploy.precision.convert_fp16`, then
   batch 1 in ONNX Runtime CPU; the headline is the paired ratio FP16 time / FP32 time (< 1: FP16 faster).
 
 This is what :data:`sedeploy.precision.DEFAULT_KEEP_FP32` is chosen from. Random weights (``build_model(50)``)
-unless ``--checkpoint`` points at trained ones. Results: ``benchmarks/fp16_policy.json`` and ``.md``.
+unless ``--checkpoint`` points at trained ones. Results: ``benchmarks/results/fp16_policy/results.json`` and ``.md``.
 
     python benchmarks/fp16_policy.py                      # ~3 min on 2 cores
 """
@@ -47,8 +47,8 @@ def _export(path: Path, checkpoint: str | None) -> Path:
 def _logits(path: Path, x: np.ndarray, threads: int, batch: int = 16) -> np.ndarray:
     from sedeploy.backends.ort import OrtRunner
 
-    runner = OrtRunner(path, threads=threads)
-    return np.concatenate([runner.run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    with OrtRunner(path, threads=threads) as runner:
+        return np.concatenate([runner.infer(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def _drift(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -69,15 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds at batch 1")
     ap.add_argument("--checkpoint", default=None, help="trained SE-ResNet-50 state_dict (default: random weights)")
-    ap.add_argument("--out", default=str(HERE / "fp16_policy"), help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
 
     import onnxruntime as ort
 
     from sedeploy.backends.ort import OrtRunner
     from sedeploy.bench.timing import paired_speedup, time_runners
-    from sedeploy.fsutil import atomic_write_text
-    from sedeploy.precision import DEFAULT_KEEP_FP32, convert_fp16
+    from sedeploy.fp16 import DEFAULT_KEEP_FP32, convert_fp16
     from sedeploy.preprocess import Preprocess, load_folder
 
     work = Path(args.work)
@@ -99,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             "kept_fp32_nodes": {k: len(v) for k, v in rep.kept_fp32_nodes.items()}}
         print(policy, json.dumps(results["policies"][policy]["drift"]), flush=True)
 
-    runners = {"fp32": OrtRunner(fp32, threads=args.threads)}
-    runners.update({p: OrtRunner(results["policies"][p]["path"], threads=args.threads) for p in POLICIES})
+    runners = {"fp32": OrtRunner(fp32, threads=args.threads).activate()}
+    runners.update({p: OrtRunner(results["policies"][p]["path"], threads=args.threads).activate() for p in POLICIES})
     timing = time_runners(runners, x, batch_sizes=(1,), warmup=3, repeats=args.repeats)
     for p in POLICIES:
         st = timing.stats(p, 1)
@@ -121,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "seconds": round(time.perf_counter() - t0, 1),
         "command": "python benchmarks/fp16_policy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     })
-    atomic_write_text(Path(args.out + ".json"), json.dumps(results, indent=1) + "\n")
-    atomic_write_text(Path(args.out + ".md"), _markdown(results))
+    from common import write_results  # noqa: E402  (beside this script)
+
+    print("wrote", write_results(__file__, results, _markdown(results), argv=argv))
     print(_markdown(results))
     return 0
 

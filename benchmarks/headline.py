@@ -12,7 +12,7 @@ table measures the product, not a side path. Stages:
            top-1 of every engine on Imagenette val (3,925 images) at its training resolution (112 px), and on
            a subset at 224 px.
 
-Outputs in --out (default benchmarks/results): one folder per run with sedeploy's results.{json,csv,md} and
+Outputs in --out (default benchmarks/results/headline): one folder per run with sedeploy's results.{json,csv,md} and
 plots, plus headline.json / headline.md (the README's table) and throughput_vs_gflops.png.
 
     python benchmarks/headline.py                    # ≈ 40 min on a 2-core CPU
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                                                 "se-resnet50-imagenette.pth"))
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SEDEPLOY_CACHE", Path.home() / ".cache" /
                                                                      "sedeploy")) / "headline")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "headline")
     args = ap.parse_args(argv)
     args.depths = [int(d) for d in args.depths.split(",")]
     stages = args.stages.split(",")

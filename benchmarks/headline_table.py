@@ -1,7 +1,7 @@
 """Merge the `sedeploy bench` runs of benchmarks/headline.py into headline.json, headline.md and one plot.
 
 Reads each run's results.json (it has every figure and the raw samples) so this table can be remade without
-re-measuring:  python benchmarks/headline_table.py benchmarks/results
+re-measuring:  python benchmarks/headline_table.py benchmarks/results/headline
 """
 from __future__ import annotations
 
@@ -184,4 +184,4 @@ def write_headline(runs: list[dict] | None, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    write_headline(None, Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results"))
+    write_headline(None, Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "headline"))

@@ -20,12 +20,11 @@ Usage::
         --trained ~/.cache/sedeploy/headline/reference-112.onnx --trained-size 112 \
         --trained-calib ../shared/data/imagenette/train --trained-images ../shared/data/imagenette/val
 
-Writes benchmarks/int8_cpu_forms.json and .md.
+Writes benchmarks/results/int8_cpu_forms/results.json and .md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -41,7 +40,7 @@ from sedeploy.bench.timing import paired_speedup, time_runners  # noqa: E402
 from sedeploy.bench.labels import resolve_labels  # noqa: E402
 from sedeploy.calibration import DEFAULT_METHOD, calibrate  # noqa: E402
 from sedeploy.preprocess import Preprocess, find_images, load_batch  # noqa: E402
-from sedeploy.quantize import CPU_OPTIONS, CpuOptions, quantize_model  # noqa: E402
+from sedeploy.int8 import CPU_OPTIONS, CpuOptions, quantize_model  # noqa: E402
 
 CONV_ONLY = ()
 #: name → (flavour, se, CpuOptions or None)
@@ -73,8 +72,8 @@ def build(model: Path, calib, out: Path, names) -> dict:
 
 def agreement(paths: dict[str, str], fp32: Path, images: np.ndarray, labels=None, batch: int = 16) -> dict:
     def logits(p):
-        r = OrtRunner(p, threads=2)
-        return np.concatenate([r.run(images[i:i + batch]) for i in range(0, len(images), batch)])
+        with OrtRunner(p, threads=2) as r:
+            return np.concatenate([r.infer(images[i:i + batch]) for i in range(0, len(images), batch)])
 
     ref = logits(fp32)
     res = {"FP32": {"top1_agreement": 1.0, **({"accuracy": float((ref.argmax(1) == labels).mean())}
@@ -91,8 +90,8 @@ def agreement(paths: dict[str, str], fp32: Path, images: np.ndarray, labels=None
 
 
 def speed(paths: dict[str, str], fp32: Path, batch_sizes, repeats: int, images: np.ndarray) -> dict:
-    runners = {"FP32": OrtRunner(fp32, threads=2)}
-    runners.update({n: OrtRunner(p, threads=2) for n, p in paths.items()})
+    runners = {"FP32": OrtRunner(fp32, threads=2).activate()}
+    runners.update({n: OrtRunner(p, threads=2).activate() for n, p in paths.items()})
     t = time_runners(runners, images, batch_sizes=batch_sizes, warmup=2, repeats=repeats)
     out = {}
     for b in batch_sizes:
@@ -204,9 +203,9 @@ def main() -> None:
     res["load_end"] = [round(v, 2) for v in __import__("os").getloadavg()]
     if a.conclusions and a.conclusions.exists():
         res["conclusions"] = a.conclusions.read_text().splitlines()
-    (HERE / "int8_cpu_forms.json").write_text(json.dumps(res, indent=1))
-    (HERE / "int8_cpu_forms.md").write_text(to_md(res))
-    print("wrote", HERE / "int8_cpu_forms.json", HERE / "int8_cpu_forms.md")
+    from common import write_results  # noqa: E402  (beside this script)
+
+    print("wrote", write_results(__file__, res, to_md(res)))
 
 
 if __name__ == "__main__":

@@ -5,20 +5,19 @@ Quantizes the trained reference SE-ResNet-50 (112 px, benchmarks/train_reference
 while leaving chosen nodes in FP32 — the stem conv, the classifier, the last stage (layer4 from its first conv to
 the end, which includes the classifier) — and measures top-1 agreement with FP32 on all 3,925 Imagenette val
 images. It reuses quantize's SE-exclusion hook (``_se_nodes``) to name the nodes to exclude: an experiment, not
-a product option. Calibration: percentile on 512 Imagenette train images (cached). Writes int8_keep_float.json.
+a product option. Calibration: percentile on 512 Imagenette train images (cached). Writes benchmarks/results/int8_keep_float/results.json.
 
     python benchmarks/int8_keep_float.py      # ≈ 6 min on 2 cores
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-import sedeploy.quantize as Q
+import sedeploy.int8 as Q
 from sedeploy.backends.ort import OrtRunner
 from sedeploy.bench.labels import resolve_labels
 from sedeploy.calibration import calibrate
@@ -49,8 +48,8 @@ def main() -> None:
     labels = resolve_labels(loaded, val, num_classes=10).indices
 
     def logits(path) -> np.ndarray:
-        runner = OrtRunner(path, threads=2)
-        return np.concatenate([runner.run(x[i:i + 64]) for i in range(0, len(x), 64)])
+        with OrtRunner(path, threads=2) as runner:
+            return np.concatenate([runner.infer(x[i:i + 64]) for i in range(0, len(x), 64)])
 
     ref = logits(MODEL)
     out = {}
@@ -68,7 +67,9 @@ def main() -> None:
     finally:
         Q._se_nodes = original
     print("fp32 top1", float((ref.argmax(1) == labels).mean()))
-    Path(__file__).with_name("int8_keep_float.json").write_text(json.dumps(out, indent=1))
+    from common import write_results  # noqa: E402  (beside this script)
+
+    print("wrote", write_results(__file__, out))
 
 
 if __name__ == "__main__":

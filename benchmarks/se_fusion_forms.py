@@ -8,12 +8,11 @@ equal-shape operands), tests whether ORT's NCHWc Mul can then take the scale; it
 
     python benchmarks/se_fusion_forms.py [--depth 50] [--size 224] [--seconds 60]
 
-Writes benchmarks/se_fusion_forms.json and .md.
+Writes benchmarks/results/se_fusion_forms/results.json and .md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 from pathlib import Path
@@ -25,7 +24,6 @@ from onnx import helper
 from sedeploy.backends.ort import OrtRunner, optimized_graph_histogram
 from sedeploy.bench.timing import paired_speedup, time_runners
 from sedeploy.export import export_onnx
-from sedeploy.fsutil import atomic_write_text
 from sedeploy.model import build_model
 from sedeploy.passes import DEFAULT_FORM, FORMS, fuse_se_blocks
 
@@ -76,8 +74,8 @@ def main() -> None:
             path = tmp / (name.split()[0] + ".onnx")
             onnx.save(model, str(path))
             hist = optimized_graph_histogram(path, "all", threads=1)
-            runners[name] = OrtRunner(path, threads=args.threads)
-            out = runners[name].run(x[:2])
+            runners[name] = OrtRunner(path, threads=args.threads).activate()
+            out = runners[name].infer(x[:2])
             ref = out if ref is None else ref
             rows[name] = {"nodes": len(model.graph.node),
                           "reorder_input": hist.get("com.microsoft.nchwc:ReorderInput", 0),
@@ -101,7 +99,6 @@ def main() -> None:
               "note": ("Throughput measured interleaved (rotating order) while a CPU training job ran on the same "
                        "2-core machine: absolute img/s are depressed and noisy; only the per-round ratios against "
                        "'unfused' are meaningful, and differences within ~±5% are noise.")}
-    atomic_write_text(HERE / "se_fusion_forms.json", json.dumps(result, indent=2) + "\n")
     lines = [f"# SE fusion forms — {result['model']}", "",
              f"ONNX Runtime CPU, ORT_ENABLE_ALL, {args.threads} threads. {result['note']}", "",
              "| form | nodes | ORT ReorderInput | ORT ReorderOutput | NCHWc nodes | max abs Δlogit | img/s b1 | "
@@ -111,7 +108,9 @@ def main() -> None:
                      f"{r['max_abs_diff_vs_unfused']:.2g} | {r['throughput_b1']} | {r['ratio_vs_unfused_b1']} | "
                      f"{r['throughput_b8']} | {r['ratio_vs_unfused_b8']} |")
     lines += ["", f"Default form: `{DEFAULT_FORM}` (see sedeploy/passes/se_fusion.py for the reasoning).", ""]
-    atomic_write_text(HERE / "se_fusion_forms.md", "\n".join(lines))
+    from common import write_results  # noqa: E402  (beside this script)
+
+    write_results(__file__, result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -12,7 +12,7 @@ than a 224-px model would reach, in exchange for a model that exists on any mach
 
 Output: an mmcls-format checkpoint ({'meta', 'state_dict'}, keys backbone.*/head.fc.*) in the cache
 (default $SEDEPLOY_CACHE/reference or ~/.cache/sedeploy/reference) and a JSON record of its accuracy, which
-benchmarks/ commits (benchmarks/reference_model.json).
+benchmarks/ commits (benchmarks/results/train_reference/reference_model.json).
 
     python benchmarks/train_reference.py                    # ≈ 46 min training + evaluation on 2 CPU cores
     python benchmarks/train_reference.py --quick            # 2-minute smoke run on 500 images
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-min", type=float, default=46.0,
                     help="training time budget; the LR schedule completes within it (evaluation comes after)")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint path [cache/se-resnet50-imagenette.pth]")
-    ap.add_argument("--record", type=Path, default=REPO / "benchmarks" / "reference_model.json")
+    ap.add_argument("--record", type=Path, default=REPO / "benchmarks" / "results" / "train_reference" / "reference_model.json")
     ap.add_argument("--quick", action="store_true", help="smoke run: 500 images, 1+1 epochs")
     args = ap.parse_args(argv)
     if not (args.data / "train").is_dir():
