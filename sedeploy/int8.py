@@ -52,7 +52,6 @@ MIN_OPSET = 13  # per-channel (axis) Q/DQ
 _INT8_MAX = 127.0
 _SMALLEST_SCALE = 1e-12  # an all-zero tensor/channel still needs a positive scale
 _WEIGHTED = ("Conv", "Gemm")
-_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
 
 @dataclass(frozen=True)
@@ -316,9 +315,9 @@ def quantized_op_counts(model, *, qdq: bool = True) -> dict[str, int]:
     g = Graph(model)
     counts: Counter = Counter()
     for n in g.nodes:
-        if n.op_type in _QUANT_OPS:
+        if n.op_type in QDQ_OPS or n.op_type == "DynamicQuantizeLinear":
             continue
-        if n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "QAttention") or n.op_type.endswith("Integer"):
+        if n.op_type in QOPERATOR_OPS:
             counts[n.op_type] += 1
         elif qdq and n.input and n.input[0] and g.made_by(n.input[0], "DequantizeLinear") and (
                 n.op_type not in _WEIGHTED or g.made_by(n.input[1], "DequantizeLinear")):

@@ -97,7 +97,7 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def _load_light(path: Path):
+def load_light(path: Path):
     """The ONNX graph without external weight files (only names, types, shapes and metadata are needed)."""
     from sedeploy.onnxcore import load_onnx
 
@@ -124,7 +124,7 @@ def describe_engine(path: str | Path) -> EngineSpec:
     backend = backend_for_engine(path)
     if backend.name != "ort":
         return _describe_compiled(path, backend.name)
-    proto = _load_light(path)
+    proto = load_light(path)
     inp = image_input(proto, path=str(path))
     meta = get_metadata(proto)
     sidecar = _ort_sidecar(path)
@@ -146,7 +146,7 @@ def _describe_compiled(path: Path, backend: str) -> EngineSpec:
     meta: dict[str, Any] = {}
     src = side.get("source_model")
     if src and Path(src).is_file():
-        meta = get_metadata(_load_light(Path(src)))
+        meta = get_metadata(load_light(Path(src)))
     prof = side.get("profile") or {}
     hi = prof.get("max") or []
     if len(hi) != 4:
@@ -267,7 +267,7 @@ def preprocess_for(spec: EngineSpec) -> Preprocess:
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
-def _base_channels(proto) -> int | None:
+def base_channels(proto) -> int | None:
     """Width of the stem: output channels of the conv that reads the image input."""
     inits = {t.name: t for t in proto.graph.initializer}
     data = {i.name for i in proto.graph.input} - set(inits)
@@ -319,15 +319,13 @@ def model_flops(spec: EngineSpec) -> dict[str, Any]:
     proto = None
     onnx_path = spec.path if spec.backend == "ort" else Path((spec.sidecar or {}).get("source_model", ""))
     if onnx_path.suffix == ".onnx" and onnx_path.is_file():
-        import onnx
-
-        proto = onnx.load(str(onnx_path), load_external_data=False)
+        proto = load_light(onnx_path)
     depth = meta.get("sedeploy.depth")
     if depth is not None and spec.input_size:
         from sedeploy.flops import count_complexity
         from sedeploy.model import build_model
 
-        width = (_base_channels(proto) if proto is not None else None) or 64
+        width = (base_channels(proto) if proto is not None else None) or 64
         net = build_model(int(depth), se=bool(meta.get("sedeploy.se", True)),
                           num_classes=int(spec.num_classes or 1000), base_channels=width, seed=None)
         cx = count_complexity(net, spec.input_size)
@@ -393,9 +391,7 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
                                                                               .get("source_model", ""))
         width = None
         if src.suffix == ".onnx" and src.is_file():
-            import onnx
-
-            width = _base_channels(onnx.load(str(src), load_external_data=False))
+            width = base_channels(load_light(src))
         if width is None:
             return None, f"the stem width of {reference.name} cannot be read from an ONNX graph"
         from sedeploy.model import build_model, count_params

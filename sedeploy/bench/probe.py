@@ -120,12 +120,9 @@ def probe_int8_gemm(size: int = 1024, *, threads: int = 2, seconds: float = 1.0,
         import onnxruntime as ort
     except ImportError as err:
         raise MissingDependencyError("onnxruntime", "dev", "The int8 GEMM probe") from err
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    session = ort.InferenceSession(_int8_matmul_model(size).SerializeToString(), so,
-                                   providers=["CPUExecutionProvider"])
+    from sedeploy.onnxcore import cpu_session
+
+    session = cpu_session(_int8_matmul_model(size), threads=threads)
     a = np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)
     feed = {"a": a}
     samples = _time_calls(lambda: session.run(["y"], feed), seconds=seconds, warmup=warmup, min_calls=min_calls)

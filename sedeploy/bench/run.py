@@ -145,8 +145,6 @@ def _accuracy_pass(specs, runners, x: np.ndarray, chunk: int, progress: bool) ->
 
 def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, EngineInfo] | str:
     """The same depth and width without SE, exported FP32 into ``tmp``; or the reason it cannot be made."""
-    import onnx
-
     from sedeploy.backends.ort import OrtRunner
     from sedeploy.export import export_onnx
     from sedeploy.flops import count_complexity
@@ -156,8 +154,8 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     if depth is None:
         return f"the reference {ref.name} carries no depth metadata (not exported by sedeploy)"
     src = ref.path if ref.backend == "ort" else Path((ref.sidecar or {}).get("source_model", ""))
-    proto = onnx.load(str(src), load_external_data=False) if src.suffix == ".onnx" and src.is_file() else None
-    width = (E._base_channels(proto) if proto is not None else None) or 64
+    proto = E.load_light(src) if src.suffix == ".onnx" and src.is_file() else None
+    width = (E.base_channels(proto) if proto is not None else None) or 64
     # the reference's opset, so both graphs come from the same exporter (dynamo ≥ 18, TorchScript below)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18) if proto else 18
     net = build_model(int(depth), se=False, num_classes=int(ref.num_classes or 1000), base_channels=width, seed=0)

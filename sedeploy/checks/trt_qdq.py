@@ -18,8 +18,8 @@ from typing import Iterable
 import numpy as np
 
 from sedeploy.checks.precision import format_precision, summarize_graph
-from sedeploy.checks.trt_rules import QOPERATOR_OPS, RULES, SENSITIVE_OPS, WEIGHTED_OPS
-from sedeploy.onnxcore import Graph, as_model, attr, compute_depths, default_opset
+from sedeploy.checks.trt_rules import RULES, SENSITIVE_OPS, WEIGHTED_OPS
+from sedeploy.onnxcore import QOPERATOR_OPS, Graph, as_model, attr, compute_depths, default_opset
 from sedeploy.onnxcore.graph import INT8, INT32, UINT8
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sedeploy.onnxcore.graph import QOPERATOR_OPS  # noqa: F401  (the one list; the rules refer to it)
 
 TRT_GUIDE = ("TensorRT Developer Guide, 'Explicit Quantization' (per-tensor activations; per-channel weights on the "
              "output-channel axis; Gemm transB note; QLinearConv/ConvInteger unsupported; Q/DQ placement advice)")
