@@ -1,0 +1,75 @@
+"""The backend table and the runner protocol: one place that maps engines to backends and runners."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sedeploy.backends import BACKENDS, Runner, backend, backend_for_engine, open_runner, require, sidecar_path
+from sedeploy.errors import MissingDependencyError, SedeployError
+
+
+@pytest.mark.parametrize("name, key, sidecar", [
+    ("m.fp32.ort-opt.onnx", "ort", "m.fp32.ort.json"), ("m.int8-cpu.onnx", "ort", "m.int8-cpu.ort.json"),
+    ("m.fp16.plan", "trt", "m.fp16.trt.json"), ("m.int8-trt.ov.xml", "openvino", "m.int8-trt.ov.json")])
+def test_engines_map_to_one_backend_and_sidecar(tmp_path, name, key, sidecar):
+    assert backend_for_engine(tmp_path / name).name == key
+    assert sidecar_path(tmp_path / name) == tmp_path / sidecar
+
+
+def test_unknown_engine_and_backend_are_clear_errors(tmp_path):
+    with pytest.raises(SedeployError, match=r"\.plan"):
+        backend_for_engine(tmp_path / "model.bin")
+    with pytest.raises(SedeployError, match="ort, trt, openvino"):
+        backend("onnx")
+
+
+def test_table_rows_are_complete():
+    for key, row in BACKENDS.items():
+        assert row.name == key and row.kinds and row.engine_suffixes and row.sidecar_suffix.endswith(".json")
+    assert "int8-cpu" not in BACKENDS["trt"].kinds  # QOperator INT8 is never handed to TensorRT
+
+
+def test_missing_optional_backend_is_exit_4_with_the_install_hint(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real(n, *a))
+    with pytest.raises(MissingDependencyError, match=r"sedeploy\[tensorrt\]") as err:
+        require("trt", "Building TensorRT engines")
+    assert err.value.exit_code == 4
+
+
+class _Echo(Runner):
+    backend = "echo"
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def _activate(self):
+        self.events.append("activate")
+
+    def _infer(self, x):
+        return x * 2
+
+    def _deactivate(self):
+        self.events.append("deactivate")
+
+
+def test_runner_protocol_activate_infer_deactivate():
+    r = _Echo()
+    with pytest.raises(SedeployError, match="not active"):
+        r.infer(np.ones(2))
+    with r:
+        assert r.is_active
+        np.testing.assert_array_equal(r.infer(np.ones(2)), [2, 2])
+    assert not r.is_active and r.events == ["activate", "deactivate"]
+
+
+def test_open_runner_passes_only_the_options_a_backend_takes(tiny_onnx):
+    runner = open_runner(tiny_onnx, threads=1, providers=None, optimization="extended")
+    assert runner.backend == "ort" and runner.threads == 1 and runner.optimization == "extended"
+    assert not runner.is_active  # opening is cheap; activate() loads the session
+    with runner:
+        out = runner.infer(np.zeros((2, 3, 32, 32), np.float32))
+    assert out.shape == (2, 10)

@@ -1,0 +1,102 @@
+"""The ONNX core: one loader, one image-input check, one session factory, one "is quantized", one SE recogniser."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from sedeploy.errors import SedeployError
+from sedeploy.onnxcore import (Graph, graph_precision, image_input, is_quantized, load_onnx, name_nodes, run_model,
+                               sha256_file)
+
+
+def _conv_model(shape, elem=TP.FLOAT, batch_dim=None):
+    """x[shape] → Conv(3→4, 1×1) → GlobalAveragePool → Flatten: a tiny image classifier with fixed weights."""
+    w = nh.from_array(np.random.default_rng(0).normal(size=(4, 3, 1, 1)).astype(np.float32), "w")
+    nodes = [h.make_node("Conv", ["x", "w"], ["c"]), h.make_node("GlobalAveragePool", ["c"], ["p"]),
+             h.make_node("Flatten", ["p"], ["y"])]
+    dims = list(shape) if batch_dim is None else [batch_dim, *shape[1:]]
+    g = h.make_graph(nodes, "m", [h.make_tensor_value_info("x", elem, dims)],
+                     [h.make_tensor_value_info("y", TP.FLOAT, None)], [w])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_image_input_reads_nchw_and_refuses_nhwc_and_int_inputs():
+    inp = image_input(_conv_model((1, 3, 32, 32)))
+    assert (inp.channels, inp.height, inp.width, inp.static_batch) == (3, 32, 32, 1)
+    assert image_input(_conv_model((1, 3, 32, 32), batch_dim="N")).dynamic_batch
+    with pytest.raises(SedeployError, match="NHWC"):
+        image_input(_conv_model((1, 32, 32, 3)))
+    with pytest.raises(SedeployError, match="uint8"):
+        image_input(_conv_model((1, 3, 32, 32), elem=TP.UINT8))
+    with pytest.raises(SedeployError, match="1 channel"):
+        image_input(_conv_model((1, 1, 32, 32)))
+
+
+def test_run_model_feeds_a_fixed_batch_model_any_number_of_images():
+    m = _conv_model((2, 3, 8, 8))
+    x = np.random.default_rng(1).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    got = run_model(m, x)
+    assert got.shape == (5, 4)
+    ref = run_model(_conv_model((5, 3, 8, 8)), x)  # the same arithmetic at a batch that fits exactly
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_loader_errors_name_the_file(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(SedeployError, match="empty file"):
+        load_onnx(empty)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not onnx at all" * 10)
+    with pytest.raises(SedeployError, match="junk.onnx"):
+        load_onnx(junk)
+    with pytest.raises(SedeployError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_sha256_of_a_dangling_link_is_a_clear_error(tmp_path):
+    link = tmp_path / "a.jpg"
+    link.symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(SedeployError, match="symbolic link"):
+        sha256_file(link, what="calibration image")
+
+
+def test_is_quantized_and_precision_from_the_graph():
+    m = _conv_model((1, 3, 8, 8))
+    assert not is_quantized(m) and graph_precision(m) == "fp32"
+    m.graph.node.insert(0, h.make_node("Cast", ["x"], ["x16"], to=TP.FLOAT16))
+    assert graph_precision(m) == "fp16"
+    q = _conv_model((1, 3, 8, 8))
+    q.graph.node.append(h.make_node("QLinearConv", ["a", "b", "c", "d", "e", "f", "g", "h"], ["i"]))
+    assert is_quantized(q) and graph_precision(q) == "int8"
+
+
+def test_name_nodes_gives_unique_names():
+    m = _conv_model((1, 3, 8, 8))
+    m.graph.node[1].name = "Flatten_2"  # collides with the generated name of node 2
+    name_nodes(m)
+    names = [n.name for n in m.graph.node]
+    assert all(names) and len(set(names)) == 3
+    assert Graph(m).name(m.graph.node[0]) == names[0]
+
+
+def test_policies_use_the_fusion_recogniser(tiny_onnx):
+    """FP16 keep-lists and the INT8 SE policy see exactly the SE blocks the fusion pass recognises."""
+    from sedeploy.fp16 import find_precision_groups
+    from sedeploy.passes import find_se_blocks, se_block_nodes
+
+    m = onnx.load(str(tiny_onnx))
+    name_nodes(m)
+    blocks = se_block_nodes(m)
+    matched = [c for c in find_se_blocks(m) if c.ok]
+    assert len(blocks) == len(matched) == 8
+    assert [sorted(b.all) for b in blocks] == [sorted(c.nodes) for c in matched]
+    groups = find_precision_groups(m)
+    assert set(groups["se"]) == {n for b in blocks for n in b.all}
+    assert set(groups["se_gate"]) == {n for b in blocks for n in (*b.excite_logits, *b.gate)}
+    ops = {n.name: n.op_type for n in m.graph.node}
+    assert {ops[b.scale] for b in blocks} == {"Mul"} and {ops[g] for b in blocks for g in b.gate} == {"Sigmoid"}
