@@ -1,7 +1,7 @@
 """Measure the FP16 artifact's keep-FP32 policies on SE-ResNet-50: logit drift, top-1 agreement, ORT CPU speed.
 
 For each policy (nothing kept, the SE gate, the whole SE branch, the head, and two combinations) the FP32 export
-is converted with :func:`sedeploy.precision.convert_fp16`, then
+is converted with :func:`sedeploy.fp16.convert_fp16`, then
 
 - drift: FP16 vs FP32 logits on the first ``--images`` real images of ``--data`` (max / mean / p99 |Δlogit|,
   top-1 agreement, top-5 overlap); the FP32 logits' top-1 margin is recorded beside it, because on random
@@ -9,7 +9,7 @@ is converted with :func:`sedeploy.precision.convert_fp16`, then
 - speed: every FP16 variant and the FP32 model timed interleaved (round-robin, order rotated each round) at
   batch 1 in ONNX Runtime CPU; the headline is the paired ratio FP16 time / FP32 time (< 1: FP16 faster).
 
-This is what :data:`sedeploy.precision.DEFAULT_KEEP_FP32` is chosen from. Random weights (``build_model(50)``)
+This is what :data:`sedeploy.fp16.DEFAULT_KEEP_FP32` is chosen from. Random weights (``build_model(50)``)
 unless ``--checkpoint`` points at trained ones. Results: ``benchmarks/results/fp16_policy/results.json`` and ``.md``.
 
     python benchmarks/fp16_policy.py                      # ~3 min on 2 cores

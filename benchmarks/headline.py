@@ -93,7 +93,7 @@ def trt_plans(folder: Path, arts: dict[str, Path]) -> list[Path]:
             sh("build-engine", str(arts[key]), "--backend", "trt", "--opt-batch", "8", "--max-batch", "32",
                "-o", str(target))
         m = json.loads((target / "manifest.json").read_text())
-        plans += [Path(e["path"]) for e in m["engines"] if e["backend"] == "tensorrt"]
+        plans += [Path(e["path"]) for e in m["engines"] if e["backend"] == "trt"]
     return plans
 
 

@@ -18,11 +18,19 @@ def _load_runs(out: Path) -> list[dict]:
     return runs
 
 
+#: results of schema sedeploy.bench/1 named the backends "onnxruntime" / "tensorrt"
+_OLD_BACKEND_NAMES = {"onnxruntime": "ort", "tensorrt": "trt"}
+
+
+def _backend(e: dict) -> str:
+    return _OLD_BACKEND_NAMES.get(e.get("backend"), e.get("backend"))
+
+
 def _kind(e: dict) -> str:
     name, flavour = e["name"].lower(), (e.get("flavour") or "").lower()
-    if e.get("backend") == "pytorch":
+    if _backend(e) == "pytorch":
         return "PyTorch eager FP32"
-    if e.get("backend") == "tensorrt":
+    if _backend(e) == "trt":
         return f"TensorRT {e['precision'].upper()}"
     if flavour == "no-se":
         return "ORT FP32, plain ResNet (no SE)"
@@ -152,7 +160,7 @@ def write_headline(runs: list[dict] | None, out: Path) -> None:
           "right after one untimed call of the same engine (`--settle 1`: warm caches and threads, as in serving).", ""]
     if speed:
         md += ["## Speed on ONNX Runtime CPU", ""]
-        if not any(e.get("backend") == "tensorrt" for r in speed for e in r["results"]["engines"]):
+        if not any(_backend(e) == "trt" for r in speed for e in r["results"]["engines"]):
             md += ["No TensorRT rows: this machine has no NVIDIA GPU and no TensorRT. `headline.py` builds TensorRT "
                    "plans from the same FP32/FP16/INT8-Q/DQ artifacts and adds their rows where both are present.",
                    ""]

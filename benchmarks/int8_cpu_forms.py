@@ -1,6 +1,6 @@
 """Which INT8 form runs fastest on ONNX Runtime CPU here, at what drift — and which SE policy to default to.
 
-Builds, from ONE calibration of each model, the CPU-flavour variants of :mod:`sedeploy.quantize` (QOperator vs
+Builds, from ONE calibration of each model, the CPU-flavour variants of :mod:`sedeploy.int8` (QOperator vs
 QDQ U8S8, per-channel on/off, reduce_range on/off, Conv-only vs "everything uint8" (QLinearAdd/Mul/Sigmoid/
 GlobalAveragePool), SE kept in FP32 or quantized) plus the TensorRT flavour, then
 

@@ -1,8 +1,10 @@
-"""sedeploy: SE-ResNet from PyTorch to verified ONNX Runtime and TensorRT engines.
+"""sedeploy: SE-ResNet from PyTorch to verified ONNX Runtime, TensorRT and OpenVINO engines.
 
-Modules follow the data flow: ``model`` → ``checkpoints`` → ``export`` → ``passes`` → ``calibration`` /
-``precision`` → ``backends`` → ``bench``. Heavy libraries (torch, onnxruntime, tensorrt) are imported inside the
-modules that need them, so ``import sedeploy`` stays cheap.
+Modules follow the data flow, on one ONNX core (``onnxcore``: load/save/metadata/graph index/sessions):
+``model`` → ``checkpoints`` → ``export`` → ``passes`` (SE fusion) → ``fp16`` / ``calibration`` / ``int8``
+(portable artifacts, ``artifacts``) → ``checks`` → ``pipeline`` (the build-engine job) → ``backends`` → ``bench``.
+Heavy libraries (torch, onnxruntime, tensorrt, openvino) are imported inside the modules that need them, so
+``import sedeploy`` stays cheap.
 """
 from sedeploy.errors import SedeployError
 

@@ -52,7 +52,7 @@ class Artifact:
     @classmethod
     def from_file(cls, path: str | Path, proto=None) -> "Artifact":
         """Describe an ONNX file: precision from the graph itself, flavour from sedeploy's metadata (or, for a
-        file without it, from the graph: QOperator ops → cpu; Q/DQ with only int8 zero points → trt)."""
+        file without it, "cpu" when it holds QOperator ops; otherwise unknown: None)."""
         from sedeploy.onnxcore import META, get_metadata, graph_precision, load_onnx
 
         proto = proto if proto is not None else load_onnx(path, weights=False, check=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from sedeploy.backends import BACKENDS
 from sedeploy.errors import SedeployError
 
 DEPTHS = ["18", "34", "50", "101", "152"]
@@ -181,10 +182,10 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
               help="Pin the calibration cache file (recomputed when its inputs changed).")
 @click.option("--se-int8", type=click.Choice(["fp32", "int8"]), default=None,
               help="INT8 policy for the SE path (squeeze, FCs, gate, scale): keep in float or quantize "
-                   "[default: the measured choice, see benchmarks/int8_cpu_forms.md].")
+                   "[default: the measured choice, see benchmarks/results/int8_cpu_forms/results.md].")
 @click.option("--keep-fp32", default=None, metavar="GROUPS",
               help="FP16 policy: comma list of se_gate, se, head kept in FP32, or 'none' [default: measured].")
-@click.option("--backend", type=click.Choice(["ort", "trt", "openvino", "none"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice([*BACKENDS, "none"]), default="ort", show_default=True,
               help="Engine backend: ort = ONNX Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
                    "`pip install sedeploy[tensorrt]`); openvino = OpenVINO (CPU, `pip install sedeploy[openvino]`); "
                    "none = artifacts only.")

@@ -45,7 +45,7 @@ log = logging.getLogger("sedeploy")
 
 PRECISION_GROUPS = ("se_gate", "se", "head")
 #: Measured by benchmarks/fp16_policy.py (SE-ResNet-50, random weights, 100 real ImageNet-val images, ORT CPU;
-#: see benchmarks/fp16_policy.md): max |Δlogit| 0.086 with nothing kept, 0.085 keeping the SE gate, 0.088 the
+#: see benchmarks/results/fp16_policy/results.md): max |Δlogit| 0.086 with nothing kept, 0.085 keeping the SE gate, 0.088 the
 #: whole SE branch, 0.085 the head, 0.084 SE + head — the same within noise (mean 0.0100–0.0104), top-1 agreement
 #: 100 % for every policy; batch-1 time FP16/FP32 1.00–1.03 for all of them. The drift comes from the 3×3/1×1
 #: trunk convolutions, not from the SE path or the classifier, and each FP32 island costs Casts (34 for the SE
@@ -89,7 +89,7 @@ class Fp16Report:
     weights_fp32: int  # float32 initializer values
     saturated_values: int  # weight values with |w| > 65504 (FP16 max), saturated to ±65504
     tiny_values: int  # weight values with 0 < |w| < 2^-24 (below FP16's smallest subnormal), set to ±2^-24
-    precision: dict = field(default_factory=dict)  # validate.summarize_precision of the result
+    precision: dict = field(default_factory=dict)  # checks.summarize_precision of the result
     verification: Fp16Verification | None = None
     seconds: float = 0.0
 

@@ -19,13 +19,14 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
     calibrators). The SE squeeze (ReduceMean over H,W) is first rewritten to the equivalent GlobalAveragePool so
     that it, the Sigmoid gate, the channel-scaling Mul and the residual Add all get com.microsoft QLinear kernels
     and activations stay uint8 from one convolution to the next. The settings are the measured optimum of
-    ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/int8_cpu_forms.md).
+    ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/results/int8_cpu_forms/results.md).
 
 SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float, ``"int8"`` quantizes it
-like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed (benchmarks/int8_cpu_forms.md).
+like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed (benchmarks/results/int8_cpu_forms/results.md).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -35,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.calibration import CalibrationResult
-from sedeploy.errors import MissingDependencyError, SedeployError
-from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, compute_depths, copy_model, default_opset,
+from sedeploy.errors import SedeployError
+from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, attr, compute_depths, copy_model, default_opset,
                                get_metadata, image_input, is_quantized, name_nodes, run_model, save_onnx, set_metadata,
                                sha256_file)
 
@@ -72,7 +73,7 @@ class CpuOptions:
         return d
 
 
-#: Measured (benchmarks/int8_cpu_forms.md, trained reference): 1.97× FP32 at batch 8, 97.9 % top-1 agreement —
+#: Measured (benchmarks/results/int8_cpu_forms/results.md, trained reference): 1.97× FP32 at batch 8, 97.9 % top-1 agreement —
 #: as fast as any form and within 0.5 pt of the most faithful one (conv-only, 98.4 %, 1.59×).
 CPU_OPTIONS = CpuOptions()
 
@@ -152,7 +153,7 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) ->
     """Insert TensorRT-style Q/DQ (see module docstring); returns settings for the report."""
     from onnx import helper, numpy_helper
 
-    if default_opset(model) < MIN_OPSET:
+    if (default_opset(model) or 0) < MIN_OPSET:
         raise SedeployError(f"'{label}' has opset {default_opset(model)}; TensorRT's per-channel Q/DQ needs ≥ {MIN_OPSET}.",
                             fix="re-export with --opset 13 or newer (18 is the default)")
     g = Graph(model)
@@ -185,7 +186,7 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) ->
     for n in weighted:
         w_name = n.input[1]
         w = g.const(w_name).astype(np.float32)
-        axis = 0 if n.op_type == "Conv" or _attr(n, "transB", 0) else 1
+        axis = 0 if n.op_type == "Conv" or attr(n, "transB", 0) else 1
         amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
         scale = np.maximum(amax / _INT8_MAX, _SMALLEST_SCALE).astype(np.float32)
         shape = [1] * w.ndim
@@ -223,15 +224,6 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) ->
             "excluded_se_nodes": len(skip_se)}
 
 
-def _attr(node, name: str, default=None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 # ------------------------------------------------------------------------------------------------- CPU flavour
 def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, options: CpuOptions):
     """ONNX Runtime's public ``quantize_static`` (QOperator or QDQ, U8S8) driven with *our* ranges: they are written
@@ -244,14 +236,18 @@ def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, op
                                               quantize_static, save_tensors_data)
         from onnxruntime.quantization.calibrate import TensorData
     except ImportError as err:
-        raise MissingDependencyError("onnxruntime", "ort", "INT8 quantization (CPU flavour)") from err
+        import onnxruntime
+
+        raise SedeployError(f"INT8 quantization (CPU flavour) needs onnxruntime ≥ 1.32 (its quantize_static takes "
+                            f"precomputed ranges as calibration_cache_path); this is onnxruntime "
+                            f"{onnxruntime.__version__}.", fix="pip install -U 'onnxruntime>=1.32'") from err
     import onnx
 
     from sedeploy.passes import reduce_mean_to_global_pool
 
     if options.format not in ("qoperator", "qdq"):
         raise SedeployError(f"Unknown CPU INT8 format {options.format!r}.", expected="qoperator or qdq")
-    if default_opset(model) < MIN_OPSET:  # QLinear ops and per-channel Q/DQ need opset ≥ 13
+    if (default_opset(model) or 0) < MIN_OPSET:  # QLinear ops and per-channel Q/DQ need opset ≥ 13
         raise SedeployError(f"'{label}' has opset {default_opset(model)}; INT8 needs ≥ {MIN_OPSET}.",
                             fix="re-export with a newer opset (18 is the default)")
     gap = reduce_mean_to_global_pool(model) if options.squeeze_as_gap else 0
@@ -268,39 +264,44 @@ def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, op
     with tempfile.TemporaryDirectory(prefix="sedeploy-int8-") as tmp:
         cache, out = Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
-        with _quiet_root_logger():  # ORT logs "consider pre-processing" on the root logger for every call
+        with _without_ort_advice():
             quantize_static(model, out, calibration_data_reader=None, calibration_cache_path=cache,
                             calibrate_method=CalibrationMethod.MinMax, quant_format=fmt,
                             op_types_to_quantize=op_types, per_channel=options.per_channel,
                             reduce_range=options.reduce_range, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-        quantized = onnx.load(str(out))
-    if fmt == QuantFormat.QDQ:  # the QDQ quantizer appends its nodes at the end of the graph
-        quantized = _topological(quantized)
+        quantized = onnx.load(str(out))  # ORT saves the nodes in topological order (QDQ format too)
     settings = {"activation_type": "uint8 asymmetric per-tensor",
                 "weight_type": "int8 symmetric " + ("per-channel" if options.per_channel else "per-tensor"),
                 **options.as_dict(), "squeeze_rewritten_to_gap": gap, "excluded_se_nodes": len(excluded)}
     return quantized, settings
 
 
-class _quiet_root_logger:
-    def __enter__(self):
-        import logging as _logging
+class _DropOrtAdvice(logging.Filter):
+    """Drops the "consider pre-processing" advice ``quantize_static`` logs on every call (sedeploy's graph is
+    already shape-inferred and fused); every other record passes."""
 
-        self.logger, self.level = _logging.getLogger(), _logging.getLogger().level
-        self.logger.setLevel(_logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
 
 
-def _topological(model):
-    import onnx_ir as ir
-
-    m = ir.serde.deserialize_model(model)
-    m.graph.sort()
-    return ir.serde.serialize_model(m)
+@contextlib.contextmanager
+def _without_ort_advice():
+    """``quantize_static`` logs through the root logger with ``logging.warning``, which installs a root handler
+    when there is none. A NullHandler (kept only for the call) prevents that, and the filter drops the advice."""
+    root = logging.getLogger()
+    null = logging.NullHandler() if not root.handlers else None
+    advice = _DropOrtAdvice()
+    if null is not None:
+        root.addHandler(null)
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        if null is not None:
+            root.removeHandler(null)
 
 
 def _all_activations(model) -> set[str]:

@@ -107,12 +107,18 @@ def _check_options(opt: BuildOptions) -> None:
     if opt.threads is not None and opt.threads < 1:
         raise SedeployError(f"--threads {opt.threads} is not valid.", expected="a positive integer",
                             fix="omit --threads to use one per physical core")
+    if opt.backend == "none":
+        return
+    from sedeploy.backends import require
+
+    purpose = (f"Building {BACKENDS[opt.backend].label} engines (--backend {opt.backend}); the portable ONNX "
+               "artifacts can be written anywhere with --backend none and built where the backend is installed")
+    require(opt.backend, purpose)  # exit 4 with the install hint, before any work
     if opt.backend == "trt":
         from sedeploy.backends.tensorrt import require_trt, validate_profile
 
         validate_profile(opt.min_batch, opt.opt_batch, opt.max_batch)
-        require_trt("Building TensorRT engines (--backend trt); the portable ONNX artifacts can be written "
-                    "anywhere with --backend ort and built on the GPU machine later")
+        require_trt(purpose)
 
 
 def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None) -> Preprocess:
@@ -228,7 +234,10 @@ def _engine_options(opt: BuildOptions) -> EngineOptions:
                          max_batch=opt.max_batch, workspace_gib=opt.workspace_gib, timing_cache=opt.timing_cache)
 
 
-def _build_engines(res: BuildResult, out: Path, opt: BuildOptions) -> None:
+def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: bool = False) -> None:
+    """Engines of the chosen backend. In a full build the INT8 form meant for another backend is only written;
+    an artifact the user gave as MODEL is built as asked (``given``), with a note when its form is not the one
+    this backend runs best (``_check_artifact_for_backend`` has refused the forms a backend cannot read)."""
     from sedeploy.backends import build_engine
 
     if opt.backend == "none":
@@ -236,9 +245,12 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions) -> None:
     table = BACKENDS[opt.backend]
     for art in res.artifacts:
         if art.kind not in table.kinds and art.kind != "int8":  # "int8": unknown flavour, built as given
-            res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is built "
-                             f"from it (the {art.kind} form is meant for another backend)")
-            continue
+            if not given:
+                res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is "
+                                 f"built from it (the {art.kind} form is meant for another backend)")
+                continue
+            res.notes.append(f"{art.path.name}: the {art.kind} form is meant for another backend; built for "
+                             f"{table.label} as asked (it runs, but not in the form {table.label} runs fastest)")
         t0 = time.perf_counter()
         eng = build_engine(opt.backend, art.path, out, _engine_options(opt))
         res.timings[f"engine_{art.kind}_s"] = round(time.perf_counter() - t0, 2)
@@ -307,7 +319,7 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
             _fp16(fp32_path, out, stem, opt, pp, res)
         if opt.int8:
             _int8(fp32_path, out, stem, opt, pp, res)
-    _build_engines(res, out, opt)
+    _build_engines(res, out, opt, given=given.precision != "fp32")
     res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
     atomic_write_text(out / MANIFEST, json.dumps(res.as_dict(), indent=2, default=str) + "\n")
     return res

@@ -82,7 +82,7 @@ def test_gpu_engines_get_no_cpu_ceiling():
     clock = Clock()
     timing = time_runners([Fake("trt", clock, 2.0)], np.zeros((1, 3, 4, 4), np.float32), warmup=0, repeats=3,
                           clock=clock)
-    res = R.assemble_results([R.EngineInfo("trt", "SE-ResNet-50", "fp16", 8.0, backend="tensorrt", device="cuda")],
+    res = R.assemble_results([R.EngineInfo("trt", "SE-ResNet-50", "fp16", 8.0, backend="trt", device="cuda")],
                              timing, ceilings=CEILINGS, machine=MACHINE)
     b = res["engines"][0]["batch"]["1"]
     assert b["fraction_of_ceiling"] is None and b["ceiling"] is None and b["gflops_achieved"] == pytest.approx(4000)

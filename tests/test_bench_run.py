@@ -167,13 +167,13 @@ class _Interrupting:
 
 
 def _patch_runner(monkeypatch, engine_name: str, batch: int, after: int):
-    real = E.open_runner
+    real = E.start_runner
 
     def fake(spec, **kw):
         runner = real(spec, **kw)
         return _Interrupting(runner, batch, after) if spec.name == engine_name else runner
 
-    monkeypatch.setattr(E, "open_runner", fake)
+    monkeypatch.setattr(E, "start_runner", fake)
 
 
 def test_ctrl_c_during_timing_writes_partial_results(tiny_pair, tmp_path, monkeypatch):
@@ -251,7 +251,7 @@ def test_tensorrt_plan_without_tensorrt_is_an_error_not_dropped(tiny_pair, tmp_p
     plan = tmp_path / "tiny.fp16.plan"
     plan.write_bytes(b"not a real plan")
     (tmp_path / "tiny.fp16.trt.json").write_text(json.dumps(
-        {"backend": "tensorrt", "precision": "fp16", "source_model": str(fp32),
+        {"backend": "trt", "precision": "fp16", "source_model": str(fp32),
          "profile": {"input": "input", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}}))
     with pytest.raises(SedeployError, match="beyond|profile up to batch 16"):
         run_bench([fp32, plan], batches=(1, 32), **FAST)

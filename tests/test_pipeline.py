@@ -85,6 +85,33 @@ def test_artifact_input_builds_only_its_engine(built, tmp_path):
         build_engines(cpu, tmp_path, BuildOptions(fp16=True, progress=False))
 
 
+def test_artifact_of_the_other_flavour_is_built_as_asked_with_a_note(built, tmp_path):
+    """The TensorRT Q/DQ form given to the ONNX Runtime backend: built (ORT reads it), and the summary says it is
+    not the form ORT runs fastest — never an exit 0 with nothing built."""
+    res, _ = built
+    trt = next(a.path for a in res.artifacts if a.flavour == "trt")
+    again = build_engines(trt, tmp_path, BuildOptions(threads=1, progress=False))
+    assert [e["kind"] for e in again.engines] == ["int8-trt"]
+    assert any("meant for another backend" in n and "as asked" in n for n in again.notes), again.notes
+
+
+def test_cpu_quantization_leaves_the_callers_logging_alone(tiny_trained_art, tmp_path, monkeypatch):
+    """ORT's quantize_static logs through the root logger (which installs a handler on an unconfigured root);
+    sedeploy must not leave a root handler behind."""
+    import logging
+
+    from sedeploy.calibration import calibrate
+    from sedeploy.int8 import quantize_model
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # an application that configured no logging (pytest adds its own)
+    before = []
+    cal = calibrate(tiny_trained_art.onnx_path, tiny_trained_art.calib_dir, method="minmax", count=16,
+                    cache_dir=tmp_path, progress=False, preprocess=tiny_trained_art.preprocess)
+    quantize_model(tiny_trained_art.onnx_path, cal, tmp_path / "m.int8-cpu.onnx", flavour="cpu")
+    assert root.handlers == before and not root.filters
+
+
 def test_cli_json_and_default_calib(tiny_onnx, tmp_path):
     r = _run(["build-engine", str(tiny_onnx), "--int8", "--backend", "none", "--calib-method", "minmax",
               "-o", str(tmp_path), "--json"])

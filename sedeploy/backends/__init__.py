@@ -173,6 +173,9 @@ def require(name: str, purpose: str):
     b = backend(name)
     if importlib.util.find_spec(b.import_name) is None:
         raise MissingDependencyError(b.import_name, b.extra or "", purpose)
+    if importlib.util.find_spec(b.module) is None:
+        raise SedeployError(f"This sedeploy installation has no {b.label} backend module ({b.module}).",
+                            fix="reinstall sedeploy from a complete checkout")
     return importlib.import_module(b.module)
 
 

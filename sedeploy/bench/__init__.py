@@ -2,7 +2,7 @@
 
 The pieces are independent so each can be tested on its own and reused:
 
-- :mod:`~sedeploy.bench.timing` — interleaved timing of any objects with ``run(x) -> logits``;
+- :mod:`~sedeploy.bench.timing` — interleaved timing of any objects with ``infer(x) -> logits`` (the runner protocol of :mod:`sedeploy.backends`);
 - :mod:`~sedeploy.bench.probe` — this machine's fp32 / int8 GEMM ceiling;
 - :mod:`~sedeploy.bench.labels` — ground truth for an image folder (synset / index folders, labels files);
 - :mod:`~sedeploy.bench.accuracy` — agreement, flips, KL against the FP32 reference; the CI budget gate;

@@ -32,7 +32,7 @@ from sedeploy.preprocess import Preprocess
 log = logging.getLogger("sedeploy")
 
 __all__ = ["EngineSpec", "expand_engine_paths", "describe_engine", "check_same_model", "pick_reference",
-           "open_runner", "check_batches", "model_flops", "preprocess_for", "TorchRunner", "torch_baseline"]
+           "start_runner", "check_batches", "model_flops", "preprocess_for", "TorchRunner", "torch_baseline"]
 
 #: metadata fields that must agree between engines of one benchmark (sedeploy export writes them)
 IDENTITY_FIELDS = ("sedeploy.model", "sedeploy.depth", "sedeploy.se", "sedeploy.num_classes", "sedeploy.weights",
@@ -235,7 +235,7 @@ def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
                                                                                         f"{max(bad)}"))
 
 
-def open_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all") -> Runner:
+def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all") -> Runner:
     """An active runner for the engine. A plan needs TensorRT and a GPU; without them this raises, naming the
     engine (no engine is dropped from a benchmark behind the user's back)."""
     from sedeploy.backends import BACKENDS, open_runner as backend_runner
@@ -343,7 +343,7 @@ def model_flops(spec: EngineSpec) -> dict[str, Any]:
 class TorchRunner(Runner):
     """PyTorch eager FP32, channels_last, under ``inference_mode`` — the baseline the engines are compared with."""
 
-    backend = "torch"
+    backend = "pytorch"
     timer_coverage = ("PyTorch eager forward, channels_last: host numpy in (NCHW → channels_last copy "
                       "included) → host numpy out")
     input_dtype = np.dtype(np.float32)
@@ -353,7 +353,6 @@ class TorchRunner(Runner):
 
         super().__init__()
         self.model = model.eval().to(memory_format=torch.channels_last)
-        self.activate()
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -405,7 +404,7 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
             return None, (f"the rebuilt {model.spec.name} has {count_params(model)} parameters, the engines' "
                           f"model {params}")
         source = f"{model.spec.name}, {weights}, rebuilt from the ONNX metadata"
-    runner = TorchRunner(model)
+    runner = TorchRunner(model).activate()
     got = runner.infer(check_images.astype(np.float32))
     ref = np.asarray(reference_logits, np.float64)
     diff = float(np.abs(got - ref).max())

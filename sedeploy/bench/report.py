@@ -3,7 +3,7 @@
 Results schema (``results.json`` is exactly this dict; ``SCHEMA`` names its version)::
 
     {
-      "schema": "sedeploy.bench/1",
+      "schema": "sedeploy.bench/2",
       "complete": bool,                 # False: interrupted (Ctrl-C) — figures are partial
       "interrupted": str | None,        # where it stopped
       "created": ISO-8601 UTC time,
@@ -67,7 +67,8 @@ from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir
 __all__ = ["SCHEMA", "EngineInfo", "machine_description", "assemble_results", "format_table", "csv_rows",
            "to_markdown", "write_reports", "write_plots", "require_matplotlib", "FILES"]
 
-SCHEMA = "sedeploy.bench/1"
+#: /2: engine "backend" values are the backend table keys ("ort", "trt", "openvino") and "pytorch"
+SCHEMA = "sedeploy.bench/2"
 FILES = {"json": "results.json", "csv": "results.csv", "md": "results.md",
          "throughput_plot": "throughput_vs_gflops.png", "latency_plot": "latency_vs_batch.png"}
 _VERSIONED = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt", "openvino", "nncf",
@@ -84,7 +85,7 @@ class EngineInfo:
     gflops_total: float  # 2 × total multiply-adds per image, ×1e-9
     depth: int | None = None
     flavour: str = ""  # e.g. "fused", "qdq", "qoperator-u8s8"
-    backend: str = "onnxruntime"
+    backend: str = "ort"  # a key of sedeploy.backends.BACKENDS, or "pytorch"
     device: str = "cpu"
     gflops_seed: float | None = None
     info: dict[str, Any] = field(default_factory=dict)

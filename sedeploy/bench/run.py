@@ -145,6 +145,7 @@ def _accuracy_pass(specs, runners, x: np.ndarray, chunk: int, progress: bool) ->
 
 def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, EngineInfo] | str:
     """The same depth and width without SE, exported FP32 into ``tmp``; or the reason it cannot be made."""
+    from sedeploy.onnxcore import default_opset
     from sedeploy.backends.ort import OrtRunner
     from sedeploy.export import export_onnx
     from sedeploy.flops import count_complexity
@@ -157,7 +158,7 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     proto = E.load_light(src) if src.suffix == ".onnx" and src.is_file() else None
     width = (E.base_channels(proto) if proto is not None else None) or 64
     # the reference's opset, so both graphs come from the same exporter (dynamo ≥ 18, TorchScript below)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18) if proto else 18
+    opset = (default_opset(proto) or 18) if proto else 18
     net = build_model(int(depth), se=False, num_classes=int(ref.num_classes or 1000), base_channels=width, seed=0)
     size = ref.input_size or 224
     path = export_onnx(net, tmp / f"{net.spec.name}.onnx", input_size=size, opset=max(13, min(opset, 18)))
@@ -236,7 +237,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     flops = E.model_flops(ref)
     try:
         for s in specs:
-            runners[s.name] = E.open_runner(s, threads=threads, providers=providers, optimization=optimization)
+            runners[s.name] = E.start_runner(s, threads=threads, providers=providers, optimization=optimization)
         probe_x = smooth_noise(ref.static_batch or 1, pp.size, seed=0)
         ref_out = np.asarray(runners[ref.name].infer(_prepare(runners[ref.name], probe_x)))
         num_classes = int(ref_out.shape[1])

@@ -52,7 +52,7 @@ PERCENTILE_METHOD = "linear"
 
 @dataclass
 class TimingResult:
-    """Raw samples (seconds per ``run`` call) per engine and batch size, in the order they were taken.
+    """Raw samples (seconds per ``infer`` call) per engine and batch size, in the order they were taken.
 
     ``samples[name][b][i]`` was taken in round ``i`` of batch size ``b``; a run interrupted mid-round leaves the
     runners that came later in that round one sample short. ``order[b]`` lists the engine names of every timed

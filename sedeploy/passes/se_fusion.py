@@ -3,7 +3,7 @@
 Matching lives in :mod:`sedeploy.passes.se_patterns` (pattern + a reason for every non-match); this module
 rewrites the matched blocks with onnx-ir and reports what it did.
 
-Forms (``form=``), chosen by measurement (benchmarks/se_fusion_forms.md):
+Forms (``form=``), chosen by measurement (benchmarks/results/se_fusion_forms/results.md):
 
 - ``"standard"`` (default): ``GlobalAveragePool → Conv1×1(bias) → Relu → Conv1×1(bias) → Sigmoid|HardSigmoid →
   Mul(x, gate)``. Standard ops only, so every backend reads it: TensorRT's ONNX parser maps each op natively, and
@@ -43,7 +43,7 @@ from sedeploy.errors import SedeployError
 log = logging.getLogger("sedeploy.passes")
 
 FORMS = ("standard", "standard-gx", "function")
-#: chosen by measurement (benchmarks/se_fusion_forms.md): fewest ORT reorders tie among the forms, the standard
+#: chosen by measurement (benchmarks/results/se_fusion_forms/results.md): fewest ORT reorders tie among the forms, the standard
 #: form keeps the SE ops visible to the FP16/INT8 passes and to TensorRT without function inlining.
 DEFAULT_FORM = "standard"
 FUNCTION_DOMAIN = "sedeploy"
