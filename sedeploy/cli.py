@@ -3,13 +3,16 @@
 Human-readable output goes to stdout, progress bars and warnings to stderr. With ``--json`` stdout carries exactly
 one JSON object, so scripts can parse it. Errors print one message (what was given, what is expected, how to fix)
 and exit non-zero: 1 a bench budget exceeded (--max-top1-drop, --min-agreement), 2 bad input, 3 failed
-verification, 4 missing optional dependency, 130 interrupted.
+verification, 4 missing optional dependency, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: `timeout`, CI
+cancels, `docker stop`). Either way nothing half-written is left behind.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +29,11 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("sedeploy").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _progress(as_json: bool) -> bool:
+    """Progress bars only for a person watching: a terminal on stderr, and not --json."""
+    return not as_json and sys.stderr.isatty()
+
+
 def _emit(result: dict, as_json: bool, human: str) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
@@ -33,27 +41,56 @@ def _emit(result: dict, as_json: bool, human: str) -> None:
         click.echo(human)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every cleanup (``finally``, ``atomic_path``) runs as for
+    Ctrl-C. A KeyboardInterrupt subclass: code that cleans up on Ctrl-C cleans up on SIGTERM too."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def handle_errors(fn):
-    """Turn library errors into one clear message and an exit code; never a traceback for user mistakes."""
+    """Turn library errors into one clear message and an exit code; never a traceback for user mistakes.
+
+    SIGTERM is handled like Ctrl-C (cleanup runs, one line is printed) and exits 143 (128 + SIGTERM)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except SedeployError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
+        except Terminated:
+            click.echo("terminated (SIGTERM): stopped; temporary files were removed and no output was left "
+                       "half-written", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
-            click.echo("interrupted: nothing partial was left behind", err=True)
+            click.echo("interrupted: stopped; temporary files were removed and no output was left half-written",
+                       err=True)
             sys.exit(130)
+        except OSError as err:
+            from sedeploy.fsutil import disk_full_error, is_disk_full
+
+            if is_disk_full(err):
+                click.echo(f"error: {disk_full_error(err.filename or '.', err)}", err=True)
+                sys.exit(2)
+            if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                click.echo(f"error: cannot access '{err.filename}' ({err.strerror}).\n  Fix: check the "
+                           "permissions, or choose another path", err=True)
+                sys.exit(2)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
 
 def common(fn):
     fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")(fn)
-    fn = click.option("-v", "--verbose", is_flag=True, help="Explain decisions (e.g. why a candidate SE block "
-                                                            "was not fused) on stderr.")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="Explain each decision on stderr.")(fn)
     return fn
 
 
@@ -69,7 +106,8 @@ def cli():
       sedeploy build-engine se50.onnx --fp16 --int8 -o engines/
                                                      fuse SE blocks, FP16 + calibrated INT8 artifacts, ORT engines
       sedeploy inspect engines/*.int8-trt.onnx       TensorRT Q/DQ rules check + precision summary
-      sedeploy bench engines/ --images DIR           throughput, latency, top-1 drift vs FP32
+      sedeploy bench                                 throughput and latency of engines/ (the default folder)
+      sedeploy bench engines/ --images DIR           + top-1 drift vs FP32 on your images
 
     Without --checkpoint the network has random (but non-degenerate) weights and every output says so.
     """
@@ -79,7 +117,8 @@ def cli():
 @click.option("--depth", type=click.Choice(DEPTHS), default="50", show_default=True, help="Network depth.")
 @click.option("--no-se", is_flag=True, help="Plain ResNet (no SE layers), to measure what SE costs.")
 @click.option("--input-size", type=int, default=224, show_default=True, help="Square input resolution.")
-@click.option("--num-classes", type=int, default=1000, show_default=True)
+@click.option("--num-classes", type=int, default=1000, show_default=True,
+              help="Classifier size (the head's outputs); changes the parameter count and FLOPs.")
 @common
 @handle_errors
 def info(depth, no_se, input_size, num_classes, as_json, verbose):
@@ -92,8 +131,9 @@ def info(depth, no_se, input_size, num_classes, as_json, verbose):
 
 
 @cli.command()
-@click.option("--depth", type=click.Choice(DEPTHS), default="50", show_default=True,
-              help="Network depth (SE-ResNet-50/101/152 as in mmcls; 18/34 are BasicBlock + SE, as in timm).")
+@click.option("--depth", type=click.Choice(DEPTHS), default=None,
+              help="Network depth (SE-ResNet-50/101/152 as in mmcls; 18/34 are BasicBlock + SE, as in timm) "
+                   "[default: the checkpoint's depth, else 50].")
 @click.option("--checkpoint", metavar="PATH_OR_URL",
               help="mmcls/mmpretrain .pth (both key schemas), timm seresnet*, or Cadene se_resnet* state dict. "
                    "URLs download into ~/.cache/sedeploy (needs internet). Default: random weights.")
@@ -129,10 +169,10 @@ def export(depth, checkpoint, output, opset, batch_size, input_size, num_classes
     if batch_size is not None and batch_size < 1:
         raise SedeployError(f"--batch-size {batch_size} is not valid.", expected="a positive integer",
                             fix="omit --batch-size for a dynamic batch")
-    res = export_model(depth=int(depth), checkpoint=checkpoint, output=output, opset=opset,
+    res = export_model(depth=int(depth) if depth else None, checkpoint=checkpoint, output=output, opset=opset,
                        dynamic_batch=batch_size is None, batch_size=batch_size or 1, input_size=input_size,
                        num_classes=num_classes, se=not no_se, verify_images=verify_images, atol=atol, rtol=rtol,
-                       seed=seed)
+                       seed=seed, progress=_progress(as_json))
     v = res.verification
     human = (f"exported {res.model} → {res.path}\n"
              f"  weights      {res.weights}\n"
@@ -165,8 +205,8 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="engines", show_default=True,
               help="Folder for the artifacts, engines and manifest.json.")
-@click.option("--depth", type=click.Choice(DEPTHS), default="50", show_default=True,
-              help="With no MODEL: export this SE-ResNet depth first.")
+@click.option("--depth", type=click.Choice(DEPTHS), default=None,
+              help="With no MODEL: the SE-ResNet depth to export (or reuse) [default: the checkpoint's, else 50].")
 @click.option("--checkpoint", metavar="PATH_OR_URL", help="With no MODEL: weights for the export (see `export`).")
 @click.option("--fp16", is_flag=True, help="Also write the FP16 artifact (FP16 graph, FP32 inputs/outputs).")
 @click.option("--int8", is_flag=True, help="Also calibrate and write both INT8 artifacts (TensorRT Q/DQ and CPU).")
@@ -207,8 +247,10 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
     \b
-    MODEL is an FP32 ONNX image classifier with one N×C×H×W input (ours or any other); without it the
-    SE-ResNet of --depth is exported first. An FP16/INT8 artifact as MODEL builds only its engine, e.g. on a
+    MODEL is an FP32 ONNX image classifier with one N×C×H×W input (ours or any other). Without MODEL the
+    SE-ResNet of --depth (random weights, or --checkpoint) is used: a matching export by `sedeploy export`
+    (./se-resnet50.onnx, or one in OUT_DIR) is reused, otherwise it is exported first (said on stderr).
+    An FP16/INT8 artifact as MODEL builds only its engine, e.g. on a
     GPU machine:  sedeploy build-engine engines/se-resnet50.int8-trt.onnx --backend trt -o plans/
     \b
     Every requested precision is written as a portable ONNX file in OUT_DIR, whichever backend runs:
@@ -236,8 +278,9 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                         calib_method=calib_method, calib_count=calib_count, calib_seed=calib_seed,
                         calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,
                         threads=threads, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                        workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp, progress=not as_json)
-    res = build_engines(model, out_dir, opts, depth=int(depth), checkpoint=checkpoint)
+                        workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp,
+                        progress=_progress(as_json))
+    res = build_engines(model, out_dir, opts, depth=int(depth) if depth else None, checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 
 
@@ -259,6 +302,23 @@ def inspect(model, as_json, verbose):
     if not d["ok"]:
         raise VerificationError(f"'{model}' breaks TensorRT's Q/DQ rules (listed above).",
                                 fix="rebuild it with `sedeploy build-engine --int8` (the int8-trt artifact)")
+
+
+#: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
+DEFAULT_ENGINES = Path("engines")
+
+
+def _default_engines() -> Path:
+    if not (DEFAULT_ENGINES / "manifest.json").is_file():
+        state = "has no manifest.json" if DEFAULT_ENGINES.is_dir() else "does not exist"
+        raise SedeployError(f"No ENGINES given, and the default folder '{DEFAULT_ENGINES}/' (where build-engine "
+                            f"writes) {state}.",
+                            expected="engine files (.onnx, .plan) or a folder written by `sedeploy build-engine`",
+                            fix="run `sedeploy build-engine` first (it writes engines/), or pass the engines, "
+                                "e.g. sedeploy bench my-engines/")
+    logging.getLogger("sedeploy").info("No ENGINES given: benchmarking %s/ (build-engine's default output folder).",
+                                       DEFAULT_ENGINES)
+    return DEFAULT_ENGINES
 
 
 def _batch_list(text: str) -> list[int]:
@@ -310,10 +370,11 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
 
     \b
     ENGINES are ONNX artifacts/engines, TensorRT .plan files (with their .trt.json), or a build-engine
-    output folder (its manifest.json lists them). One must be FP32: drift is measured against it.
+    output folder (its manifest.json lists them) [default: engines/, where build-engine writes]. One must be
+    FP32: drift is measured against it.
     \b
     Examples:
-      sedeploy bench engines/                                   speed at batch 1, 8, 32
+      sedeploy bench                                            engines/ at batch 1, 8, 32
       sedeploy bench engines/ --images val/ --labels val.tsv    + top-1/top-5, flips, KL vs FP32
       sedeploy bench engines/ --images val/ --max-top1-drop 0.5 --min-agreement 99 --batch 8
                                                                 CI gate: exit 1 when a budget is exceeded
@@ -324,12 +385,14 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
 
     _setup_logging(verbose)
     sizes = _batch_list(batches)
+    if not engines:
+        engines = (_default_engines(),)
     try:
         res = run_bench(list(engines), images=images, labels=labels, synsets=synsets, batches=sizes,
                         threads=threads, warmup=warmup, repeats=repeats, settle=settle, max_seconds=max_seconds,
                         reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
                         compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
-                        progress=not as_json and sys.stderr.isatty(), max_top1_drop=max_top1_drop,
+                        progress=_progress(as_json), max_top1_drop=max_top1_drop,
                         min_agreement=min_agreement, image_limit=image_limit)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
         click.echo(bench_command_summary(stop.results), err=True)

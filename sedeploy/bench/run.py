@@ -174,6 +174,35 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     return runner, info
 
 
+def _check_classifiers(specs) -> None:
+    """Every ONNX engine must be an image classifier (one N×classes output): refuse anything else up front."""
+    from sedeploy.onnxcore import classifier_output, load_onnx
+
+    for s in specs:
+        if s.backend == "ort":
+            classifier_output(load_onnx(s.path, weights=False, check=False), path=str(s.path))
+
+
+@contextlib.contextmanager
+def _timing_bar(sizes: Sequence[int], repeats: int, n_engines: int, progress: bool):
+    """A tqdm bar over the timed rounds (all batch sizes) on stderr, or nothing when ``progress`` is off."""
+    if not progress:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=len(sizes) * repeats, desc="Timing", unit="round", leave=False,
+              postfix=f"{n_engines} engines interleaved") as bar:
+        done: dict[int, int] = {}
+
+        def on_round(b: int, rounds: int) -> None:
+            bar.set_description(f"Timing batch {b}")
+            bar.update(rounds - done.get(b, 0))
+            done[b] = rounds
+
+        yield on_round
+
+
 @contextlib.contextmanager
 def _torch_threads(threads: int):
     import torch
@@ -218,6 +247,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
         require_matplotlib()
     threads = default_threads() if threads is None else threads
     specs = [E.describe_engine(p) for p in E.expand_engine_paths(engines)]
+    _check_classifiers(specs)
     E.unique_names(specs)
     ref = E.pick_reference(specs, reference)
     specs.sort(key=lambda s: s is not ref)  # the reference first: tables read from it
@@ -272,7 +302,8 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               None, "labels_file": str(labels) if labels else None, "image_limit": image_limit,
               "n_images": int(len(x)) if x is not None else 0, "eval_batch": eval_batch,
               "preprocess": pp.as_dict(), "max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
-              "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain}
+              "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain,
+              "weights": str(ref.meta.get("sedeploy.weights") or "unknown (not recorded in the model)")}
     state: dict[str, Any] = {"ceilings": None, "timing": None, "accuracy": None, "stage": "setup"}
     extra_runners: dict[str, Any] = {}
     tmp = tempfile.TemporaryDirectory(prefix="sedeploy-bench-")
@@ -314,9 +345,10 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                     infos.append(made[1])
             state["stage"] = "timing"
             pool = x if x is not None else smooth_noise(max(sizes), pp.size, seed=0)
-            with _torch_threads(threads):
+            with _torch_threads(threads), _timing_bar(sizes, repeats, len(runners) + len(extra_runners),
+                                                      progress) as on_round:
                 timing = time_runners({**runners, **extra_runners}, pool, batch_sizes=sizes, warmup=warmup,
-                                      repeats=repeats, max_seconds=max_seconds, settle=settle)
+                                      repeats=repeats, max_seconds=max_seconds, settle=settle, on_round=on_round)
             state["timing"] = timing
             if not timing.complete:
                 raise _Interrupted(timing.interrupted or "timing")
