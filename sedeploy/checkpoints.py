@@ -223,10 +223,14 @@ def _torch_load(path: Path, src: str, allow_pickle: bool):
                 if not any(n.endswith("/data.pkl") for n in z.namelist()):
                     raise SedeployError(f"'{src}' is a zip archive but not a PyTorch checkpoint (no data.pkl).",
                                         expected="a file written by torch.save (.pth/.pt)", fix=refit) from err
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if isinstance(err, pickle.UnpicklingError) and unsupported:
+        # torch words the refusal differently across versions: "Unsupported global: GLOBAL x.y" (a type it does
+        # not allow) and "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" (a callable
+        # such as os.system: a malicious file); both come with "Weights only load failed".
+        unsupported = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+        if isinstance(err, pickle.UnpicklingError) and (unsupported or "Weights only load failed" in text):
+            what = unsupported[1] if unsupported else "objects torch's weights-only loader refuses"
             raise SedeployError(
-                f"The checkpoint '{src}' stores pickled Python objects besides tensors ({unsupported[1]}), which "
+                f"The checkpoint '{src}' stores pickled Python objects besides tensors ({what}), which "
                 "sedeploy does not unpickle by default because unpickling can run arbitrary code.",
                 fix="re-save only the tensors (torch.save(ckpt['state_dict'], path)), or, for a file from a source "
                     "you trust, call load_checkpoint(..., allow_pickle=True)") from err

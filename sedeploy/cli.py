@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -188,16 +189,19 @@ def export(depth, checkpoint, output, opset, batch_size, input_size, num_classes
     _emit(res.as_dict(), as_json, human)
 
 
-def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
+def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tuple[float, float, float] | None:
+    """``--mean``/``--std`` text → three finite numbers (R, G, B); ``positive``: each must be > 0 (a std)."""
     if text is None:
         return None
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3:
-        raise SedeployError(f"{option} '{text}' is not valid.", expected="three comma-separated numbers (R,G,B)",
-                            fix=f"e.g. {option} 123.675,116.28,103.53 (pixel scale 0–255)")
+    if len(values) != 3 or not all(math.isfinite(v) for v in values) or (positive and min(values) <= 0):
+        raise SedeployError(f"{option} '{text}' is not valid.",
+                            expected="three comma-separated finite numbers (R,G,B)" + (", each > 0" if positive else ""),
+                            fix=f"e.g. {option} " + ("58.395,57.12,57.375" if positive else "123.675,116.28,103.53")
+                                + " (pixel scale 0–255)")
     return values  # type: ignore[return-value]
 
 
@@ -270,10 +274,15 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
         if not model:
             raise SedeployError("--mean/--std/--resize describe a foreign MODEL; none was given.",
                                 fix="pass the ONNX file, or drop these options for the SE-ResNet export")
-        size = image_input(load_onnx(model), path=model).height
+        size = image_input(load_onnx(model, weights=False, check=False), path=model).height
+        if resize is not None and resize < size:
+            raise SedeployError(f"--resize {resize} is not valid for a {size} px input.",
+                                expected=f"a short-side size ≥ the {size} px centre crop",
+                                fix=f"omit --resize (default {round(size * 256 / 224)}), or pass ≥ {size}")
         base = Preprocess.for_size(size)
         pp = Preprocess(size=size, resize_short=resize or base.resize_short,
-                        mean=_triple(mean, "--mean") or base.mean, std=_triple(std, "--std") or base.std)
+                        mean=parse_triple(mean, "--mean") or base.mean,
+                        std=parse_triple(std, "--std", positive=True) or base.std)
     opts = BuildOptions(fp16=fp16, int8=int8, fuse_se=not no_fuse_se, backend=backend, calib=calib,
                         calib_method=calib_method, calib_count=calib_count, calib_seed=calib_seed,
                         calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,
@@ -304,6 +313,8 @@ def inspect(model, as_json, verbose):
                                 fix="rebuild it with `sedeploy build-engine --int8` (the int8-trt artifact)")
 
 
+#: largest batch size `bench --batch` accepts (a batch of 4096 SE-ResNet-50 images is ~2.4 GiB of input alone)
+MAX_BATCH = 4096
 #: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
 DEFAULT_ENGINES = Path("engines")
 
@@ -321,13 +332,16 @@ def _default_engines() -> Path:
     return DEFAULT_ENGINES
 
 
-def _batch_list(text: str) -> list[int]:
+def parse_batch_list(text: str) -> list[int]:
+    """``--batch 1,8,32`` → [1, 8, 32] (positive integers, duplicates dropped, order kept)."""
     try:
         sizes = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
         sizes = []
-    if not sizes or min(sizes) < 1:
-        raise SedeployError(f"--batch '{text}' is not valid.", expected="comma-separated positive integers",
+    sizes = list(dict.fromkeys(sizes))
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise SedeployError(f"--batch '{text}' is not valid.",
+                            expected=f"comma-separated positive integers up to {MAX_BATCH}",
                             fix="e.g. --batch 1,8,32")
     return sizes
 
@@ -384,7 +398,7 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
     from sedeploy.bench.run import BenchInterrupted, bench_command_summary, run_bench
 
     _setup_logging(verbose)
-    sizes = _batch_list(batches)
+    sizes = parse_batch_list(batches)
     if not engines:
         engines = (_default_engines(),)
     try:

@@ -3,7 +3,7 @@
 - :func:`atomic_path` writes beside the final name (``.<name>.<random>.partial``) and renames into place only when
   the block succeeds; a full disk becomes one clear error (:func:`disk_full_error`).
 - :func:`clean_stale_partials` removes the ``.partial`` files a killed run (SIGKILL, power loss) left behind.
-- :func:`folder_lock` is an exclusive ``fcntl`` lock on a folder, so two runs never write into it at once.
+- :func:`folder_lock` is an exclusive ``flock`` on a folder, so two runs never write into it at once.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ log = logging.getLogger("sedeploy")
 PARTIAL_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")
 #: errno values that mean "no room left": ENOSPC (disk full) and EDQUOT (quota exceeded)
 NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-LOCK_NAME = ".sedeploy.lock"
 
 
 def cache_dir(kind: str) -> Path:
@@ -144,31 +143,26 @@ def clean_stale_partials(folder: str | os.PathLike, *, older_than: float | None 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, *, what: str = "output folder", command: str = "sedeploy") -> Iterator[Path]:
-    """Hold an exclusive, non-blocking ``fcntl`` lock on ``<folder>/.sedeploy.lock`` for the block.
+    """Hold an exclusive, non-blocking ``flock`` on the folder itself for the block.
 
-    A second run that wants the same folder fails at once with a clear error naming the holder's process id; the
-    kernel releases the lock when the holder exits, however it exits (even SIGKILL), so there is nothing stale.
+    A second run that wants the same folder fails at once with a clear error. The lock is on the directory's own
+    file descriptor, so it leaves no file behind, and the kernel releases it when the holder exits, however it
+    exits (even SIGKILL): there is never a stale lock to clean up.
     """
     import fcntl
 
     p = Path(folder)
-    lock_path = p / LOCK_NAME
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as err:
-        if err.errno in NO_SPACE:
-            raise disk_full_error(lock_path, err) from err
-        raise SedeployError(f"Cannot create the lock file '{lock_path}' in the {what} ({err.strerror or err}).",
+        raise SedeployError(f"Cannot open the {what} '{p}' ({err.strerror or err}).",
                             fix=f"choose another {what} or fix its permissions") from err
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            raise SedeployError(f"Another {command} run (process {holder}) is writing into the {what} '{p}'.",
+            raise SedeployError(f"Another {command} run is writing into the {what} '{p}'.",
                                 fix=f"wait for it to finish, or write to another {what} (-o DIR)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield lock_path
+        yield p
     finally:
-        os.close(fd)  # releases the flock
+        os.close(fd)  # releases the lock

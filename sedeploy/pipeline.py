@@ -360,6 +360,11 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
         _check_model_file(model)
     out = ensure_writable_dir(out_dir, "output folder", fix="choose another output folder (-o DIR) or fix its "
                                                             "permissions")
+    return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint)
+
+
+def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: float, *, depth, checkpoint
+                  ) -> BuildResult:
     with folder_lock(out, what="output folder", command="build-engine"):
         clean_stale_partials(out, older_than=started)
         for old in out.glob(f"{STAGE_PREFIX}*"):  # staging folders of killed runs (we hold the lock: none is live)
@@ -375,6 +380,9 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
 
 
 def _check_model_file(model: str | Path) -> None:
+    """MODEL is an image classifier sedeploy can work on (read without its weights), checked before any work."""
+    from sedeploy.onnxcore import classifier_output, image_input, load_onnx
+
     p = Path(model)
     if p.is_dir():
         raise SedeployError(f"MODEL '{p}' is a folder.", expected="an ONNX file (.onnx)",
@@ -382,6 +390,9 @@ def _check_model_file(model: str | Path) -> None:
     if not p.is_file():
         raise SedeployError(f"MODEL '{p}' does not exist.", expected="an ONNX file (.onnx)",
                             fix="check the path, or omit MODEL to export the SE-ResNet of --depth")
+    proto = load_onnx(p, weights=False, check=False)
+    image_input(proto, path=str(p))
+    classifier_output(proto, path=str(p))
 
 
 def _export_matches(path: Path, name: str, weights: str) -> bool:
