@@ -162,7 +162,8 @@ def _download(url: str, cache_dir: Path) -> Path:
     if dest.exists():
         log.info("using cached %s", dest)
         return dest
-    ensure_writable_dir(cache_dir, "checkpoint cache directory")
+    ensure_writable_dir(cache_dir, "checkpoint cache folder",
+                        fix="set SEDEPLOY_CACHE to a writable folder, or download the file and pass its path")
     log.info("downloading %s → %s", url, dest)
     try:
         with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:

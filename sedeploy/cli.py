@@ -47,7 +47,11 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C. A KeyboardInterrupt subclass: code that cleans up on Ctrl-C cleans up on SIGTERM too."""
 
 
+_TERMINATED: list[int] = []  # non-empty once SIGTERM arrived (code that catches KeyboardInterrupt can tell)
+
+
 def _on_sigterm(signum, frame):
+    _TERMINATED.append(signum)
     raise Terminated()
 
 
@@ -199,7 +203,8 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) for v in values) or (positive and min(values) <= 0):
         raise SedeployError(f"{option} '{text}' is not valid.",
-                            expected="three comma-separated finite numbers (R,G,B)" + (", each > 0" if positive else ""),
+                            expected="three comma-separated finite numbers (R,G,B)"
+                                     + (", each > 0" if positive else ""),
                             fix=f"e.g. {option} " + ("58.395,57.12,57.375" if positive else "123.675,116.28,103.53")
                                 + " (pixel scale 0–255)")
     return values  # type: ignore[return-value]
@@ -410,9 +415,10 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
                         min_agreement=min_agreement, image_limit=image_limit)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
         click.echo(bench_command_summary(stop.results), err=True)
-        click.echo("interrupted: partial results (complete: false) written to "
+        word, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _TERMINATED else ("interrupted", 130)
+        click.echo(f"{word}: partial results (complete: false) written to "
                    + (", ".join(map(str, stop.files.values())) or "nowhere (no --out)"), err=True)
-        sys.exit(130)
+        sys.exit(code)
     summary = {k: v for k, v in res.items() if k != "engines"}
     summary["engines"] = [{**e, "batch": {b: {k: v for k, v in st.items() if k != "samples_s"}
                                           for b, st in e["batch"].items()}} for e in res["engines"]]

@@ -87,7 +87,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     out-of-space error becomes :func:`disk_full_error`.
     """
     final = Path(final)
-    ensure_writable_dir(final.parent)
+    ensure_writable_dir(final.parent, f"folder for '{final.name}'",
+                        fix="choose another location for it, or fix the folder's permissions")
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
     os.close(fd)
     tmp_path = Path(tmp)

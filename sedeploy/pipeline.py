@@ -402,13 +402,17 @@ def _export_matches(path: Path, name: str, weights: str) -> bool:
 
     if not path.is_file():
         return False
+    from sedeploy.onnxcore import image_input
+
     try:
-        meta = get_metadata(load_onnx(path, weights=False, check=False))
+        proto = load_onnx(path, weights=False, check=False)
+        dynamic = image_input(proto, path=str(path)).dynamic_batch
     except SedeployError:
         return False
+    meta = get_metadata(proto)
     want = {"sedeploy.model": name, "sedeploy.weights": weights, "sedeploy.num_classes": 1000,
             "sedeploy.input_size": 224, "sedeploy.precision": "fp32", "sedeploy.version": __version__}
-    return all(meta.get(k) == v for k, v in want.items())
+    return dynamic and all(str(meta.get(k)) == str(v) for k, v in want.items())
 
 
 def _source_model(out: Path, stage: Path, opt: BuildOptions, res: BuildResult, depth: int | None,

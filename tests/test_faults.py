@@ -520,3 +520,59 @@ def test_calibration_cache_hit_reports_this_runs_time(tiny_onnx, tmp_path, calib
     assert again.calibration["seconds"] == again.timings["calibrate_s"]
     assert "computed_seconds" not in first.calibration and again.calibration["computed_seconds"] > 0
     assert "cache hit" in format_result(again) and "computed in" in format_result(again)
+
+
+# ------------------------------------------------------------------------------------------ progress and plots
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tiny_onnx, tmp_path, cache_env):
+    res = cli("build-engine", tiny_onnx, "--int8", "-o", tmp_path / "eng", env=cache_env)
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "it/s" not in res.stderr and "batch/s" not in res.stderr
+
+
+def test_bench_timing_shows_progress_when_asked(tiny_onnx, tmp_path, capsys):
+    from sedeploy.bench.run import run_bench
+
+    _build(tiny_onnx, tmp_path / "eng")
+    run_bench([tmp_path / "eng"], batches=[1, 2], repeats=4, warmup=1, probe=False, torch_baseline=False,
+              progress=True)
+    assert "Timing batch 2" in capsys.readouterr().err
+    run_bench([tmp_path / "eng"], batches=[1], repeats=2, warmup=1, probe=False, torch_baseline=False,
+              progress=False)
+    assert "Timing" not in capsys.readouterr().err
+
+
+def _fake_results(gflops: list[float]) -> dict:
+    engines = []
+    for i, (name, prec, g) in enumerate(zip(["m.fp32.ort-opt", "m.int8-cpu.ort-opt", "n.fp32.ort-opt"],
+                                            ["fp32", "int8", "fp32"], gflops)):
+        lat = {k: 2.0 + i for k in ("p10", "p50", "p90")}
+        engines.append({"name": name, "model": "SE-ResNet-50", "precision": prec, "flavour": "ort-opt",
+                        "gflops_total": g, "batch": {b: {"throughput": 100.0 * (i + 1) * int(b), "latency_ms": lat}
+                                                    for b in ("1", "8")}})
+    return {"engines": engines, "complete": True, "ceilings": {"fp32": {"per_s": 5e4}}}
+
+
+def test_throughput_plot_of_one_model_is_one_bar_per_engine():
+    from sedeploy.bench.report import engine_colors, latency_figure, throughput_figure
+
+    results = _fake_results([8.2, 8.2])
+    fig = throughput_figure(results)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(labels) == ["m.fp32.ort-opt", "m.int8-cpu.ort-opt"]  # unique names, no duplicate labels
+    bars = {lab: patch for lab, patch in zip(labels, ax.patches)}
+    lines = {ln.get_label(): ln for ln in latency_figure(results).axes[0].get_lines()}
+    from matplotlib.colors import to_rgba
+
+    for name, color in engine_colors(results).items():
+        if name in bars:  # the same colour for an engine in both plots
+            assert bars[name].get_facecolor() == to_rgba(color) == to_rgba(lines[name].get_color())
+
+
+def test_throughput_plot_of_several_models_keeps_flop_axis():
+    from sedeploy.bench.report import throughput_figure
+
+    ax = throughput_figure(_fake_results([8.2, 8.2, 15.6])).axes[0]
+    assert ax.get_xscale() == "log"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"m.fp32.ort-opt", "m.int8-cpu.ort-opt", "n.fp32.ort-opt"} <= set(legend)

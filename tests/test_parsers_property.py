@@ -100,7 +100,8 @@ def test_labels_file_any_bytes_parse_or_one_error(tmp_path, data):
 
 valid_label = st.one_of(st.integers(0, 2000).map(str), st.from_regex(r"n[0-9]{8}", fullmatch=True))
 bad_label = st.one_of(st.sampled_from(["²", "٣", "1.5", "cat", "n123", "0x10", "+-1"]),
-                      st.text(st.characters(blacklist_categories=("Nd", "Zs", "Zl", "Zp", "Cc", "Cs")), min_size=1, max_size=5))
+                      st.text(st.characters(blacklist_categories=("Nd", "Zs", "Zl", "Zp", "Cc", "Cs")), min_size=1,
+                              max_size=5))
 
 
 @FILES

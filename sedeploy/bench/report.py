@@ -65,7 +65,8 @@ from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir
 
 __all__ = ["SCHEMA", "EngineInfo", "machine_description", "assemble_results", "format_table", "csv_rows",
-           "to_markdown", "write_reports", "write_plots", "require_matplotlib", "engine_colors", "FILES"]
+           "to_markdown", "write_reports", "write_plots", "require_matplotlib", "engine_colors", "throughput_figure",
+           "latency_figure", "FILES"]
 
 SCHEMA = "sedeploy.bench/1"
 FILES = {"json": "results.json", "csv": "results.csv", "md": "results.md",
@@ -447,13 +448,16 @@ def _incomplete(fig, results: Mapping[str, Any]) -> None:
         fig.suptitle("INCOMPLETE RUN", color="tab:red")
 
 
-def _plot_throughput(results: Mapping[str, Any], path: Path) -> Path | None:
-    """Engines of one model (one FLOP count): a bar per engine and batch size, the CPU ceiling as a bound line.
+def throughput_figure(results: Mapping[str, Any]):
+    """The throughput_vs_gflops.png figure (a matplotlib Figure), or None without data.
+
+    Engines of one model (one FLOP count): a bar per engine and batch size, the CPU ceiling as a bound line.
     Several models: throughput against GFLOP/image on log axes, one legend entry per engine, ceiling curves."""
     engines = [e for e in results["engines"] if e.get("batch") and e.get("gflops_total")]
     batches = sorted({int(b) for e in engines for b in e["batch"]})
     if not batches:
         return None
+    require_matplotlib()
     colors = engine_colors(results)
     ceilings = results.get("ceilings") or {}
     xs_all = sorted({round(e["gflops_total"], 6) for e in engines})
@@ -513,13 +517,15 @@ def _plot_throughput(results: Mapping[str, Any], path: Path) -> Path | None:
     else:
         _incomplete(fig, results)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def _plot_latency(results: Mapping[str, Any], path: Path) -> Path | None:
+def latency_figure(results: Mapping[str, Any]):
+    """The latency_vs_batch.png figure (p50 per engine, p10–p90 band), or None without data."""
     engines = [e for e in results["engines"] if e.get("batch")]
     if not engines:
         return None
+    require_matplotlib()
     colors = engine_colors(results)
     fig = _figure(6.4, 4.4)
     ax = fig.subplots()
@@ -541,7 +547,7 @@ def _plot_latency(results: Mapping[str, Any], path: Path) -> Path | None:
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def write_plots(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -549,12 +555,12 @@ def write_plots(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     several — with the CPU ceiling) and latency_vs_batch.png (p50 per engine, p10–p90 band); each engine keeps its
     colour (:func:`engine_colors`) in both. Plots with no data are not written."""
     require_matplotlib()
-    out = ensure_writable_dir(out_dir)
+    out = ensure_writable_dir(out_dir, "results folder", fix="choose another results folder or fix its permissions")
     written = {}
-    for key, fn in (("throughput_plot", _plot_throughput), ("latency_plot", _plot_latency)):
-        path = fn(results, out / FILES[key])
-        if path is not None:
-            written[key] = path
+    for key, make in (("throughput_plot", throughput_figure), ("latency_plot", latency_figure)):
+        fig = make(results)
+        if fig is not None:
+            written[key] = _save(fig, out / FILES[key])
     return written
 
 
@@ -564,7 +570,7 @@ def write_reports(results: Mapping[str, Any], out_dir: str | os.PathLike, *, plo
 
     The text files come first, so a plotting failure never costs the figures themselves.
     """
-    out = ensure_writable_dir(out_dir, "results directory")
+    out = ensure_writable_dir(out_dir, "results folder", fix="choose another results folder or fix its permissions")
     data = _jsonable(results)
     written = {"json": atomic_write_text(out / FILES["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")}
     buf = io.StringIO()

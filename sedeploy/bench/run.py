@@ -242,7 +242,10 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
     if eval_batch < 1:
         raise SedeployError(f"Accuracy batch {eval_batch}.", expected="a positive integer, e.g. 32")
-    out = ensure_writable_dir(out_dir, "results directory") if out_dir is not None else None
+    out = None
+    if out_dir is not None:
+        out = ensure_writable_dir(out_dir, "results folder (--out)",
+                                  fix="choose another --out folder, or fix its permissions")
     if out is not None and plots:
         require_matplotlib()
     threads = default_threads() if threads is None else threads
