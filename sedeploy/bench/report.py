@@ -428,6 +428,8 @@ def _save(fig, path: Path) -> Path:
 
 
 _PRECISION_STYLE = {"fp32": ("tab:blue", "o"), "fp16": ("tab:green", "s"), "int8": ("tab:red", "^")}
+#: engines whose FLOP counts are within this factor are drawn as bars (one x on a log FLOP axis says nothing)
+BAR_FLOPS_RATIO = 1.5
 _ENGINE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
                   "tab:olive", "tab:cyan", "tab:gray")
 
@@ -461,7 +463,8 @@ def throughput_figure(results: Mapping[str, Any]):
     colors = engine_colors(results)
     ceilings = results.get("ceilings") or {}
     xs_all = sorted({round(e["gflops_total"], 6) for e in engines})
-    one_model = len(xs_all) == 1
+    # FLOP counts within a factor 1.5 (one model, with or without SE) sit at one x on a log axis: bars show them
+    one_model = xs_all[-1] / xs_all[0] < BAR_FLOPS_RATIO
     if one_model:
         fig = _figure(max(6.0, 3.6 * len(batches)), 1.2 + 0.42 * len(engines))
     else:
@@ -473,13 +476,16 @@ def throughput_figure(results: Mapping[str, Any]):
             names = [e["name"] for e in rows][::-1]  # the reference on top
             values = [e["batch"][str(b)]["throughput"] for e in rows][::-1]
             bars = ax.barh(names, values, color=[colors[n] for n in names])
+            if len(xs_all) > 1:  # say which bars do less work
+                ax.set_yticks(range(len(names)))
+                ax.set_yticklabels([f"{e['name']} ({e['gflops_total']:.2f} GFLOP)" for e in rows][::-1])
             for rect, v in zip(bars, values):
                 ax.annotate(f"{v:.0f}", (rect.get_width(), rect.get_y() + rect.get_height() / 2),
                             xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
             for kind, c in ceilings.items():
                 if c and c.get("per_s") and any(e.get("precision") == kind or (kind == "fp32" and
                                                 e.get("precision") == "fp16") for e in rows):
-                    bound = c["per_s"] / xs_all[0]
+                    bound = c["per_s"] / xs_all[-1]
                     if bound < 3 * max(values):  # a bound far off the bars says nothing and squashes them
                         ax.axvline(bound, linestyle="--", linewidth=0.8, color=_PRECISION_STYLE.get(kind, ("gray",))[0],
                                    label=f"{kind} GEMM ceiling")
@@ -511,7 +517,8 @@ def throughput_figure(results: Mapping[str, Any]):
         ax.legend(fontsize=7)
     if one_model:
         model = engines[0].get("model") or ""
-        fig.suptitle(f"Throughput of {model} ({xs_all[0]:.2f} GFLOP/image) per engine"
+        work = f"{xs_all[0]:.2f}" + (f"–{xs_all[-1]:.2f}" if len(xs_all) > 1 else "")
+        fig.suptitle(f"Throughput of {model} ({work} GFLOP/image) per engine"
                      + ("  — INCOMPLETE RUN" if not results["complete"] else ""), fontsize=9,
                      color="black" if results["complete"] else "tab:red")
     else:
