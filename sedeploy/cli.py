@@ -44,7 +44,10 @@ def _emit(result: dict, as_json: bool, human: str) -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that every cleanup (``finally``, ``atomic_path``) runs as for
-    Ctrl-C. A KeyboardInterrupt subclass: code that cleans up on Ctrl-C cleans up on SIGTERM too."""
+    Ctrl-C. A KeyboardInterrupt subclass: code that cleans up on Ctrl-C cleans up on SIGTERM too, and can name it
+    by ``signal_name``."""
+
+    signal_name = "SIGTERM"
 
 
 _TERMINATED: list[int] = []  # non-empty once SIGTERM arrived (code that catches KeyboardInterrupt can tell)

@@ -55,9 +55,9 @@ class BenchInterrupted(KeyboardInterrupt):
 
 
 class _Interrupted(Exception):
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, signal_name: str = "Ctrl-C"):
         super().__init__(stage)
-        self.stage = stage
+        self.stage, self.signal_name = stage, signal_name
 
 
 def _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels) -> list[int]:
@@ -365,10 +365,11 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                     raise _Interrupted(f"the accuracy pass after {done} of {len(x)} images (figures cover those)")
             else:
                 notes.append("No image folder: speed only (pass --images for accuracy and drift).")
-        except KeyboardInterrupt:
-            raise _Interrupted(state["stage"]) from None
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM raised as a KeyboardInterrupt subclass by the CLI
+            raise _Interrupted(state["stage"], getattr(err, "signal_name", "Ctrl-C")) from None
     except _Interrupted as stop:
-        text = stop.stage if stop.stage.startswith("interrupted") else f"interrupted (Ctrl-C) during {stop.stage}"
+        text = stop.stage if stop.stage.startswith("interrupted") else \
+            f"interrupted ({stop.signal_name}) during {stop.stage}"
         results = _assemble(infos, state, ref, config, lab, notes, flops,
                             complete=False, interrupted=text)
         files = write_reports(results, out, plots=plots) if out is not None else {}

@@ -254,9 +254,9 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
             log.info("batch %d: %d round(s) of %d engine(s) in %.1f s%s", b, rounds, len(named),
                      result.elapsed_s.get(b, 0.0),
                      " (time budget reached)" if rounds < repeats else "")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM raised as a KeyboardInterrupt subclass by the CLI
         result.complete = False
-        result.interrupted = f"interrupted (Ctrl-C) during {stage}"
+        result.interrupted = f"interrupted ({getattr(stop, 'signal_name', 'Ctrl-C')}) during {stage}"
         log.warning("Benchmark interrupted during %s; keeping the %d sample(s) measured so far.", stage,
                     sum(len(v) for per in result.samples.values() for v in per.values()))
     finally:
