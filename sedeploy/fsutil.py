@@ -46,9 +46,11 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory",
     except OSError as err:
         if err.errno in NO_SPACE:
             raise disk_full_error(p, err) from err
-        kind = "exists but is not a folder" if p.exists() and not p.is_dir() else \
-            f"is not writable ({err.strerror or err})"
-        raise SedeployError(f"The {what} '{p}' {kind}.",
+        blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+        if blocker is not None:
+            raise SedeployError(f"The {what} '{p}' is not writable: '{blocker}' is a file, not a folder.",
+                                fix=f"remove or rename that file, or {fix or f'choose another {what}'}") from err
+        raise SedeployError(f"The {what} '{p}' is not writable ({err.strerror or err}).",
                             fix=fix or f"choose another {what} (e.g. -o ./out) or fix its permissions") from err
     return p
 
@@ -87,8 +89,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     out-of-space error becomes :func:`disk_full_error`.
     """
     final = Path(final)
-    ensure_writable_dir(final.parent, f"folder for '{final.name}'",
-                        fix="choose another location for it, or fix the folder's permissions")
+    ensure_writable_dir(final.parent, "folder", fix=f"write '{final.name}' somewhere else, or fix the folder's "
+                                                    "permissions")
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
     os.close(fd)
     tmp_path = Path(tmp)

@@ -398,12 +398,10 @@ def _check_model_file(model: str | Path) -> None:
 def _export_matches(path: Path, name: str, weights: str) -> bool:
     """Is ``path`` an export of the same network with the same weights by this sedeploy version?"""
     from sedeploy import __version__
-    from sedeploy.onnxcore import load_onnx
+    from sedeploy.onnxcore import image_input, load_onnx
 
     if not path.is_file():
         return False
-    from sedeploy.onnxcore import image_input
-
     try:
         proto = load_onnx(path, weights=False, check=False)
         dynamic = image_input(proto, path=str(path)).dynamic_batch

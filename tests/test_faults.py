@@ -576,3 +576,34 @@ def test_throughput_plot_of_several_models_keeps_flop_axis():
     assert ax.get_xscale() == "log"
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert {"m.fp32.ort-opt", "m.int8-cpu.ort-opt", "n.fp32.ort-opt"} <= set(legend)
+
+
+@pytest.mark.slow
+def test_the_three_card_commands_as_typed(tmp_path, cache_env):
+    """README card: `sedeploy export --depth 50`, `sedeploy build-engine --int8 --calib calib/`, `sedeploy bench`
+    in a fresh folder (the bench here with fewer repeats and one batch size, to keep the test short)."""
+    import shutil
+
+    shutil.copytree(REPO / "calib", tmp_path / "calib")
+    res = cli("export", "--depth", 50, cwd=tmp_path, env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "se-resnet50.onnx").is_file()
+    res = cli("build-engine", "--int8", "--calib", "calib/", cwd=tmp_path, env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "using the existing export se-resnet50.onnx" in res.stderr  # said, and no second export
+    assert "export_s" not in json.loads((tmp_path / "engines" / "manifest.json").read_text())["timings"]
+    assert "weights     random (seed 0)" in res.stdout
+    res = cli("bench", "--batch", "1", "--repeats", 3, "--no-probe", "--no-torch-baseline", cwd=tmp_path,
+              env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "benchmarking engines/" in res.stderr
+    assert "se-resnet50.int8-cpu.ort-opt" in res.stdout and "Weights: random (seed 0)" in res.stdout
+
+
+@pytest.mark.slow
+def test_build_engine_without_model_says_it_exports(tmp_path, cache_env):
+    res = cli("build-engine", "--depth", 18, "--backend", "none", cwd=tmp_path, env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "no matching export found: exporting se-resnet18" in res.stderr
+    assert (tmp_path / "engines" / "se-resnet18.onnx").is_file()  # published with the set
+    assert "exported se-resnet18 (random (seed 0))" in res.stdout
