@@ -270,11 +270,20 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
       <model>.fp16.onnx      FP16 graph, FP32 inputs/outputs (TensorRT 11 builds it as FP16)
       <model>.int8-trt.onnx  symmetric Q/DQ that obeys TensorRT's rules (checked by `sedeploy inspect`)
       <model>.int8-cpu.onnx  the form that runs fastest on ONNX Runtime CPU
+    \b
+    OUT_DIR always holds one complete build: the set is written into a staging folder inside it and published
+    with manifest.json only when everything succeeded (files of the previous build that this one does not
+    write are removed). A failed, interrupted (Ctrl-C, SIGTERM) or killed build leaves the previous set as it
+    was, and a second build-engine into the same OUT_DIR is refused while one runs.
     """
     from sedeploy.pipeline import BuildOptions, build_engines, format_result
     from sedeploy.preprocess import Preprocess
 
     _setup_logging(verbose)
+    if model and (depth or checkpoint):
+        raise SedeployError(f"--depth/--checkpoint choose the network to export when no MODEL is given; MODEL "
+                            f"'{model}' was given too.",
+                            fix="drop --depth/--checkpoint to build from MODEL, or drop MODEL to export")
     pp = None
     if mean or std or resize:
         from sedeploy.onnxcore import image_input, load_onnx

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.fsutil import atomic_path, disk_full_error, is_disk_full
+from sedeploy.fsutil import atomic_path, clean_stale_partials, disk_full_error, is_disk_full
 from sedeploy.onnxcore import get_metadata, set_metadata, sha256_file
 from sedeploy.preprocess import Preprocess, load_folder, smooth_noise
 
@@ -297,7 +297,9 @@ def export_model(*, depth: int | None = None, checkpoint: str | None = None, out
     from sedeploy import __version__
 
     metadata["sedeploy.version"] = __version__
-    # Export to a temporary name, verify, then rename: a failed verification leaves nothing behind.
+    # Export to a temporary name, verify, then rename: a failed verification leaves nothing behind. Partial files
+    # of this name that killed runs (SIGKILL) left behind are removed first.
+    clean_stale_partials(output.parent if str(output.parent) else Path("."), final_name=output.name, locked=False)
     with atomic_path(output) as staged, bar:
         bar.update()
         bar.set_postfix_str(f"torch.onnx.export (opset {opset})")

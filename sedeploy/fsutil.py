@@ -118,19 +118,29 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(final, text.encode("utf-8"))
 
 
-def clean_stale_partials(folder: str | os.PathLike, *, older_than: float | None = None) -> list[Path]:
+#: in a folder no lock protects, a partial file is taken as abandoned only once it is this old (seconds)
+UNLOCKED_GRACE_S = 900.0
+
+
+def clean_stale_partials(folder: str | os.PathLike, *, older_than: float | None = None,
+                         final_name: str | None = None, locked: bool = True) -> list[Path]:
     """Remove sedeploy's own ``.<name>.<random>.partial`` files in ``folder`` (not below it) last modified before
-    ``older_than`` (a ``time.time()`` value; default: now). Those are left by runs that were killed (SIGKILL, power
-    loss) before :func:`atomic_path` could clean up; a file another live run is writing is newer than this run's
-    start and is kept. Returns what was removed."""
+    ``older_than`` (a ``time.time()`` value: this run's start; default: now). Those are left by runs that were
+    killed (SIGKILL, power loss) before :func:`atomic_path` could clean up.
+
+    ``locked``: this run holds :func:`folder_lock` on ``folder``, so no other run writes there. Without the lock a
+    partial file must also be :data:`UNLOCKED_GRACE_S` old (another live run may be writing it). ``final_name``:
+    only the partial files of that final name. Returns what was removed."""
     cutoff = time.time() if older_than is None else older_than
+    if not locked:
+        cutoff = min(cutoff, time.time() - UNLOCKED_GRACE_S)
     removed = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for e in entries:
-        if not PARTIAL_RE.match(e.name):
+        if not PARTIAL_RE.match(e.name) or (final_name is not None and not e.name.startswith(f".{final_name}.")):
             continue
         try:
             if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < cutoff:

@@ -190,7 +190,7 @@ def _check_cache_location(pinned: str | Path | None) -> None:
     folder = default_cache_dir()
     ensure_writable_dir(folder, "calibration cache folder",
                         fix="set SEDEPLOY_CACHE to a writable folder, or pass --calib-cache FILE")
-    clean_stale_partials(folder, older_than=time.time())
+    clean_stale_partials(folder, older_than=time.time(), locked=False)
 
 
 def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None) -> Preprocess:

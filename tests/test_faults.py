@@ -607,3 +607,18 @@ def test_build_engine_without_model_says_it_exports(tmp_path, cache_env):
     assert "no matching export found: exporting se-resnet18" in res.stderr
     assert (tmp_path / "engines" / "se-resnet18.onnx").is_file()  # published with the set
     assert "exported se-resnet18 (random (seed 0))" in res.stdout
+
+
+def test_export_removes_its_own_abandoned_partials_only(tmp_path):
+    from sedeploy.export import export_model
+
+    hour_ago = time.time() - 3600
+    abandoned = tmp_path / ".m.onnx.abcd1234.partial"
+    recent = tmp_path / ".m.onnx.wxyz5678.partial"  # may belong to a live run: kept
+    other = tmp_path / ".other.onnx.abcd1234.partial"  # another file's: kept
+    for p in (abandoned, recent, other):
+        p.write_bytes(b"x")
+    for p in (abandoned, other):
+        os.utime(p, (hour_ago, hour_ago))
+    export_model(depth=18, base_channels=8, input_size=32, output=tmp_path / "m.onnx", verify_limit=2)
+    assert not abandoned.exists() and recent.exists() and other.exists()

@@ -242,6 +242,9 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
     if eval_batch < 1:
         raise SedeployError(f"Accuracy batch {eval_batch}.", expected="a positive integer, e.g. 32")
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise SedeployError(f"--threads {threads} is not valid.", expected="a positive integer",
+                            fix="omit --threads to use one per physical core")
     out = None
     if out_dir is not None:
         out = ensure_writable_dir(out_dir, "results folder (--out)",
