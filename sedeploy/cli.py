@@ -110,9 +110,9 @@ def cli():
     \b
     Typical flow (everything runs on a CPU; TensorRT is optional):
       sedeploy info --depth 50                       model card: params, FLOPs, SE blocks
-      sedeploy export --depth 50 -o se50.onnx        exact network → ONNX, verified against PyTorch
-      sedeploy build-engine se50.onnx --fp16 --int8 -o engines/
-                                                     fuse SE blocks, FP16 + calibrated INT8 artifacts, ORT engines
+      sedeploy export --depth 50                     exact network → ./se-resnet50.onnx, verified against PyTorch
+      sedeploy build-engine --int8 --calib calib/    reuses that export: fuse SE blocks, calibrated INT8
+                                                     artifacts, ONNX Runtime engines in engines/ (--fp16: + FP16)
       sedeploy inspect engines/*.int8-trt.onnx       TensorRT Q/DQ rules check + precision summary
       sedeploy bench                                 throughput and latency of engines/ (the default folder)
       sedeploy bench engines/ --images DIR           + top-1 drift vs FP32 on your images
