@@ -25,6 +25,8 @@ log = logging.getLogger("sedeploy")
 PARTIAL_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")
 #: errno values that mean "no room left": ENOSPC (disk full) and EDQUOT (quota exceeded)
 NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: a build writes into ``<out>/.sedeploy-staging-<random>/`` and publishes the finished set (sedeploy.pipeline)
+STAGE_PREFIX = ".sedeploy-staging-"
 
 
 def cache_dir(kind: str) -> Path:
@@ -68,9 +70,20 @@ def is_disk_full(err: BaseException | None) -> bool:
     return False
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """The path a user knows for a temporary one: ``.x.onnx.<random>.partial`` → ``x.onnx``, and a file in a
+    build's staging folder → the same name in the output folder."""
+    p = Path(path)
+    while PARTIAL_RE.match(p.name):
+        p = p.with_name(p.name[1:].rsplit(".", 2)[0])
+    if p.parent.name.startswith(STAGE_PREFIX):
+        p = p.parent.parent / p.name
+    return p
+
+
 def disk_full_error(where: str | os.PathLike, err: BaseException | None = None) -> SedeployError:
     """The one message for a full disk (or exhausted quota) while writing into ``where``."""
-    p = Path(where)
+    p = user_path(where)
     folder = p if p.is_dir() else p.parent
     free = ""
     with contextlib.suppress(OSError):

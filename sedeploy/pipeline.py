@@ -41,7 +41,8 @@ import numpy as np
 from sedeploy.artifacts import Artifact, artifact_path, artifact_stem
 from sedeploy.backends import BACKENDS, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.fsutil import atomic_write_text, clean_stale_partials, ensure_writable_dir, folder_lock
+from sedeploy.fsutil import (STAGE_PREFIX, atomic_write_text, clean_stale_partials, ensure_writable_dir,
+                             folder_lock)
 from sedeploy.onnxcore import META, get_metadata, run_model, save_onnx, set_metadata
 from sedeploy.preprocess import Preprocess
 
@@ -55,8 +56,6 @@ BACKEND_CHOICES = (*BACKENDS, "none")
 FUSION_ATOL = 1e-5
 FUSION_RTOL = 1e-5
 MANIFEST = "manifest.json"
-#: a build writes into ``<out>/.sedeploy-staging-<random>/`` and publishes the finished set (see :func:`build_engines`)
-STAGE_PREFIX = ".sedeploy-staging-"
 
 
 @dataclass

@@ -266,6 +266,14 @@ def test_disk_full_is_one_clear_error_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_full_names_the_file_the_user_asked_for(tmp_path):
+    from sedeploy.fsutil import disk_full_error, user_path
+
+    assert user_path(tmp_path / ".m.onnx.ab_d1234.partial") == tmp_path / "m.onnx"
+    assert user_path(tmp_path / ".sedeploy-staging-x1y2z3ab" / "m.fp32.onnx") == tmp_path / "m.fp32.onnx"
+    assert f"'{tmp_path / 'm.onnx'}'" in str(disk_full_error(tmp_path / ".m.onnx.ab_d1234.partial"))
+
+
 def test_disk_full_inside_the_exporter_is_not_blamed_on_the_opset(tiny_model, tmp_path, monkeypatch):
     import torch
 
