@@ -264,8 +264,16 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                         "ratios; absolute figures depend on the machine's load (see machine.loadavg)."]
 
     found = None
+    if labels is not None:  # a bad labels file is reported before any engine is opened
+        from sedeploy.bench.labels import read_labels_file
+
+        read_labels_file(labels)
+    if synsets is not None:
+        from sedeploy.bench.labels import read_synset_table
+
+        read_synset_table(synsets)
     if images is not None:
-        found = find_images(images, what="benchmark image folder")
+        found = find_images(images, what="benchmark image folder (--images)")
         if image_limit:
             found.paths = found.paths[:image_limit]
 
