@@ -65,7 +65,10 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (the CLI called from a library's thread): leave signals alone
+            previous = None
         try:
             return fn(*args, **kwargs)
         except SedeployError as err:
@@ -86,12 +89,14 @@ def handle_errors(fn):
                 click.echo(f"error: {disk_full_error(err.filename or '.', err)}", err=True)
                 sys.exit(2)
             if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                click.echo(f"error: cannot access '{err.filename}' ({err.strerror}).\n  Fix: check the "
+                where = f"'{err.filename}'" if err.filename else "a file"
+                click.echo(f"error: cannot access {where} ({err.strerror or err}).\n  Fix: check the "
                            "permissions, or choose another path", err=True)
                 sys.exit(2)
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
