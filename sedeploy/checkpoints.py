@@ -162,7 +162,8 @@ def _download(url: str, cache_dir: Path) -> Path:
     if dest.exists():
         log.info("using cached %s", dest)
         return dest
-    ensure_writable_dir(cache_dir, "checkpoint cache directory")
+    ensure_writable_dir(cache_dir, "checkpoint cache folder",
+                        fix="set SEDEPLOY_CACHE to a writable folder, or download the file and pass its path")
     log.info("downloading %s → %s", url, dest)
     try:
         with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:
@@ -223,10 +224,14 @@ def _torch_load(path: Path, src: str, allow_pickle: bool):
                 if not any(n.endswith("/data.pkl") for n in z.namelist()):
                     raise SedeployError(f"'{src}' is a zip archive but not a PyTorch checkpoint (no data.pkl).",
                                         expected="a file written by torch.save (.pth/.pt)", fix=refit) from err
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if isinstance(err, pickle.UnpicklingError) and unsupported:
+        # torch words the refusal differently across versions: "Unsupported global: GLOBAL x.y" (a type it does
+        # not allow) and "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" (a callable
+        # such as os.system: a malicious file); both come with "Weights only load failed".
+        unsupported = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+        if isinstance(err, pickle.UnpicklingError) and (unsupported or "Weights only load failed" in text):
+            what = unsupported[1] if unsupported else "objects torch's weights-only loader refuses"
             raise SedeployError(
-                f"The checkpoint '{src}' stores pickled Python objects besides tensors ({unsupported[1]}), which "
+                f"The checkpoint '{src}' stores pickled Python objects besides tensors ({what}), which "
                 "sedeploy does not unpickle by default because unpickling can run arbitrary code.",
                 fix="re-save only the tensors (torch.save(ckpt['state_dict'], path)), or, for a file from a source "
                     "you trust, call load_checkpoint(..., allow_pickle=True)") from err

@@ -3,13 +3,17 @@
 Human-readable output goes to stdout, progress bars and warnings to stderr. With ``--json`` stdout carries exactly
 one JSON object, so scripts can parse it. Errors print one message (what was given, what is expected, how to fix)
 and exit non-zero: 1 a bench budget exceeded (--max-top1-drop, --min-agreement), 2 bad input, 3 failed
-verification, 4 missing optional dependency, 130 interrupted.
+verification, 4 missing optional dependency, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: `timeout`, CI
+cancels, `docker stop`). Either way nothing half-written is left behind.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import math
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +31,11 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("sedeploy").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _progress(as_json: bool) -> bool:
+    """Progress bars only for a person watching: a terminal on stderr, and not --json."""
+    return not as_json and sys.stderr.isatty()
+
+
 def _emit(result: dict, as_json: bool, human: str) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
@@ -34,27 +43,68 @@ def _emit(result: dict, as_json: bool, human: str) -> None:
         click.echo(human)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every cleanup (``finally``, ``atomic_path``) runs as for
+    Ctrl-C. A KeyboardInterrupt subclass: code that cleans up on Ctrl-C cleans up on SIGTERM too, and can name it
+    by ``signal_name``."""
+
+    signal_name = "SIGTERM"
+
+
+_TERMINATED: list[int] = []  # non-empty once SIGTERM arrived (code that catches KeyboardInterrupt can tell)
+
+
+def _on_sigterm(signum, frame):
+    _TERMINATED.append(signum)
+    raise Terminated()
+
+
 def handle_errors(fn):
-    """Turn library errors into one clear message and an exit code; never a traceback for user mistakes."""
+    """Turn library errors into one clear message and an exit code; never a traceback for user mistakes.
+
+    SIGTERM is handled like Ctrl-C (cleanup runs, one line is printed) and exits 143 (128 + SIGTERM)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (the CLI called from a library's thread): leave signals alone
+            previous = None
         try:
             return fn(*args, **kwargs)
         except SedeployError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
+        except Terminated:
+            click.echo("terminated (SIGTERM): stopped; temporary files were removed and no output was left "
+                       "half-written", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
-            click.echo("interrupted: nothing partial was left behind", err=True)
+            click.echo("interrupted: stopped; temporary files were removed and no output was left half-written",
+                       err=True)
             sys.exit(130)
+        except OSError as err:
+            from sedeploy.fsutil import disk_full_error, is_disk_full
+
+            if is_disk_full(err):
+                click.echo(f"error: {disk_full_error(err.filename or '.', err)}", err=True)
+                sys.exit(2)
+            if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                where = f"'{err.filename}'" if err.filename else "a file"
+                click.echo(f"error: cannot access {where} ({err.strerror or err}).\n  Fix: check the "
+                           "permissions, or choose another path", err=True)
+                sys.exit(2)
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
 
 def common(fn):
     fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")(fn)
-    fn = click.option("-v", "--verbose", is_flag=True, help="Explain decisions (e.g. why a candidate SE block "
-                                                            "was not fused) on stderr.")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="Explain each decision on stderr.")(fn)
     return fn
 
 
@@ -66,11 +116,12 @@ def cli():
     \b
     Typical flow (everything runs on a CPU; TensorRT is optional):
       sedeploy info --depth 50                       model card: params, FLOPs, SE blocks
-      sedeploy export --depth 50 -o se50.onnx        exact network → ONNX, verified against PyTorch
-      sedeploy build-engine se50.onnx --fp16 --int8 -o engines/
-                                                     fuse SE blocks, FP16 + calibrated INT8 artifacts, ORT engines
+      sedeploy export --depth 50                     exact network → ./se-resnet50.onnx, verified against PyTorch
+      sedeploy build-engine --int8 --calib calib/    reuses that export: fuse SE blocks, calibrated INT8
+                                                     artifacts, ONNX Runtime engines in engines/ (--fp16: + FP16)
       sedeploy inspect engines/*.int8-trt.onnx       TensorRT Q/DQ rules check + precision summary
-      sedeploy bench engines/ --images DIR           throughput, latency, top-1 drift vs FP32
+      sedeploy bench                                 throughput and latency of engines/ (the default folder)
+      sedeploy bench engines/ --images DIR           + top-1 drift vs FP32 on your images
 
     Without --checkpoint the network has random (but non-degenerate) weights and every output says so.
     """
@@ -80,7 +131,8 @@ def cli():
 @click.option("--depth", type=click.Choice(DEPTHS), default="50", show_default=True, help="Network depth.")
 @click.option("--no-se", is_flag=True, help="Plain ResNet (no SE layers), to measure what SE costs.")
 @click.option("--input-size", type=int, default=224, show_default=True, help="Square input resolution.")
-@click.option("--num-classes", type=int, default=1000, show_default=True)
+@click.option("--num-classes", type=int, default=1000, show_default=True,
+              help="Classifier size (the head's outputs); changes the parameter count and FLOPs.")
 @common
 @handle_errors
 def info(depth, no_se, input_size, num_classes, as_json, verbose):
@@ -93,8 +145,9 @@ def info(depth, no_se, input_size, num_classes, as_json, verbose):
 
 
 @cli.command()
-@click.option("--depth", type=click.Choice(DEPTHS), default="50", show_default=True,
-              help="Network depth (SE-ResNet-50/101/152 as in mmcls; 18/34 are BasicBlock + SE, as in timm).")
+@click.option("--depth", type=click.Choice(DEPTHS), default=None,
+              help="Network depth (SE-ResNet-50/101/152 as in mmcls; 18/34 are BasicBlock + SE, as in timm) "
+                   "[default: the checkpoint's depth, else 50].")
 @click.option("--checkpoint", metavar="PATH_OR_URL",
               help="mmcls/mmpretrain .pth (both key schemas), timm seresnet*, or Cadene se_resnet* state dict. "
                    "URLs download into ~/.cache/sedeploy (needs internet). Default: random weights.")
@@ -130,10 +183,10 @@ def export(depth, checkpoint, output, opset, batch_size, input_size, num_classes
     if batch_size is not None and batch_size < 1:
         raise SedeployError(f"--batch-size {batch_size} is not valid.", expected="a positive integer",
                             fix="omit --batch-size for a dynamic batch")
-    res = export_model(depth=int(depth), checkpoint=checkpoint, output=output, opset=opset,
+    res = export_model(depth=int(depth) if depth else None, checkpoint=checkpoint, output=output, opset=opset,
                        dynamic_batch=batch_size is None, batch_size=batch_size or 1, input_size=input_size,
                        num_classes=num_classes, se=not no_se, verify_images=verify_images, atol=atol, rtol=rtol,
-                       seed=seed)
+                       seed=seed, progress=_progress(as_json))
     v = res.verification
     human = (f"exported {res.model} → {res.path}\n"
              f"  weights      {res.weights}\n"
@@ -149,16 +202,20 @@ def export(depth, checkpoint, output, opset, batch_size, input_size, num_classes
     _emit(res.as_dict(), as_json, human)
 
 
-def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
+def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tuple[float, float, float] | None:
+    """``--mean``/``--std`` text → three finite numbers (R, G, B); ``positive``: each must be > 0 (a std)."""
     if text is None:
         return None
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3:
-        raise SedeployError(f"{option} '{text}' is not valid.", expected="three comma-separated numbers (R,G,B)",
-                            fix=f"e.g. {option} 123.675,116.28,103.53 (pixel scale 0–255)")
+    if len(values) != 3 or not all(math.isfinite(v) for v in values) or (positive and min(values) <= 0):
+        raise SedeployError(f"{option} '{text}' is not valid.",
+                            expected="three comma-separated finite numbers (R,G,B)"
+                                     + (", each > 0" if positive else ""),
+                            fix=f"e.g. {option} " + ("58.395,57.12,57.375" if positive else "123.675,116.28,103.53")
+                                + " (pixel scale 0–255)")
     return values  # type: ignore[return-value]
 
 
@@ -166,8 +223,8 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="engines", show_default=True,
               help="Folder for the artifacts, engines and manifest.json.")
-@click.option("--depth", type=click.Choice(DEPTHS), default="50", show_default=True,
-              help="With no MODEL: export this SE-ResNet depth first.")
+@click.option("--depth", type=click.Choice(DEPTHS), default=None,
+              help="With no MODEL: the SE-ResNet depth to export (or reuse) [default: the checkpoint's, else 50].")
 @click.option("--checkpoint", metavar="PATH_OR_URL", help="With no MODEL: weights for the export (see `export`).")
 @click.option("--fp16", is_flag=True, help="Also write the FP16 artifact (FP16 graph, FP32 inputs/outputs).")
 @click.option("--int8", is_flag=True, help="Also calibrate and write both INT8 artifacts (TensorRT Q/DQ and CPU).")
@@ -208,8 +265,10 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
     \b
-    MODEL is an FP32 ONNX image classifier with one N×C×H×W input (ours or any other); without it the
-    SE-ResNet of --depth is exported first. An FP16/INT8 artifact as MODEL builds only its engine, e.g. on a
+    MODEL is an FP32 ONNX image classifier with one N×C×H×W input (ours or any other). Without MODEL the
+    SE-ResNet of --depth (random weights, or --checkpoint) is used: a matching export by `sedeploy export`
+    (./se-resnet50.onnx, or one in OUT_DIR) is reused, otherwise it is exported first (said on stderr).
+    An FP16/INT8 artifact as MODEL builds only its engine, e.g. on a
     GPU machine:  sedeploy build-engine engines/se-resnet50.int8-trt.onnx --backend trt -o plans/
     \b
     Every requested precision is written as a portable ONNX file in OUT_DIR, whichever backend runs:
@@ -217,11 +276,20 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
       <model>.fp16.onnx      FP16 graph, FP32 inputs/outputs (TensorRT 11 builds it as FP16)
       <model>.int8-trt.onnx  symmetric Q/DQ that obeys TensorRT's rules (checked by `sedeploy inspect`)
       <model>.int8-cpu.onnx  the form that runs fastest on ONNX Runtime CPU
+    \b
+    OUT_DIR always holds one complete build: the set is written into a staging folder inside it and published
+    with manifest.json only when everything succeeded (files of the previous build that this one does not
+    write are removed). A failed, interrupted (Ctrl-C, SIGTERM) or killed build leaves the previous set as it
+    was, and a second build-engine into the same OUT_DIR is refused while one runs.
     """
     from sedeploy.pipeline import BuildOptions, build_engines, format_result
     from sedeploy.preprocess import Preprocess
 
     _setup_logging(verbose)
+    if model and (depth or checkpoint):
+        raise SedeployError(f"--depth/--checkpoint choose the network to export when no MODEL is given; MODEL "
+                            f"'{model}' was given too.",
+                            fix="drop --depth/--checkpoint to build from MODEL, or drop MODEL to export")
     pp = None
     if mean or std or resize:
         from sedeploy.onnxcore import image_input, load_onnx
@@ -229,16 +297,22 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
         if not model:
             raise SedeployError("--mean/--std/--resize describe a foreign MODEL; none was given.",
                                 fix="pass the ONNX file, or drop these options for the SE-ResNet export")
-        size = image_input(load_onnx(model), path=model).height
+        size = image_input(load_onnx(model, weights=False, check=False), path=model).height
+        if resize is not None and resize < size:
+            raise SedeployError(f"--resize {resize} is not valid for a {size} px input.",
+                                expected=f"a short-side size ≥ the {size} px centre crop",
+                                fix=f"omit --resize (default {round(size * 256 / 224)}), or pass ≥ {size}")
         base = Preprocess.for_size(size)
         pp = Preprocess(size=size, resize_short=resize or base.resize_short,
-                        mean=_triple(mean, "--mean") or base.mean, std=_triple(std, "--std") or base.std)
+                        mean=parse_triple(mean, "--mean") or base.mean,
+                        std=parse_triple(std, "--std", positive=True) or base.std)
     opts = BuildOptions(fp16=fp16, int8=int8, fuse_se=not no_fuse_se, backend=backend, calib=calib,
                         calib_method=calib_method, calib_count=calib_count, calib_seed=calib_seed,
                         calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,
                         threads=threads, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                        workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp, progress=not as_json)
-    res = build_engines(model, out_dir, opts, depth=int(depth), checkpoint=checkpoint)
+                        workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp,
+                        progress=_progress(as_json))
+    res = build_engines(model, out_dir, opts, depth=int(depth) if depth else None, checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 
 
@@ -262,13 +336,35 @@ def inspect(model, as_json, verbose):
                                 fix="rebuild it with `sedeploy build-engine --int8` (the int8-trt artifact)")
 
 
-def _batch_list(text: str) -> list[int]:
+#: largest batch size `bench --batch` accepts (a batch of 4096 SE-ResNet-50 images is ~2.4 GiB of input alone)
+MAX_BATCH = 4096
+#: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
+DEFAULT_ENGINES = Path("engines")
+
+
+def _default_engines() -> Path:
+    if not (DEFAULT_ENGINES / "manifest.json").is_file():
+        state = "has no manifest.json" if DEFAULT_ENGINES.is_dir() else "does not exist"
+        raise SedeployError(f"No ENGINES given, and the default folder '{DEFAULT_ENGINES}/' (where build-engine "
+                            f"writes) {state}.",
+                            expected="engine files (.onnx, .plan) or a folder written by `sedeploy build-engine`",
+                            fix="run `sedeploy build-engine` first (it writes engines/), or pass the engines, "
+                                "e.g. sedeploy bench my-engines/")
+    logging.getLogger("sedeploy").info("No ENGINES given: benchmarking %s/ (build-engine's default output folder).",
+                                       DEFAULT_ENGINES)
+    return DEFAULT_ENGINES
+
+
+def parse_batch_list(text: str) -> list[int]:
+    """``--batch 1,8,32`` → [1, 8, 32] (positive integers, duplicates dropped, order kept)."""
     try:
         sizes = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
         sizes = []
-    if not sizes or min(sizes) < 1:
-        raise SedeployError(f"--batch '{text}' is not valid.", expected="comma-separated positive integers",
+    sizes = list(dict.fromkeys(sizes))
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise SedeployError(f"--batch '{text}' is not valid.",
+                            expected=f"comma-separated positive integers up to {MAX_BATCH}",
                             fix="e.g. --batch 1,8,32")
     return sizes
 
@@ -311,10 +407,11 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
 
     \b
     ENGINES are ONNX artifacts/engines, TensorRT .plan files (with their .trt.json), or a build-engine
-    output folder (its manifest.json lists them). One must be FP32: drift is measured against it.
+    output folder (its manifest.json lists them) [default: engines/, where build-engine writes]. One must be
+    FP32: drift is measured against it.
     \b
     Examples:
-      sedeploy bench engines/                                   speed at batch 1, 8, 32
+      sedeploy bench                                            engines/ at batch 1, 8, 32
       sedeploy bench engines/ --images val/ --labels val.tsv    + top-1/top-5, flips, KL vs FP32
       sedeploy bench engines/ --images val/ --max-top1-drop 0.5 --min-agreement 99 --batch 8
                                                                 CI gate: exit 1 when a budget is exceeded
@@ -324,19 +421,22 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
     from sedeploy.bench.run import BenchInterrupted, bench_command_summary, run_bench
 
     _setup_logging(verbose)
-    sizes = _batch_list(batches)
+    sizes = parse_batch_list(batches)
+    if not engines:
+        engines = (_default_engines(),)
     try:
         res = run_bench(list(engines), images=images, labels=labels, synsets=synsets, batches=sizes,
                         threads=threads, warmup=warmup, repeats=repeats, settle=settle, max_seconds=max_seconds,
                         reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
                         compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
-                        progress=not as_json and sys.stderr.isatty(), max_top1_drop=max_top1_drop,
+                        progress=_progress(as_json), max_top1_drop=max_top1_drop,
                         min_agreement=min_agreement, image_limit=image_limit)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
         click.echo(bench_command_summary(stop.results), err=True)
-        click.echo("interrupted: partial results (complete: false) written to "
+        word, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _TERMINATED else ("interrupted", 130)
+        click.echo(f"{word}: partial results (complete: false) written to "
                    + (", ".join(map(str, stop.files.values())) or "nowhere (no --out)"), err=True)
-        sys.exit(130)
+        sys.exit(code)
     summary = {k: v for k, v in res.items() if k != "engines"}
     summary["engines"] = [{**e, "batch": {b: {k: v for k, v in st.items() if k != "samples_s"}
                                           for b, st in e["batch"].items()}} for e in res["engines"]]

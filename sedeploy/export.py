@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.fsutil import atomic_path
+from sedeploy.fsutil import atomic_path, clean_stale_partials, disk_full_error, is_disk_full
 from sedeploy.onnxcore import get_metadata, set_metadata, sha256_file
 from sedeploy.preprocess import Preprocess, load_folder, smooth_noise
 
@@ -42,6 +42,8 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 4e-6
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_CALIB_DIR = Path(__file__).resolve().parent.parent / "calib"
+#: largest --input-size accepted: ~13× ImageNet's side; one SE-ResNet-50 image then needs ~10 GiB of activations
+MAX_INPUT_SIZE = 2048
 
 
 @dataclass
@@ -161,6 +163,8 @@ def export_onnx(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool 
             with _quiet_exporter(), torch.no_grad():
                 torch.onnx.export(model.eval(), (x,), str(tmp), **kw)
         except Exception as err:  # the exporters raise many unrelated types; re-raise as one clear error
+            if is_disk_full(err):
+                raise disk_full_error(path, err) from err
             raise SedeployError(f"torch.onnx.export failed at opset {opset}: {type(err).__name__}: {err}",
                                 fix=f"try the default --opset {DEFAULT_OPSET}") from err
         proto = onnx.load(str(tmp), load_external_data=False)
@@ -218,20 +222,60 @@ def verify_onnx(model, onnx_path, *, images: np.ndarray, image_folder: str = "",
                         rtol=rtol, logit_scale=float(np.abs(ref).max()), logit_scale_random=scale_rand)
 
 
-def export_model(*, depth: int = 50, checkpoint: str | None = None, output: str | Path | None = None,
+def check_export_options(*, depth: int | None = None, input_size: int = 224, num_classes: int | None = None,
+                         atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, batch_size: int = 1) -> None:
+    """The export options a user types, checked before anything is built (each error names its option)."""
+    from sedeploy.model import ARCH
+
+    if depth is not None and depth not in ARCH:
+        raise SedeployError(f"--depth {depth} is not a supported depth.",
+                            expected=f"one of {', '.join(map(str, sorted(ARCH)))}")
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or not 32 <= input_size <= MAX_INPUT_SIZE:
+        raise SedeployError(f"--input-size {input_size} is not valid.",
+                            expected=f"a square input size in pixels from 32 to {MAX_INPUT_SIZE} (five stride-2 "
+                                     "stages need ≥ 32; ImageNet models use 224)",
+                            fix="omit --input-size for 224")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise SedeployError(f"--num-classes {num_classes} is not valid.", expected="a positive number of classes",
+                            fix="omit --num-classes for 1000 (ImageNet), or the checkpoint's head size")
+    for name, value in (("--atol", atol), ("--rtol", rtol)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value < float("inf")):
+            raise SedeployError(f"{name} {value} is not valid: a tolerance is a bound on |Δlogit| and cannot be "
+                                "negative or infinite.", expected="a finite number ≥ 0",
+                                fix=f"omit {name} (default {DEFAULT_ATOL if name == '--atol' else DEFAULT_RTOL:g})")
+    if batch_size < 1:
+        raise SedeployError(f"--batch-size {batch_size} is not valid.", expected="a positive integer",
+                            fix="omit --batch-size for a dynamic batch")
+
+
+def export_model(*, depth: int | None = None, checkpoint: str | None = None, output: str | Path | None = None,
                  opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, batch_size: int = 1, input_size: int = 224,
                  num_classes: int | None = None, se: bool = True, verify_images: str | Path | None = None,
                  verify_limit: int | None = 32, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-                 seed: int = 0, base_channels: int = 64) -> ExportResult:
-    """The `sedeploy export` job: build (or load) the network, export, verify, and only then publish the file."""
+                 seed: int = 0, base_channels: int = 64, progress: bool = False) -> ExportResult:
+    """The `sedeploy export` job: build (or load) the network, export, verify, and only then publish the file.
+
+    ``depth=None``: the checkpoint's depth with ``checkpoint``, else 50. ``progress``: a stage bar on stderr."""
+    from tqdm import tqdm
+
     from sedeploy import model as M
     from sedeploy.flops import count_complexity
 
     t0 = time.perf_counter()
+    check_export_options(depth=depth, input_size=input_size, num_classes=num_classes, atol=atol, rtol=rtol,
+                         batch_size=batch_size)
     _check_opset(opset)
+    if output is not None and Path(output).is_dir():
+        raise SedeployError(f"The output '{output}' is a folder.", expected="an .onnx file path",
+                            fix=f"pass a file name, e.g. -o {Path(output) / 'model.onnx'}")
     pp = Preprocess.for_size(input_size)
     folder = Path(verify_images) if verify_images else DEFAULT_CALIB_DIR
-    images, _ = load_folder(folder, pp, limit=verify_limit, what="verification image folder")
+    images, _ = load_folder(folder, pp, limit=verify_limit, what="verification image folder (--verify-images)"
+                            if verify_images else "shipped verification image folder")
+    bar = tqdm(total=3, desc="Export", unit="step", disable=not progress, leave=False,
+               bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+    bar.set_postfix_str("building the network")
 
     if checkpoint:
         from sedeploy.checkpoints import load_checkpoint, weights_label
@@ -239,7 +283,7 @@ def export_model(*, depth: int = 50, checkpoint: str | None = None, output: str 
         loaded = load_checkpoint(checkpoint, depth=depth, num_classes=num_classes)
         net, spec, weights = loaded.model, loaded.spec, weights_label(loaded)
     else:
-        net = M.build_model(depth, se=se, num_classes=num_classes or 1000, base_channels=base_channels, seed=seed)
+        net = M.build_model(depth or 50, se=se, num_classes=num_classes or 1000, base_channels=base_channels, seed=seed)
         spec, weights = net.spec, f"random (seed {seed})"
     cx = count_complexity(net, input_size)
     output = Path(output) if output else Path(f"{spec.name}.onnx")
@@ -253,10 +297,16 @@ def export_model(*, depth: int = 50, checkpoint: str | None = None, output: str 
     from sedeploy import __version__
 
     metadata["sedeploy.version"] = __version__
-    # Export to a temporary name, verify, then rename: a failed verification leaves nothing behind.
-    with atomic_path(output) as staged:
+    # Export to a temporary name, verify, then rename: a failed verification leaves nothing behind. Partial files
+    # of this name that killed runs (SIGKILL) left behind are removed first.
+    clean_stale_partials(output.parent if str(output.parent) else Path("."), final_name=output.name, locked=False)
+    with atomic_path(output) as staged, bar:
+        bar.update()
+        bar.set_postfix_str(f"torch.onnx.export (opset {opset})")
         export_onnx(net, staged, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size,
                     input_size=input_size, metadata=metadata)
+        bar.update()
+        bar.set_postfix_str("verifying against PyTorch")
         ver = verify_onnx(net, staged, images=images, image_folder=str(folder), atol=atol, rtol=rtol,
                           batch_size=None if dynamic_batch else batch_size, seed=seed)
         if not ver.passed:
@@ -265,7 +315,8 @@ def export_model(*, depth: int = 50, checkpoint: str | None = None, output: str 
                 f"{ver.tolerance:.3g} = {atol:g} + {rtol:g} × max|logit| {ver.logit_scale:.3g}), "
                 f"{ver.max_abs_diff_random:.3g} on random input (tolerance {ver.tolerance_random:.3g}); top-1 "
                 f"agreement {ver.top1_agreement:.1%}. The .onnx was not written.",
-                fix="report this as a bug with the command line; --atol/--rtol relax the check if you accept the error")
+                fix="--atol/--rtol relax the check if you accept the error; if the defaults fail on the shipped "
+                    "images, report it as a bug with the command line")
         sha = sha256_file(staged)
     return ExportResult(path=str(output), model=spec.name, depth=spec.depth, params=cx.params, flops=cx.seed_macs,
                         total_macs=cx.total_macs, opset=opset,

@@ -43,6 +43,9 @@ class ModelCard:
 
 
 def model_card(depth: int = 50, *, se: bool = True, input_size: int = 224, num_classes: int = 1000) -> ModelCard:
+    from sedeploy.export import check_export_options
+
+    check_export_options(depth=depth, input_size=input_size, num_classes=num_classes)
     net = M.build_model(depth, se=se, num_classes=num_classes, seed=None)
     cx = count_complexity(net, input_size)
     return ModelCard(model=net.spec.name, depth=depth, se=se, se_blocks=M.se_block_count(net.spec),

@@ -15,11 +15,22 @@ a CPU machine is carried to a GPU machine and built there (``sedeploy build-engi
 An input that is already FP16 or INT8 is such an artifact: only the engine is built from it.
 
 ``manifest.json`` in the output folder lists what was written; ``sedeploy bench OUTDIR`` reads it.
+
+A build is all-or-nothing: every option is checked before any work, the run holds an exclusive lock on the output
+folder (a second build into it is refused), everything is written into a staging folder inside it, and only a
+complete set is published (moved in, manifest last, with Ctrl-C/SIGTERM held back for those few renames). Files the
+previous manifest listed that the new build did not write are removed, so the folder always holds exactly one
+build. A failed or interrupted build leaves the previous set untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +41,8 @@ import numpy as np
 from sedeploy.artifacts import Artifact, artifact_path, artifact_stem
 from sedeploy.backends import BACKENDS, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.fsutil import atomic_write_text, ensure_writable_dir
+from sedeploy.fsutil import (STAGE_PREFIX, atomic_write_text, clean_stale_partials, ensure_writable_dir,
+                             folder_lock)
 from sedeploy.onnxcore import META, get_metadata, run_model, save_onnx, set_metadata
 from sedeploy.preprocess import Preprocess
 
@@ -76,6 +88,7 @@ class BuildOptions:
 class BuildResult:
     source: str
     out_dir: str
+    weights: str | None = None  # from the model's metadata: "random (seed 0)", "mmcls checkpoint x.pth (…)"
     se_blocks_found: int | None = None
     se_blocks_fused: int | None = None
     fusion: dict[str, Any] | None = None
@@ -99,26 +112,92 @@ def default_calib_dir() -> Path:
     return DEFAULT_CALIB_DIR
 
 
+def _positive(value, option: str, fix: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise SedeployError(f"{option} {value} is not valid.", expected="a positive integer", fix=fix)
+
+
+def _backend_purpose(backend: str) -> str:
+    return (f"Building {BACKENDS[backend].label} engines (--backend {backend}); the portable ONNX artifacts can be "
+            "written anywhere with --backend none and built where the backend is installed")
+
+
 def _check_options(opt: BuildOptions) -> None:
+    """Every option, checked before any file is written (a typo must not cost a 1-minute export first)."""
+    from sedeploy import calibration, fp16, int8
+
     if opt.backend not in BACKEND_CHOICES:
         raise SedeployError(f"Unknown backend '{opt.backend}'.", expected=f"one of {', '.join(BACKEND_CHOICES)}",
                             fix="pass --backend ort (ONNX Runtime, runs everywhere), trt (NVIDIA GPU), openvino "
                                 "(CPU) or none (portable artifacts only)")
-    if opt.threads is not None and opt.threads < 1:
-        raise SedeployError(f"--threads {opt.threads} is not valid.", expected="a positive integer",
-                            fix="omit --threads to use one per physical core")
-    if opt.backend == "none":
-        return
-    from sedeploy.backends import require
+    _positive(opt.threads, "--threads", "omit --threads to use one per physical core")
+    _positive(opt.calib_batch, "--calib-batch", f"omit it (default {calibration.DEFAULT_BATCH_SIZE})")
+    _positive(opt.calib_count, "--calib-count", f"omit it (default {calibration.DEFAULT_COUNT})")
+    method = opt.calib_method or calibration.DEFAULT_METHOD
+    if method not in calibration.METHODS:
+        raise SedeployError(f"Unknown calibration method '{method}'.",
+                            expected=f"one of {', '.join(calibration.METHODS)}",
+                            fix=f"omit --calib-method (default {calibration.DEFAULT_METHOD})")
+    if opt.se_int8 is not None and opt.se_int8 not in int8.SE_POLICIES:
+        raise SedeployError(f"--se-int8 {opt.se_int8} is not valid.", expected=f"one of {', '.join(int8.SE_POLICIES)}")
+    if opt.keep_fp32 is not None:
+        fp16.parse_keep_fp32(opt.keep_fp32)
+    if opt.calib is not None:
+        from sedeploy.preprocess import find_images
 
-    purpose = (f"Building {BACKENDS[opt.backend].label} engines (--backend {opt.backend}); the portable ONNX "
-               "artifacts can be written anywhere with --backend none and built where the backend is installed")
-    require(opt.backend, purpose)  # exit 4 with the install hint, before any work
+        found = find_images(opt.calib, what="calibration image folder (--calib)")
+        need = calibration.MIN_IMAGES[method]
+        usable = min(len(found.paths), opt.calib_count or calibration.DEFAULT_COUNT)
+        if opt.int8 and usable < need:
+            why = (f"--calib-count {opt.calib_count}" if opt.calib_count and opt.calib_count < len(found.paths)
+                   else f"the calibration image folder (--calib) '{found.root}' holds {len(found.paths)}")
+            raise SedeployError(f"Calibration method '{method}' needs at least {need} images; {why}.",
+                                expected=f"{need} or more calibration images for {method}",
+                                fix=f"add images to the folder, raise --calib-count to ≥ {need}, or use "
+                                    "--calib-method minmax")
+    elif opt.int8 and opt.calib_count is not None and opt.calib_count < calibration.MIN_IMAGES[method]:
+        raise SedeployError(f"--calib-count {opt.calib_count} is below what calibration method '{method}' needs "
+                            f"({calibration.MIN_IMAGES[method]} images).",
+                            fix=f"raise --calib-count to ≥ {calibration.MIN_IMAGES[method]}, or use "
+                                "--calib-method minmax")
+    if opt.int8:
+        _check_cache_location(opt.calib_cache)
+    if not opt.workspace_gib > 0:
+        raise SedeployError(f"--workspace {opt.workspace_gib} is not valid.", expected="a size in GiB > 0",
+                            fix="omit --workspace (default 4)")
+    if opt.backend != "none":
+        from sedeploy.backends import require
+
+        require(opt.backend, _backend_purpose(opt.backend))  # exit 4 with the install hint, before any work
     if opt.backend == "trt":
         from sedeploy.backends.tensorrt import require_trt, validate_profile
 
         validate_profile(opt.min_batch, opt.opt_batch, opt.max_batch)
-        require_trt(purpose)
+        if opt.timing_cache is not None:
+            _check_file_target(opt.timing_cache, "TensorRT timing cache (--timing-cache)")
+        require_trt(_backend_purpose("trt"))
+
+
+def _check_file_target(path: str | Path, what: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise SedeployError(f"The {what} '{p}' is a folder.", expected="a file path (it is created if missing)",
+                            fix=f"name a file inside it, e.g. {p / 'cache.json'}")
+    ensure_writable_dir(p.parent if str(p.parent) else Path("."), f"folder of the {what}",
+                        fix="pass a path in a folder you can write to")
+
+
+def _check_cache_location(pinned: str | Path | None) -> None:
+    """The calibration cache must be writable before calibrating (not after minutes of work)."""
+    if pinned is not None:
+        _check_file_target(pinned, "calibration cache file (--calib-cache)")
+        return
+    from sedeploy.calibration import default_cache_dir
+
+    folder = default_cache_dir()
+    ensure_writable_dir(folder, "calibration cache folder",
+                        fix="set SEDEPLOY_CACHE to a writable folder, or pass --calib-cache FILE")
+    clean_stale_partials(folder, older_than=time.time(), locked=False)
 
 
 def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None) -> Preprocess:
@@ -142,7 +221,8 @@ def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None)
 def _check_images(pp: Preprocess, folder: Path | None, limit: int = 8) -> np.ndarray:
     from sedeploy.preprocess import load_folder, smooth_noise
 
-    images, _ = load_folder(folder or default_calib_dir(), pp, limit=limit, what="verification image folder")
+    what = "calibration image folder (--calib)" if folder else "shipped calibration image folder"
+    images, _ = load_folder(folder or default_calib_dir(), pp, limit=limit, what=what)
     return np.concatenate([images, smooth_noise(2, pp.size, seed=1)]).astype(np.float32)
 
 
@@ -210,7 +290,9 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
     res.calibration = {"folder": str(folder), "images": len(calib.images), "skipped": list(calib.skipped),
                        "method": calib.method, "params": calib.params, "seed": opt.calib_seed,
                        "cache_hit": calib.cache_hit, "cache_path": calib.cache_path, "key": calib.key,
-                       "seconds": calib.seconds}
+                       "seconds": res.timings["calibrate_s"]}  # this run's time (a cache hit takes ~0 s)
+    if calib.cache_hit:
+        res.calibration["computed_seconds"] = calib.seconds  # what the cached run took
     se = int8.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
     for flavour in ("trt", "cpu"):
         t0 = time.perf_counter()
@@ -276,30 +358,118 @@ def _check_artifact_for_backend(art: Artifact, backend: str) -> None:
 
 
 def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildOptions | None = None, *,
-                  depth: int = 50, checkpoint: str | None = None) -> BuildResult:
-    """Run the whole `build-engine` job; see the module docstring. ``model=None`` exports ``depth`` first."""
-    from sedeploy.onnxcore import image_input, load_onnx
+                  depth: int | None = None, checkpoint: str | None = None) -> BuildResult:
+    """Run the whole `build-engine` job; see the module docstring. ``model=None`` uses a matching export of the
+    SE-ResNet of ``depth`` (default 50, or the checkpoint's depth) when one is there, else exports it first.
 
+    Every option is validated first; then, under an exclusive lock on ``out_dir``, everything is written into a
+    staging folder inside it and published as one set with its manifest. On any failure or interruption the
+    staging folder is removed and the folder keeps its previous set."""
     opt = options or BuildOptions()
     t_all = time.perf_counter()
+    started = time.time()
     _check_options(opt)
-    out = ensure_writable_dir(out_dir)
-    res = BuildResult(source="", out_dir=str(out))
-    if model is None:
-        from sedeploy.export import export_model
-        from sedeploy.model import build_model
+    if model is not None:
+        _check_model_file(model)
+    out = ensure_writable_dir(out_dir, "output folder", fix="choose another output folder (-o DIR) or fix its "
+                                                            "permissions")
+    return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint)
 
-        name = build_model(depth, seed=None).spec.name
-        t0 = time.perf_counter()
-        exp = export_model(depth=depth, checkpoint=checkpoint, output=out / f"{name}.onnx")
-        res.export = exp.as_dict()
-        res.timings["export_s"] = round(time.perf_counter() - t0, 2)
-        model = exp.path
-    src = Path(model)
-    res.source = str(src)
+
+def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: float, *, depth, checkpoint
+                  ) -> BuildResult:
+    with folder_lock(out, what="output folder", command="build-engine"):
+        clean_stale_partials(out, older_than=started)
+        for old in out.glob(f"{STAGE_PREFIX}*"):  # staging folders of killed runs (we hold the lock: none is live)
+            shutil.rmtree(old, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
+        try:
+            res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
+            res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
+            _publish(stage, out, res)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return res
+
+
+def _check_model_file(model: str | Path) -> None:
+    """MODEL is an image classifier sedeploy can work on (read without its weights), checked before any work."""
+    from sedeploy.onnxcore import classifier_output, image_input, load_onnx
+
+    p = Path(model)
+    if p.is_dir():
+        raise SedeployError(f"MODEL '{p}' is a folder.", expected="an ONNX file (.onnx)",
+                            fix="pass the .onnx file, or omit MODEL to export the SE-ResNet of --depth")
+    if not p.is_file():
+        raise SedeployError(f"MODEL '{p}' does not exist.", expected="an ONNX file (.onnx)",
+                            fix="check the path, or omit MODEL to export the SE-ResNet of --depth")
+    proto = load_onnx(p, weights=False, check=False)
+    image_input(proto, path=str(p))
+    classifier_output(proto, path=str(p))
+
+
+def _export_matches(path: Path, name: str, weights: str) -> bool:
+    """Is ``path`` an export of the same network with the same weights by this sedeploy version?"""
+    from sedeploy import __version__
+    from sedeploy.onnxcore import image_input, load_onnx
+
+    if not path.is_file():
+        return False
+    try:
+        proto = load_onnx(path, weights=False, check=False)
+        dynamic = image_input(proto, path=str(path)).dynamic_batch
+    except SedeployError:
+        return False
+    meta = get_metadata(proto)
+    want = {"sedeploy.model": name, "sedeploy.weights": weights, "sedeploy.num_classes": 1000,
+            "sedeploy.input_size": 224, "sedeploy.precision": "fp32", "sedeploy.version": __version__}
+    return dynamic and all(str(meta.get(k)) == str(v) for k, v in want.items())
+
+
+def _source_model(out: Path, stage: Path, opt: BuildOptions, res: BuildResult, depth: int | None,
+                  checkpoint: str | None) -> Path:
+    """No MODEL given: reuse the matching export (./<name>.onnx from `sedeploy export`, or <out>/<name>.onnx), or
+    export into the staging folder; either way say which."""
+    from sedeploy.export import export_model
+    from sedeploy.model import build_model
+
+    if checkpoint is None:
+        name = build_model(depth or 50, seed=None).spec.name
+        for candidate in (Path(f"{name}.onnx"), out / f"{name}.onnx"):
+            if _export_matches(candidate, name, "random (seed 0)"):
+                log.info("No MODEL given: using the existing export %s (%s, random weights, seed 0); pass MODEL to "
+                         "choose another file.", candidate, name)
+                res.notes.append(f"no MODEL given: reused the matching export {candidate} (same network, random "
+                                 "weights seed 0, same sedeploy version)")
+                return candidate
+        what = f"{name} with random weights (seed 0)"
+    else:
+        name, what = None, f"the network of --checkpoint {checkpoint}"
+    log.info("No MODEL given and no matching export found: exporting %s first (about a minute for "
+             "SE-ResNet-50); pass MODEL to use an existing .onnx.", what)
+    t0 = time.perf_counter()
+    exp = export_model(depth=depth, checkpoint=checkpoint, output=stage / f"{name or 'model'}.onnx",
+                       progress=opt.progress)
+    final = stage / f"{exp.model}.onnx"
+    if Path(exp.path) != final:
+        os.replace(exp.path, final)
+    res.export = {**exp.as_dict(), "path": str(out / final.name)}
+    res.timings["export_s"] = round(time.perf_counter() - t0, 2)
+    res.notes.append(f"no MODEL given: exported {exp.model} ({exp.weights}) → {out / final.name}")
+    return final
+
+
+def _build_staged(model, out: Path, stage: Path, opt: BuildOptions, *, depth, checkpoint) -> BuildResult:
+    from sedeploy.onnxcore import classifier_output, image_input, load_onnx
+
+    res = BuildResult(source="", out_dir=str(out))
+    src = Path(model) if model is not None else _source_model(out, stage, opt, res, depth, checkpoint)
+    res.source = str(out / src.name) if src.parent == stage else str(src)
     proto = load_onnx(src)
     inp = image_input(proto, path=str(src))
+    classifier_output(proto, path=str(src))
     meta = get_metadata(proto)
+    res.weights = str(meta.get("sedeploy.weights") or "unknown (not a sedeploy export)")
     pp = _preprocess_for(meta, inp.height, opt.preprocess)
     given = Artifact.from_file(src, proto)
     stem = artifact_stem(src)
@@ -313,21 +483,100 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
         res.artifacts.append(given)
         res.notes.append(f"input is a {given.kind} artifact: used as is (no SE fusion, no conversion)")
     else:
-        fp32_path = _fuse(proto, out, stem, opt, pp, res)
+        fp32_path = _fuse(proto, stage, stem, opt, pp, res)
         res.artifacts.append(Artifact(fp32_path, "fp32"))
         if opt.fp16:
-            _fp16(fp32_path, out, stem, opt, pp, res)
+            _fp16(fp32_path, stage, stem, opt, pp, res)
         if opt.int8:
-            _int8(fp32_path, out, stem, opt, pp, res)
-    _build_engines(res, out, opt, given=given.precision != "fp32")
-    res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
-    atomic_write_text(out / MANIFEST, json.dumps(res.as_dict(), indent=2, default=str) + "\n")
+            _int8(fp32_path, stage, stem, opt, pp, res)
+    _build_engines(res, stage, opt, given=given.precision != "fp32")
     return res
 
+
+def _relocate(obj, stage: str, out: str):
+    """``obj`` with every string that starts with the staging folder's path pointing into the output folder."""
+    if isinstance(obj, str):
+        return out + obj[len(stage):] if obj.startswith(stage) else obj
+    if isinstance(obj, Path):
+        return Path(_relocate(str(obj), stage, out))
+    if isinstance(obj, dict):
+        return {k: _relocate(v, stage, out) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_relocate(v, stage, out) for v in obj)
+    return obj
+
+
+def _listed_files(manifest: Path) -> set[str]:
+    """The file names (in the output folder) a previous manifest lists: artifacts, engines and their sidecars."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(data, dict):
+        return set()
+    names = set()
+    for entry in (data.get("artifacts") or []) + (data.get("engines") or []):
+        if isinstance(entry, dict):
+            for key in ("path", "sidecar"):
+                if isinstance(entry.get(key), str):
+                    names.add(Path(entry[key]).name)
+    return names
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM back (delivered right after the block) so a publish is never cut in half."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _publish(stage: Path, out: Path, res: BuildResult) -> None:
+    """Move the finished set from ``stage`` into ``out`` (manifest last) and remove what the previous manifest
+    listed that this build did not write. Runs with SIGINT/SIGTERM held back."""
+    s, o = str(stage), str(out)
+    for sidecar in stage.glob("*.json"):  # sidecars record their source model's path
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+        atomic_write_text(sidecar, json.dumps(_relocate(data, s, o), indent=2, sort_keys=True) + "\n")
+    res.artifacts = [Artifact(_relocate(a.path, s, o), a.precision, a.flavour, _relocate(a.report, s, o))
+                     for a in res.artifacts]
+    for name in ("engines", "notes"):
+        setattr(res, name, _relocate(getattr(res, name), s, o))
+    for name in ("fusion", "calibration", "validation"):
+        setattr(res, name, _relocate(getattr(res, name), s, o))
+    new = sorted(p.name for p in stage.iterdir() if not p.name.startswith("."))
+    keep = set(new) | {MANIFEST}
+    if Path(res.source).resolve().parent == out.resolve():
+        keep.add(Path(res.source).name)  # a MODEL inside the output folder is never removed
+    stale = sorted(_listed_files(out / MANIFEST) - keep)
+    if stale:
+        res.notes.append(f"removed what the previous build wrote and this one did not: {', '.join(stale)}")
+    atomic_write_text(stage / MANIFEST, json.dumps(res.as_dict(), indent=2, default=str) + "\n")
+    with _signals_held():
+        (out / MANIFEST).unlink(missing_ok=True)  # the old manifest never describes a half-replaced set
+        for name in new:
+            os.replace(stage / name, out / name)
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
+        os.replace(stage / MANIFEST, out / MANIFEST)
+    if stale:
+        log.info("Removed %d file(s) of the previous build that this build did not write: %s", len(stale),
+                 ", ".join(stale))
 
 def format_result(res: BuildResult) -> str:
     """The human-readable summary `build-engine` prints."""
     lines = [f"source      {res.source}"]
+    if res.weights:
+        lines.append(f"weights     {res.weights}" + ("  (timing is meaningful, accuracy is not)"
+                                                     if res.weights.startswith("random") else ""))
     if res.se_blocks_found is not None:
         f = res.fusion or {}
         reorders = f.get("ort_reorders")
@@ -338,7 +587,9 @@ def format_result(res: BuildResult) -> str:
     if res.calibration:
         c = res.calibration
         lines.append(f"calibration {c['method']} on {c['images']} images from {c['folder']}"
-                     f" ({'cache hit' if c['cache_hit'] else 'computed'}, {c['seconds']:.1f} s)")
+                     + (f" (cache hit, {c['seconds']:.1f} s; computed in {c['computed_seconds']:.1f} s earlier)"
+                        if c['cache_hit'] and c.get('computed_seconds') is not None
+                        else f" ({'cache hit' if c['cache_hit'] else 'computed'}, {c['seconds']:.1f} s)"))
     if res.validation is not None:
         lines.append(f"TensorRT Q/DQ rules: {'pass' if res.validation.get('ok') else 'FAIL'}")
     lines.append("artifacts (portable ONNX):")

@@ -9,8 +9,10 @@ returns the class-folder name alongside each file so accuracy code can map it to
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,29 @@ class ImageSet:
     paths: list[Path] = field(default_factory=list)
     classes: list[str | None] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
+    not_files: list[tuple[Path, str]] = field(default_factory=list)  # image-named entries that are no files
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why an image-named directory entry cannot be read as a file (None: it is a regular file, or a link to one).
+
+    FIFOs, sockets and devices are refused before anything opens them (opening a FIFO blocks until a writer
+    comes); broken and looping symbolic links are named as such."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic-link loop"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to '{os.readlink(path)}')"
+        return f"unreadable ({err.strerror or err})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO (named pipe), not a file"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    return "not a regular file (a socket or device)"
 
 
 def find_images(folder: str | os.PathLike, *, what: str = "image folder") -> ImageSet:
@@ -75,6 +100,10 @@ def find_images(folder: str | os.PathLike, *, what: str = "image folder") -> Ima
             path = Path(dirpath) / name
             ext = path.suffix.lower()
             if ext in IMAGE_EXTENSIONS:
+                why = _not_a_file(path)
+                if why is not None:
+                    found.not_files.append((path, why))
+                    continue
                 found.paths.append(path)
                 found.classes.append(rel.parts[0] if rel.parts else None)
             elif ext not in QUIET_EXTENSIONS:
@@ -83,6 +112,12 @@ def find_images(folder: str | os.PathLike, *, what: str = "image folder") -> Ima
         names = ", ".join(str(p.relative_to(root)) for p in found.skipped[:5])
         more = f" and {len(found.skipped) - 5} more" if len(found.skipped) > 5 else ""
         log.warning("Skipping %d non-image file(s) in %s: %s%s", len(found.skipped), root, names, more)
+    if found.not_files:
+        names = ", ".join(f"{p.relative_to(root)} ({why})" for p, why in found.not_files[:5])
+        more = f" and {len(found.not_files) - 5} more" if len(found.not_files) > 5 else ""
+        log.warning("Skipping %d image-named entr%s in %s that %s not readable image files: %s%s",
+                    len(found.not_files), "y" if len(found.not_files) == 1 else "ies", root,
+                    "is" if len(found.not_files) == 1 else "are", names, more)
     if not found.paths:
         raise SedeployError(f"The {what} '{root}' contains no images.",
                             expected=f"files with one of the extensions {', '.join(sorted(IMAGE_EXTENSIONS))}",
@@ -95,7 +130,7 @@ def load_image(path: str | os.PathLike, pp: Preprocess = Preprocess()) -> np.nda
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = _to_rgb(im)
         w, h = im.size
         scale = pp.resize_short / min(w, h)
         nw, nh = max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
@@ -106,6 +141,24 @@ def load_image(path: str | os.PathLike, pp: Preprocess = Preprocess()) -> np.nda
         arr = np.asarray(im, dtype=np.float32)
     arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _to_rgb(im):
+    """PIL image → 8-bit RGB. 16-bit grayscale (PNG/TIFF mode ``I;16*``, or ``I`` holding values > 255) is scaled
+    by 255/65535; PIL's own ``convert("RGB")`` clips such pixels at 255, which turns most photos white."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":  # 32-bit float images: taken as 0–1 when they fit there, else as 0–255
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and np.nanmax(a) <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def load_batch(paths: list[Path], pp: Preprocess = Preprocess(), *, progress: bool = False,

@@ -46,8 +46,10 @@ log = logging.getLogger("sedeploy")
 __all__ = ["IMAGENET_SYNSETS", "Labels", "read_synset_table", "read_labels_file", "resolve_labels",
            "synset_index"]
 
-SYNSET_RE = re.compile(r"^n\d{8}$")
-_SYNSET_PREFIX_RE = re.compile(r"^(n\d{8})(?:[_.\-]|$)")
+SYNSET_RE = re.compile(r"^n[0-9]{8}$")
+#: a class index as typed: ASCII digits only (str.isdigit() also accepts '²' and '٣', which int() rejects)
+_INDEX_RE = re.compile(r"^-?[0-9]+$")
+_SYNSET_PREFIX_RE = re.compile(r"^(n[0-9]{8})(?:[_.\-]|$)")
 
 # The 1000 ImageNet-1k WordNet synset IDs, sorted; position = class index. 10 per line.
 _SYNSETS_TEXT = """
@@ -161,6 +163,26 @@ def _is_synset(name: str) -> bool:
     return bool(SYNSET_RE.match(name))
 
 
+def _is_index(text: str) -> bool:
+    return bool(_INDEX_RE.match(text))
+
+
+def _read_text(p: Path, what: str, expected: str) -> str:
+    """A user's text file, with one clear error for a missing path, a folder, or bytes that are not UTF-8."""
+    if p.is_dir():
+        raise SedeployError(f"The {what} '{p}' is a folder.", expected=expected, fix="pass the file itself")
+    if not p.is_file():
+        raise SedeployError(f"The {what} '{p}' does not exist.", expected=expected)
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise SedeployError(f"The {what} '{p}' is not UTF-8 text (byte {data[err.start]:#04x} on line {line}).",
+                            expected=expected + ", encoded as UTF-8",
+                            fix="re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE)") from None
+
+
 def _names(items: Sequence[str], limit: int = 8) -> str:
     items = list(items)
     shown = ", ".join(str(i) for i in items[:limit])
@@ -174,16 +196,15 @@ def read_synset_table(path: str | os.PathLike) -> tuple[str, ...]:
     With an index column the rows are placed by index, which must run 0…n−1 without gaps or repeats.
     """
     p = Path(path)
-    if not p.is_file():
-        raise SedeployError(f"The synset table '{p}' does not exist.",
-                            expected="a text file: index<TAB>synset<TAB>name per line, or one synset per line")
-    rows = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    text = _read_text(p, "synset table",
+                      "a text file: index<TAB>synset<TAB>name per line, or one synset per line")
+    rows = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     indexed: dict[int, str] = {}
     ordered: list[str] = []
     for lineno, line in enumerate(rows, 1):
         fields = line.split("\t") if "\t" in line else line.split()
         fields = [f.strip() for f in fields]
-        if fields[0].isdigit() and len(fields) > 1 and _is_synset(fields[1]):
+        if _is_index(fields[0]) and not fields[0].startswith("-") and len(fields) > 1 and _is_synset(fields[1]):
             i = int(fields[0])
             if i in indexed:
                 raise SedeployError(f"The synset table '{p}' lists class index {i} twice.")
@@ -242,11 +263,9 @@ def read_labels_file(path: str | os.PathLike) -> list[tuple[int, str, str]]:
     """Parse ``file<TAB>label`` lines → [(line number, file, label text)]. Blank and ``#`` lines are skipped;
     a first line whose label is neither an integer nor a synset is taken as a header."""
     p = Path(path)
-    if not p.is_file():
-        raise SedeployError(f"The labels file '{p}' does not exist.",
-                            expected="a text file with one 'file<TAB>class index' line per image")
+    text = _read_text(p, "labels file", "a text file with one 'file<TAB>class index' line per image")
     entries = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split("\t") if "\t" in line else line.rsplit(None, 1)
@@ -254,7 +273,7 @@ def read_labels_file(path: str | os.PathLike) -> list[tuple[int, str, str]]:
             raise SedeployError(f"Line {lineno} of the labels file '{p}' has no label: {line[:80]!r}.",
                                 expected="file<TAB>class index (or file<TAB>synset ID)")
         name, label = fields[0].strip(), fields[1].strip()
-        if not (label.lstrip("-").isdigit() or _is_synset(label)):
+        if not (_is_index(label) or _is_synset(label)):
             if not entries and lineno == 1:
                 continue  # header
             raise SedeployError(f"Line {lineno} of the labels file '{p}': label {label!r} is neither a class index "
@@ -358,7 +377,7 @@ def _from_folders(classes: list[str], root: Path, num_classes: int, synsets, mod
     # The class set is every class folder of root (ImageFolder convention), not only those the images
     # evaluated come from: evaluating the first 100 images must not change the mapping.
     folders = _class_folders(root)
-    if all(f.isdigit() for f in folders):
+    if all(_is_index(f) and not f.startswith("-") for f in folders):
         bad = sorted((f for f in folders if int(f) >= num_classes), key=int)
         if bad:
             raise SedeployError(f"'{root}' has class folders the model does not have: {_names(bad)}.",
@@ -371,7 +390,7 @@ def _from_folders(classes: list[str], root: Path, num_classes: int, synsets, mod
                                where=f"The folder '{root}'")
         return Labels(np.array([mapper(c) for c in classes], np.int64), "synset folders",
                       f"folder synset → {mapper.rule}", {f: mapper(f) for f in folders})
-    odd = [f for f in folders if not (f.isdigit() or _is_synset(f))]
+    odd = [f for f in folders if not ((_is_index(f) and not f.startswith("-")) or _is_synset(f))]
     raise SedeployError(f"The class folders of '{root}' are neither all class indices nor all synset IDs: "
                         f"{_names(odd or folders)}.",
                         expected="ImageFolder subfolders named n01440764 … (WordNet IDs) or 0 … (class indices)",

@@ -55,9 +55,9 @@ class BenchInterrupted(KeyboardInterrupt):
 
 
 class _Interrupted(Exception):
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, signal_name: str = "Ctrl-C"):
         super().__init__(stage)
-        self.stage = stage
+        self.stage, self.signal_name = stage, signal_name
 
 
 def _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels) -> list[int]:
@@ -173,6 +173,35 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     return runner, info
 
 
+def _check_classifiers(specs) -> None:
+    """Every ONNX engine must be an image classifier (one N×classes output): refuse anything else up front."""
+    from sedeploy.onnxcore import classifier_output, load_onnx
+
+    for s in specs:
+        if s.backend == "ort":
+            classifier_output(load_onnx(s.path, weights=False, check=False), path=str(s.path))
+
+
+@contextlib.contextmanager
+def _timing_bar(sizes: Sequence[int], repeats: int, n_engines: int, progress: bool):
+    """A tqdm bar over the timed rounds (all batch sizes) on stderr, or nothing when ``progress`` is off."""
+    if not progress:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=len(sizes) * repeats, desc="Timing", unit="round", leave=False,
+              postfix=f"{n_engines} engines interleaved") as bar:
+        done: dict[int, int] = {}
+
+        def on_round(b: int, rounds: int) -> None:
+            bar.set_description(f"Timing batch {b}")
+            bar.update(rounds - done.get(b, 0))
+            done[b] = rounds
+
+        yield on_round
+
+
 @contextlib.contextmanager
 def _torch_threads(threads: int):
     import torch
@@ -212,11 +241,18 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
     if eval_batch < 1:
         raise SedeployError(f"Accuracy batch {eval_batch}.", expected="a positive integer, e.g. 32")
-    out = ensure_writable_dir(out_dir, "results directory") if out_dir is not None else None
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise SedeployError(f"--threads {threads} is not valid.", expected="a positive integer",
+                            fix="omit --threads to use one per physical core")
+    out = None
+    if out_dir is not None:
+        out = ensure_writable_dir(out_dir, "results folder (--out)",
+                                  fix="choose another --out folder, or fix its permissions")
     if out is not None and plots:
         require_matplotlib()
     threads = default_threads() if threads is None else threads
     specs = [E.describe_engine(p) for p in E.expand_engine_paths(engines)]
+    _check_classifiers(specs)
     E.unique_names(specs)
     ref = E.pick_reference(specs, reference)
     specs.sort(key=lambda s: s is not ref)  # the reference first: tables read from it
@@ -227,8 +263,16 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                         "ratios; absolute figures depend on the machine's load (see machine.loadavg)."]
 
     found = None
+    if labels is not None:  # a bad labels file is reported before any engine is opened
+        from sedeploy.bench.labels import read_labels_file
+
+        read_labels_file(labels)
+    if synsets is not None:
+        from sedeploy.bench.labels import read_synset_table
+
+        read_synset_table(synsets)
     if images is not None:
-        found = find_images(images, what="benchmark image folder")
+        found = find_images(images, what="benchmark image folder (--images)")
         if image_limit:
             found.paths = found.paths[:image_limit]
 
@@ -271,7 +315,8 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               None, "labels_file": str(labels) if labels else None, "image_limit": image_limit,
               "n_images": int(len(x)) if x is not None else 0, "eval_batch": eval_batch,
               "preprocess": pp.as_dict(), "max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
-              "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain}
+              "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain,
+              "weights": str(ref.meta.get("sedeploy.weights") or "unknown (not recorded in the model)")}
     state: dict[str, Any] = {"ceilings": None, "timing": None, "accuracy": None, "stage": "setup"}
     extra_runners: dict[str, Any] = {}
     tmp = tempfile.TemporaryDirectory(prefix="sedeploy-bench-")
@@ -313,9 +358,10 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                     infos.append(made[1])
             state["stage"] = "timing"
             pool = x if x is not None else smooth_noise(max(sizes), pp.size, seed=0)
-            with _torch_threads(threads):
+            with _torch_threads(threads), _timing_bar(sizes, repeats, len(runners) + len(extra_runners),
+                                                      progress) as on_round:
                 timing = time_runners({**runners, **extra_runners}, pool, batch_sizes=sizes, warmup=warmup,
-                                      repeats=repeats, max_seconds=max_seconds, settle=settle)
+                                      repeats=repeats, max_seconds=max_seconds, settle=settle, on_round=on_round)
             state["timing"] = timing
             if not timing.complete:
                 raise _Interrupted(timing.interrupted or "timing")
@@ -329,10 +375,11 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                     raise _Interrupted(f"the accuracy pass after {done} of {len(x)} images (figures cover those)")
             else:
                 notes.append("No image folder: speed only (pass --images for accuracy and drift).")
-        except KeyboardInterrupt:
-            raise _Interrupted(state["stage"]) from None
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM raised as a KeyboardInterrupt subclass by the CLI
+            raise _Interrupted(state["stage"], getattr(err, "signal_name", "Ctrl-C")) from None
     except _Interrupted as stop:
-        text = stop.stage if stop.stage.startswith("interrupted") else f"interrupted (Ctrl-C) during {stop.stage}"
+        text = stop.stage if stop.stage.startswith("interrupted") else \
+            f"interrupted ({stop.signal_name}) during {stop.stage}"
         results = _assemble(infos, state, ref, config, lab, notes, flops,
                             complete=False, interrupted=text)
         files = write_reports(results, out, plots=plots) if out is not None else {}

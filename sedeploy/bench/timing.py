@@ -188,7 +188,8 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
                  inputs: np.ndarray | Callable[[int], np.ndarray], *,
                  batch_sizes: Sequence[int] = (1,), warmup: int = 3, repeats: int = 20, min_repeats: int | None = None,
                  max_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter,
-                 pause_gc: bool = True, settle: int = 0) -> TimingResult:
+                 pause_gc: bool = True, settle: int = 0,
+                 on_round: Callable[[int, int], None] | None = None) -> TimingResult:
     """Time ``runners`` interleaved, per batch size; returns every sample (see the module docstring).
 
     ``inputs``: an image pool N×C×H×W (batch b = its first b images, cycled if N < b) or ``f(b) -> array``.
@@ -196,6 +197,7 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
     ``max_seconds``: time budget for the timed rounds of one batch size; rounds stop once it is spent and at
     least ``min_repeats`` rounds (default: min(3, repeats)) are done; a round in progress is finished.
     ``clock`` is injectable for tests. ``settle``: untimed calls of the same runner right before each timed one.
+    ``on_round(batch, rounds_done)``: called after each timed round, outside the timed calls (progress bars).
     """
     named = _named(runners)
     if isinstance(settle, bool) or not isinstance(settle, int) or settle < 0:
@@ -243,6 +245,8 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
                     order.append(name)
                 rounds += 1
                 result.elapsed_s[b] = clock() - start
+                if on_round is not None:
+                    on_round(b, rounds)
                 if max_seconds is not None and rounds >= min_repeats and result.elapsed_s[b] >= max_seconds:
                     break
             if gc_was_enabled:
@@ -250,9 +254,9 @@ def time_runners(runners: Mapping[str, Runner] | Sequence[Runner],
             log.info("batch %d: %d round(s) of %d engine(s) in %.1f s%s", b, rounds, len(named),
                      result.elapsed_s.get(b, 0.0),
                      " (time budget reached)" if rounds < repeats else "")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM raised as a KeyboardInterrupt subclass by the CLI
         result.complete = False
-        result.interrupted = f"interrupted (Ctrl-C) during {stage}"
+        result.interrupted = f"interrupted ({getattr(stop, 'signal_name', 'Ctrl-C')}) during {stage}"
         log.warning("Benchmark interrupted during %s; keeping the %d sample(s) measured so far.", stage,
                     sum(len(v) for per in result.samples.values() for v in per.values()))
     finally:

@@ -222,3 +222,30 @@ def name_nodes(proto) -> None:
                 name += "_"
             n.name = name
             used.add(name)
+
+
+def classifier_output(proto, *, path: str = "model") -> int | None:
+    """The class count of a classifier's one N×classes float output (None when the class dimension is symbolic),
+    or a clear error for a graph that is not an image classifier (e.g. an elementwise op whose output is 4-D)."""
+    outputs = list(proto.graph.output)
+    if len(outputs) != 1:
+        names = ", ".join(o.name for o in outputs) or "none"
+        raise SedeployError(f"'{path}' has {len(outputs)} graph outputs ({names}).",
+                            expected="an image classifier with exactly one N×classes logits output",
+                            fix="sedeploy builds and benchmarks classifiers; export the model with one logits output")
+    out = outputs[0]
+    tt = out.type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in tt.shape.dim] if tt.HasField("shape") else None
+    if tt.elem_type not in (1, 10) or dims is None or len(dims) != 2:
+        import onnx
+
+        kind = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "untyped"
+        raise SedeployError(f"'{path}' is not an image classifier: its output '{out.name}' is {kind} with shape "
+                            f"{dims if dims is not None else 'unknown'}.",
+                            expected="one float output of shape N×classes (logits or probabilities)",
+                            fix="pass a classifier (e.g. from `sedeploy export`); sedeploy measures top-1 on it")
+    classes = dims[1]
+    if isinstance(classes, int) and classes < 2 and classes != 0:
+        raise SedeployError(f"'{path}' has {classes} output class: not a classifier.",
+                            expected="N×classes logits with at least 2 classes")
+    return classes if isinstance(classes, int) and classes > 0 else None

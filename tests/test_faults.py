@@ -1,0 +1,632 @@
+"""Faults and bad input (issue 10): each ends in one clear error (exit 2/3/4) or is handled correctly, and nothing
+is left half-written. Small models only (tiny_onnx: SE-ResNet-18 at width 8, 32 px); each test runs in seconds."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sedeploy.errors import SedeployError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None, env=None, timeout=240):
+    """Run the CLI in a subprocess (as a user would): returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sedeploy", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error(res, code: int = 2) -> str:
+    """The run failed with ``code`` and printed exactly one error (no traceback)."""
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("error:") == 1, res.stderr
+    return res.stderr
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEDEPLOY_CACHE", str(tmp_path / "cache"))
+    return {"SEDEPLOY_CACHE": str(tmp_path / "cache")}
+
+
+def _model(tmp_path: Path, name: str, nodes, inputs, outputs, inits=()):
+    import onnx
+    from onnx import helper
+
+    g = helper.make_graph(nodes, name, inputs, outputs, list(inits))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.fixture
+def add_onnx(tmp_path):
+    """Not a classifier: one Add whose output is the 4-D image."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 32, 32])
+    c = numpy_helper.from_array(np.ones((1, 3, 32, 32), np.float32), "c")
+    return _model(tmp_path, "add", [helper.make_node("Add", ["x", "c"], ["y"])], [x], [y], [c])
+
+
+def _build(model, out, **kw):
+    from sedeploy.pipeline import BuildOptions, build_engines
+
+    return build_engines(model, out, BuildOptions(progress=False, **kw))
+
+
+# ------------------------------------------------------------------------------------------ locking and staging
+def test_second_writer_is_refused_while_the_folder_is_locked(tiny_onnx, tmp_path):
+    from sedeploy.fsutil import folder_lock
+
+    out = tmp_path / "eng"
+    out.mkdir()
+    with folder_lock(out, command="build-engine"):
+        with pytest.raises(SedeployError, match=r"Another build-engine run is writing into the output folder"):
+            _build(tiny_onnx, out)
+    assert list(out.iterdir()) == []  # the refused run wrote nothing
+    _build(tiny_onnx, out)  # the lock is released with its holder
+    assert (out / "manifest.json").is_file()
+
+
+def test_two_concurrent_cli_builds_never_mix(tiny_onnx, tmp_path, cache_env):
+    """Two real processes into one folder: one wins, the other is refused (or runs after it); the manifest lists
+    exactly the files present."""
+    out = tmp_path / "eng"
+    procs = [subprocess.Popen([sys.executable, "-m", "sedeploy", "build-engine", str(tiny_onnx), "-o", str(out),
+                               *extra], env={**os.environ, "PYTHONPATH": str(REPO), **cache_env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in ([], ["--fp16"])]
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+    for rc, err in results:
+        assert rc == 0 or (rc == 2 and "is writing into the output folder" in err), (rc, err)
+    assert any(rc == 0 for rc, _ in results)
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {Path(a["path"]).name for a in manifest["artifacts"]} | \
+             {Path(e[k]).name for e in manifest["engines"] for k in ("path", "sidecar")}
+    present = {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"manifest.json"}
+    assert listed == present
+
+
+def test_rebuild_removes_what_the_previous_build_wrote(tiny_onnx, tmp_path, cache_env):
+    out = tmp_path / "eng"
+    _build(tiny_onnx, out, fp16=True)
+    assert (out / "tiny.fp16.onnx").is_file()
+    res = _build(tiny_onnx, out)
+    names = {p.name for p in out.iterdir()}
+    assert "tiny.fp16.onnx" not in names and "tiny.fp16.ort-opt.onnx" not in names
+    assert {"tiny.fp32.onnx", "tiny.fp32.ort-opt.onnx", "tiny.fp32.ort.json", "manifest.json"} <= names
+    assert any("removed what the previous build wrote" in n for n in res.notes)
+    assert not any(p.name.startswith(".sedeploy-staging-") for p in out.iterdir())
+
+
+def test_failed_build_leaves_the_previous_set_untouched(tiny_onnx, tmp_path, monkeypatch):
+    from sedeploy import pipeline
+
+    out = tmp_path / "eng"
+    _build(tiny_onnx, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def boom(*a, **k):
+        raise SedeployError("FP16 conversion failed (injected).")
+
+    monkeypatch.setattr(pipeline, "_fp16", boom)
+    with pytest.raises(SedeployError, match="injected"):
+        _build(tiny_onnx, out, fp16=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # same files, same bytes: the staged fused FP32 model was never published
+    assert not [p for p in out.iterdir() if p.is_dir()]
+
+
+def test_sidecars_and_manifest_point_into_the_output_folder(tiny_onnx, tmp_path):
+    out = tmp_path / "eng"
+    _build(tiny_onnx, out)
+    text = "".join(p.read_text() for p in out.glob("*.json"))
+    assert ".sedeploy-staging-" not in text
+    side = json.loads((out / "tiny.fp32.ort.json").read_text())
+    assert Path(side["source_model"]) == out / "tiny.fp32.onnx"
+
+
+# ------------------------------------------------------------------------------------------ options checked first
+@pytest.mark.parametrize("kw, pattern", [
+    ({"calib_count": 0}, r"--calib-count 0 is not valid"),
+    ({"calib_batch": -2}, r"--calib-batch -2 is not valid"),
+    ({"int8": True, "calib_count": 4}, r"--calib-count 4 is below"),
+    ({"threads": 0}, r"--threads 0"),
+    ({"workspace_gib": 0.0}, r"--workspace 0.0"),
+    ({"keep_fp32": "se,bogus"}, r"Unknown FP32 group"),
+    ({"int8": True, "calib": "/nonexistent/calib"}, r"calibration image folder \(--calib\) '/nonexistent/calib' "
+                                                    r"does not exist"),
+])
+def test_options_are_checked_before_any_file_is_written(tiny_onnx, tmp_path, kw, pattern):
+    out = tmp_path / "eng"
+    with pytest.raises(SedeployError, match=pattern):
+        _build(tiny_onnx, out, **kw)
+    assert not out.exists()
+
+
+def test_unwritable_calibration_cache_is_named_as_such(tiny_onnx, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("SEDEPLOY_CACHE", str(blocker))
+    with pytest.raises(SedeployError) as info:
+        _build(tiny_onnx, tmp_path / "eng", int8=True)
+    msg = str(info.value)
+    assert "calibration cache folder" in msg and "SEDEPLOY_CACHE" in msg and "output directory" not in msg
+    assert not (tmp_path / "eng").exists()
+
+
+def test_calib_cache_that_is_a_folder_is_refused_early(tiny_onnx, tmp_path):
+    with pytest.raises(SedeployError, match=r"calibration cache file \(--calib-cache\) '.*' is a folder"):
+        _build(tiny_onnx, tmp_path / "eng", int8=True, calib_cache=tmp_path)
+
+
+def test_calib_errors_name_the_calibration_folder(tiny_onnx, tmp_path):
+    empty = tmp_path / "calib"
+    empty.mkdir()
+    with pytest.raises(SedeployError) as info:
+        _build(tiny_onnx, tmp_path / "eng", int8=True, calib=empty)
+    assert "calibration image folder (--calib)" in str(info.value)
+    assert "verification" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ signals and partials
+_SLOW_BUILD = textwrap.dedent("""
+    import sys, time
+    from sedeploy import pipeline
+    from sedeploy.cli import main
+    real = pipeline._build_engines
+    def slow(res, stage, opt, **kw):
+        real(res, stage, opt, **kw)
+        print("READY", flush=True)
+        time.sleep(60)
+    pipeline._build_engines = slow
+    sys.argv = ["sedeploy", "build-engine", sys.argv[1], "-o", sys.argv[2]]
+    main()
+""")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_and_ctrl_c_stop_cleanly_and_keep_the_previous_set(tiny_onnx, tmp_path, sig, code, word):
+    out = tmp_path / "eng"
+    _build(tiny_onnx, out)
+    manifest = (out / "manifest.json").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(tiny_onnx), str(out)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        staged = [p for p in out.iterdir() if p.name.startswith(".sedeploy-staging-")]
+        assert staged and any(staged[0].iterdir())  # the new set exists, but only in staging
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert rc == code, err
+    assert word in err and "Traceback" not in err
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert not [p for p in out.iterdir() if p.name.startswith(".sedeploy-staging-") or p.name.endswith(".partial")]
+
+
+def test_stale_partials_of_killed_runs_are_removed_by_the_next_build(tiny_onnx, tmp_path):
+    out = tmp_path / "eng"
+    out.mkdir()
+    old = time.time() - 3600
+    stale = out / ".tiny.fp32.onnx.k3j_x9q2.partial"  # what atomic_path names its temporary files
+    stale_stage = out / ".sedeploy-staging-abc123"
+    keep = [out / "notes.partial", out / ".config.partial", out / "user.onnx"]  # not sedeploy's pattern
+    for p in [stale, *keep]:
+        p.write_bytes(b"x" * 10)
+        os.utime(p, (old, old))
+    stale_stage.mkdir()
+    (stale_stage / "tiny.fp32.onnx").write_bytes(b"half")
+    _build(tiny_onnx, out)
+    assert not stale.exists() and not stale_stage.exists()
+    assert all(p.exists() for p in keep)
+
+
+def test_partial_younger_than_the_run_is_kept(tmp_path):
+    from sedeploy.fsutil import clean_stale_partials
+
+    start = time.time() - 60
+    young = tmp_path / ".x.onnx.abcdefgh.partial"
+    young.write_bytes(b"")  # mtime now: another live run may be writing it
+    old = tmp_path / ".y.onnx.abcdefgh.partial"
+    old.write_bytes(b"")
+    os.utime(old, (start - 10, start - 10))
+    assert clean_stale_partials(tmp_path, older_than=start) == [old]
+    assert young.exists()
+
+
+# ------------------------------------------------------------------------------------------ disk full
+def test_disk_full_is_one_clear_error_and_leaves_nothing(tmp_path):
+    from sedeploy.fsutil import atomic_path
+
+    final = tmp_path / "model.onnx"
+    with pytest.raises(SedeployError) as info:
+        with atomic_path(final) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    msg = str(info.value)
+    assert "disk is full" in msg and "--opset" not in msg and "free some space" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_names_the_file_the_user_asked_for(tmp_path):
+    from sedeploy.fsutil import disk_full_error, user_path
+
+    assert user_path(tmp_path / ".m.onnx.ab_d1234.partial") == tmp_path / "m.onnx"
+    assert user_path(tmp_path / ".sedeploy-staging-x1y2z3ab" / "m.fp32.onnx") == tmp_path / "m.fp32.onnx"
+    assert f"'{tmp_path / 'm.onnx'}'" in str(disk_full_error(tmp_path / ".m.onnx.ab_d1234.partial"))
+
+
+def test_disk_full_inside_the_exporter_is_not_blamed_on_the_opset(tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    from sedeploy.export import export_onnx
+
+    def full(*a, **k):
+        raise RuntimeError("serialization failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    with pytest.raises(SedeployError, match="disk is full") as info:
+        export_onnx(tiny_model, tmp_path / "m.onnx", input_size=32)
+    assert "--opset" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_turns_an_escaped_enospc_into_exit_2(monkeypatch, capsys):
+    from sedeploy.cli import handle_errors
+
+    @handle_errors
+    def writes():
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x.onnx")
+
+    with pytest.raises(SystemExit) as info:
+        writes()
+    assert info.value.code == 2
+    assert "disk is full" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ image folders
+def _jpeg(path: Path, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_fifo_dangling_and_looping_links_are_skipped_without_blocking(tmp_path, caplog):
+    from sedeploy.preprocess import find_images, load_folder
+
+    _jpeg(tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "loop1.jpg").symlink_to(tmp_path / "loop2.jpg")
+    (tmp_path / "loop2.jpg").symlink_to(tmp_path / "loop1.jpg")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")  # a link to a real file is an image
+    found = find_images(tmp_path)
+    assert [p.name for p in found.paths] == ["a.jpg", "link.jpg"]
+    reasons = dict((p.name, why) for p, why in found.not_files)
+    assert "FIFO" in reasons["pipe.jpg"] and "broken symbolic link" in reasons["dangling.jpg"]
+    assert "loop" in reasons["loop1.jpg"]
+    assert "pipe.jpg" in caplog.text
+    x, loaded = load_folder(tmp_path)  # returns at once: the FIFO is never opened
+    assert x.shape[0] == 2
+
+
+def test_folder_of_only_broken_entries_is_one_error(tmp_path):
+    from sedeploy.preprocess import find_images
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(SedeployError, match="contains no images"):
+        find_images(tmp_path, what="calibration image folder")
+
+
+def test_calibration_with_a_dangling_link_in_the_folder(tiny_onnx, tmp_path, calib_dir):
+    from sedeploy.calibration import calibrate
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, src in enumerate(sorted(calib_dir.glob("*.jpg"))[:16]):
+        (folder / f"{i:02d}.jpg").write_bytes(src.read_bytes())
+    (folder / "zz.jpg").symlink_to(folder / "gone.jpg")
+    os.mkfifo(folder / "zz-pipe.jpg")
+    from sedeploy.preprocess import Preprocess
+
+    res = calibrate(tiny_onnx, folder, cache_dir=tmp_path / "cache", progress=False,
+                    preprocess=Preprocess.for_size(32))
+    assert len(res.images) == 16
+
+
+@pytest.mark.parametrize("fmt", ["png", "tif"])
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path, fmt):
+    """A 16-bit PNG opens as mode I;16 and a 32-bit-int TIFF as mode I; PIL's convert("RGB") clips both at 255
+    (measured: 98 % of this ramp turns white). sedeploy scales them to 8 bits."""
+    from PIL import Image
+
+    from sedeploy.preprocess import Preprocess, load_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # dark … bright
+    path = tmp_path / f"g16.{fmt}"
+    Image.fromarray(ramp if fmt == "png" else ramp.astype(np.int32)).save(path)
+    with Image.open(path) as im:
+        assert im.mode == ("I;16" if fmt == "png" else "I")
+    eight = tmp_path / "g8.png"
+    Image.fromarray((ramp // 257).astype(np.uint8), "L").save(eight)
+    pp = Preprocess(size=64, resize_short=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    got, want = load_image(path, pp), load_image(eight, pp)
+    assert np.abs(got - want).max() <= 1.0  # the same picture as its 8-bit version
+    assert (got >= 254).mean() < 0.05  # not "nearly all white"
+
+
+# ------------------------------------------------------------------------------------------ models
+def test_non_classifier_is_refused_by_build_engine_and_bench(add_onnx, tmp_path):
+    err = one_error(cli("build-engine", add_onnx, "-o", tmp_path / "eng"))
+    assert "not an image classifier" in err
+    assert not (tmp_path / "eng").exists()
+    err = one_error(cli("bench", add_onnx, "--no-probe", "--no-torch-baseline", "--repeats", 3))
+    assert "not an image classifier" in err
+
+
+def test_one_channel_and_uint8_input_models_are_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    x1 = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32, 32])
+    y1 = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+    gray = _model(tmp_path, "gray", [helper.make_node("Flatten", ["x"], ["y"])], [x1], [y1])
+    xu = helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 3, 32, 32])
+    yu = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    u8 = _model(tmp_path, "u8", [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], [xu], [yu])
+    assert "1 channel(s)" in one_error(cli("build-engine", gray, "-o", tmp_path / "e1"))
+    assert "is uint8" in one_error(cli("build-engine", u8, "-o", tmp_path / "e2"))
+    assert "1 channel(s)" in one_error(cli("bench", gray, "--no-probe"))
+
+
+def test_inspect_of_an_empty_file_fails(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert "empty file" in one_error(cli("inspect", empty))
+
+
+# ------------------------------------------------------------------------------------------ CLI option values
+@pytest.mark.parametrize("size", ["0", "-1", "100000"])
+def test_info_input_size_out_of_range(size):
+    err = one_error(cli("info", "--input-size", size))
+    assert f"--input-size {size} is not valid" in err
+
+
+def test_export_num_classes_zero_is_refused_not_a_1000_class_model(tmp_path):
+    err = one_error(cli("export", "--depth", 18, "--num-classes", 0, "-o", tmp_path / "m.onnx"))
+    assert "--num-classes 0 is not valid" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_negative_atol_is_an_input_error_not_a_bug(tmp_path):
+    err = one_error(cli("export", "--depth", 18, "--atol", -1, "-o", tmp_path / "m.onnx"))
+    assert "--atol -1.0 is not valid" in err and "bug" not in err
+
+
+def test_checkpoint_depth_is_used_when_depth_is_not_given(tmp_path):
+    import torch
+
+    from sedeploy.export import export_model
+    from sedeploy.model import build_model
+
+    ckpt = tmp_path / "r34.pth"
+    torch.save(build_model(34, num_classes=10, seed=1, base_channels=8).state_dict(), ckpt)
+    with pytest.raises(SedeployError, match="you asked for --depth 50"):
+        export_model(depth=50, checkpoint=str(ckpt), output=tmp_path / "a.onnx", input_size=32, verify_limit=2)
+    res = export_model(checkpoint=str(ckpt), output=tmp_path / "b.onnx", input_size=32, verify_limit=2)
+    assert res.depth == 34 and res.num_classes == 10
+
+
+def test_malicious_pickle_is_called_what_it_is(tmp_path):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo should-not-run",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Evil()}, path)
+    from sedeploy.checkpoints import load_checkpoint
+
+    with pytest.raises(SedeployError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert "pickled Python objects" in msg and "arbitrary code" in msg and "corrupt" not in msg
+
+
+# ------------------------------------------------------------------------------------------ labels
+def _labels_setup(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        _jpeg(root / name)
+    return root
+
+
+def test_labels_file_not_utf8_is_one_error(tmp_path):
+    from sedeploy.bench.labels import read_labels_file
+
+    p = tmp_path / "labels.tsv"
+    p.write_bytes("a.jpg\t1\ncaf\xe9.jpg\t2\n".encode("latin-1"))
+    with pytest.raises(SedeployError, match=r"not UTF-8 text \(byte 0xe9 on line 2\)"):
+        read_labels_file(p)
+
+
+def test_superscript_label_is_refused_not_a_traceback(tmp_path):
+    from sedeploy.bench.labels import resolve_labels
+
+    root = _labels_setup(tmp_path)
+    p = tmp_path / "labels.tsv"
+    p.write_text("a.jpg\t1\nb.jpg\t²\n", encoding="utf-8")
+    with pytest.raises(SedeployError, match="neither a class index nor a synset"):
+        resolve_labels(sorted(root.glob("*.jpg")), root, num_classes=10, labels_file=p)
+
+
+def test_labels_path_that_is_a_folder_says_so(tmp_path):
+    from sedeploy.bench.labels import read_labels_file, read_synset_table
+
+    with pytest.raises(SedeployError, match="is a folder"):
+        read_labels_file(tmp_path)
+    with pytest.raises(SedeployError, match="is a folder"):
+        read_synset_table(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ the three card commands
+def test_bare_bench_uses_engines_folder_and_says_so(tiny_onnx, tmp_path, cache_env):
+    res = cli("bench", "--no-probe", "--no-torch-baseline", cwd=tmp_path, env=cache_env)
+    err = one_error(res)
+    assert "default folder 'engines/'" in err and "sedeploy build-engine" in err
+    assert "out/model.fp32.onnx" not in err
+    built = cli("build-engine", tiny_onnx, cwd=tmp_path, env=cache_env)  # writes engines/ by default
+    assert built.returncode == 0, built.stderr
+    res = cli("bench", "--no-probe", "--no-torch-baseline", "--repeats", 3, "--batch", "1,2", cwd=tmp_path,
+              env=cache_env)
+    assert res.returncode == 0, res.stderr
+    assert "benchmarking engines/" in res.stderr
+    assert "tiny.fp32.ort-opt" in res.stdout
+
+
+def test_build_engine_summary_and_bench_table_show_the_weights(tmp_path, cache_env):
+    from sedeploy.bench.report import to_markdown
+    from sedeploy.bench.run import run_bench
+    from sedeploy.export import export_model
+    from sedeploy.pipeline import format_result
+
+    model = export_model(depth=18, output=tmp_path / "m.onnx", input_size=32, verify_limit=2, base_channels=8)
+    res = _build(model.path, tmp_path / "eng")
+    assert "weights     random (seed 0)" in format_result(res)
+    bench = run_bench([tmp_path / "eng"], batches=[1], repeats=3, warmup=1, probe=False, torch_baseline=False,
+                      progress=False)
+    assert "Weights: random (seed 0)" in to_markdown(bench)
+
+
+def test_calibration_cache_hit_reports_this_runs_time(tiny_onnx, tmp_path, calib_dir):
+    from sedeploy.pipeline import format_result
+
+    first = _build(tiny_onnx, tmp_path / "a", int8=True, calib=calib_dir, calib_cache=tmp_path / "c.json")
+    again = _build(tiny_onnx, tmp_path / "b", int8=True, calib=calib_dir, calib_cache=tmp_path / "c.json")
+    assert not first.calibration["cache_hit"] and again.calibration["cache_hit"]
+    assert again.calibration["seconds"] == again.timings["calibrate_s"]
+    assert "computed_seconds" not in first.calibration and again.calibration["computed_seconds"] > 0
+    assert "cache hit" in format_result(again) and "computed in" in format_result(again)
+
+
+# ------------------------------------------------------------------------------------------ progress and plots
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tiny_onnx, tmp_path, cache_env):
+    res = cli("build-engine", tiny_onnx, "--int8", "-o", tmp_path / "eng", env=cache_env)
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "it/s" not in res.stderr and "batch/s" not in res.stderr
+
+
+def test_bench_timing_shows_progress_when_asked(tiny_onnx, tmp_path, capsys):
+    from sedeploy.bench.run import run_bench
+
+    _build(tiny_onnx, tmp_path / "eng")
+    run_bench([tmp_path / "eng"], batches=[1, 2], repeats=4, warmup=1, probe=False, torch_baseline=False,
+              progress=True)
+    assert "Timing batch 2" in capsys.readouterr().err
+    run_bench([tmp_path / "eng"], batches=[1], repeats=2, warmup=1, probe=False, torch_baseline=False,
+              progress=False)
+    assert "Timing" not in capsys.readouterr().err
+
+
+def _fake_results(gflops: list[float]) -> dict:
+    engines = []
+    for i, (name, prec, g) in enumerate(zip(["m.fp32.ort-opt", "m.int8-cpu.ort-opt", "n.fp32.ort-opt"],
+                                            ["fp32", "int8", "fp32"], gflops)):
+        lat = {k: 2.0 + i for k in ("p10", "p50", "p90")}
+        engines.append({"name": name, "model": "SE-ResNet-50", "precision": prec, "flavour": "ort-opt",
+                        "gflops_total": g, "batch": {b: {"throughput": 100.0 * (i + 1) * int(b), "latency_ms": lat}
+                                                    for b in ("1", "8")}})
+    return {"engines": engines, "complete": True, "ceilings": {"fp32": {"per_s": 5e4}}}
+
+
+def test_throughput_plot_of_one_model_is_one_bar_per_engine():
+    from sedeploy.bench.report import engine_colors, latency_figure, throughput_figure
+
+    results = _fake_results([8.2, 8.2])
+    fig = throughput_figure(results)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(labels) == ["m.fp32.ort-opt", "m.int8-cpu.ort-opt"]  # unique names, no duplicate labels
+    bars = {lab: patch for lab, patch in zip(labels, ax.patches)}
+    lines = {ln.get_label(): ln for ln in latency_figure(results).axes[0].get_lines()}
+    from matplotlib.colors import to_rgba
+
+    for name, color in engine_colors(results).items():
+        if name in bars:  # the same colour for an engine in both plots
+            assert bars[name].get_facecolor() == to_rgba(color) == to_rgba(lines[name].get_color())
+
+
+def test_throughput_plot_of_several_models_keeps_flop_axis():
+    from sedeploy.bench.report import throughput_figure
+
+    ax = throughput_figure(_fake_results([8.2, 8.2, 15.6])).axes[0]
+    assert ax.get_xscale() == "log"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"m.fp32.ort-opt", "m.int8-cpu.ort-opt", "n.fp32.ort-opt"} <= set(legend)
+
+
+@pytest.mark.slow
+def test_the_three_card_commands_as_typed(tmp_path, cache_env):
+    """README card: `sedeploy export --depth 50`, `sedeploy build-engine --int8 --calib calib/`, `sedeploy bench`
+    in a fresh folder (the bench here with fewer repeats and one batch size, to keep the test short)."""
+    import shutil
+
+    shutil.copytree(REPO / "calib", tmp_path / "calib")
+    res = cli("export", "--depth", 50, cwd=tmp_path, env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "se-resnet50.onnx").is_file()
+    res = cli("build-engine", "--int8", "--calib", "calib/", cwd=tmp_path, env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "using the existing export se-resnet50.onnx" in res.stderr  # said, and no second export
+    assert "export_s" not in json.loads((tmp_path / "engines" / "manifest.json").read_text())["timings"]
+    assert "weights     random (seed 0)" in res.stdout
+    res = cli("bench", "--batch", "1", "--repeats", 3, "--no-probe", "--no-torch-baseline", cwd=tmp_path,
+              env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "benchmarking engines/" in res.stderr
+    assert "se-resnet50.int8-cpu.ort-opt" in res.stdout and "Weights: random (seed 0)" in res.stdout
+
+
+@pytest.mark.slow
+def test_build_engine_without_model_says_it_exports(tmp_path, cache_env):
+    res = cli("build-engine", "--depth", 18, "--backend", "none", cwd=tmp_path, env=cache_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "no matching export found: exporting se-resnet18" in res.stderr
+    assert (tmp_path / "engines" / "se-resnet18.onnx").is_file()  # published with the set
+    assert "exported se-resnet18 (random (seed 0))" in res.stdout
+
+
+def test_export_removes_its_own_abandoned_partials_only(tmp_path):
+    from sedeploy.export import export_model
+
+    hour_ago = time.time() - 3600
+    abandoned = tmp_path / ".m.onnx.abcd1234.partial"
+    recent = tmp_path / ".m.onnx.wxyz5678.partial"  # may belong to a live run: kept
+    other = tmp_path / ".other.onnx.abcd1234.partial"  # another file's: kept
+    for p in (abandoned, recent, other):
+        p.write_bytes(b"x")
+    for p in (abandoned, other):
+        os.utime(p, (hour_ago, hour_ago))
+    export_model(depth=18, base_channels=8, input_size=32, output=tmp_path / "m.onnx", verify_limit=2)
+    assert not abandoned.exists() and recent.exists() and other.exists()
