@@ -28,7 +28,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedeploy.errors import MissingDependencyError, SedeployError
+from sedeploy.errors import IncompatibleDependencyError, MissingDependencyError, SedeployError
 
 log = logging.getLogger("sedeploy")
 
@@ -60,7 +60,7 @@ def check_pytriton() -> None:
     requires = importlib.metadata.requires("nvidia-pytriton") or []
     numpy_caps = [m.group(1) for r in requires if (m := re.match(r"numpy\b[^;]*<\s*([\d.]+)", r.replace(" ", "")))]
     if numpy_caps and _version_tuple(np.__version__) >= _version_tuple(numpy_caps[0]):
-        raise SedeployError(
+        raise IncompatibleDependencyError(
             f"nvidia-pytriton {importlib.metadata.version('nvidia-pytriton')} supports numpy < {numpy_caps[0]}, "
             f"but numpy {np.__version__} is installed: its Triton python-backend stub would return empty tensors.",
             expected=f"numpy < {numpy_caps[0]} in the environment that serves",
