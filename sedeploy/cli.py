@@ -397,6 +397,7 @@ def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching,
 
     HTTP and gRPC (KServe v2), /v2/health/live and /v2/health/ready, Prometheus /metrics, Triton's dynamic
     batcher. ENGINES_DIR is a build-engine folder. Needs `pip install 'sedeploy[serve]'`.
+    With --json, stdout carries JSON Lines: one {"status": "ready", …} object, then {"status": "stopped"}.
     """
     from sedeploy.serving.server import ServeOptions, serve as serve_engine
 
@@ -411,11 +412,11 @@ def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching,
                  f"{served.max_batch_size}, preferred {served.preferred}, queue delay {served.queue_delay_us} us\n"
                  f"  HTTP {served.http_url}   gRPC {served.grpc_url}   metrics {served.metrics_url}\n"
                  f"  ready: GET {served.http_url}/v2/health/ready   stop: Ctrl-C or SIGTERM")
-        _emit({"status": "ready", **d}, as_json, human)
+        click.echo(json.dumps({"status": "ready", **d}, default=str) if as_json else human)
         sys.stdout.flush()
 
     served = serve_engine(engines_dir, engine, options=opts, on_ready=ready)
-    _emit({"status": "stopped", "model": served.name}, as_json, f"stopped {served.name}")
+    click.echo(json.dumps({"status": "stopped", "model": served.name}) if as_json else f"stopped {served.name}")
 
 
 @cli.command()

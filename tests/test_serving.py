@@ -459,7 +459,8 @@ def test_cli_serve_sigterm_shuts_down_cleanly(engines, pytriton_ready):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert '"status": "stopped"' in out
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert [e["status"] for e in events] == ["ready", "stopped"], out
         time.sleep(1)
         left = [p for p in family if _alive(p)]
         assert left == [], f"processes left behind: {left}"
