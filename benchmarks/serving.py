@@ -139,6 +139,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_xlabel("concurrent clients (1 image per request)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
         ax.legend()
     la = res["load_average_before"]
     fig.suptitle(f"{res['engine']} on tritonserver (PyTriton), {res['machine']['cpus_usable']} CPUs, "
@@ -182,7 +183,13 @@ def main(argv=None) -> int:
     ap.add_argument("--queue-delay-us", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--replot", action="store_true", help="only redraw results.md and the plot from results.json")
     a = ap.parse_args(argv)
+    if a.replot:
+        res = json.loads((Path(a.out) / "results.json").read_text())
+        (Path(a.out) / "results.md").write_text(table(res))
+        plot(res, Path(a.out) / "serving.png")
+        return 0
     from sedeploy.serving.server import ServeOptions, running_server
 
     conc = [int(c) for c in a.concurrency.split(",")]

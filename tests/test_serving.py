@@ -246,6 +246,25 @@ def test_cli_package_json(engines, tmp_path, model_config_pb2):
     assert d["models"][0]["platform"] == "onnxruntime_onnx"
 
 
+@pytest.mark.parametrize("command", ["package", "serve"])
+def test_missing_serve_extra_exits_4_with_install_hint(engines, tmp_path, monkeypatch, command):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from sedeploy.cli import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tritonclient", "pytriton") else real(name, *a))
+    args = ["package", str(engines), "--triton", "-o", str(tmp_path / "r")] if command == "package" else \
+        ["serve", str(engines), "--port", "1"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 4, r.output
+    assert "pip install 'sedeploy[serve]'" in r.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_stub_libpython_detection_matches_ldd(pytriton_ready):
     """The fix is applied exactly when the stub would load another libpython than this interpreter's."""
     from sedeploy.serving.env import server_environment, stub_libpython

@@ -370,6 +370,9 @@ def package_triton(engines_dir: str | Path, out_dir: str | Path, *, results: str
     ``results``: a bench ``results.json`` whose timings choose the dynamic-batching settings. ``force``: replace
     an existing non-empty ``out_dir``. Returns a summary (one dict per model).
     """
+    from sedeploy.serving.env import require_client
+
+    require_client("sedeploy package --triton (it validates every config.pbtxt with Triton's ModelConfig)")
     out = Path(out_dir)
     bench = None
     if results is not None:
