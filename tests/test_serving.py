@@ -308,6 +308,24 @@ def test_infer_images_top5(server, direct):
         assert r["top"][0]["probability"] >= r["top"][-1]["probability"]
 
 
+def test_cli_infer_prints_top5_with_label_names(server, direct, tmp_path):
+    from click.testing import CliRunner
+
+    from sedeploy.cli import cli
+
+    labels = tmp_path / "synset_words.txt"
+    labels.write_text("".join(f"n{k:08d} class-{k}, alias\n" for k in range(10)))
+    r = CliRunner().invoke(cli, ["infer", str(IMAGES[0]), "--url", server.http_url, "--model", server.name,
+                                 "--labels-file", str(labels), "--json"])
+    assert r.exit_code == 0, r.output
+    top = json.loads(r.output)["results"][0]["top"]
+    want = np.argsort(-direct.infer(_images(server)[:1])[0], kind="stable")[:5]
+    assert [t["index"] for t in top] == list(want)
+    assert [t["label"] for t in top] == [f"class-{k}" for k in want]
+    r = CliRunner().invoke(cli, ["infer", str(IMAGES[0]), "--url", server.http_url, "--model", "no_such_model"])
+    assert r.exit_code == 2 and "no_such_model" in r.output
+
+
 def _raw_post(served, path: str, body: bytes) -> tuple[int, str]:
     host, port = served.http_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)

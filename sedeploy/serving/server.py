@@ -15,6 +15,7 @@ NGC container, Kubernetes/KServe); this server is for one machine and for testin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -76,15 +77,8 @@ class ServedModel:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items() if k != "is_alive"}
 
 
-def choose_engine(engines_dir: str | Path, engine: str | None = None):
-    """The plan of the engine to serve: ``engine`` (a model name, engine file name or path) or the folder's only /
-    first FP32 engine; ``engines_dir`` may also be one engine file."""
-    from sedeploy.serving.triton_repo import plan_models
-
-    return _pick(plan_models(engines_dir), engines_dir, engine)
-
-
 def _pick(models, engines_dir, engine):
+    """The model to serve: ``engine`` (a model name, engine file name or path), else the first FP32 engine."""
     if engine is None:
         fp32 = [m for m in models if str(m.entry.get("precision")) == "fp32"]
         return (fp32 or models)[0]
@@ -119,13 +113,9 @@ def running_server(engines_dir: str | Path, engine: str | None = None,
 
     o = options or ServeOptions()
     check_pytriton()
-    import json as _json
+    from sedeploy.serving.triton_repo import plan_models, read_results
 
-    from sedeploy.serving.triton_repo import plan_models
-
-    bench = None
-    if o.results is not None:
-        bench = _json.loads(Path(o.results).read_text(encoding="utf-8"))
+    bench = read_results(o.results) if o.results is not None else None
     models = plan_models(engines_dir, results=bench, max_batch=o.max_batch or 32)
     m = _pick(models, engines_dir, engine)
     if m.max_batch_size == 0 and o.batching:
@@ -142,7 +132,7 @@ def running_server(engines_dir: str | Path, engine: str | None = None,
                          max_batch_size=m.max_batch_size if batching else 0, preferred=preferred if batching else [],
                          queue_delay_us=delay if batching else 0,
                          batching_rule=m.batching_rule if batching else "dynamic batching off",
-                         preprocess=_json.loads(m.parameters.get("sedeploy.preprocess", "{}")))
+                         preprocess=json.loads(m.parameters.get("sedeploy.preprocess", "{}")))
     for key, value in server_environment().items():
         os.environ[key] = value  # PyTriton starts tritonserver with a copy of os.environ
     runner = open_runner(m.engine, threads=o.threads).activate()

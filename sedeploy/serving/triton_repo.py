@@ -250,6 +250,22 @@ def _bench_entry(results: dict[str, Any], engine: Path) -> dict[str, Any] | None
     return None
 
 
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A ``sedeploy bench`` results.json (its per-engine, per-batch timings choose the batching settings)."""
+    rp = Path(path)
+    if not rp.is_file():
+        raise SedeployError(f"The bench results '{rp}' do not exist.",
+                            fix="pass the results.json written by `sedeploy bench ENGINES --out DIR`")
+    try:
+        data = json.loads(rp.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SedeployError(f"'{rp}' is not valid JSON ({err}).", fix="pass a bench results.json") from err
+    if not isinstance(data, dict) or not isinstance(data.get("engines"), list):
+        raise SedeployError(f"'{rp}' is not a bench results file (no 'engines' list).",
+                            fix="pass the results.json written by `sedeploy bench ENGINES --out DIR`")
+    return data
+
+
 def batching_policy(engine: Path, max_batch: int, opt_batch: int | None,
                     results: dict[str, Any] | None) -> tuple[list[int], int, str]:
     """(preferred batch sizes, max queue delay in µs, which rule chose them) — see the module docstring."""
@@ -374,16 +390,7 @@ def package_triton(engines_dir: str | Path, out_dir: str | Path, *, results: str
 
     require_client("sedeploy package --triton (it validates every config.pbtxt with Triton's ModelConfig)")
     out = Path(out_dir)
-    bench = None
-    if results is not None:
-        rp = Path(results)
-        if not rp.is_file():
-            raise SedeployError(f"The bench results '{rp}' do not exist.",
-                                fix="pass the results.json written by `sedeploy bench ENGINES --out DIR`")
-        try:
-            bench = json.loads(rp.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SedeployError(f"'{rp}' is not valid JSON ({err}).", fix="pass a bench results.json") from err
+    bench = read_results(results) if results is not None else None
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise SedeployError(f"The output '{out}' exists and is not empty.",
                             fix="choose a new -o folder, or pass --force to replace it")
