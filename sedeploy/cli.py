@@ -355,9 +355,14 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
               help="max_batch_size for dynamic-batch ONNX/OpenVINO models (plans use their profile's max).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("--artifacts", is_flag=True,
+              help="Package the portable ONNX artifacts instead of the engines (ORT engines are tuned for this CPU).")
+@click.option("--labels-file", type=click.Path(path_type=Path),
+              help="Class names (synset_words.txt): labels.txt for Triton's classification (top-k) extension.")
 @common
 @handle_errors
-def package(engines_dir, triton, out_dir, results, max_batch, instances, force, as_json, verbose):
+def package(engines_dir, triton, out_dir, results, max_batch, instances, force, artifacts, labels_file, as_json,
+            verbose):
     """Package a build-engine folder for serving: one Triton model per engine.
 
     \b
@@ -372,7 +377,8 @@ def package(engines_dir, triton, out_dir, results, max_batch, instances, force, 
     from sedeploy.serving.triton_repo import format_package, package_triton
 
     _setup_logging(verbose)
-    res = package_triton(engines_dir, out_dir, results=results, max_batch=max_batch, instances=instances, force=force)
+    res = package_triton(engines_dir, out_dir, results=results, max_batch=max_batch, instances=instances, force=force,
+                         artifacts=artifacts, labels_file=labels_file)
     _emit(res, as_json, format_package(res))
 
 

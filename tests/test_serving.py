@@ -205,9 +205,26 @@ def test_package_fixed_batch_graph_has_no_batcher(tiny_model, tmp_path, model_co
     onnx_path = export_onnx(tiny_model, tmp_path / "fixed.onnx", input_size=32, dynamic_batch=False, batch_size=2)
     build_engines(onnx_path, tmp_path / "eng", BuildOptions(progress=False, backend="none"))
     package_triton(tmp_path / "eng", tmp_path / "repo")
-    cfg = _parse(model_config_pb2, tmp_path / "repo" / "fixed_fp32_ort" / "config.pbtxt")
+    cfg = _parse(model_config_pb2, tmp_path / "repo" / "fixed_fp32_onnx" / "config.pbtxt")
     assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
     assert list(cfg.input[0].dims) == [2, 3, 32, 32]
+
+
+def test_package_artifacts_with_labels_for_classification(engines, tmp_path, model_config_pb2):
+    from sedeploy.serving.triton_repo import package_triton
+
+    labels = tmp_path / "synset_words.txt"
+    labels.write_text("".join(f"n{k:08d} class-{k}, alias\n" for k in range(10)))
+    res = package_triton(engines, tmp_path / "repo", artifacts=True, labels_file=labels)
+    assert [m["name"] for m in res["models"]] == ["tiny_fp32_onnx"]
+    d = tmp_path / "repo" / "tiny_fp32_onnx"
+    cfg = _parse(model_config_pb2, d / "config.pbtxt")
+    assert cfg.platform == "onnxruntime_onnx" and cfg.output[0].label_filename == "labels.txt"
+    assert (d / "labels.txt").read_text().splitlines() == [f"class-{k}" for k in range(10)]
+    assert (d / "1" / "model.onnx").read_bytes() == (engines / "tiny.fp32.onnx").read_bytes()  # the artifact
+    labels.write_text("n00000000 only-one\n")
+    with pytest.raises(SedeployError, match="1 names"):
+        package_triton(engines, tmp_path / "repo2", labels_file=labels)
 
 
 def test_package_is_atomic_and_refuses_to_overwrite(engines, tmp_path, model_config_pb2):

@@ -21,6 +21,10 @@ engine's median batch-1 latency (clamped to 100 µs … 10 ms): a request waits 
 costs for company. Without results the defaults are the profile's opt batch (plans) or min(8, max_batch_size),
 and a 100 µs delay. ``sedeploy.json`` records which rule chose the values.
 
+``--artifacts`` packages the portable ONNX artifacts instead of the engines (an ORT engine is tuned for the CPU it
+was built on). ``--labels-file`` adds ``labels.txt`` and ``label_filename`` to the output, so any client can ask
+Triton's classification extension for the top-k class names (``class_count``) without numpy.
+
 Every ``config.pbtxt`` is parsed with Triton's own ``ModelConfig`` protobuf (``tritonclient.grpc.model_config_pb2``)
 before the repository is published; the repository is written in a staging folder and renamed into place.
 """
@@ -85,6 +89,7 @@ class TritonModel:
     batching_rule: str = ""
     instances: int = 1
     parameters: dict[str, str] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)  # class names: Triton's classification extension (top-k)
 
     def config_text(self) -> str:
         """config.pbtxt in protobuf text format."""
@@ -94,9 +99,10 @@ class TritonModel:
         lines.append(f'platform: "{tb["platform"]}"' if tb["platform"] else f'backend: "{tb["backend"]}"')
         lines.append(f"max_batch_size: {self.max_batch_size}")
         for key, tensors in (("input", self.inputs), ("output", self.outputs)):
-            for t in tensors:
+            for k, t in enumerate(tensors):
                 dims = ", ".join(str(d) for d in t.dims(batched))
-                lines.append(f'{key} {{\n  name: "{t.name}"\n  data_type: {t.dtype}\n  dims: [ {dims} ]\n}}')
+                label = '\n  label_filename: "labels.txt"' if key == "output" and k == 0 and self.labels else ""
+                lines.append(f'{key} {{\n  name: "{t.name}"\n  data_type: {t.dtype}\n  dims: [ {dims} ]{label}\n}}')
         if batched:
             pref = "".join(f"\n  preferred_batch_size: {b}" for b in self.preferred)
             lines.append(f"dynamic_batching {{{pref}\n  max_queue_delay_microseconds: {self.queue_delay_us}\n}}")
@@ -156,12 +162,12 @@ def _locate(recorded: str | None, engines_dir: Path) -> Path | None:
     return moved if moved.exists() else None
 
 
-def manifest_engines(engines_dir: str | Path) -> list[dict[str, Any]]:
-    """The manifest's engines (each with resolved ``path``/``sidecar``), or its artifacts as ONNX Runtime models
-    when it built none (``--backend none``)."""
+def manifest_engines(engines_dir: str | Path, *, artifacts: bool = False) -> list[dict[str, Any]]:
+    """The manifest's engines (each with resolved ``path``/``sidecar``), or its portable ONNX artifacts as ONNX
+    Runtime models when ``artifacts`` is asked or it built no engines (``--backend none``)."""
     d = Path(engines_dir)
     data = read_manifest(d)
-    entries = [dict(e) for e in data.get("engines") or []]
+    entries = [] if artifacts else [dict(e) for e in data.get("engines") or []]
     if not entries:
         entries = [{"path": a.get("path"), "sidecar": None, "backend": "ort", "precision": a.get("precision"),
                     "kind": a.get("kind"), "flavour": a.get("flavour"), "from": a.get("path")}
@@ -293,23 +299,24 @@ def batching_policy(engine: Path, max_batch: int, opt_batch: int | None,
 
 # ------------------------------------------------------------------------------------------- the repository
 def model_name(engine: Path, backend: str) -> str:
-    """``tiny.int8-cpu.ort-opt.onnx`` → ``tiny_int8-cpu_ort`` (Triton model names: letters, digits, _ and -)."""
-    stem = engine.name
+    """``tiny.int8-cpu.ort-opt.onnx`` → ``tiny_int8-cpu_ort``, the portable artifact ``tiny.fp32.onnx`` →
+    ``tiny_fp32_onnx`` (Triton model names: letters, digits, _ and -)."""
+    stem, tag = engine.name, backend
     for suffix in (".ort-opt.onnx", ".plan", ".ov.xml", ".onnx"):
         if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
+            stem, tag = stem[: -len(suffix)], ("onnx" if suffix == ".onnx" else backend)
             break
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{stem}_{backend}")
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{stem}_{tag}")
 
 
 def plan_models(engines_dir: str | Path, *, results: dict[str, Any] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                instances: int = 1) -> list[TritonModel]:
+                instances: int = 1, artifacts: bool = False, labels: list[str] | None = None) -> list[TritonModel]:
     """Decide every model of the repository (nothing is written)."""
     if max_batch < 1 or instances < 1:
         raise SedeployError(f"max_batch={max_batch}, instances={instances} are not valid.",
                             expected="positive integers", fix="e.g. --max-batch 32 --instances 1")
     models: list[TritonModel] = []
-    for e in manifest_engines(engines_dir):
+    for e in manifest_engines(engines_dir, artifacts=artifacts):
         if e["backend"] not in TRITON_BACKENDS:
             raise SedeployError(f"Engine '{e['path']}' has backend {e['backend']!r}.",
                                 expected=f"one of {', '.join(TRITON_BACKENDS)}")
@@ -328,8 +335,12 @@ def plan_models(engines_dir: str | Path, *, results: dict[str, Any] | None = Non
         pp = engine_preprocess(e["path"], inputs)
         params = {"sedeploy.preprocess": json.dumps(pp.as_dict())} if pp else {}
         params.update({"sedeploy.precision": str(e.get("precision")), "sedeploy.kind": str(e.get("kind"))})
+        classes = outputs[0].shape[-1] if outputs and outputs[0].shape else -1
+        if labels and len(labels) != classes:
+            raise SedeployError(f"The labels file has {len(labels)} names, '{e['path'].name}' has {classes} classes.",
+                                fix="pass the class-name table of this model (one name per class, in index order)")
         models.append(TritonModel(model_name(e["path"], e["backend"]), e["path"], e["backend"], e.get("sidecar"), e,
-                                  inputs, outputs, mb, preferred, delay, rule, instances, params))
+                                  inputs, outputs, mb, preferred, delay, rule, instances, params, list(labels or [])))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise SedeployError(f"Two engines map to the same Triton model name: {names}.",
@@ -358,6 +369,8 @@ def _write_model(m: TritonModel, root: Path) -> dict[str, Any]:
     text = m.config_text()
     parse_config(text, where=f"{m.name}/config.pbtxt")
     (d / "config.pbtxt").write_text(text, encoding="utf-8")
+    if m.labels:
+        (d / "labels.txt").write_text("\n".join(m.labels) + "\n", encoding="utf-8")
     for src, name in _engine_files(m):
         if not src.exists():
             raise SedeployError(f"'{src}' (part of the engine '{m.engine}') is missing.",
@@ -376,15 +389,20 @@ def _write_model(m: TritonModel, root: Path) -> dict[str, Any]:
             "triton_backend": TRITON_BACKENDS[m.backend]["backend"], "engine": str(m.engine),
             "max_batch_size": m.max_batch_size, "preferred_batch_size": m.preferred,
             "max_queue_delay_microseconds": m.queue_delay_us, "batching_rule": m.batching_rule,
-            "instance_kind": TRITON_BACKENDS[m.backend]["kind"], "config": str(d / "config.pbtxt")}
+            "instance_kind": TRITON_BACKENDS[m.backend]["kind"], "labels": bool(m.labels),
+            "config": str(d / "config.pbtxt")}
 
 
 def package_triton(engines_dir: str | Path, out_dir: str | Path, *, results: str | Path | None = None,
-                   max_batch: int = DEFAULT_MAX_BATCH, instances: int = 1, force: bool = False) -> dict[str, Any]:
+                   max_batch: int = DEFAULT_MAX_BATCH, instances: int = 1, force: bool = False,
+                   artifacts: bool = False, labels_file: str | Path | None = None) -> dict[str, Any]:
     """Write a Triton model repository for every engine of a build-engine folder (see the module docstring).
 
     ``results``: a bench ``results.json`` whose timings choose the dynamic-batching settings. ``force``: replace
-    an existing non-empty ``out_dir``. Returns a summary (one dict per model).
+    an existing non-empty ``out_dir``. ``artifacts``: package the portable ONNX artifacts instead of the engines
+    (an ORT engine is tuned for the CPU it was built on; a GPU cluster wants the artifacts or TensorRT plans).
+    ``labels_file``: class names (``synset_words.txt``) written as ``labels.txt`` for Triton's classification
+    extension, so a client can ask the server for the top-k names. Returns a summary (one dict per model).
     """
     from sedeploy.serving.env import require_client
 
@@ -394,7 +412,13 @@ def package_triton(engines_dir: str | Path, out_dir: str | Path, *, results: str
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise SedeployError(f"The output '{out}' exists and is not empty.",
                             fix="choose a new -o folder, or pass --force to replace it")
-    models = plan_models(engines_dir, results=bench, max_batch=max_batch, instances=instances)
+    labels = None
+    if labels_file is not None:
+        from sedeploy.serving.client import read_class_names
+
+        labels = read_class_names(labels_file)
+    models = plan_models(engines_dir, results=bench, max_batch=max_batch, instances=instances, artifacts=artifacts,
+                         labels=labels)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
