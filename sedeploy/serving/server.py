@@ -125,6 +125,9 @@ def running_server(engines_dir: str | Path, engine: str | None = None,
         raise SedeployError(f"--max-batch {o.max_batch} exceeds the TensorRT profile of '{m.engine.name}' "
                             f"(max {m.max_batch_size}).", fix=f"pass --max-batch ≤ {m.max_batch_size}")
     preferred = list(o.preferred) if o.preferred else m.preferred
+    if batching and any(b < 1 or b > m.max_batch_size for b in preferred):
+        raise SedeployError(f"Preferred batch sizes {preferred} do not fit max_batch_size {m.max_batch_size}.",
+                            expected=f"sizes between 1 and {m.max_batch_size}")
     delay = o.queue_delay_us if o.queue_delay_us is not None else m.queue_delay_us
     inp, out = m.inputs[0], m.outputs[0]
     served = ServedModel(name=m.name, engine=m.engine, backend=m.backend, input_name=inp.name,
@@ -133,25 +136,45 @@ def running_server(engines_dir: str | Path, engine: str | None = None,
                          queue_delay_us=delay if batching else 0,
                          batching_rule=m.batching_rule if batching else "dynamic batching off",
                          preprocess=json.loads(m.parameters.get("sedeploy.preprocess", "{}")))
-    for key, value in server_environment().items():
-        os.environ[key] = value  # PyTriton starts tritonserver with a copy of os.environ
     runner = open_runner(m.engine, threads=o.threads).activate()
-    triton = None
+    triton, log_file = None, None
     try:
-        triton = _start_triton(served, runner, o, batching)
+        with _environment(server_environment()):  # PyTriton starts tritonserver with a copy of os.environ
+            triton, log_file = _start_triton(served, runner, o, batching)
         yield served
     finally:
         if triton is not None:
             triton.stop()
         runner.deactivate()
+    if log_file is not None and o.log_file is None:
+        log_file.unlink(missing_ok=True)  # a clean run's temporary server log (kept when something failed)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore the previous values."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _start_triton(served: ServedModel, runner, o: ServeOptions, batching: bool):
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    log_file = Path(o.log_file) if o.log_file else Path(tempfile.mkstemp(prefix="sedeploy-tritonserver-",
-                                                                          suffix=".log")[1])
+    if o.log_file:
+        log_file = Path(o.log_file)
+    else:
+        fd, name = tempfile.mkstemp(prefix="sedeploy-tritonserver-", suffix=".log")
+        os.close(fd)
+        log_file = Path(name)
     config = TritonConfig(http_address=o.host, http_port=o.http_port, grpc_address=o.host, grpc_port=o.grpc_port,
                           metrics_address=o.host, metrics_port=o.metrics_port, allow_metrics=True,
                           allow_gpu_metrics=False, exit_timeout_secs=o.exit_timeout_s, log_file=log_file,
@@ -181,7 +204,7 @@ def _start_triton(served: ServedModel, runner, o: ServeOptions, batching: bool):
     served.grpc_url = f"{o.host}:{o.grpc_port}"
     served.metrics_url = f"http://{o.host}:{o.metrics_port}/metrics"
     served.is_alive = triton.is_alive
-    return triton
+    return triton, log_file
 
 
 def serve(engines_dir: str | Path, engine: str | None = None, *, options: ServeOptions | None = None,
