@@ -314,6 +314,29 @@ def test_real_images_through_server_match_engine(server, direct):
     assert np.ptp(want) > 1e-3  # the logits differ between images: the comparison means something
 
 
+def test_grpc_health_and_metrics(server, direct):
+    import urllib.request
+
+    import tritonclient.grpc as tg
+
+    x = _images(server)[:2]
+    client = tg.InferenceServerClient(server.grpc_url)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(server.name)
+        inp = tg.InferInput(server.input_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        y = client.infer(server.name, [inp]).as_numpy(server.output_name)
+    finally:
+        client.close()
+    assert np.abs(y - direct.infer(x)).max() <= 1e-4
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{server.name}/ready"):
+        assert urllib.request.urlopen(server.http_url + path, timeout=10).status == 200
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    line = next(m for m in metrics.splitlines()
+                if m.startswith("nv_inference_request_success{") and f'model="{server.name}"' in m)
+    assert float(line.rsplit(None, 1)[1]) >= 1
+
+
 def test_infer_images_top5(server, direct):
     from sedeploy.serving.client import infer_images
 
