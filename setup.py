@@ -36,6 +36,9 @@ setup(
         "gpu": ["onnxruntime-gpu>=1.20"],
         # TensorRT 10.x or 11.x; GPU buffers come from torch CUDA tensors (a CUDA build of torch is needed).
         "tensorrt": ["tensorrt>=10.0"],
+        # Serving: `sedeploy package --triton` needs tritonclient (Triton's ModelConfig protobuf); `sedeploy serve`
+        # needs nvidia-pytriton (bundles tritonserver; Linux, glibc >= 2.35), which pins numpy < 2.
+        "serve": ["nvidia-pytriton>=0.7.0", "tritonclient[http,grpc]>=2.50"],
     },
     entry_points={"console_scripts": ["sedeploy=sedeploy.cli:main"]},
     classifiers=[

@@ -445,6 +445,107 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("engines_dir", type=click.Path(path_type=Path))
+@click.option("--triton", is_flag=True, required=True, help="Write a Triton Inference Server model repository.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default="model_repository",
+              show_default=True, help="The model repository folder (written atomically).")
+@click.option("--results", type=click.Path(path_type=Path),
+              help="A bench results.json: its timings choose preferred batch sizes and the queue delay.")
+@click.option("--max-batch", type=int, default=32, show_default=True,
+              help="max_batch_size for dynamic-batch ONNX/OpenVINO models (plans use their profile's max).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("--artifacts", is_flag=True,
+              help="Package the portable ONNX artifacts instead of the engines (ORT engines are tuned for this CPU).")
+@click.option("--labels-file", type=click.Path(path_type=Path),
+              help="Class names (synset_words.txt): labels.txt for Triton's classification (top-k) extension.")
+@common
+@handle_errors
+def package(engines_dir, triton, out_dir, results, max_batch, instances, force, artifacts, labels_file, as_json,
+            verbose):
+    """Package a build-engine folder for serving: one Triton model per engine.
+
+    \b
+    TensorRT plans → tensorrt_plan (KIND_GPU); ONNX artifacts and ONNX Runtime engines → onnxruntime_onnx
+    (KIND_CPU); OpenVINO IR → openvino (KIND_CPU). Every config.pbtxt is parsed with Triton's ModelConfig
+    protobuf before the repository is published. Needs `pip install 'sedeploy[serve]'`.
+    \b
+    Example:  sedeploy package engines/ --triton -o model_repository/
+              docker run --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/model_repository:/models \\
+                nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
+    """
+    from sedeploy.serving.triton_repo import format_package, package_triton
+
+    _setup_logging(verbose)
+    res = package_triton(engines_dir, out_dir, results=results, max_batch=max_batch, instances=instances, force=force,
+                         artifacts=artifacts, labels_file=labels_file)
+    _emit(res, as_json, format_package(res))
+
+
+@cli.command()
+@click.argument("engines_dir", type=click.Path(path_type=Path))
+@click.option("--engine", help="Model name or engine file to serve [default: the first FP32 engine].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port (KServe v2 REST).")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="gRPC port.")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus metrics port.")
+@click.option("--no-batching", is_flag=True, help="Turn Triton's dynamic batcher off (every request runs alone).")
+@click.option("--max-batch", type=int, help="Largest batch the dynamic batcher forms [default: 32 / profile max].")
+@click.option("--queue-delay-us", type=int, help="Dynamic batcher's max queue delay, microseconds.")
+@click.option("--results", type=click.Path(path_type=Path), help="Bench results.json choosing the batching.")
+@click.option("--threads", type=int, help="Engine intra-op threads [default: physical cores].")
+@click.option("--log-file", type=click.Path(path_type=Path), help="tritonserver's log [default: a temp file].")
+@common
+@handle_errors
+def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching, max_batch, queue_delay_us, results,
+          threads, log_file, as_json, verbose):
+    """Serve one engine with a real Triton Inference Server (PyTriton) until SIGTERM/SIGINT.
+
+    HTTP and gRPC (KServe v2), /v2/health/live and /v2/health/ready, Prometheus /metrics, Triton's dynamic
+    batcher. ENGINES_DIR is a build-engine folder. Needs `pip install 'sedeploy[serve]'`.
+    With --json, stdout carries JSON Lines: one {"status": "ready", …} object, then {"status": "stopped"}.
+    """
+    from sedeploy.serving.server import ServeOptions, serve as serve_engine
+
+    _setup_logging(verbose)
+    opts = ServeOptions(host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                        batching=not no_batching, max_batch=max_batch, queue_delay_us=queue_delay_us,
+                        results=results, threads=threads, log_file=log_file)
+
+    def ready(served):
+        d = served.as_dict()
+        human = (f"serving {served.name} ({served.engine.name}, {served.backend}) — max batch "
+                 f"{served.max_batch_size}, preferred {served.preferred}, queue delay {served.queue_delay_us} us\n"
+                 f"  HTTP {served.http_url}   gRPC {served.grpc_url}   metrics {served.metrics_url}\n"
+                 f"  ready: GET {served.http_url}/v2/health/ready   stop: Ctrl-C or SIGTERM")
+        click.echo(json.dumps({"status": "ready", **d}, default=str) if as_json else human)
+        sys.stdout.flush()
+
+    served = serve_engine(engines_dir, engine, options=opts, on_ready=ready)
+    click.echo(json.dumps({"status": "stopped", "model": served.name}) if as_json else f"stopped {served.name}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--url", default="127.0.0.1:8000", show_default=True, help="The Triton server's HTTP address.")
+@click.option("--model", help="Model name [default: the server's only ready model].")
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--labels-file", type=click.Path(path_type=Path),
+              help="Class names (synset_words.txt) [default: $SEDEPLOY_LABELS, else indices].")
+@common
+@handle_errors
+def infer(images, url, model, top_k, labels_file, as_json, verbose):
+    """Classify IMAGES on a Triton server: sedeploy's preprocessing, then the top-k classes."""
+    from sedeploy.serving.client import format_infer, infer_images
+
+    _setup_logging(verbose)
+    res = infer_images(list(images), url, model, top_k=top_k, labels_file=labels_file)
+    if not as_json:
+        res.pop("logits")
+    _emit(res, as_json, format_infer(res))
+
+
 def main() -> None:
     cli(prog_name="sedeploy")
 

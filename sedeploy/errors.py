@@ -37,3 +37,9 @@ class MissingDependencyError(SedeployError):
             f"{purpose} needs the Python package '{module}', which is not importable here.",
             fix=f"pip install 'sedeploy[{extra}]'",
         )
+
+
+class IncompatibleDependencyError(SedeployError):
+    """An optional dependency is installed in a version (or next to one) that cannot work."""
+
+    exit_code = 4

@@ -1,0 +1,12 @@
+"""Serving sedeploy engines with Triton Inference Server.
+
+- :mod:`sedeploy.serving.triton_repo` — ``package_triton``: a Triton *model repository* (one model per engine,
+  ``config.pbtxt`` checked against Triton's own ``ModelConfig`` protobuf) for Triton's native TensorRT, ONNX
+  Runtime and OpenVINO backends (the NGC container, Kubernetes/KServe).
+- :mod:`sedeploy.serving.server` — ``serve``: a real ``tritonserver`` on this machine through PyTriton, running
+  one engine with Triton's dynamic batcher (HTTP, gRPC, health, Prometheus metrics).
+- :mod:`sedeploy.serving.client` — ``infer_images``: images → sedeploy's preprocessing → Triton → top-k labels.
+- :mod:`sedeploy.serving.env` — the serve extra's checks (PyTriton/numpy, the python-backend stub's libpython).
+
+Everything heavy (pytriton, tritonclient, protobuf) is imported inside functions: ``pip install 'sedeploy[serve]'``.
+"""
