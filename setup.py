@@ -30,7 +30,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.8"],
+        # Tests: the tools, plus the CPU extras the tests exercise (OpenVINO backend and peers, Triton configs).
+        "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "matplotlib>=3.8", "openvino>=2025.0",
+                "nncf>=2.14", "tritonclient[http,grpc]>=2.50"],
         "bench": ["matplotlib>=3.8"],
         # GPU runtimes are extras: the core runs anywhere on the CPU.
         "gpu": ["onnxruntime-gpu>=1.20"],
