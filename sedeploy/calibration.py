@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -337,11 +338,16 @@ def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, ba
 # Public entry point
 
 
-def select_images(folder: str | os.PathLike, count: int | None, seed: int) -> tuple[Path, list[Path]]:
+def select_images(folder: str | os.PathLike, count: int | None, seed: int,
+                  exclude: Collection[str] = ()) -> tuple[Path, list[Path]]:
     """The images calibration uses: all of ``folder`` when it holds ≤ ``count``, else a seeded random subset
-    (returned in sorted order, so the selection is a set, not a sequence)."""
+    (returned in sorted order, so the selection is a set, not a sequence). ``exclude``: paths relative to the
+    folder (POSIX) that are held out (the accuracy-budget split) and never calibrated on."""
     found = find_images(folder, what="calibration image folder")
     paths = found.paths
+    if exclude:
+        held = set(exclude)
+        paths = [p for p in paths if p.relative_to(found.root).as_posix() not in held]
     if count is not None and len(paths) > count:
         rng = np.random.default_rng(seed)
         keep = np.sort(rng.choice(len(paths), size=count, replace=False))
@@ -363,13 +369,14 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
               count: int | None = DEFAULT_COUNT, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
               percentile: float = DEFAULT_PERCENTILE, cache_dir: str | os.PathLike | None = None,
               cache_path: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = True,
-              preprocess: Preprocess = Preprocess()) -> CalibrationResult:
+              preprocess: Preprocess = Preprocess(), exclude: Collection[str] = ()) -> CalibrationResult:
     """Activation ranges of the FP32 model ``model_path`` on (a subset of) the images in ``image_folder``.
 
     ``count`` is the most images used (``None``: all); a folder with more gets a random subset drawn with ``seed``.
     The result is cached in ``cache_dir`` (default :func:`default_cache_dir`) as ``<key>.json``, or exactly at
     ``cache_path`` when given; a pinned file whose stored key differs from the current key is recomputed and
     overwritten (with a warning), never reused. ``batch_size`` changes speed and memory, not the result.
+    ``exclude``: images (relative paths) held out for accuracy checks; they are never calibrated on.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -386,7 +393,7 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
         raise SedeployError(f"The model '{model_path}' does not exist.", fix="pass the FP32 .onnx from sedeploy export")
     if count is not None:
         _check_count(method, count, Path(image_folder), f"requested (count={count})")
-    root, paths = select_images(image_folder, count, seed)
+    root, paths = select_images(image_folder, count, seed, exclude)
     _check_count(method, len(paths), root, "found")
 
     params = method_params(method, percentile)

@@ -199,11 +199,22 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
 @click.option("--mean", default=None, help="Foreign models: normalisation mean R,G,B (0–255 scale).")
 @click.option("--std", default=None, help="Foreign models: normalisation std R,G,B (0–255 scale).")
 @click.option("--resize", type=int, default=None, help="Foreign models: resize short side before the centre crop.")
+@click.option("--min-agreement", type=float, default=None, metavar="PCT",
+              help="INT8 budget: top-1 agreement with FP32 on held-out images ≥ PCT; the most sensitive layers "
+                   "fall back to float until it holds (exit 3, nothing written, when it cannot).")
+@click.option("--max-top1-drop", type=float, default=None, metavar="PTS",
+              help="INT8 budget: top-1 points lost vs FP32 on held-out images (needs labelled class folders).")
+@click.option("--val", type=click.Path(), default=None,
+              help="Held-out images for the INT8 budget [default: a seeded quarter of --calib, not calibrated on].")
+@click.option("--label-offset", type=int, default=0, show_default=True,
+              help="Model output k+OFFSET is dataset class k (1 for 1001-class models with a background class).")
+@click.option("--max-fallback", type=int, default=None, help="INT8 budget: most layers allowed back in float.")
 @common
 @handle_errors
 def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_method, calib_count, calib_seed,
                  calib_batch, calib_cache, se_int8, keep_fp32, backend, no_fuse_se, threads, min_batch, opt_batch,
-                 max_batch, workspace, timing_cache, mean, std, resize, as_json, verbose):
+                 max_batch, workspace, timing_cache, mean, std, resize, min_agreement, max_top1_drop, val,
+                 label_offset, max_fallback, as_json, verbose):
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
     \b
@@ -236,7 +247,9 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                         calib_method=calib_method, calib_count=calib_count, calib_seed=calib_seed,
                         calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,
                         threads=threads, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                        workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp, progress=not as_json)
+                        workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp, progress=not as_json,
+                        min_agreement=min_agreement, max_top1_drop=max_top1_drop, val=val,
+                        label_offset=label_offset, max_fallback=max_fallback)
     res = build_engines(model, out_dir, opts, depth=int(depth), checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 

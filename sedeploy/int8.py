@@ -30,6 +30,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,30 @@ def _load_fp32(fp32_path):
                             expected="an FP32 classifier with one N×3×H×W float32 input",
                             fix="quantize the FP32 model")
     name_nodes(model)
+    _constants_to_initializers(model)
     return model, label
+
+
+def _constants_to_initializers(model) -> int:
+    """Move ``Constant`` nodes holding a tensor into initializers (in place). Legacy-exported graphs write scalars
+    such as hard-sigmoid's 3 and 6 as Constant nodes; quantizers treat initializers as constants but would look for
+    an activation range for a Constant node's output. Returns how many were moved."""
+    keep, moved = [], 0
+    names = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:
+        value = next((a.t for a in n.attribute if a.name == "value"), None) if n.op_type == "Constant" else None
+        if value is None or len(n.output) != 1 or n.output[0] in names:
+            keep.append(n)
+            continue
+        t = type(value)()
+        t.CopyFrom(value)
+        t.name = n.output[0]
+        model.graph.initializer.append(t)
+        moved += 1
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
 
 
 def _se_nodes(model) -> set[str]:
@@ -149,7 +173,7 @@ def _float_activation(model, name: str, inits: set[str]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- TRT flavour
-def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) -> dict:
+def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str, exclude: frozenset = frozenset()) -> dict:
     """Insert TensorRT-style Q/DQ (see module docstring); returns settings for the report."""
     from onnx import helper, numpy_helper
 
@@ -158,7 +182,7 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) ->
                             fix="re-export with --opset 13 or newer (18 is the default)")
     g = Graph(model)
     skip_se = _se_nodes(model) if se == "fp32" else set()
-    weighted = [n for n in g.nodes if n.op_type in _WEIGHTED and n.name not in skip_se and len(n.input) > 1
+    weighted = [n for n in g.nodes if n.op_type in _WEIGHTED and n.name not in skip_se | exclude and len(n.input) > 1
                 and g.is_const(n.input[1]) and not g.is_const(n.input[0])]
     depth = compute_depths(g)
     act_uses: dict[str, list[tuple]] = {}  # tensor → [(node, input index)] to rewire to its DQ output
@@ -221,7 +245,7 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str) ->
     del model.graph.value_info[:]  # stale shapes/types of rewired tensors; checker infers them again
     return {"activation_type": "int8 symmetric per-tensor", "weight_type": "int8 symmetric per-channel",
             "bias": "float", "activation_qdq": len(act_uses), "weight_dq": len(weighted),
-            "excluded_se_nodes": len(skip_se)}
+            "excluded_se_nodes": len(skip_se), "excluded_nodes": sorted(exclude)}
 
 
 def _attr(node, name: str, default=None):
@@ -234,7 +258,8 @@ def _attr(node, name: str, default=None):
 
 
 # ------------------------------------------------------------------------------------------------- CPU flavour
-def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, options: CpuOptions):
+def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, options: CpuOptions,
+                  exclude: frozenset = frozenset()):
     """ONNX Runtime's public ``quantize_static`` (QOperator or QDQ, U8S8) driven with *our* ranges: they are written
     in ORT's own calibration-cache format (``save_tensors_data``) and passed as ``calibration_cache_path``, so ORT
     runs no calibrator of its own. Returns (model, settings)."""
@@ -256,7 +281,8 @@ def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, op
         raise SedeployError(f"'{label}' has opset {default_opset(model)}; INT8 needs ≥ {MIN_OPSET}.",
                             fix="re-export with a newer opset (18 is the default)")
     gap = reduce_mean_to_global_pool(model) if options.squeeze_as_gap else 0
-    excluded = sorted(_se_nodes(model)) if se == "fp32" else []
+    se_nodes = _se_nodes(model) if se == "fp32" else set()
+    excluded = sorted(se_nodes | exclude)
     op_types = list(dict.fromkeys([*_WEIGHTED, *options.extra_ops]))
     inits = {t.name for t in model.graph.initializer}
     # every float activation read or produced by a node of a quantized op type needs a range
@@ -281,7 +307,9 @@ def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, op
         quantized = _topological(quantized)
     settings = {"activation_type": "uint8 asymmetric per-tensor",
                 "weight_type": "int8 symmetric " + ("per-channel" if options.per_channel else "per-tensor"),
-                **options.as_dict(), "squeeze_rewritten_to_gap": gap, "excluded_se_nodes": len(excluded)}
+                **options.as_dict(), "squeeze_rewritten_to_gap": gap,
+                "excluded_se_nodes": len(se_nodes),
+                "excluded_nodes": sorted(exclude)}
     return quantized, settings
 
 
@@ -326,6 +354,15 @@ def quantized_op_counts(model, *, qdq: bool = True) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def weighted_layers(fp32) -> list[str]:
+    """Names of the layers INT8 quantizes with a weight (Conv/Gemm with a constant weight), in graph order,
+    as :func:`quantize_model` names them — what ``exclude`` takes."""
+    model, _ = _load_fp32(fp32)
+    g = Graph(model)
+    return [n.name for n in g.nodes if n.op_type in _WEIGHTED and len(n.input) > 1
+            and g.is_const(n.input[1]) and not g.is_const(n.input[0])]
+
+
 def _smoke_run(path: Path, label: str) -> None:
     """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published."""
     from sedeploy.onnxcore import cpu_session
@@ -341,11 +378,13 @@ def _smoke_run(path: Path, label: str) -> None:
 
 def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavour: str,
                    se: str = DEFAULT_SE_POLICY, cpu_options: CpuOptions | None = None,
-                   smoke_test: bool = True) -> QuantReport:
+                   smoke_test: bool = True, exclude: Collection[str] = ()) -> QuantReport:
     """Write the INT8 ``flavour`` ("trt" or "cpu") of the FP32 model ``fp32_path`` to ``out_path``.
 
     The activation ranges come from ``calibration`` (which must have been made on this model). ``se`` keeps the SE
     path in float ("fp32") or quantizes it ("int8"). ``cpu_options`` overrides :data:`CPU_OPTIONS` (benchmarks).
+    ``exclude``: node names (of the FP32 model, see :func:`weighted_layers`) kept in float — the per-layer
+    fallback of :mod:`sedeploy.int8_budget`; a name the model does not have is an error.
     The file is checked with ``onnx.checker`` (full check), loaded and run once in ONNX Runtime, and only then
     renamed into place; on any failure nothing is left at ``out_path``.
     """
@@ -360,16 +399,21 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         raise SedeployError(f"calibration must be a CalibrationResult, not {type(calibration).__name__}.",
                             fix="pass the result of sedeploy.calibration.calibrate(...)")
     model, label = _load_fp32(fp32_path)
+    exclude = frozenset(exclude)
+    unknown = sorted(exclude - {n.name for n in model.graph.node})
+    if unknown:
+        raise SedeployError(f"exclude names {len(unknown)} node(s) that '{label}' does not have: {unknown[:4]}.",
+                            fix="pass node names of this FP32 model (sedeploy.int8.weighted_layers lists them)")
     src_sha = sha256_file(fp32_path, what="FP32 model") if isinstance(fp32_path, (str, Path)) else ""
     if src_sha and calibration.model_sha256 and src_sha != calibration.model_sha256:
         log.warning("The calibration was made on a model with different bytes (sha256 %s…, this one %s…); its "
                     "tensor names match, so its ranges are used.", calibration.model_sha256[:12], src_sha[:12])
     if flavour == "trt":
-        settings = _trt_quantize(model, calibration, se, label)
+        settings = _trt_quantize(model, calibration, se, label, exclude)
         fmt = "QDQ"
     else:
         options = cpu_options or CPU_OPTIONS
-        model, settings = _cpu_quantize(model, calibration, se, label, options)
+        model, settings = _cpu_quantize(model, calibration, se, label, options, exclude)
         fmt = "QOperator" if options.format == "qoperator" else "QDQ"
     set_metadata(model, {META.PRECISION: "int8", META.FLAVOUR: flavour, META.INT8_FORMAT: fmt, META.INT8_SE: se,
                          META.CALIBRATION_METHOD: calibration.method, META.CALIBRATION_KEY: calibration.key,

@@ -33,7 +33,7 @@ from sedeploy.fsutil import atomic_path, atomic_write_text
 from sedeploy.preprocess import Preprocess, load_folder
 from tiny_trained import CLASS_NAMES, NUM_CLASSES, _draw, _locked, _write_pngs
 
-VERSION = "foreign-mnv3-v1"
+VERSION = "foreign-mnv3-v2"
 SIZE = 48
 #: a TF-style normalisation (x/127.5 − 1), not ImageNet's: the CLI must be given --mean/--std for it
 PREPROCESS = Preprocess.for_size(SIZE, mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5))
@@ -188,7 +188,7 @@ def _train(seed: int = 0):
 class ForeignArtifacts:
     onnx_path: Path  # fixed batch 1, Softmax output, 1001 classes
     calib_dir: Path  # N_CALIB flat PNGs
-    heldout_dir: Path  # <class+offset>_<name>/*.png
+    heldout_dir: Path  # <dataset class 0–9>/*.png (model output index = class + LABEL_OFFSET)
     images: np.ndarray  # held-out, preprocessed, N×3×48×48
     labels: np.ndarray  # model output indices (synthetic class + LABEL_OFFSET)
     accuracy: float
@@ -219,8 +219,8 @@ def _build(root: Path) -> None:
                            f"tests need ≥ {MIN_ACCURACY:.0%}")
     calib, _ = make_images(N_CALIB, seed=5)
     _write_pngs(root / "calib", calib, [f"calib_{i:03d}.png" for i in range(N_CALIB)])
-    _write_pngs(root / "heldout", held, [f"{y + LABEL_OFFSET:04d}_{CLASS_NAMES[y]}/img_{i:04d}.png"
-                                         for i, y in enumerate(held_y)])
+    # index folders hold the *dataset* class (0–9), as an ImageNet folder would: output = class + LABEL_OFFSET
+    _write_pngs(root / "heldout", held, [f"{y}/img_{i:04d}_{CLASS_NAMES[y]}.png" for i, y in enumerate(held_y)])
     _export(model, root / "foreign_mnv3_b1.onnx")
     atomic_write_text(root / "meta.json", json.dumps({"version": VERSION, "accuracy": acc,
                                                       "train_seconds": round(seconds, 2)}, indent=1))
@@ -234,6 +234,6 @@ def foreign_model(cache_dir: str | os.PathLike) -> ForeignArtifacts:
             _build(root)
     meta = json.loads((root / "meta.json").read_text())
     images, paths = load_folder(root / "heldout", PREPROCESS)
-    labels = np.array([int(p.parent.name.split("_")[0]) for p in paths], np.int64)
+    labels = np.array([int(p.parent.name) + LABEL_OFFSET for p in paths], np.int64)
     return ForeignArtifacts(onnx_path=root / "foreign_mnv3_b1.onnx", calib_dir=root / "calib",
                             heldout_dir=root / "heldout", images=images, labels=labels, accuracy=meta["accuracy"])
