@@ -314,11 +314,13 @@ def _batch_list(text: str) -> list[int]:
 @click.option("--image-limit", type=int, help="Use only the first N images (sorted).")
 @click.option("--max-top1-drop", type=float, help="CI gate: exit 1 if any engine loses more top-1 points.")
 @click.option("--min-agreement", type=float, help="CI gate: exit 1 if any engine's top-1 agreement (%) is lower.")
+@click.option("--label-offset", type=int, default=0, show_default=True,
+              help="Model output k+OFFSET is dataset class k (1 for 1001-class models with a background class).")
 @common
 @handle_errors
 def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, settle, max_seconds, reference,
           torch_baseline, checkpoint, compare_plain, probe, out_dir, no_plots, image_limit, max_top1_drop,
-          min_agreement, as_json, verbose):
+          min_agreement, label_offset, as_json, verbose):
     """Throughput, latency and top-1 drift of engines, timed interleaved in one run, against FLOPs.
 
     \b
@@ -343,7 +345,7 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
                         reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
                         compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
                         progress=not as_json and sys.stderr.isatty(), max_top1_drop=max_top1_drop,
-                        min_agreement=min_agreement, image_limit=image_limit)
+                        min_agreement=min_agreement, image_limit=image_limit, label_offset=label_offset)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
         click.echo(bench_command_summary(stop.results), err=True)
         click.echo("interrupted: partial results (complete: false) written to "

@@ -170,7 +170,7 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
     fp32_path = artifact_path(out, stem, "fp32")
     if not opt.fuse_se:
         res.notes.append("SE fusion skipped (--no-fuse-se): the FP32 artifact is the input graph")
-        set_metadata(proto, {META.PRECISION: "fp32", META.SE_FUSED: 0})
+        set_metadata(proto, {META.PRECISION: "fp32", META.SE_FUSED: 0, META.PREPROCESS: pp.as_dict()})
         return save_onnx(proto, fp32_path)
     from sedeploy.passes import fuse_se_blocks
 
@@ -185,7 +185,9 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
         raise VerificationError(f"The SE-fused graph differs from the input graph by max |Δlogit| {diff:.3g} "
                                 f"> {tol:.3g} (1e-5 × max |logit|); nothing was written.",
                                 fix="report this as a bug with the model; --no-fuse-se builds without the pass")
-    set_metadata(fused, {META.PRECISION: "fp32", META.SE_FUSED: report.fused, META.SE_FORM: report.form})
+    # the preprocessing travels with the artifacts (bench and serving read it; --mean/--std of a foreign model)
+    set_metadata(fused, {META.PRECISION: "fp32", META.SE_FUSED: report.fused, META.SE_FORM: report.form,
+                         META.PREPROCESS: pp.as_dict()})
     save_onnx(fused, fp32_path)
     res.timings["fuse_se_s"] = round(time.perf_counter() - t0, 2)
     res.fusion = {**report.as_dict(), "max_abs_diff_vs_unfused": diff, "tolerance": tol, "checked_on": len(x)}
