@@ -1,0 +1,183 @@
+"""Any ONNX classifier: the third-party-style test model (tests/foreign_model.py — fixed batch 1, 48 px, 1001
+classes with a background class, Softmax output, hard-sigmoid SE) through build-engine, INT8 with a per-layer
+exclusion list, the accuracy-budgeted INT8 search, label offsets, output kinds and NHWC refusal."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from sedeploy.errors import SedeployError, VerificationError
+
+
+@pytest.fixture(scope="module")
+def fused_fp32(foreign_art, tmp_path_factory):
+    """The foreign model, SE-fused, as an FP32 file (what quantize_model takes), and its calibration."""
+    from sedeploy import calibration
+    from sedeploy.onnxcore import load_onnx, save_onnx
+    from sedeploy.passes import fuse_se_blocks
+
+    out = tmp_path_factory.mktemp("foreign")
+    fused, report = fuse_se_blocks(load_onnx(foreign_art.onnx_path))
+    assert report.fused == 3
+    path = save_onnx(fused, out / "foreign.fp32.onnx")
+    cal = calibration.calibrate(path, foreign_art.calib_dir, preprocess=foreign_art.preprocess, progress=False,
+                                use_cache=False)
+    return path, cal
+
+
+def test_output_kind(foreign_art, tiny_onnx):
+    from sedeploy.onnxcore import load_onnx, output_kind
+
+    assert output_kind(load_onnx(foreign_art.onnx_path)) == "probabilities"
+    assert output_kind(load_onnx(tiny_onnx)) == "logits"
+
+
+def test_nhwc_input_refused(tmp_path):
+    from sedeploy.onnxcore import image_input
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 48, 48, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48, 48, 3])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "nhwc", [x], [y]))
+    with pytest.raises(SedeployError, match="NHWC") as err:
+        image_input(model, path="nhwc.onnx")
+    assert "NCHW" in str(err.value.expected)
+
+
+def test_build_engine_fixed_batch_foreign_model(foreign_art, tmp_path):
+    """FP16 verification, calibration (batch 8 requested) and the INT8 smoke runs all run a batch-1 model."""
+    from sedeploy.pipeline import BuildOptions, build_engines, format_result
+
+    opts = BuildOptions(fp16=True, int8=True, calib=foreign_art.calib_dir, calib_batch=8,
+                        preprocess=foreign_art.preprocess, progress=False)
+    res = build_engines(foreign_art.onnx_path, tmp_path / "out", opts)
+    assert (res.se_blocks_found, res.se_blocks_fused) == (3, 3)
+    assert res.shapes["static_batch"] == 1 and res.shapes["input"] == [1, 3, 48, 48]
+    assert res.shapes["output"] == "probabilities"
+    assert {a.kind for a in res.artifacts} == {"fp32", "fp16", "int8-trt", "int8-cpu"}
+    text = format_result(res)
+    assert "fixed batch 1" in text and "Δprob" in text
+    for art in res.artifacts:  # every artifact keeps the fixed batch and carries the build's preprocessing
+        model = onnx.load(str(art.path))
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(meta["sedeploy.preprocess"])["mean"] == [127.5, 127.5, 127.5]
+
+
+def test_quantize_model_exclude(fused_fp32, foreign_art, tmp_path):
+    from sedeploy import int8
+    from sedeploy.onnxcore import Graph
+
+    path, cal = fused_fp32
+    layers = int8.weighted_layers(path)
+    assert len(layers) == 20 and "/classifier/Gemm" in layers
+    keep = [layers[0], "/classifier/Gemm"]
+    cpu = int8.quantize_model(path, cal, tmp_path / "cpu.onnx", flavour="cpu", exclude=keep)
+    g = Graph(onnx.load(str(tmp_path / "cpu.onnx")))
+    by_name = {n.name: n for n in g.nodes}
+    assert all(by_name[name].op_type in ("Conv", "Gemm") for name in keep)  # still float ops
+    assert cpu.settings["excluded_nodes"] == sorted(keep)
+    trt = int8.quantize_model(path, cal, tmp_path / "trt.onnx", flavour="trt", exclude=keep)
+    g = Graph(onnx.load(str(tmp_path / "trt.onnx")))
+    for n in g.nodes:
+        if n.op_type in ("Conv", "Gemm"):
+            quantized = g.made_by(n.input[1], "DequantizeLinear") is not None
+            assert quantized == (n.name not in keep), n.name
+    assert trt.settings["weight_dq"] == len(layers) - len(keep)
+    with pytest.raises(SedeployError, match="does not have"):
+        int8.quantize_model(path, cal, tmp_path / "bad.onnx", flavour="cpu", exclude=["no-such-node"])
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["cpu", "trt"])
+def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flavour):
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    path, cal = fused_fp32
+    out = tmp_path / f"int8-{flavour}.onnx"
+    qr, rep = quantize_to_budget(path, cal, out, flavour=flavour, images=foreign_art.images,
+                                 labels=foreign_art.labels, budget=Budget(min_agreement=100.0, max_top1_drop=0.0))
+    assert out.exists() and rep.met and rep.output_kind == "probabilities"
+    assert rep.all_int8["agreement_pct"] < 100.0  # the plain INT8 model misses it: a fallback was needed
+    assert rep.result["agreement_pct"] == 100.0 and rep.result["top1_drop_pts"] <= 0.0
+    assert 1 <= len(rep.fell_back) < rep.layers == 20
+    assert len(rep.sensitivity) == 20 and rep.fell_back == [r["layer"] for r in rep.sensitivity][:len(rep.fell_back)]
+    # fewest along the ranking: one layer fewer fails (when that k was tried)
+    tried = {s["k"]: s for s in rep.search}
+    k = len(rep.fell_back)
+    if k - 1 in tried:
+        assert tried[k - 1]["agreement_pct"] < 100.0
+    assert qr.settings["excluded_nodes"] == sorted(rep.fell_back)
+    if flavour == "cpu":
+        assert rep.speed["batch"] == 1 and rep.speed["speedup_vs_fp32"]["int8_budget"] > 0
+    assert not list(tmp_path.glob(".int8-budget-*"))  # the work folder is gone
+
+
+def test_budget_unreachable_writes_nothing(fused_fp32, foreign_art, tmp_path):
+    """Ranges shrunk 50× clip almost every activation: no single layer back in float rescues that."""
+    import dataclasses
+
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    path, cal = fused_fp32
+    broken = dataclasses.replace(cal, ranges={k: (lo / 50, hi / 50) for k, (lo, hi) in cal.ranges.items()})
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(VerificationError, match="cannot meet the budget") as err:
+        quantize_to_budget(path, broken, out, flavour="cpu", images=foreign_art.images[:64], labels=None,
+                           budget=Budget(min_agreement=99.0), max_fallback=1)
+    assert err.value.exit_code == 3
+    assert not out.exists() and not list(tmp_path.glob(".int8-budget-*"))
+
+
+def test_budget_needs_labels_for_top1_drop(fused_fp32, foreign_art, tmp_path):
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    path, cal = fused_fp32
+    with pytest.raises(SedeployError, match="needs labelled"):
+        quantize_to_budget(path, cal, tmp_path / "x.onnx", flavour="cpu", images=foreign_art.images,
+                           budget=Budget(max_top1_drop=0.5))
+    with pytest.raises(SedeployError, match="needs --max-top1-drop"):
+        Budget()
+    with pytest.raises(SedeployError, match="not valid"):
+        Budget(min_agreement=120)
+
+
+def test_heldout_split_and_calibration_exclude(foreign_art):
+    from sedeploy import calibration
+    from sedeploy.int8_budget import heldout_split
+
+    root, held, exclude = heldout_split(foreign_art.calib_dir, seed=0)
+    assert len(held) == 16 and len(exclude) == 16
+    assert heldout_split(foreign_art.calib_dir, seed=0)[2] == exclude  # deterministic
+    _, paths = calibration.select_images(foreign_art.calib_dir, None, 0, exclude)
+    assert len(paths) == 48 and not {p.name for p in paths} & {p.name for p in held}
+
+
+def test_label_offset(foreign_art):
+    from sedeploy.bench.labels import resolve_labels_offset
+    from sedeploy.preprocess import find_images
+
+    found = find_images(foreign_art.heldout_dir)
+    lab = resolve_labels_offset(found.paths, found.root, num_classes=1001, label_offset=1)
+    assert np.array_equal(lab.indices, foreign_art.labels) and lab.indices.min() == 1
+    assert "+ 1" in lab.rule
+    plain = resolve_labels_offset(found.paths, found.root, num_classes=1001)
+    assert np.array_equal(plain.indices + 1, lab.indices)
+    with pytest.raises(SedeployError, match="label-offset"):
+        resolve_labels_offset(found.paths, found.root, num_classes=1001, label_offset=1001)
+
+
+def test_cli_budget_options_need_int8(foreign_art, tmp_path):
+    from sedeploy.cli import cli
+
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"),
+                                 "--min-agreement", "99"])
+    assert r.exit_code == 2 and "--int8" in r.output
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
+                                 "--val", str(foreign_art.heldout_dir)])
+    assert r.exit_code == 2 and "without a budget" in r.output
