@@ -172,7 +172,7 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
 @click.option("--int8", is_flag=True, help="Also calibrate and write both INT8 artifacts (TensorRT Q/DQ and CPU).")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration images (flat or class-subfolder layout). Default with --int8: the shipped calib/.")
-@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile"]), default=None,
+@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile", "mse"]), default=None,
               help="Range estimator [default: percentile 99.99; entropy is TensorRT's calibrator].")
 @click.option("--calib-count", type=int, default=None, help="Most calibration images used [default: 256].")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed for picking the image subset.")

@@ -181,3 +181,56 @@ def test_cli_budget_options_need_int8(foreign_art, tmp_path):
     r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
                                  "--val", str(foreign_art.heldout_dir)])
     assert r.exit_code == 2 and "without a budget" in r.output
+
+
+def test_mse_threshold_clips_outliers_keeps_compact():
+    from sedeploy.calibration import HIST_BINS, _mse_amax
+
+    compact = np.zeros(HIST_BINS, np.int64)
+    compact[:1000] = 100  # uniform up to bin 1000: clipping any of it costs more than the finer step gains
+    assert _mse_amax(compact, 2.0, 127) >= 0.98 * 1000 * 2.0 / HIST_BINS
+    tailed = compact.copy()
+    tailed[:100] = 100000  # most mass near zero …
+    tailed[100:1000] = 0
+    tailed[2000] = 1  # … and one far outlier: the threshold clips it
+    t = _mse_amax(tailed, 2.0, 127)
+    assert t < 0.5 * 2000 * 2.0 / HIST_BINS and t >= 100 * 2.0 / HIST_BINS * 0.9
+
+
+def _one_conv(tmp_path, rng):
+    from onnx import numpy_helper
+
+    w = (rng.standard_normal((16, 3, 3, 3)) * np.array([1, 4, 0.2])[None, :, None, None]).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 10, 10])
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], "c", [x], [y],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "trt"])
+def test_bias_correction_removes_the_mean_shift(tmp_path, flavour):
+    """On inputs with large channel means, weight quantization shifts each output channel's mean by
+    (W_q − W)·E[x]; bias correction removes that shift."""
+    from sedeploy import int8
+    from sedeploy.calibration import CalibrationResult
+    from sedeploy.onnxcore import run_model
+
+    rng = np.random.default_rng(0)
+    path = _one_conv(tmp_path, rng)
+    x = (rng.standard_normal((32, 3, 12, 12)) * 0.3 + np.array([5.0, -3.0, 8.0])[None, :, None, None])
+    x = x.astype(np.float32)
+    ref = run_model(path, x)
+    cal = CalibrationResult(ranges={"x": (float(x.min()), float(x.max())), "y": (float(ref.min()), float(ref.max()))},
+                            method="minmax", params={}, images=[], key="k", cache_hit=False, seconds=0.0,
+                            channel_means={"x": x.mean(axis=(0, 2, 3)).tolist()})
+    shift = {}
+    for bc in (False, True):
+        out = tmp_path / f"{flavour}-{bc}.onnx"
+        rep = int8.quantize_model(path, cal, out, flavour=flavour, bias_correction=bc)
+        assert rep.settings["bias_corrected_layers"] == int(bc)
+        shift[bc] = np.abs((run_model(out, x) - ref).mean(axis=(0, 2, 3))).mean()
+    assert shift[True] < 0.5 * shift[False], shift
