@@ -12,7 +12,9 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
    stream); quantize-one-at-a-time measures each layer against an otherwise exact network and misses that. Both
    cost one quantize-and-evaluate per layer. Layers are ranked by how much keeping them in float lowers the KL.
 3. Fall back the top-k layers (CPU flavour: FP32 via ONNX Runtime's ``nodes_to_exclude``; TensorRT flavour: no
-   Q/DQ on the layer, so TensorRT runs it in FP16/FP32) for the smallest k that meets the budget: k = 1, 2, 4, …
+   Q/DQ on the layer's input and weight, so a strongly typed TensorRT network runs it in the graph's float32 —
+   an FP16 fallback would need the layer cast to FP16 in the graph, which is not done here) for the smallest k
+   that meets the budget: k = 1, 2, 4, …
    until it holds, then a bisection between the last failing and the first passing k. Agreement is not strictly
    monotone in k, so "fewest" is the fewest along this ranking, not a global optimum (that search is
    exponential) — said in the report.
