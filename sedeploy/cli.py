@@ -209,12 +209,15 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
 @click.option("--label-offset", type=int, default=0, show_default=True,
               help="Model output k+OFFSET is dataset class k (1 for 1001-class models with a background class).")
 @click.option("--max-fallback", type=int, default=None, help="INT8 budget: most layers allowed back in float.")
+@click.option("--dynamic-batch", is_flag=True,
+              help="A fixed-batch MODEL: make the batch dynamic when provably safe (refused with the reason "
+                   "otherwise) [default: keep the fixed batch; larger batches are chunked].")
 @common
 @handle_errors
 def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_method, calib_count, calib_seed,
                  calib_batch, calib_cache, se_int8, keep_fp32, backend, no_fuse_se, threads, min_batch, opt_batch,
                  max_batch, workspace, timing_cache, mean, std, resize, min_agreement, max_top1_drop, val,
-                 label_offset, max_fallback, as_json, verbose):
+                 label_offset, max_fallback, dynamic_batch, as_json, verbose):
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
     \b
@@ -249,7 +252,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                         threads=threads, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                         workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp, progress=not as_json,
                         min_agreement=min_agreement, max_top1_drop=max_top1_drop, val=val,
-                        label_offset=label_offset, max_fallback=max_fallback)
+                        label_offset=label_offset, max_fallback=max_fallback, dynamic_batch=dynamic_batch)
     res = build_engines(model, out_dir, opts, depth=int(depth), checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 

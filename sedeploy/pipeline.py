@@ -76,6 +76,7 @@ class BuildOptions:
     val: str | Path | None = None  # held-out images; None: a seeded split of the calibration folder
     label_offset: int = 0  # model output k + offset is dataset class k (1001-class models: 1)
     max_fallback: int | None = None  # most layers allowed back in float
+    dynamic_batch: bool = False  # a fixed-batch model: make the batch dynamic (refused with the reason if unsafe)
 
 
 @dataclass
@@ -170,6 +171,7 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
     fp32_path = artifact_path(out, stem, "fp32")
     if not opt.fuse_se:
         res.notes.append("SE fusion skipped (--no-fuse-se): the FP32 artifact is the input graph")
+        proto = _dynamic_batch(proto, opt, res)
         set_metadata(proto, {META.PRECISION: "fp32", META.SE_FUSED: 0, META.PREPROCESS: pp.as_dict()})
         return save_onnx(proto, fp32_path)
     from sedeploy.passes import fuse_se_blocks
@@ -185,6 +187,7 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
         raise VerificationError(f"The SE-fused graph differs from the input graph by max |Δlogit| {diff:.3g} "
                                 f"> {tol:.3g} (1e-5 × max |logit|); nothing was written.",
                                 fix="report this as a bug with the model; --no-fuse-se builds without the pass")
+    fused = _dynamic_batch(fused, opt, res)
     # the preprocessing travels with the artifacts (bench and serving read it; --mean/--std of a foreign model)
     set_metadata(fused, {META.PRECISION: "fp32", META.SE_FUSED: report.fused, META.SE_FORM: report.form,
                          META.PREPROCESS: pp.as_dict()})
@@ -198,6 +201,25 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
     except SedeployError as err:  # the histogram is a report, not a requirement
         res.notes.append(f"ORT optimized-graph histogram unavailable: {err.what}")
     return fp32_path
+
+
+def _dynamic_batch(proto, opt: BuildOptions, res: BuildResult):
+    """--dynamic-batch: the model with its fixed batch renamed to N, or a clear refusal (nothing is written)."""
+    if not opt.dynamic_batch or not (res.shapes or {}).get("static_batch"):
+        if opt.dynamic_batch:
+            res.notes.append("--dynamic-batch: the batch is already dynamic")
+        return proto
+    from sedeploy.passes import make_batch_dynamic
+
+    dyn, why = make_batch_dynamic(proto)
+    if dyn is None:
+        raise SedeployError(f"--dynamic-batch: the batch of '{res.source}' cannot be made dynamic safely: {why}.",
+                            expected="a graph without batch-dependent constants (after SE fusion)",
+                            fix="drop --dynamic-batch: the model then runs at its fixed batch (larger batches are "
+                                "chunked), or re-export it with a dynamic batch")
+    res.shapes = {**res.shapes, "input": ["N", *res.shapes["input"][1:]], "static_batch": None,
+                  "batch_handling": f"fixed batch {res.shapes['static_batch']} → {why}"}
+    return dyn
 
 
 def _fp16(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> None:

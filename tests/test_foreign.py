@@ -234,3 +234,33 @@ def test_bias_correction_removes_the_mean_shift(tmp_path, flavour):
         assert rep.settings["bias_corrected_layers"] == int(bc)
         shift[bc] = np.abs((run_model(out, x) - ref).mean(axis=(0, 2, 3))).mean()
     assert shift[True] < 0.5 * shift[False], shift
+
+
+def test_dynamic_batch_only_when_provably_safe(foreign_art, tmp_path):
+    """The converter's Reshape to [1, C, 1, 1] pins the batch; after SE fusion it is gone and the batch can be
+    renamed; --dynamic-batch says which, and refuses (exit 2) when it cannot."""
+    from sedeploy.onnxcore import load_onnx, run_model
+    from sedeploy.passes import batch_dependence, fuse_se_blocks, make_batch_dynamic
+    from sedeploy.pipeline import BuildOptions, build_engines
+
+    raw = load_onnx(foreign_art.onnx_path)
+    assert "literal batch 1" in batch_dependence(raw)
+    dyn, why = make_batch_dynamic(raw)
+    assert dyn is None and "literal batch 1" in why
+    fused, _ = fuse_se_blocks(raw)
+    dyn, why = make_batch_dynamic(fused)
+    assert dyn is not None and "batch 3 equals 3 single runs" in why
+    assert dyn.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    x = foreign_art.images[:5]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(dyn.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0]  # one call at batch 5
+    assert out.shape == (5, 1001) and np.abs(out - run_model(raw, x)).max() < 1e-5
+    res = build_engines(foreign_art.onnx_path, tmp_path / "o", BuildOptions(
+        dynamic_batch=True, preprocess=foreign_art.preprocess, progress=False, backend="none"))
+    assert res.shapes["static_batch"] is None and "made dynamic" in res.shapes["batch_handling"]
+    with pytest.raises(SedeployError, match="literal batch 1"):
+        build_engines(foreign_art.onnx_path, tmp_path / "o2", BuildOptions(
+            dynamic_batch=True, fuse_se=False, preprocess=foreign_art.preprocess, progress=False, backend="none"))
+    assert not (tmp_path / "o2" / "foreign_mnv3_b1.fp32.onnx").exists()
