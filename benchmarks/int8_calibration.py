@@ -88,13 +88,13 @@ def _fuse(src: Path, work: Path) -> Path:
 
 def measure(name, spec, work: Path, methods=METHODS) -> list[dict]:
     from sedeploy import calibration, int8
-    from sedeploy.int8_budget import _as_logits, metrics
+    from sedeploy.int8_budget import as_logits, metrics
     from sedeploy.onnxcore import load_onnx, output_kind, run_model
 
     src, calib_dir, pp, x, labels, caveat = spec
     fp32 = _fuse(src, work)
     kind = output_kind(load_onnx(fp32, check=False))
-    ref = _as_logits(run_model(fp32, x), kind)
+    ref = as_logits(run_model(fp32, x), kind)
     rows = []
     for method in methods:
         t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def measure(name, spec, work: Path, methods=METHODS) -> list[dict]:
             for bc in (False, True):
                 out = work / f"{name}-{method}-{flavour}-{int(bc)}.onnx"
                 int8.quantize_model(fp32, cal, out, flavour=flavour, bias_correction=bc)
-                m = metrics(ref, _as_logits(run_model(out, x), kind), labels)
+                m = metrics(ref, as_logits(run_model(out, x), kind), labels)
                 rows.append({"model": name, "method": method, "flavour": flavour, "bias_correction": bc,
                              "images": int(len(x)), "calibration_s": round(t_cal, 2), **m,
                              **({"caveat": caveat} if caveat else {})})

@@ -220,7 +220,7 @@ class _TensorStats:
         if method == "entropy":
             amax = _entropy_amax(self.hist, self.top, params["quantized_bins"])
         elif method == "mse":
-            amax = _mse_amax(self.hist, self.top, params["levels"])
+            amax = mse_amax(self.hist, self.top, params["levels"])
         else:
             amax = _percentile_amax(self.hist, self.top, params["percentile"])
         amax = min(amax, max(abs(self.lo), abs(self.hi)))
@@ -230,7 +230,7 @@ class _TensorStats:
 _INT8_LEVELS = 127  # positive levels of symmetric int8
 
 
-def _mse_amax(hist: np.ndarray, top: float, levels: int = _INT8_LEVELS, max_candidates: int = 512) -> float:
+def mse_amax(hist: np.ndarray, top: float, levels: int = _INT8_LEVELS, max_candidates: int = 512) -> float:
     """The threshold t (a bin edge) minimising Σ_bins count·err(t): err = (t/levels)²/12 for a bin centre ≤ t
     (rounding noise), (centre − t)² beyond (clipping). Candidates every ``len(hist)/max_candidates`` bins, and the
     right edge of the last non-empty bin (= min/max) always."""

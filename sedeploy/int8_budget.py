@@ -112,7 +112,8 @@ def metrics(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict
     return m
 
 
-def _as_logits(out: np.ndarray, kind: str) -> np.ndarray:
+def as_logits(out: np.ndarray, kind: str) -> np.ndarray:
+    """Classifier outputs as logits: log(p) for probabilities (softmax(log p) = p), else as they are."""
     out = out.astype(np.float64)
     if kind == "probabilities":
         return np.log(np.maximum(out, 1e-30))
@@ -158,7 +159,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     se = int8.DEFAULT_SE_POLICY if se is None else se
     out_path = Path(out_path)
     kind = output_kind(load_onnx(fp32_path, check=False))
-    ref = _as_logits(run_model(fp32_path, images), kind)
+    ref = as_logits(run_model(fp32_path, images), kind)
     layers = int8.weighted_layers(fp32_path)
     n_sens = min(len(images), sensitivity_images)
     work = Path(tempfile.mkdtemp(prefix=".int8-budget-", dir=out_path.parent))
@@ -171,7 +172,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
         def evaluate(path, subset=None):
             x = images if subset is None else images[:subset]
             lab = labels if subset is None or labels is None else labels[:subset]
-            return metrics(ref if subset is None else ref[:subset], _as_logits(run_model(path, x), kind), lab)
+            return metrics(ref if subset is None else ref[:subset], as_logits(run_model(path, x), kind), lab)
 
         all_path, all_qr = build((), "all")
         base = evaluate(all_path)

@@ -31,7 +31,7 @@ import numpy as np
 
 from sedeploy.fsutil import atomic_path, atomic_write_text
 from sedeploy.preprocess import Preprocess, load_folder
-from tiny_trained import CLASS_NAMES, NUM_CLASSES, _draw, _locked, _write_pngs
+from tiny_trained import CLASS_NAMES, NUM_CLASSES, draw, locked, write_pngs
 
 VERSION = "foreign-mnv3-v2"
 SIZE = 48
@@ -50,7 +50,7 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % NUM_CLASSES
     rng.shuffle(labels)
-    return np.stack([_draw(int(y), rng, RAW) for y in labels]), labels
+    return np.stack([draw(int(y), rng, RAW) for y in labels]), labels
 
 
 def to_input(images_uint8: np.ndarray) -> np.ndarray:
@@ -218,9 +218,9 @@ def _build(root: Path) -> None:
         raise RuntimeError(f"the foreign test model reached only {acc:.1%} held-out accuracy after {seconds:.0f}s; "
                            f"tests need ≥ {MIN_ACCURACY:.0%}")
     calib, _ = make_images(N_CALIB, seed=5)
-    _write_pngs(root / "calib", calib, [f"calib_{i:03d}.png" for i in range(N_CALIB)])
+    write_pngs(root / "calib", calib, [f"calib_{i:03d}.png" for i in range(N_CALIB)])
     # index folders hold the *dataset* class (0–9), as an ImageNet folder would: output = class + LABEL_OFFSET
-    _write_pngs(root / "heldout", held, [f"{y}/img_{i:04d}_{CLASS_NAMES[y]}.png" for i, y in enumerate(held_y)])
+    write_pngs(root / "heldout", held, [f"{y}/img_{i:04d}_{CLASS_NAMES[y]}.png" for i, y in enumerate(held_y)])
     _export(model, root / "foreign_mnv3_b1.onnx")
     atomic_write_text(root / "meta.json", json.dumps({"version": VERSION, "accuracy": acc,
                                                       "train_seconds": round(seconds, 2)}, indent=1))
@@ -229,7 +229,7 @@ def _build(root: Path) -> None:
 def foreign_model(cache_dir: str | os.PathLike) -> ForeignArtifacts:
     """Train (once per cache dir) and export the foreign-style model; see the module docstring."""
     root = Path(cache_dir) / VERSION
-    with _locked(Path(cache_dir) / f".{VERSION}.lock"):
+    with locked(Path(cache_dir) / f".{VERSION}.lock"):
         if not (root / "meta.json").exists():
             _build(root)
     meta = json.loads((root / "meta.json").read_text())

@@ -184,16 +184,16 @@ def test_cli_budget_options_need_int8(foreign_art, tmp_path):
 
 
 def test_mse_threshold_clips_outliers_keeps_compact():
-    from sedeploy.calibration import HIST_BINS, _mse_amax
+    from sedeploy.calibration import HIST_BINS, mse_amax
 
     compact = np.zeros(HIST_BINS, np.int64)
     compact[:1000] = 100  # uniform up to bin 1000: clipping any of it costs more than the finer step gains
-    assert _mse_amax(compact, 2.0, 127) >= 0.98 * 1000 * 2.0 / HIST_BINS
+    assert mse_amax(compact, 2.0, 127) >= 0.98 * 1000 * 2.0 / HIST_BINS
     tailed = compact.copy()
     tailed[:100] = 100000  # most mass near zero …
     tailed[100:1000] = 0
     tailed[2000] = 1  # … and one far outlier: the threshold clips it
-    t = _mse_amax(tailed, 2.0, 127)
+    t = mse_amax(tailed, 2.0, 127)
     assert t < 0.5 * 2000 * 2.0 / HIST_BINS and t >= 100 * 2.0 / HIST_BINS * 0.9
 
 
