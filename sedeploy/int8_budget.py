@@ -11,7 +11,11 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
    a layer's error matters in the context of every other layer's error (errors compound through the residual
    stream); quantize-one-at-a-time measures each layer against an otherwise exact network and misses that. Both
    cost one quantize-and-evaluate per layer. Layers are ranked by how much keeping them in float lowers the KL.
-3. Fall back the top-k layers (CPU flavour: FP32 via ONNX Runtime's ``nodes_to_exclude``; TensorRT flavour: no
+3. Fall back the top-k layers (CPU flavour: FP32 via ONNX Runtime's ``nodes_to_exclude`` — the layer *and* the
+   quantized non-weighted ops that produce its input (hard-swish Mul, residual Add, pools …): in the QOperator form
+   a tensor is rounded once by its producer (back to the previous Conv), so keeping only the Conv in float would
+   still read a rounded input;
+   TensorRT flavour: no
    Q/DQ on the layer's input and weight, so a strongly typed TensorRT network runs it in the graph's float32 —
    an FP16 fallback would need the layer cast to FP16 in the graph, which is not done here) for the smallest k
    that meets the budget: k = 1, 2, 4, …
@@ -85,7 +89,8 @@ class BudgetReport:
     labelled: bool
     all_int8: dict  # metrics of the fully quantized model
     result: dict  # metrics of the written model
-    fell_back: list[str] = field(default_factory=list)
+    fell_back: list[str] = field(default_factory=list)  # weighted layers kept in float
+    fell_back_nodes: list[str] = field(default_factory=list)  # every node excluded from INT8 for them
     layers: int = 0  # weighted layers in the model
     sensitivity: list[dict] = field(default_factory=list)  # per layer, most sensitive first
     search: list[dict] = field(default_factory=list)  # (k, metrics) tried
@@ -137,6 +142,35 @@ def heldout_split(folder: str | os.PathLike, seed: int = 0, fraction: float = HO
     return found.root, held, {p.relative_to(found.root).as_posix() for p in held}
 
 
+def fallback_groups(fp32_path, layers: list[str], flavour: str) -> dict[str, list[str]]:
+    """Nodes to exclude so that each weighted layer computes in float from a float input. TensorRT flavour: the
+    layer alone (its input Q/DQ belongs to it). CPU flavour: the layer plus every quantized op producing its input,
+    back to and including the previous weighted layer (whose output rounding is this layer's input rounding)."""
+    from sedeploy import int8
+    from sedeploy.onnxcore import Graph, load_onnx, name_nodes
+
+    if flavour != "cpu":
+        return {layer: [layer] for layer in layers}
+    model = load_onnx(fp32_path, check=False)
+    name_nodes(model)
+    g = Graph(model)
+    by_name = {n.name: n for n in g.nodes}
+    weighted = {"Conv", "Gemm"}
+    quantized = set(int8.CPU_OPTIONS.extra_ops) | weighted
+    groups = {}
+    for layer in layers:
+        group, todo = [layer], [by_name[layer].input[0]]
+        while todo:
+            p = g.producer.get(todo.pop())
+            if p is None or p.op_type not in quantized or p.name in group:
+                continue
+            group.append(p.name)
+            if p.op_type not in weighted:  # a weighted producer's own input stays INT8
+                todo += [i for i in p.input if i and not g.is_const(i)]
+        groups[layer] = group
+    return groups
+
+
 # ------------------------------------------------------------------------------------------------- the search
 def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images: np.ndarray,
                        budget: Budget, labels: np.ndarray | None = None, se: str | None = None,
@@ -161,6 +195,11 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     kind = output_kind(load_onnx(fp32_path, check=False))
     ref = as_logits(run_model(fp32_path, images), kind)
     layers = int8.weighted_layers(fp32_path)
+    groups = fallback_groups(fp32_path, layers, flavour)
+
+    def nodes_of(chosen):
+        return sorted({n for layer in chosen for n in groups[layer]})
+
     n_sens = min(len(images), sensitivity_images)
     work = Path(tempfile.mkdtemp(prefix=".int8-budget-", dir=out_path.parent))
     try:
@@ -186,7 +225,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
             base_sens = evaluate(all_path, n_sens)
             sens = []
             for i, layer in enumerate(layers):
-                path, _ = build([layer], f"loo{i}")
+                path, _ = build(nodes_of([layer]), f"loo{i}")
                 m = evaluate(path, n_sens)
                 path.unlink()
                 sens.append({"layer": layer, "mean_kl": m["mean_kl"], "agreement_pct": m["agreement_pct"],
@@ -199,7 +238,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
 
             def attempt(k):
                 if k not in tried:
-                    path, qr = build(ranking[:k], f"k{k}")
+                    path, qr = build(nodes_of(ranking[:k]), f"k{k}")
                     m = evaluate(path)
                     tried[k] = (path, qr, m)
                     report.search.append({"k": k, **m})
@@ -230,6 +269,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
             report.result = m
         report.met = True
         report.fell_back = fell_back
+        report.fell_back_nodes = nodes_of(fell_back)
         if time_speed and flavour == "cpu":  # the TensorRT form is timed on the GPU (sedeploy bench)
             report.speed = _speed(fp32_path, all_path, chosen_path, images, threads)
         out_path.unlink(missing_ok=True)

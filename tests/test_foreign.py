@@ -96,25 +96,33 @@ def test_quantize_model_exclude(fused_fp32, foreign_art, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["cpu", "trt"])
 def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flavour):
+    """The ranges of two layers' inputs are shrunk 10× (hard clipping there, as a bad calibration of a few tensors
+    does): all-INT8 agreement collapses; the search ranks exactly those two layers first and falls back only them."""
+    import dataclasses
+
     from sedeploy.int8_budget import Budget, quantize_to_budget
 
     path, cal = fused_fp32
+    damaged = {"/b2/project/project.0/Conv", "/head/head.0/Conv"}
+    inputs = {n.input[0] for n in onnx.load(str(path)).graph.node if n.name in damaged}
+    bad = dataclasses.replace(cal, ranges={k: (lo / 10, hi / 10) if k in inputs else (lo, hi)
+                                           for k, (lo, hi) in cal.ranges.items()})
     out = tmp_path / f"int8-{flavour}.onnx"
-    qr, rep = quantize_to_budget(path, cal, out, flavour=flavour, images=foreign_art.images,
-                                 labels=foreign_art.labels, budget=Budget(min_agreement=100.0, max_top1_drop=0.0))
+    qr, rep = quantize_to_budget(path, bad, out, flavour=flavour, images=foreign_art.images,
+                                 labels=foreign_art.labels, budget=Budget(min_agreement=99.0, max_top1_drop=0.5))
     assert out.exists() and rep.met and rep.output_kind == "probabilities"
-    assert rep.all_int8["agreement_pct"] < 100.0  # the plain INT8 model misses it: a fallback was needed
-    assert rep.result["agreement_pct"] == 100.0 and rep.result["top1_drop_pts"] <= 0.0
-    assert 1 <= len(rep.fell_back) < rep.layers == 20
-    assert len(rep.sensitivity) == 20 and rep.fell_back == [r["layer"] for r in rep.sensitivity][:len(rep.fell_back)]
-    # fewest along the ranking: one layer fewer fails (when that k was tried)
+    assert rep.all_int8["agreement_pct"] < 90.0  # the damage is real
+    assert set(rep.fell_back) == damaged and rep.layers == 20
+    assert rep.result["agreement_pct"] >= 99.0 and rep.result["top1_drop_pts"] <= 0.5
+    assert [r["layer"] for r in rep.sensitivity][:2] == rep.fell_back
     tried = {s["k"]: s for s in rep.search}
-    k = len(rep.fell_back)
-    if k - 1 in tried:
-        assert tried[k - 1]["agreement_pct"] < 100.0
-    assert qr.settings["excluded_nodes"] == sorted(rep.fell_back)
-    if flavour == "cpu":
+    assert tried[1]["agreement_pct"] < 99.0  # one layer fewer fails
+    assert qr.settings["excluded_nodes"] == rep.fell_back_nodes and set(rep.fell_back) <= set(rep.fell_back_nodes)
+    if flavour == "cpu":  # the CPU group also holds the producers of the layers' inputs
+        assert "/b4/project/project.0/Conv" in rep.fell_back_nodes
         assert rep.speed["batch"] == 1 and rep.speed["speedup_vs_fp32"]["int8_budget"] > 0
+    else:
+        assert rep.fell_back_nodes == sorted(damaged)
     assert not list(tmp_path.glob(".int8-budget-*"))  # the work folder is gone
 
 
