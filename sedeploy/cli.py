@@ -230,7 +230,7 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
 @click.option("--int8", is_flag=True, help="Also calibrate and write both INT8 artifacts (TensorRT Q/DQ and CPU).")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration images (flat or class-subfolder layout). Default with --int8: the shipped calib/.")
-@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile"]), default=None,
+@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile", "mse"]), default=None,
               help="Range estimator [default: percentile 99.99; entropy is TensorRT's calibrator].")
 @click.option("--calib-count", type=int, default=None, help="Most calibration images used [default: 256].")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed for picking the image subset.")
@@ -257,11 +257,25 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
 @click.option("--mean", default=None, help="Foreign models: normalisation mean R,G,B (0–255 scale).")
 @click.option("--std", default=None, help="Foreign models: normalisation std R,G,B (0–255 scale).")
 @click.option("--resize", type=int, default=None, help="Foreign models: resize short side before the centre crop.")
+@click.option("--min-agreement", type=float, default=None, metavar="PCT",
+              help="INT8 budget: top-1 agreement with FP32 on held-out images ≥ PCT; the most sensitive layers "
+                   "fall back to float until it holds (exit 3, nothing written, when it cannot).")
+@click.option("--max-top1-drop", type=float, default=None, metavar="PTS",
+              help="INT8 budget: top-1 points lost vs FP32 on held-out images (needs labelled class folders).")
+@click.option("--val", type=click.Path(), default=None,
+              help="Held-out images for the INT8 budget [default: a seeded quarter of --calib, not calibrated on].")
+@click.option("--label-offset", type=int, default=0, show_default=True,
+              help="Model output k+OFFSET is dataset class k (1 for 1001-class models with a background class).")
+@click.option("--max-fallback", type=int, default=None, help="INT8 budget: most layers allowed back in float.")
+@click.option("--dynamic-batch", is_flag=True,
+              help="A fixed-batch MODEL: make the batch dynamic when provably safe (refused with the reason "
+                   "otherwise) [default: keep the fixed batch; larger batches are chunked].")
 @common
 @handle_errors
 def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_method, calib_count, calib_seed,
                  calib_batch, calib_cache, se_int8, keep_fp32, backend, no_fuse_se, threads, min_batch, opt_batch,
-                 max_batch, workspace, timing_cache, mean, std, resize, as_json, verbose):
+                 max_batch, workspace, timing_cache, mean, std, resize, min_agreement, max_top1_drop, val,
+                 label_offset, max_fallback, dynamic_batch, as_json, verbose):
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
     \b
@@ -311,7 +325,8 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                         calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,
                         threads=threads, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                         workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp,
-                        progress=_progress(as_json))
+                        progress=_progress(as_json), min_agreement=min_agreement, max_top1_drop=max_top1_drop,
+                        val=val, label_offset=label_offset, max_fallback=max_fallback, dynamic_batch=dynamic_batch)
     res = build_engines(model, out_dir, opts, depth=int(depth) if depth else None, checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 
@@ -398,11 +413,13 @@ def parse_batch_list(text: str) -> list[int]:
 @click.option("--image-limit", type=int, help="Use only the first N images (sorted).")
 @click.option("--max-top1-drop", type=float, help="CI gate: exit 1 if any engine loses more top-1 points.")
 @click.option("--min-agreement", type=float, help="CI gate: exit 1 if any engine's top-1 agreement (%) is lower.")
+@click.option("--label-offset", type=int, default=0, show_default=True,
+              help="Model output k+OFFSET is dataset class k (1 for 1001-class models with a background class).")
 @common
 @handle_errors
 def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, settle, max_seconds, reference,
           torch_baseline, checkpoint, compare_plain, probe, out_dir, no_plots, image_limit, max_top1_drop,
-          min_agreement, as_json, verbose):
+          min_agreement, label_offset, as_json, verbose):
     """Throughput, latency and top-1 drift of engines, timed interleaved in one run, against FLOPs.
 
     \b
@@ -430,7 +447,7 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
                         reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
                         compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
                         progress=_progress(as_json), max_top1_drop=max_top1_drop,
-                        min_agreement=min_agreement, image_limit=image_limit)
+                        min_agreement=min_agreement, image_limit=image_limit, label_offset=label_offset)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
         click.echo(bench_command_summary(stop.results), err=True)
         word, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _TERMINATED else ("interrupted", 130)

@@ -82,6 +82,13 @@ class BuildOptions:
     timing_cache: str | Path | None = None
     preprocess: Preprocess | None = None  # None: from the model's metadata, else mmcls defaults at its input size
     progress: bool = True
+    # accuracy-budgeted INT8 (sedeploy.int8_budget): either bound turns the budget on
+    max_top1_drop: float | None = None  # top-1 points vs FP32 on held-out images (needs labels)
+    min_agreement: float | None = None  # top-1 agreement with FP32, percent
+    val: str | Path | None = None  # held-out images; None: a seeded split of the calibration folder
+    label_offset: int = 0  # model output k + offset is dataset class k (1001-class models: 1)
+    max_fallback: int | None = None  # most layers allowed back in float
+    dynamic_batch: bool = False  # a fixed-batch model: make the batch dynamic (refused with the reason if unsafe)
 
 
 @dataclass
@@ -99,6 +106,8 @@ class BuildResult:
     export: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    int8_budget: dict[str, Any] | None = None  # per flavour: sedeploy.int8_budget.BudgetReport
+    shapes: dict[str, Any] | None = None  # input shape, batch handling, output kind
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -169,6 +178,22 @@ def _check_options(opt: BuildOptions) -> None:
         from sedeploy.backends import require
 
         require(opt.backend, _backend_purpose(opt.backend))  # exit 4 with the install hint, before any work
+    budget = opt.max_top1_drop is not None or opt.min_agreement is not None
+    if (budget or opt.val is not None or opt.max_fallback is not None) and not opt.int8:
+        raise SedeployError("--min-agreement / --max-top1-drop / --val / --max-fallback budget the INT8 artifacts, "
+                            "but --int8 was not given.", fix="add --int8")
+    if (opt.val is not None or opt.max_fallback is not None) and not budget:
+        raise SedeployError("--val / --max-fallback were given without a budget.",
+                            fix="add --min-agreement PCT and/or --max-top1-drop PTS")
+    if opt.max_fallback is not None and opt.max_fallback < 0:
+        raise SedeployError(f"--max-fallback {opt.max_fallback} is not valid.", expected="a whole number ≥ 0")
+    if opt.label_offset < 0:
+        raise SedeployError(f"--label-offset {opt.label_offset} is not valid.", expected="a whole number ≥ 0",
+                            fix="pass 1 for 1001-class models with a background class at index 0")
+    if budget:
+        from sedeploy.int8_budget import Budget
+
+        Budget(max_top1_drop=opt.max_top1_drop, min_agreement=opt.min_agreement)  # validates before any work
     if opt.backend == "trt":
         from sedeploy.backends.tensorrt import require_trt, validate_profile
 
@@ -232,7 +257,8 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
     fp32_path = artifact_path(out, stem, "fp32")
     if not opt.fuse_se:
         res.notes.append("SE fusion skipped (--no-fuse-se): the FP32 artifact is the input graph")
-        set_metadata(proto, {META.PRECISION: "fp32", META.SE_FUSED: 0})
+        proto = _dynamic_batch(proto, opt, res)
+        set_metadata(proto, {META.PRECISION: "fp32", META.SE_FUSED: 0, META.PREPROCESS: pp.as_dict()})
         return save_onnx(proto, fp32_path)
     from sedeploy.passes import fuse_se_blocks
 
@@ -247,7 +273,10 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
         raise VerificationError(f"The SE-fused graph differs from the input graph by max |Δlogit| {diff:.3g} "
                                 f"> {tol:.3g} (1e-5 × max |logit|); nothing was written.",
                                 fix="report this as a bug with the model; --no-fuse-se builds without the pass")
-    set_metadata(fused, {META.PRECISION: "fp32", META.SE_FUSED: report.fused, META.SE_FORM: report.form})
+    fused = _dynamic_batch(fused, opt, res)
+    # the preprocessing travels with the artifacts (bench and serving read it; --mean/--std of a foreign model)
+    set_metadata(fused, {META.PRECISION: "fp32", META.SE_FUSED: report.fused, META.SE_FORM: report.form,
+                         META.PREPROCESS: pp.as_dict()})
     save_onnx(fused, fp32_path)
     res.timings["fuse_se_s"] = round(time.perf_counter() - t0, 2)
     res.fusion = {**report.as_dict(), "max_abs_diff_vs_unfused": diff, "tolerance": tol, "checked_on": len(x)}
@@ -258,6 +287,25 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
     except SedeployError as err:  # the histogram is a report, not a requirement
         res.notes.append(f"ORT optimized-graph histogram unavailable: {err.what}")
     return fp32_path
+
+
+def _dynamic_batch(proto, opt: BuildOptions, res: BuildResult):
+    """--dynamic-batch: the model with its fixed batch renamed to N, or a clear refusal (nothing is written)."""
+    if not opt.dynamic_batch or not (res.shapes or {}).get("static_batch"):
+        if opt.dynamic_batch:
+            res.notes.append("--dynamic-batch: the batch is already dynamic")
+        return proto
+    from sedeploy.passes import make_batch_dynamic
+
+    dyn, why = make_batch_dynamic(proto)
+    if dyn is None:
+        raise SedeployError(f"--dynamic-batch: the batch of '{res.source}' cannot be made dynamic safely: {why}.",
+                            expected="a graph without batch-dependent constants (after SE fusion)",
+                            fix="drop --dynamic-batch: the model then runs at its fixed batch (larger batches are "
+                                "chunked), or re-export it with a dynamic batch")
+    res.shapes = {**res.shapes, "input": ["N", *res.shapes["input"][1:]], "static_batch": None,
+                  "batch_handling": f"fixed batch {res.shapes['static_batch']} → {why}"}
+    return dyn
 
 
 def _fp16(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> None:
@@ -272,6 +320,25 @@ def _fp16(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
     res.artifacts.append(Artifact(path, "fp16", None, report.as_dict()))
 
 
+def _heldout(opt: BuildOptions, folder: Path, pp: Preprocess, num_classes: int):
+    """(images, labels or None, relative calibration paths to exclude, description) for the INT8 budget."""
+    from sedeploy.bench.labels import resolve_labels_offset
+    from sedeploy.int8_budget import heldout_split
+    from sedeploy.preprocess import find_images, load_batch
+
+    if opt.val is not None:
+        found = find_images(opt.val, what="held-out image folder (--val)")
+        root, paths, exclude = found.root, found.paths, set()
+        what = f"{len(paths)} images of --val {root}"
+    else:
+        root, paths, exclude = heldout_split(folder, seed=opt.calib_seed)
+        what = f"{len(paths)} images held out of --calib {root} (seeded split; not calibrated on)"
+    images, loaded = load_batch(paths, pp, progress=opt.progress, what=f"held-out image folder '{root}'")
+    labels = resolve_labels_offset(loaded, root, num_classes=num_classes, label_offset=opt.label_offset) \
+        if any(len(p.relative_to(root).parts) > 1 for p in loaded) else None
+    return images, None if labels is None else labels.indices, exclude, what
+
+
 def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> None:
     from sedeploy import calibration, int8
     from sedeploy.checks import check_trt_qdq, format_report
@@ -281,23 +348,43 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
                  "images like the deployment data for better ranges)", "sample", default_calib_dir())
         res.notes.append(f"calibrated on the shipped sample images in {default_calib_dir()} (no --calib given)")
     folder = Path(opt.calib) if opt.calib else default_calib_dir()
+    budget = None
+    exclude: set[str] = set()
+    if opt.max_top1_drop is not None or opt.min_agreement is not None:
+        from sedeploy.int8_budget import Budget
+
+        budget = Budget(max_top1_drop=opt.max_top1_drop, min_agreement=opt.min_agreement)
+        from sedeploy.preprocess import smooth_noise
+
+        num_classes = int(run_model(fp32_path, smooth_noise(1, pp.size, seed=1)).shape[1])
+        held_x, held_y, exclude, held_what = _heldout(opt, folder, pp, num_classes)
+        res.int8_budget = {"budget": {"max_top1_drop": opt.max_top1_drop, "min_agreement": opt.min_agreement},
+                           "heldout": held_what, "labelled": held_y is not None, "flavours": {}}
     t0 = time.perf_counter()
     kwargs = {k: v for k, v in {"method": opt.calib_method, "count": opt.calib_count,
                                 "batch_size": opt.calib_batch}.items() if v is not None}
     calib = calibration.calibrate(fp32_path, folder, seed=opt.calib_seed, cache_path=opt.calib_cache,
-                                  progress=opt.progress, preprocess=pp, **kwargs)
+                                  progress=opt.progress, preprocess=pp, exclude=exclude, **kwargs)
     res.timings["calibrate_s"] = round(time.perf_counter() - t0, 2)
     res.calibration = {"folder": str(folder), "images": len(calib.images), "skipped": list(calib.skipped),
                        "method": calib.method, "params": calib.params, "seed": opt.calib_seed,
                        "cache_hit": calib.cache_hit, "cache_path": calib.cache_path, "key": calib.key,
-                       "seconds": res.timings["calibrate_s"]}  # this run's time (a cache hit takes ~0 s)
+                       "seconds": res.timings["calibrate_s"], "held_out": len(exclude)}
     if calib.cache_hit:
         res.calibration["computed_seconds"] = calib.seconds  # what the cached run took
     se = int8.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
     for flavour in ("trt", "cpu"):
         t0 = time.perf_counter()
         path = artifact_path(out, stem, f"int8-{flavour}")
-        report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se)
+        if budget is not None:
+            from sedeploy.int8_budget import quantize_to_budget
+
+            report, brep = quantize_to_budget(fp32_path, calib, path, flavour=flavour, images=held_x, labels=held_y,
+                                              budget=budget, se=se, max_fallback=opt.max_fallback,
+                                              threads=opt.threads)
+            res.int8_budget["flavours"][flavour] = brep.as_dict()
+        else:
+            report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se)
         entry = Artifact(path, "int8", flavour, report.as_dict())
         if flavour == "trt":
             check = check_trt_qdq(str(path))
@@ -471,6 +558,7 @@ def _build_staged(model, out: Path, stage: Path, opt: BuildOptions, *, depth, ch
     meta = get_metadata(proto)
     res.weights = str(meta.get("sedeploy.weights") or "unknown (not a sedeploy export)")
     pp = _preprocess_for(meta, inp.height, opt.preprocess)
+    res.shapes = _shape_report(proto, inp)
     given = Artifact.from_file(src, proto)
     stem = artifact_stem(src)
 
@@ -571,17 +659,35 @@ def _publish(stage: Path, out: Path, res: BuildResult) -> None:
         log.info("Removed %d file(s) of the previous build that this build did not write: %s", len(stale),
                  ", ".join(stale))
 
+
+def _shape_report(proto, inp) -> dict[str, Any]:
+    """How the input's batch is handled and what the output holds (said in the summary and the manifest)."""
+    from sedeploy.onnxcore import output_kind
+
+    batch = inp.static_batch
+    return {"input": [batch or "N", 3, inp.height, inp.width], "static_batch": batch,
+            "batch_handling": (f"fixed batch {batch}: kept as exported; verification, calibration and the INT8 "
+                               f"checks run it {batch} image(s) at a time (larger batches are chunked and padded)"
+                               if batch else "dynamic batch"),
+            "output": output_kind(proto)}
+
+
 def format_result(res: BuildResult) -> str:
     """The human-readable summary `build-engine` prints."""
     lines = [f"source      {res.source}"]
     if res.weights:
         lines.append(f"weights     {res.weights}" + ("  (timing is meaningful, accuracy is not)"
                                                      if res.weights.startswith("random") else ""))
+    if res.shapes:
+        sh = res.shapes
+        lines.append(f"input       {'×'.join(map(str, sh['input']))} ({sh['batch_handling']}); output: "
+                     f"{sh['output']}")
     if res.se_blocks_found is not None:
         f = res.fusion or {}
         reorders = f.get("ort_reorders")
         lines.append(f"SE fusion   {res.se_blocks_fused}/{res.se_blocks_found} blocks fused, nodes "
-                     f"{f.get('nodes_before')} → {f.get('nodes_after')}, max |Δlogit| vs unfused "
+                     f"{f.get('nodes_before')} → {f.get('nodes_after')}, max "
+                     f"|Δ{'prob' if (res.shapes or {}).get('output') == 'probabilities' else 'logit'}| vs unfused "
                      f"{f.get('max_abs_diff_vs_unfused', float('nan')):.1e}"
                      + (f"; ORT layout reorders {reorders}" if reorders is not None else ""))
     if res.calibration:
@@ -592,6 +698,20 @@ def format_result(res: BuildResult) -> str:
                         else f" ({'cache hit' if c['cache_hit'] else 'computed'}, {c['seconds']:.1f} s)"))
     if res.validation is not None:
         lines.append(f"TensorRT Q/DQ rules: {'pass' if res.validation.get('ok') else 'FAIL'}")
+    if res.int8_budget:
+        b = res.int8_budget
+        lines.append(f"INT8 budget {', '.join(f'{k} {v}' for k, v in b['budget'].items() if v is not None)} on "
+                     f"{b['heldout']}")
+        for flavour, r in b["flavours"].items():
+            a, f = r["all_int8"], r["result"]
+            fell = r["fell_back"]
+            speed = r.get("speed") or {}
+            cost = (f"; speed vs FP32 {speed['speedup_vs_fp32']['int8_budget']:.2f}× (all-INT8 "
+                    f"{speed['speedup_vs_fp32']['int8_all']:.2f}×) at batch {speed['batch']}") if speed else ""
+            lines.append(f"  int8-{flavour}: agreement {a['agreement_pct']:.2f} % with every layer quantized → "
+                         f"{f['agreement_pct']:.2f} % with {len(fell)}/{r['layers']} layer(s) in float"
+                         + (f" ({', '.join(fell[:6])}{' …' if len(fell) > 6 else ''})" if fell else "")
+                         + (f"; top-1 drop {f['top1_drop_pts']:.2f} pt" if r["labelled"] else "") + cost)
     lines.append("artifacts (portable ONNX):")
     for a in res.artifacts:
         lines.append(f"  {a.kind:<22} {a.path}")

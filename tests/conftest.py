@@ -48,3 +48,15 @@ def tiny_trained_art(tmp_path_factory):
 
     base = os.environ.get("SEDEPLOY_TEST_CACHE") or tmp_path_factory.getbasetemp().parent / "tiny-trained-cache"
     return tiny_trained(base)
+
+
+@pytest.fixture(scope="session")
+def foreign_art(tmp_path_factory):
+    """The third-party-style MobileNetV3-like model (tests/foreign_model.py): fixed batch 1, 48 px, 1001 classes
+    with background, Softmax output, hard-sigmoid SE; trained once per test run like ``tiny_trained_art``."""
+    import os
+
+    from foreign_model import foreign_model
+
+    base = os.environ.get("SEDEPLOY_TEST_CACHE") or tmp_path_factory.getbasetemp().parent / "tiny-trained-cache"
+    return foreign_model(base)

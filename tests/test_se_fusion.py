@@ -198,6 +198,9 @@ def squeeze(g: G, kind: str, want_4d: bool) -> str:
         s = g.node("ReduceMean", ["x"], axes=[2, 3], keepdims=0)
         if want_4d:
             return g.node("Reshape", [s, g.const(np.array([-1, C, 1, 1], np.int64))])
+    elif kind == "avgpool":  # AveragePool whose kernel covers the whole HW×HW map (TF/Keras converters)
+        keep = 1
+        s = g.node("AveragePool", ["x"], kernel_shape=[HW, HW], strides=[1, 1])
     elif kind == "rm_k0_unsq":
         keep = 0
         s = g.node("ReduceMean", ["x"], axes=[2, 3], keepdims=0)
@@ -230,23 +233,38 @@ def gate(g: G, kind: str, z: str) -> str:
     if kind == "hardsigmoid":
         return g.node("HardSigmoid", [z], alpha=0.25, beta=0.45)
     a = g.node("Add", [z, g.const(np.float32(3.0))])
-    c = g.node("Clip", [a, g.const(np.float32(0.0)), g.const(np.float32(6.0))])
+    c = clip06(g, a)
     if kind == "hs_div":
         return g.node("Div", [c, g.const(np.float32(6.0))])
+    if kind == "hs_mul6":  # six decimals, as a text-based converter writes 1/6
+        return g.node("Mul", [c, g.const(np.float32(0.166667))])
     return g.node("Mul", [g.const(np.float32(1 / 6)), c])  # hs_mul, constant first
 
 
-def se_model(sq="gap", fck="conv", gt="sigmoid", order="xg", unflatten="after", opset=13, seed=0):
+def clip06(g: G, v: str) -> str:
+    """Clip(v, 0, 6): bounds as attributes below opset 11, as constant inputs from 11."""
+    if g.opset < 11:
+        return g.node("Clip", [v], min=0.0, max=6.0)
+    return g.node("Clip", [v, g.const(np.float32(0.0)), g.const(np.float32(6.0))])
+
+
+def se_model(sq="gap", fck="conv", gt="sigmoid", order="xg", unflatten="after", opset=13, seed=0, act="relu"):
     g = G(opset=18 if sq == "rm_input" else opset, seed=seed)
     conv = fck.startswith("conv")
     v = squeeze(g, sq, want_4d=conv)
-    h = g.node("Relu", [fc(g, fck, v, C, R)])
+    h = fc(g, fck, v, C, R)
+    h = g.node("Relu", [h]) if act == "relu" else clip06(g, h)  # ReLU6 as Clip(0, 6)
     z = fc(g, fck, h, R, C)
     if not conv and unflatten == "before":
         z = g.node("Unsqueeze", [z, g.const(np.array([2, 3], np.int64))])
     s = gate(g, gt, z)
     if not conv and unflatten == "after":
         s = g.node("Reshape", [s, g.const(np.array([-1, C, 1, 1], np.int64))])
+    if not conv and unflatten == "unsq_twice":  # torch's g.unsqueeze(-1).unsqueeze(-1)
+        s = g.node("Unsqueeze", [g.node("Unsqueeze", [s, g.const(np.array([-1], np.int64))]),
+                                 g.const(np.array([-1], np.int64))])
+    if not conv and unflatten == "literal_batch":  # converters write the fixed batch into the shape
+        s = g.node("Reshape", [s, g.const(np.array([2, C, 1, 1], np.int64))])
     y = g.node("Mul", ["x", s] if order == "xg" else [s, "x"], name="scale")
     return g.model(y)
 
@@ -265,6 +283,13 @@ VARIANTS = [
     dict(sq="gap", fck="matmul_add", gt="hs_div", unflatten="before"),
     dict(sq="rm_input", fck="matmul", gt="sigmoid", order="gx"),
     dict(sq="rm_k0", fck="matmul_add", gt="hs_mul"),
+    # as other exporters write it: whole-map AveragePool, ReLU6 as Clip (inputs / attributes), 1/6 to six
+    # decimals, Unsqueeze twice, a literal batch in the Reshape
+    dict(sq="avgpool", fck="conv", gt="hs_div", act="relu6"),
+    dict(sq="avgpool", fck="gemm", gt="hs_mul6", act="relu6", unflatten="unsq_twice"),
+    dict(sq="avgpool", fck="matmul_add", gt="hardsigmoid", act="relu6", unflatten="literal_batch"),
+    dict(sq="gap", fck="conv", gt="hs_div", act="relu6", opset=10),
+    dict(sq="rm_k0", fck="gemm", gt="hs_mul", act="relu6", opset=10),
 ]
 
 
@@ -280,13 +305,15 @@ def test_variant_is_fused(variant):
     assert report.already_fused == int(canonical)
     onnx.checker.check_model(fused, full_check=True)
     gate_op = "Sigmoid" if variant["gt"] == "sigmoid" else "HardSigmoid"
-    assert [n.op_type for n in fused.graph.node] == ["Relu", "GlobalAveragePool", "Conv", "Relu", "Conv", gate_op,
+    act_op = "Clip" if variant.get("act") == "relu6" else "Relu"
+    assert [n.op_type for n in fused.graph.node] == ["Relu", "GlobalAveragePool", "Conv", act_op, "Conv", gate_op,
                                                      "Mul", "Relu"]
     mul = fused.graph.node[6]
     assert mul.input[0] == "x"  # canonical operand order
     assert not any(i.name.startswith("c") and i.name not in {n for x in fused.graph.node for n in x.input}
                    for i in fused.graph.initializer)  # no orphaned constants left behind
-    x = np.random.default_rng(1).standard_normal((2, C, HW, HW)).astype(np.float32) * 2
+    batch = 2  # the literal-batch variant's Reshape holds 2
+    x = np.random.default_rng(1).standard_normal((batch, C, HW, HW)).astype(np.float32) * 2
     ref, got = ort_run(model, x), ort_run(fused, x)
     assert ref.std() > 0.05
     assert np.abs(ref - got).max() <= TOL
@@ -376,7 +403,54 @@ def _weight_computed():
     return m
 
 
+def _pool_not_whole_map():
+    m = se_model(sq="avgpool")
+    pool = next(n for n in m.graph.node if n.op_type == "AveragePool")
+    pool.attribute[0].ints[:] = [3, 3]  # kernel 3×3 on the 5×5 map: a 3×3 output, not a global mean
+    return m
+
+
+def _pool_padded():
+    m = se_model(sq="avgpool")
+    pool = next(n for n in m.graph.node if n.op_type == "AveragePool")
+    pool.attribute.append(helper.make_attribute("pads", [1, 1, 1, 1]))
+    pool.attribute.append(helper.make_attribute("count_include_pad", 1))
+    return m
+
+
+def _pool_unknown_map():
+    m = se_model(sq="avgpool")
+    for vi in (m.graph.input[0], m.graph.output[0]):
+        for d, name in zip(vi.type.tensor_type.shape.dim[2:], ("H", "W")):
+            d.dim_param = name
+    return m
+
+
+def _clip_0_5_between():
+    m = se_model()
+    relu = next(n for n in m.graph.node if n.op_type == "Relu" and n.name not in ("pre", "post"))
+    relu.op_type = "Clip"
+    lo, hi = "clip_lo", "clip_hi"
+    m.graph.initializer.extend([numpy_helper.from_array(np.float32(0.0), lo),
+                                numpy_helper.from_array(np.float32(5.0), hi)])
+    relu.input.extend([lo, hi])
+    return m
+
+
+def _two_unsqueezes_wrong():
+    m = se_model(fck="gemm", unflatten="unsq_twice")
+    first = next(n for n in m.graph.node if n.op_type == "Unsqueeze")
+    axes = next(i for i in m.graph.initializer if i.name == first.input[1])
+    axes.CopyFrom(numpy_helper.from_array(np.array([1], np.int64), axes.name))  # N×1×C, then N×1×C×1
+    return m
+
+
 NEAR_MISSES = {
+    "pool kernel smaller than the map": (_pool_not_whole_map, "has kernel [3, 3] on a 5×5 map"),
+    "pool padded": (_pool_padded, "pads or dilates"),
+    "pool over a map of unknown size": (_pool_unknown_map, "reads a map of unknown size"),
+    "Clip(0, 5) between the FCs": (_clip_0_5_between, "not a Relu or a ReLU6"),
+    "unsqueeze chain to N×1×C×1": (_two_unsqueezes_wrong, "N×C → N×C×1×1 needs axes [2, 3]"),
     "gate scales another tensor": (_different_tensor, "the gate scales 'other'"),
     "weight shared outside": (_shared_weight, "shared with node(s) outside the block: side_conv"),
     "intermediate consumed outside": (_intermediate_used, "consumed outside the block by Identity 'leak'"),
@@ -432,3 +506,42 @@ def test_refused_block_beside_a_fused_one():
     assert "the gate scales 'b_other'" in report.refused[0][1]
     x = np.random.default_rng(2).standard_normal((2, C, HW, HW)).astype(np.float32)
     assert np.abs(ort_run(good, x) - ort_run(fused, x)).max() <= TOL
+
+
+def test_hard_swish_and_other_constants_are_no_candidates():
+    """x * hardsigmoid(x) (hard-swish) is an activation, and Add(3) → Clip(0, 6) → Mul(0.17) is no hard sigmoid:
+    neither is an SE candidate, and the graph is left as it is."""
+    g = G(opset=13)
+    a = g.node("Add", ["x", g.const(np.float32(3.0))])
+    hswish = g.node("Mul", ["x", g.node("Div", [clip06(g, a), g.const(np.float32(6.0))])])
+    assert find_se_blocks(g.model(hswish)) == []
+    m = se_model(gt="hs_mul")
+    mul = next(n for n in m.graph.node if n.op_type == "Mul" and n.name != "scale")
+    k = next(i for i in m.graph.initializer if i.name == mul.input[0])
+    k.CopyFrom(numpy_helper.from_array(np.float32(0.17), k.name))
+    assert find_se_blocks(m) == []
+    fused, report = fuse_se_blocks(m)
+    assert (report.found, report.fused, report.refused) == (0, 0, [])
+    assert fused.SerializeToString() == m.SerializeToString()
+
+
+def test_foreign_model_se_blocks_fused(foreign_art):
+    """The third-party-style MobileNetV3-like model (tests/foreign_model.py): all three SE blocks, each spelled
+    differently, are found and fused; its hard-swish activations are not candidates; probabilities unchanged."""
+    model = onnx.load(str(foreign_art.onnx_path))
+    cands = find_se_blocks(model)
+    assert [c.ok for c in cands] == [True, True, True], [c.reason for c in cands]
+    assert {c.variant["squeeze"] for c in cands} == {"AveragePool", "ReduceMean(keepdims=0)"}
+    assert {c.variant["fc"] for c in cands} == {"Conv+bias", "Gemm+bias", "MatMul+bias"}
+    assert {c.variant["act"] for c in cands} == {"Relu", "Relu6"}
+    for form in ("standard", "function"):
+        fused, report = fuse_se_blocks(model, form=form)
+        assert (report.found, report.fused, report.rewritten, report.refused) == (3, 3, 3, [])
+        onnx.checker.check_model(fused, full_check=True)
+        x = foreign_art.images[:4]
+        from sedeploy.onnxcore import run_model
+
+        ref, got = run_model(model, x), run_model(fused, x)
+        assert ref.shape == (4, 1001) and np.allclose(ref.sum(1), 1.0, atol=1e-5)
+        assert np.abs(ref - got).max() <= TOL
+    assert ops(fused)["GlobalAveragePool"] == 1 and ops(fused)["AveragePool"] == 0

@@ -63,7 +63,7 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return bg, fg
 
 
-def _draw(label: int, rng: np.random.Generator, n: int = RAW) -> np.ndarray:
+def draw(label: int, rng: np.random.Generator, n: int = RAW) -> np.ndarray:
     """One n×n×3 uint8 image of class ``label``."""
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
     cx, cy = rng.uniform(0.38, 0.62, 2) * n
@@ -107,7 +107,7 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % NUM_CLASSES
     rng.shuffle(labels)
-    return np.stack([_draw(int(y), rng) for y in labels]), labels
+    return np.stack([draw(int(y), rng) for y in labels]), labels
 
 
 def to_input(images_uint8: np.ndarray, pp: Preprocess = PREPROCESS) -> np.ndarray:
@@ -188,7 +188,7 @@ class TinyOnnx(NamedTuple):
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -198,7 +198,7 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _write_pngs(folder: Path, images: np.ndarray, names: list[str]) -> None:
+def write_pngs(folder: Path, images: np.ndarray, names: list[str]) -> None:
     from PIL import Image
 
     for img, name in zip(images, names):
@@ -220,8 +220,8 @@ def _build(root: Path) -> None:
         raise RuntimeError(f"tiny SE-ResNet reached only {acc:.1%} held-out accuracy after {seconds:.0f}s "
                            f"({done}/{planned} steps); tests need ≥ {MIN_ACCURACY:.0%}")
     calib, _ = make_images(N_CALIB, seed=3)
-    _write_pngs(root / "calib", calib, [f"calib_{i:03d}.png" for i in range(N_CALIB)])
-    _write_pngs(root / "heldout", held,
+    write_pngs(root / "calib", calib, [f"calib_{i:03d}.png" for i in range(N_CALIB)])
+    write_pngs(root / "heldout", held,
                 [f"{y}_{CLASS_NAMES[y]}/img_{i:04d}.png" for i, y in enumerate(held_y)])
     with atomic_path(root / "weights.pt") as tmp:
         torch.save(model.state_dict(), tmp)
@@ -249,7 +249,7 @@ def _export(root: Path, opset: int) -> Path:
 def tiny_trained(cache_dir: str | os.PathLike, *, opset: int = 18) -> TinyArtifacts:
     """Train (once per cache dir) and export the tiny SE-ResNet; opset 18 = ReduceMean squeeze, 17 = GAP."""
     root = Path(cache_dir) / VERSION
-    with _locked(Path(cache_dir) / f".{VERSION}.lock"):
+    with locked(Path(cache_dir) / f".{VERSION}.lock"):
         if not (root / "meta.json").exists():
             _build(root)
         onnx_path = _export(root, opset)

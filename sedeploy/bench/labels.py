@@ -440,3 +440,20 @@ def _from_labels_file(files: list[Path], rel: list[Path], root: Path, labels_fil
     rule = "file<TAB>class index" + (f"; synset labels → {mapper.rule}" if mapper else "")
     present = sorted({i for i in indices})
     return Labels(np.array(indices, np.int64), "labels file", rule, {str(i): i for i in present})
+
+
+def resolve_labels_offset(paths: Sequence[str | os.PathLike], root: str | os.PathLike, *, num_classes: int,
+                          label_offset: int = 0, **kwargs) -> Labels | None:
+    """:func:`resolve_labels` for a model whose output ``k + label_offset`` is dataset class ``k`` — e.g. a
+    1001-class ImageNet model with a background class at index 0 (``label_offset=1``). The folder/file rules run
+    against the ``num_classes - label_offset`` dataset classes; the indices are then shifted."""
+    if isinstance(label_offset, bool) or not isinstance(label_offset, int) or not 0 <= label_offset < num_classes:
+        raise SedeployError(f"--label-offset {label_offset!r} is not valid for a model with {num_classes} outputs.",
+                            expected=f"a whole number in [0, {num_classes - 1}]; 1 for 1001-class ImageNet models "
+                                     "with a background class")
+    lab = resolve_labels(paths, root, num_classes=num_classes - label_offset, **kwargs)
+    if lab is None or not label_offset:
+        return lab
+    return Labels(indices=lab.indices + label_offset, source=lab.source,
+                  rule=f"{lab.rule}; then + {label_offset} (--label-offset: model output k + {label_offset} is "
+                       "dataset class k)", classes={k: v + label_offset for k, v in lab.classes.items()})

@@ -143,6 +143,15 @@ def _accuracy_pass(specs, runners, x: np.ndarray, chunk: int, progress: bool) ->
     return logits, done, complete
 
 
+def _outputs_probabilities(spec: E.EngineSpec) -> bool:
+    """Whether the reference engine (an ONNX file) ends in Softmax; other engine files cannot be read as graphs."""
+    from sedeploy.onnxcore import load_onnx, output_kind
+
+    if spec.path.suffix != ".onnx":
+        return False
+    return output_kind(load_onnx(spec.path, check=False)) == "probabilities"
+
+
 def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, EngineInfo] | str:
     """The same depth and width without SE, exported FP32 into ``tmp``; or the reason it cannot be made."""
     from sedeploy.onnxcore import default_opset
@@ -221,7 +230,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               probe: bool = True, probe_seconds: float = 2.0, out_dir: str | Path | None = None, plots: bool = True,
               progress: bool = True, max_top1_drop: float | None = None, min_agreement: float | None = None,
               image_limit: int | None = None, eval_batch: int = 32, synsets: str | Path | None = None,
-              providers=None, optimization: str = "all", settle: int = 1) -> dict[str, Any]:
+              providers=None, optimization: str = "all", settle: int = 1, label_offset: int = 0) -> dict[str, Any]:
     """Benchmark ``engines`` (files, or ``build-engine`` output folders) and return the results dict
     (:mod:`sedeploy.bench.report` schema, plus ``notes``, ``gate``, ``flops`` and ``se_cost``).
 
@@ -230,12 +239,14 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     (default: the one FP32 engine). ``torch_baseline``: time PyTorch eager FP32 of the same network (rebuilt from
     the ONNX metadata or ``checkpoint``; skipped with the reason in ``notes`` when it cannot be).
     ``compare_plain``: also time the same depth without SE. ``probe``: measure the GEMM ceilings.
-    ``out_dir``: write results.json/csv/md and the plots. Budgets fill ``results["gate"]["violations"]`` (the
+    ``label_offset``: model output k + offset is dataset class k (1001-class models with a background class: 1).
+    A reference whose graph ends in Softmax is compared on log-probabilities (softmax(log p) = p, so agreement
+    and KL keep their meaning; said in ``notes``). ``out_dir``: write results.json/csv/md and the plots. Budgets fill ``results["gate"]["violations"]`` (the
     caller decides the exit code). Raises :class:`SedeployError` for bad input, :class:`BenchInterrupted` on
     Ctrl-C after writing the partial results.
     """
     from sedeploy.backends.ort import default_threads
-    from sedeploy.bench.labels import resolve_labels
+    from sedeploy.bench.labels import resolve_labels_offset
     from sedeploy.preprocess import find_images, load_batch, smooth_noise
 
     sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
@@ -289,8 +300,8 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
             ref.num_classes = num_classes
         lab = None
         if found is not None:
-            lab = resolve_labels(found.paths, found.root, num_classes=num_classes, labels_file=labels,
-                                 synsets=synsets)
+            lab = resolve_labels_offset(found.paths, found.root, num_classes=num_classes, labels_file=labels,
+                                        synsets=synsets, label_offset=label_offset)
             if lab is None and max_top1_drop is not None:
                 raise SedeployError(f"--max-top1-drop needs labels, but '{found.root}' is a flat folder without a "
                                     "labels file.", fix="pass --labels FILE (file<TAB>class index), or gate on "
@@ -304,8 +315,8 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
         if found is not None:
             x, loaded = load_batch(found.paths, pp, progress=progress, what=f"image folder '{found.root}'")
             if lab is not None and len(loaded) != len(found.paths):
-                lab = resolve_labels(loaded, found.root, num_classes=num_classes, labels_file=labels,
-                                     synsets=synsets)
+                lab = resolve_labels_offset(loaded, found.root, num_classes=num_classes, labels_file=labels,
+                                            synsets=synsets, label_offset=label_offset)
     except BaseException:
         for r in runners.values():
             r.deactivate()
@@ -368,6 +379,10 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
             if x is not None:
                 state["stage"] = "the accuracy pass"
                 logits, done, complete = _accuracy_pass(specs, runners, x, eval_batch, progress)
+                if _outputs_probabilities(ref):
+                    logits = {n: np.log(np.maximum(v.astype(np.float64), 1e-30)) for n, v in logits.items()}
+                    notes.append("The models end in Softmax: agreement, KL and drift are computed on "
+                                 "log-probabilities (max |Δlogit| is then a difference of log-probabilities).")
                 if done:
                     state["accuracy"] = compare_engines(ref.name, logits,
                                                         lab.indices[:done] if lab is not None else None)

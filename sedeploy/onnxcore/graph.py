@@ -176,3 +176,22 @@ def graph_precision(model) -> str:
             if t is not None and getattr(t, "data_type", None) == FLOAT16:
                 return "fp16"
     return "fp32"
+
+
+#: ops that pass a classifier's output through unchanged in meaning (shape only)
+_OUTPUT_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Cast")
+
+
+def output_kind(model) -> str:
+    """What the classifier's first output holds: ``"probabilities"`` (a Softmax ends the graph, as third-party
+    exports often do), ``"log_probabilities"`` (LogSoftmax) or ``"logits"``. Shape-only ops after the softmax are
+    looked through. Drift and agreement code compares ``log(p)`` for probabilities: softmax(log p) = p, so KL and
+    argmax mean the same thing as on logits."""
+    g = Graph(model)
+    name = model.graph.output[0].name
+    node = g.producer.get(name)
+    while node is not None and node.op_type in _OUTPUT_PASSTHROUGH and node.input:
+        node = g.producer.get(node.input[0])
+    if node is None:
+        return "logits"
+    return {"Softmax": "probabilities", "LogSoftmax": "log_probabilities"}.get(node.op_type, "logits")

@@ -47,7 +47,9 @@ FORMS = ("standard", "standard-gx", "function")
 #: form keeps the SE ops visible to the FP16/INT8 passes and to TensorRT without function inlining.
 DEFAULT_FORM = "standard"
 FUNCTION_DOMAIN = "sedeploy"
-FUNCTION_NAMES = {"Sigmoid": "SEBlock", "HardSigmoid": "SEBlockHard"}
+#: (gate, activation between the FCs) → local function name
+FUNCTION_NAMES = {("Sigmoid", "Relu"): "SEBlock", ("HardSigmoid", "Relu"): "SEBlockHard",
+                  ("Sigmoid", "Relu6"): "SEBlockRelu6", ("HardSigmoid", "Relu6"): "SEBlockHardRelu6"}
 
 
 @dataclass
@@ -118,14 +120,14 @@ def _in_form(m, form: str) -> bool:
 
 
 def _variant(m) -> dict:
-    squeeze = m.squeeze_op if m.squeeze_op == "GlobalAveragePool" else f"ReduceMean(keepdims={m.keepdims})"
-    return {"squeeze": squeeze, "fc": m.fc1.kind + ("+bias" if m.fc1.bias is not None else ""),
+    squeeze = f"ReduceMean(keepdims={m.keepdims})" if m.squeeze_op == "ReduceMean" else m.squeeze_op
+    return {"squeeze": squeeze, "fc": m.fc1.kind + ("+bias" if m.fc1.bias is not None else ""), "act": m.act,
             "gate": m.gate.spelling, "mul_order": "x*g" if m.x_first else "g*x"}
 
 
 def _scan(graph, form: str):
     """(candidates, matches) over the graph's gates, in graph order."""
-    from sedeploy.passes.se_patterns import match_block, match_gate
+    from sedeploy.passes.se_patterns import match_block
 
     candidates, matches, seen = [], [], set()
     for node in list(graph):
@@ -133,7 +135,7 @@ def _scan(graph, form: str):
             candidates.append(SECandidate(f"{node.op_type} '{node.name}'", already_fused=True,
                                           variant={"form": "function"}, nodes=[node.name]))
             continue
-        gate = match_gate(node)
+        gate = _candidate_gate(node)
         if gate is None or id(gate.nodes[0]) in seen:
             continue
         seen.update(id(n) for n in gate.nodes)
@@ -148,6 +150,19 @@ def _scan(graph, form: str):
                                       nodes=[n.name for n in m.block_nodes]))
         matches.append((m, done))
     return candidates, matches
+
+
+def _candidate_gate(node):
+    """The gate ending at ``node`` when it could start an SE block (hard-swish gates are activations: skipped)."""
+    from sedeploy.passes.se_patterns import is_hard_swish, match_gate
+
+    gate = match_gate(node)
+    if gate is None:
+        return None
+    uses = [u.node for u in gate.out.uses()]
+    if len(uses) == 1 and uses[0].op_type == "Mul" and is_hard_swish(gate, uses[0]):
+        return None
+    return gate
 
 
 def find_se_blocks(model, *, form: str = DEFAULT_FORM) -> list[SECandidate]:
@@ -178,7 +193,7 @@ def se_block_nodes(model) -> list[SEBlockNodes]:
     This is the one SE recogniser: the fusion pass, the FP16 keep-FP32 groups and the INT8 SE policy all use the
     matcher of :mod:`sedeploy.passes.se_patterns`, so a block that is fused is also the block a policy keeps.
     """
-    from sedeploy.passes.se_patterns import match_block, match_gate
+    from sedeploy.passes.se_patterns import match_block
 
     names = [n.name for n in model.graph.node]
     if any(not n for n in names) or len(set(names)) != len(names):
@@ -186,7 +201,7 @@ def se_block_nodes(model) -> list[SEBlockNodes]:
                             fix="name the nodes first (sedeploy.onnxcore.name_nodes)")
     blocks, seen = [], set()
     for node in list(_to_ir(model).graph):
-        gate = match_gate(node)
+        gate = _candidate_gate(node)
         if gate is None or id(gate.nodes[0]) in seen:
             continue
         seen.update(id(n) for n in gate.nodes)
@@ -283,7 +298,7 @@ def _rewrite(irmodel, m, form: str, names: _NameSource) -> None:
 
     w1, b1, w2, b2 = param(m.fc1, 0, "fc1"), param(m.fc1, 1, "fc1"), param(m.fc2, 0, "fc2"), param(m.fc2, 1, "fc2")
     if form == "function":
-        fname = FUNCTION_NAMES[m.gate.kind]
+        fname = FUNCTION_NAMES[(m.gate.kind, m.act)]
         _ensure_function(irmodel, fname)
         attrs = [ir.AttrFloat32("alpha", m.gate.alpha), ir.AttrFloat32("beta", m.gate.beta)] \
             if m.gate.kind == "HardSigmoid" else []
@@ -291,13 +306,27 @@ def _rewrite(irmodel, m, form: str, names: _NameSource) -> None:
                        num_outputs=1)
         new_nodes, y = [call], call.outputs[0]
     else:
-        new_nodes, y = _standard_nodes(x, w1, b1, w2, b2, m, form == "standard", base, names)
+        new_nodes, y = _standard_nodes(graph, x, w1, b1, w2, b2, m, form == "standard", base, names,
+                                       _opset(irmodel))
     old_out = m.mul.outputs[0]
     ir.convenience.replace_nodes_and_values(graph, m.mul, m.block_nodes, new_nodes, [old_out], [y])
     _drop_orphans(graph, m.aux_values)
 
 
-def _standard_nodes(x, w1, b1, w2, b2, m, x_first: bool, base: str, names):
+def _opset(irmodel) -> int:
+    return int(irmodel.opset_imports.get("", irmodel.opset_imports.get("ai.onnx", 13)))
+
+
+def _relu6_inputs_or_attrs(opset: int, make_const):
+    """Clip(0, 6) bounds: constant inputs from opset 11, attributes before."""
+    import onnx_ir as ir
+
+    if opset >= 11:
+        return [make_const("min", 0.0), make_const("max", 6.0)], []
+    return [], [ir.AttrFloat32("min", 0.0), ir.AttrFloat32("max", 6.0)]
+
+
+def _standard_nodes(graph, x, w1, b1, w2, b2, m, x_first: bool, base: str, names, opset: int):
     import onnx_ir as ir
 
     def node(op, inputs, attrs=(), suffix=""):
@@ -307,7 +336,17 @@ def _standard_nodes(x, w1, b1, w2, b2, m, x_first: bool, base: str, names):
 
     pool = node("GlobalAveragePool", [x], suffix="squeeze")
     fc1 = node("Conv", [pool.outputs[0], w1, b1], suffix="fc1")
-    relu = node("Relu", [fc1.outputs[0]])
+    if m.act == "Relu6":
+        def make_const(role, v):
+            name = names(f"{base}.relu6.{role}")
+            val = ir.Value(name=name, const_value=ir.tensor(np.array(v, dtype=(w1.dtype or ir.DataType.FLOAT).numpy()), name=name))
+            graph.register_initializer(val)
+            return val
+
+        bounds, attrs = _relu6_inputs_or_attrs(opset, make_const)
+        relu = node("Clip", [fc1.outputs[0], *bounds], attrs, suffix="relu6")
+    else:
+        relu = node("Relu", [fc1.outputs[0]])
     fc2 = node("Conv", [relu.outputs[0], w2, b2], suffix="fc2")
     if m.gate.kind == "HardSigmoid":
         gate = node("HardSigmoid", [fc2.outputs[0]], [ir.AttrFloat32("alpha", m.gate.alpha),
@@ -329,10 +368,22 @@ def _ensure_function(irmodel, fname: str) -> None:
     x, w1, b1, w2, b2 = (ir.Value(name=n) for n in ("x", "w1", "b1", "w2", "b2"))
     pool = ir.Node("", "GlobalAveragePool", [x], num_outputs=1)
     fc1 = ir.Node("", "Conv", [pool.outputs[0], w1, b1], num_outputs=1)
-    relu = ir.Node("", "Relu", [fc1.outputs[0]], num_outputs=1)
+    consts = []
+    if fname.endswith("Relu6"):
+        def make_const(role, v):
+            c = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(np.array(v, np.float32)))],
+                        num_outputs=1)
+            c.outputs[0].name = f"relu6_{role}"
+            consts.append(c)
+            return c.outputs[0]
+
+        bounds, clip_attrs = _relu6_inputs_or_attrs(int(opset), make_const)
+        relu = ir.Node("", "Clip", [fc1.outputs[0], *bounds], clip_attrs, num_outputs=1)
+    else:
+        relu = ir.Node("", "Relu", [fc1.outputs[0]], num_outputs=1)
     fc2 = ir.Node("", "Conv", [relu.outputs[0], w2, b2], num_outputs=1)
     attrs = []
-    if fname == "SEBlockHard":
+    if fname.startswith("SEBlockHard"):
         gate = ir.Node("", "HardSigmoid", [fc2.outputs[0]],
                        [ir.RefAttr("alpha", "alpha", ir.AttributeType.FLOAT),
                         ir.RefAttr("beta", "beta", ir.AttributeType.FLOAT)], num_outputs=1)
@@ -343,7 +394,7 @@ def _ensure_function(irmodel, fname: str) -> None:
     for i, n in enumerate((pool, fc1, relu, fc2, gate, mul)):
         n.outputs[0].name = f"t{i}"
     mul.outputs[0].name = "y"
-    body = ir.Graph([x, w1, b1, w2, b2], [mul.outputs[0]], nodes=[pool, fc1, relu, fc2, gate, mul],
+    body = ir.Graph([x, w1, b1, w2, b2], [mul.outputs[0]], nodes=[*consts, pool, fc1, relu, fc2, gate, mul],
                     opset_imports={"": opset}, name=fname)
     irmodel.functions[key] = ir.Function(FUNCTION_DOMAIN, fname, graph=body, attributes=attrs)
     irmodel.opset_imports.setdefault(FUNCTION_DOMAIN, 1)

@@ -3,17 +3,23 @@
 An SE block computes ``y = x * gate(FC2(relu(FC1(mean_HW(x)))))``. Exporters and hand-written models spell the
 same arithmetic in many ways, and every stage below accepts the spellings met in practice:
 
-- squeeze: ``GlobalAveragePool``, or ``ReduceMean`` over axes 2,3 (axes as attribute below opset 18, as a
-  constant input from 18), keepdims 1, or keepdims 0 followed by Reshape/Unsqueeze back to N×C×1×1;
+- squeeze: ``GlobalAveragePool``; ``ReduceMean`` over axes 2,3 (axes as attribute below opset 18, as a
+  constant input from 18), keepdims 1, or keepdims 0 followed by Reshape/Unsqueeze back to N×C×1×1; or
+  ``AveragePool`` whose kernel covers the whole H×W map (no padding; H,W from shape inference — a map of unknown
+  size is refused, since the same node on a larger input would no longer be a global mean);
 - FCs: 1×1 ``Conv`` (with or without bias) on N×C×1×1, or ``Flatten``/``Reshape``/``Squeeze`` to N×C followed by
-  ``Gemm`` or ``MatMul`` (+ ``Add`` bias), with a Reshape/Unsqueeze to N×C×1×1 before or after the gate;
-- ``Relu`` between the FCs;
+  ``Gemm`` or ``MatMul`` (+ ``Add`` bias), with a chain of Reshape/Unsqueeze to N×C×1×1 before or after the gate
+  (``unsqueeze(-1).unsqueeze(-1)`` is two nodes);
+- ``Relu`` between the FCs, or ReLU6 written as ``Clip(0, 6)`` (min/max as inputs from opset 11, attributes
+  before; kept as ReLU6 in the fused form);
 - gate: ``Sigmoid``, ``HardSigmoid``, or its decomposed form ``Div(Clip(Add(z, 3), 0, 6), 6)`` /
-  ``Mul(…, 1/6)``;
+  ``Mul(…, 1/6)`` (constants compared with a float tolerance: converters write 1/6 as 0.16666667 or 0.166667;
+  the fused HardSigmoid uses the constants the graph holds);
 - scale: ``Mul(x, g)`` or ``Mul(g, x)``.
 
 Matching walks backwards from each gate (a graph without any gate, such as plain ResNet, yields no candidate
-at all). Each stage returns an onnxscript :class:`~onnxscript.rewriter.MatchResult`; a failed stage says *why*
+at all; a hard-swish ``x * hardsigmoid(x)``, whose gate reads the tensor it scales, is no candidate either).
+Each stage returns an onnxscript :class:`~onnxscript.rewriter.MatchResult`; a failed stage says *why*
 (``MatchResult.fail(reason)``), and that reason is what :func:`sedeploy.passes.find_se_blocks` reports for a
 refused candidate. Refusals that protect correctness: the gate must scale the very tensor that was squeezed;
 weights must be constants used by this block only (rewriting a shared weight would change other nodes); no
@@ -68,6 +74,7 @@ class SEMatch:
     block_nodes: list  # every node replaced by the rewrite, the scale Mul last
     aux_values: list  # constants the old block read (removed when nothing else uses them)
     x_first: bool  # Mul(x, g) rather than Mul(g, x)
+    act: str = "Relu"  # between the FCs: "Relu" or "Relu6" (Clip(0, 6))
 
 
 def is_op(node: ir.Node | None, *ops: str) -> bool:
@@ -132,52 +139,100 @@ def match_gate(node: ir.Node) -> Gate | None:
         want = 6.0 if node.op_type == "Div" else 1.0 / 6.0
         order = [(0, 1)] if node.op_type == "Div" else [(0, 1), (1, 0)]
         for i, j in order:
-            k = const_array(node.inputs[j])
+            k = _scalar(node.inputs[j])
             clip = node.inputs[i].producer() if node.inputs[i] is not None else None
-            if k is None or k.size != 1 or not np.isclose(float(k.reshape(())), want, rtol=1e-6):
-                continue
-            if not is_op(clip, "Clip") or not _clip_is_0_6(clip):
+            if k is None or not _close(k, want) or not is_clip(clip, 0.0, 6.0):
                 continue
             add = clip.inputs[0].producer()
             if not is_op(add, "Add"):
                 continue
             for a, b in ((0, 1), (1, 0)):
-                three = const_array(add.inputs[b])
-                if three is not None and three.size == 1 and np.isclose(float(three.reshape(())), 3.0):
-                    return Gate([add, clip, node], add.inputs[a], node.outputs[0], "HardSigmoid", 1.0 / 6.0, 0.5,
-                                f"Add/Clip/{node.op_type}")
+                three = _scalar(add.inputs[b])
+                if three is not None and _close(three, 3.0):
+                    scale = k if node.op_type == "Mul" else 1.0 / k  # the graph's own constants, not 1/6 and 3
+                    return Gate([add, clip, node], add.inputs[a], node.outputs[0], "HardSigmoid", scale,
+                                three * scale, f"Add/Clip/{node.op_type}")
     return None
 
 
-def _clip_is_0_6(clip: ir.Node) -> bool:
-    if len(clip.inputs) > 1:  # opset >= 11: min/max inputs
-        lo = const_array(clip.inputs[1]) if clip.inputs[1] is not None else None
-        hi = const_array(clip.inputs[2]) if len(clip.inputs) > 2 and clip.inputs[2] is not None else None
-        return lo is not None and hi is not None and float(lo.reshape(())) == 0.0 and float(hi.reshape(())) == 6.0
-    return _attr(clip, "min") == 0.0 and _attr(clip, "max") == 6.0
+#: relative tolerance for the constants of a decomposed HardSigmoid / ReLU6: float32 1/6 is 0.16666667 (3e-8 off),
+#: a six-digit decimal 0.166667 is 2e-6 off; anything further is another function and is not matched.
+CONST_RTOL = 1e-5
+
+
+def _close(value: float, want: float) -> bool:
+    return bool(np.isclose(value, want, rtol=CONST_RTOL, atol=0.0))
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    arr = const_array(value)
+    return None if arr is None or arr.size != 1 else float(arr.reshape(()))
+
+
+def is_clip(node: ir.Node | None, lo: float, hi: float) -> bool:
+    """A Clip to [lo, hi]: bounds as constant inputs (opset ≥ 11) or attributes (opset < 11)."""
+    if not is_op(node, "Clip"):
+        return False
+    if len(node.inputs) > 1:
+        lo_v = _scalar(node.inputs[1]) if node.inputs[1] is not None else None
+        hi_v = _scalar(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    else:
+        lo_v, hi_v = _attr(node, "min"), _attr(node, "max")
+    return lo_v is not None and hi_v is not None and _close(float(lo_v), lo) and _close(float(hi_v), hi)
+
+
+def is_hard_swish(gate: Gate, scale: ir.Node) -> bool:
+    """``x * hardsigmoid(x)`` (hard-swish): the gate reads the very tensor the Mul scales — an activation, not SE."""
+    return gate.z in scale.inputs
 
 
 # ---------------------------------------------------------------------------------------------- reshapes
 
 
 def unflatten_ok(node: ir.Node, channels: int) -> MatchResult:
-    """Reshape/Unsqueeze that yields N×C×1×1 from N×C (or N×C×1×1)."""
-    if node.op_type == "Unsqueeze":
-        axes = _attr(node, "axes") if len(node.inputs) < 2 else const_array(node.inputs[1])
-        axes = None if axes is None else sorted(int(a) % 4 for a in np.asarray(axes).ravel())
-        if axes != [2, 3]:
-            return MatchResult().fail(f"Unsqueeze '{node.name}' inserts axes {axes}; N×C → N×C×1×1 needs axes "
-                                      "[2, 3] (keepdims mismatch)", node)
-        return MatchResult()
-    shape = const_array(node.inputs[1])
-    if shape is None:
-        return MatchResult().fail(f"Reshape '{node.name}' has a computed target shape; only a constant "
-                                  "N×C×1×1 target can be checked", node)
-    s = [int(v) for v in shape.ravel()]
-    good = len(s) == 4 and s[2:] == [1, 1] and (s[1] == channels or (s[1] == -1 and s[0] != -1))
-    if not good:
-        return MatchResult().fail(f"Reshape '{node.name}' targets shape {s}; the SE scale needs N×C×1×1 "
-                                  f"(C = {channels}) (keepdims mismatch)", node)
+    """Reshape/Unsqueeze that yields N×C×1×1 from N×C (or leaves N×C×1×1 as it is)."""
+    return unflatten_chain_ok([node], channels)
+
+
+def unflatten_chain_ok(nodes: list, channels: int) -> MatchResult:
+    """A chain of Reshape/Unsqueeze (data-flow order) that turns N×C into N×C×1×1, e.g. ``unsqueeze(-1)`` twice.
+
+    Unsqueezes are followed on the rank (N×C → N×C×1 → N×C×1×1; negative axes count from the output's rank); a
+    Reshape must target N×C×1×1 itself with a constant shape (``[-1, C, 1, 1]``, ``[N, C, 1, 1]`` or ``[N, -1, 1,
+    1]``: a literal batch is fine, the fused form has none).
+    """
+    dims: list = ["N", "C"]  # what each step yields; "C" = the channels, 1 = a unit axis
+    for node in nodes:
+        if node.op_type == "Unsqueeze":
+            axes = _attr(node, "axes") if len(node.inputs) < 2 else const_array(node.inputs[1])
+            if axes is None:
+                return MatchResult().fail(f"Unsqueeze '{node.name}' has computed axes", node)
+            raw = [int(a) for a in np.asarray(axes).ravel()]
+            rank = len(dims) + len(raw)
+            norm = sorted(a % rank for a in raw)
+            if len(set(norm)) != len(norm):
+                return MatchResult().fail(f"Unsqueeze '{node.name}' repeats axes {raw}", node)
+            out, it = [], iter(dims)
+            for i in range(rank):
+                out.append(1 if i in norm else next(it))
+            dims = out
+            if dims[:2] != ["N", "C"] or rank > 4:
+                return MatchResult().fail(f"Unsqueeze '{node.name}' inserts axes {sorted(norm)}; N×C → N×C×1×1 "
+                                          "needs axes [2, 3] (keepdims mismatch)", node)
+            continue
+        shape = const_array(node.inputs[1])
+        if shape is None:
+            return MatchResult().fail(f"Reshape '{node.name}' has a computed target shape; only a constant "
+                                      "N×C×1×1 target can be checked", node)
+        t = [int(v) for v in shape.ravel()]
+        good = len(t) == 4 and t[2:] == [1, 1] and (t[1] == channels or (t[1] == -1 and t[0] != -1))
+        if not good:
+            return MatchResult().fail(f"Reshape '{node.name}' targets shape {t}; the SE scale needs N×C×1×1 "
+                                      f"(C = {channels}) (keepdims mismatch)", node)
+        dims = ["N", "C", 1, 1]
+    if dims != ["N", "C", 1, 1]:
+        return MatchResult().fail(f"{' → '.join(n.op_type for n in nodes)} yields rank {len(dims)}, not "
+                                  "N×C×1×1", nodes[-1])
     return MatchResult()
 
 
@@ -311,9 +366,33 @@ def match_squeeze(value: ir.Value) -> tuple[tuple | None, MatchResult]:
             return None, MatchResult().fail(f"ReduceMean '{node.name}' reduces axes {raw} of a rank-{rank} tensor; "
                                             "an SE squeeze averages over H,W (axes 2,3 of N×C×H×W)", node)
         return (node, x, int(_attr(node, "keepdims", 1))), MatchResult()
+    if is_op(node, "AveragePool"):
+        return _average_pool_squeeze(node)
     got = "a graph input" if node is None else f"{node.op_type} '{node.name}'"
     return None, MatchResult().fail(f"the first FC reads {_describe(value)} from {got}, not a GlobalAveragePool / "
-                                    "ReduceMean squeeze", node or value)
+                                    "ReduceMean / whole-map AveragePool squeeze", node or value)
+
+
+def _average_pool_squeeze(node: ir.Node) -> tuple[tuple | None, MatchResult]:
+    """An AveragePool whose kernel is the whole H×W map: a global mean at this input size."""
+    x = node.inputs[0]
+    shape = x.shape
+    hw = None if shape is None or len(shape) != 4 else [shape[2], shape[3]]
+    if hw is None or not all(isinstance(d, int) for d in hw):
+        return None, MatchResult().fail(f"AveragePool '{node.name}' reads a map of unknown size ({_describe(x)}); "
+                                        "only a kernel known to cover the whole H×W map is a global mean", node)
+    kernel = [int(k) for k in _attr(node, "kernel_shape", [])]
+    pads = [int(p) for p in (_attr(node, "pads") or [])]
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    dilations = [int(d) for d in (_attr(node, "dilations") or [])]
+    if kernel != hw:
+        return None, MatchResult().fail(f"AveragePool '{node.name}' has kernel {kernel} on a {hw[0]}×{hw[1]} map; "
+                                        "an SE squeeze averages the whole map", node)
+    if any(pads) or auto_pad not in ("NOTSET", "VALID") or any(d != 1 for d in dilations):
+        return None, MatchResult().fail(f"AveragePool '{node.name}' pads or dilates (pads={pads}, "
+                                        f"auto_pad={auto_pad}, dilations={dilations}); not a plain global mean",
+                                        node)
+    return (node, x, 1), MatchResult()
 
 
 def _rank(value: ir.Value) -> int | None:
@@ -323,38 +402,62 @@ def _rank(value: ir.Value) -> int | None:
 # ------------------------------------------------------------------------------------------- the block
 
 
+def _chain_after(value: ir.Value) -> tuple[list, ir.Value]:
+    """Single-use Reshape/Unsqueeze nodes that follow ``value`` (in order) and the value they end with."""
+    chain = []
+    while not value.is_graph_output():
+        uses = [u.node for u in value.uses()]
+        if len(uses) != 1 or not is_op(uses[0], *UNFLATTEN_OPS) or uses[0].inputs[0] is not value:
+            break
+        chain.append(uses[0])
+        value = uses[0].outputs[0]
+    return chain, value
+
+
+def _chain_before(value: ir.Value) -> tuple[list, ir.Value]:
+    """Reshape/Unsqueeze nodes that produce ``value`` (in data-flow order) and the value they start from."""
+    chain = []
+    while is_op(value.producer(), *UNFLATTEN_OPS):
+        chain.insert(0, value.producer())
+        value = value.producer().inputs[0]
+    return chain, value
+
+
+def match_activation(value: ir.Value) -> tuple[ir.Node | None, str]:
+    """The Relu or ReLU6 (Clip(0, 6)) producing ``value``, with its kind."""
+    node = value.producer()
+    if is_op(node, "Relu"):
+        return node, "Relu"
+    if is_clip(node, 0.0, 6.0):
+        return node, "Relu6"
+    return None, ""
+
+
 def match_block(gate_node: ir.Node) -> tuple[SEMatch | None, MatchResult]:
     """Match a whole SE block ending at ``gate_node`` (already known to be a gate), or say why not."""
     gate = match_gate(gate_node)
     if gate is None:
         return None, MatchResult().fail(f"{gate_node.op_type} '{gate_node.name}' is not an SE gate", gate_node)
-    # gate output → optional Reshape/Unsqueeze → the scale Mul
-    g = gate.out
+    # gate output → optional Reshape/Unsqueeze chain → the scale Mul
+    unflatten_post, g = _chain_after(gate.out)
     post = [u.node for u in g.uses()]
-    unflatten_post = None
-    if len(post) == 1 and is_op(post[0], *UNFLATTEN_OPS) and not g.is_graph_output():
-        unflatten_post = post[0]
-        g = unflatten_post.outputs[0]
-        post = [u.node for u in g.uses()]
     if g.is_graph_output() or len(post) != 1 or not is_op(post[0], "Mul"):
         used = ", ".join(f"{n.op_type} '{n.name}'" for n in post) or "nothing"
         extra = " and is a graph output" if g.is_graph_output() else ""
         return None, MatchResult().fail(f"the gate output '{g.name}' is used by {used}{extra}; an SE gate feeds "
                                         "exactly one Mul that scales the squeezed tensor", gate_node)
     mul = post[0]
-    # gate input ← optional Reshape/Unsqueeze ← FC2
-    z = gate.z
-    unflatten_pre = z.producer() if is_op(z.producer(), *UNFLATTEN_OPS) else None
-    if unflatten_pre is not None:
-        z = unflatten_pre.inputs[0]
+    # gate input ← optional Reshape/Unsqueeze chain ← FC2
+    unflatten_pre, z = _chain_before(gate.z)
     fc2, res = match_fc(z, "second FC")
     if fc2 is None:
         return None, res
-    relu = fc2.inp.producer()
-    if not is_op(relu, "Relu"):
-        got = "a graph input" if relu is None else f"{relu.op_type} '{relu.name}'"
-        return None, MatchResult().fail(f"the second FC reads {_describe(fc2.inp)} from {got}, not a Relu",
-                                        relu or fc2.inp)
+    relu, act = match_activation(fc2.inp)
+    if relu is None:
+        p = fc2.inp.producer()
+        got = "a graph input" if p is None else f"{p.op_type} '{p.name}'"
+        return None, MatchResult().fail(f"the second FC reads {_describe(fc2.inp)} from {got}, not a Relu or a "
+                                        "ReLU6 (Clip(0, 6))", p or fc2.inp)
     fc1, res = match_fc(relu.inputs[0], "first FC")
     if fc1 is None:
         return None, res
@@ -362,20 +465,19 @@ def match_block(gate_node: ir.Node) -> tuple[SEMatch | None, MatchResult]:
     if fc2.weight.shape != (channels, squeezed):
         return None, MatchResult().fail(f"FC shapes do not chain: first FC {channels}→{squeezed}, second FC "
                                         f"{fc2.weight.shape[1]}→{fc2.weight.shape[0]}", fc2.nodes[0])
-    # FC1 input ← [Flatten | Reshape/Unsqueeze] ← squeeze
+    # FC1 input ← [Flatten | Reshape/Unsqueeze chain] ← squeeze
     between, v = [], fc1.inp
     p = v.producer()
     if fc1.kind == "Conv":
-        if is_op(p, *UNFLATTEN_OPS):
-            between, v = [p], p.inputs[0]
+        between, v = _chain_before(v)
     elif is_op(p, "Flatten", "Reshape", "Squeeze"):
         between, v = [p], p.inputs[0]
     sq, res = match_squeeze(v)
     if sq is None:
         return None, res
     sq_node, x, keepdims = sq
-    for node in between:
-        res = unflatten_ok(node, channels) if fc1.kind == "Conv" else flatten_ok(node, channels)
+    if between:
+        res = unflatten_chain_ok(between, channels) if fc1.kind == "Conv" else flatten_ok(between[0], channels)
         if not res:
             return None, res
     if fc1.kind == "Conv" and keepdims == 0 and not between:
@@ -387,13 +489,21 @@ def match_block(gate_node: ir.Node) -> tuple[SEMatch | None, MatchResult]:
                                         f"but feeds {fc1.kind} '{fc1.nodes[0].name}' without a Flatten/Reshape "
                                         "to N×C", sq_node)
     # gate side: the gate's vector must arrive at the Mul as N×C×1×1
-    unflattens = [n for n in (unflatten_pre, unflatten_post) if n is not None]
+    unflattens = unflatten_pre + unflatten_post
     if fc2.kind != "Conv" and not unflattens:
         return None, MatchResult().fail(f"the {fc2.kind} gate vector (N×C) reaches Mul '{mul.name}' without a "
                                         "Reshape/Unsqueeze to N×C×1×1: it would broadcast over W, not scale "
                                         "channels", mul)
-    for node in unflattens:
-        res = unflatten_ok(node, channels)
+    if unflattens:
+        if fc2.kind == "Conv":  # already N×C×1×1: only shape-preserving reshapes are allowed
+            res = MatchResult()
+            for node in unflattens:
+                res = unflatten_ok(node, channels) if node.op_type == "Reshape" else MatchResult().fail(
+                    f"Unsqueeze '{node.name}' on the N×C×1×1 gate of 1×1 Conv FCs changes its rank", node)
+                if not res:
+                    break
+        else:
+            res = unflatten_chain_ok(unflattens, channels)
         if not res:
             return None, res
     # the scale must multiply the very tensor that was squeezed
@@ -406,8 +516,7 @@ def match_block(gate_node: ir.Node) -> tuple[SEMatch | None, MatchResult]:
     if x_shape is not None and len(x_shape) == 4 and isinstance(x_shape[1], int) and x_shape[1] != channels:
         return None, MatchResult().fail(f"the squeezed tensor has {x_shape[1]} channels but the first FC expects "
                                         f"{channels}", fc1.nodes[0])
-    block = [sq_node, *between, *fc1.nodes, relu, *fc2.nodes]
-    block += ([unflatten_pre] if unflatten_pre else []) + gate.nodes + ([unflatten_post] if unflatten_post else [])
+    block = [sq_node, *between, *fc1.nodes, relu, *fc2.nodes, *unflatten_pre, *gate.nodes, *unflatten_post]
     inside = set(map(id, block)) | {id(mul)}
     for node in block:
         for out in node.outputs:
@@ -419,4 +528,4 @@ def match_block(gate_node: ir.Node) -> tuple[SEMatch | None, MatchResult]:
     aux = [v for n in block for v in n.inputs if v is not None and v is not x and const_array(v) is not None]
     return SEMatch(x=x, mul=mul, gate=gate, fc1=fc1, fc2=fc2, squeeze_nodes=[sq_node, *between],
                    squeeze_op=sq_node.op_type, keepdims=keepdims, block_nodes=[*block, mul], aux_values=aux,
-                   x_first=mul.inputs[0] is x), MatchResult()
+                   x_first=mul.inputs[0] is x, act=act), MatchResult()

@@ -1,0 +1,108 @@
+"""Make a fixed-batch classifier's batch dimension dynamic — only when that is provably safe.
+
+Converters often export at a fixed batch of 1. Such a model runs anywhere at that batch (sedeploy chunks larger
+batches), but batching is where CPU and GPU throughput come from. Renaming the batch dimension to ``N`` is only
+correct when nothing in the graph depends on the old batch value, so :func:`make_batch_dynamic` proves it in two
+steps and refuses with the reason otherwise:
+
+1. Structure: every tensor keeps the batch on axis 0 and no constant encodes it. Refused: ``Reshape`` whose
+   constant target has a literal batch other than ``0``/``-1`` in position 0 (a ``[1, C, 1, 1]`` written by a
+   converter; ``[-1, …]`` and ``[0, …]`` follow the input) or a computed target; ``Expand``, ``Tile``,
+   ``ConstantOfShape``, ``Shape``, ``Size``, ``Range``, ``Resize``/``Upsample`` with sizes — shape arithmetic the
+   check cannot follow; ops that move or index axis 0 (``Transpose`` with perm[0] ≠ 0, ``Flatten``/``Softmax``-family
+   with axis 0, ``Concat``/``Split``/``Gather``/``Slice`` on axis 0, ``Squeeze``/``Unsqueeze``/reductions of
+   axis 0); any op outside a list of per-sample ops.
+2. Numbers: the dynamic model on a batch of 3 equals the fixed model run image by image (max |Δ| ≤ 1e-5 of the
+   output's scale).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: ops that compute each sample independently (for the attribute checks below)
+_PER_SAMPLE = {"Conv", "ConvTranspose", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Add", "Sub",
+               "Div", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm",
+               "MatMul", "Flatten", "Reshape", "Softmax", "LogSoftmax", "Identity", "Dropout", "LeakyRelu", "PRelu",
+               "Tanh", "Exp", "Log", "Sqrt", "Pow", "Neg", "Abs", "Max", "Min", "Concat", "Transpose", "Squeeze",
+               "Unsqueeze", "ReduceMean", "ReduceMax", "ReduceSum", "Cast", "Erf", "Pad", "Constant", "Split",
+               "Slice", "Gather", "LRN", "InstanceNormalization", "Elu", "Selu", "Softplus", "Mish", "Gelu"}
+
+
+def _axes(node, g) -> list[int] | None:
+    from sedeploy.onnxcore import attr
+
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        c = g.const(node.input[1])
+        axes = None if c is None else c.ravel().tolist()
+    return None if axes is None else [int(a) for a in axes]
+
+
+def batch_dependence(model) -> str | None:
+    """Why renaming the batch dimension of ``model`` could change its results, or None when the structure is
+    batch-agnostic (step 1 of the module docstring)."""
+    from sedeploy.onnxcore import Graph, attr
+
+    g = Graph(model)
+    for n in g.nodes:
+        op, who = n.op_type, f"{n.op_type} '{n.name}'"
+        if n.domain not in ("", "ai.onnx") or op not in _PER_SAMPLE:
+            return f"{who} is not on the list of ops known to keep samples independent"
+        if op == "Reshape":
+            shape = g.const(n.input[1])
+            if shape is None:
+                return f"{who} has a computed target shape"
+            if int(shape.ravel()[0]) not in (0, -1):
+                return f"{who} writes the literal batch {int(shape.ravel()[0])} into its target {shape.tolist()}"
+            if int(attr(n, "allowzero", 0)) and int(shape.ravel()[0]) == 0:
+                return f"{who} has allowzero=1 with a 0 in the batch position"
+        elif op == "Transpose":
+            perm = attr(n, "perm")
+            if perm is None or int(perm[0]) != 0:
+                return f"{who} moves axis 0 (perm {perm})"
+        elif op in ("Flatten", "Softmax", "LogSoftmax", "Concat", "Split", "Gather"):
+            axis = int(attr(n, "axis", 1 if op in ("Flatten",) else (-1 if op in ("Softmax", "LogSoftmax") else 0)))
+            if axis == 0:
+                return f"{who} works along axis 0 (the batch)"
+        elif op in ("Squeeze", "Unsqueeze", "ReduceMean", "ReduceMax", "ReduceSum", "Slice"):
+            axes = _axes(n, g) if op != "Slice" else (
+                None if len(n.input) < 4 or not n.input[3] or g.const(n.input[3]) is None
+                else [int(a) for a in g.const(n.input[3]).ravel()])
+            if axes is None and op in ("Squeeze", "Unsqueeze", "Slice"):
+                return f"{who} has no constant axes"
+            if axes is None or 0 in axes:
+                return f"{who} touches axis 0 (axes {axes})"
+    return None
+
+
+def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, str]:
+    """(copy of ``model`` with the batch dimension named ``N``, how it was proven) when safe, else (None, reason).
+    ``model`` must have one input with a fixed batch (see the module docstring)."""
+    import onnx
+
+    from sedeploy.onnxcore import image_input, run_model
+
+    inp = image_input(model, path="the model")
+    if not inp.static_batch:
+        return None, "the batch is already dynamic"
+    why = batch_dependence(model)
+    if why is not None:
+        return None, why
+    dyn = onnx.ModelProto()
+    dyn.CopyFrom(model)
+    for vi in [*dyn.graph.input, *dyn.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == inp.static_batch:
+            dims[0].dim_param = "N"
+    del dyn.graph.value_info[:]  # inferred shapes of the fixed model would pin the batch again
+    from sedeploy.preprocess import smooth_noise
+
+    x = smooth_noise(check_batch, inp.height, seed=11)
+    ref = run_model(model, x)  # chunked at the fixed batch
+    got = run_model(dyn, x)
+    diff = float(np.abs(ref - got).max()) if ref.shape == got.shape else float("inf")
+    tol = 1e-5 * max(1.0, float(np.abs(ref).max()))
+    if not diff <= tol:
+        return None, f"the dynamic model at batch {check_batch} differs from the fixed one by {diff:.3g} (> {tol:.1g})"
+    return dyn, (f"batch made dynamic: no batch-dependent Reshape/Expand constants or axis-0 ops, and batch "
+                 f"{check_batch} equals {check_batch} single runs (max |Δ| {diff:.1g})")

@@ -1,0 +1,292 @@
+"""Any ONNX classifier: the third-party-style test model (tests/foreign_model.py — fixed batch 1, 48 px, 1001
+classes with a background class, Softmax output, hard-sigmoid SE) through build-engine, INT8 with a per-layer
+exclusion list, the accuracy-budgeted INT8 search, label offsets, output kinds and NHWC refusal."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from sedeploy.errors import SedeployError, VerificationError
+
+
+@pytest.fixture(scope="module")
+def fused_fp32(foreign_art, tmp_path_factory):
+    """The foreign model, SE-fused, as an FP32 file (what quantize_model takes), and its calibration."""
+    from sedeploy import calibration
+    from sedeploy.onnxcore import load_onnx, save_onnx
+    from sedeploy.passes import fuse_se_blocks
+
+    out = tmp_path_factory.mktemp("foreign")
+    fused, report = fuse_se_blocks(load_onnx(foreign_art.onnx_path))
+    assert report.fused == 3
+    path = save_onnx(fused, out / "foreign.fp32.onnx")
+    cal = calibration.calibrate(path, foreign_art.calib_dir, preprocess=foreign_art.preprocess, progress=False,
+                                use_cache=False)
+    return path, cal
+
+
+def test_output_kind(foreign_art, tiny_onnx):
+    from sedeploy.onnxcore import load_onnx, output_kind
+
+    assert output_kind(load_onnx(foreign_art.onnx_path)) == "probabilities"
+    assert output_kind(load_onnx(tiny_onnx)) == "logits"
+
+
+def test_nhwc_input_refused(tmp_path):
+    from sedeploy.onnxcore import image_input
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 48, 48, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48, 48, 3])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "nhwc", [x], [y]))
+    with pytest.raises(SedeployError, match="NHWC") as err:
+        image_input(model, path="nhwc.onnx")
+    assert "NCHW" in str(err.value.expected)
+
+
+def test_build_engine_fixed_batch_foreign_model(foreign_art, tmp_path):
+    """FP16 verification, calibration (batch 8 requested) and the INT8 smoke runs all run a batch-1 model."""
+    from sedeploy.pipeline import BuildOptions, build_engines, format_result
+
+    opts = BuildOptions(fp16=True, int8=True, calib=foreign_art.calib_dir, calib_batch=8,
+                        preprocess=foreign_art.preprocess, progress=False)
+    res = build_engines(foreign_art.onnx_path, tmp_path / "out", opts)
+    assert (res.se_blocks_found, res.se_blocks_fused) == (3, 3)
+    assert res.shapes["static_batch"] == 1 and res.shapes["input"] == [1, 3, 48, 48]
+    assert res.shapes["output"] == "probabilities"
+    assert {a.kind for a in res.artifacts} == {"fp32", "fp16", "int8-trt", "int8-cpu"}
+    text = format_result(res)
+    assert "fixed batch 1" in text and "Δprob" in text
+    for art in res.artifacts:  # every artifact keeps the fixed batch and carries the build's preprocessing
+        model = onnx.load(str(art.path))
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(meta["sedeploy.preprocess"])["mean"] == [127.5, 127.5, 127.5]
+
+
+def test_quantize_model_exclude(fused_fp32, foreign_art, tmp_path):
+    from sedeploy import int8
+    from sedeploy.onnxcore import Graph
+
+    path, cal = fused_fp32
+    layers = int8.weighted_layers(path)
+    assert len(layers) == 20 and "/classifier/Gemm" in layers
+    keep = [layers[0], "/classifier/Gemm"]
+    cpu = int8.quantize_model(path, cal, tmp_path / "cpu.onnx", flavour="cpu", exclude=keep)
+    g = Graph(onnx.load(str(tmp_path / "cpu.onnx")))
+    by_name = {n.name: n for n in g.nodes}
+    assert all(by_name[name].op_type in ("Conv", "Gemm") for name in keep)  # still float ops
+    assert cpu.settings["excluded_nodes"] == sorted(keep)
+    trt = int8.quantize_model(path, cal, tmp_path / "trt.onnx", flavour="trt", exclude=keep)
+    g = Graph(onnx.load(str(tmp_path / "trt.onnx")))
+    for n in g.nodes:
+        if n.op_type in ("Conv", "Gemm"):
+            quantized = g.made_by(n.input[1], "DequantizeLinear") is not None
+            assert quantized == (n.name not in keep), n.name
+    assert trt.settings["weight_dq"] == len(layers) - len(keep)
+    with pytest.raises(SedeployError, match="does not have"):
+        int8.quantize_model(path, cal, tmp_path / "bad.onnx", flavour="cpu", exclude=["no-such-node"])
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["cpu", "trt"])
+def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flavour):
+    """The ranges of two layers' inputs are shrunk 10× (hard clipping there, as a bad calibration of a few tensors
+    does): all-INT8 agreement collapses; the search ranks exactly those two layers first and falls back only them."""
+    import dataclasses
+
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    path, cal = fused_fp32
+    damaged = {"/b2/project/project.0/Conv", "/head/head.0/Conv"}
+    inputs = {n.input[0] for n in onnx.load(str(path)).graph.node if n.name in damaged}
+    bad = dataclasses.replace(cal, ranges={k: (lo / 10, hi / 10) if k in inputs else (lo, hi)
+                                           for k, (lo, hi) in cal.ranges.items()})
+    out = tmp_path / f"int8-{flavour}.onnx"
+    qr, rep = quantize_to_budget(path, bad, out, flavour=flavour, images=foreign_art.images,
+                                 labels=foreign_art.labels, budget=Budget(min_agreement=99.0, max_top1_drop=0.5))
+    assert out.exists() and rep.met and rep.output_kind == "probabilities"
+    assert rep.all_int8["agreement_pct"] < 90.0  # the damage is real
+    assert set(rep.fell_back) == damaged and rep.layers == 20
+    assert rep.result["agreement_pct"] >= 99.0 and rep.result["top1_drop_pts"] <= 0.5
+    assert [r["layer"] for r in rep.sensitivity][:2] == rep.fell_back
+    tried = {s["k"]: s for s in rep.search}
+    assert tried[1]["agreement_pct"] < 99.0  # one layer fewer fails
+    assert qr.settings["excluded_nodes"] == rep.fell_back_nodes and set(rep.fell_back) <= set(rep.fell_back_nodes)
+    if flavour == "cpu":  # the CPU group also holds the producers of the layers' inputs
+        assert "/b4/project/project.0/Conv" in rep.fell_back_nodes
+        assert rep.speed["batch"] == 1 and rep.speed["speedup_vs_fp32"]["int8_budget"] > 0
+    else:
+        assert rep.fell_back_nodes == sorted(damaged)
+    assert not list(tmp_path.glob(".int8-budget-*"))  # the work folder is gone
+
+
+def test_budget_unreachable_writes_nothing(fused_fp32, foreign_art, tmp_path):
+    """Ranges shrunk 50× clip almost every activation: no single layer back in float rescues that."""
+    import dataclasses
+
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    path, cal = fused_fp32
+    broken = dataclasses.replace(cal, ranges={k: (lo / 50, hi / 50) for k, (lo, hi) in cal.ranges.items()})
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(VerificationError, match="cannot meet the budget") as err:
+        quantize_to_budget(path, broken, out, flavour="cpu", images=foreign_art.images[:64], labels=None,
+                           budget=Budget(min_agreement=99.0), max_fallback=1)
+    assert err.value.exit_code == 3
+    assert not out.exists() and not list(tmp_path.glob(".int8-budget-*"))
+
+
+def test_budget_needs_labels_for_top1_drop(fused_fp32, foreign_art, tmp_path):
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    path, cal = fused_fp32
+    with pytest.raises(SedeployError, match="needs labelled"):
+        quantize_to_budget(path, cal, tmp_path / "x.onnx", flavour="cpu", images=foreign_art.images,
+                           budget=Budget(max_top1_drop=0.5))
+    with pytest.raises(SedeployError, match="needs --max-top1-drop"):
+        Budget()
+    with pytest.raises(SedeployError, match="not valid"):
+        Budget(min_agreement=120)
+
+
+def test_heldout_split_and_calibration_exclude(foreign_art):
+    from sedeploy import calibration
+    from sedeploy.int8_budget import heldout_split
+
+    root, held, exclude = heldout_split(foreign_art.calib_dir, seed=0)
+    assert len(held) == 16 and len(exclude) == 16
+    assert heldout_split(foreign_art.calib_dir, seed=0)[2] == exclude  # deterministic
+    _, paths = calibration.select_images(foreign_art.calib_dir, None, 0, exclude)
+    assert len(paths) == 48 and not {p.name for p in paths} & {p.name for p in held}
+
+
+def test_label_offset(foreign_art):
+    from sedeploy.bench.labels import resolve_labels_offset
+    from sedeploy.preprocess import find_images
+
+    found = find_images(foreign_art.heldout_dir)
+    lab = resolve_labels_offset(found.paths, found.root, num_classes=1001, label_offset=1)
+    assert np.array_equal(lab.indices, foreign_art.labels) and lab.indices.min() == 1
+    assert "+ 1" in lab.rule
+    plain = resolve_labels_offset(found.paths, found.root, num_classes=1001)
+    assert np.array_equal(plain.indices + 1, lab.indices)
+    with pytest.raises(SedeployError, match="label-offset"):
+        resolve_labels_offset(found.paths, found.root, num_classes=1001, label_offset=1001)
+
+
+def test_cli_budget_options_need_int8(foreign_art, tmp_path):
+    from sedeploy.cli import cli
+
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"),
+                                 "--min-agreement", "99"])
+    assert r.exit_code == 2 and "--int8" in r.output
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
+                                 "--val", str(foreign_art.heldout_dir)])
+    assert r.exit_code == 2 and "without a budget" in r.output
+
+
+def test_mse_threshold_clips_outliers_keeps_compact():
+    from sedeploy.calibration import HIST_BINS, mse_amax
+
+    compact = np.zeros(HIST_BINS, np.int64)
+    compact[:1000] = 100  # uniform up to bin 1000: clipping any of it costs more than the finer step gains
+    assert mse_amax(compact, 2.0, 127) >= 0.98 * 1000 * 2.0 / HIST_BINS
+    tailed = compact.copy()
+    tailed[:100] = 100000  # most mass near zero …
+    tailed[100:1000] = 0
+    tailed[2000] = 1  # … and one far outlier: the threshold clips it
+    t = mse_amax(tailed, 2.0, 127)
+    assert t < 0.5 * 2000 * 2.0 / HIST_BINS and t >= 100 * 2.0 / HIST_BINS * 0.9
+
+
+def _one_conv(tmp_path, rng):
+    from onnx import numpy_helper
+
+    w = (rng.standard_normal((16, 3, 3, 3)) * np.array([1, 4, 0.2])[None, :, None, None]).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 10, 10])
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], "c", [x], [y],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "trt"])
+def test_bias_correction_removes_the_mean_shift(tmp_path, flavour):
+    """On inputs with large channel means, weight quantization shifts each output channel's mean by
+    (W_q − W)·E[x]; bias correction removes that shift."""
+    from sedeploy import int8
+    from sedeploy.calibration import CalibrationResult
+    from sedeploy.onnxcore import run_model
+
+    rng = np.random.default_rng(0)
+    path = _one_conv(tmp_path, rng)
+    x = (rng.standard_normal((32, 3, 12, 12)) * 0.3 + np.array([5.0, -3.0, 8.0])[None, :, None, None])
+    x = x.astype(np.float32)
+    ref = run_model(path, x)
+    cal = CalibrationResult(ranges={"x": (float(x.min()), float(x.max())), "y": (float(ref.min()), float(ref.max()))},
+                            method="minmax", params={}, images=[], key="k", cache_hit=False, seconds=0.0,
+                            channel_means={"x": x.mean(axis=(0, 2, 3)).tolist()})
+    shift = {}
+    for bc in (False, True):
+        out = tmp_path / f"{flavour}-{bc}.onnx"
+        rep = int8.quantize_model(path, cal, out, flavour=flavour, bias_correction=bc)
+        assert rep.settings["bias_corrected_layers"] == int(bc)
+        shift[bc] = np.abs((run_model(out, x) - ref).mean(axis=(0, 2, 3))).mean()
+    assert shift[True] < 0.5 * shift[False], shift
+
+
+def test_dynamic_batch_only_when_provably_safe(foreign_art, tmp_path):
+    """The converter's Reshape to [1, C, 1, 1] pins the batch; after SE fusion it is gone and the batch can be
+    renamed; --dynamic-batch says which, and refuses (exit 2) when it cannot."""
+    from sedeploy.onnxcore import load_onnx, run_model
+    from sedeploy.passes import batch_dependence, fuse_se_blocks, make_batch_dynamic
+    from sedeploy.pipeline import BuildOptions, build_engines
+
+    raw = load_onnx(foreign_art.onnx_path)
+    assert "literal batch 1" in batch_dependence(raw)
+    dyn, why = make_batch_dynamic(raw)
+    assert dyn is None and "literal batch 1" in why
+    fused, _ = fuse_se_blocks(raw)
+    dyn, why = make_batch_dynamic(fused)
+    assert dyn is not None and "batch 3 equals 3 single runs" in why
+    assert dyn.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    x = foreign_art.images[:5]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(dyn.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0]  # one call at batch 5
+    assert out.shape == (5, 1001) and np.abs(out - run_model(raw, x)).max() < 1e-5
+    res = build_engines(foreign_art.onnx_path, tmp_path / "o", BuildOptions(
+        dynamic_batch=True, preprocess=foreign_art.preprocess, progress=False, backend="none"))
+    assert res.shapes["static_batch"] is None and "made dynamic" in res.shapes["batch_handling"]
+    with pytest.raises(SedeployError, match="literal batch 1"):
+        build_engines(foreign_art.onnx_path, tmp_path / "o2", BuildOptions(
+            dynamic_batch=True, fuse_se=False, preprocess=foreign_art.preprocess, progress=False, backend="none"))
+    assert not (tmp_path / "o2" / "foreign_mnv3_b1.fp32.onnx").exists()
+
+
+@pytest.mark.slow
+def test_cli_budget_unreachable_exits_3(foreign_art, tmp_path):
+    """Entropy ranges break the CPU flavour of this model (55 % agreement, benchmarks/results/int8_calibration);
+    one layer of fallback cannot reach 99 %: exit 3, a message naming the budget, no CPU INT8 artifact."""
+    from sedeploy.cli import cli
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(out), "--int8", "--calib",
+                                 str(foreign_art.calib_dir), "--calib-method", "entropy", "--mean", "127.5,127.5,127.5",
+                                 "--std", "127.5,127.5,127.5", "--resize", "55", "--val", str(foreign_art.heldout_dir),
+                                 "--label-offset", "1", "--min-agreement", "99", "--max-fallback", "1",
+                                 "--backend", "none"])
+    assert r.exit_code == 3, r.output
+    assert "cannot meet the budget (agreement ≥ 99.0 %)" in r.output
+    assert not (out / "foreign_mnv3_b1.int8-cpu.onnx").exists()
+    assert not list(out.glob(".int8-budget-*"))
