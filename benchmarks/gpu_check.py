@@ -186,8 +186,10 @@ def _tensorrt(paths: dict[str, Path], x: np.ndarray, tmp: Path, timing_seconds: 
         with TrtRunner(eng.path) as runner:
             feed = x.astype(runner.input_dtype)
             got = np.concatenate([runner.infer(feed[i:i + 32]) for i in range(0, len(feed), 32)]).astype(np.float32)
-        checks[kind] = {"layer_precisions": counts, "top1_agreement_vs_ort": float((ref.argmax(1) == got.argmax(1)).mean()),
-                        "max_abs_diff_vs_ort": float(np.abs(ref - got).max()), "build_seconds": eng.metadata["build_seconds"]}
+        checks[kind] = {"layer_precisions": counts,
+                        "top1_agreement_vs_ort": float((ref.argmax(1) == got.argmax(1)).mean()),
+                        "max_abs_diff_vs_ort": float(np.abs(ref - got).max()),
+                        "build_seconds": eng.metadata["build_seconds"]}
         print(f"{kind:9s} vs ONNX Runtime CPU on the same artifact: top-1 agreement "
               f"{checks[kind]['top1_agreement_vs_ort']:.2%}, max |Δlogit| {checks[kind]['max_abs_diff_vs_ort']:.4f}")
     runners = {k: TrtRunner(p).activate() for k, p in plans.items()}

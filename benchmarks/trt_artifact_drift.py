@@ -127,8 +127,8 @@ def main(argv=None) -> int:
         q = quantize_model(fp32, cal, paths["int8-trt"], flavour="trt")
         main_rev = subprocess.run(["git", "-C", args.main, "rev-parse", "--short", "HEAD"], capture_output=True,
                                   text=True).stdout.strip()
-        subprocess.run([sys.executable, "-c", _MAIN_SNIPPET, str(fp32), str(calib), str(paths["int8-trt-fp32graph (main)"]),
-                        str(tmp / "cc-main")], check=True, cwd=args.main,  # cwd: `-c` puts it first on sys.path
+        subprocess.run([sys.executable, "-c", _MAIN_SNIPPET, str(fp32), str(calib),
+                        str(paths["int8-trt-fp32graph (main)"]), str(tmp / "cc-main")], check=True, cwd=args.main,  # cwd: `-c` puts it first on sys.path
                        env={**os.environ, "PYTHONPATH": args.main})
         from sedeploy.checks import check_strong_typing
 
@@ -159,7 +159,8 @@ def main(argv=None) -> int:
         "command": "PYTHONPATH=. python benchmarks/trt_artifact_drift.py " + " ".join(argv or sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "load_average": os.getloadavg()},
-        "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+        "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                     "python": sys.version.split()[0]},
         "model": {"depth": 50, "weights": checkpoint or f"random (build_model(50, seed={args.seed}))",
                   "trained_reference_present": REFERENCE.is_file()},
         "data": {"drift_images": len(eval_files), "calibration_images": len(calib_files), "folder": str(DATA),

@@ -204,7 +204,8 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str, ke
     from sedeploy.fp16 import to_fp16
 
     if default_opset(model) < MIN_OPSET:
-        raise SedeployError(f"'{label}' has opset {default_opset(model)}; TensorRT's per-channel Q/DQ needs ≥ {MIN_OPSET}.",
+        raise SedeployError(f"'{label}' has opset {default_opset(model)}; TensorRT's per-channel Q/DQ needs "
+                            f"≥ {MIN_OPSET}.",
                             fix="re-export with --opset 13 or newer (18 is the default)")
     src_weights = Graph(model)  # exact FP32 weights: quantized from these, not from their FP16 rounding
     skip_se = _se_nodes(model) if se == "fp32" else set()

@@ -138,8 +138,8 @@ def layer_precisions(engine_information: str) -> dict[str, Any]:
         if not isinstance(layer, dict):  # verbosity NONE/LAYER_NAMES_ONLY: layer names only
             layers.append({"name": str(layer), "type": None, "precision": "unknown", "inputs": [], "outputs": []})
             continue
-        ins = [_format_precision(t.get("Format/Datatype", "")) for t in layer.get("Inputs", []) if isinstance(t, dict)]
-        outs = [_format_precision(t.get("Format/Datatype", "")) for t in layer.get("Outputs", []) if isinstance(t, dict)]
+        ins, outs = ([_format_precision(t.get("Format/Datatype", "")) for t in layer.get(key, []) if isinstance(t, dict)]
+                     for key in ("Inputs", "Outputs"))
         seen = [p for p in (*ins, *outs) if p]
         precision = min(seen, key=_PRECISION_ORDER.index) if seen else "unknown"
         layers.append({"name": layer.get("Name"), "type": layer.get("LayerType"), "precision": precision,
