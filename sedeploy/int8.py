@@ -29,7 +29,8 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
     and activations stay uint8 from one convolution to the next. The settings are the measured optimum of
     ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/int8_cpu_forms.md).
 
-SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float, ``"int8"`` quantizes it
+SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float — in the TensorRT
+flavour that is the FP16 graph's float16 unless the keep-FP32 policy says otherwise —, ``"int8"`` quantizes it
 like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed (benchmarks/int8_cpu_forms.md).
 """
 from __future__ import annotations
@@ -451,6 +452,10 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     if not isinstance(calibration, CalibrationResult):
         raise SedeployError(f"calibration must be a CalibrationResult, not {type(calibration).__name__}.",
                             fix="pass the result of sedeploy.calibration.calibrate(...)")
+    if flavour == "cpu" and keep_fp32 is not None:
+        raise SedeployError("keep_fp32 applies to the TensorRT flavour only (the FP16 graph it quantizes); the CPU "
+                            "flavour quantizes the FP32 graph.", fix="drop keep_fp32, or use exclude= to keep nodes "
+                            "in float in the CPU flavour")
     if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
         raise SedeployError(f"exclude must be a collection of node names, not {exclude!r}.",
                             fix="pass e.g. exclude={'/layer1/layer1.0/conv1/Conv'}")

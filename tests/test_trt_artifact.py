@@ -73,6 +73,8 @@ def test_keep_fp32_policy_is_the_fp16_artifacts(tiny_onnx, calib, tmp_path):
     assert st["ok"] and st["compute_ops"]["fp32"] == rep.settings["kept_fp32_nodes"] > 0
     assert rep.settings["scale_types"].get("float32", 0) > 0  # Q/DQ inside the kept FP32 SE convs: float32 scales
     assert rep.quantized_ops == {"Conv": 36, "Gemm": 1}
+    with pytest.raises(SedeployError, match="TensorRT flavour only"):
+        quantize_model(tiny_onnx, calib, tmp_path / "c.onnx", flavour="cpu", keep_fp32="se")
 
 
 def test_exclude_keeps_nodes_unquantized_in_fp16(tiny_onnx, calib, tmp_path):
