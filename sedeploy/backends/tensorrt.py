@@ -25,6 +25,7 @@ driver and of torch (``pip install tensorrt-cu12`` for CUDA 12.x drivers, ``tens
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -455,7 +456,7 @@ class TrtRunner(Runner):
                                     f"{self._logger.take()}")
         host_in = self._host_buffers[self.input_name][:n]
         host_in.copy_(torch.from_numpy(x))
-        with torch.cuda.stream(stream) if isinstance(stream, torch.cuda.Stream) else _no_context():
+        with torch.cuda.stream(stream) if isinstance(stream, torch.cuda.Stream) else contextlib.nullcontext():
             views[self.input_name].copy_(host_in, non_blocking=True)
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise SedeployError(f"TensorRT failed to run '{self.path.name}':\n{self._logger.take()}")
@@ -477,11 +478,3 @@ class TrtRunner(Runner):
     def _deactivate(self) -> None:
         self._device_buffers, self._host_buffers = {}, {}
         self.context = self.engine = self._runtime = self._stream = None  # context before engine before runtime
-
-
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
