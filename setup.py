@@ -36,8 +36,11 @@ setup(
         "bench": ["matplotlib>=3.8"],
         # GPU runtimes are extras: the core runs anywhere on the CPU.
         "gpu": ["onnxruntime-gpu>=1.20"],
-        # TensorRT 10.x or 11.x; GPU buffers come from torch CUDA tensors (a CUDA build of torch is needed).
-        "tensorrt": ["tensorrt>=10.0"],
+        # TensorRT 10.x or 11.x (12 may change the API again: not accepted untested). The `tensorrt` meta package
+        # pulls tensorrt-cu12 or tensorrt-cu13 from NVIDIA's index: install the one matching the CUDA major of the
+        # driver and of torch (`pip install tensorrt-cu12` / `tensorrt-cu13`). GPU buffers come from torch CUDA
+        # tensors (a CUDA build of torch is needed).
+        "tensorrt": ["tensorrt>=10,<12"],
         # Serving: `sedeploy package --triton` needs tritonclient (Triton's ModelConfig protobuf); `sedeploy serve`
         # needs nvidia-pytriton (bundles tritonserver; Linux, glibc >= 2.35), which pins numpy < 2.
         "serve": ["nvidia-pytriton>=0.7.0", "tritonclient[http,grpc]>=2.50"],

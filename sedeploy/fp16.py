@@ -38,7 +38,7 @@ import numpy as np
 
 from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import atomic_path
-from sedeploy.checks import summarize_precision
+from sedeploy.checks import require_strong_typing, summarize_precision
 from sedeploy.onnxcore import META, QDQ_OPS, QOPERATOR_OPS, Graph, copy_model, name_nodes, set_metadata
 
 log = logging.getLogger("sedeploy")
@@ -91,6 +91,7 @@ class Fp16Report:
     tiny_values: int  # weight values with 0 < |w| < 2^-24 (below FP16's smallest subnormal), set to ±2^-24
     precision: dict = field(default_factory=dict)  # checks.summarize_precision of the result
     verification: Fp16Verification | None = None
+    strong_typing: dict = field(default_factory=dict)  # checks.check_strong_typing(...).summary()
     seconds: float = 0.0
 
     @property
@@ -355,6 +356,7 @@ def convert_fp16(fp32_model, out_path, *, keep_fp32: str | Iterable[str] | None 
         weights_fp32=inits.get("FLOAT", {}).get("elements", 0), saturated_values=saturated, tiny_values=tiny,
         precision=summary)
     _check_converted(m16, report)
+    report.strong_typing = require_strong_typing(m16, str(out_path)).summary()
     with atomic_path(out_path) as tmp:
         onnx.save(m16, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)

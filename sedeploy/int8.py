@@ -3,14 +3,22 @@
 Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good one looks like.
 
 ``flavour="trt"`` — what TensorRT's ONNX parser imports as explicit quantization (facts §4, checked by
-    :func:`sedeploy.checks.check_trt_qdq`): QuantizeLinear/DequantizeLinear (QDQ) pairs with signed int8 and
-    zero point 0 everywhere; activations per tensor (scale = amax/127, amax from the calibration); weights stored as
-    int8 initializers, per output channel (Conv axis 0; Gemm axis 0 with transB=1, else 1), read through a
-    DequantizeLinear; biases stay float (no int32 bias DequantizeLinear). Placement follows NVIDIA's advice: a Q/DQ
-    pair on the data input of every Conv/Gemm and on the *skip* input of every residual Add (then TensorRT fuses
-    the Add into the preceding convolution with an int8 output); Sigmoid, ReduceMean and pools read float. The
-    Q/DQ nodes are inserted here rather than by ``onnxruntime.quantization``: its QDQ quantizer puts pairs on
-    operator outputs and on both Add inputs, the opposite of what TensorRT fuses best.
+    :func:`sedeploy.checks.check_trt_qdq`), *inside the FP16 graph*: TensorRT builds every network strongly
+    typed (11; the flag on 10.x), so each DequantizeLinear outputs its scale's type and everything between the
+    quantized convolutions runs in the graph's float type. Q/DQ on an FP32 graph would make all of it FP32. So the
+    FP32 model is first converted exactly as the FP16 artifact is (:func:`sedeploy.fp16.to_fp16`, the same
+    keep-FP32 policy; float32 inputs/outputs through boundary Casts), upgraded to opset 19 (float16 scales), and
+    the Q/DQ nodes get scales in the float type of the tensor they quantize (float16; float32 only inside a
+    keep-FP32 group). QuantizeLinear/DequantizeLinear pairs with signed int8 and zero point 0 everywhere;
+    activations per tensor (scale = amax/127, amax from the calibration); weights stored as int8 initializers, per
+    output channel (Conv axis 0; Gemm axis 0 with transB=1, else 1) quantized from the exact FP32 weights, read
+    through a DequantizeLinear; every scale ≥ 2^-14 (the smallest normal float16); biases stay float (no int32
+    bias DequantizeLinear). Placement follows NVIDIA's advice: a Q/DQ pair on the data input of every Conv/Gemm
+    and on the *skip* input of every residual Add; Sigmoid, ReduceMean and pools read float. The Q/DQ nodes are
+    inserted here rather than by ``onnxruntime.quantization``: its QDQ quantizer puts pairs on operator outputs
+    and on both Add inputs, the opposite of what TensorRT fuses best. The result must pass
+    :func:`sedeploy.checks.check_strong_typing` (typed as TensorRT's strongly typed parser types it) before it is
+    written; its report says how many compute ops are typed FP32 (0 with the default policy).
 
 ``flavour="cpu"`` — what ONNX Runtime's CPU kernels run fastest on a machine without VNNI (facts §5: signed int8
     QDQ is *slower* than FP32 there): ONNX Runtime's own quantizer in QOperator format with uint8 activations and
@@ -21,7 +29,8 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
     and activations stay uint8 from one convolution to the next. The settings are the measured optimum of
     ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/results/int8_cpu_forms/results.md).
 
-SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float, ``"int8"`` quantizes it
+SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float — in the TensorRT
+flavour that is the FP16 graph's float16 unless the keep-FP32 policy says otherwise —, ``"int8"`` quantizes it
 like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed (benchmarks/results/int8_cpu_forms/results.md).
 """
 from __future__ import annotations
@@ -37,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.calibration import CalibrationResult
+from sedeploy.checks.strong_typing import require_strong_typing
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, attr, compute_depths, copy_model, default_opset,
                                get_metadata, image_input, is_quantized, name_nodes, run_model, save_onnx, set_metadata,
@@ -51,8 +61,14 @@ SE_POLICIES = ("fp32", "int8")
 #: and equal top-1 — 0.2 pt of agreement is not worth 19 % of the speed.
 DEFAULT_SE_POLICY = "int8"
 MIN_OPSET = 13  # per-channel (axis) Q/DQ
+#: The TensorRT flavour's opset: QuantizeLinear/DequantizeLinear take float16 scales from opset 19.
+TRT_OPSET = 19
+#: Smallest normal float16 (2^-14): the floor of every scale of the TensorRT flavour (a subnormal or zero scale
+#: loses precision in FP16 and an all-zero tensor/channel still needs a positive scale).
+FP16_MIN_NORMAL = 2.0 ** -14
+_SMALLEST_SCALE = 1e-12  # weight fake-quantization for bias correction: an all-zero channel still has a scale
 _INT8_MAX = 127.0
-_SMALLEST_SCALE = 1e-12  # an all-zero tensor/channel still needs a positive scale
+_SCALE_TYPES = {1: np.float32, 10: np.float16}  # TensorProto FLOAT, FLOAT16 → scale dtype
 _WEIGHTED = ("Conv", "Gemm")
 
 
@@ -246,35 +262,82 @@ def _float_activation(model, name: str, inits: set[str]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- TRT flavour
-def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str, exclude: frozenset = frozenset()) -> dict:
-    """Insert TensorRT-style Q/DQ (see module docstring); returns settings for the report."""
+def _range_source(g: Graph, tensor: str, src_outputs: dict[str, list[str]]) -> str:
+    """The FP32 model's tensor that a tensor of the FP16 graph carries (its calibration range key): back through
+    the converter's Casts, then by producing node name and output index (the converter renames the outputs of
+    nodes it keeps in FP32)."""
+    for _ in range(4):
+        cast = g.made_by(tensor, "Cast")
+        if cast is None:
+            break
+        tensor = cast.input[0]
+    node = g.producer.get(tensor)
+    if node is not None and node.name in src_outputs:
+        k = list(node.output).index(tensor)
+        if k < len(src_outputs[node.name]):
+            return src_outputs[node.name][k]
+    return tensor
+
+
+def _upgrade_opset(model, label: str):
+    """float16 Q/DQ scales need opset ≥ 19 (QuantizeLinear/DequantizeLinear-19 accept float16 scales)."""
+    from onnx import version_converter
+
+    if (default_opset(model) or 0) >= TRT_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, TRT_OPSET)
+    except Exception as err:  # the converter raises bare Exception / RuntimeError subclasses per adapter
+        raise SedeployError(f"Upgrading '{label}' from opset {default_opset(model)} to {TRT_OPSET} failed ({err}); "
+                            f"float16 Q/DQ scales need opset {TRT_OPSET}.",
+                            fix=f"re-export at opset {TRT_OPSET} or newer (`sedeploy export --opset 20`)") from err
+
+
+def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str, keep_fp32, exclude: set[str]):
+    """Insert TensorRT-style Q/DQ into the FP16 graph of ``model`` (see module docstring).
+
+    Returns (quantized ModelProto, settings for the report)."""
     from onnx import helper, numpy_helper
 
+    from sedeploy.fp16 import to_fp16
+
     if (default_opset(model) or 0) < MIN_OPSET:
-        raise SedeployError(f"'{label}' has opset {default_opset(model)}; TensorRT's per-channel Q/DQ needs ≥ {MIN_OPSET}.",
+        raise SedeployError(f"'{label}' has opset {default_opset(model)}; TensorRT's per-channel Q/DQ needs "
+                            f"≥ {MIN_OPSET}.",
                             fix="re-export with --opset 13 or newer (18 is the default)")
-    g = Graph(model)
+    src_weights = Graph(model)  # exact FP32 weights: quantized from these, not from their FP16 rounding
     skip_se = _se_nodes(model) if se == "fp32" else set()
-    weighted = [n for n in g.nodes if n.op_type in _WEIGHTED and n.name not in skip_se | exclude and len(n.input) > 1
+    m16, kept, _ = to_fp16(model, keep_fp32=keep_fp32)
+    m16 = _upgrade_opset(m16, label)
+    g = Graph(m16)
+    skip = skip_se | exclude
+    weighted = [n for n in g.nodes if n.op_type in _WEIGHTED and n.name not in skip and len(n.input) > 1
                 and g.is_const(n.input[1]) and not g.is_const(n.input[0])]
     depth = compute_depths(g)
     act_uses: dict[str, list[tuple]] = {}  # tensor → [(node, input index)] to rewire to its DQ output
     for n in weighted:
         act_uses.setdefault(n.input[0], []).append((n, 0))
     for n in g.nodes:
-        if n.op_type == "Add" and len(n.input) == 2 and not any(g.is_const(i) for i in n.input):
-            skip = min((0, 1), key=lambda k: depth.get(n.input[k], 0))
-            act_uses.setdefault(n.input[skip], []).append((n, skip))
-    _check_ranges(model, calibration, list(act_uses), label)
+        if n.op_type == "Add" and n.name not in exclude and len(n.input) == 2 and \
+                not any(g.is_const(i) for i in n.input):
+            k = min((0, 1), key=lambda j: depth.get(n.input[j], 0))
+            act_uses.setdefault(n.input[k], []).append((n, k))
+    src_outputs = {n.name: list(n.output) for n in model.graph.node}
+    sources = {t: _range_source(g, t, src_outputs) for t in act_uses}
+    _check_ranges(model, calibration, list(sources.values()), label)
 
-    new_nodes: dict[str, list] = {}  # producer output (or "" for graph input) → Q/DQ nodes to insert after it
-    new_inits = []
+    new_nodes: dict[str, list] = {}  # producer output (or graph input) → Q/DQ nodes to insert after it
     zp8 = "sedeploy_zp_int8"
-    new_inits.append(numpy_helper.from_array(np.zeros((), np.int8), zp8))
+    new_inits = [numpy_helper.from_array(np.zeros((), np.int8), zp8)]
+    clamped = {"activations": 0, "weight_channels": 0}
+    scale_types = Counter()
     for t, uses in act_uses.items():
-        scale = max(calibration.amax(t) / _INT8_MAX, _SMALLEST_SCALE)
+        sdt = _scale_dtype(g, t, label)
+        scale = calibration.amax(sources[t]) / _INT8_MAX
+        clamped["activations"] += scale < FP16_MIN_NORMAL
         s_name, q_out, dq_out = f"{t}_scale", f"{t}_QuantizeLinear", f"{t}_DequantizeLinear"
-        new_inits.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
+        new_inits.append(numpy_helper.from_array(np.array(max(scale, FP16_MIN_NORMAL), sdt), s_name))
+        scale_types[np.dtype(sdt).name] += 1
         nodes = [helper.make_node("QuantizeLinear", [t, s_name, zp8], [q_out], name=f"{t}_Q"),
                  helper.make_node("DequantizeLinear", [q_out, s_name, zp8], [dq_out], name=f"{t}_DQ")]
         new_nodes.setdefault(t, []).extend(nodes)
@@ -282,23 +345,49 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str, ex
             node.input[k] = dq_out
     for n in weighted:
         w_name = n.input[1]
-        w = g.const(w_name).astype(np.float32)
+        sdt = _scale_dtype(g, w_name, label)
+        exact = src_weights.const(w_name)
+        w = (exact if exact is not None and exact.shape == g.const(w_name).shape else g.const(w_name))
+        w = w.astype(np.float32)
         axis = 0 if n.op_type == "Conv" or attr(n, "transB", 0) else 1
         amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
-        scale = np.maximum(amax / _INT8_MAX, _SMALLEST_SCALE).astype(np.float32)
+        raw = amax / _INT8_MAX
+        clamped["weight_channels"] += int(np.count_nonzero(raw < FP16_MIN_NORMAL))
+        scale = np.maximum(raw, FP16_MIN_NORMAL).astype(sdt)  # rounded to the scale type first, then used
         shape = [1] * w.ndim
         shape[axis] = -1
-        wq = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        wq = np.clip(np.rint(w / scale.astype(np.float32).reshape(shape)), -127, 127).astype(np.int8)
         base = f"{w_name}_{n.name}"
-        new_inits += [numpy_helper.from_array(wq, f"{base}_int8"),
-                      numpy_helper.from_array(scale, f"{base}_scale"),
+        new_inits += [numpy_helper.from_array(wq, f"{base}_int8"), numpy_helper.from_array(scale, f"{base}_scale"),
                       numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{base}_zp")]
+        scale_types[np.dtype(sdt).name] += 1
         dq = helper.make_node("DequantizeLinear", [f"{base}_int8", f"{base}_scale", f"{base}_zp"],
                               [f"{base}_DequantizeLinear"], name=f"{base}_DQ", axis=axis)
         new_nodes.setdefault(f"__before__{n.name}", []).append(dq)
         n.input[1] = dq.output[0]
-    # Rebuild the node list in topological order: Q/DQ right after their tensor's producer, weight DQs right
-    # before their consumer.
+    _place_nodes(m16, new_nodes, new_inits)
+    return m16, {"activation_type": "int8 symmetric per-tensor", "weight_type": "int8 symmetric per-channel (axis 0)",
+                 "float_type": "float16 (FP16 graph; FP32 only at the boundary Casts and in keep_fp32 groups)",
+                 "keep_fp32": list(kept), "kept_fp32_nodes": sum(len(v) for v in kept.values()),
+                 "scale_types": dict(scale_types), "scale_floor": FP16_MIN_NORMAL, "clamped_scales": clamped,
+                 "opset": default_opset(m16), "bias": "float (the graph's float type)",
+                 "activation_qdq": len(act_uses), "weight_dq": len(weighted), "excluded_se_nodes": len(skip_se),
+                 "excluded_nodes": sorted(exclude)}
+
+
+def _scale_dtype(g: Graph, tensor: str, label: str):
+    """A Q/DQ scale has the float type of the tensor it quantizes: strong typing makes the DequantizeLinear output
+    its scale's type, so this keeps the consumer in the type the FP16 policy gave it."""
+    dt = g.dtype.get(tensor)
+    if dt not in _SCALE_TYPES:
+        raise SedeployError(f"Tensor '{tensor}' of '{label}' has element type {dt}, not float16/float32: it cannot "
+                            "be quantized.", fix="report this as a bug")
+    return _SCALE_TYPES[dt]
+
+
+def _place_nodes(model, new_nodes: dict[str, list], new_inits: list) -> None:
+    """Rebuild the node list in topological order — Q/DQ right after their tensor's producer, weight DQs right
+    before their consumer — and drop initializers nothing reads any more."""
     ordered = []
     for t in [i.name for i in model.graph.input]:
         ordered += new_nodes.pop(t, [])
@@ -316,9 +405,6 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str, ex
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep + new_inits)
     del model.graph.value_info[:]  # stale shapes/types of rewired tensors; checker infers them again
-    return {"activation_type": "int8 symmetric per-tensor", "weight_type": "int8 symmetric per-channel",
-            "bias": "float", "activation_qdq": len(act_uses), "weight_dq": len(weighted),
-            "excluded_se_nodes": len(skip_se), "excluded_nodes": sorted(exclude)}
 
 
 # ------------------------------------------------------------------------------------------------- CPU flavour
@@ -350,7 +436,7 @@ def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, op
                             fix="re-export with a newer opset (18 is the default)")
     gap = reduce_mean_to_global_pool(model) if options.squeeze_as_gap else 0
     se_nodes = _se_nodes(model) if se == "fp32" else set()
-    excluded = sorted(se_nodes | exclude)
+    excluded = sorted(se_nodes | set(exclude))
     op_types = list(dict.fromkeys([*_WEIGHTED, *options.extra_ops]))
     inits = {t.name for t in model.graph.initializer}
     # every float activation read or produced by a node of a quantized op type needs a range
@@ -451,19 +537,22 @@ def _smoke_run(path: Path, label: str) -> None:
 
 def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavour: str,
                    se: str = DEFAULT_SE_POLICY, cpu_options: CpuOptions | None = None,
-                   smoke_test: bool = True, exclude: Collection[str] = (),
-                   bias_correction: bool | None = None) -> QuantReport:
+                   keep_fp32: str | Collection[str] | None = None, exclude: Collection[str] = (),
+                   smoke_test: bool = True, bias_correction: bool | None = None) -> QuantReport:
     """Write the INT8 ``flavour`` ("trt" or "cpu") of the FP32 model ``fp32_path`` to ``out_path``.
 
     The activation ranges come from ``calibration`` (which must have been made on this model). ``se`` keeps the SE
     path in float ("fp32") or quantizes it ("int8"). ``cpu_options`` overrides :data:`CPU_OPTIONS` (benchmarks).
-    ``exclude``: node names (of the FP32 model, see :func:`weighted_layers`) kept in float — the per-layer
-    fallback of :mod:`sedeploy.int8_budget`; a name the model does not have is an error. ``bias_correction``
-    corrects each quantized layer's bias for the mean shift its weight quantization causes (needs the
-    calibration's channel means; the number of corrected layers is in ``settings``); None: the measured
-    per-flavour default :data:`DEFAULT_BIAS_CORRECTION`.
-    The file is checked with ``onnx.checker`` (full check), loaded and run once in ONNX Runtime, and only then
-    renamed into place; on any failure nothing is left at ``out_path``.
+    ``keep_fp32`` (TensorRT flavour): the FP16 keep-FP32 policy (:func:`sedeploy.fp16.parse_keep_fp32`; None: the
+    FP16 artifact's default), applied exactly as to ``.fp16.onnx``. ``exclude``: node names (of the FP32 model, as
+    :func:`~sedeploy.onnxcore.name_nodes` names them) kept in higher precision — in the TensorRT flavour an
+    excluded Conv/Gemm/Add gets no Q/DQ and stays FP16; in the CPU flavour ORT's quantizer leaves it float.
+    ``bias_correction`` corrects each quantized layer's bias for the mean shift its weight quantization causes
+    (needs the calibration's channel means; the number of corrected layers is in ``settings``); None: the
+    measured per-flavour default :data:`DEFAULT_BIAS_CORRECTION`.
+    The file is checked with ``onnx.checker`` (full check), the TensorRT flavour also with the strong-typing check,
+    loaded and run once in ONNX Runtime, and only then renamed into place; on any failure nothing is left at
+    ``out_path``.
     """
     t0 = time.perf_counter()
     if flavour not in FLAVOURS:
@@ -475,6 +564,13 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     if not isinstance(calibration, CalibrationResult):
         raise SedeployError(f"calibration must be a CalibrationResult, not {type(calibration).__name__}.",
                             fix="pass the result of sedeploy.calibration.calibrate(...)")
+    if flavour == "cpu" and keep_fp32 is not None:
+        raise SedeployError("keep_fp32 applies to the TensorRT flavour only (the FP16 graph it quantizes); the CPU "
+                            "flavour quantizes the FP32 graph.", fix="drop keep_fp32, or use exclude= to keep nodes "
+                            "in float in the CPU flavour")
+    if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
+        raise SedeployError(f"exclude must be a collection of node names, not {exclude!r}.",
+                            fix="pass e.g. exclude={'/layer1/layer1.0/conv1/Conv'}")
     model, label = _load_fp32(fp32_path)
     exclude = frozenset(exclude)
     unknown = sorted(exclude - {n.name for n in model.graph.node})
@@ -492,12 +588,16 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         skip = set(exclude) | (_se_nodes(model) if se == "fp32" else set())
         corrected = _correct_biases(model, calibration, _WEIGHT_QMAX[flavour], skip)
     if flavour == "trt":
-        settings = _trt_quantize(model, calibration, se, label, exclude)
+        from sedeploy.fp16 import DEFAULT_KEEP_FP32
+
+        model, settings = _trt_quantize(model, calibration, se, label,
+                                        DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32, set(exclude))
         fmt = "QDQ"
     else:
         options = cpu_options or CPU_OPTIONS
-        model, settings = _cpu_quantize(model, calibration, se, label, options, exclude)
+        model, settings = _cpu_quantize(model, calibration, se, label, options, set(exclude))
         fmt = "QOperator" if options.format == "qoperator" else "QDQ"
+    settings["strong_typing"] = require_strong_typing(model, label).summary()
     settings["bias_correction"] = bool(bias_correction)
     settings["bias_corrected_layers"] = corrected
     set_metadata(model, {META.PRECISION: "int8", META.FLAVOUR: flavour, META.INT8_FORMAT: fmt, META.INT8_SE: se,

@@ -15,9 +15,8 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
    quantized non-weighted ops that produce its input (hard-swish Mul, residual Add, pools …): in the QOperator form
    a tensor is rounded once by its producer (back to the previous Conv), so keeping only the Conv in float would
    still read a rounded input;
-   TensorRT flavour: no
-   Q/DQ on the layer's input and weight, so a strongly typed TensorRT network runs it in the graph's float32 —
-   an FP16 fallback would need the layer cast to FP16 in the graph, which is not done here) for the smallest k
+   TensorRT flavour: no Q/DQ on the layer's input and weight; the artifact is the FP16 graph with Q/DQ inside
+   (:mod:`sedeploy.int8`), so a strongly typed TensorRT network runs a fallback layer in FP16) for the smallest k
    that meets the budget: k = 1, 2, 4, …
    until it holds, then a bisection between the last failing and the first passing k. Agreement is not strictly
    monotone in k, so "fewest" is the fewest along this ranking, not a global optimum (that search is
@@ -175,7 +174,7 @@ def fallback_groups(fp32_path, layers: list[str], flavour: str) -> dict[str, lis
 def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images: np.ndarray,
                        budget: Budget, labels: np.ndarray | None = None, se: str | None = None,
                        max_fallback: int | None = None, sensitivity_images: int = SENSITIVITY_IMAGES,
-                       time_speed: bool = True, threads: int | None = None):
+                       time_speed: bool = True, threads: int | None = None, keep_fp32=None):
     """Write the INT8 ``flavour`` of ``fp32_path`` to ``out_path`` with the fewest layers in float that meet
     ``budget`` on ``images`` (preprocessed N×3×H×W, ``labels`` optional). Returns (QuantReport, BudgetReport).
     Raises VerificationError, writing nothing, when the budget cannot be met."""
@@ -205,7 +204,8 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     try:
         def build(exclude, name):
             path = work / f"{name}.onnx"
-            qr = int8.quantize_model(fp32_path, calibration, path, flavour=flavour, se=se, exclude=exclude)
+            qr = int8.quantize_model(fp32_path, calibration, path, flavour=flavour, se=se, exclude=exclude,
+                                     keep_fp32=keep_fp32)
             return path, qr
 
         def evaluate(path, subset=None):

@@ -376,15 +376,17 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
     for flavour in ("trt", "cpu"):
         t0 = time.perf_counter()
         path = artifact_path(out, stem, f"int8-{flavour}")
+        # the TensorRT flavour is the FP16 graph with Q/DQ: it takes the FP16 artifact's keep-FP32 policy
+        keep = opt.keep_fp32 if flavour == "trt" else None
         if budget is not None:
             from sedeploy.int8_budget import quantize_to_budget
 
             report, brep = quantize_to_budget(fp32_path, calib, path, flavour=flavour, images=held_x, labels=held_y,
                                               budget=budget, se=se, max_fallback=opt.max_fallback,
-                                              threads=opt.threads)
+                                              threads=opt.threads, keep_fp32=keep)
             res.int8_budget["flavours"][flavour] = brep.as_dict()
         else:
-            report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se)
+            report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se, keep_fp32=keep)
         entry = Artifact(path, "int8", flavour, report.as_dict())
         if flavour == "trt":
             check = check_trt_qdq(str(path))
@@ -427,21 +429,14 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
 
 
 def _check_artifact_for_backend(art: Artifact, backend: str) -> None:
-    """An INT8 artifact given as MODEL must be the form its backend reads, checked before any build."""
-    if backend != "trt" or art.precision != "int8":
+    """An artifact given as MODEL must be one its backend reads, checked before any build (for TensorRT by the
+    backend's own :func:`~sedeploy.backends.tensorrt.validate_trt_input`: QOperator CPU form refused, Q/DQ rules,
+    strong typing)."""
+    if backend != "trt":
         return
-    if art.flavour == "cpu":
-        raise SedeployError(f"'{art.path}' is the INT8 CPU form (ONNX Runtime QOperator ops such as QLinearConv), "
-                            "which TensorRT's ONNX parser does not import.",
-                            expected="the TensorRT INT8 artifact (<model>.int8-trt.onnx, Q/DQ)",
-                            fix="pass the .int8-trt.onnx written by the same build-engine run")
-    from sedeploy.checks import check_trt_qdq, format_report
+    from sedeploy.backends.tensorrt import validate_trt_input
 
-    report = check_trt_qdq(art.path)
-    if not report.ok:
-        raise VerificationError(f"'{art.path}' breaks TensorRT's Q/DQ rules; no engine was built.\n"
-                                f"{format_report(report, precision=False)}",
-                                fix="rebuild the INT8 artifact with `sedeploy build-engine MODEL --int8`")
+    validate_trt_input(art.path)
 
 
 def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildOptions | None = None, *,

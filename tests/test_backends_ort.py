@@ -248,3 +248,63 @@ def test_build_ort_engine_failure_leaves_nothing(tmp_path):
     with pytest.raises(SedeployError, match="could not load"):
         B.build_ort_engine(bad, out)
     assert list(out.iterdir()) == []
+
+
+def test_auto_prefers_tensorrt_then_cuda_then_cpu(monkeypatch):
+    for offered, expected in [
+        (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        (["CPUExecutionProvider"], ["CPUExecutionProvider"])]:
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda offered=offered: offered)
+        assert S.resolve_providers("auto") == expected
+
+
+def test_runner_defaults_to_auto_providers(tiny_onnx):
+    runner = B.OrtRunner(tiny_onnx)
+    assert runner.providers_requested == "auto"
+    with runner:
+        active = runner.providers
+    offered = onnxruntime.get_available_providers()
+    assert active[0] == next(p for p in S.AUTO_ORDER if p in offered)  # the best provider this ORT has
+
+
+def test_runner_runs_on_cuda_when_onnxruntime_gpu_is_installed(tiny_onnx):
+    offered = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in offered:
+        pytest.skip(f"onnxruntime-gpu not installed: onnxruntime {onnxruntime.__version__} offers only {offered} "
+                    "(pip install 'sedeploy[gpu]' on an NVIDIA GPU machine)")
+    x = batch(4, 32)
+    with B.OrtRunner(tiny_onnx, providers="cuda") as gpu, B.OrtRunner(tiny_onnx, providers="cpu") as cpu:
+        assert gpu.providers[0] == "CUDAExecutionProvider"
+        got, ref = gpu.infer(x), cpu.infer(x)
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_fp16_qdq_graphs_run_without_ort_bias_quantization(tiny_onnx, tmp_path):
+    """sedeploy's sessions on a float16 Q/DQ graph compute what the graph says (ORT's WeightBiasQuantization is
+    disabled for such graphs: see the session.py docstring for what it did to the tiny trained model)."""
+    from onnx import helper as oh
+
+    w = np.random.default_rng(0).normal(0, 0.02, (8, 3, 3, 3)).astype(np.float32)
+    bias = np.linspace(-2, 2, 8).astype(np.float16)  # biases that matter
+    ws = (np.abs(w).reshape(8, -1).max(1) / 127).astype(np.float16)
+    wq = np.clip(np.rint(w / ws.astype(np.float32)[:, None, None, None]), -127, 127).astype(np.int8)
+    inits = [nh.from_array(wq, "wq"), nh.from_array(ws, "ws"), nh.from_array(np.zeros(8, np.int8), "wz"),
+             nh.from_array(bias, "b"), nh.from_array(np.array(0.004, np.float16), "xs"),
+             nh.from_array(np.array(0, np.int8), "xz")]
+    nodes = [oh.make_node("Cast", ["x"], ["x16"], to=TP.FLOAT16),
+             oh.make_node("QuantizeLinear", ["x16", "xs", "xz"], ["xq"]),
+             oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             oh.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             oh.make_node("Conv", ["xd", "wd", "b"], ["y16"], pads=[1, 1, 1, 1]),
+             oh.make_node("Cast", ["y16"], ["y"], to=TP.FLOAT)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 8, 8])], inits)
+    path = tmp_path / "q16.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 19)]), str(path))
+    assert S.has_fp16_qdq(str(path)) and not S.has_fp16_qdq(str(tiny_onnx))
+    x = np.random.default_rng(1).uniform(-0.4, 0.4, (1, 3, 8, 8)).astype(np.float32)
+    exact = S.run_model(S.cpu_session(path, optimization="disabled"), x)  # op by op: the graph's semantics
+    got = S.run_model(S.cpu_session(path), x)
+    assert np.abs(got - exact).max() < 1e-2

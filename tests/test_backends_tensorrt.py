@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +21,8 @@ from onnx import numpy_helper as nh
 from sedeploy.onnxcore import graph_precision
 from sedeploy.backends import tensorrt as T
 from sedeploy.errors import MissingDependencyError, SedeployError
+
+from fake_tensorrt import make_fake_tensorrt
 
 FP32_BUILD_TOL = 1e-2  # relative to the largest |logit|: TensorRT's default TF32 convolutions on Ampere+
 
@@ -129,22 +132,6 @@ def test_profile_shapes(caplog):
         T.profile_shapes((-1, 10), 1, 8, 32)
 
 
-@pytest.mark.parametrize("precision, version, flags", [
-    ("fp32", (10, 13, 0), []), ("fp16", (10, 13, 0), ["FP16"]), ("int8", (10, 0, 1), ["INT8", "FP16"]),
-    ("fp16", (11, 0, 0), []), ("int8", (11, 2, 0), []),  # strongly typed: the graph decides
-])
-def test_precision_flags(precision, version, flags):
-    assert T.precision_flags(precision, version, {"FP16", "INT8"}) == flags
-
-
-def test_precision_flags_use_only_flags_that_exist(caplog):
-    with caplog.at_level(logging.WARNING, logger="sedeploy"):
-        assert T.precision_flags("int8", (10, 99, 0), {"FP16"}) == ["FP16"]
-    assert "no BuilderFlag INT8" in caplog.text
-    with pytest.raises(SedeployError, match="Unknown precision 'bf8'"):
-        T.precision_flags("bf8", (10, 0, 0), set())
-
-
 def test_build_without_tensorrt_names_the_extra(tiny_onnx, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(MissingDependencyError) as err:
@@ -197,136 +184,197 @@ def test_plan_compatibility_check(caplog):
     assert "built on NVIDIA H100" in caplog.text
 
 
-# ---------------------------------------------------------------- the builder's logic, against a stand-in
-# A minimal stand-in for the `tensorrt` module (only the calls the builder makes, named as in TensorRT 10/11).
-# It checks sedeploy's side of the contract on any machine: which flags are set on 10.x vs 11, the profile, the
-# workspace, error reporting, timing-cache handling and what gets published. The real API is exercised below.
-
-
-def fake_tensorrt(version: str, flags=("FP16", "INT8", "TF32"), parse_errors=(), build_fails=False):
-    calls: dict = {"flags": [], "profile": None, "workspace": None, "network_flags": None}
-    sev = types.SimpleNamespace(INTERNAL_ERROR="INTERNAL_ERROR", ERROR="ERROR", WARNING="WARNING", INFO="INFO",
-                                VERBOSE="VERBOSE")
-
-    class ILogger:
-        Severity = sev
-
-        def __init__(self):
-            pass
-
-    class Cache:
-        def __init__(self, data):
-            self.data = bytes(data)
-
-        def serialize(self):
-            return self.data + b"+entry"
-
-        def combine(self, other, ignore_mismatch):
-            calls["combined"] = other.data
-            return True
-
-    class Config:
-        cache = None
-
-        def set_memory_pool_limit(self, pool, size):
-            calls["workspace"] = (pool, size)
-
-        def add_optimization_profile(self, profile):
-            calls["profile"] = profile.shapes
-
-        def set_flag(self, flag):
-            calls["flags"].append(flag)
-
-        def get_flag(self, flag):
-            return flag == "TF32"
-
-        def create_timing_cache(self, data):
-            return Cache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags=0):
-            calls["network_flags"] = flags
-            tensor = types.SimpleNamespace(name="input", shape=(-1, 3, 8, 8))
-            return types.SimpleNamespace(num_inputs=1, get_input=lambda i: tensor)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            profile = types.SimpleNamespace(shapes=None)
-            profile.set_shape = lambda name, lo, opt, hi: setattr(profile, "shapes", (name, lo, opt, hi))
-            return profile
-
-        def build_serialized_network(self, network, config):
-            if build_fails:
-                self.logger.log(sev.ERROR, "tactic ran out of memory")
-                return None
-            return b"PLAN-" + version.encode()
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.num_errors = len(parse_errors)
-
-        def parse_from_file(self, path):
-            calls["parsed"] = path
-            return not parse_errors
-
-        def get_error(self, i):
-            return parse_errors[i]
-
-    module = types.SimpleNamespace(
-        __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
-        BuilderFlag=types.SimpleNamespace(**{f: f for f in flags}),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
-    return module, calls
+# ---------------------------------------------------------------- the backend against tests/fake_tensorrt.py
+# The fake has exactly the API surface sedeploy calls (signatures of the 10.x/11.x bindings), records every call
+# and executes the network through ONNX Runtime on host buffers (the runner's torch device injected as CPU).
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
+    """Install a fake `tensorrt` (tests/fake_tensorrt.py) and a fake GPU description; returns the installer."""
     monkeypatch.setattr(T, "_LOGGER", None)  # the process-wide logger must not outlive the stand-in
     monkeypatch.setattr(T, "_cuda_device", lambda: {"gpu": "Fake GPU", "compute_capability": "9.0",
                                                     "cuda_runtime": "12.8", "device_index": "0"})
 
-    def install(*args, **kwargs):
-        module, calls = fake_tensorrt(*args, **kwargs)
+    def install(version="10.13.0.35", **kwargs):
+        module = make_fake_tensorrt(version, **kwargs)
         monkeypatch.setitem(sys.modules, "tensorrt", module)
-        return calls
+        monkeypatch.setattr(T, "_LOGGER", None)
+        return module
     return install
 
 
-def test_builder_on_10x_sets_the_flag_of_the_graph(fake_gpu, tmp_path):
-    calls = fake_gpu("10.13.0.35")
-    src = tmp_path / "m16.onnx"
-    onnx.save(small_graph(TP.FLOAT16), str(src))
-    art = T.build_trt_engine(src, tmp_path / "out", min_batch=2, opt_batch=4, max_batch=6, workspace_gib=0.5)
-    assert calls["flags"] == ["FP16"] and calls["network_flags"] == 0 and calls["parsed"] == str(src)
-    assert calls["workspace"] == ("WORKSPACE", 1 << 29)
-    assert calls["profile"] == ("input", (2, 3, 8, 8), (4, 3, 8, 8), (6, 3, 8, 8))
-    assert art.path.read_bytes() == b"PLAN-10.13.0.35"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m16.plan", "m16.trt.json"]
+def _ctx_calls(fake):
+    return [(name.split(".", 1)[1], args) for name, args in fake.calls if name.startswith("IExecutionContext.")]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tiny_onnx, calib_dir, tmp_path_factory):
+    """The tiny SE-ResNet-18's FP16 artifact and both INT8 flavours (TensorRT: Q/DQ in the FP16 graph)."""
+    from sedeploy.calibration import calibrate
+    from sedeploy.fp16 import convert_fp16
+    from sedeploy.int8 import quantize_model
+    from sedeploy.preprocess import Preprocess
+
+    out = tmp_path_factory.mktemp("trt-artifacts")
+    cal = calibrate(tiny_onnx, calib_dir, method="percentile", progress=False, cache_dir=out / "cc",
+                    preprocess=Preprocess(size=32, resize_short=36))
+    convert_fp16(tiny_onnx, out / "tiny.fp16.onnx")
+    quantize_model(tiny_onnx, cal, out / "tiny.int8-trt.onnx", flavour="trt")
+    quantize_model(tiny_onnx, cal, out / "tiny.int8-cpu.onnx", flavour="cpu")
+    return {"fp32": tiny_onnx, "fp16": out / "tiny.fp16.onnx", "int8-trt": out / "tiny.int8-trt.onnx",
+            "int8-cpu": out / "tiny.int8-cpu.onnx"}
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("version", ["10.13.0.35", "11.0.0"])
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "int8-trt"])
+def test_every_build_is_strongly_typed_without_precision_flags(fake_gpu, tiny_artifacts, tmp_path, version, kind):
+    fake = fake_gpu(version)
+    art = T.build_trt_engine(tiny_artifacts[kind], tmp_path, min_batch=1, opt_batch=2, max_batch=4)
+    flag = fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    created = [args for name, args in fake.calls if name == "Builder.create_network"]
+    assert created == [(1 << int(flag),)]  # from the enum of *this* TensorRT: 10.x and 11.x differ in the fake
+    assert not [c for c in fake.calls if c[0] == "IBuilderConfig.set_flag"]
     side = json.loads(art.sidecar.read_text())
-    assert side["builder_flags"] == ["FP16"] and side["strongly_typed"] is False and side["tf32"] is True
-    assert side["precision"] == "fp16" and side["gpu"] == "Fake GPU" and side["tensorrt_version"] == "10.13.0.35"
-    assert side["plan_sha256"] == hashlib.sha256(b"PLAN-10.13.0.35").hexdigest()
+    assert side["strongly_typed"] is True and side["builder_flags"] == [] and side["network_flags"] == 1 << int(flag)
+    assert side["strong_typing"]["ok"] is True and side["tensorrt_version"] == version
+    counts = side["layer_precisions"]
+    assert sum(counts.values()) == len(side["layers"]) > 30 and "unknown" not in counts
+    if kind == "fp32":
+        assert set(counts) == {"fp32"}
+    elif kind == "fp16":
+        assert set(counts) == {"fp16"}  # FP32 only at the boundary Casts, which write/read FP16 themselves
+    else:
+        assert counts["int8"] == 37 and set(counts) == {"int8", "fp16"}  # 36 convs + the classifier Gemm
 
 
-def test_builder_on_11_sets_no_precision_flags(fake_gpu, tmp_path):
-    calls = fake_gpu("11.0.0", flags=("TF32",))  # 11 removed FP16 / INT8
-    src = tmp_path / "q.onnx"
-    onnx.save(small_graph(qdq=True), str(src))
-    art = T.build_trt_engine(src, tmp_path)
-    assert calls["flags"] == [] and art.precision == "int8"
-    assert art.metadata["strongly_typed"] is True and art.metadata["builder_flags"] == []
+def test_strongly_typed_flags_never_hard_code_integers():
+    from sedeploy.backends.trt_support import strongly_typed_flags
+
+    ten, eleven = make_fake_tensorrt("10.13.0.35"), make_fake_tensorrt("11.0.0")
+    assert strongly_typed_flags(ten, (10, 13, 0)) != strongly_typed_flags(eleven, (11, 0, 0))
+    old = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(EXPLICIT_BATCH=0))
+    with pytest.raises(SedeployError, match="no NetworkDefinitionCreationFlag.STRONGLY_TYPED"):
+        strongly_typed_flags(old, (10, 0, 0))
+    assert strongly_typed_flags(types.SimpleNamespace(), (11, 2, 0)) == 0
+
+
+@pytest.mark.parametrize("version", ["10.13.0.35", "11.0.0"])
+def test_runner_binds_then_executes_and_reads_results_at_data_ptr(fake_gpu, tiny_artifacts, tmp_path, version):
+    fake = fake_gpu(version)
+    src = tiny_artifacts["int8-trt"]
+    art = T.build_trt_engine(src, tmp_path, min_batch=1, opt_batch=2, max_batch=4)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with T.TrtRunner(art.path, device=torch.device("cpu")) as runner:
+        inp, (out,) = runner.input_name, runner.output_names
+        buffers = {n: runner._device_buffers[n] for n in (inp, out)}
+        assert tuple(buffers[inp].shape) == (4, 3, 32, 32) and tuple(buffers[out].shape) == (4, 10)  # max batch
+        fake.calls.clear()
+        got = runner.infer(x)
+        calls = _ctx_calls(fake)
+        assert [c[0] for c in calls] == ["set_input_shape", "get_tensor_shape", "set_tensor_address",
+                                         "set_tensor_address", "execute_async_v3"]
+        assert calls[0][1] == (inp, (3, 3, 32, 32)) and calls[1][1] == (out,)
+        assert {a[0]: a[1] for c, a in calls if c == "set_tensor_address"} == \
+            {n: b.data_ptr() for n, b in buffers.items()}  # allocated once, at activate()
+        assert calls[-1][1] == (runner._stream.cuda_stream,)
+        # TensorRT (here: ORT inside the fake) wrote the logits at the output's data_ptr()
+        assert np.array_equal(buffers[out][:3].numpy(), got)
+        assert np.array_equal(got, _ort(src, x))
+        assert np.array_equal(buffers[inp][:3].numpy(), x)
+        again = runner.infer(x[:1])
+        assert np.array_equal(again, _ort(src, x[:1]))  # (batch 1 vs 3 may round differently in ORT's kernels)
+        assert np.abs(again - got[:1]).max() < 1e-3 * np.abs(got).max()
+        assert runner._device_buffers[out].data_ptr() == buffers[out].data_ptr()  # no reallocation per call
+
+
+def test_half_io_maps_to_float16(fake_gpu, tiny_onnx, tmp_path):
+    fake_gpu("11.0.0")
+    src = tmp_path / "tiny_fp16_io.onnx"
+    onnx.save(to_fp16(onnx.load(str(tiny_onnx))), str(src))
+    art = T.build_trt_engine(src, tmp_path / "out", min_batch=1, opt_batch=2, max_batch=4)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float16)
+    with T.TrtRunner(art.path, device=torch.device("cpu")) as runner:
+        assert runner.input_dtype == np.float16
+        got = runner.infer(x)
+        assert got.dtype == np.float16 and runner._device_buffers[runner.output_names[0]].dtype == torch.float16
+        assert np.array_equal(got, _ort(src, x))
+        with pytest.raises(SedeployError, match="dtype float32"):
+            runner.infer(x.astype(np.float32))
+
+
+def test_out_of_profile_batch_is_refused_before_any_tensorrt_call(fake_gpu, tiny_artifacts, tmp_path):
+    fake = fake_gpu()
+    art = T.build_trt_engine(tiny_artifacts["fp32"], tmp_path, min_batch=2, opt_batch=2, max_batch=4)
+    with T.TrtRunner(art.path, device=torch.device("cpu")) as runner:
+        fake.calls.clear()
+        for n in (1, 5):
+            with pytest.raises(SedeployError, match="outside the engine's optimization profile 2..4"):
+                runner.infer(np.zeros((n, 3, 32, 32), np.float32))
+        assert fake.calls == []
+
+
+def test_failed_execute_surfaces_tensorrt_log(fake_gpu, tiny_artifacts, tmp_path):
+    fake = fake_gpu()
+    art = T.build_trt_engine(tiny_artifacts["fp32"], tmp_path, opt_batch=2, max_batch=4)
+    with T.TrtRunner(art.path, device=torch.device("cpu")) as runner:
+        fake.fail_execute = True
+        with pytest.raises(SedeployError, match="TensorRT failed to run") as err:
+            runner.infer(np.zeros((1, 3, 32, 32), np.float32))
+    assert "[ERROR] IExecutionContext::enqueueV3: illegal memory access" in str(err.value)
+
+
+def test_timing_cache_keyed_locked_and_mismatch_logged(fake_gpu, tiny_artifacts, tmp_path, caplog):
+    fake_gpu("10.13.0.35")
+    base = tmp_path / "tc.bin"
+    first = T.build_trt_engine(tiny_artifacts["fp32"], tmp_path / "a", opt_batch=2, max_batch=4, timing_cache=base)
+    keyed = tmp_path / "tc.trt10.13.0.35.sm90.bin"
+    assert first.metadata["timing_cache"] == str(keyed) and keyed.is_file() and not base.exists()
+    assert first.metadata["timing_cache_saved"]["merged"] is None  # no file to merge with yet
+    second = T.build_trt_engine(tiny_artifacts["fp32"], tmp_path / "b", opt_batch=2, max_batch=4, timing_cache=base)
+    assert second.metadata["timing_cache_bytes_loaded"] == len(json.dumps({"key": "10.13.0.35/sm90",
+                                                                           "entries": ["tactic-0"]}))
+    assert second.metadata["timing_cache_saved"]["merged"] is True
+    assert json.loads(keyed.read_bytes())["entries"] == ["tactic-0", "tactic-1"]
+    # a cache written by another TensorRT under this file's name: refused on load, combine False on save — logged
+    keyed.write_bytes(json.dumps({"key": "10.12.0.36/sm90", "entries": ["old"]}).encode())
+    with caplog.at_level(logging.WARNING, logger="sedeploy"):
+        third = T.build_trt_engine(tiny_artifacts["fp32"], tmp_path / "c", opt_batch=2, max_batch=4, timing_cache=base)
+    assert third.metadata["timing_cache_bytes_loaded"] == 0
+    assert third.metadata["timing_cache_saved"]["merged"] is False
+    assert "does not match this TensorRT" in caplog.text and "combine returned False" in caplog.text
+    assert json.loads(keyed.read_bytes())["key"] == "10.13.0.35/sm90"  # replaced by a valid cache
+    # 11.x uses its own file
+    fake_gpu("11.0.0")
+    other = T.build_trt_engine(tiny_artifacts["fp32"], tmp_path / "d", opt_batch=2, max_batch=4, timing_cache=base)
+    assert other.metadata["timing_cache"] == str(tmp_path / "tc.trt11.0.0.sm90.bin")
+
+
+def test_int8_inputs_are_validated_before_tensorrt(fake_gpu, tiny_artifacts, tmp_path):
+    fake = fake_gpu()
+    with pytest.raises(SedeployError, match="INT8 CPU form") as err:
+        T.build_trt_engine(tiny_artifacts["int8-cpu"], tmp_path)
+    assert "QLinearConv" in str(err.value)
+    # an FP32 scale feeding the FP16 graph: fails the strong-typing check, names the node
+    model = onnx.load(str(tiny_artifacts["int8-trt"]))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "weight" not in n.input[0])
+    scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+    scale.CopyFrom(nh.from_array(nh.to_array(scale).astype(np.float32), scale.name))
+    bad = tmp_path / "bad.int8-trt.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(SedeployError, match="strong-typing-scale") as err:
+        T.build_trt_engine(bad, tmp_path / "out")
+    assert "float32 scale" in str(err.value) or "fp32" in str(err.value)
+    assert fake.calls == [] and not (tmp_path / "out").exists()
 
 
 def test_builder_reports_every_parser_error_and_publishes_nothing(fake_gpu, tmp_path):
@@ -349,16 +397,33 @@ def test_builder_failure_quotes_tensorrt_log(fake_gpu, tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_builder_timing_cache_is_loaded_merged_and_saved(fake_gpu, tmp_path):
-    calls = fake_gpu("10.13.0.35")
-    src, cache = tmp_path / "m.onnx", tmp_path / "tc.bin"
-    onnx.save(small_graph(), str(src))
-    first = T.build_trt_engine(src, tmp_path / "a", timing_cache=cache)
-    assert first.metadata["timing_cache_bytes_loaded"] == 0 and cache.read_bytes() == b"+entry"
-    second = T.build_trt_engine(src, tmp_path / "b", timing_cache=cache)
-    assert second.metadata["timing_cache_bytes_loaded"] == len(b"+entry")
-    assert calls["combined"] == b"+entry"  # merged with the file as it was at the end of the build
-    assert cache.read_bytes() == b"+entry+entry"
+def test_layer_precisions_from_inspector_json():
+    from sedeploy.backends.trt_support import layer_precisions
+
+    info = {"Layers": [
+        {"Name": "conv1", "LayerType": "CaskConvolution",
+         "Inputs": [{"Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}],
+         "Outputs": [{"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
+        {"Name": "se.sigmoid", "LayerType": "PointWiseV2", "Inputs": [{"Format/Datatype": "Row major linear FP16"}],
+         "Outputs": [{"Format/Datatype": "Row major linear FP16"}]},
+        {"Name": "head", "LayerType": "Gemm", "Inputs": [{"Format/Datatype": "Row major linear FP32"}],
+         "Outputs": [{"Format/Datatype": "Row major linear FP32"}]}]}
+    got = layer_precisions(json.dumps(info))
+    assert got["counts"] == {"int8": 1, "fp16": 1, "fp32": 1}
+    assert [layer["precision"] for layer in got["layers"]] == ["int8", "fp16", "fp32"]
+    assert layer_precisions(json.dumps({"Layers": ["a", "b"]}))["counts"] == {"unknown": 2}
+    with pytest.raises(SedeployError, match="no JSON"):
+        layer_precisions("not json")
+
+
+def test_tensorrt_cuda_version_is_tensorrts_own():
+    from sedeploy.backends.trt_support import tensorrt_cuda_version
+
+    assert tensorrt_cuda_version(types.SimpleNamespace(get_cuda_version=lambda: 12080)) == \
+        {"cuda": "12.8", "source": "tensorrt.get_cuda_version()"}
+    # no binding: the installed wheel's name (tensorrt-cu12 / -cu13); none here
+    got = tensorrt_cuda_version(types.SimpleNamespace())
+    assert got["cuda"] is None or got["source"].startswith("wheel tensorrt-cu")
 
 
 # ---------------------------------------------------------------- real builds: TensorRT + CUDA GPU
@@ -416,9 +481,9 @@ def test_fp16_graph_builds_an_fp16_engine(trt, tiny_onnx, tmp_path):
     src = tmp_path / "tiny_fp16.onnx"
     onnx.save(to_fp16(onnx.load(str(tiny_onnx))), str(src))
     art = T.build_trt_engine(src, tmp_path / "out", min_batch=1, opt_batch=2, max_batch=4, workspace_gib=1.0)
-    strongly_typed = T.parse_trt_version(trt.__version__)[0] >= 11
     assert art.precision == "fp16"
-    assert art.metadata["builder_flags"] == ([] if strongly_typed else ["FP16"])
+    assert art.metadata["builder_flags"] == [] and art.metadata["strongly_typed"] is True
+    assert "fp32" not in art.metadata["layer_precisions"], art.metadata["layer_precisions"]
     x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
     ref = _ort_reference(tiny_onnx, x)
     with T.TrtRunner(art.path) as runner:
@@ -430,6 +495,7 @@ def test_fp16_graph_builds_an_fp16_engine(trt, tiny_onnx, tmp_path):
 def test_timing_cache_is_created_then_reused(trt, tiny_onnx, tmp_path):
     cache = tmp_path / "trt.cache"
     first = T.build_trt_engine(tiny_onnx, tmp_path / "a", max_batch=8, workspace_gib=1.0, timing_cache=cache)
+    cache = Path(first.metadata["timing_cache"])  # keyed by TensorRT version and compute capability
     size = cache.stat().st_size
     assert size > 0 and first.metadata["timing_cache_bytes_loaded"] == 0
     second = T.build_trt_engine(tiny_onnx, tmp_path / "b", max_batch=8, workspace_gib=1.0, timing_cache=cache)

@@ -46,7 +46,7 @@ class Builder:
         return outputs[0]
 
     def qdq(self, t, scale=0.05, zp=np.int8(0), axis=None):
-        s = self.init(f"{t}_s", np.asarray(scale, np.float32))
+        s = self.init(f"{t}_s", np.asarray(scale, getattr(scale, "dtype", np.float32)))
         inputs = [t, s]
         if zp is not None:
             inputs.append(self.init(f"{t}_zp", np.asarray(zp)))
@@ -132,8 +132,10 @@ def se_block(*, quantize=True, **bad):
     b.node("Relu", [f1], ["f1r"])
     f2 = b.node("Conv", [qdq("f1r"), wdq("wf2"), "bf2"], ["f2"])
     gate = b.node("Sigmoid", [qdq("f2") if bad.get("quantized_gate") else f2], ["gate"])
-    m = b.node("Mul", [c2, gate], ["m"])
-    add_in = qdq("m") if bad.get("both_add_inputs") else m
+    if bad.get("mixed_types"):  # the gate cast to float16 meets the float32 trunk: no implicit promotion
+        gate = b.node("Cast", [gate], ["gate16"], to=TensorProto.FLOAT16)
+    m = c2 if bad.get("plain_residual") else b.node("Mul", [c2, gate], ["m"])  # plain: Add(conv, skip)
+    add_in = qdq(m) if bad.get("both_add_inputs") else m
     a = b.node("Add", [add_in, xq], ["a"])
     domains = ()
     if bad.get("custom"):
@@ -171,7 +173,10 @@ CORRUPTIONS = {
     "qdq-pair-mismatch": (dict(pair_mismatch=True), set()),
     "dq-input-not-q": (dict(dq_not_q=True), set()),
     "custom-domain": (dict(custom=True), set()),
-    "residual-add": (dict(both_add_inputs=True), set()),
+    "residual-add": (dict(both_add_inputs=True, plain_residual=True), set()),
+    # an float16 scale on a float32 graph (opset 19 allows it): DequantizeLinear outputs float16 into float32 ops
+    "strong-typing-scale": (dict(act=dict(scale=np.float16(0.05)), opset=19), set()),
+    "strong-typing-mixed": (dict(mixed_types=True), set()),
     "sensitive-op-quantized": (dict(quantized_gate=True), set()),
     "weighted-op-float": (dict(weighted_float=True), set()),
 }
@@ -234,15 +239,21 @@ def test_violation_names_the_node_and_what_was_found():
     report = check_trt_qdq(se_block(w1=dict(axis=1)))
     assert any("expected 0" in v.found and "Conv 'c1'" in v.found for v in report.errors)
 
+def test_residual_add_advice_does_not_apply_to_the_se_scale():
+    """In SE-ResNet the Add's other input is the SE Mul, not a convolution: nothing to fuse into, no warning."""
+    report = check_trt_qdq(se_block(both_add_inputs=True))
+    assert report.ok and "residual-add" not in report.rules(), format_report(report)
+
+
 def test_residual_add_with_only_the_branch_quantized_is_a_warning():
-    model = se_block()
+    model = se_block(plain_residual=True)
     add = next(n for n in model.graph.node if n.op_type == "Add")
-    add.input[:] = ["m", "x"]  # skip in float ...
+    add.input[:] = ["c2", "x"]  # skip in float ...
     b = Builder()
-    b.qdq("m")  # ... residual branch quantized
+    b.qdq("c2")  # ... residual branch (a convolution) quantized
     model.graph.node.extend(b.nodes[:2])
     model.graph.initializer.extend(b.inits)
-    add.input[0] = "m_dq"
+    add.input[0] = "c2_dq"
     nodes = list(model.graph.node)  # keep topological order: move the Add after its new input
     nodes.remove(add)
     nodes.insert(len(nodes), add)

@@ -3,9 +3,10 @@
 Providers are never guessed behind the caller's back. ONNX Runtime itself, asked for CUDAExecutionProvider on a
 CPU-only install, only warns and runs on the CPU; here that is an error naming what *is* installed, and after the
 session is created the active providers are checked again (a GPU provider that failed to initialise is an error
-too). ``providers="auto"`` picks CUDA first when onnxruntime-gpu is installed, then the CPU. ORT's TensorRT
-execution provider is used only when named: it builds TensorRT engines of its own at session creation (minutes),
-and sedeploy has a TensorRT backend of its own (:mod:`sedeploy.backends.tensorrt`).
+too). The runner's default is ``providers="auto"``: TensorRT's execution provider, then CUDA, when
+onnxruntime-gpu offers them, else the CPU — the same artifacts run on the GPU where onnxruntime-gpu is installed
+(ORT's TensorRT provider builds engines of its own at session creation: minutes for SE-ResNet-50; pass
+``providers="cuda"`` to skip it). The saved ORT "engine" is always made on the CPU provider.
 
 ORT's "engine" (:func:`build_ort_engine`) is the graph after ORT's optimizations, saved to disk, so that loading
 it skips the optimization work and so that what runs can be inspected. At level "all" (and "layout") the saved
@@ -40,7 +41,7 @@ class OrtRunner(Runner):
     backend = "ort"
     timer_coverage = "ONNX Runtime session.run: host numpy batch in → host numpy logits out"
 
-    def __init__(self, path: str | Path, *, providers: str | Sequence[str] | None = None,
+    def __init__(self, path: str | Path, *, providers: str | Sequence[str] | None = "auto",
                  threads: int | None = None, optimization: str = "all"):
         super().__init__(path)
         if not self.path.is_file():

@@ -2,18 +2,31 @@
 
 ``tensorrt`` is imported only inside functions: this module imports, and its pure parts are tested, anywhere.
 
-Precision follows the graph. TensorRT 11 types every network strongly (the FP16 / INT8 builder flags are gone):
-an FP32 ONNX builds an FP32 engine, FP16 needs an FP16 graph, INT8 explicit Q/DQ nodes. TensorRT 10.x types
-weakly, so there the flag matching the graph is set (FP16; INT8 + FP16 for Q/DQ). The case is decided from
-``trt_version()`` and ``hasattr(trt.BuilderFlag, ...)``, never from enum integers (renumbered in 11).
-TensorRT's TF32 default is kept (and recorded): FP32 engines on Ampere+ use TF32 convolutions.
+Precision is the graph's, by construction. Every network is built strongly typed: on 10.x with
+``1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)`` (no FP16/INT8 builder flags: weak typing lets
+TensorRT pick layer precisions, so one ONNX gave different engines on 10 and 11), on 11 the flag is accepted and
+ignored (every network is strongly typed). An FP32 ONNX builds an FP32 engine, the FP16 artifact an FP16 engine,
+the INT8 artifact (Q/DQ inside the FP16 graph) int8 convolutions with FP16 everywhere else. Before any build the
+input is checked (:func:`validate_trt_input`): the strong-typing check for every model, TensorRT's Q/DQ rules for
+INT8, and the QOperator CPU form refused. After the build, each layer's precision is read from the engine
+inspector (``profiling_verbosity = DETAILED``) and recorded in the sidecar. TensorRT's TF32 default is kept (and
+recorded): FP32 engines on Ampere+ use TF32 convolutions.
 
 A plan is tied to the exact TensorRT version and GPU architecture. The JSON sidecar (``<stem>.trt.json``) records
-both and :class:`TrtRunner` checks them before deserializing. GPU buffers are torch CUDA tensors (``data_ptr()``
-and a torch stream's ``cuda_stream``), so a CUDA build of torch is required; it also tells whether a GPU is there.
+both, and the CUDA version TensorRT was built for; :class:`TrtRunner` checks them before deserializing. GPU
+buffers are torch tensors (``data_ptr()``, a torch stream's ``cuda_stream``), allocated once per engine for the
+profile's largest batch, with pinned host staging buffers and non-blocking copies on one stream; a CUDA build of
+torch is required.
+
+Package choice (``pip install 'sedeploy[tensorrt]'`` installs ``tensorrt>=10,<12``): the ``tensorrt`` meta wheel
+pulls ``tensorrt-cu12`` or ``tensorrt-cu13`` from NVIDIA's index; pick the one matching the CUDA major of your
+driver and of torch (``pip install tensorrt-cu12`` for CUDA 12.x drivers, ``tensorrt-cu13`` for CUDA 13.x —
+``python -c "import torch; print(torch.version.cuda)"`` tells torch's).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import re
@@ -24,16 +37,19 @@ from typing import Any
 import numpy as np
 
 from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, validate_input, write_sidecar
-from sedeploy.errors import MissingDependencyError, SedeployError
-from sedeploy.fsutil import atomic_path, atomic_write_bytes, ensure_writable_dir
-from sedeploy.onnxcore import graph_precision, sha256_file
+from sedeploy.backends.trt_support import (STRONGLY_TYPED_MAJOR, layer_precisions, load_timing_cache,
+                                           save_timing_cache, strongly_typed_flags, tensorrt_cuda_version,
+                                           timing_cache_path)
+from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
+from sedeploy.fsutil import atomic_path, ensure_writable_dir
+from sedeploy.onnxcore import META, QOPERATOR_OPS, as_model, get_metadata, graph_precision, is_quantized, sha256_file
 
 log = logging.getLogger("sedeploy")
 
-#: First TensorRT major version in which every network is strongly typed (precision flags removed).
-STRONGLY_TYPED_MAJOR = 11
-#: Builder flags a weakly typed (10.x) build needs for a graph of each precision.
-_FLAGS_FOR = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}
+__all__ = ["STRONGLY_TYPED_MAJOR", "parse_trt_version", "trt_version", "require_trt", "validate_profile",
+           "profile_shapes", "validate_trt_input", "build_engine", "build_trt_engine", "check_plan_compatible",
+           "TrtRunner"]
+
 #: TensorRT data type names → numpy dtype names (IO tensors sedeploy feeds / reads).
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "UINT8": "uint8", "INT32": "int32",
            "INT64": "int64", "BOOL": "bool"}
@@ -112,24 +128,6 @@ def profile_shapes(input_shape: tuple[int, ...], min_batch: int, opt_batch: int,
     return (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest)
 
 
-def precision_flags(precision: str, version: tuple[int, int, int], flag_names: set[str]) -> list[str]:
-    """BuilderFlag names to set for a graph of ``precision`` on TensorRT ``version``.
-
-    ``flag_names``: the names ``trt.BuilderFlag`` has. 11+ → none (strong typing: the graph decides). 10.x →
-    the flags for the graph's precision that this TensorRT offers.
-    """
-    if precision not in _FLAGS_FOR:
-        raise SedeployError(f"Unknown precision {precision!r}.", expected="fp32, fp16 or int8")
-    if version[0] >= STRONGLY_TYPED_MAJOR:
-        return []
-    wanted = _FLAGS_FOR[precision]
-    missing = [f for f in wanted if f not in flag_names]
-    if missing:
-        log.warning("TensorRT %s has no BuilderFlag %s; building with the types in the graph only.",
-                    ".".join(map(str, version)), ", ".join(missing))
-    return [f for f in wanted if f in flag_names]
-
-
 def _cuda_device() -> dict[str, str]:
     import torch
 
@@ -177,26 +175,29 @@ def _logger(trt):
     return _LOGGER
 
 
-def _load_timing_cache(config, path: Path) -> int:
-    """Attach the timing cache at ``path`` (empty if absent); return how many of its bytes were accepted."""
-    data = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if cache is not None and config.set_timing_cache(cache, False):
-        return len(data)
-    log.warning("The timing cache '%s' does not match this TensorRT / GPU; starting an empty one.", path)
-    config.set_timing_cache(config.create_timing_cache(b""), False)
-    return 0
+def validate_trt_input(onnx_path: str | Path) -> dict[str, Any]:
+    """Everything checked about an ONNX file before TensorRT sees it (the one place; the pipeline calls it for
+    artifacts given as MODEL, :func:`build_trt_engine` for every build): the INT8 CPU form (QOperator ops,
+    ``sedeploy.int8_flavour=cpu``) is refused, a Q/DQ model must pass TensorRT's Q/DQ rules, and every model the
+    strong-typing check (:func:`sedeploy.checks.check_strong_typing`: what TensorRT's strongly typed parser would
+    reject). Returns the strong-typing summary (recorded in the sidecar)."""
+    from sedeploy.checks import check_trt_qdq, format_report, require_strong_typing
 
-
-def _save_timing_cache(config, path: Path) -> None:
-    """Merge what the build learnt with the file as it is now (another build may have grown it), then replace
-    the file atomically."""
-    cache = config.get_timing_cache()
-    if path.is_file():
-        on_disk = config.create_timing_cache(path.read_bytes())
-        if on_disk is not None:
-            cache.combine(on_disk, False)
-    atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
+    proto, label = as_model(onnx_path, what="ONNX model for TensorRT")
+    flavour = str(get_metadata(proto).get(META.FLAVOUR, "")).strip('"')
+    qoperator = sorted({n.op_type for n in proto.graph.node if n.op_type in QOPERATOR_OPS})
+    if flavour == "cpu" or qoperator:
+        raise SedeployError(f"'{label}' is the INT8 CPU form (ONNX Runtime QOperator ops such as "
+                            f"{', '.join(qoperator[:3]) or 'QLinearConv'}), which TensorRT's ONNX parser does not "
+                            "import.", expected="the TensorRT INT8 artifact (<model>.int8-trt.onnx, Q/DQ)",
+                            fix="pass the .int8-trt.onnx written by the same build-engine run")
+    if is_quantized(proto):
+        report = check_trt_qdq(proto)
+        if not report.ok:
+            raise VerificationError(f"'{label}' breaks TensorRT's Q/DQ rules; no engine was built.\n"
+                                    f"{format_report(report, precision=False)}",
+                                    fix="rebuild the INT8 artifact with `sedeploy build-engine MODEL --int8`")
+    return require_strong_typing(proto, label).summary()
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
@@ -206,13 +207,25 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOpti
                             workspace_gib=o.workspace_gib, timing_cache=o.timing_cache)
 
 
+def _inspect(trt, serialized, logger) -> dict[str, Any]:
+    """Per-layer precisions of the just-built plan, from the engine inspector."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise SedeployError(f"TensorRT could not deserialize the plan it just built:\n{logger.take()}")
+    inspector = engine.create_engine_inspector()
+    return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
 def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
                      max_batch: int = 32, workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
                      input_name: str | None = None) -> Engine:
-    """Build ``<stem>.plan`` and ``<stem>.trt.json`` in ``out_dir`` from ``onnx_path``.
+    """Build ``<stem>.plan`` and ``<stem>.trt.json`` in ``out_dir`` from ``onnx_path``, strongly typed.
 
     The batch dimension gets one optimization profile (min/opt/max); ``workspace_gib`` caps TensorRT's scratch
-    memory; ``timing_cache`` (a file, created if absent) makes rebuilds faster and is merged, not overwritten.
+    memory; ``timing_cache`` names a cache file: the one actually used carries the TensorRT version and compute
+    capability in its name (:func:`~sedeploy.backends.trt_support.timing_cache_path`), and is merged, not
+    overwritten, under a file lock.
     """
     from sedeploy import __version__
 
@@ -224,19 +237,22 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
             or not math.isfinite(workspace_gib):
         raise SedeployError(f"Workspace {workspace_gib!r} GiB is not valid.", expected="a positive number of GiB",
                             fix="pass --workspace 4")
+    typing = validate_trt_input(src)  # before TensorRT is even imported: a wrong input costs nothing
     precision = graph_precision(src)
     trt = _import_trt("Building a TensorRT engine")
     version = parse_trt_version(trt.__version__)
     device = _cuda_device()
     out = ensure_writable_dir(out_dir)
     plan_path, sidecar = out / f"{src.stem}.plan", out / f"{src.stem}.trt.json"
-    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_path = timing_cache_path(timing_cache, trt.__version__, device["compute_capability"]) \
+        if timing_cache is not None else None
     logger = _logger(trt)
     logger.take()
 
     t0 = time.perf_counter()
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # 10.x: explicit batch is implicit; 11: strongly typed, always
+    network_flags = strongly_typed_flags(trt, version)
+    network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(src)):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -252,13 +268,11 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions in the inspector
     profile = builder.create_optimization_profile()
     profile.set_shape(tensor.name, *shapes)
     config.add_optimization_profile(profile)
-    flags = precision_flags(precision, version, {n for n in ("FP16", "INT8") if hasattr(trt.BuilderFlag, n)})
-    for name in flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    cache_bytes = _load_timing_cache(config, cache_path) if cache_path is not None else 0
+    cache_bytes = load_timing_cache(config, cache_path) if cache_path is not None else 0
     tf32 = bool(config.get_flag(trt.BuilderFlag.TF32)) if hasattr(trt.BuilderFlag, "TF32") else None
 
     serialized = builder.build_serialized_network(network, config)
@@ -268,29 +282,31 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
                             fix="read TensorRT's messages above; a larger --workspace or a smaller --max-batch "
                                 "helps when tactics run out of memory")
     seconds = time.perf_counter() - t0
-    if cache_path is not None:
-        _save_timing_cache(config, cache_path)
+    layers = _inspect(trt, serialized, logger)
+    cache_saved = save_timing_cache(config, cache_path) if cache_path is not None else None
     with atomic_path(plan_path) as tmp, open(tmp, "wb") as f:
         f.write(memoryview(serialized))
     metadata = {
         "backend": "trt", "sedeploy_version": __version__, "tensorrt_version": trt.__version__,
+        "tensorrt_cuda": tensorrt_cuda_version(trt),
         **{k: v for k, v in device.items() if k != "device_index"},
-        "precision": precision, "builder_flags": flags, "tf32": tf32,
-        "strongly_typed": version[0] >= STRONGLY_TYPED_MAJOR,
+        "precision": precision, "builder_flags": [], "tf32": tf32, "strongly_typed": True,
+        "network_flags": network_flags, "strong_typing": typing,
+        "layer_precisions": layers["counts"], "layers": layers["layers"],
         "profile": {"input": tensor.name, "min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
         "workspace_gib": workspace_gib, "source_model": str(src), "source_sha256": sha256_file(src),
         "plan_sha256": sha256_file(plan_path), "build_seconds": round(seconds, 3),
         "timing_cache": str(cache_path) if cache_path is not None else None,
-        "timing_cache_bytes_loaded": cache_bytes,
+        "timing_cache_bytes_loaded": cache_bytes, "timing_cache_saved": cache_saved,
     }
     try:
         write_sidecar(sidecar, metadata)
     except BaseException:
         plan_path.unlink(missing_ok=True)  # a plan without its sidecar cannot be checked: do not publish it
         raise
-    log.info("Built %s (%s, %s) in %.1f s.", plan_path, precision, device["gpu"], seconds)
+    log.info("Built %s (%s, %s) in %.1f s; layers by precision: %s.", plan_path, precision, device["gpu"], seconds,
+             json.dumps(layers["counts"]))
     return Engine(path=plan_path, sidecar=sidecar, backend="trt", precision=precision, source=src, metadata=metadata)
-
 
 def sidecar_for(plan_path: str | Path) -> Path:
     from sedeploy.backends import sidecar_path
@@ -317,17 +333,35 @@ def check_plan_compatible(meta: dict[str, Any], tensorrt_version: str, device: d
                     plan, meta.get("gpu"), device["gpu"])
 
 
+class _HostStream:
+    """Stands in for a CUDA stream when the runner's buffers are on the CPU (tests with tests/fake_tensorrt.py):
+    copies are synchronous there, so there is nothing to wait for; its handle is 0."""
+
+    cuda_stream = 0
+
+    def synchronize(self) -> None:
+        pass
+
+
 class TrtRunner(Runner):
     """Runs a sedeploy-built TensorRT plan (the :class:`~sedeploy.backends.Runner` protocol).
 
     Construction checks the sidecar (TensorRT version, GPU architecture, plan hash) without touching the GPU
-    beyond asking which one it is; ``activate()`` deserializes the plan and creates the execution context."""
+    beyond asking which one it is; ``activate()`` deserializes the plan, creates the execution context and
+    allocates, once, device buffers for the profile's largest batch plus pinned host staging buffers.
+    ``infer(x)`` copies into the staging buffer, then host→device, execute, device→host, all non-blocking on one
+    stream, and waits once at the end.
+
+    ``device`` (torch.device): where the I/O buffers live; default the GPU the plan was built for. A CPU device is
+    for tests that stand a fake ``tensorrt`` module in (tests/fake_tensorrt.py): addresses are then host
+    addresses, copies synchronous, and the stream handle 0.
+    """
 
     backend = "trt"
-    timer_coverage = ("TensorRT execute_async_v3 with host↔device copies: host numpy batch in → host numpy "
-                      "logits out")
+    timer_coverage = ("TensorRT execute_async_v3 with host↔device copies through pinned buffers allocated once: "
+                      "host numpy batch in → host numpy logits out")
 
-    def __init__(self, plan_path: str | Path, *, sidecar: str | Path | None = None):
+    def __init__(self, plan_path: str | Path, *, sidecar: str | Path | None = None, device=None):
         super().__init__(plan_path)
         if not self.path.is_file():
             raise SedeployError(f"The TensorRT plan '{self.path}' does not exist.", fix="check the path")
@@ -338,9 +372,14 @@ class TrtRunner(Runner):
         if self.meta.get("plan_sha256") not in (None, sha256_file(self.path)):
             raise SedeployError(f"The sidecar of '{self.path}' describes a different plan (sha256 differs).",
                                 fix="rebuild the engine, or pass the matching sidecar=")
+        self._torch_device = device
         self.engine = self.context = self._runtime = self._stream = None
+        self._device_buffers: dict[str, Any] = {}
+        self._host_buffers: dict[str, Any] = {}
 
     def _activate(self) -> None:
+        import torch
+
         trt = _import_trt("Running a TensorRT engine")
         self._logger = logger = _logger(trt)
         logger.take()
@@ -365,9 +404,20 @@ class TrtRunner(Runner):
         self.input_dtype = self._dtypes[self.input_name]
         lo, opt, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
         self.profile = {"min": lo, "opt": opt, "max": hi}
-        import torch
-
-        self._stream = torch.cuda.Stream(torch.device("cuda", int(self._device["device_index"])))
+        device = self._torch_device or torch.device("cuda", int(self._device["device_index"]))
+        self._torch_device = device
+        # One stream of our own (TensorRT warns that the legacy default stream costs extra synchronization).
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else _HostStream()
+        # Buffers for the largest batch, once: the output shapes for it come from TensorRT itself.
+        if not self.context.set_input_shape(self.input_name, hi):
+            raise SedeployError(f"TensorRT refused the profile's largest input shape {hi} for '{self.path.name}'.")
+        shapes = {self.input_name: hi, **{n: tuple(int(d) for d in self.context.get_tensor_shape(n))
+                                          for n in self.output_names}}
+        pin = device.type == "cuda"
+        for name, shape in shapes.items():
+            dtype = torch.from_numpy(np.empty(0, self._dtypes[name])).dtype
+            self._device_buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+            self._host_buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=pin)
 
     def _numpy_dtype(self, name: str) -> np.dtype:
         dt = self.engine.get_tensor_dtype(name)
@@ -383,36 +433,48 @@ class TrtRunner(Runner):
         x = validate_input(x, name=self.input_name, dtype=self.input_dtype, shape=self.input_shape,
                            engine=f"TensorRT ({self.path.name})")
         lo, hi = self.profile["min"][0], self.profile["max"][0]
-        if not lo <= x.shape[0] <= hi:
-            raise SedeployError(f"Batch {x.shape[0]} is outside the engine's optimization profile {lo}..{hi} "
+        n = x.shape[0]
+        if not lo <= n <= hi:  # before any TensorRT call
+            raise SedeployError(f"Batch {n} is outside the engine's optimization profile {lo}..{hi} "
                                 f"('{self.path.name}').",
-                                fix=f"split the batch into chunks of at most {hi}, or rebuild with --max-batch "
-                                    f"{x.shape[0]}")
-        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-            raise SedeployError(f"TensorRT refused input shape {tuple(x.shape)} for '{self.path.name}'.")
-        device = torch.device("cuda", int(self._device["device_index"]))
-        # A stream of our own (TensorRT warns that the legacy default stream costs extra synchronization);
-        # copies, allocations and the engine are all ordered on it.
-        with torch.cuda.stream(self._stream):
-            buffers = {self.input_name: torch.from_numpy(x).to(device, non_blocking=False)}
-            for name in self.output_names:
-                shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
-                dtype = torch.from_numpy(np.empty(0, self._dtypes[name])).dtype
-                buffers[name] = torch.empty(shape, dtype=dtype, device=device)
-            for name, tensor in buffers.items():
-                self.context.set_tensor_address(name, tensor.data_ptr())
-            if not self.context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
+                                fix=f"split the batch into chunks of at most {hi}, or rebuild with --max-batch {n}")
+        ctx, stream = self.context, self._stream
+        if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+            raise SedeployError(f"TensorRT refused input shape {tuple(x.shape)} for '{self.path.name}':\n"
+                                f"{self._logger.take()}")
+        views = {self.input_name: self._device_buffers[self.input_name][:n]}
+        for name in self.output_names:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            buf = self._device_buffers[name]
+            if shape[1:] != tuple(buf.shape[1:]) or shape[0] > buf.shape[0]:
+                raise SedeployError(f"TensorRT reports output '{name}' of shape {shape} for batch {n}; the buffer "
+                                    f"allocated for the profile holds {tuple(buf.shape)}.")
+            views[name] = buf[:shape[0]]
+        for name, view in views.items():  # every I/O tensor, before execute
+            if not ctx.set_tensor_address(name, view.data_ptr()):
+                raise SedeployError(f"TensorRT refused the address of tensor '{name}' for '{self.path.name}':\n"
+                                    f"{self._logger.take()}")
+        host_in = self._host_buffers[self.input_name][:n]
+        host_in.copy_(torch.from_numpy(x))
+        with torch.cuda.stream(stream) if isinstance(stream, torch.cuda.Stream) else contextlib.nullcontext():
+            views[self.input_name].copy_(host_in, non_blocking=True)
+            if not ctx.execute_async_v3(stream.cuda_stream):
                 raise SedeployError(f"TensorRT failed to run '{self.path.name}':\n{self._logger.take()}")
-            out = buffers[self.output_names[0]].cpu()  # waits for the stream
-        return out.numpy()
+            first = self.output_names[0]
+            host_out = self._host_buffers[first][:views[first].shape[0]]
+            host_out.copy_(views[first], non_blocking=True)
+        stream.synchronize()
+        return host_out.numpy().copy()  # the staging buffer is reused by the next call
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update({"tensorrt_version": self.meta.get("tensorrt_version"), "gpu": self._device["gpu"],
-                  "compute_capability": self._device["compute_capability"], "precision": self.meta.get("precision")})
+                  "compute_capability": self._device["compute_capability"], "precision": self.meta.get("precision"),
+                  "layer_precisions": self.meta.get("layer_precisions")})
         if self.engine is not None:
             d.update({"outputs": self.output_names, "profile": {k: list(v) for k, v in self.profile.items()}})
         return d
 
     def _deactivate(self) -> None:
+        self._device_buffers, self._host_buffers = {}, {}
         self.context = self.engine = self._runtime = self._stream = None  # context before engine before runtime

@@ -105,8 +105,9 @@ class _Checker:
             import onnx
 
             what = onnx.TensorProto.DataType.Name(qtype).lower()
-            extra = " (QuantizeLinear without a zero point produces uint8)" if not zp_name and \
-                n.op_type == "QuantizeLinear" else ""
+            extra = (" (no zero point: uint8 for ONNX and ONNX Runtime, INT8 for TensorRT's parser — the two "
+                     "runtimes would compute different values)") if not zp_name and n.op_type == "QuantizeLinear" \
+                else ""
             self.add("zero-point-dtype", n, f"quantized type {what}{extra}")
         if zp_name:
             zp = g.const(zp_name)
@@ -197,6 +198,8 @@ class _Checker:
             return
         quantized = [bool(g.made_by(i, "DequantizeLinear")) for i in n.input]
         skip = min((0, 1), key=lambda k: depth.get(n.input[k], 0))  # the shorter path is the skip connection
+        if not _made_by_conv(g, n.input[1 - skip]):
+            return  # e.g. the SE scale Mul: no convolution to fuse the Add into, the placement advice does not apply
         if all(quantized):
             self.add("residual-add", n, "both inputs are quantized")
         elif not any(quantized):
@@ -204,6 +207,20 @@ class _Checker:
         elif not quantized[skip]:
             self.add("residual-add", n, f"the residual-branch input '{n.input[1 - skip]}' is quantized, the skip "
                                         f"input '{n.input[skip]}' is not")
+
+
+def _made_by_conv(g: Graph, tensor: str) -> bool:
+    """The tensor is a convolution's output, possibly behind Q/DQ or Cast."""
+    for _ in range(4):
+        node = g.producer.get(tensor)
+        if node is None:
+            return False
+        if node.op_type in ("Conv", "ConvTranspose"):
+            return True
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Cast"):
+            return False
+        tensor = node.input[0]
+    return False
 
 
 def _is_weight(g: Graph, tensor: str) -> bool:
@@ -241,7 +258,8 @@ def _expected_weight_axis(consumer, index: int, rank: int) -> int | None:
 
 
 def check_trt_qdq(model) -> ValidationReport:
-    """Check an ONNX model (path or ModelProto) against TensorRT's explicit-quantization rules (:data:`RULES`).
+    """Check an ONNX model (path or ModelProto) against TensorRT's explicit-quantization rules (:data:`RULES`),
+    strong typing included (:func:`sedeploy.checks.strong_typing.check_strong_typing`).
 
     ``report.ok`` is True when there are no errors; warnings are placement advice. The report also carries the
     per-node precision summary (:func:`summarize_precision`) and Q/DQ counts.
@@ -271,6 +289,9 @@ def check_trt_qdq(model) -> ValidationReport:
                 check.sensitive(n)
             elif n.op_type == "Add":
                 check.residual_add(n, depth)
+    from sedeploy.checks.strong_typing import check_strong_typing  # imports this module's Violation
+
+    report.errors += check_strong_typing(proto).errors  # an inconsistently typed graph fails TensorRT's build
     per_channel = sum(1 for n in dqs if len(n.input) > 1 and g.is_const(n.input[1])
                       and np.asarray(g.const(n.input[1])).size > 1)
     report.qdq = {"quantize_linear": len(qs), "dequantize_linear": len(dqs), "per_channel_dequantize": per_channel}

@@ -11,6 +11,8 @@ TRT_GUIDE = ("TensorRT Developer Guide, 'Explicit Quantization' (per-tensor acti
              "output-channel axis; Gemm transB note; QLinearConv/ConvInteger unsupported; Q/DQ placement advice)")
 ONNX_TRT_OPS = ("onnx-tensorrt docs/operators.md (QuantizeLinear/DequantizeLinear: INT8, zero point must be 0; "
                 "QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, DynamicQuantizeLinear: not supported)")
+ONNX_TRT_PARSER = ("onnx-tensorrt onnxOpImporters.cpp (DequantizeLinear: addDequantize(data, scale, scaleType)) "
+                   "and TensorRT's strong typing (NetworkDefinitionCreationFlag.STRONGLY_TYPED; every network in 11)")
 ONNX_SPEC = "ONNX operators QuantizeLinear/DequantizeLinear (axis since opset 13; no zero point means uint8)"
 
 
@@ -35,9 +37,12 @@ RULES: dict[str, Rule] = {
     "zero-point-nonzero": Rule("error", "zero point is not 0: TensorRT quantization is symmetric",
                                "quantize symmetrically (activations: ActivationSymmetric=True; weights: "
                                "WeightSymmetric=True)", ONNX_TRT_OPS),
-    "zero-point-dtype": Rule("error", "quantized type is not int8",
-                             "quantize activations and weights as signed int8 (QInt8/QInt8); a QuantizeLinear "
-                             "without a zero point produces uint8", ONNX_TRT_OPS),
+    "zero-point-dtype": Rule("error", "quantized type is not int8: TensorRT quantizes to signed int8 only, and a "
+                             "QuantizeLinear without a zero point is where the runtimes part: ONNX says uint8 (ONNX "
+                             "Runtime computes uint8) while TensorRT's parser accepts it and defaults to INT8, so "
+                             "the same file computes different values on the two",
+                             "quantize activations and weights as signed int8 (QInt8/QInt8) with an explicit int8 "
+                             "zero point of 0 on every QuantizeLinear/DequantizeLinear", ONNX_TRT_OPS),
     "qparam-not-constant": Rule("error", "scale or zero point is computed at run time",
                                 "store scales and zero points as initializers", ONNX_TRT_OPS),
     "scale-invalid": Rule("error", "scale is not positive and finite",
@@ -67,13 +72,23 @@ RULES: dict[str, Rule] = {
     "custom-domain": Rule("warning", "operator outside the ONNX domain (TensorRT needs a plugin for it)",
                           "export without runtime-specific fusions (e.g. ONNX Runtime's com.microsoft ops)",
                           ONNX_TRT_OPS),
-    "residual-add": Rule("warning", "residual Add should have only its skip input quantized: then TensorRT fuses "
-                         "the add into the preceding convolution with an INT8 output",
+    "residual-add": Rule("warning", "residual Add whose other input is a convolution should have only its skip "
+                         "input quantized: then TensorRT fuses the add into that convolution with an INT8 output "
+                         "(not checked where the other input is not a convolution, e.g. the SE scale Mul of "
+                         "SE-ResNet: there is nothing to fuse into)",
                          "put Q/DQ on the skip (identity/downsample) input of the Add and not on the other",
                          TRT_GUIDE),
     "sensitive-op-quantized": Rule("warning", "Sigmoid/ReduceMean/GlobalAveragePool input is quantized",
                                    "leave the SE gate and the pools in float (exclude these op types from "
                                    "quantization)", TRT_GUIDE),
+    "strong-typing-scale": Rule("error", "a Q/DQ scale of one float type feeds a region of another (e.g. a "
+                                "float32 scale in an FP16 graph): under strong typing DequantizeLinear outputs its "
+                                "scale's type, so TensorRT's type inference fails at the next op",
+                                "give every scale the float type of the tensor it quantizes (float16 scales need "
+                                "opset ≥ 19)", ONNX_TRT_PARSER),
+    "strong-typing-mixed": Rule("error", "op whose float inputs have different types: a strongly typed network "
+                                "does not promote types implicitly", "insert an explicit Cast so that all float "
+                                "inputs of the op have one type", ONNX_TRT_PARSER),
     "weighted-op-float": Rule("warning", "Conv/Gemm/MatMul with a constant weight left unquantized in a Q/DQ "
                               "model (it runs in float)", "quantize its inputs, or confirm it is meant to stay float",
                               TRT_GUIDE),
