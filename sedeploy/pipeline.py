@@ -107,6 +107,11 @@ def _check_options(opt: BuildOptions) -> None:
     if opt.threads is not None and opt.threads < 1:
         raise SedeployError(f"--threads {opt.threads} is not valid.", expected="a positive integer",
                             fix="omit --threads to use one per physical core")
+    if opt.backend == "openvino":
+        from sedeploy.backends.openvino import require_openvino
+
+        require_openvino("Building OpenVINO engines (--backend openvino); the portable ONNX artifacts can be "
+                         "written anywhere with --backend none and built where OpenVINO is installed")
     if opt.backend == "trt":
         from sedeploy.backends.tensorrt import require_trt, validate_profile
 
