@@ -36,6 +36,10 @@ setup(
         "gpu": ["onnxruntime-gpu>=1.20"],
         # TensorRT 10.x or 11.x; GPU buffers come from torch CUDA tensors (a CUDA build of torch is needed).
         "tensorrt": ["tensorrt>=10.0"],
+        # OpenVINO CPU engines (--backend openvino); NNCF is not needed to run them.
+        "openvino": ["openvino>=2025.0"],
+        # `sedeploy bench --peers`: OpenVINO FP32 and OpenVINO + NNCF INT8 peers measured in the same run.
+        "peers": ["openvino>=2025.0", "nncf>=2.14", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["sedeploy=sedeploy.cli:main"]},
     classifiers=[

@@ -293,6 +293,12 @@ def _batch_list(text: str) -> list[int]:
               help="Time PyTorch eager FP32 (channels_last) of the same model in the same run.")
 @click.option("--checkpoint", help="Checkpoint the engines were exported from (for the PyTorch baseline).")
 @click.option("--compare-plain", is_flag=True, help="Also time the same depth without SE: what SE costs.")
+@click.option("--peers", is_flag=True,
+              help="Also time and score OpenVINO FP32 and OpenVINO + NNCF INT8 (NNCF's default preset, on the "
+                   "images sedeploy calibrated on) of the same FP32 ONNX, interleaved with the engines "
+                   "(`pip install 'sedeploy[peers]'`).")
+@click.option("--peer-calib", type=click.Path(path_type=Path),
+              help="Calibration images for the NNCF peer [default: those recorded in the build's manifest.json].")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Measure this machine's fp32/int8 GEMM ceiling first (for achieved-GFLOP/s fractions).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
@@ -304,12 +310,13 @@ def _batch_list(text: str) -> list[int]:
 @common
 @handle_errors
 def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, settle, max_seconds, reference,
-          torch_baseline, checkpoint, compare_plain, probe, out_dir, no_plots, image_limit, max_top1_drop,
+          torch_baseline, checkpoint, compare_plain, peers, peer_calib, probe, out_dir, no_plots, image_limit, max_top1_drop,
           min_agreement, as_json, verbose):
     """Throughput, latency and top-1 drift of engines, timed interleaved in one run, against FLOPs.
 
     \b
-    ENGINES are ONNX artifacts/engines, TensorRT .plan files (with their .trt.json), or a build-engine
+    ENGINES are ONNX artifacts/engines, TensorRT .plan files (with their .trt.json), OpenVINO .ov.xml files
+    (with their .ov.bin and .ov.json), or a build-engine
     output folder (its manifest.json lists them). One must be FP32: drift is measured against it.
     \b
     Examples:
@@ -328,7 +335,7 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
         res = run_bench(list(engines), images=images, labels=labels, synsets=synsets, batches=sizes,
                         threads=threads, warmup=warmup, repeats=repeats, settle=settle, max_seconds=max_seconds,
                         reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
-                        compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
+                        compare_plain=compare_plain, peers=peers, peer_calib=peer_calib, probe=probe, out_dir=out_dir, plots=not no_plots,
                         progress=not as_json and sys.stderr.isatty(), max_top1_drop=max_top1_drop,
                         min_agreement=min_agreement, image_limit=image_limit)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
