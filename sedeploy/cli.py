@@ -216,6 +216,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
       <model>.fp16.onnx      FP16 graph, FP32 inputs/outputs (TensorRT 11 builds it as FP16)
       <model>.int8-trt.onnx  symmetric Q/DQ that obeys TensorRT's rules (checked by `sedeploy inspect`)
       <model>.int8-cpu.onnx  the form that runs fastest on ONNX Runtime CPU
+      <model>.int8-ov.onnx   uint8-activation Q/DQ, fastest and most faithful on OpenVINO (--backend openvino)
     """
     from sedeploy.pipeline import BuildOptions, build_engines, format_result
     from sedeploy.preprocess import Preprocess

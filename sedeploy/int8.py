@@ -21,6 +21,13 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
     and activations stay uint8 from one convolution to the next. The settings are the measured optimum of
     ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/int8_cpu_forms.md).
 
+``flavour="ov"`` — what OpenVINO's CPU plugin runs fastest and most faithfully (measured in
+    benchmarks/openvino_peers.md): the CPU flavour's quantizer and placement (every op of :data:`CPU_OPTIONS`,
+    squeeze as GlobalAveragePool) written as Q/DQ (:data:`OV_OPTIONS`), with uint8 activations, so a tensor after a
+    ReLU uses all 8 bits (the TensorRT flavour's signed activations use 7 of them), and full 8-bit weights (no
+    ``reduce_range``: OpenVINO's VNNI / AMX int8 kernels do not saturate). OpenVINO cannot read the QOperator CPU
+    flavour at all (QLinearConv with per-channel scales and the com.microsoft QLinear ops fail to convert).
+
 SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float, ``"int8"`` quantizes it
 like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed (benchmarks/int8_cpu_forms.md).
 """
@@ -42,7 +49,7 @@ from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, compute_dept
 
 log = logging.getLogger("sedeploy")
 
-FLAVOURS = ("trt", "cpu")
+FLAVOURS = ("trt", "cpu", "ov")
 SE_POLICIES = ("fp32", "int8")
 #: Chosen by benchmarks/int8_cpu_forms.py on the trained reference SE-ResNet-50 (Imagenette val, 3,925 images):
 #: quantizing SE runs 1.97× FP32 at batch 8 against 1.60× with SE in FP32, for 97.9 % vs 98.1 % top-1 agreement
@@ -76,6 +83,9 @@ class CpuOptions:
 #: Measured (benchmarks/int8_cpu_forms.md, trained reference): 1.97× FP32 at batch 8, 97.9 % top-1 agreement —
 #: as fast as any form and within 0.5 pt of the most faithful one (conv-only, 98.4 %, 1.59×).
 CPU_OPTIONS = CpuOptions()
+#: The OpenVINO flavour: the CPU flavour's ops as Q/DQ, full 8-bit weights (benchmarks/openvino_peers.md: on
+#: SE-ResNet-50 as fast as NNCF's INT8 and, on the tiny trained model, 99.6 % top-1 agreement vs NNCF's 98.4 %).
+OV_OPTIONS = CpuOptions(format="qdq", reduce_range=False)
 
 
 @dataclass
@@ -352,7 +362,8 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     t0 = time.perf_counter()
     if flavour not in FLAVOURS:
         raise SedeployError(f"Unknown INT8 flavour {flavour!r}.", expected=f"one of {', '.join(FLAVOURS)}",
-                            fix="pass flavour='trt' (TensorRT Q/DQ) or 'cpu' (fastest on ONNX Runtime CPU)")
+                            fix="pass flavour='trt' (TensorRT Q/DQ), 'cpu' (fastest on ONNX Runtime CPU) or 'ov' "
+                                "(OpenVINO)")
     if se not in SE_POLICIES:
         raise SedeployError(f"Unknown SE precision policy {se!r}.", expected=f"one of {', '.join(SE_POLICIES)}",
                             fix=f"pass se='{DEFAULT_SE_POLICY}' (the measured default)")
@@ -368,7 +379,7 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         settings = _trt_quantize(model, calibration, se, label)
         fmt = "QDQ"
     else:
-        options = cpu_options or CPU_OPTIONS
+        options = cpu_options or (OV_OPTIONS if flavour == "ov" else CPU_OPTIONS)
         model, settings = _cpu_quantize(model, calibration, se, label, options)
         fmt = "QOperator" if options.format == "qoperator" else "QDQ"
     set_metadata(model, {META.PRECISION: "int8", META.FLAVOUR: flavour, META.INT8_FORMAT: fmt, META.INT8_SE: se,

@@ -6,6 +6,7 @@ Data flow (every step reported in the result, every file written atomically)::
                                   │
                                   └─ calibrate on images ─▶ <stem>.int8-trt.onnx  (TensorRT Q/DQ rules, validated)
                                                             <stem>.int8-cpu.onnx  (fastest ONNX Runtime CPU form)
+                                                            <stem>.int8-ov.onnx   (OpenVINO form, --backend openvino)
     each artifact ─ backend ─▶ ONNX Runtime optimized graph (.ort-opt.onnx + .ort.json),
                                TensorRT plan (.plan + .trt.json) or OpenVINO model (.ov.xml + .ov.json)
 
@@ -211,7 +212,8 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
                        "cache_hit": calib.cache_hit, "cache_path": calib.cache_path, "key": calib.key,
                        "seconds": calib.seconds}
     se = int8.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
-    for flavour in ("trt", "cpu"):
+    # the OpenVINO form only when OpenVINO engines are built (ORT and TensorRT have their own forms)
+    for flavour in ("trt", "cpu", *(("ov",) if opt.backend == "openvino" else ())):
         t0 = time.perf_counter()
         path = artifact_path(out, stem, f"int8-{flavour}")
         report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se)
@@ -233,14 +235,16 @@ def _engine_options(opt: BuildOptions) -> EngineOptions:
                          max_batch=opt.max_batch, workspace_gib=opt.workspace_gib, timing_cache=opt.timing_cache)
 
 
-def _build_engines(res: BuildResult, out: Path, opt: BuildOptions) -> None:
+def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: bool = False) -> None:
+    """An engine per artifact of a kind the backend is meant for; ``given``: the input was an artifact made
+    elsewhere, built as asked whatever its kind (the backend refuses, with the reason, one it cannot read)."""
     from sedeploy.backends import build_engine
 
     if opt.backend == "none":
         return
     table = BACKENDS[opt.backend]
     for art in res.artifacts:
-        if art.kind not in table.kinds and art.kind != "int8":  # "int8": unknown flavour, built as given
+        if not given and art.kind not in table.kinds and art.kind != "int8":  # "int8": unknown flavour, built as given
             res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is built "
                              f"from it (the {art.kind} form is meant for another backend)")
             continue
@@ -312,7 +316,7 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
             _fp16(fp32_path, out, stem, opt, pp, res)
         if opt.int8:
             _int8(fp32_path, out, stem, opt, pp, res)
-    _build_engines(res, out, opt)
+    _build_engines(res, out, opt, given=given.precision != "fp32")
     res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
     atomic_write_text(out / MANIFEST, json.dumps(res.as_dict(), indent=2, default=str) + "\n")
     return res

@@ -8,10 +8,10 @@ Build (:func:`build_engine`): ``Core().read_model(artifact.onnx)`` → ``save_mo
 ``<stem>.ov.bin`` (both published, or neither), with the weights kept as they are in the graph
 (``compress_to_fp16=False``: ``save_model`` would otherwise store FP32 weights as FP16 by default), then a JSON
 sidecar ``<stem>.ov.json`` (OpenVINO version, precision read from the graph, source sha256, CPU, threads, the
-inference-precision and performance hints). OpenVINO reads sedeploy's Q/DQ INT8 artifact (``.int8-trt.onnx``) and
-turns it into int8 kernels with its low-precision transformations; whether it also reads the ONNX Runtime
-QOperator form (``.int8-cpu.onnx``) is decided by OpenVINO's ONNX frontend at build time and reported as a clear
-error when it does not.
+inference-precision and performance hints). OpenVINO reads sedeploy's Q/DQ INT8 artifacts and turns them into
+int8 kernels with its low-precision transformations: ``.int8-ov.onnx`` (uint8 activations, the form built by
+default, see :mod:`sedeploy.int8`) and ``.int8-trt.onnx`` (signed activations: slower and less faithful here). It
+does not read the ONNX Runtime QOperator form (``.int8-cpu.onnx``): that is refused with the ops it cannot convert.
 
 Run (:class:`OpenVinoRunner`): compiled for the CPU with the threads pinned like ONNX Runtime's
 (``INFERENCE_NUM_THREADS``, default all cores this process may use) and one synchronous infer request.
@@ -338,8 +338,10 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
         hint = (" (the INT8 CPU form is ONNX Runtime's QOperator format, QLinearConv & co.)"
                 if art.kind == "int8-cpu" else "")
         raise SedeployError(f"OpenVINO {ov.get_version()} cannot read '{src}'{hint}: {why}.",
-                            expected="an ONNX artifact OpenVINO's ONNX frontend imports (fp32, fp16, int8-trt)",
-                            fix="build the OpenVINO engine from the .fp32.onnx or .int8-trt.onnx artifact") from err
+                            expected="an ONNX artifact OpenVINO's ONNX frontend imports (fp32, fp16, int8-ov, "
+                                     "int8-trt)",
+                            fix="build the OpenVINO engine from the .int8-ov.onnx artifact (written by `sedeploy "
+                                "build-engine --int8 --backend openvino`), or from .fp32.onnx") from err
     profile = _profile(model)
     histogram = _op_histogram(model)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{stem}.ov-"))
