@@ -70,7 +70,8 @@ __all__ = ["SCHEMA", "EngineInfo", "machine_description", "assemble_results", "f
 SCHEMA = "sedeploy.bench/1"
 FILES = {"json": "results.json", "csv": "results.csv", "md": "results.md",
          "throughput_plot": "throughput_vs_gflops.png", "latency_plot": "latency_vs_batch.png"}
-_VERSIONED = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt", "matplotlib")
+_VERSIONED = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt", "openvino", "nncf",
+              "matplotlib")
 
 
 @dataclass
