@@ -309,7 +309,6 @@ def to_markdown(res: dict) -> str:
             lines.append(f"| {n} | {a['agreement_pct']:.1f} | {a['top1_pct']:.1f} | {a['max_abs_logit_diff']:.2f} |")
         lines += [""]
     lines += ["## Peers", ""] + [f"- {k}: {v}" for k, v in res["peers"].items()] + [""]
-    lines += ["## Findings", ""] + [f"- {f}" for f in res.get("findings", [])] + [""]
     return "\n".join(lines)
 
 
@@ -404,15 +403,20 @@ def main(argv=None) -> int:
         md["verdicts"] = verdicts(md, a.batches)
         res["models"].append(md)
         print("\n".join(md["verdicts"]), flush=True)
+        write(res, a.out)  # after every model: a long run interrupted later keeps what it measured
     if a.tiny_cache:
         res["tiny"] = tiny_section(a.tiny_cache, a.work, a.threads)
-    res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    (a.out / "results.md").write_text(to_markdown(res))
-    plot(res, a.out / "speedups.png")
+    write(res, a.out)
     print(f"wrote {a.out}/results.json, results.md, speedups.png")
     return 0
+
+
+def write(res: dict, out: Path) -> None:
+    res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    (out / "results.md").write_text(to_markdown(res))
+    plot(res, out / "speedups.png")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
     ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/int8_cpu_forms.md).
 
 ``flavour="ov"`` — what OpenVINO's CPU plugin runs fastest and most faithfully (measured in
-    benchmarks/openvino_peers.md): the CPU flavour's quantizer and placement (every op of :data:`CPU_OPTIONS`,
+    benchmarks/results/openvino_peers/results.md): the CPU flavour's quantizer and placement (every op of :data:`CPU_OPTIONS`,
     squeeze as GlobalAveragePool) written as Q/DQ (:data:`OV_OPTIONS`), with uint8 activations, so a tensor after a
     ReLU uses all 8 bits (the TensorRT flavour's signed activations use 7 of them), and full 8-bit weights (no
     ``reduce_range``: OpenVINO's VNNI / AMX int8 kernels do not saturate). OpenVINO cannot read the QOperator CPU
@@ -83,7 +83,7 @@ class CpuOptions:
 #: Measured (benchmarks/int8_cpu_forms.md, trained reference): 1.97× FP32 at batch 8, 97.9 % top-1 agreement —
 #: as fast as any form and within 0.5 pt of the most faithful one (conv-only, 98.4 %, 1.59×).
 CPU_OPTIONS = CpuOptions()
-#: The OpenVINO flavour: the CPU flavour's ops as Q/DQ, full 8-bit weights (benchmarks/openvino_peers.md: on
+#: The OpenVINO flavour: the CPU flavour's ops as Q/DQ, full 8-bit weights (benchmarks/results/openvino_peers/results.md: on
 #: SE-ResNet-50 as fast as NNCF's INT8 and, on the tiny trained model, 99.6 % top-1 agreement vs NNCF's 98.4 %).
 OV_OPTIONS = CpuOptions(format="qdq", reduce_range=False)
 

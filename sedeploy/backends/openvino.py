@@ -21,8 +21,10 @@ Run (:class:`OpenVinoRunner`): compiled for the CPU with the threads pinned like
   OpenVINO's default for an FP32 model is bf16 — a silent precision change sedeploy does not make. After
   compiling, the hint is read back; a CPU that cannot honour it is an error, not a fallback.
 - ``PERFORMANCE_HINT``: :data:`DEFAULT_PERFORMANCE_HINT` (LATENCY: one stream using all the threads). Measured
-  against THROUGHPUT with one synchronous request (which then gets one of several streams, i.e. fewer threads):
-  see ``benchmarks/results/openvino_peers/results.md``.
+  against THROUGHPUT with the one synchronous request sedeploy's runners make (THROUGHPUT splits the threads into
+  several streams and a single request gets one of them): SE-ResNet-50, 2 threads, interleaved, × ORT FP32 at
+  batch 1 / 8 — FP32 engine 1.05 / 1.08 with LATENCY vs 0.55 / 0.57 with THROUGHPUT; INT8 (int8-trt artifact)
+  3.86 / 4.40 vs 2.19 / 2.25. THROUGHPUT pays off only with several requests in flight (a server's job).
 - Version: the sidecar's OpenVINO release (major.minor, compared as numbers) must be the installed one; an IR
   saved by another release is refused before anything is compiled.
 """
