@@ -83,8 +83,9 @@ class CpuOptions:
 #: Measured (benchmarks/int8_cpu_forms.md, trained reference): 1.97× FP32 at batch 8, 97.9 % top-1 agreement —
 #: as fast as any form and within 0.5 pt of the most faithful one (conv-only, 98.4 %, 1.59×).
 CPU_OPTIONS = CpuOptions()
-#: The OpenVINO flavour: the CPU flavour's ops as Q/DQ, full 8-bit weights (benchmarks/results/openvino_peers/results.md: on
-#: SE-ResNet-50 as fast as NNCF's INT8 and, on the tiny trained model, 99.6 % top-1 agreement vs NNCF's 98.4 %).
+#: The OpenVINO flavour: the CPU flavour's ops as Q/DQ, full 8-bit weights. Measured interleaved with OpenVINO +
+#: NNCF INT8 (benchmarks/results/openvino_peers/results.md): SE-ResNet-50/101 0.82–1.01× NNCF's speed (a loaded
+#: machine), 1.3–1.8× the int8-trt artifact on OpenVINO; tiny trained model 99.6 % top-1 agreement vs NNCF's 98.4 %.
 OV_OPTIONS = CpuOptions(format="qdq", reduce_range=False)
 
 
