@@ -332,8 +332,8 @@ def plot(res: dict, path: Path) -> None:
         ax.set_yticks(np.arange(len(names)) + width * (len(batches) - 1) / 2, names)
         ax.invert_yaxis()
         ax.set_xlabel("speed relative to OpenVINO + NNCF INT8 (same run; > 1 = faster)")
-        ax.set_title(f"{md['model']} — load {md['loadavg']}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"SE-ResNet-{md['depth']}, load average {md['loadavg'][0]}", fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
