@@ -44,6 +44,10 @@ setup(
         # Serving: `sedeploy package --triton` needs tritonclient (Triton's ModelConfig protobuf); `sedeploy serve`
         # needs nvidia-pytriton (bundles tritonserver; Linux, glibc >= 2.35), which pins numpy < 2.
         "serve": ["nvidia-pytriton>=0.7.0", "tritonclient[http,grpc]>=2.50"],
+        # OpenVINO CPU engines (--backend openvino); NNCF is not needed to run them.
+        "openvino": ["openvino>=2025.0"],
+        # `sedeploy bench --peers`: OpenVINO FP32 and OpenVINO + NNCF INT8 peers measured in the same run.
+        "peers": ["openvino>=2025.0", "nncf>=2.14", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["sedeploy=sedeploy.cli:main"]},
     classifiers=[

@@ -1,7 +1,8 @@
 """The typed record of a portable ONNX artifact (what `build-engine` writes before any backend runs).
 
 An artifact's *kind* is its precision plus, for INT8, its flavour: ``fp32``, ``fp16``, ``int8-trt`` (Q/DQ that
-obeys TensorRT's rules) and ``int8-cpu`` (the fastest form on ONNX Runtime's CPU kernels). The kind is a file-name
+obeys TensorRT's rules) and ``int8-cpu`` (the fastest form on ONNX Runtime's CPU kernels) and ``int8-ov`` (the fastest, most faithful
+Q/DQ form for OpenVINO, written for ``--backend openvino``). The kind is a file-name
 suffix (``<model>.<kind>.onnx``) and is also written into the file's metadata (:data:`sedeploy.onnxcore.META`),
 so :meth:`Artifact.from_file` can tell it from the file alone, renamed or not.
 """
@@ -13,10 +14,10 @@ from typing import Any
 
 from sedeploy.errors import SedeployError
 
-KINDS = ("fp32", "fp16", "int8-trt", "int8-cpu")
-INT8_FLAVOURS = ("trt", "cpu")
+KINDS = ("fp32", "fp16", "int8-trt", "int8-cpu", "int8-ov")
+INT8_FLAVOURS = ("trt", "cpu", "ov")
 #: file-name suffixes of sedeploy's artifacts and engines (stripped to recover the model's name)
-_SUFFIXES = (".fp32", ".fp16", ".int8-trt", ".int8-cpu", ".ort-opt", ".ov")
+_SUFFIXES = (".fp32", ".fp16", ".int8-trt", ".int8-cpu", ".int8-ov", ".ort-opt", ".ov")
 
 
 @dataclass

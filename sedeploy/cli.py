@@ -290,6 +290,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
       <model>.fp16.onnx      FP16 graph, FP32 inputs/outputs (TensorRT 11 builds it as FP16)
       <model>.int8-trt.onnx  symmetric Q/DQ that obeys TensorRT's rules (checked by `sedeploy inspect`)
       <model>.int8-cpu.onnx  the form that runs fastest on ONNX Runtime CPU
+      <model>.int8-ov.onnx   uint8-activation Q/DQ, fastest and most faithful on OpenVINO (--backend openvino)
     \b
     OUT_DIR always holds one complete build: the set is written into a staging folder inside it and published
     with manifest.json only when everything succeeded (files of the previous build that this one does not
@@ -405,6 +406,12 @@ def parse_batch_list(text: str) -> list[int]:
               help="Time PyTorch eager FP32 (channels_last) of the same model in the same run.")
 @click.option("--checkpoint", help="Checkpoint the engines were exported from (for the PyTorch baseline).")
 @click.option("--compare-plain", is_flag=True, help="Also time the same depth without SE: what SE costs.")
+@click.option("--peers", is_flag=True,
+              help="Also time and score OpenVINO FP32 and OpenVINO + NNCF INT8 (NNCF's default preset, on the "
+                   "images sedeploy calibrated on) of the same FP32 ONNX, interleaved with the engines "
+                   "(`pip install 'sedeploy[peers]'`).")
+@click.option("--peer-calib", type=click.Path(path_type=Path),
+              help="Calibration images for the NNCF peer [default: those recorded in the build's manifest.json].")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Measure this machine's fp32/int8 GEMM ceiling first (for achieved-GFLOP/s fractions).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
@@ -418,14 +425,14 @@ def parse_batch_list(text: str) -> list[int]:
 @common
 @handle_errors
 def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, settle, max_seconds, reference,
-          torch_baseline, checkpoint, compare_plain, probe, out_dir, no_plots, image_limit, max_top1_drop,
-          min_agreement, label_offset, as_json, verbose):
+          torch_baseline, checkpoint, compare_plain, peers, peer_calib, probe, out_dir, no_plots, image_limit,
+          max_top1_drop, min_agreement, label_offset, as_json, verbose):
     """Throughput, latency and top-1 drift of engines, timed interleaved in one run, against FLOPs.
 
     \b
-    ENGINES are ONNX artifacts/engines, TensorRT .plan files (with their .trt.json), or a build-engine
-    output folder (its manifest.json lists them) [default: engines/, where build-engine writes]. One must be
-    FP32: drift is measured against it.
+    ENGINES are ONNX artifacts/engines, TensorRT .plan files (with their .trt.json), OpenVINO .ov.xml files
+    (with their .ov.bin and .ov.json), or a build-engine output folder (its manifest.json lists them)
+    [default: engines/, where build-engine writes]. One must be FP32: drift is measured against it.
     \b
     Examples:
       sedeploy bench                                            engines/ at batch 1, 8, 32
@@ -445,8 +452,8 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
         res = run_bench(list(engines), images=images, labels=labels, synsets=synsets, batches=sizes,
                         threads=threads, warmup=warmup, repeats=repeats, settle=settle, max_seconds=max_seconds,
                         reference=reference, torch_baseline=torch_baseline, checkpoint=checkpoint,
-                        compare_plain=compare_plain, probe=probe, out_dir=out_dir, plots=not no_plots,
-                        progress=_progress(as_json), max_top1_drop=max_top1_drop,
+                        compare_plain=compare_plain, peers=peers, peer_calib=peer_calib, probe=probe,
+                        out_dir=out_dir, plots=not no_plots, progress=_progress(as_json), max_top1_drop=max_top1_drop,
                         min_agreement=min_agreement, image_limit=image_limit, label_offset=label_offset)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
         click.echo(bench_command_summary(stop.results), err=True)

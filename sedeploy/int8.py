@@ -29,6 +29,13 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
     and activations stay uint8 from one convolution to the next. The settings are the measured optimum of
     ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/results/int8_cpu_forms/results.md).
 
+``flavour="ov"`` — what OpenVINO's CPU plugin runs fastest and most faithfully (measured in
+    benchmarks/results/openvino_peers/results.md): the CPU flavour's quantizer and placement (every op of :data:`CPU_OPTIONS`,
+    squeeze as GlobalAveragePool) written as Q/DQ (:data:`OV_OPTIONS`), with uint8 activations, so a tensor after a
+    ReLU uses all 8 bits (the TensorRT flavour's signed activations use 7 of them), and full 8-bit weights (no
+    ``reduce_range``: OpenVINO's VNNI / AMX int8 kernels do not saturate). OpenVINO cannot read the QOperator CPU
+    flavour at all (QLinearConv with per-channel scales and the com.microsoft QLinear ops fail to convert).
+
 SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float — in the TensorRT
 flavour that is the FP16 graph's float16 unless the keep-FP32 policy says otherwise —, ``"int8"`` quantizes it
 like the rest. :data:`DEFAULT_SE_POLICY` is chosen from measured drift and speed (benchmarks/results/int8_cpu_forms/results.md).
@@ -54,7 +61,7 @@ from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, attr, comput
 
 log = logging.getLogger("sedeploy")
 
-FLAVOURS = ("trt", "cpu")
+FLAVOURS = ("trt", "cpu", "ov")
 SE_POLICIES = ("fp32", "int8")
 #: Chosen by benchmarks/int8_cpu_forms.py on the trained reference SE-ResNet-50 (Imagenette val, 3,925 images):
 #: quantizing SE runs 1.97× FP32 at batch 8 against 1.60× with SE in FP32, for 97.9 % vs 98.1 % top-1 agreement
@@ -93,6 +100,10 @@ class CpuOptions:
 #: Measured (benchmarks/results/int8_cpu_forms/results.md, trained reference): 1.97× FP32 at batch 8, 97.9 % top-1 agreement —
 #: as fast as any form and within 0.5 pt of the most faithful one (conv-only, 98.4 %, 1.59×).
 CPU_OPTIONS = CpuOptions()
+#: The OpenVINO flavour: the CPU flavour's ops as Q/DQ, full 8-bit weights. Measured interleaved with OpenVINO +
+#: NNCF INT8 (benchmarks/results/openvino_peers/results.md): SE-ResNet-50/101 0.82–1.01× NNCF's speed (a loaded
+#: machine), 1.3–1.8× the int8-trt artifact on OpenVINO; tiny trained model 99.6 % top-1 agreement vs NNCF's 98.4 %.
+OV_OPTIONS = CpuOptions(format="qdq", reduce_range=False)
 
 
 @dataclass
@@ -185,13 +196,15 @@ def _check_ranges(model, calibration: CalibrationResult, tensors: list[str], lab
 
 
 #: symmetric weight levels per flavour: TensorRT int8 [-127, 127]; ORT with reduce_range int8 [-64, 64]
-_WEIGHT_QMAX = {"trt": 127.0, "cpu": 64.0}
+_WEIGHT_QMAX = {"trt": 127.0, "cpu": 64.0, "ov": 127.0}  # the CPU flavour uses 7-bit weights (reduce_range)
 #: On for both flavours, by measurement (benchmarks/results/int8_calibration/, every layer INT8, percentile ranges,
 #: top-1 agreement / mean KL vs FP32). CPU flavour (7-bit weights): tiny SE-ResNet-18 99.4 → 99.6 %, KL 5.70e-3 →
 #: 4.94e-3; foreign MobileNetV3-like 99.67 → 100 %; SE-ResNet-50 (random weights, real images) 86.5 → 90.6 %, KL
 #: 0.167 → 0.099. TensorRT flavour: tiny 99.0 → 99.4 % (KL 9.19e-3 → 1.00e-2, the one worse KL), foreign
 #: 99.67 → 100 %, SE-ResNet-50 KL 0.087 → 0.079. Never lower agreement with the default estimator.
-DEFAULT_BIAS_CORRECTION = {"cpu": True, "trt": True}
+#: The OpenVINO flavour's figures (benchmarks/results/openvino_peers/) were measured without bias correction; it
+#: stays off there until it is measured on that flavour.
+DEFAULT_BIAS_CORRECTION = {"cpu": True, "trt": True, "ov": False}
 
 
 def _fake_quant(w: np.ndarray, axis: int, qmax: float) -> np.ndarray:
@@ -557,7 +570,8 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     t0 = time.perf_counter()
     if flavour not in FLAVOURS:
         raise SedeployError(f"Unknown INT8 flavour {flavour!r}.", expected=f"one of {', '.join(FLAVOURS)}",
-                            fix="pass flavour='trt' (TensorRT Q/DQ) or 'cpu' (fastest on ONNX Runtime CPU)")
+                            fix="pass flavour='trt' (TensorRT Q/DQ), 'cpu' (fastest on ONNX Runtime CPU) or 'ov' "
+                                "(OpenVINO)")
     if se not in SE_POLICIES:
         raise SedeployError(f"Unknown SE precision policy {se!r}.", expected=f"one of {', '.join(SE_POLICIES)}",
                             fix=f"pass se='{DEFAULT_SE_POLICY}' (the measured default)")
@@ -594,7 +608,7 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
                                         DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32, set(exclude))
         fmt = "QDQ"
     else:
-        options = cpu_options or CPU_OPTIONS
+        options = cpu_options or (OV_OPTIONS if flavour == "ov" else CPU_OPTIONS)
         model, settings = _cpu_quantize(model, calibration, se, label, options, set(exclude))
         fmt = "QOperator" if options.format == "qoperator" else "QDQ"
     settings["strong_typing"] = require_strong_typing(model, label).summary()

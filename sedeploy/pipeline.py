@@ -6,6 +6,7 @@ Data flow (every step reported in the result, every file written atomically)::
                                   │
                                   └─ calibrate on images ─▶ <stem>.int8-trt.onnx  (TensorRT Q/DQ rules, validated)
                                                             <stem>.int8-cpu.onnx  (fastest ONNX Runtime CPU form)
+                                                            <stem>.int8-ov.onnx   (OpenVINO form, --backend openvino)
     each artifact ─ backend ─▶ ONNX Runtime optimized graph (.ort-opt.onnx + .ort.json),
                                TensorRT plan (.plan + .trt.json) or OpenVINO model (.ov.xml + .ov.json)
 
@@ -373,7 +374,8 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
     if calib.cache_hit:
         res.calibration["computed_seconds"] = calib.seconds  # what the cached run took
     se = int8.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
-    for flavour in ("trt", "cpu"):
+    # the OpenVINO form only when OpenVINO engines are built (ORT and TensorRT have their own forms)
+    for flavour in ("trt", "cpu", *(("ov",) if opt.backend == "openvino" else ())):
         t0 = time.perf_counter()
         path = artifact_path(out, stem, f"int8-{flavour}")
         # the TensorRT flavour is the FP16 graph with Q/DQ: it takes the FP16 artifact's keep-FP32 policy

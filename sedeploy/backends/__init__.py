@@ -62,7 +62,7 @@ BACKENDS: dict[str, Backend] = {
     "trt": Backend("trt", "TensorRT", "sedeploy.backends.tensorrt", "TrtRunner", ("fp32", "fp16", "int8-trt"),
                    (".plan",), "tensorrt", "tensorrt", "gpu", ".trt.json"),
     "openvino": Backend("openvino", "OpenVINO", "sedeploy.backends.openvino", "OpenVinoRunner",
-                        ("fp32", "fp16", "int8-trt", "int8-cpu"), (".ov.xml",), "openvino", "openvino", "cpu",
+                        ("fp32", "fp16", "int8-ov"), (".ov.xml",), "openvino", "openvino", "cpu",
                         ".ov.json", ("threads",)),
 }
 

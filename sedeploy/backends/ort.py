@@ -107,7 +107,8 @@ def optimized_graph_histogram(path: str | Path, level: str = "all", threads: int
         return op_histogram(out)
 
 
-def _cpu_description() -> dict[str, Any]:
+def cpu_description() -> dict[str, Any]:
+    """This CPU's name, architecture and the vector / matrix features that change which kernels run."""
     name, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -163,7 +164,7 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
         "providers": active, "optimization": str(optimization).lower(), "intra_op_threads": threads_used,
         "precision": precision, "source_model": str(src), "source_sha256": sha256_file(src),
         "engine_sha256": sha256_file(final), "nchwc_nodes": nchwc, "op_histogram": histogram,
-        "machine_specific": machine_specific, **_cpu_description(),
+        "machine_specific": machine_specific, **cpu_description(),
         "note": ("optimized for this CPU's vector width (NCHWc blocking); it loads on other x86-64 CPUs but is "
                  "tuned and verified for this kind of machine only; rebuild per machine, or use "
                  "optimization 'extended' for a portable file") if machine_specific else

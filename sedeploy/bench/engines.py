@@ -37,6 +37,9 @@ __all__ = ["EngineSpec", "expand_engine_paths", "describe_engine", "check_same_m
 #: metadata fields that must agree between engines of one benchmark (sedeploy export writes them)
 IDENTITY_FIELDS = ("sedeploy.model", "sedeploy.depth", "sedeploy.se", "sedeploy.num_classes", "sedeploy.weights",
                    "sedeploy.params", "sedeploy.block_style")
+#: backends whose engines keep the ONNX graph's batch dimension: fixed there → that one batch only (TensorRT
+#: engines instead accept any batch up to their optimization profile's max)
+FIXED_BATCH_BACKENDS = ("ort", "openvino")
 _RANDOM_WEIGHTS = re.compile(r"^random \(seed (\d+)\)$")
 
 
@@ -57,8 +60,10 @@ class EngineSpec:
 
     @property
     def static_batch(self) -> int | None:
-        """The one batch size an ONNX graph with a fixed batch dimension accepts (None: any)."""
-        return self.max_batch if self.backend == "ort" else None
+        """The one batch size a graph with a fixed batch dimension accepts (None: any)."""
+        if self.backend in FIXED_BATCH_BACKENDS:
+            return self.max_batch
+        return None
 
     @property
     def input_size(self) -> int | None:
@@ -152,10 +157,15 @@ def _describe_compiled(path: Path, backend: str) -> EngineSpec:
     if len(hi) != 4:
         raise SedeployError(f"The sidecar of '{path}' has no 4-D input profile ({prof}).",
                             fix=f"rebuild the engine with `sedeploy build-engine --backend {backend}`")
+    # a batch of −1 (OpenVINO, dynamic batch) has no upper limit; a fixed one is the only batch the engine takes
+    top = int(hi[0])
+    lo = prof.get("min") or hi
+    fixed = backend in FIXED_BATCH_BACKENDS and top > 0 and int(lo[0]) == top
     return EngineSpec(name=path.name, path=path, backend=backend, precision=str(side.get("precision", "fp32")),
                       flavour=str(meta.get(META.FLAVOUR) or ""), meta=meta,
-                      input_shape=(None, *map(int, hi[1:])), num_classes=meta.get("sedeploy.num_classes"),
-                      max_batch=int(hi[0]), sidecar=side)
+                      input_shape=(top if fixed else None, *map(int, hi[1:])),
+                      num_classes=meta.get("sedeploy.num_classes"), max_batch=top if top > 0 else None,
+                      sidecar=side)
 
 
 def unique_names(specs: list[EngineSpec]) -> None:
@@ -223,7 +233,7 @@ def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
     for s in specs:
         if s.max_batch is None:
             continue
-        static = s.backend == "ort"
+        static = s.backend in FIXED_BATCH_BACKENDS
         bad = [b for b in batch_sizes if (b != s.max_batch if static else b > s.max_batch)]
         if bad:
             what = (f"has a static batch of {s.max_batch}" if static

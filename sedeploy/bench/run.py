@@ -230,7 +230,8 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               probe: bool = True, probe_seconds: float = 2.0, out_dir: str | Path | None = None, plots: bool = True,
               progress: bool = True, max_top1_drop: float | None = None, min_agreement: float | None = None,
               image_limit: int | None = None, eval_batch: int = 32, synsets: str | Path | None = None,
-              providers=None, optimization: str = "all", settle: int = 1, label_offset: int = 0) -> dict[str, Any]:
+              providers=None, optimization: str = "all", settle: int = 1, label_offset: int = 0,
+              peers: bool = False, peer_calib: str | Path | None = None) -> dict[str, Any]:
     """Benchmark ``engines`` (files, or ``build-engine`` output folders) and return the results dict
     (:mod:`sedeploy.bench.report` schema, plus ``notes``, ``gate``, ``flops`` and ``se_cost``).
 
@@ -241,7 +242,10 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     ``compare_plain``: also time the same depth without SE. ``probe``: measure the GEMM ceilings.
     ``label_offset``: model output k + offset is dataset class k (1001-class models with a background class: 1).
     A reference whose graph ends in Softmax is compared on log-probabilities (softmax(log p) = p, so agreement
-    and KL keep their meaning; said in ``notes``). ``out_dir``: write results.json/csv/md and the plots. Budgets fill ``results["gate"]["violations"]`` (the
+    and KL keep their meaning; said in ``notes``). ``peers``: also time and score OpenVINO FP32 and OpenVINO + NNCF
+    INT8 of the reference's FP32 ONNX (:mod:`sedeploy.bench.peers`; NNCF calibrates on the build's images, or on
+    ``peer_calib``).
+    ``out_dir``: write results.json/csv/md and the plots. Budgets fill ``results["gate"]["violations"]`` (the
     caller decides the exit code). Raises :class:`SedeployError` for bad input, :class:`BenchInterrupted` on
     Ctrl-C after writing the partial results.
     """
@@ -293,6 +297,18 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     try:
         for s in specs:
             runners[s.name] = E.start_runner(s, threads=threads, providers=providers, optimization=optimization)
+        peer_rows: dict[str, str] = {}
+        if peers:
+            from sedeploy.bench.peers import make_peers
+
+            for peer in make_peers(ref, pp, threads=threads, calib=peer_calib):
+                if peer.spec.name in runners:
+                    raise SedeployError(f"An engine is named like the peer '{peer.spec.name}'.",
+                                        fix="rename that engine file")
+                runners[peer.spec.name] = peer.runner.activate()
+                specs.append(peer.spec)
+                peer_rows[peer.spec.name] = peer.about
+                notes.append(f"Peer {peer.spec.name}: {peer.about}.")
         probe_x = smooth_noise(ref.static_batch or 1, pp.size, seed=0)
         ref_out = np.asarray(runners[ref.name].infer(_prepare(runners[ref.name], probe_x)))
         num_classes = int(ref_out.shape[1])
@@ -327,7 +343,8 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               "n_images": int(len(x)) if x is not None else 0, "eval_batch": eval_batch,
               "preprocess": pp.as_dict(), "max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
               "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain,
-              "weights": str(ref.meta.get("sedeploy.weights") or "unknown (not recorded in the model)")}
+              "weights": str(ref.meta.get("sedeploy.weights") or "unknown (not recorded in the model)"),
+              "peers": peer_rows or None}
     state: dict[str, Any] = {"ceilings": None, "timing": None, "accuracy": None, "stage": "setup"}
     extra_runners: dict[str, Any] = {}
     tmp = tempfile.TemporaryDirectory(prefix="sedeploy-bench-")

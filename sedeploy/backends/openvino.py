@@ -1,0 +1,383 @@
+"""OpenVINO backend (CPU): the same ONNX artifacts as the other backends, saved as OpenVINO IR and run by OpenVINO.
+
+``openvino`` is imported only inside functions: this module imports, and its pure parts are tested, anywhere.
+Without the package every entry point raises :class:`~sedeploy.errors.MissingDependencyError` (exit 4) with the
+install hint ``pip install 'sedeploy[openvino]'``.
+
+Build (:func:`build_engine`): ``Core().read_model(artifact.onnx)`` → ``save_model`` as ``<stem>.ov.xml`` +
+``<stem>.ov.bin`` (both published, or neither), with the weights kept as they are in the graph
+(``compress_to_fp16=False``: ``save_model`` would otherwise store FP32 weights as FP16 by default), then a JSON
+sidecar ``<stem>.ov.json`` (OpenVINO version, precision read from the graph, source sha256, CPU, threads, the
+inference-precision and performance hints). OpenVINO reads sedeploy's Q/DQ INT8 artifacts and turns them into
+int8 kernels with its low-precision transformations: ``.int8-ov.onnx`` (uint8 activations, the form built by
+default, see :mod:`sedeploy.int8`) and ``.int8-trt.onnx`` (signed activations: slower and less faithful here). It
+does not read the ONNX Runtime QOperator form (``.int8-cpu.onnx``): that is refused with the ops it cannot convert.
+
+Run (:class:`OpenVinoRunner`): compiled for the CPU with the threads pinned like ONNX Runtime's
+(``INFERENCE_NUM_THREADS``, default all cores this process may use) and one synchronous infer request.
+
+- Precision: ``INFERENCE_PRECISION_HINT`` is always set explicitly, from the graph's precision (FP32 and INT8
+  graphs: ``f32`` for everything that is not quantized; FP16 graphs: ``f16``). On CPUs with AMX / AVX512-BF16
+  OpenVINO's default for an FP32 model is bf16 — a silent precision change sedeploy does not make. After
+  compiling, the hint is read back; a CPU that cannot honour it is an error, not a fallback.
+- ``PERFORMANCE_HINT``: :data:`DEFAULT_PERFORMANCE_HINT` (LATENCY: one stream using all the threads). Measured
+  against THROUGHPUT with the one synchronous request sedeploy's runners make (THROUGHPUT splits the threads into
+  several streams and a single request gets one of them): SE-ResNet-50, 2 threads, interleaved, × ORT FP32 at
+  batch 1 / 8 — FP32 engine 1.05 / 1.08 with LATENCY vs 0.55 / 0.57 with THROUGHPUT; INT8 (int8-trt artifact)
+  3.86 / 4.40 vs 2.19 / 2.25. THROUGHPUT pays off only with several requests in flight (a server's job).
+- Version: the sidecar's OpenVINO release (major.minor, compared as numbers) must be the installed one; an IR
+  saved by another release is refused before anything is compiled.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, sidecar_path, validate_input, \
+    write_sidecar
+from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
+from sedeploy.fsutil import ensure_writable_dir
+
+__all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "parse_ov_version", "ov_version",
+           "require_openvino", "precision_hint_for", "compile_config", "layer_times", "DEFAULT_PERFORMANCE_HINT"]
+
+ENGINE_SUFFIX = ".ov.xml"
+WEIGHTS_SUFFIX = ".ov.bin"
+DEVICE = "CPU"
+#: LATENCY: one stream with all threads serves one synchronous request best (measured, see the module docstring)
+DEFAULT_PERFORMANCE_HINT = "LATENCY"
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+#: graph precision → OpenVINO inference precision for its non-quantized parts (never OpenVINO's bf16 default)
+_PRECISION_HINTS = {"fp32": "f32", "int8": "f32", "fp16": "f16"}
+#: FP32 parity with ONNX Runtime checked at build time: max |Δlogit| ≤ this × max |logit|
+FP32_PARITY_RTOL = 1e-4
+#: how many leading version numbers must agree between the sidecar and the installed OpenVINO (year.release)
+VERSION_FIELDS = 2
+
+
+def require_openvino(purpose: str):
+    """``import openvino`` or exit 4 with the install hint."""
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise MissingDependencyError("openvino", "openvino", purpose) from err
+    return ov
+
+
+def parse_ov_version(text: str) -> tuple[int, int, int]:
+    """``"2026.4.1-22982-e213a147257-releases/2026/4"`` → ``(2026, 4, 1)``; ``"2025.0"`` → ``(2025, 0, 0)``.
+    Numbers, never text ("2025.10" > "2025.9")."""
+    match = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(text))
+    if not match:
+        raise SedeployError(f"Cannot read an OpenVINO version from {text!r}.",
+                            expected="a version such as '2026.4.1-22982-…' or '2025.0'")
+    return tuple(int(g or 0) for g in match.groups())  # type: ignore[return-value]
+
+
+def ov_version() -> tuple[int, int, int]:
+    """The installed OpenVINO release (exit 4 when the package is missing)."""
+    return parse_ov_version(require_openvino("Reading the OpenVINO version").get_version())
+
+
+def precision_hint_for(precision: str) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` a graph of ``precision`` runs with."""
+    try:
+        return _PRECISION_HINTS[precision]
+    except KeyError:
+        raise SedeployError(f"Unknown precision {precision!r}.", expected="fp32, fp16 or int8") from None
+
+
+def compile_config(*, threads: int, precision_hint: str, performance_hint: str = DEFAULT_PERFORMANCE_HINT,
+                   perf_counters: bool = False) -> dict[str, Any]:
+    """The CPU compile properties sedeploy uses (explicit threads, precision and performance hint)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise SedeployError(f"threads = {threads!r} is not valid.", expected="a positive integer",
+                            fix="omit --threads to use one per core this process may use")
+    if performance_hint not in PERFORMANCE_HINTS:
+        raise SedeployError(f"OpenVINO performance hint {performance_hint!r}.",
+                            expected=f"one of {', '.join(PERFORMANCE_HINTS)}")
+    return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision_hint,
+            "PERFORMANCE_HINT": performance_hint, "PERF_COUNT": bool(perf_counters)}
+
+
+def _default_threads() -> int:
+    from sedeploy.onnxcore import default_threads
+
+    return default_threads()
+
+
+class OpenVinoModelRunner(Runner):
+    """Runs a model OpenVINO reads (an ``ov.Model`` in memory, an IR ``.xml`` or an ``.onnx`` file) on the CPU
+    with explicit threads and precision. :class:`OpenVinoRunner` adds the sidecar checks for sedeploy engines;
+    this class alone serves the peers of a benchmark (OpenVINO reading the FP32 ONNX, an NNCF-quantized model)."""
+
+    backend = "openvino"
+    timer_coverage = ("OpenVINO InferRequest.infer (one synchronous request): host numpy batch in → host numpy "
+                      "logits out (copied)")
+
+    def __init__(self, source, *, precision: str, label: str | None = None, threads: int | None = None,
+                 performance_hint: str = DEFAULT_PERFORMANCE_HINT, perf_counters: bool = False):
+        self.ov = require_openvino("Running OpenVINO models")
+        is_path = isinstance(source, (str, os.PathLike))
+        super().__init__(source if is_path else None)
+        if is_path and not self.path.is_file():
+            raise SedeployError(f"The OpenVINO model '{self.path}' does not exist.", fix="check the path")
+        self.source = source
+        self.label = label
+        self.precision = precision
+        self.precision_hint = precision_hint_for(precision)
+        self.threads = _default_threads() if threads is None else threads
+        self.performance_hint = performance_hint
+        self.config = compile_config(threads=self.threads, precision_hint=self.precision_hint,
+                                     performance_hint=performance_hint, perf_counters=perf_counters)
+        self.compiled = self.request = None
+
+    @property
+    def name(self) -> str:
+        return self.label or super().name
+
+    def _activate(self) -> None:
+        core = self.ov.Core()
+        src = str(self.source) if self.path is not None else self.source
+        try:
+            self.compiled = core.compile_model(src, DEVICE, self.config)
+        except RuntimeError as err:
+            raise SedeployError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the CPU: "
+                                f"{_first_line(err)}",
+                                fix="rebuild the engine with `sedeploy build-engine --backend openvino`") from err
+        got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        got = got.get_type_name() if hasattr(got, "get_type_name") else str(got).lower()
+        if got != self.precision_hint:
+            self.compiled = None
+            raise SedeployError(f"OpenVINO compiled '{self.name}' with inference precision {got}, not the "
+                                f"{self.precision_hint} its {self.precision.upper()} graph asks for (this CPU "
+                                f"offers {', '.join(core.get_property(DEVICE, 'OPTIMIZATION_CAPABILITIES'))}).",
+                                fix="run this engine on a CPU that supports its precision, or use the FP32 "
+                                    "artifact (sedeploy does not change precision silently)")
+        inputs = self.compiled.inputs
+        if len(inputs) != 1:
+            raise SedeployError(f"'{self.name}' has {len(inputs)} inputs.", expected="one image-batch input")
+        inp = inputs[0]
+        self.input_name = inp.get_any_name()
+        self.input_shape = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
+        self.input_dtype = np.dtype(inp.get_element_type().to_dtype())
+        self.request = self.compiled.create_infer_request()
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        x = validate_input(x, name=self.input_name, dtype=self.input_dtype, shape=self.input_shape,
+                           engine=f"OpenVINO ({self.name})")
+        self.request.infer({0: x})
+        return np.array(self.request.get_output_tensor(0).data, copy=True)
+
+    def _deactivate(self) -> None:
+        self.request = self.compiled = None
+
+    def layer_times(self) -> list[dict[str, Any]]:
+        """Per-layer times of the last inference (needs ``perf_counters=True``); see :func:`layer_times`."""
+        if self.request is None:
+            raise SedeployError(f"The OpenVINO runner for '{self.name}' is not active.",
+                                fix="call activate() and infer() first")
+        if not self.config["PERF_COUNT"]:
+            raise SedeployError(f"'{self.name}' was compiled without performance counters.",
+                                fix="construct the runner with perf_counters=True")
+        return layer_times(self.request)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"openvino_version": self.ov.get_version(), "device": DEVICE, "threads": self.threads,
+                  "inference_precision_hint": self.precision_hint, "performance_hint": self.performance_hint,
+                  "infer_requests": 1})
+        if self.path is None:
+            d["source"] = "in-memory ov.Model"
+        return d
+
+
+class OpenVinoRunner(OpenVinoModelRunner):
+    """Runs a sedeploy OpenVINO engine (``<stem>.ov.xml`` + ``.ov.bin`` + ``.ov.json``); ``infer(x)`` returns the
+    logits. The sidecar is checked on construction: an engine saved by another OpenVINO release is refused."""
+
+    def __init__(self, path: str | Path, *, threads: int | None = None,
+                 performance_hint: str = DEFAULT_PERFORMANCE_HINT, perf_counters: bool = False):
+        path = Path(path)
+        if not path.name.endswith(ENGINE_SUFFIX):
+            raise SedeployError(f"'{path}' is not an OpenVINO engine file.",
+                                expected=f"a file ending in {ENGINE_SUFFIX} written by `sedeploy build-engine "
+                                         "--backend openvino`")
+        if not path.is_file():
+            raise SedeployError(f"The OpenVINO engine '{path}' does not exist.", fix="check the path")
+        weights = path.with_name(path.name[: -len(ENGINE_SUFFIX)] + WEIGHTS_SUFFIX)
+        if not weights.is_file():
+            raise SedeployError(f"The weights file '{weights}' of the OpenVINO engine '{path}' is missing.",
+                                fix="rebuild the engine with `sedeploy build-engine --backend openvino`")
+        self.sidecar = read_sidecar(sidecar_path(path), engine=path)
+        ov = require_openvino("Running OpenVINO engines (--backend openvino)")
+        check_version(self.sidecar, ov.get_version(), engine=path)
+        precision = str(self.sidecar.get("precision", ""))
+        if precision not in _PRECISION_HINTS:
+            raise SedeployError(f"The sidecar of '{path}' records precision {precision!r}.",
+                                expected="fp32, fp16 or int8",
+                                fix="rebuild the engine with `sedeploy build-engine --backend openvino`")
+        super().__init__(path, precision=precision, threads=threads, performance_hint=performance_hint,
+                         perf_counters=perf_counters)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"precision": self.precision, "built_with_openvino": self.sidecar.get("openvino_version"),
+                  "source_model": self.sidecar.get("source_model")})
+        return d
+
+
+def check_version(sidecar: dict[str, Any], installed: str, *, engine: str | Path) -> None:
+    """Refuse an engine whose sidecar names another OpenVINO release than the installed one (year.release)."""
+    built = sidecar.get("openvino_version")
+    if not built:
+        raise SedeployError(f"The sidecar of '{engine}' does not say which OpenVINO saved it.",
+                            fix="rebuild the engine with `sedeploy build-engine --backend openvino`")
+    a, b = parse_ov_version(built)[:VERSION_FIELDS], parse_ov_version(installed)[:VERSION_FIELDS]
+    if a != b:
+        raise SedeployError(f"The OpenVINO engine '{engine}' was saved by OpenVINO {built}; OpenVINO {installed} "
+                            "is installed.", expected=f"the same OpenVINO release ({'.'.join(map(str, a))})",
+                            fix=f"rebuild it here with `sedeploy build-engine {sidecar.get('source_model') or 'MODEL'}"
+                                f" --backend openvino`, or install openvino=={'.'.join(map(str, a))}.*")
+
+
+def layer_times(request) -> list[dict[str, Any]]:
+    """The executed layers of an infer request's last inference, with their real time in µs (compiled with
+    ``PERF_COUNT``): node name, type, kernel (exec_type, e.g. ``brgconv_avx512_amx_I8``), status."""
+    out = []
+    for p in request.get_profiling_info():
+        status = str(p.status).rsplit(".", 1)[-1]
+        if status != "EXECUTED":
+            continue
+        out.append({"name": p.node_name, "type": p.node_type, "exec_type": p.exec_type,
+                    "real_us": p.real_time.total_seconds() * 1e6, "cpu_us": p.cpu_time.total_seconds() * 1e6})
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    return lines[0] if lines else type(err).__name__
+
+
+def _op_histogram(model) -> dict[str, int]:
+    return dict(Counter(op.get_type_name() for op in model.get_ordered_ops()).most_common())
+
+
+def _profile(model) -> dict[str, list[int]]:
+    """The input's shape as the other backends' sidecars record a batch profile (−1: dynamic)."""
+    shape = [d.get_length() if d.is_static else -1 for d in model.inputs[0].get_partial_shape()]
+    if len(shape) != 4:
+        raise SedeployError(f"The model's input has shape {shape}.", expected="N×C×H×W (rank 4)")
+    return {"min": [shape[0] if shape[0] > 0 else 1, *shape[1:]], "max": shape}
+
+
+def _parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[str, Any]:
+    """Compile the saved IR as the runner will and compare with ONNX Runtime on the same artifact (smooth test
+    images). FP32 must match to :data:`FP32_PARITY_RTOL` relative; other precisions must give finite logits of
+    the same shape (their agreement is measured on real images by `sedeploy bench`)."""
+    from sedeploy.onnxcore import image_input, load_onnx, run_model
+    from sedeploy.preprocess import smooth_noise
+
+    inp = image_input(load_onnx(src, weights=False, check=False), path=str(src))
+    n = inp.static_batch or 2
+    x = smooth_noise(n, inp.height, seed=3).astype(np.float32)
+    runner = OpenVinoModelRunner(xml, precision=precision, threads=threads)
+    with runner:
+        got = runner.infer(x)
+    ref = run_model(src, x)
+    if got.shape != ref.shape or not np.all(np.isfinite(got)):
+        raise VerificationError(f"OpenVINO's model of '{src}' returns {got.shape} "
+                                f"{'non-finite ' if not np.all(np.isfinite(got)) else ''}logits; ONNX Runtime "
+                                f"returns {ref.shape}. Nothing was written.", fix="report this as a bug")
+    diff = float(np.abs(got.astype(np.float64) - ref).max())
+    scale = float(np.abs(ref).max())
+    check = {"images": n, "max_abs_diff_vs_ort": diff, "max_abs_logit": scale}
+    if precision == "fp32":
+        tol = FP32_PARITY_RTOL * max(1.0, scale)
+        check["tolerance"] = tol
+        if not diff <= tol:
+            raise VerificationError(f"OpenVINO's FP32 model of '{src}' differs from ONNX Runtime by max |Δlogit| "
+                                    f"{diff:.3g} > {tol:.3g} ({FP32_PARITY_RTOL:g} × max |logit|); nothing was "
+                                    "written.", fix="report this as a bug with the model")
+    return check
+
+
+def build_engine(artifact_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
+    """Save ``artifact_path`` (an ONNX artifact) as the OpenVINO engine ``<stem>.ov.xml`` / ``.ov.bin`` plus the
+    sidecar ``<stem>.ov.json`` in ``out_dir``; both model files are published together or not at all."""
+    from sedeploy import __version__
+    from sedeploy.artifacts import Artifact
+    from sedeploy.backends.ort import cpu_description
+    from sedeploy.onnxcore import sha256_file
+
+    options = options or EngineOptions()
+    ov = require_openvino("Building OpenVINO engines (--backend openvino)")
+    src = Path(artifact_path)
+    if not src.is_file():
+        raise SedeployError(f"The ONNX file '{src}' does not exist.", fix="check the path")
+    art = Artifact.from_file(src)
+    out = ensure_writable_dir(out_dir)
+    stem = src.name.removesuffix(".onnx")
+    final_xml, final_bin = out / f"{stem}{ENGINE_SUFFIX}", out / f"{stem}{WEIGHTS_SUFFIX}"
+    sidecar = out / f"{stem}.ov.json"
+    threads = _default_threads() if options.threads is None else options.threads
+    t0 = time.perf_counter()
+    try:
+        model = ov.Core().read_model(str(src))
+    except RuntimeError as err:
+        failed = sorted({op.strip() for line in str(err).splitlines() if line.startswith("-- ") and ":" in line
+                         for op in line.split(":", 1)[1].split(",") if op.strip()})
+        why = f"ops it cannot convert: {', '.join(failed)}" if failed else _first_line(err)
+        hint = (" (the INT8 CPU form is ONNX Runtime's QOperator format, QLinearConv & co.)"
+                if art.kind == "int8-cpu" else "")
+        raise SedeployError(f"OpenVINO {ov.get_version()} cannot read '{src}'{hint}: {why}.",
+                            expected="an ONNX artifact OpenVINO's ONNX frontend imports (fp32, fp16, int8-ov, "
+                                     "int8-trt)",
+                            fix="build the OpenVINO engine from the .int8-ov.onnx artifact (written by `sedeploy "
+                                "build-engine --int8 --backend openvino`), or from .fp32.onnx") from err
+    profile = _profile(model)
+    histogram = _op_histogram(model)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{stem}.ov-"))
+    published: list[Path] = []
+    try:
+        tmp_xml = tmp / f"{stem}{ENGINE_SUFFIX}"
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        tmp_bin = tmp / f"{stem}{WEIGHTS_SUFFIX}"
+        if not tmp_xml.is_file() or not tmp_bin.is_file():
+            raise SedeployError(f"OpenVINO {ov.get_version()} did not write the IR of '{src}' (.xml and .bin).")
+        check = _parity_check(src, tmp_xml, art.precision, threads)
+        metadata = {
+            "backend": "openvino", "sedeploy_version": __version__, "openvino_version": ov.get_version(),
+            "device": DEVICE, "precision": art.precision, "kind": art.kind, "flavour": art.flavour,
+            "source_model": str(src.resolve()), "source_sha256": sha256_file(src),
+            "engine_sha256": sha256_file(tmp_xml), "weights_sha256": sha256_file(tmp_bin),
+            "weights_file": final_bin.name, "compress_to_fp16": False,
+            "threads": threads, "inference_precision_hint": precision_hint_for(art.precision),
+            "performance_hint": DEFAULT_PERFORMANCE_HINT, "profile": profile, "op_histogram": histogram,
+            "build_check": check, **cpu_description(),
+            "note": "OpenVINO IR: portable across CPUs; kernels are chosen when the runner compiles it",
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        os.replace(tmp_bin, final_bin)
+        published.append(final_bin)
+        os.replace(tmp_xml, final_xml)
+        published.append(final_xml)
+        write_sidecar(sidecar, metadata)
+    except BaseException:
+        for f in published:  # an engine without its weights or sidecar is not published
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Engine(path=final_xml, sidecar=sidecar, backend="openvino", precision=art.precision, source=src,
+                  metadata=metadata)

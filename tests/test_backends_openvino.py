@@ -1,0 +1,245 @@
+"""OpenVINO backend: engines built from sedeploy's artifacts, parity with ONNX Runtime, INT8 agreement on the tiny
+trained model, version and precision checks, nothing half-written, exit 4 without openvino, and bench peers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sedeploy.backends import BACKENDS, backend_for_engine, sidecar_path
+from sedeploy.backends import openvino as OVB
+from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
+
+HAVE_OV = importlib.util.find_spec("openvino") is not None
+HAVE_NNCF = importlib.util.find_spec("nncf") is not None
+needs_ov = pytest.mark.skipif(not HAVE_OV, reason="the 'openvino' package is not installed "
+                                                   "(pip install 'sedeploy[openvino]')")
+needs_nncf = pytest.mark.skipif(not (HAVE_OV and HAVE_NNCF), reason="'openvino' and 'nncf' are needed for the "
+                                                                    "peers (pip install 'sedeploy[peers]')")
+
+
+def cli(*args):
+    from sedeploy.cli import cli as entry
+
+    return CliRunner().invoke(entry, list(map(str, args)), catch_exceptions=False)
+
+
+# ------------------------------------------------------------------------------------------ no openvino needed
+def test_versions_compare_as_numbers():
+    assert OVB.parse_ov_version("2026.4.1-22982-e213a147257-releases/2026/4") == (2026, 4, 1)
+    assert OVB.parse_ov_version("2025.10") > OVB.parse_ov_version("2025.9")  # as text "2025.10" < "2025.9"
+    with pytest.raises(SedeployError, match="Cannot read an OpenVINO version"):
+        OVB.parse_ov_version("nightly")
+    side = {"openvino_version": "2025.10.0-1-abc", "source_model": "m.onnx"}
+    OVB.check_version(side, "2025.10.2-7-def", engine="m.ov.xml")  # same release, other patch/build: accepted
+    with pytest.raises(SedeployError, match="saved by OpenVINO 2025.10.0") as err:
+        OVB.check_version(side, "2025.9.0", engine="m.ov.xml")
+    assert "rebuild it here" in err.value.fix
+
+
+def test_table_and_file_names():
+    b = BACKENDS["openvino"]
+    assert "int8-ov" in b.kinds and "int8-cpu" not in b.kinds  # OpenVINO cannot read the QOperator form
+    assert backend_for_engine("x/m.int8-ov.ov.xml").name == "openvino"
+    assert sidecar_path("x/m.fp32.ov.xml") == Path("x/m.fp32.ov.json")
+    cfg = OVB.compile_config(threads=3, precision_hint=OVB.precision_hint_for("fp32"))
+    assert cfg["INFERENCE_NUM_THREADS"] == 3 and cfg["INFERENCE_PRECISION_HINT"] == "f32"
+    assert OVB.precision_hint_for("int8") == "f32" and OVB.precision_hint_for("fp16") == "f16"
+    with pytest.raises(SedeployError, match="threads"):
+        OVB.compile_config(threads=0, precision_hint="f32")
+
+
+def test_missing_openvino_exits_4_with_install_hint(monkeypatch, tiny_onnx, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    res = cli("build-engine", tiny_onnx, "--backend", "openvino", "-o", tmp_path / "out")
+    assert res.exit_code == 4, res.output
+    assert "pip install 'sedeploy[openvino]'" in res.output
+    assert not (tmp_path / "out").exists()  # refused before any work (export, calibration, output folder)
+    with pytest.raises(MissingDependencyError, match="openvino") as err:
+        OVB.OpenVinoModelRunner(tiny_onnx, precision="fp32")
+    assert err.value.exit_code == 4
+
+
+def test_missing_nncf_peers_exit_4(monkeypatch, tiny_onnx):
+    from sedeploy.bench.engines import describe_engine
+    from sedeploy.bench.peers import make_peers
+    from sedeploy.preprocess import Preprocess
+
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(MissingDependencyError) as err:
+        make_peers(describe_engine(tiny_onnx), Preprocess.for_size(32), threads=1)
+    assert err.value.exit_code == 4 and "sedeploy[peers]" in err.value.fix
+
+
+# ------------------------------------------------------------------------------------------ with openvino
+@pytest.fixture(scope="module")
+def ov_build(tiny_trained_art, tmp_path_factory):
+    """`build-engine --int8 --backend openvino` of the tiny trained model (FP32 + INT8-ov engines)."""
+    from sedeploy.pipeline import BuildOptions, build_engines
+
+    if not HAVE_OV:
+        pytest.skip("the 'openvino' package is not installed (pip install 'sedeploy[openvino]')")
+    out = tmp_path_factory.mktemp("ov-build")
+    res = build_engines(tiny_trained_art.onnx_path, out, BuildOptions(int8=True, backend="openvino",
+                                                                       calib=tiny_trained_art.calib_dir,
+                                                                       progress=False))
+    return res, out
+
+
+def _logits(runner, x, chunk=100):
+    with runner:
+        return np.concatenate([runner.infer(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+@needs_ov
+def test_build_writes_ir_and_sidecar(ov_build):
+    from sedeploy.onnxcore import sha256_file
+
+    res, out = ov_build
+    engines = {e["kind"]: e for e in res.engines}
+    assert set(engines) == {"fp32", "int8-ov"}, res.engines  # int8-trt / int8-cpu: artifacts only
+    for kind, e in engines.items():
+        xml = Path(e["path"])
+        assert xml.name.endswith(".ov.xml") and xml.with_name(xml.name.replace(".ov.xml", ".ov.bin")).is_file()
+        side = json.loads(sidecar_path(xml).read_text())
+        assert OVB.parse_ov_version(side["openvino_version"]) == OVB.ov_version()
+        assert side["precision"] == ("fp32" if kind == "fp32" else "int8")
+        assert side["source_sha256"] == sha256_file(e["from"])
+        assert side["inference_precision_hint"] == "f32" and side["compress_to_fp16"] is False
+        assert len(side["profile"]["max"]) == 4 and side["threads"] >= 1
+    assert engines["fp32"]["precision"] == "fp32"
+    assert not list(out.glob(".*ov-*"))  # no temporary folder left behind
+
+
+@needs_ov
+def test_fp32_parity_with_onnxruntime(ov_build, tiny_trained_art):
+    from sedeploy.backends.ort import OrtRunner
+
+    res, out = ov_build
+    fp32 = next(e for e in res.engines if e["kind"] == "fp32")
+    x = tiny_trained_art.images[:200]
+    ref = _logits(OrtRunner(fp32["from"], threads=1), x)
+    runner = OVB.OpenVinoRunner(fp32["path"], threads=1)
+    got = _logits(runner, x)
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert rel <= 1e-4, rel
+    assert runner.describe()["inference_precision_hint"] == "f32"
+
+
+@needs_ov
+def test_precision_hint_is_honoured_not_bf16(ov_build):
+    """On AMX / AVX512-BF16 CPUs OpenVINO's default for an FP32 model is bf16; the runner sets f32 and reads it
+    back from the compiled model."""
+    res, _ = ov_build
+    runner = OVB.OpenVinoRunner(next(e for e in res.engines if e["kind"] == "fp32")["path"], threads=1)
+    with runner:
+        assert runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+        assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+@needs_ov
+def test_int8_agreement_with_fp32(ov_build, tiny_trained_art):
+    from tiny_trained import INT8_MIN_AGREEMENT
+
+    res, _ = ov_build
+    paths = {e["kind"]: e["path"] for e in res.engines}
+    x = tiny_trained_art.images
+    ref = _logits(OVB.OpenVinoRunner(paths["fp32"], threads=2), x).argmax(1)
+    got = _logits(OVB.OpenVinoRunner(paths["int8-ov"], threads=2), x).argmax(1)
+    agreement = float((ref == got).mean())
+    assert agreement >= INT8_MIN_AGREEMENT, agreement
+    assert float((got == tiny_trained_art.labels).mean()) >= 0.9
+
+
+@needs_ov
+def test_int8_trt_builds_and_int8_cpu_is_refused(ov_build, tmp_path):
+    res, out = ov_build
+    arts = {a.kind: a.path for a in res.artifacts}
+    eng = OVB.build_engine(arts["int8-trt"], tmp_path)
+    assert eng.precision == "int8" and eng.path.is_file()
+    with pytest.raises(SedeployError, match="QLinearConv") as err:
+        OVB.build_engine(arts["int8-cpu"], tmp_path / "cpu")
+    assert "int8-ov" in err.value.fix
+    assert not list((tmp_path / "cpu").glob("*"))
+
+
+@needs_ov
+def test_version_mismatch_refused(ov_build, tmp_path):
+    res, out = ov_build
+    xml = Path(next(e for e in res.engines if e["kind"] == "fp32")["path"])
+    for f in (xml, xml.with_name(xml.name.replace(".ov.xml", ".ov.bin")), sidecar_path(xml)):
+        shutil.copy(f, tmp_path / f.name)
+    side = tmp_path / sidecar_path(xml).name
+    data = json.loads(side.read_text())
+    year, release, _ = OVB.ov_version()
+    data["openvino_version"] = f"{year}.{release + 10}.0-1-test"  # numerically newer, textually "smaller"
+    side.write_text(json.dumps(data))
+    with pytest.raises(SedeployError, match=f"saved by OpenVINO {year}.{release + 10}.0"):
+        OVB.OpenVinoRunner(tmp_path / xml.name)
+    data.pop("openvino_version")
+    side.write_text(json.dumps(data))
+    with pytest.raises(SedeployError, match="does not say which OpenVINO"):
+        OVB.OpenVinoRunner(tmp_path / xml.name)
+
+
+@needs_ov
+@pytest.mark.parametrize("fail_at", ["parity", "sidecar"])
+def test_failed_build_leaves_nothing(ov_build, tmp_path, monkeypatch, fail_at):
+    res, _ = ov_build
+    fp32 = next(a.path for a in res.artifacts if a.kind == "fp32")
+    if fail_at == "parity":
+        def boom(*a, **k):
+            raise VerificationError("simulated parity failure")
+        monkeypatch.setattr(OVB, "_parity_check", boom)
+        exc = VerificationError
+    else:
+        def boom(*a, **k):
+            raise OSError("disk full")
+        monkeypatch.setattr(OVB, "write_sidecar", boom)
+        exc = OSError
+    with pytest.raises(exc):
+        OVB.build_engine(fp32, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@needs_ov
+def test_bench_describes_openvino_engines(ov_build):
+    from sedeploy.bench.engines import check_batches, describe_engine
+
+    res, _ = ov_build
+    spec = describe_engine(next(e for e in res.engines if e["kind"] == "int8-ov")["path"])
+    assert spec.backend == "openvino" and spec.precision == "int8" and spec.flavour == "ov"
+    assert spec.input_shape[1:] == (3, 32, 32) and spec.max_batch is None  # dynamic batch: any size
+    check_batches([spec], [1, 8, 64])
+
+
+@needs_nncf
+@pytest.mark.slow
+def test_bench_peers_rows_in_the_same_run(ov_build, tiny_trained_art, tmp_path):
+    from sedeploy.bench.peers import PEER_FP32, PEER_NNCF
+    from sedeploy.bench.run import run_bench
+
+    res, out = ov_build
+    held = Path(tiny_trained_art.heldout_dir)
+    labels = tmp_path / "labels.tsv"  # class folders are "<index>_<name>"
+    labels.write_text("".join(f"{p.relative_to(held).as_posix()}\t{p.parent.name.split('_')[0]}\n"
+                              for p in sorted(held.glob("*/*.png"))))
+    results = run_bench([out], images=held, labels=labels, batches=(1, 4), warmup=1,
+                        repeats=2, peers=True, probe=False, torch_baseline=False, progress=False, image_limit=100,
+                        threads=1)
+    rows = {e["name"]: e for e in results["engines"]}
+    assert PEER_FP32 in rows and PEER_NNCF in rows
+    assert results["config"]["peers"][PEER_NNCF].startswith("nncf.quantize")
+    for name in (PEER_FP32, PEER_NNCF):
+        assert set(rows[name]["batch"]) == {1, 4} or set(rows[name]["batch"]) == {"1", "4"}
+        assert all(st["throughput"] > 0 for st in rows[name]["batch"].values())
+        assert rows[name]["accuracy"]["n_images"] == 100
+    # OpenVINO reading the same FP32 ONNX agrees with sedeploy's FP32 OpenVINO engine; NNCF's INT8 nearly so
+    assert rows[PEER_FP32]["accuracy"]["top1_agreement_pct"] == pytest.approx(100.0)
+    assert rows[PEER_NNCF]["accuracy"]["top1_agreement_pct"] >= 90.0
