@@ -242,8 +242,9 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
                    "[default: the measured choice, see benchmarks/results/int8_cpu_forms/results.md].")
 @click.option("--keep-fp32", default=None, metavar="GROUPS",
               help="FP16 policy: comma list of se_gate, se, head kept in FP32, or 'none' [default: measured].")
-@click.option("--backend", type=click.Choice([*BACKENDS, "none"]), default="ort", show_default=True,
-              help="Engine backend: ort = ONNX Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS, "none"]), default="auto", show_default=True,
+              help="Engine backend: auto = the fastest CPU backend installed (openvino when installed on x86-64, "
+                   "else ort); ort = ONNX Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
                    "`pip install sedeploy[tensorrt]`); openvino = OpenVINO (CPU, `pip install sedeploy[openvino]`); "
                    "none = artifacts only.")
 @click.option("--no-fuse-se", is_flag=True, help="Skip the SE fusion pass.")

@@ -26,6 +26,7 @@ build. A failed or interrupted build leaves the previous set untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ from sedeploy.preprocess import Preprocess
 log = logging.getLogger("sedeploy")
 
 #: --backend values: a backend of the table, or "none" (portable artifacts only)
-BACKEND_CHOICES = (*BACKENDS, "none")
+BACKEND_CHOICES = ("auto", *BACKENDS, "none")
 #: fused vs unfused FP32 logits must agree to FUSION_RTOL × max|logit| (at least FUSION_ATOL). The pass computes
 #: the same arithmetic, but ReduceMean → GlobalAveragePool sums in another order: on SE-ResNet-50 (|logit| ≈ 35)
 #: that moves logits by 2.6e-5, less than ONNX Runtime's own optimization levels do to the unfused graph (3.3e-5).
@@ -66,7 +67,7 @@ class BuildOptions:
     fp16: bool = False
     int8: bool = False
     fuse_se: bool = True
-    backend: str = "ort"
+    backend: str = "auto"  # "auto": sedeploy.backends.default_cpu_backend() (OpenVINO when installed, else ORT)
     calib: str | Path | None = None  # None: the shipped calib/ folder (said in the log)
     calib_method: str | None = None  # None: calibration.DEFAULT_METHOD
     calib_count: int | None = None  # None: calibration.DEFAULT_COUNT
@@ -452,6 +453,12 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     opt = options or BuildOptions()
     t_all = time.perf_counter()
     started = time.time()
+    if opt.backend == "auto":
+        from sedeploy.backends import default_cpu_backend
+
+        opt = dataclasses.replace(opt, backend=default_cpu_backend())
+        log.info("--backend auto: building %s engines (OpenVINO when installed on x86-64, else ONNX Runtime)",
+                 BACKENDS[opt.backend].label)
     _check_options(opt)
     if model is not None:
         _check_model_file(model)
@@ -592,7 +599,8 @@ def _relocate(obj, stage: str, out: str):
 
 
 def _listed_files(manifest: Path) -> set[str]:
-    """The file names (in the output folder) a previous manifest lists: artifacts, engines and their sidecars."""
+    """The file names (in the output folder) a previous manifest lists: artifacts, engines, their companion files
+    and sidecars."""
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -605,6 +613,7 @@ def _listed_files(manifest: Path) -> set[str]:
             for key in ("path", "sidecar"):
                 if isinstance(entry.get(key), str):
                     names.add(Path(entry[key]).name)
+            names.update(Path(f).name for f in entry.get("files") or [] if isinstance(f, str))
     return names
 
 

@@ -73,3 +73,30 @@ def test_open_runner_passes_only_the_options_a_backend_takes(tiny_onnx):
     with runner:
         out = runner.infer(np.zeros((2, 3, 32, 32), np.float32))
     assert out.shape == (2, 10)
+
+
+def test_auto_backend_rule(monkeypatch):
+    """`--backend auto`: OpenVINO when installed on x86-64 (measured faster on CPU), else ONNX Runtime."""
+    import importlib.util
+    import platform
+
+    from sedeploy.backends import default_cpu_backend, resolve_backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "openvino" else real(n, *a))
+    assert default_cpu_backend() == "openvino" and resolve_backend("auto") == "openvino"
+    assert resolve_backend("trt") == "trt"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
+    assert default_cpu_backend() == "ort"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "openvino" else real(n, *a))
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert default_cpu_backend() == "ort"
+
+
+def test_every_table_backend_module_provides_build_and_runner():
+    import importlib
+
+    for row in BACKENDS.values():
+        module = importlib.import_module(row.module)  # importing a backend module imports no backend library
+        assert callable(getattr(module, "build_engine")) and issubclass(getattr(module, row.runner), Runner)

@@ -65,7 +65,7 @@ def add_onnx(tmp_path):
 def _build(model, out, **kw):
     from sedeploy.pipeline import BuildOptions, build_engines
 
-    return build_engines(model, out, BuildOptions(progress=False, **kw))
+    return build_engines(model, out, BuildOptions(backend="ort", progress=False, **kw))
 
 
 # ------------------------------------------------------------------------------------------ locking and staging
@@ -96,7 +96,7 @@ def test_two_concurrent_cli_builds_never_mix(tiny_onnx, tmp_path, cache_env):
     assert any(rc == 0 for rc, _ in results)
     manifest = json.loads((out / "manifest.json").read_text())
     listed = {Path(a["path"]).name for a in manifest["artifacts"]} | \
-             {Path(e[k]).name for e in manifest["engines"] for k in ("path", "sidecar")}
+             {Path(f).name for e in manifest["engines"] for f in e["files"]}
     present = {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"manifest.json"}
     assert listed == present
 
@@ -496,7 +496,7 @@ def test_bare_bench_uses_engines_folder_and_says_so(tiny_onnx, tmp_path, cache_e
     err = one_error(res)
     assert "default folder 'engines/'" in err and "sedeploy build-engine" in err
     assert "out/model.fp32.onnx" not in err
-    built = cli("build-engine", tiny_onnx, cwd=tmp_path, env=cache_env)  # writes engines/ by default
+    built = cli("build-engine", tiny_onnx, "--backend", "ort", cwd=tmp_path, env=cache_env)  # → engines/
     assert built.returncode == 0, built.stderr
     res = cli("bench", "--no-probe", "--no-torch-baseline", "--repeats", 3, "--batch", "1,2", cwd=tmp_path,
               env=cache_env)

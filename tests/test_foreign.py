@@ -52,7 +52,7 @@ def test_build_engine_fixed_batch_foreign_model(foreign_art, tmp_path):
     """FP16 verification, calibration (batch 8 requested) and the INT8 smoke runs all run a batch-1 model."""
     from sedeploy.pipeline import BuildOptions, build_engines, format_result
 
-    opts = BuildOptions(fp16=True, int8=True, calib=foreign_art.calib_dir, calib_batch=8,
+    opts = BuildOptions(backend="ort", fp16=True, int8=True, calib=foreign_art.calib_dir, calib_batch=8,
                         preprocess=foreign_art.preprocess, progress=False)
     res = build_engines(foreign_art.onnx_path, tmp_path / "out", opts)
     assert (res.se_blocks_found, res.se_blocks_fused) == (3, 3)

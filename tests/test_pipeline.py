@@ -30,7 +30,7 @@ def _top1(path, x):
 @pytest.fixture(scope="module")
 def built(tiny_trained_art, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    opts = BuildOptions(fp16=True, int8=True, calib=tiny_trained_art.calib_dir, calib_cache=out / "calib.json",
+    opts = BuildOptions(backend="ort", fp16=True, int8=True, calib=tiny_trained_art.calib_dir, calib_cache=out / "calib.json",
                         threads=1, progress=False)
     return build_engines(tiny_trained_art.onnx_path, out, opts), out
 
@@ -78,11 +78,11 @@ def test_second_build_hits_the_calibration_cache(built, tiny_trained_art, tmp_pa
 def test_artifact_input_builds_only_its_engine(built, tmp_path):
     res, out = built
     cpu = next(a.path for a in res.artifacts if a.flavour == "cpu")
-    again = build_engines(cpu, tmp_path, BuildOptions(threads=1, progress=False))
+    again = build_engines(cpu, tmp_path, BuildOptions(backend="ort", threads=1, progress=False))
     assert again.se_blocks_found is None and len(again.engines) == 1
     assert again.engines[0]["precision"] == "int8"
     with pytest.raises(SedeployError, match="already an INT8 artifact"):
-        build_engines(cpu, tmp_path, BuildOptions(fp16=True, progress=False))
+        build_engines(cpu, tmp_path, BuildOptions(backend="ort", fp16=True, progress=False))
 
 
 def test_artifact_of_the_other_flavour_is_built_as_asked_with_a_note(built, tmp_path):
@@ -90,7 +90,7 @@ def test_artifact_of_the_other_flavour_is_built_as_asked_with_a_note(built, tmp_
     not the form ORT runs fastest — never an exit 0 with nothing built."""
     res, _ = built
     trt = next(a.path for a in res.artifacts if a.flavour == "trt")
-    again = build_engines(trt, tmp_path, BuildOptions(threads=1, progress=False))
+    again = build_engines(trt, tmp_path, BuildOptions(backend="ort", threads=1, progress=False))
     assert [e["kind"] for e in again.engines] == ["int8-trt"]
     assert any("meant for another backend" in n and "as asked" in n for n in again.notes), again.notes
 

@@ -55,7 +55,7 @@ def engines(tiny_onnx, tmp_path_factory) -> Path:
     from sedeploy.pipeline import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("serve-engines")
-    build_engines(tiny_onnx, out, BuildOptions(progress=False))
+    build_engines(tiny_onnx, out, BuildOptions(backend="ort", progress=False))
     return out
 
 

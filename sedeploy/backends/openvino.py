@@ -380,4 +380,4 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Engine(path=final_xml, sidecar=sidecar, backend="openvino", precision=art.precision, source=src,
-                  metadata=metadata)
+                  metadata=metadata, companions=[final_bin])
