@@ -4,8 +4,8 @@ Quantizes the trained reference SE-ResNet-50 (112 px, benchmarks/train_reference
 `benchmarks/headline.py --stages drift` to ~/.cache/sedeploy/headline/reference-112.onnx) with the CPU flavour
 while leaving chosen nodes in FP32 — the stem conv, the classifier, the last stage (layer4 from its first conv to
 the end, which includes the classifier) — and measures top-1 agreement with FP32 on all 3,925 Imagenette val
-images. It reuses quantize's SE-exclusion hook (``_se_nodes``) to name the nodes to exclude: an experiment, not
-a product option. Calibration: percentile on 512 Imagenette train images (cached). Writes benchmarks/results/int8_keep_float/results.json.
+images. The nodes are named through ``quantize_model(exclude=...)`` (the hook the accuracy-budgeted fallback of
+:mod:`sedeploy.int8_budget` uses). Calibration: percentile on 512 Imagenette train images (cached). Writes benchmarks/results/int8_keep_float/results.json.
 
     python benchmarks/int8_keep_float.py      # ≈ 6 min on 2 cores
 """
@@ -53,19 +53,14 @@ def main() -> None:
 
     ref = logits(MODEL)
     out = {}
-    original = Q._se_nodes
-    try:
-        for name, keep in variants(onnx.load(str(MODEL))).items():
-            Q._se_nodes = lambda model, keep=keep: set(keep)
-            path = TMP / f"sedeploy-keep-float-{name.replace('+', '_').replace(' ', '_')}.onnx"
-            Q.quantize_model(MODEL, cal, path, flavour="cpu", se="fp32")
-            got = logits(path)
-            out[name] = {"excluded_nodes": len(keep), "agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
-                         "top1": float((got.argmax(1) == labels).mean()),
-                         "mean_abs_dlogit": float(np.abs(got - ref).mean())}
-            print(name, out[name], flush=True)
-    finally:
-        Q._se_nodes = original
+    for name, keep in variants(onnx.load(str(MODEL))).items():
+        path = TMP / f"sedeploy-keep-float-{name.replace('+', '_').replace(' ', '_')}.onnx"
+        Q.quantize_model(MODEL, cal, path, flavour="cpu", se="int8", exclude=set(keep))
+        got = logits(path)
+        out[name] = {"excluded_nodes": len(keep), "agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+                     "top1": float((got.argmax(1) == labels).mean()),
+                     "mean_abs_dlogit": float(np.abs(got - ref).mean())}
+        print(name, out[name], flush=True)
     print("fp32 top1", float((ref.argmax(1) == labels).mean()))
     from common import write_results  # noqa: E402  (beside this script)
 

@@ -635,16 +635,20 @@ def _signals_held():
 def _publish(stage: Path, out: Path, res: BuildResult) -> None:
     """Move the finished set from ``stage`` into ``out`` (manifest last) and remove what the previous manifest
     listed that this build did not write. Runs with SIGINT/SIGTERM held back."""
-    s, o = str(stage), str(out)
+    pairs = [(str(stage.resolve()), str(out.resolve())), (str(stage), str(out))]  # absolute paths first
+
+    def relocate(obj):
+        for s, o in pairs:
+            obj = _relocate(obj, s, o)
+        return obj
+
     for sidecar in stage.glob("*.json"):  # sidecars record their source model's path
         data = json.loads(sidecar.read_text(encoding="utf-8"))
-        atomic_write_text(sidecar, json.dumps(_relocate(data, s, o), indent=2, sort_keys=True) + "\n")
-    res.artifacts = [Artifact(_relocate(a.path, s, o), a.precision, a.flavour, _relocate(a.report, s, o))
-                     for a in res.artifacts]
-    for name in ("engines", "notes"):
-        setattr(res, name, _relocate(getattr(res, name), s, o))
-    for name in ("fusion", "calibration", "validation"):
-        setattr(res, name, _relocate(getattr(res, name), s, o))
+        atomic_write_text(sidecar, json.dumps(relocate(data), indent=2, sort_keys=True) + "\n")
+    res.artifacts = [Artifact(relocate(a.path), a.precision, a.flavour, relocate(a.report)) for a in res.artifacts]
+    for name in ("engines", "notes", "fusion", "calibration", "validation", "int8_budget"):
+        if hasattr(res, name):
+            setattr(res, name, relocate(getattr(res, name)))
     new = sorted(p.name for p in stage.iterdir() if not p.name.startswith("."))
     keep = set(new) | {MANIFEST}
     if Path(res.source).resolve().parent == out.resolve():
