@@ -75,16 +75,6 @@ def burst(served, concurrency: int, seconds: float, x: np.ndarray) -> dict:
     return {"latencies_s": lat, "errors": errors, "wall_s": time.perf_counter() - t0}
 
 
-def batch_stats(metrics_url: str, model: str) -> tuple[float, float]:
-    import urllib.request
-
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    vals = {}
-    for line in text.splitlines():
-        for key in ("nv_inference_count", "nv_inference_exec_count"):
-            if line.startswith(key + "{") and f'model="{model}"' in line:
-                vals[key] = float(line.rsplit(None, 1)[1])
-    return vals.get("nv_inference_count", 0.0), vals.get("nv_inference_exec_count", 0.0)
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -190,6 +180,7 @@ def main(argv=None) -> int:
         (Path(a.out) / "results.md").write_text(table(res))
         plot(res, Path(a.out) / "serving.png")
         return 0
+    from sedeploy.serving.client import batch_stats
     from sedeploy.serving.server import ServeOptions, running_server
 
     conc = [int(c) for c in a.concurrency.split(",")]

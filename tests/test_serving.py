@@ -444,23 +444,13 @@ def _load(served, clients: int, requests: int, x: np.ndarray, time_limit_s: floa
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
 
 
-def _batch_stats(metrics_url: str, model: str) -> tuple[float, float]:
-    """(inferences, executions) from Triton's Prometheus metrics: their ratio is the mean batch size formed."""
-    import urllib.request
-
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    vals = {}
-    for line in text.splitlines():
-        for key in ("nv_inference_count", "nv_inference_exec_count"):
-            if line.startswith(key + "{") and f'model="{model}"' in line:
-                vals[key] = float(line.rsplit(None, 1)[1])
-    return vals.get("nv_inference_count", 0.0), vals.get("nv_inference_exec_count", 0.0)
 
 
 @pytest.mark.slow
 def test_load_dynamic_batching_vs_batch_one(engines, pytriton_ready):
     """16 concurrent clients × 50 single-image requests against the dynamic batcher, then against the same
     engine with batching off (each request runs alone), interleaved in one test; zero errors in both."""
+    from sedeploy.serving.client import batch_stats
     from sedeploy.serving.server import ServeOptions, running_server
 
     x = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
@@ -471,9 +461,9 @@ def test_load_dynamic_batching_vs_batch_one(engines, pytriton_ready):
                             queue_delay_us=2000, exit_timeout_s=5)
         with running_server(engines, options=opts) as served:
             _load(served, 4, 5, x, 60)  # warm-up
-            before = _batch_stats(served.metrics_url, served.name)
+            before = batch_stats(served.metrics_url, served.name)
             r = _load(served, 16, 50, x, 120)
-            after = _batch_stats(served.metrics_url, served.name)
+            after = batch_stats(served.metrics_url, served.name)
         r["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
         report["dynamic" if batching else "batch-1"] = r
         assert r["errors"] == [] and r["n"] == 16 * 50, r["errors"][:3]

@@ -164,6 +164,20 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
             "logits": y.tolist()}
 
 
+def batch_stats(metrics_url: str, model: str) -> tuple[float, float]:
+    """(inferences, executions) of ``model`` from Triton's Prometheus metrics: their ratio is the mean batch size
+    the dynamic batcher formed."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    vals = {}
+    for line in text.splitlines():
+        for key in ("nv_inference_count", "nv_inference_exec_count"):
+            if line.startswith(key + "{") and f'model="{model}"' in line:
+                vals[key] = float(line.rsplit(None, 1)[1])
+    return vals.get("nv_inference_count", 0.0), vals.get("nv_inference_exec_count", 0.0)
+
+
 def format_infer(res: dict[str, Any]) -> str:
     lines = [f"model {res['model']} at {res['url']}"]
     for r in res["results"]:
