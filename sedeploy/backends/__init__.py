@@ -168,9 +168,9 @@ class Runner:
 def default_cpu_backend() -> str:
     """The rule for ``--backend auto`` (the default): OpenVINO when it is installed and the CPU is x86-64, else ONNX
     Runtime. Measured interleaved in one run (benchmarks/results/openvino_peers/, SE-ResNet-50/101, batch 1 and 8,
-    an x86-64 CPU with AVX-512 VNNI and AMX): OpenVINO FP32 1.29–1.47× ONNX Runtime FP32, OpenVINO on sedeploy's
-    ``int8-ov`` artifact 1.9–2.8× ONNX Runtime's ``int8-cpu``. ARM CPUs were not measured, so they stay on ONNX
-    Runtime."""
+    an x86-64 CPU with AVX-512 VNNI and AMX): on a quiet machine OpenVINO FP32 1.00–1.08× ONNX Runtime FP32 and
+    OpenVINO on sedeploy's ``int8-ov`` artifact 2.2–2.5× ONNX Runtime's ``int8-cpu`` (under load: 1.29–1.47× and
+    1.9–2.8×). ARM CPUs were not measured, so they stay on ONNX Runtime."""
     import importlib.util
     import platform
 
