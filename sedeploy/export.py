@@ -25,7 +25,7 @@ import numpy as np
 
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import atomic_path, clean_stale_partials, disk_full_error, is_disk_full
-from sedeploy.onnxcore import get_metadata, set_metadata, sha256_file
+from sedeploy.onnxcore import META, get_metadata, set_metadata, sha256_file
 from sedeploy.preprocess import Preprocess, load_folder, smooth_noise
 
 log = logging.getLogger("sedeploy")
@@ -288,15 +288,15 @@ def export_model(*, depth: int | None = None, checkpoint: str | None = None, out
     cx = count_complexity(net, input_size)
     output = Path(output) if output else Path(f"{spec.name}.onnx")
     metadata = {
-        "sedeploy.model": spec.name, "sedeploy.depth": spec.depth, "sedeploy.se": spec.se,
-        "sedeploy.num_classes": spec.num_classes, "sedeploy.params": cx.params, "sedeploy.flops": cx.seed_macs,
-        "sedeploy.total_macs": cx.total_macs, "sedeploy.input_size": input_size,
-        "sedeploy.preprocess": pp.as_dict(), "sedeploy.weights": weights,
-        "sedeploy.block_style": spec.style, "sedeploy.precision": "fp32",
+        META.MODEL: spec.name, META.DEPTH: spec.depth, META.SE: spec.se,
+        META.NUM_CLASSES: spec.num_classes, META.PARAMS: cx.params, META.FLOPS: cx.seed_macs,
+        META.TOTAL_MACS: cx.total_macs, META.INPUT_SIZE: input_size,
+        META.PREPROCESS: pp.as_dict(), META.WEIGHTS: weights,
+        META.BLOCK_STYLE: spec.style, META.PRECISION: "fp32",
     }
     from sedeploy import __version__
 
-    metadata["sedeploy.version"] = __version__
+    metadata[META.VERSION] = __version__
     # Export to a temporary name, verify, then rename: a failed verification leaves nothing behind. Partial files
     # of this name that killed runs (SIGKILL) left behind are removed first.
     clean_stale_partials(output.parent if str(output.parent) else Path("."), final_name=output.name, locked=False)

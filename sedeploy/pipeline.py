@@ -233,7 +233,7 @@ def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None)
             raise SedeployError(f"The preprocessing crops to {given.size} px but the model's input is {height} px.",
                                 fix=f"pass --input-size {height} (or omit it to use the model's input size)")
         return given
-    stored = meta.get("sedeploy.preprocess")
+    stored = meta.get(META.PREPROCESS)
     if isinstance(stored, dict):
         try:
             return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
@@ -512,8 +512,8 @@ def _export_matches(path: Path, name: str, weights: str) -> bool:
     except SedeployError:
         return False
     meta = get_metadata(proto)
-    want = {"sedeploy.model": name, "sedeploy.weights": weights, "sedeploy.num_classes": 1000,
-            "sedeploy.input_size": 224, "sedeploy.precision": "fp32", "sedeploy.version": __version__}
+    want = {META.MODEL: name, META.WEIGHTS: weights, META.NUM_CLASSES: 1000,
+            META.INPUT_SIZE: 224, META.PRECISION: "fp32", META.VERSION: __version__}
     return dynamic and all(str(meta.get(k)) == str(v) for k, v in want.items())
 
 
@@ -560,7 +560,7 @@ def _build_staged(model, out: Path, stage: Path, opt: BuildOptions, *, depth, ch
     inp = image_input(proto, path=str(src))
     classifier_output(proto, path=str(src))
     meta = get_metadata(proto)
-    res.weights = str(meta.get("sedeploy.weights") or "unknown (not a sedeploy export)")
+    res.weights = str(meta.get(META.WEIGHTS) or "unknown (not a sedeploy export)")
     pp = _preprocess_for(meta, inp.height, opt.preprocess)
     res.shapes = _shape_report(proto, inp)
     given = Artifact.from_file(src, proto)

@@ -35,8 +35,8 @@ __all__ = ["EngineSpec", "expand_engine_paths", "describe_engine", "check_same_m
            "start_runner", "check_batches", "model_flops", "preprocess_for", "TorchRunner", "torch_baseline"]
 
 #: metadata fields that must agree between engines of one benchmark (sedeploy export writes them)
-IDENTITY_FIELDS = ("sedeploy.model", "sedeploy.depth", "sedeploy.se", "sedeploy.num_classes", "sedeploy.weights",
-                   "sedeploy.params", "sedeploy.block_style")
+IDENTITY_FIELDS = (META.MODEL, META.DEPTH, META.SE, META.NUM_CLASSES, META.WEIGHTS,
+                   META.PARAMS, META.BLOCK_STYLE)
 #: backends whose engines keep the ONNX graph's batch dimension: fixed there → that one batch only (TensorRT
 #: engines instead accept any batch up to their optimization profile's max)
 FIXED_BATCH_BACKENDS = ("ort", "openvino")
@@ -136,7 +136,7 @@ def describe_engine(path: str | Path) -> EngineSpec:
     precision = str(meta.get(META.PRECISION) or graph_precision(proto)).lower()
     flavour = str(meta.get(META.FLAVOUR) or ("ort-opt" if path.name.endswith(".ort-opt.onnx") else ""))
     dims = proto.graph.output[0].type.tensor_type.shape.dim if proto.graph.output else []
-    classes = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value > 0 else meta.get("sedeploy.num_classes")
+    classes = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value > 0 else meta.get(META.NUM_CLASSES)
     batch = None if inp.dynamic_batch else int(inp.batch)
     return EngineSpec(name=path.name.removesuffix(".onnx"), path=path, backend="ort", precision=precision,
                       flavour=flavour, meta=meta, input_shape=(batch, inp.channels, inp.height, inp.width),
@@ -164,7 +164,7 @@ def _describe_compiled(path: Path, backend: str) -> EngineSpec:
     return EngineSpec(name=path.name, path=path, backend=backend, precision=str(side.get("precision", "fp32")),
                       flavour=str(meta.get(META.FLAVOUR) or ""), meta=meta,
                       input_shape=(top if fixed else None, *map(int, hi[1:])),
-                      num_classes=meta.get("sedeploy.num_classes"), max_batch=top if top > 0 else None,
+                      num_classes=meta.get(META.NUM_CLASSES), max_batch=top if top > 0 else None,
                       sidecar=side)
 
 
@@ -214,7 +214,7 @@ def check_same_model(specs: list[EngineSpec], reference: EngineSpec) -> None:
         if s.num_classes and reference.num_classes and s.num_classes != reference.num_classes:
             diffs.append(f"{s.num_classes} classes vs {reference.num_classes}")
         for key in IDENTITY_FIELDS:
-            if key == "sedeploy.num_classes":
+            if key == META.NUM_CLASSES:
                 continue
             a, b = s.meta.get(key), reference.meta.get(key)
             if a is not None and b is not None and a != b:
@@ -261,7 +261,7 @@ def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optim
 def preprocess_for(spec: EngineSpec) -> Preprocess:
     """The preprocessing stored in the model's metadata, else mmcls's pipeline at the engine's input size."""
     size = spec.input_size or 224
-    stored = spec.meta.get("sedeploy.preprocess")
+    stored = spec.meta.get(META.PREPROCESS)
     if isinstance(stored, dict):
         try:
             pp = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
@@ -322,21 +322,21 @@ def model_flops(spec: EngineSpec) -> dict[str, Any]:
     (2 × all multiply-adds), with where they came from. Metadata first, then :mod:`sedeploy.flops` on the rebuilt
     network, then a count of the graph's Conv/Gemm nodes."""
     meta = spec.meta
-    if meta.get("sedeploy.total_macs") is not None:
-        seed = meta.get("sedeploy.flops")
+    if meta.get(META.TOTAL_MACS) is not None:
+        seed = meta.get(META.FLOPS)
         return {"gflops_seed": seed / 1e9 if seed is not None else None,
-                "gflops_total": 2 * meta["sedeploy.total_macs"] / 1e9, "flops_source": "ONNX metadata"}
+                "gflops_total": 2 * meta[META.TOTAL_MACS] / 1e9, "flops_source": "ONNX metadata"}
     proto = None
     onnx_path = spec.path if spec.backend == "ort" else Path((spec.sidecar or {}).get("source_model", ""))
     if onnx_path.suffix == ".onnx" and onnx_path.is_file():
         proto = load_light(onnx_path)
-    depth = meta.get("sedeploy.depth")
+    depth = meta.get(META.DEPTH)
     if depth is not None and spec.input_size:
         from sedeploy.flops import count_complexity
         from sedeploy.model import build_model
 
         width = (base_channels(proto) if proto is not None else None) or 64
-        net = build_model(int(depth), se=bool(meta.get("sedeploy.se", True)),
+        net = build_model(int(depth), se=bool(meta.get(META.SE, True)),
                           num_classes=int(spec.num_classes or 1000), base_channels=width, seed=None)
         cx = count_complexity(net, spec.input_size)
         return {"gflops_seed": cx.seed_macs / 1e9, "gflops_total": cx.total_gflops,
@@ -381,7 +381,7 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
     Either way its logits on ``check_images`` must match ``reference_logits``.
     """
     meta = reference.meta
-    depth = meta.get("sedeploy.depth")
+    depth = meta.get(META.DEPTH)
     if checkpoint is not None:
         from sedeploy.checkpoints import load_checkpoint, weights_label
 
@@ -391,7 +391,7 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
         if depth is None:
             return None, (f"the reference {reference.name} carries no sedeploy model metadata (not exported by "
                           "sedeploy), so its PyTorch network cannot be rebuilt; pass a checkpoint to time it")
-        weights = str(meta.get("sedeploy.weights", ""))
+        weights = str(meta.get(META.WEIGHTS, ""))
         match = _RANDOM_WEIGHTS.match(weights)
         if not match:
             return None, (f"{reference.name} was exported from {weights or 'unrecorded weights'}; pass that "
@@ -405,11 +405,11 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
             return None, f"the stem width of {reference.name} cannot be read from an ONNX graph"
         from sedeploy.model import build_model, count_params
 
-        model = build_model(int(depth), se=bool(meta.get("sedeploy.se", True)),
-                            num_classes=int(reference.num_classes or meta.get("sedeploy.num_classes", 1000)),
-                            base_channels=width, style=str(meta.get("sedeploy.block_style", "pytorch")),
+        model = build_model(int(depth), se=bool(meta.get(META.SE, True)),
+                            num_classes=int(reference.num_classes or meta.get(META.NUM_CLASSES, 1000)),
+                            base_channels=width, style=str(meta.get(META.BLOCK_STYLE, "pytorch")),
                             seed=int(match.group(1)))
-        params = meta.get("sedeploy.params")
+        params = meta.get(META.PARAMS)
         if params is not None and count_params(model) != params:
             return None, (f"the rebuilt {model.spec.name} has {count_params(model)} parameters, the engines' "
                           f"model {params}")

@@ -35,6 +35,7 @@ from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_ta
 from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runners
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import ensure_writable_dir
+from sedeploy.onnxcore import META
 
 log = logging.getLogger("sedeploy")
 
@@ -81,13 +82,13 @@ def _engine_info(spec: E.EngineSpec, flops: dict[str, Any], runner, device: str)
     meta = spec.meta
     info = {"path": str(spec.path), "flops_source": flops["flops_source"],
             "input_shape": list(spec.input_shape), "metadata": {k: v for k, v in meta.items()
-                                                               if k != "sedeploy.preprocess"}}
+                                                               if k != META.PREPROCESS}}
     describe = getattr(runner, "describe", None)
     if callable(describe):
         info["runner"] = describe()
-    return EngineInfo(name=spec.name, model=str(meta.get("sedeploy.model") or spec.path.name.split(".")[0]),
+    return EngineInfo(name=spec.name, model=str(meta.get(META.MODEL) or spec.path.name.split(".")[0]),
                       precision=spec.precision, gflops_total=_nan(flops["gflops_total"]),
-                      depth=meta.get("sedeploy.depth"), flavour=spec.flavour, backend=spec.backend, device=device,
+                      depth=meta.get(META.DEPTH), flavour=spec.flavour, backend=spec.backend, device=device,
                       gflops_seed=flops["gflops_seed"], info=info)
 
 
@@ -160,7 +161,7 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     from sedeploy.flops import count_complexity
     from sedeploy.model import build_model
 
-    depth = ref.meta.get("sedeploy.depth")
+    depth = ref.meta.get(META.DEPTH)
     if depth is None:
         return f"the reference {ref.name} carries no depth metadata (not exported by sedeploy)"
     src = ref.path if ref.backend == "ort" else Path((ref.sidecar or {}).get("source_model", ""))
@@ -343,7 +344,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
               "n_images": int(len(x)) if x is not None else 0, "eval_batch": eval_batch,
               "preprocess": pp.as_dict(), "max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
               "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain,
-              "weights": str(ref.meta.get("sedeploy.weights") or "unknown (not recorded in the model)"),
+              "weights": str(ref.meta.get(META.WEIGHTS) or "unknown (not recorded in the model)"),
               "peers": peer_rows or None}
     state: dict[str, Any] = {"ceilings": None, "timing": None, "accuracy": None, "stage": "setup"}
     extra_runners: dict[str, Any] = {}

@@ -26,6 +26,10 @@ class META:
     PARAMS = "sedeploy.params"
     BLOCK_STYLE = "sedeploy.block_style"
     PREPROCESS = "sedeploy.preprocess"
+    VERSION = "sedeploy.version"  # the sedeploy version that wrote the file
+    INPUT_SIZE = "sedeploy.input_size"
+    FLOPS = "sedeploy.flops"  # model-zoo multiply-adds (mmcv convention)
+    TOTAL_MACS = "sedeploy.total_macs"  # every multiply-add an engine executes
     PRECISION = "sedeploy.precision"
     #: the INT8 flavour ("trt" / "cpu"); the one key every reader and writer uses
     FLAVOUR = "sedeploy.int8_flavour"
