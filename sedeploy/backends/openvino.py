@@ -46,6 +46,7 @@ from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, sidec
     write_sidecar
 from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import ensure_writable_dir
+from sedeploy.onnxcore import default_threads
 
 __all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "parse_ov_version", "ov_version",
            "require_openvino", "precision_hint_for", "compile_config", "layer_times", "DEFAULT_PERFORMANCE_HINT"]
@@ -109,12 +110,6 @@ def compile_config(*, threads: int, precision_hint: str, performance_hint: str =
             "PERFORMANCE_HINT": performance_hint, "PERF_COUNT": bool(perf_counters)}
 
 
-def _default_threads() -> int:
-    from sedeploy.onnxcore import default_threads
-
-    return default_threads()
-
-
 class OpenVinoModelRunner(Runner):
     """Runs a model OpenVINO reads (an ``ov.Model`` in memory, an IR ``.xml`` or an ``.onnx`` file) on the CPU
     with explicit threads and precision. :class:`OpenVinoRunner` adds the sidecar checks for sedeploy engines;
@@ -135,7 +130,7 @@ class OpenVinoModelRunner(Runner):
         self.label = label
         self.precision = precision
         self.precision_hint = precision_hint_for(precision)
-        self.threads = _default_threads() if threads is None else threads
+        self.threads = default_threads() if threads is None else threads
         self.performance_hint = performance_hint
         self.config = compile_config(threads=self.threads, precision_hint=self.precision_hint,
                                      performance_hint=performance_hint, perf_counters=perf_counters)
@@ -316,7 +311,7 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
     sidecar ``<stem>.ov.json`` in ``out_dir``; both model files are published together or not at all."""
     from sedeploy import __version__
     from sedeploy.artifacts import Artifact
-    from sedeploy.backends.ort import cpu_description
+    from sedeploy.machine import cpu_description
     from sedeploy.onnxcore import sha256_file
 
     options = options or EngineOptions()
@@ -329,7 +324,7 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
     stem = src.name.removesuffix(".onnx")
     final_xml, final_bin = out / f"{stem}{ENGINE_SUFFIX}", out / f"{stem}{WEIGHTS_SUFFIX}"
     sidecar = out / f"{stem}.ov.json"
-    threads = _default_threads() if options.threads is None else options.threads
+    threads = default_threads() if options.threads is None else options.threads
     t0 = time.perf_counter()
     try:
         model = ov.Core().read_model(str(src))

@@ -17,8 +17,6 @@ sidecar says so. Level "extended" gives a portable file.
 """
 from __future__ import annotations
 
-import contextlib
-import platform
 import tempfile
 import time
 from collections import Counter
@@ -29,6 +27,7 @@ import numpy as np
 
 from sedeploy.backends import Engine, EngineOptions, Runner, validate_input, write_sidecar
 from sedeploy.errors import SedeployError
+from sedeploy.machine import cpu_description
 from sedeploy.fsutil import atomic_path, ensure_writable_dir
 from sedeploy.onnxcore import as_model, graph_precision, sha256_file
 from sedeploy.onnxcore.session import (CPU, MACHINE_SPECIFIC_LEVELS, NUMPY_TYPES, default_threads, make_session,
@@ -105,21 +104,6 @@ def optimized_graph_histogram(path: str | Path, level: str = "all", threads: int
         make_session(path, providers=[CPU], threads=threads, optimization=level, optimized_model_path=out,
                      quiet=True)
         return op_histogram(out)
-
-
-def cpu_description() -> dict[str, Any]:
-    """This CPU's name, architecture and the vector / matrix features that change which kernels run."""
-    name, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    features = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f in flags]
-    return {"cpu": name, "machine": platform.machine(), "cpu_features": features}
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:

@@ -93,24 +93,6 @@ class EngineInfo:
 
 
 # --------------------------------------------------------------------------------------------------- machine
-def _cpuinfo() -> tuple[str, list[str]]:
-    name, flags = None, set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():  # the first processor's entries describe them all
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and name is None:
-            name = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    name = name or platform.processor() or platform.machine()
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "f16c")
-    return name, [f for f in wanted if f in flags]
-
-
 def _ram_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -129,7 +111,10 @@ def machine_description(extra: Mapping[str, Any] | None = None) -> dict[str, Any
     """
     from sedeploy import __version__
 
-    cpu, features = _cpuinfo()
+    from sedeploy.machine import cpu_description
+
+    cpu_desc = cpu_description()
+    cpu, features = cpu_desc["cpu"], cpu_desc["cpu_features"]
     versions = {"sedeploy": __version__}
     for dist in _VERSIONED:
         try:
