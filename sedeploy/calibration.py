@@ -340,7 +340,7 @@ def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, ba
     import onnx
     from tqdm import tqdm
 
-    from sedeploy.onnxcore import cpu_session, load_onnx
+    from sedeploy.onnxcore import cpu_session, load_onnx, pad_to_batch
 
     model = load_onnx(model_path, check=False)
     inp = _model_input(model, pp)
@@ -366,9 +366,8 @@ def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, ba
     for start in tqdm(batches, desc=f"Calibrating ({method})", unit="batch", disable=not progress, leave=False):
         chunk = images[start:start + step]
         n = len(chunk)
-        if fixed and n < fixed:  # pad the last chunk; the copies' activations are cut off again below
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
-        outs = sess.run(out_names, {inp.name: chunk})
+        # a short last chunk is padded to the fixed batch; the copies' activations are cut off again below
+        outs = sess.run(out_names, {inp.name: pad_to_batch(chunk, fixed)})
         for name, arr in zip(out_names, outs):
             if name in wanted:
                 a = arr[:n] if fixed and arr.ndim and arr.shape[0] == fixed else arr

@@ -191,7 +191,7 @@ def verify_onnx(model, onnx_path, *, images: np.ndarray, image_folder: str = "",
     """Run ``onnx_path`` in ONNX Runtime (CPU) and ``model`` in PyTorch on the same inputs; compare logits."""
     import torch
 
-    from sedeploy.onnxcore import cpu_session
+    from sedeploy.onnxcore import cpu_session, pad_to_batch
 
     sess = cpu_session(onnx_path)
     size = images.shape[-1]
@@ -201,9 +201,7 @@ def verify_onnx(model, onnx_path, *, images: np.ndarray, image_folder: str = "",
         step = batch_size or len(x) or 1
         ref, got = [], []
         for i in range(0, len(x), step):
-            chunk = x[i:i + step]
-            if batch_size and len(chunk) < batch_size:  # fixed-batch model: pad the last chunk
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+            chunk = pad_to_batch(x[i:i + step], batch_size or None)  # a fixed-batch model: pad the last chunk
             with torch.no_grad():
                 ref.append(model(torch.from_numpy(chunk)).numpy()[: len(x) - i])
             got.append(sess.run(None, {sess.get_inputs()[0].name: chunk})[0][: len(x) - i])

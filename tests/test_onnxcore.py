@@ -9,8 +9,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from sedeploy.errors import SedeployError
-from sedeploy.onnxcore import (Graph, graph_precision, image_input, is_quantized, load_onnx, name_nodes, run_model,
-                               sha256_file)
+from sedeploy.onnxcore import (Graph, graph_precision, image_input, is_quantized, load_onnx, name_nodes, pad_to_batch,
+                               run_model, sha256_file)
 
 
 def _conv_model(shape, elem=TP.FLOAT, batch_dim=None):
@@ -43,6 +43,15 @@ def test_run_model_feeds_a_fixed_batch_model_any_number_of_images():
     assert got.shape == (5, 4)
     ref = run_model(_conv_model((5, 3, 8, 8)), x)  # the same arithmetic at a batch that fits exactly
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pad_to_batch_repeats_the_last_row_only_when_short():
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    padded = pad_to_batch(x, 5)
+    assert padded.shape == (5, 2)
+    np.testing.assert_array_equal(padded[:3], x)
+    np.testing.assert_array_equal(padded[3:], np.repeat(x[-1:], 2, axis=0))
+    assert pad_to_batch(x, 3) is x and pad_to_batch(x, None) is x and pad_to_batch(x, 2) is x
 
 
 def test_loader_errors_name_the_file(tmp_path):

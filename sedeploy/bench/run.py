@@ -35,6 +35,7 @@ from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_ta
 from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runners
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import ensure_writable_dir
+from sedeploy.onnxcore import pad_to_batch
 from sedeploy.onnxcore import META
 
 log = logging.getLogger("sedeploy")
@@ -107,8 +108,7 @@ def _pad_run(runner, x: np.ndarray, static: int | None) -> np.ndarray:
     """Run a chunk; an engine with a static batch gets the chunk padded with its last image (rows dropped)."""
     if static is None or len(x) == static:
         return runner.infer(x)
-    pad = np.concatenate([x, np.repeat(x[-1:], static - len(x), axis=0)])
-    return runner.infer(pad)[: len(x)]
+    return runner.infer(pad_to_batch(x, static))[: len(x)]
 
 
 def _prepare(runner, x: np.ndarray) -> np.ndarray:

@@ -193,10 +193,19 @@ def cpu_session(model, *, threads: int | None = None, optimization: str = "all",
     return make_session(model, providers=[CPU], threads=threads, optimization=optimization, quiet=quiet)
 
 
+def pad_to_batch(x: np.ndarray, batch: int | None) -> np.ndarray:
+    """``x`` padded to ``batch`` rows with copies of its last row (unchanged when ``batch`` is None or already
+    met). The one place a chunk is made to fit a model with a fixed batch dimension; callers cut the output back
+    to ``len(x)`` rows."""
+    if batch is None or len(x) >= batch:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+
+
 def run_model(model_or_session, x: np.ndarray, *, output: int = 0) -> np.ndarray:
     """Output ``output`` of the model on the batch ``x``. A model with a fixed batch dimension is run in chunks of
-    that size (a remainder is padded with copies of the last image and cut off again), so every caller can feed
-    any number of images to any classifier."""
+    that size (a remainder is padded by :func:`pad_to_batch` and cut off again), so every caller can feed any
+    number of images to any classifier."""
     sess = model_or_session if hasattr(model_or_session, "get_inputs") else cpu_session(model_or_session)
     inp = sess.get_inputs()[0]
     dim0 = inp.shape[0]
@@ -206,8 +215,5 @@ def run_model(model_or_session, x: np.ndarray, *, output: int = 0) -> np.ndarray
     outs = []
     for start in range(0, len(x), dim0):
         chunk = x[start:start + dim0]
-        n = len(chunk)
-        if n < dim0:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], dim0 - n, axis=0)])
-        outs.append(sess.run(names, {inp.name: chunk})[0][:n])
+        outs.append(sess.run(names, {inp.name: pad_to_batch(chunk, dim0)})[0][:len(chunk)])
     return np.concatenate(outs)
