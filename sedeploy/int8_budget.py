@@ -22,8 +22,9 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
    monotone in k, so "fewest" is the fewest along this ranking, not a global optimum (that search is
    exponential) — said in the report.
 4. Report the layers that fell back, the measured agreement / top-1 before and after, and the speed cost: FP32,
-   all-INT8 and the budgeted INT8 timed interleaved (:func:`sedeploy.bench.timing.time_runners`) on ONNX Runtime
-   CPU. When even every layer in float misses the budget (or more than ``max_fallback`` layers would be needed),
+   all-INT8 and the budgeted INT8 timed interleaved (:func:`sedeploy.bench.timing.time_runners`) on the runtime
+   the flavour is for (ONNX Runtime CPU for ``cpu``, OpenVINO for ``ov``; ``trt`` is timed by ``sedeploy bench``
+   on a GPU). When even every layer in float misses the budget (or more than ``max_fallback`` layers would be needed),
    :class:`~sedeploy.errors.VerificationError` (exit 3) and nothing is written.
 
 Held-out figures are only as fine as the held-out set: with 100 images one flip is 1 point. The report states the
@@ -148,7 +149,7 @@ def fallback_groups(fp32_path, layers: list[str], flavour: str) -> dict[str, lis
     from sedeploy import int8
     from sedeploy.onnxcore import Graph, load_onnx, name_nodes
 
-    if flavour != "cpu":
+    if flavour == "trt":
         return {layer: [layer] for layer in layers}
     model = load_onnx(fp32_path, check=False)
     name_nodes(model)
@@ -270,8 +271,8 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
         report.met = True
         report.fell_back = fell_back
         report.fell_back_nodes = nodes_of(fell_back)
-        if time_speed and flavour == "cpu":  # the TensorRT form is timed on the GPU (sedeploy bench)
-            report.speed = _speed(fp32_path, all_path, chosen_path, images, threads)
+        if time_speed and flavour != "trt":  # the TensorRT form is timed on the GPU (sedeploy bench)
+            report.speed = _speed(fp32_path, all_path, chosen_path, images, threads, flavour)
         out_path.unlink(missing_ok=True)
         os.replace(chosen_path, out_path)
         chosen_qr.path = str(out_path)
@@ -292,15 +293,27 @@ def _budget_text(b: Budget) -> str:
     return ", ".join(parts)
 
 
-def _speed(fp32_path, all_path, chosen_path, images, threads) -> dict:
-    """FP32 vs all-INT8 vs budgeted INT8 on ONNX Runtime CPU, interleaved, at the model's batch (8 if dynamic)."""
-    from sedeploy.backends.ort import OrtRunner
+def _speed(fp32_path, all_path, chosen_path, images, threads, flavour: str = "cpu") -> dict:
+    """FP32 vs all-INT8 vs budgeted INT8, interleaved, at the model's batch (8 if dynamic), on the runtime the
+    flavour is for: ONNX Runtime CPU (``cpu``) or OpenVINO CPU (``ov``; FP32 is OpenVINO reading the FP32 ONNX)."""
     from sedeploy.bench.timing import paired_speedup, time_runners
-    from sedeploy.onnxcore import image_input, load_onnx
+    from sedeploy.onnxcore import default_threads, image_input, load_onnx
 
     batch = image_input(load_onnx(fp32_path, check=False)).static_batch or 8
-    runners = {"fp32": OrtRunner(fp32_path, threads=threads), "int8_all": OrtRunner(all_path, threads=threads),
-               "int8_budget": OrtRunner(chosen_path, threads=threads)}
+    if flavour == "ov":
+        from sedeploy.backends.openvino import OpenVinoModelRunner
+
+        threads = default_threads() if threads is None else threads
+        runners = {"fp32": OpenVinoModelRunner(fp32_path, precision="fp32", threads=threads),
+                   "int8_all": OpenVinoModelRunner(all_path, precision="int8", threads=threads),
+                   "int8_budget": OpenVinoModelRunner(chosen_path, precision="int8", threads=threads)}
+        backend = "openvino-cpu"
+    else:
+        from sedeploy.backends.ort import OrtRunner
+
+        runners = {"fp32": OrtRunner(fp32_path, threads=threads), "int8_all": OrtRunner(all_path, threads=threads),
+                   "int8_budget": OrtRunner(chosen_path, threads=threads)}
+        backend = "onnxruntime-cpu"
     for r in runners.values():
         r.activate()
     try:
@@ -309,11 +322,11 @@ def _speed(fp32_path, all_path, chosen_path, images, threads) -> dict:
         for r in runners.values():
             r.deactivate()
     s = {n: t.samples[n][batch] for n in runners}
-    return {"batch": batch, "backend": "onnxruntime-cpu", "repeats": len(s["fp32"]),
+    return {"batch": batch, "backend": backend, "repeats": len(s["fp32"]),
             "median_ms": {n: round(float(np.median(v)) * 1e3, 3) for n, v in s.items()},
             "speedup_vs_fp32": {n: round(paired_speedup(s["fp32"], s[n]) or float("nan"), 3)
                                 for n in ("int8_all", "int8_budget")},
             "budget_over_all_int8_time": round(1.0 / (paired_speedup(s["int8_all"], s["int8_budget"]) or
                                                       float("nan")), 3),
             "loadavg": list(os.getloadavg()),
-            "timer": "one Runner.infer call (ONNX Runtime session.run) per sample; medians of interleaved rounds"}
+            "timer": f"one Runner.infer call ({backend}) per sample; medians of interleaved rounds"}

@@ -716,8 +716,11 @@ def format_result(res: BuildResult) -> str:
             a, f = r["all_int8"], r["result"]
             fell = r["fell_back"]
             speed = r.get("speed") or {}
-            cost = (f"; speed vs FP32 {speed['speedup_vs_fp32']['int8_budget']:.2f}× (all-INT8 "
-                    f"{speed['speedup_vs_fp32']['int8_all']:.2f}×) at batch {speed['batch']}") if speed else ""
+            cost = ""
+            if speed:
+                cost = (f"; speed vs FP32 {speed['speedup_vs_fp32']['int8_budget']:.2f}× (all-INT8 "
+                        f"{speed['speedup_vs_fp32']['int8_all']:.2f}×) at batch {speed['batch']} on "
+                        f"{speed['backend']}")
             lines.append(f"  int8-{flavour}: agreement {a['agreement_pct']:.2f} % with every layer quantized → "
                          f"{f['agreement_pct']:.2f} % with {len(fell)}/{r['layers']} layer(s) in float"
                          + (f" ({', '.join(fell[:6])}{' …' if len(fell) > 6 else ''})" if fell else "")

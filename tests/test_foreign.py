@@ -94,7 +94,7 @@ def test_quantize_model_exclude(fused_fp32, foreign_art, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flavour", ["cpu", "trt"])
+@pytest.mark.parametrize("flavour", ["cpu", "trt", "ov"])
 def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flavour):
     """The ranges of two layers' inputs are shrunk 10× (hard clipping there, as a bad calibration of a few tensors
     does): all-INT8 agreement collapses; the search ranks exactly those two layers first and falls back only them."""
@@ -118,9 +118,10 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
     tried = {s["k"]: s for s in rep.search}
     assert tried[1]["agreement_pct"] < 99.0  # one layer fewer fails
     assert qr.settings["excluded_nodes"] == rep.fell_back_nodes and set(rep.fell_back) <= set(rep.fell_back_nodes)
-    if flavour == "cpu":  # the CPU group also holds the producers of the layers' inputs
+    if flavour in ("cpu", "ov"):  # the CPU/OpenVINO group also holds the producers of the layers' inputs
         assert "/b4/project/project.0/Conv" in rep.fell_back_nodes
         assert rep.speed["batch"] == 1 and rep.speed["speedup_vs_fp32"]["int8_budget"] > 0
+        assert rep.speed["backend"] == {"cpu": "onnxruntime-cpu", "ov": "openvino-cpu"}[flavour]
     else:
         assert rep.fell_back_nodes == sorted(damaged)
     assert not list(tmp_path.glob(".int8-budget-*"))  # the work folder is gone
