@@ -1,7 +1,8 @@
 """INT8 calibration: run an FP32 ONNX model on real images and record the range of every activation.
 
-One :class:`CalibrationResult` (tensor name → (lo, hi)) feeds both INT8 flavours in :mod:`sedeploy.int8`:
-the symmetric TensorRT one uses ``max(|lo|, |hi|)``, the asymmetric uint8 CPU one uses ``(lo, hi)``.
+One :class:`CalibrationResult` (tensor name → (lo, hi)) feeds every INT8 flavour in :mod:`sedeploy.int8`:
+the symmetric TensorRT one uses ``max(|lo|, |hi|)``, the asymmetric uint8 CPU one uses ``(lo, hi)``, the OpenVINO one
+either, by sign (symmetric int8 where ``lo < 0``, uint8 from 0 otherwise).
 
 Methods
     ``minmax``      the observed min and max. Exact for what was seen, but one outlier pixel widens the range

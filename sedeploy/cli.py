@@ -227,7 +227,8 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
               help="With no MODEL: the SE-ResNet depth to export (or reuse) [default: the checkpoint's, else 50].")
 @click.option("--checkpoint", metavar="PATH_OR_URL", help="With no MODEL: weights for the export (see `export`).")
 @click.option("--fp16", is_flag=True, help="Also write the FP16 artifact (FP16 graph, FP32 inputs/outputs).")
-@click.option("--int8", is_flag=True, help="Also calibrate and write both INT8 artifacts (TensorRT Q/DQ and CPU).")
+@click.option("--int8", is_flag=True, help="Also calibrate and write the INT8 artifacts: TensorRT Q/DQ, ONNX Runtime "
+                                          "CPU, and OpenVINO when the backend is openvino.")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration images (flat or class-subfolder layout). Default with --int8: the shipped calib/.")
 @click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile", "mse"]), default=None,
