@@ -133,6 +133,24 @@ def test_fp32_parity_with_onnxruntime(ov_build, tiny_trained_art):
 
 
 @needs_ov
+def test_static_batch_compiles_per_shape_with_the_same_logits(ov_build, tiny_trained_art, monkeypatch):
+    """A dynamic-batch engine is compiled again at each batch size it is fed (static shapes run faster on
+    OpenVINO's CPU plugin); the logits equal the dynamic model's, and at most MAX_STATIC_SHAPES are kept."""
+    res, _ = ov_build
+    path = next(e for e in res.engines if e["kind"] == "fp32")["path"]
+    x = tiny_trained_art.images[:8]
+    monkeypatch.setattr(OVB, "MAX_STATIC_SHAPES", 2)
+    with OVB.OpenVinoRunner(path, threads=1, static_batch=False) as dyn, OVB.OpenVinoRunner(path, threads=1) as st:
+        assert dyn.input_shape[0] is None  # the engine's batch is dynamic, so the static path is exercised
+        for b in (1, 3, 8, 3):
+            np.testing.assert_allclose(st.infer(x[:b]), dyn.infer(x[:b]), rtol=1e-5, atol=1e-5)
+            assert (b, *x.shape[1:]) in st.compiled_shapes
+        assert st.compiled_shapes == [(3, *x.shape[1:]), (8, *x.shape[1:])]  # the oldest (batch 1) was evicted
+        assert dyn.compiled_shapes == []
+        assert st.describe()["static_batch"] == "compiled per batch size"
+
+
+@needs_ov
 def test_precision_hint_is_honoured_not_bf16(ov_build):
     """On AMX / AVX512-BF16 CPUs OpenVINO's default for an FP32 model is bf16; the runner sets f32 and reads it
     back from the compiled model."""

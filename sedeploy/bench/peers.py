@@ -118,10 +118,12 @@ def make_peers(ref: EngineSpec, pp: Preprocess, *, threads: int, calib: str | Pa
     quantized = nncf.quantize(model, dataset)
     shared = {"meta": dict(ref.meta), "input_shape": ref.input_shape, "num_classes": ref.num_classes,
               "max_batch": ref.static_batch}
-    fp32_about = f"OpenVINO {ov.get_version()} reading {src.name} directly (f32, LATENCY, {threads} threads)"
+    # the same runner settings as sedeploy's own OpenVINO engines, static batch compilation included
+    fp32_about = (f"OpenVINO {ov.get_version()} reading {src.name} directly (f32, LATENCY, {threads} threads, "
+                  "compiled per batch size)")
     nncf_about = (f"nncf.quantize (NNCF {nncf.__version__}, default preset and subset size) of {src.name} on "
                   f"{how}; run by OpenVINO {ov.get_version()} (f32 for non-quantized parts, LATENCY, {threads} "
-                  "threads)")
+                  "threads, compiled per batch size)")
     return [
         Peer(EngineSpec(name=PEER_FP32, path=src, backend="openvino", precision="fp32", flavour="peer", **shared),
              OpenVinoModelRunner(src, precision="fp32", label=PEER_FP32, threads=threads), fp32_about),
