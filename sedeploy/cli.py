@@ -232,7 +232,8 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration images (flat or class-subfolder layout). Default with --int8: the shipped calib/.")
 @click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile", "mse"]), default=None,
-              help="Range estimator [default: percentile 99.99; entropy is TensorRT's calibrator].")
+              help="Range estimator [default: mse, per tensor the clipping with the least quantization error; "
+                   "entropy is TensorRT's calibrator].")
 @click.option("--calib-count", type=int, default=None, help="Most calibration images used [default: 256].")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed for picking the image subset.")
 @click.option("--calib-batch", type=int, default=None, help="Calibration batch size (speed/memory only).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sedeploy import calibration
 from sedeploy.calibration import calibrate
 from sedeploy.errors import SedeployError
 from sedeploy.int8 import DEFAULT_SE_POLICY, quantize_model
@@ -17,9 +18,9 @@ def tiny(tiny_trained_art):
     return tiny_trained_art
 
 
-#: percentile, not the default entropy: calibration.py's entropy threshold collapses on ReLU outputs (the spike of
-#: exact zeros in bin 0 dominates the KL search; see test_calibration.test_entropy_keeps_relu_ranges).
-METHOD = "percentile"  # the default method
+#: the default method (mse); entropy is not used here: its threshold collapses on ReLU outputs in the uint8 CPU form
+#: (the spike of exact zeros in bin 0 dominates the KL search; see test_calibration.test_entropy_keeps_relu_ranges).
+METHOD = calibration.DEFAULT_METHOD
 
 
 @pytest.fixture(scope="session")
