@@ -25,8 +25,10 @@ def fused_fp32(foreign_art, tmp_path_factory):
     fused, report = fuse_se_blocks(load_onnx(foreign_art.onnx_path))
     assert report.fused == 3
     path = save_onnx(fused, out / "foreign.fp32.onnx")
+    # percentile pinned: the budget tests below damage two layers' ranges and assert the search finds exactly those;
+    # that premise was built on percentile ranges (with the mse default the trt/ov searches also take others)
     cal = calibration.calibrate(path, foreign_art.calib_dir, preprocess=foreign_art.preprocess, progress=False,
-                                use_cache=False)
+                                use_cache=False, method="percentile")
     return path, cal
 
 
