@@ -31,9 +31,11 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
 
 ``flavour="ov"`` — what OpenVINO's CPU plugin runs fastest and most faithfully (measured in
     benchmarks/results/openvino_peers/results.md): the CPU flavour's quantizer and placement (every op of :data:`CPU_OPTIONS`,
-    squeeze as GlobalAveragePool) written as Q/DQ (:data:`OV_OPTIONS`), with uint8 activations, so a tensor after a
-    ReLU uses all 8 bits (the TensorRT flavour's signed activations use 7 of them), and full 8-bit weights (no
-    ``reduce_range``: OpenVINO's VNNI / AMX int8 kernels do not saturate). OpenVINO cannot read the QOperator CPU
+    squeeze as GlobalAveragePool) written as Q/DQ (:data:`OV_OPTIONS`), with int8 symmetric activations where a
+    tensor has negative values and uint8 with zero point 0 after a ReLU (all 8 bits, no zero-point arithmetic;
+    NNCF's choice), and full 8-bit weights (no ``reduce_range``: OpenVINO's VNNI / AMX int8 kernels do not
+    saturate). Other SE placements (NNCF's float excitation, squeeze-first) were measured and are not faster
+    (benchmarks/results/ov_se_forms/). OpenVINO cannot read the QOperator CPU
     flavour at all (QLinearConv with per-channel scales and the com.microsoft QLinear ops fail to convert).
 
 SE policy (``se``): ``"fp32"`` keeps the SE path (squeeze, both FCs, gate, scale) in float — in the TensorRT

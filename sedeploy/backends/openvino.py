@@ -9,8 +9,8 @@ Build (:func:`build_engine`): ``Core().read_model(artifact.onnx)`` → ``save_mo
 (``compress_to_fp16=False``: ``save_model`` would otherwise store FP32 weights as FP16 by default), then a JSON
 sidecar ``<stem>.ov.json`` (OpenVINO version, precision read from the graph, source sha256, CPU, threads, the
 inference-precision and performance hints). OpenVINO reads sedeploy's Q/DQ INT8 artifacts and turns them into
-int8 kernels with its low-precision transformations: ``.int8-ov.onnx`` (uint8 activations, the form built by
-default, see :mod:`sedeploy.int8`) and ``.int8-trt.onnx`` (signed activations: slower and less faithful here). It
+int8 kernels with its low-precision transformations: ``.int8-ov.onnx`` (signed where negative, uint8 after ReLU;
+the form built by default, see :mod:`sedeploy.int8`) and ``.int8-trt.onnx`` (signed activations: slower and less faithful here). It
 does not read the ONNX Runtime QOperator form (``.int8-cpu.onnx``): that is refused with the ops it cannot convert.
 
 Run (:class:`OpenVinoRunner`): compiled for the CPU with the threads pinned like ONNX Runtime's
