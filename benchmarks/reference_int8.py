@@ -45,7 +45,7 @@ def smooth(fp32: Path, images: np.ndarray, out: Path, alpha: float = 0.5) -> tup
     import onnx
     from onnx import numpy_helper
 
-    from sedeploy.onnxcore import Graph, load_onnx, run_model, save_onnx
+    from sedeploy.onnxcore import Graph, cpu_session, load_onnx, run_model, save_onnx
 
     model = load_onnx(fp32)
     g = Graph(model)
@@ -66,9 +66,7 @@ def smooth(fp32: Path, images: np.ndarray, out: Path, alpha: float = 0.5) -> tup
     probe.CopyFrom(model)
     for _, relu, _ in pairs:
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(relu.output[0]))
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = cpu_session(probe)
     names = [relu.output[0] for _, relu, _ in pairs]
     amax = {n: 0.0 for n in names}
     for i in range(0, len(images), 32):
