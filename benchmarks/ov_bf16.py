@@ -29,10 +29,12 @@ class _Compiled:
     product's runner never takes bf16 for an FP32/INT8 graph)."""
 
     def __init__(self, core, path: Path, hint: str, size: int):
+        from sedeploy.backends.openvino import compile_config
+
         model = core.read_model(str(path))
         model.reshape({model.inputs[0]: [8, 3, size, size]})
-        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": hint,
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+        config = compile_config(threads=2, precision_hint=hint)  # sedeploy's settings; only the hint differs
+        self.compiled = core.compile_model(model, "CPU", config)
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if got != hint:
             raise RuntimeError(f"OpenVINO compiled {path.name} with {got}, not {hint}")
