@@ -52,8 +52,9 @@ log = logging.getLogger("sedeploy")
 
 #: Bump whenever the ranges computed for the same inputs change (new histogram code, new defaults…):
 #: it is part of the cache key, so old cache entries stop matching instead of being reused.
-CALIBRATION_VERSION = 3  # 3: per-channel means of the weighted layers' inputs (bias correction)
+CALIBRATION_VERSION = 4  # 3: per-channel means of the weighted layers' inputs; 4: mse thresholds on the uint8 grid
 METHODS = ("entropy", "minmax", "percentile", "mse")
+GRIDS = ("int8", "uint8")
 #: mse by measurement on the trained reference SE-ResNet-50 (benchmarks/results/reference_int8/: 256 Imagenette train
 #: images, top-1 agreement with FP32 on the 3,925 val images): ONNX Runtime CPU flavour 98.01 % with mse against
 #: 97.40 % with percentile 99.99, OpenVINO flavour 98.55 % against 97.58 %. On the small tiny/foreign test networks
@@ -94,17 +95,30 @@ class CalibrationResult:
     #: per-channel mean (axis 1) of every Conv/Gemm data input over the calibration images — what weight-
     #: quantization bias correction needs (sedeploy.int8)
     channel_means: dict[str, list[float]] = field(default_factory=dict)
+    #: ranges of the non-negative tensors for a uint8 grid (255 levels over [0, hi]; the CPU and OpenVINO
+    #: flavours), where the threshold depends on the grid (``mse``); empty for the other methods
+    uint8_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def amax(self, name: str) -> float:
         """Symmetric range of one tensor (what TensorRT-style int8 uses)."""
         lo, hi = self.ranges[name]
         return max(abs(lo), abs(hi))
 
+    def ranges_for(self, grid: str) -> dict[str, tuple[float, float]]:
+        """Every tensor's range for a quantization grid: ``"int8"`` (symmetric, 127 levels a side: every tensor of
+        the TensorRT flavour) or ``"uint8"`` (a non-negative tensor on 255 levels over [0, hi], as the CPU and
+        OpenVINO flavours store post-ReLU tensors). The mse threshold of a tensor is the one that minimises the
+        error on the grid it will be rounded to: on the uint8 grid each step is half as wide, so less is clipped."""
+        if grid not in GRIDS:
+            raise SedeployError(f"Unknown quantization grid {grid!r}.", expected=f"one of {', '.join(GRIDS)}")
+        return {**self.ranges, **self.uint8_ranges} if grid == "uint8" else dict(self.ranges)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("cache_hit")
         d.pop("cache_path")
         d["ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()}
+        d["uint8_ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.uint8_ranges.items()}
         return {"format": CACHE_FORMAT, "version": CALIBRATION_VERSION, **d}
 
     @classmethod
@@ -116,7 +130,8 @@ class CalibrationResult:
                    seconds=float(d["seconds"]), model_sha256=d["model_sha256"], preprocess=dict(d["preprocess"]),
                    count=int(d["count"]), seed=int(d["seed"]), skipped=list(d.get("skipped", [])),
                    cache_path=cache_path,
-                   channel_means={k: [float(x) for x in v] for k, v in d.get("channel_means", {}).items()})
+                   channel_means={k: [float(x) for x in v] for k, v in d.get("channel_means", {}).items()},
+                   uint8_ranges={k: (float(v[0]), float(v[1])) for k, v in d.get("uint8_ranges", {}).items()})
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True))
@@ -149,7 +164,7 @@ def method_params(method: str, percentile: float = DEFAULT_PERCENTILE) -> dict:
     if method == "entropy":
         return {"bins": HIST_BINS, "quantized_bins": QUANT_BINS}
     if method == "mse":
-        return {"bins": HIST_BINS, "levels": int(_INT8_LEVELS)}
+        return {"bins": HIST_BINS, "levels": int(_INT8_LEVELS), "uint8_levels": int(_UINT8_LEVELS)}
     return {"bins": HIST_BINS, "percentile": float(percentile)}
 
 
@@ -228,8 +243,17 @@ class _TensorStats:
         amax = min(amax, max(abs(self.lo), abs(self.hi)))
         return max(self.lo, -amax), min(self.hi, amax)
 
+    def uint8_range(self, method: str, params: dict) -> tuple[float, float] | None:
+        """The range of a non-negative tensor on the uint8 grid (255 levels over [0, hi]) where it differs from
+        :meth:`range` (mse: the error it minimises depends on the step); None otherwise."""
+        if method != "mse" or self.top is None or self.lo < 0 or self.lo == math.inf:
+            return None
+        amax = min(mse_amax(self.hist, self.top, params.get("uint8_levels", _UINT8_LEVELS)), self.hi)
+        return self.lo, amax
+
 
 _INT8_LEVELS = 127  # positive levels of symmetric int8
+_UINT8_LEVELS = 255  # levels of uint8 over [0, hi] (zero point 0)
 
 
 def mse_amax(hist: np.ndarray, top: float, levels: int = _INT8_LEVELS, max_candidates: int = 512) -> float:
@@ -338,7 +362,8 @@ def _model_input(model, pp: Preprocess):
 
 
 def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, batch_size: int, pp: Preprocess,
-             progress: bool) -> tuple[dict[str, tuple[float, float]], dict[str, list[float]]]:
+             progress: bool) -> tuple[dict, dict, dict[str, list[float]]]:
+    """(ranges, uint8 ranges of the non-negative tensors where the grid matters, per-channel input means)."""
     import onnx
     from tqdm import tqdm
 
@@ -380,7 +405,8 @@ def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, ba
                     counts[name] = counts.get(name, 0) + a.size // a.shape[1]
         del outs
     means = {k: (sums[k] / counts[k]).tolist() for k in sums}
-    return {n: s.range(method, params) for n, s in stats.items()}, means
+    uint8 = {n: r for n, s in stats.items() if (r := s.uint8_range(method, params)) is not None}
+    return {n: s.range(method, params) for n, s in stats.items()}, uint8, means
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -467,12 +493,12 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
     images, loaded = load_batch(paths, preprocess, progress=progress, what=f"calibration image folder '{root}'")
     skipped = sorted(set(rel) - {p.relative_to(root).as_posix() for p in loaded})
     _check_count(method, len(loaded), root, "could be decoded")
-    ranges, means = _collect(model_path, images, method, params, batch_size, preprocess, progress)
+    ranges, uint8_ranges, means = _collect(model_path, images, method, params, batch_size, preprocess, progress)
     result = CalibrationResult(ranges=ranges, method=method, params=params,
                                images=[p.relative_to(root).as_posix() for p in loaded], key=key, cache_hit=False,
                                seconds=round(time.perf_counter() - t0, 3), model_sha256=model_sha,
                                preprocess=preprocess.as_dict(), count=count or 0, seed=seed, skipped=skipped,
-                               channel_means=means)
+                               channel_means=means, uint8_ranges=uint8_ranges)
     if use_cache:
         result.save(target)
         result.cache_path = str(target)

@@ -142,35 +142,6 @@ def heldout_split(folder: str | os.PathLike, seed: int = 0, fraction: float = HO
     return found.root, held, {p.relative_to(found.root).as_posix() for p in held}
 
 
-def fallback_groups(fp32_path, layers: list[str], flavour: str) -> dict[str, list[str]]:
-    """Nodes to exclude so that each weighted layer computes in float from a float input. TensorRT flavour: the
-    layer alone (its input Q/DQ belongs to it). CPU flavour: the layer plus every quantized op producing its input,
-    back to and including the previous weighted layer (whose output rounding is this layer's input rounding)."""
-    from sedeploy import int8
-    from sedeploy.onnxcore import Graph, load_onnx, name_nodes
-
-    if flavour == "trt":
-        return {layer: [layer] for layer in layers}
-    model = load_onnx(fp32_path, check=False)
-    name_nodes(model)
-    g = Graph(model)
-    by_name = {n.name: n for n in g.nodes}
-    weighted = {"Conv", "Gemm"}
-    quantized = set(int8.CPU_OPTIONS.extra_ops) | weighted
-    groups = {}
-    for layer in layers:
-        group, todo = [layer], [by_name[layer].input[0]]
-        while todo:
-            p = g.producer.get(todo.pop())
-            if p is None or p.op_type not in quantized or p.name in group:
-                continue
-            group.append(p.name)
-            if p.op_type not in weighted:  # a weighted producer's own input stays INT8
-                todo += [i for i in p.input if i and not g.is_const(i)]
-        groups[layer] = group
-    return groups
-
-
 # ------------------------------------------------------------------------------------------------- the search
 def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images: np.ndarray,
                        budget: Budget, labels: np.ndarray | None = None, se: str | None = None,
@@ -194,8 +165,10 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     out_path = Path(out_path)
     kind = output_kind(load_onnx(fp32_path, check=False))
     ref = as_logits(run_model(fp32_path, images), kind)
-    layers = int8.weighted_layers(fp32_path)
-    groups = fallback_groups(fp32_path, layers, flavour)
+    # candidates: the quantized weighted layers (the head is already float under the default head policy)
+    in_float = set(int8.head_layers(fp32_path)) if int8.DEFAULT_HEAD_POLICY[flavour] == "float" else set()
+    layers = [layer for layer in int8.weighted_layers(fp32_path) if layer not in in_float]
+    groups = int8.float_groups(fp32_path, layers, flavour)
 
     def nodes_of(chosen):
         return sorted({n for layer in chosen for n in groups[layer]})

@@ -152,3 +152,33 @@ def test_entropy_keeps_relu_ranges(tiny, tmp_path):
     ratios = [en.amax(n) / mm.amax(n) for n in relus if mm.amax(n) > 0]
     # measured: int8 top-1 agreement 99.2 % (trt) with ranges at ~this ratio, 25.6 % with the collapsed ones
     assert float(np.median(ratios)) > 0.5, f"median entropy/minmax amax on ReLU outputs {np.median(ratios):.2f}"
+
+
+def test_mse_threshold_follows_the_grid():
+    """mse picks the clipping threshold for the grid a tensor is rounded to: 255 uint8 levels over [0, t] have half
+    the step of 127 int8 levels, so the optimum clips less — never more — on a heavy-tailed histogram."""
+    from sedeploy.calibration import HIST_BINS, mse_amax
+
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_t(3, size=200_000))  # post-ReLU-like, heavy tail
+    top = 2.0 ** np.ceil(np.log2(x.max()))
+    hist = np.bincount(np.minimum((x / top * HIST_BINS).astype(int), HIST_BINS - 1), minlength=HIST_BINS)
+    t127, t255 = mse_amax(hist, top, 127), mse_amax(hist, top, 255)
+    assert 0 < t127 < t255 <= x.max() + top / HIST_BINS
+
+
+def test_uint8_ranges_for_non_negative_tensors(tiny, tmp_path):
+    cal = _cal(tiny, tiny.calib_dir, tmp_path, method="mse", count=16)
+    assert cal.uint8_ranges and set(cal.uint8_ranges) < set(cal.ranges)
+    for name, (lo, hi) in cal.uint8_ranges.items():
+        assert lo >= 0 and cal.ranges[name][0] == lo, name
+        assert hi >= cal.ranges[name][1] - 1e-9, name  # the uint8 grid never clips more than the int8 one
+    assert sum(hi > cal.ranges[n][1] for n, (_, hi) in cal.uint8_ranges.items()) > 5  # and usually clips less
+    assert cal.ranges_for("int8") == cal.ranges
+    u8 = cal.ranges_for("uint8")
+    assert set(u8) == set(cal.ranges) and all(u8[n] == r for n, r in cal.uint8_ranges.items())
+    with pytest.raises(SedeployError, match="grid"):
+        cal.ranges_for("int4")
+    again = CalibrationResult.load(cal.cache_path)  # the cache keeps them
+    assert again.uint8_ranges == cal.uint8_ranges
+    assert not _cal(tiny, tiny.calib_dir, tmp_path, method="percentile", count=16).uint8_ranges

@@ -155,3 +155,35 @@ def test_atomic_write_leaves_nothing_on_failure(tiny, calib, tmp_path, monkeypat
     with pytest.raises(onnx.checker.ValidationError):
         quantize_model(tiny.onnx_path, calib, out, flavour="trt")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flavour", ["trt", "cpu", "ov"])
+def test_head_policy(tiny, calib, tmp_path, flavour):
+    """head="float" (the CPU/OpenVINO default) keeps the classifier Gemm — and, in the CPU/OpenVINO forms, the ops rounding its
+    input — out of INT8; head="int8" quantizes it. Everything else is quantized the same way."""
+    import onnx
+
+    from sedeploy import int8
+    from sedeploy.onnxcore import Graph
+
+    heads = int8.head_layers(tiny.onnx_path)
+    assert len(heads) == 1
+    reps = {h: quantize_model(tiny.onnx_path, calib, tmp_path / f"{h}.onnx", flavour=flavour, head=h)
+            for h in int8.HEAD_POLICIES}
+    assert int8.DEFAULT_HEAD_POLICY == {"cpu": "float", "ov": "float", "trt": "int8"}
+    for h, rep in reps.items():
+        g = Graph(onnx.load(rep.path))
+        gemm = [n for n in g.nodes if n.op_type in ("Gemm", "QGemm")]
+        quantized = bool(gemm) and (gemm[0].op_type == "QGemm" or g.made_by(gemm[0].input[1], "DequantizeLinear")
+                                    is not None)
+        assert quantized == (h == "int8"), (h, [n.op_type for n in gemm])
+        assert rep.settings["head"]["policy"] == h
+        assert rep.settings["head"]["layers"] == (heads if h == "float" else [])
+        if flavour == "trt":
+            assert check_trt_qdq(rep.path).ok
+    assert heads[0] in reps["float"].settings["head"]["float_nodes"]
+    conv = {h: r.quantized_ops.get("Conv", 0) + r.quantized_ops.get("QLinearConv", 0) for h, r in reps.items()}
+    assert conv["float"] == conv["int8"] > 0
+    with pytest.raises(SedeployError, match="head precision policy"):
+        quantize_model(tiny.onnx_path, calib, tmp_path / "bad.onnx", flavour=flavour, head="fp8")
+    assert not (tmp_path / "bad.onnx").exists()
