@@ -97,6 +97,26 @@ def smooth(fp32: Path, images: np.ndarray, out: Path, alpha: float = 0.5) -> tup
     return save_onnx(model, out), len(pairs)
 
 
+def prepare(checkpoint: Path, size: int, data: Path, work: Path):
+    """(SE-fused FP32 ONNX, preprocessing, val images, val labels): the checkpoint exported and built as a user
+    would (``sedeploy export`` then ``build-engine --backend none``), once per ``work`` folder."""
+    from sedeploy.preprocess import Preprocess, find_images, load_batch
+
+    work.mkdir(parents=True, exist_ok=True)
+    pp = Preprocess.for_size(size)
+    raw, fp32 = work / "reference.onnx", work / "engines" / "reference.fp32.onnx"
+    if not raw.is_file():
+        subprocess.run([sys.executable, "-m", "sedeploy", "export", "--checkpoint", str(checkpoint),
+                        "--input-size", str(size), "-o", str(raw)], check=True)
+    if not fp32.is_file():
+        subprocess.run([sys.executable, "-m", "sedeploy", "build-engine", str(raw), "--backend", "none",
+                        "--resize", str(pp.resize_short), "-o", str(work / "engines")], check=True)
+    val = find_images(data / "val", what="Imagenette val")
+    x, _ = load_batch(val.paths, pp)
+    classes = sorted(set(val.classes))
+    return fp32, pp, x, np.array([classes.index(c) for c in val.classes])
+
+
 def _runner(path: Path, flavour: str, precision: str):
     if flavour == "ov":
         from sedeploy.backends.openvino import OpenVinoModelRunner
@@ -191,23 +211,10 @@ def main(argv=None) -> int:
     from sedeploy.calibration import calibrate
     from sedeploy.int8 import quantize_model
     from sedeploy.int8_budget import Budget, quantize_to_budget
-    from sedeploy.preprocess import Preprocess, find_images, load_batch
+    from sedeploy.preprocess import load_batch
 
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    pp = Preprocess.for_size(args.size)
-    raw = work / "reference.onnx"
-    if not raw.is_file():
-        subprocess.run([sys.executable, "-m", "sedeploy", "export", "--checkpoint", str(args.checkpoint),
-                        "--input-size", str(args.size), "-o", str(raw)], check=True)
-    fp32 = work / "engines" / "reference.fp32.onnx"
-    if not fp32.is_file():
-        subprocess.run([sys.executable, "-m", "sedeploy", "build-engine", str(raw), "--backend", "none",
-                        "--resize", str(pp.resize_short), "-o", str(work / "engines")], check=True)
-    val = find_images(args.data / "val", what="Imagenette val")
-    x, _ = load_batch(val.paths, pp)
-    classes = sorted({c for c in val.classes})
-    y = np.array([classes.index(c) for c in val.classes])
+    fp32, pp, x, y = prepare(args.checkpoint, args.size, args.data, work)
     res: dict = {"model": f"trained reference SE-ResNet-50 ({args.checkpoint.name}), {args.size} px",
                  "val_images": int(len(x)), "calibration": f"{args.calib_count} Imagenette train images, seed 0",
                  "rows": {}}
@@ -222,7 +229,8 @@ def main(argv=None) -> int:
                 ("cpu", "percentile", {"bias_correction": False}),
                 ("ov", "percentile", {}), ("ov", "mse", {}),
                 ("ov", "percentile", {"bias_correction": True}), ("ov", "mse", {"bias_correction": True}),
-                ("ov", "percentile", {"se": "fp32"})]
+                ("ov", "percentile", {"se": "fp32"}),
+                ("cpu", "mse", {"head": "int8"}), ("ov", "mse", {"head": "int8"})]
     if args.budget_only:
         return budget_only(args, fp32, x, y, ref["ov"], pp, work)
     # activation–weight rebalancing: a second FP32 graph (same function), calibrated and quantized like the first
@@ -232,11 +240,11 @@ def main(argv=None) -> int:
                           pp)
     smoothed, pairs = smooth(fp32, cal_x, work / "engines" / "reference.smooth.fp32.onnx")
     res["smoothquant_pairs"] = pairs
-    scal = calibrate(smoothed, args.data / "train", count=args.calib_count, preprocess=pp, progress=False,
-                     cache_dir=work / "cache")
+    scal = calibrate(smoothed, args.data / "train", method="mse", count=args.calib_count, preprocess=pp,
+                     progress=False, cache_dir=work / "cache")
     arts = {}
     for flavour in ("cpu", "ov"):
-        name = f"{flavour} percentile smoothquant-0.5"
+        name = f"{flavour} mse smoothquant-0.5"
         art = work / "variants" / f"{flavour}_smooth.onnx"
         art.parent.mkdir(exist_ok=True)
         quantize_model(smoothed, scal, art, flavour=flavour)
@@ -282,7 +290,8 @@ def main(argv=None) -> int:
 
     # speed at batch 8, interleaved per runtime
     res["speed_b8"] = {}
-    for flavour, names in (("cpu", ["cpu percentile"]), ("ov", ["ov percentile", best])):
+    for flavour, names in (("cpu", ["cpu percentile", "cpu mse", "cpu mse head=int8"]),
+                           ("ov", ["ov percentile", best, "ov mse head=int8"])):
         runners = {"fp32": _runner(fp32, flavour, "fp32")}
         runners.update({n: _runner(arts[n], flavour, "int8") for n in dict.fromkeys(names)})
         if flavour == "ov" and budget is not None:
