@@ -74,8 +74,9 @@ HEAD_POLICIES = ("float", "int8")
 #: flavour, by measurement on the trained reference (benchmarks/results/reference_int8/, top-1 agreement with FP32 on
 #: 3,925 Imagenette val images, mse ranges): kept in float, the OpenVINO form goes from 98.32 to 98.62 % and the
 #: ONNX Runtime CPU form from 97.91 to 98.14 %, with batch-8 speed within the timing noise (OpenVINO 5.41× vs 5.56×
-#: FP32, ONNX Runtime 3.01× vs 2.95×, same interleaved run); the TensorRT form measured 97.25 % either
-#: way, so it keeps the head in INT8 (NVIDIA's placement, no float weighted layer for the checker to flag).
+#: FP32, ONNX Runtime 3.01× vs 2.95×, same interleaved run). The TensorRT form measured 97.25 % either way (a
+#: one-off check, the artifact run by ONNX Runtime CPU on the same images; not in the committed results), so it keeps
+#: the head in INT8 (NVIDIA's placement, no float weighted layer for the checker to flag).
 DEFAULT_HEAD_POLICY = {"cpu": "float", "ov": "float", "trt": "int8"}
 MIN_OPSET = 13  # per-channel (axis) Q/DQ
 #: The TensorRT flavour's opset: QuantizeLinear/DequantizeLinear take float16 scales from opset 19.
@@ -609,6 +610,24 @@ def head_layers(fp32) -> list[str]:
     return sorted(found)
 
 
+def head_policy(flavour: str, head: str | None = None) -> str:
+    """``head`` checked, or the flavour's measured default (:data:`DEFAULT_HEAD_POLICY`) when None."""
+    if head is not None and head not in HEAD_POLICIES:
+        raise SedeployError(f"Unknown head precision policy {head!r}.", expected=f"one of {', '.join(HEAD_POLICIES)}",
+                            fix="pass head=None (the measured per-flavour default), 'float' or 'int8'")
+    return DEFAULT_HEAD_POLICY[flavour] if head is None else head
+
+
+def float_head_layers(fp32, flavour: str, head: str | None = None) -> list[str]:
+    """The head layers that the head policy (``head``, None: the flavour's default) keeps in float: the
+    :func:`head_layers` under ``"float"``, unless they are every weighted layer of the model (then they are
+    quantized, or nothing would be); none under ``"int8"``."""
+    if head_policy(flavour, head) != "float":
+        return []
+    heads = head_layers(fp32)
+    return [] if set(heads) >= set(weighted_layers(fp32)) else heads
+
+
 def _smoke_run(path: Path, label: str) -> None:
     """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published."""
     from sedeploy.onnxcore import cpu_session
@@ -662,19 +681,14 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
         raise SedeployError(f"exclude must be a collection of node names, not {exclude!r}.",
                             fix="pass e.g. exclude={'/layer1/layer1.0/conv1/Conv'}")
-    if head is not None and head not in HEAD_POLICIES:
-        raise SedeployError(f"Unknown head precision policy {head!r}.", expected=f"one of {', '.join(HEAD_POLICIES)}",
-                            fix="pass head=None (the measured per-flavour default), 'float' or 'int8'")
-    head = DEFAULT_HEAD_POLICY[flavour] if head is None else head
+    head = head_policy(flavour, head)
     model, label = _load_fp32(fp32_path)
     exclude = frozenset(exclude)
     unknown = sorted(exclude - {n.name for n in model.graph.node})
     if unknown:
         raise SedeployError(f"exclude names {len(unknown)} node(s) that '{label}' does not have: {unknown[:4]}.",
                             fix="pass node names of this FP32 model (sedeploy.int8.weighted_layers lists them)")
-    heads = head_layers(model) if head == "float" else []
-    if set(heads) >= set(weighted_layers(model)):  # the head is every weighted layer: quantize it, or nothing is
-        heads = []
+    heads = float_head_layers(model, flavour, head)
     head_nodes = frozenset(n for group in float_groups(model, heads, flavour).values() for n in group)
     exclude = exclude | head_nodes
     src_sha = sha256_file(fp32_path, what="FP32 model") if isinstance(fp32_path, (str, Path)) else ""

@@ -166,7 +166,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     kind = output_kind(load_onnx(fp32_path, check=False))
     ref = as_logits(run_model(fp32_path, images), kind)
     # candidates: the quantized weighted layers (the head is already float under the default head policy)
-    in_float = set(int8.head_layers(fp32_path)) if int8.DEFAULT_HEAD_POLICY[flavour] == "float" else set()
+    in_float = set(int8.float_head_layers(fp32_path, flavour))
     layers = [layer for layer in int8.weighted_layers(fp32_path) if layer not in in_float]
     groups = int8.float_groups(fp32_path, layers, flavour)
 

@@ -159,8 +159,8 @@ def test_atomic_write_leaves_nothing_on_failure(tiny, calib, tmp_path, monkeypat
 
 @pytest.mark.parametrize("flavour", ["trt", "cpu", "ov"])
 def test_head_policy(tiny, calib, tmp_path, flavour):
-    """head="float" (the CPU/OpenVINO default) keeps the classifier Gemm — and, in the CPU/OpenVINO forms, the ops rounding its
-    input — out of INT8; head="int8" quantizes it. Everything else is quantized the same way."""
+    """head="float" (the CPU/OpenVINO default) keeps the classifier Gemm — and, in the CPU/OpenVINO forms, the ops
+    rounding its input — out of INT8; head="int8" quantizes it. Everything else is quantized the same way."""
     import onnx
 
     from sedeploy import int8
@@ -184,6 +184,7 @@ def test_head_policy(tiny, calib, tmp_path, flavour):
     assert heads[0] in reps["float"].settings["head"]["float_nodes"]
     conv = {h: r.quantized_ops.get("Conv", 0) + r.quantized_ops.get("QLinearConv", 0) for h, r in reps.items()}
     assert conv["float"] == conv["int8"] > 0
+    assert int8.float_head_layers(tiny.onnx_path, flavour) == (heads if flavour != "trt" else [])
     with pytest.raises(SedeployError, match="head precision policy"):
         quantize_model(tiny.onnx_path, calib, tmp_path / "bad.onnx", flavour=flavour, head="fp8")
     assert not (tmp_path / "bad.onnx").exists()
