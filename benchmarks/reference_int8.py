@@ -150,27 +150,31 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
     art = work / "budget" / "reference.int8-ov.onnx"
     art.parent.mkdir(exist_ok=True)
     _, rep = quantize_to_budget(fp32, cal, art, flavour="ov", images=x[search], labels=y[search],
-                                budget=Budget(min_agreement=args.budget), threads=2)
+                                budget=Budget(min_agreement=args.budget, confidence=args.confidence), threads=2,
+                                order=args.order)
     got = _logits(art, "ov", "int8", x[held])
     every = work / "budget" / "all-int8.onnx"  # the same calibration, every layer INT8: the held-out baseline
     quantize_model(fp32, cal, every, flavour="ov")
     got_all = _logits(every, "ov", "int8", x[held])
     b = rep.as_dict()
     res = {"model": "trained reference SE-ResNet-50, 112 px", "method": args.method, "budget_pct": args.budget,
-           "search_images": int(len(search)), "heldout_images": int(len(held)),
+           "confidence": args.confidence, "order": args.order, "strategy": rep.strategy, "search_images": int(len(search)), "heldout_images": int(len(held)),
            "fell_back": b["fell_back"], "search_all_int8": b["all_int8"], "search_result": b["result"],
-           "search_steps": b["search"], "speed": b["speed"], "seconds": b["seconds"],
+           "search_steps": b["search"], "sensitivity": b["sensitivity"], "speed": b["speed"], "seconds": b["seconds"],
            "heldout_all_int8": {"agreement_pct": _pct(got_all.argmax(1) == ref[held].argmax(1)),
                                 "top1_pct": _pct(got_all.argmax(1) == y[held])},
            "heldout": {"agreement_pct": _pct(got.argmax(1) == ref[held].argmax(1)),
                        "top1_pct": _pct(got.argmax(1) == y[held]), "fp32_top1_pct": _pct(ref[held].argmax(1) == y[held])}}
     s, h = res["speed"], res["heldout"]
     steps = ", ".join(f"k={t['k']} {t['agreement_pct']} %" for t in res["search_steps"])
+    conf = ("" if args.confidence is None else f" --budget-confidence {args.confidence:g}") + \
+        f" --fallback-order {args.order}"
     md = (f"# INT8 budget on the trained reference SE-ResNet-50 (OpenVINO flavour, {args.method} ranges)\n\n"
-          f"`--min-agreement {args.budget}` searched on {len(search)} Imagenette val images (seeded permutation), "
+          f"`--min-agreement {args.budget}{conf}` searched on {len(search)} Imagenette val images (seeded permutation), "
           f"then measured on the other {len(held)} val images, which the search never saw.\n\n"
           f"- fell back to float: {len(res['fell_back'])} layer(s): {', '.join(res['fell_back'])}\n"
           f"- search set: all-INT8 {res['search_all_int8']['agreement_pct']} % → {res['search_result']['agreement_pct']} %"
+          f" (95 % lower bound {res['search_result']['agreement_lcb_pct']} %)"
           f" (steps tried: {steps})\n"
           f"- **held-out: {h['agreement_pct']} % agreement**, top-1 {h['top1_pct']} % (FP32 {h['fp32_top1_pct']} %); "
           f"every layer INT8 on the same images: {res['heldout_all_int8']['agreement_pct']} %, top-1 "
@@ -178,7 +182,8 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
           f"- speed at batch {s['batch']} on {s['backend']}, interleaved: budgeted INT8 **{s['speedup_vs_fp32']['int8_budget']}× "
           f"FP32**, all-INT8 {s['speedup_vs_fp32']['int8_all']}× ({s['repeats']} rounds)\n")
     print(md)
-    write_results(__file__, res, md, argv=argv_of(args), name=f"budget-{args.budget:g}-{len(search)}")
+    write_results(__file__, res, md, argv=argv_of(args), name=f"budget-{args.budget:g}-{len(search)}"
+                  + ("" if args.confidence is None else f"-c{args.confidence:g}") + f"-{args.order}")
     return 0
 
 
@@ -198,6 +203,9 @@ def main(argv=None) -> int:
                     help="only the budget search (the estimator from --method), its held-out check and its speed; "
                          "written as budget-<PCT>-<N>.json/md beside the main results")
     ap.add_argument("--method", default="mse", help="range estimator for --budget-only")
+    ap.add_argument("--confidence", type=float, default=None,
+                    help="--budget-confidence for the budget search (default: the point figure)")
+    ap.add_argument("--order", default="sensitivity", help="fallback order for the budget search")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
     args = ap.parse_args(argv)

@@ -565,6 +565,34 @@ def weighted_layers(fp32) -> list[str]:
             and g.is_const(n.input[1]) and not g.is_const(n.input[0])]
 
 
+def layer_macs(fp32) -> dict[str, int]:
+    """Multiply-adds per image of each :func:`weighted_layers` layer: output positions (from ONNX shape inference)
+    × the weight's elements per output channel × output channels, i.e. out_h·out_w·numel(weight) for a Conv and
+    numel(weight) for a Gemm — what keeping the layer in float costs, up to the runtime's float/int8 speed ratio.
+    A layer whose output map size shape inference cannot tell counts its weight once (said in the log)."""
+    onnx = _onnx()
+    model, label = _load_fp32(fp32)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    inits = {t.name: t for t in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    out = {}
+    for layer in weighted_layers(model):
+        node = by_name[layer]
+        weight = int(np.prod(inits[node.input[1]].dims))
+        positions = 1
+        if node.op_type == "Conv":
+            dims = shapes.get(node.output[0], [])[2:]
+            if dims and all(d for d in dims):
+                positions = int(np.prod(dims))
+            else:
+                log.info("%s: the output map size of %s is unknown to shape inference; its cost counts the "
+                         "weight once", label, layer)
+        out[layer] = positions * weight
+    return out
+
+
 def float_groups(fp32, layers: Collection[str], flavour: str) -> dict[str, list[str]]:
     """Nodes to exclude so that each weighted layer of ``layers`` computes in float from a float input. TensorRT
     flavour: the layer alone (its input Q/DQ belongs to it). CPU and OpenVINO flavours: the layer plus every

@@ -87,6 +87,8 @@ class BuildOptions:
     # accuracy-budgeted INT8 (sedeploy.int8_budget): either bound turns the budget on
     max_top1_drop: float | None = None  # top-1 points vs FP32 on held-out images (needs labels)
     min_agreement: float | None = None  # top-1 agreement with FP32, percent
+    budget_confidence: float | None = None  # meet the budget with one-sided bounds at this confidence
+    fallback_order: str | None = None  # sedeploy.int8_budget.FALLBACK_ORDERS; None: its default
     val: str | Path | None = None  # held-out images; None: a seeded split of the calibration folder
     label_offset: int = 0  # model output k + offset is dataset class k (1001-class models: 1)
     max_fallback: int | None = None  # most layers allowed back in float
@@ -181,11 +183,14 @@ def _check_options(opt: BuildOptions) -> None:
 
         require(opt.backend, _backend_purpose(opt.backend))  # exit 4 with the install hint, before any work
     budget = opt.max_top1_drop is not None or opt.min_agreement is not None
-    if (budget or opt.val is not None or opt.max_fallback is not None) and not opt.int8:
-        raise SedeployError("--min-agreement / --max-top1-drop / --val / --max-fallback budget the INT8 artifacts, "
+    extras = (opt.val, opt.max_fallback, opt.budget_confidence, opt.fallback_order)
+    if (budget or any(e is not None for e in extras)) and not opt.int8:
+        raise SedeployError("--min-agreement / --max-top1-drop / --val / --max-fallback / --budget-confidence / "
+                            "--fallback-order budget the INT8 artifacts, "
                             "but --int8 was not given.", fix="add --int8")
-    if (opt.val is not None or opt.max_fallback is not None) and not budget:
-        raise SedeployError("--val / --max-fallback were given without a budget.",
+    if any(e is not None for e in extras) and not budget:
+        raise SedeployError("--val / --max-fallback / --budget-confidence / --fallback-order were given without a "
+                            "budget.",
                             fix="add --min-agreement PCT and/or --max-top1-drop PTS")
     if opt.max_fallback is not None and opt.max_fallback < 0:
         raise SedeployError(f"--max-fallback {opt.max_fallback} is not valid.", expected="a whole number ≥ 0")
@@ -193,9 +198,7 @@ def _check_options(opt: BuildOptions) -> None:
         raise SedeployError(f"--label-offset {opt.label_offset} is not valid.", expected="a whole number ≥ 0",
                             fix="pass 1 for 1001-class models with a background class at index 0")
     if budget:
-        from sedeploy.int8_budget import Budget
-
-        Budget(max_top1_drop=opt.max_top1_drop, min_agreement=opt.min_agreement)  # validates before any work
+        _budget(opt)  # validates before any work
     if opt.backend == "trt":
         from sedeploy.backends.tensorrt import require_trt, validate_profile
 
@@ -322,6 +325,13 @@ def _fp16(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
     res.artifacts.append(Artifact(path, "fp16", None, report.as_dict()))
 
 
+def _budget(opt: BuildOptions):
+    from sedeploy.int8_budget import Budget
+
+    return Budget(max_top1_drop=opt.max_top1_drop, min_agreement=opt.min_agreement,
+                  confidence=opt.budget_confidence)
+
+
 def _heldout(opt: BuildOptions, folder: Path, pp: Preprocess, num_classes: int):
     """(images, labels or None, relative calibration paths to exclude, description) for the INT8 budget."""
     from sedeploy.bench.labels import resolve_labels_offset
@@ -353,14 +363,13 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
     budget = None
     exclude: set[str] = set()
     if opt.max_top1_drop is not None or opt.min_agreement is not None:
-        from sedeploy.int8_budget import Budget
-
-        budget = Budget(max_top1_drop=opt.max_top1_drop, min_agreement=opt.min_agreement)
+        budget = _budget(opt)
         from sedeploy.preprocess import smooth_noise
 
         num_classes = int(run_model(fp32_path, smooth_noise(1, pp.size, seed=1)).shape[1])
         held_x, held_y, exclude, held_what = _heldout(opt, folder, pp, num_classes)
-        res.int8_budget = {"budget": {"max_top1_drop": opt.max_top1_drop, "min_agreement": opt.min_agreement},
+        res.int8_budget = {"budget": {"max_top1_drop": opt.max_top1_drop, "min_agreement": opt.min_agreement,
+                                      "confidence": opt.budget_confidence},
                            "heldout": held_what, "labelled": held_y is not None, "flavours": {}}
     t0 = time.perf_counter()
     kwargs = {k: v for k, v in {"method": opt.calib_method, "count": opt.calib_count,
@@ -382,11 +391,12 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
         # the TensorRT flavour is the FP16 graph with Q/DQ: it takes the FP16 artifact's keep-FP32 policy
         keep = opt.keep_fp32 if flavour == "trt" else None
         if budget is not None:
-            from sedeploy.int8_budget import quantize_to_budget
+            from sedeploy.int8_budget import DEFAULT_FALLBACK_ORDER, quantize_to_budget
 
             report, brep = quantize_to_budget(fp32_path, calib, path, flavour=flavour, images=held_x, labels=held_y,
                                               budget=budget, se=se, max_fallback=opt.max_fallback,
-                                              threads=opt.threads, keep_fp32=keep)
+                                              threads=opt.threads, keep_fp32=keep,
+                                              order=opt.fallback_order or DEFAULT_FALLBACK_ORDER)
             res.int8_budget["flavours"][flavour] = brep.as_dict()
         else:
             report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se, keep_fp32=keep)
@@ -722,7 +732,8 @@ def format_result(res: BuildResult) -> str:
                         f"{speed['speedup_vs_fp32']['int8_all']:.2f}×) at batch {speed['batch']} on "
                         f"{speed['backend']}")
             lines.append(f"  int8-{flavour}: agreement {a['agreement_pct']:.2f} % with every layer quantized → "
-                         f"{f['agreement_pct']:.2f} % with {len(fell)}/{r['layers']} layer(s) in float"
+                         f"{f['agreement_pct']:.2f} % (95 % lower bound {f['agreement_lcb_pct']:.2f} %) with "
+                         f"{len(fell)}/{r['layers']} layer(s) in float"
                          + (f" ({', '.join(fell[:6])}{' …' if len(fell) > 6 else ''})" if fell else "")
                          + (f"; top-1 drop {f['top1_drop_pts']:.2f} pt" if r["labelled"] else "") + cost)
     lines.append("artifacts (portable ONNX):")

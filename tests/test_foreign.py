@@ -144,6 +144,45 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
     assert not list(tmp_path.glob(".int8-budget-*"))  # the work folder is gone
 
 
+@pytest.mark.slow
+def test_budget_confidence_falls_back_at_least_as_far(fused_fp32, foreign_art, tmp_path):
+    """With --budget-confidence the search meets the budget with the lower bound, not the point figure: along the
+    same ranking it stops at the same k or later, and the written model's bound meets the budget."""
+    import dataclasses
+
+    from sedeploy.int8_budget import Budget, agreement_lower_bound, quantize_to_budget
+
+    path, cal = fused_fp32
+    damaged = {"/b2/project/project.0/Conv", "/head/head.0/Conv"}
+    inputs = {n.input[0] for n in onnx.load(str(path)).graph.node if n.name in damaged}
+    bad = dataclasses.replace(cal, ranges={k: (lo / 10, hi / 10) if k in inputs else (lo, hi)
+                                           for k, (lo, hi) in cal.ranges.items()})
+    runs = {}
+    for conf in (None, 0.95):
+        _, runs[conf] = quantize_to_budget(path, bad, tmp_path / f"c{conf}.onnx", flavour="cpu",
+                                           images=foreign_art.images, budget=Budget(min_agreement=97.0,
+                                                                                    confidence=conf),
+                                           time_speed=False)
+    point, bound = runs[None], runs[0.95]
+    assert point.all_int8["agreement_pct"] < 90.0 and point.budget["confidence"] is None
+    assert [r["layer"] for r in point.sensitivity] == [r["layer"] for r in bound.sensitivity]
+    assert bound.fell_back[:len(point.fell_back)] == point.fell_back and len(bound.fell_back) >= len(point.fell_back)
+    r = bound.result
+    assert agreement_lower_bound(r["agree"], r["n"], 0.95) >= 97.0 and r["agreement_lcb_pct"] >= 97.0
+    assert bound.budget["confidence"] == 0.95
+
+
+def test_budget_confidence_needs_enough_images(fused_fp32, foreign_art, tmp_path):
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    path, cal = fused_fp32
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(SedeployError, match="≥ 268 held-out images"):
+        quantize_to_budget(path, cal, out, flavour="cpu", images=foreign_art.images[:100],
+                           budget=Budget(min_agreement=99.0, confidence=0.95))
+    assert not out.exists() and not list(tmp_path.glob(".int8-budget-*"))
+
+
 def test_budget_unreachable_writes_nothing(fused_fp32, foreign_art, tmp_path):
     """Ranges shrunk 50× clip almost every activation: no single layer back in float rescues that."""
     import dataclasses
@@ -207,6 +246,16 @@ def test_cli_budget_options_need_int8(foreign_art, tmp_path):
     r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
                                  "--val", str(foreign_art.heldout_dir)])
     assert r.exit_code == 2 and "without a budget" in r.output
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
+                                 "--budget-confidence", "0.95"])
+    assert r.exit_code == 2 and "without a budget" in r.output and "--budget-confidence" in r.output
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
+                                 "--min-agreement", "99", "--budget-confidence", "1.2"])
+    assert r.exit_code == 2 and "--budget-confidence 1.2 is not valid" in r.output
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
+                                 "--fallback-order", "gain-per-cost"])
+    assert r.exit_code == 2 and "without a budget" in r.output and "--fallback-order" in r.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_mse_threshold_clips_outliers_keeps_compact():
