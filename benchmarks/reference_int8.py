@@ -157,7 +157,10 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
     quantize_model(fp32, cal, every, flavour="ov")
     got_all = _logits(every, "ov", "int8", x[held])
     b = rep.as_dict()
-    res = {"model": "trained reference SE-ResNet-50, 112 px", "method": args.method, "budget_pct": args.budget,
+    from sedeploy.onnxcore import sha256_file
+
+    res = {"model": "trained reference SE-ResNet-50, 112 px", "checkpoint_sha256": sha256_file(args.checkpoint),
+           "fp32_val_top1_pct": _pct(ref.argmax(1) == y), "method": args.method, "budget_pct": args.budget,
            "confidence": args.confidence, "order": args.order, "strategy": rep.strategy, "search_images": int(len(search)), "heldout_images": int(len(held)),
            "fell_back": b["fell_back"], "search_all_int8": b["all_int8"], "search_result": b["result"],
            "search_steps": b["search"], "sensitivity": b["sensitivity"], "speed": b["speed"], "seconds": b["seconds"],

@@ -338,7 +338,8 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                         threads=threads, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                         workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp,
                         progress=_progress(as_json), min_agreement=min_agreement, max_top1_drop=max_top1_drop,
-                        budget_confidence=budget_confidence, fallback_order=fallback_order, val=val, label_offset=label_offset, max_fallback=max_fallback, dynamic_batch=dynamic_batch)
+                        budget_confidence=budget_confidence, fallback_order=fallback_order,
+                        val=val, label_offset=label_offset, max_fallback=max_fallback, dynamic_batch=dynamic_batch)
     res = build_engines(model, out_dir, opts, depth=int(depth) if depth else None, checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 

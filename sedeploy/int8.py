@@ -569,10 +569,11 @@ def layer_macs(fp32) -> dict[str, int]:
     """Multiply-adds per image of each :func:`weighted_layers` layer: output positions (from ONNX shape inference)
     × the weight's elements per output channel × output channels, i.e. out_h·out_w·numel(weight) for a Conv and
     numel(weight) for a Gemm — what keeping the layer in float costs, up to the runtime's float/int8 speed ratio.
-    A layer whose output map size shape inference cannot tell counts its weight once (said in the log)."""
+    Shape inference propagates constant shapes (``data_prop``); a model whose map sizes it still cannot tell is
+    refused (the count would make such a layer look nearly free)."""
     onnx = _onnx()
     model, label = _load_fp32(fp32)
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in (*inferred.graph.value_info, *inferred.graph.output)}
     inits = {t.name: t for t in model.graph.initializer}
@@ -584,11 +585,12 @@ def layer_macs(fp32) -> dict[str, int]:
         positions = 1
         if node.op_type == "Conv":
             dims = shapes.get(node.output[0], [])[2:]
-            if dims and all(d for d in dims):
-                positions = int(np.prod(dims))
-            else:
-                log.info("%s: the output map size of %s is unknown to shape inference; its cost counts the "
-                         "weight once", label, layer)
+            if not dims or not all(dims):
+                raise SedeployError(f"'{label}': ONNX shape inference cannot tell the output map size of {layer}, "
+                                    f"so its multiply-adds are unknown.",
+                                    expected="a model whose Conv output sizes follow from its input size",
+                                    fix="use --fallback-order sensitivity (needs no cost)")
+            positions = int(np.prod(dims))
         out[layer] = positions * weight
     return out
 

@@ -30,10 +30,13 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
 Held-out figures are only as fine as the held-out set: with 100 images one flip is 1 point, and a search that
 stops as soon as the point figure meets the budget on *these* images overfits them (measured on the trained
 reference: 99.0 % on the 2,000 search images, 98.49 % on 1,925 unseen ones). Every figure therefore comes with its
-one-sided statistical bound (Wilson lower bound of the agreement, upper bound of the paired top-1 drop), and
-``--budget-confidence C`` (e.g. 0.95) makes the search meet the budget with that bound instead of the point
-figure: the budget then holds on unseen images of the same kind with probability ≈ C. A bound needs images: at
-0.95 a 99 % agreement cannot be shown with fewer than 268 held-out images, and that is refused up front.
+one-sided statistical bound (Wilson lower bound of the agreement, Bonett–Price upper bound of the paired top-1
+drop), and ``--budget-confidence C`` (e.g. 0.95) makes the search meet the budget with that bound instead of the
+point figure: the *true* agreement / drop on images of the same kind then meets the budget with confidence ≈ C —
+somewhat less in fact, since the search tries several k on the same images and keeps the first that passes (a
+finite set of new images still scatters around the true figure). A bound needs images: at 0.95 a 99 % agreement
+cannot be shown with fewer than 268 held-out images, nor a 0.5 pt drop with fewer than 464, and that is refused
+before any work.
 """
 from __future__ import annotations
 
@@ -67,8 +70,15 @@ def _z(confidence: float) -> float:
     return NormalDist().inv_cdf(confidence)
 
 
+def _check_counts(n: int, *counts: int) -> None:
+    if n <= 0 or any(c < 0 or c > n for c in counts):
+        raise SedeployError(f"Image counts {counts} of {n} images are not valid.",
+                            expected="n > 0 and every count within 0…n")
+
+
 def agreement_lower_bound(agree: int, n: int, confidence: float) -> float:
     """One-sided Wilson score lower bound (percent) of the agreement rate, ``agree`` of ``n`` images."""
+    _check_counts(n, agree)
     z, p = _z(confidence), agree / n
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -77,12 +87,13 @@ def agreement_lower_bound(agree: int, n: int, confidence: float) -> float:
 
 def drop_upper_bound(fp32_only: int, int8_only: int, n: int, confidence: float) -> float:
     """One-sided upper bound (points) of the paired top-1 drop: ``fp32_only`` images right only in FP32,
-    ``int8_only`` right only in INT8. Normal approximation of the mean per-image difference, with half a pseudo
-    count on each side so that a sample without disagreements still has a spread."""
-    b, c, m = fp32_only + 0.5, int8_only + 0.5, n + 1
-    mean = (b - c) / m
-    var = max((b + c) / m - mean * mean, 0.0)
-    return 100.0 * ((fp32_only - int8_only) / n + _z(confidence) * math.sqrt(var / n))
+    ``int8_only`` right only in INT8. Bonett–Price adjusted Wald interval for a difference of paired proportions
+    (one pseudo count in each discordant cell, n + 2): close to nominal even when few predictions flip, where a
+    plain normal approximation claims more certainty than it has."""
+    _check_counts(n, fp32_only, int8_only, fp32_only + int8_only)
+    p12, p21, m = (fp32_only + 1) / (n + 2), (int8_only + 1) / (n + 2), n + 2
+    d = p12 - p21
+    return 100.0 * (d + _z(confidence) * math.sqrt(max(p12 + p21 - d * d, 0.0) / m))
 
 
 def images_needed(min_agreement: float, confidence: float) -> int | None:
@@ -92,6 +103,20 @@ def images_needed(min_agreement: float, confidence: float) -> int | None:
     if a >= 1.0:
         return None
     return math.ceil(_z(confidence) ** 2 * a / (1.0 - a))
+
+
+def images_needed_for_drop(max_top1_drop: float, confidence: float) -> int | None:
+    """Fewest images whose drop bound can reach ``max_top1_drop`` points (when no prediction flips); None for a
+    zero drop, which no finite sample can show."""
+    if max_top1_drop <= 0:
+        return None
+    lo, hi = 1, 2
+    while drop_upper_bound(0, 0, hi, confidence) > max_top1_drop:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # the bound without flips falls as n grows
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if drop_upper_bound(0, 0, mid, confidence) <= max_top1_drop else (mid, hi)
+    return hi if drop_upper_bound(0, 0, lo, confidence) > max_top1_drop else lo
 
 
 #: how the fallback candidates are ranked (the search then takes the fewest top-k along the ranking)
@@ -129,26 +154,41 @@ class Budget:
         if self.min_agreement is not None and not (0.0 < self.min_agreement <= 100.0):
             raise SedeployError(f"--min-agreement {self.min_agreement} is not valid.",
                                 expected="a percentage in (0, 100], e.g. 99")
-        if self.confidence is not None and not (0.5 <= self.confidence < 1.0):
+        if self.confidence is None:
+            return
+        if not (0.5 <= self.confidence < 1.0):
             raise SedeployError(f"--budget-confidence {self.confidence} is not valid.",
                                 expected="a probability in [0.5, 1), e.g. 0.95",
                                 fix="omit it to budget on the point figures of the held-out images")
+        if self.min_agreement is not None and images_needed(self.min_agreement, self.confidence) is None:
+            raise SedeployError(f"--min-agreement {self.min_agreement} with --budget-confidence {self.confidence}: "
+                                f"no finite set of held-out images can show 100 % agreement at a confidence.",
+                                fix="budget a lower agreement, e.g. 99.5, or drop --budget-confidence")
+        if self.max_top1_drop is not None and images_needed_for_drop(self.max_top1_drop, self.confidence) is None:
+            raise SedeployError(f"--max-top1-drop {self.max_top1_drop} with --budget-confidence {self.confidence}: "
+                                f"no finite set of held-out images can show a zero drop at a confidence.",
+                                fix="budget a positive drop, e.g. 0.5, or drop --budget-confidence")
 
     def check_images(self, n: int) -> None:
-        """Refuse, before any work, a held-out set too small to show the agreement at the confidence."""
-        if self.confidence is None or self.min_agreement is None:
+        """Refuse, before any work, a held-out set too small to show the budget at the confidence."""
+        if self.confidence is None:
             return
-        need = images_needed(self.min_agreement, self.confidence)
-        if need is None:
-            raise SedeployError(f"--min-agreement {self.min_agreement} with --budget-confidence "
-                                f"{self.confidence}: no finite set of held-out images can show 100 % agreement "
-                                f"at a confidence.", fix="budget a lower agreement, e.g. 99.5")
-        if n < need:
+        short = []
+        if self.min_agreement is not None:
+            need = images_needed(self.min_agreement, self.confidence)
+            if n < need:
+                short.append((need, f"top-1 agreement ≥ {self.min_agreement} % (even with every image agreeing, the "
+                                    f"lower bound is {agreement_lower_bound(n, n, self.confidence):.2f} %)"))
+        if self.max_top1_drop is not None:
+            need = images_needed_for_drop(self.max_top1_drop, self.confidence)
+            if n < need:
+                short.append((need, f"a top-1 drop ≤ {self.max_top1_drop} pt (even with no prediction changed, "
+                                    f"the upper bound is {drop_upper_bound(0, 0, n, self.confidence):.2f} pt)"))
+        if short:
             raise SedeployError(
-                f"{n} held-out images cannot show top-1 agreement ≥ {self.min_agreement} % at confidence "
-                f"{self.confidence}: even with every image agreeing, the lower bound is "
-                f"{agreement_lower_bound(n, n, self.confidence):.2f} %.",
-                expected=f"≥ {need} held-out images for this budget",
+                f"{n} held-out images cannot show {' nor '.join(w for _, w in short)} at confidence "
+                f"{self.confidence}.",
+                expected=f"≥ {max(k for k, _ in short)} held-out images for this budget",
                 fix="pass a larger --val DIR (or a larger --calib to split), lower --budget-confidence, or "
                     "drop it to budget on the point figure")
 
@@ -259,6 +299,8 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
         raise SedeployError(f"{len(images)} held-out images are too few for an accuracy budget.",
                             expected=f"≥ {MIN_HELDOUT} (a few hundred for sub-point budgets)")
     budget.check_images(len(images))
+    if order not in FALLBACK_ORDERS:
+        raise SedeployError(f"Unknown fallback order {order!r}.", expected=f"one of {', '.join(FALLBACK_ORDERS)}")
     se = int8.DEFAULT_SE_POLICY if se is None else se
     out_path = Path(out_path)
     kind = output_kind(load_onnx(fp32_path, check=False))
@@ -267,9 +309,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     in_float = set(int8.float_head_layers(fp32_path, flavour))
     layers = [layer for layer in int8.weighted_layers(fp32_path) if layer not in in_float]
     groups = int8.float_groups(fp32_path, layers, flavour)
-    if order not in FALLBACK_ORDERS:
-        raise SedeployError(f"Unknown fallback order {order!r}.", expected=f"one of {', '.join(FALLBACK_ORDERS)}")
-    macs = int8.layer_macs(fp32_path)
+    macs = int8.layer_macs(fp32_path) if order == "gain-per-cost" else {}
 
     def nodes_of(chosen):
         return sorted({n for layer in chosen for n in groups[layer]})
@@ -304,7 +344,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                 m = evaluate(path, n_sens)
                 path.unlink()
                 sens.append({"layer": layer, "mean_kl": m["mean_kl"], "agreement_pct": m["agreement_pct"],
-                             "kl_gain": base_sens["mean_kl"] - m["mean_kl"], "macs": macs[layer]})
+                             "kl_gain": base_sens["mean_kl"] - m["mean_kl"], "macs": macs.get(layer)})
             sens.sort(key=lambda r: rank_key(r, order))
             report.sensitivity = sens
             ranking = [r["layer"] for r in sens]
@@ -328,10 +368,13 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                     f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {len(images)} held-out "
                     f"images: with every layer quantized {'; '.join(budget.violations(base))}, and still "
                     f"{'; '.join(budget.violations(tried[k][2]))} with {k} of {len(layers)} weighted layers in "
-                    f"float (best agreement tried {best['agreement_pct']:.2f} %). Nothing was written.",
+                    f"float (best agreement tried {best['agreement_pct']:.2f} %, 95 % lower bound "
+                    f"{best['agreement_lcb_pct']:.2f} %). Nothing was written.",
                     fix="relax --min-agreement / --max-top1-drop, improve the calibration (more or more "
                         "representative --calib images, another --calib-method), or use FP16"
-                        + ("" if max_fallback is None else ", or allow more fallback layers"))
+                        + ("" if max_fallback is None else ", or allow more fallback layers")
+                        + ("" if budget.confidence is None else
+                           ", or show the bound with more held-out images (--val) or a lower --budget-confidence"))
             hi = k
             while hi - lo > 1:
                 mid = (lo + hi) // 2

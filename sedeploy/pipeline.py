@@ -199,6 +199,13 @@ def _check_options(opt: BuildOptions) -> None:
                             fix="pass 1 for 1001-class models with a background class at index 0")
     if budget:
         _budget(opt)  # validates before any work
+    if opt.fallback_order is not None:
+        from sedeploy.int8_budget import FALLBACK_ORDERS
+
+        if opt.fallback_order not in FALLBACK_ORDERS:
+            raise SedeployError(f"--fallback-order {opt.fallback_order!r} is not valid.",
+                                expected=f"one of {', '.join(FALLBACK_ORDERS)}",
+                                fix="omit it for the default (sensitivity)")
     if opt.backend == "trt":
         from sedeploy.backends.tensorrt import require_trt, validate_profile
 
@@ -368,6 +375,7 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
 
         num_classes = int(run_model(fp32_path, smooth_noise(1, pp.size, seed=1)).shape[1])
         held_x, held_y, exclude, held_what = _heldout(opt, folder, pp, num_classes)
+        budget.check_images(len(held_x))  # too few images for --budget-confidence: refused before calibrating
         res.int8_budget = {"budget": {"max_top1_drop": opt.max_top1_drop, "min_agreement": opt.min_agreement,
                                       "confidence": opt.budget_confidence},
                            "heldout": held_what, "labelled": held_y is not None, "flavours": {}}
@@ -719,6 +727,8 @@ def format_result(res: BuildResult) -> str:
     if res.validation is not None:
         lines.append(f"TensorRT Q/DQ rules: {'pass' if res.validation.get('ok') else 'FAIL'}")
     if res.int8_budget:
+        from sedeploy.int8_budget import REPORT_CONFIDENCE
+
         b = res.int8_budget
         lines.append(f"INT8 budget {', '.join(f'{k} {v}' for k, v in b['budget'].items() if v is not None)} on "
                      f"{b['heldout']}")
@@ -732,10 +742,12 @@ def format_result(res: BuildResult) -> str:
                         f"{speed['speedup_vs_fp32']['int8_all']:.2f}×) at batch {speed['batch']} on "
                         f"{speed['backend']}")
             lines.append(f"  int8-{flavour}: agreement {a['agreement_pct']:.2f} % with every layer quantized → "
-                         f"{f['agreement_pct']:.2f} % (95 % lower bound {f['agreement_lcb_pct']:.2f} %) with "
+                         f"{f['agreement_pct']:.2f} % ({REPORT_CONFIDENCE:.0%} lower bound "
+                         f"{f['agreement_lcb_pct']:.2f} %) with "
                          f"{len(fell)}/{r['layers']} layer(s) in float"
                          + (f" ({', '.join(fell[:6])}{' …' if len(fell) > 6 else ''})" if fell else "")
-                         + (f"; top-1 drop {f['top1_drop_pts']:.2f} pt" if r["labelled"] else "") + cost)
+                         + (f"; top-1 drop {f['top1_drop_pts']:.2f} pt (upper bound {f['top1_drop_ucb_pts']:.2f})"
+                            if r["labelled"] else "") + cost)
     lines.append("artifacts (portable ONNX):")
     for a in res.artifacts:
         lines.append(f"  {a.kind:<22} {a.path}")

@@ -252,6 +252,12 @@ def test_cli_budget_options_need_int8(foreign_art, tmp_path):
     r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
                                  "--min-agreement", "99", "--budget-confidence", "1.2"])
     assert r.exit_code == 2 and "--budget-confidence 1.2 is not valid" in r.output
+    # 16 images held out of the 64 calibration images cannot show 99 % at 0.95: refused before calibrating
+    r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
+                                 "--calib", str(foreign_art.calib_dir), "--min-agreement", "99",
+                                 "--budget-confidence", "0.95", "--backend", "none"])
+    assert r.exit_code == 2 and "16 held-out images cannot show" in r.output and "≥ 268" in r.output, r.output
+    assert "calibrat" not in r.output.split("cannot show")[0].lower()
     r = CliRunner().invoke(cli, ["build-engine", str(foreign_art.onnx_path), "-o", str(tmp_path / "o"), "--int8",
                                  "--fallback-order", "gain-per-cost"])
     assert r.exit_code == 2 and "without a budget" in r.output and "--fallback-order" in r.output
