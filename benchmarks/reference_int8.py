@@ -151,7 +151,9 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
     art.parent.mkdir(exist_ok=True)
     _, rep = quantize_to_budget(fp32, cal, art, flavour="ov", images=x[search], labels=y[search],
                                 budget=Budget(min_agreement=args.budget, confidence=args.confidence), threads=2,
-                                order=args.order)
+                                order=args.order,
+                                **({} if args.sensitivity_images is None else
+                                   {"sensitivity_images": args.sensitivity_images}))
     got = _logits(art, "ov", "int8", x[held])
     every = work / "budget" / "all-int8.onnx"  # the same calibration, every layer INT8: the held-out baseline
     quantize_model(fp32, cal, every, flavour="ov")
@@ -161,7 +163,7 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
 
     res = {"model": "trained reference SE-ResNet-50, 112 px", "checkpoint_sha256": sha256_file(args.checkpoint),
            "fp32_val_top1_pct": _pct(ref.argmax(1) == y), "method": args.method, "budget_pct": args.budget,
-           "confidence": args.confidence, "order": args.order, "strategy": rep.strategy, "search_images": int(len(search)), "heldout_images": int(len(held)),
+           "confidence": args.confidence, "order": args.order, "sensitivity_images": args.sensitivity_images, "strategy": rep.strategy, "search_images": int(len(search)), "heldout_images": int(len(held)),
            "fell_back": b["fell_back"], "search_all_int8": b["all_int8"], "search_result": b["result"],
            "search_steps": b["search"], "sensitivity": b["sensitivity"], "speed": b["speed"], "seconds": b["seconds"],
            "heldout_all_int8": {"agreement_pct": _pct(got_all.argmax(1) == ref[held].argmax(1)),
@@ -186,7 +188,8 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
           f"FP32**, all-INT8 {s['speedup_vs_fp32']['int8_all']}× ({s['repeats']} rounds)\n")
     print(md)
     write_results(__file__, res, md, argv=argv_of(args), name=f"budget-{args.budget:g}-{len(search)}"
-                  + ("" if args.confidence is None else f"-c{args.confidence:g}") + f"-{args.order}")
+                  + ("" if args.confidence is None else f"-c{args.confidence:g}") + f"-{args.order}"
+                  + ("" if args.sensitivity_images is None else f"-s{args.sensitivity_images}"))
     return 0
 
 
@@ -209,6 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--confidence", type=float, default=None,
                     help="--budget-confidence for the budget search (default: the point figure)")
     ap.add_argument("--order", default="sensitivity", help="fallback order for the budget search")
+    ap.add_argument("--sensitivity-images", type=int, default=None,
+                    help="search images the per-layer sensitivity pass uses (the first of the search set) "
+                         "[default: sedeploy.int8_budget.SENSITIVITY_IMAGES]")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
     args = ap.parse_args(argv)
