@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from reference_int8 import DATA, REF, _logits, _pct, prepare  # noqa: E402
+from reference_int8 import DATA, REF, run_logits, pct, prepare  # noqa: E402
 
 #: placement name → extra op types quantized besides Conv/Gemm (None: the flavour's default, OV_OPTIONS)
 PLACEMENTS = {
@@ -79,13 +79,13 @@ def main(argv=None) -> int:
 
     work = args.work
     fp32, pp, x, y = prepare(args.checkpoint, args.size, args.data, work)
-    ref = _logits(fp32, "ov", "fp32", x)
+    ref = run_logits(fp32, "ov", "fp32", x)
     cal = calibrate(fp32, args.data / "train", method=args.method, count=args.calib_count, preprocess=pp,
                     progress=False, cache_dir=work / "cache")
     res = {"model": f"trained reference SE-ResNet-50 ({args.checkpoint.name}), {args.size} px",
            "val_images": int(len(x)), "calibration": f"{args.calib_count} Imagenette train images, seed 0, "
                                                      f"{args.method} ranges",
-           "fp32_top1_pct": _pct(ref.argmax(1) == y), "rows": {}}
+           "fp32_top1_pct": pct(ref.argmax(1) == y), "rows": {}}
     arts = {}
     for name, extra in PLACEMENTS.items():
         if args.only and name not in args.only:
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
         art = work / "placement" / (name.split(" (")[0].replace(" ", "_").replace("+", "p") + ".onnx")
         art.parent.mkdir(exist_ok=True)
         qr = quantize_model(fp32, cal, art, flavour="ov", cpu_options=opts)
-        got = _logits(art, "ov", "int8", x)
+        got = run_logits(art, "ov", "int8", x)
         res["rows"][name] = {"extra_ops": list(opts.extra_ops), "qdq_nodes": qr.op_histogram.get("QuantizeLinear", 0),
-                             "agreement_pct": _pct(got.argmax(1) == ref.argmax(1)),
-                             "top1_pct": _pct(got.argmax(1) == y)}
+                             "agreement_pct": pct(got.argmax(1) == ref.argmax(1)),
+                             "top1_pct": pct(got.argmax(1) == y)}
         arts[name] = art
         print(name, res["rows"][name], flush=True)
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     nncf_model = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset([cx[i:i + 1] for i in range(len(cx))]))
     with OpenVinoModelRunner(nncf_model, precision="int8", threads=2) as r:
         got = np.concatenate([r.infer(x[i:i + 64]) for i in range(0, len(x), 64)])
-    res["nncf"] = {"agreement_pct": _pct(got.argmax(1) == ref.argmax(1)), "top1_pct": _pct(got.argmax(1) == y),
+    res["nncf"] = {"agreement_pct": pct(got.argmax(1) == ref.argmax(1)), "top1_pct": pct(got.argmax(1) == y),
                    "about": f"nncf.quantize, NNCF {nncf.__version__} default preset, same {len(cx)} images"}
     print("nncf", res["nncf"], flush=True)
 

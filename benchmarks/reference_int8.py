@@ -117,7 +117,7 @@ def prepare(checkpoint: Path, size: int, data: Path, work: Path):
     return fp32, pp, x, np.array([classes.index(c) for c in val.classes])
 
 
-def _runner(path: Path, flavour: str, precision: str):
+def make_runner(path: Path, flavour: str, precision: str):
     if flavour == "ov":
         from sedeploy.backends.openvino import OpenVinoModelRunner
 
@@ -127,12 +127,12 @@ def _runner(path: Path, flavour: str, precision: str):
     return OrtRunner(path, threads=2)
 
 
-def _logits(path: Path, flavour: str, precision: str, x: np.ndarray, chunk: int = 64) -> np.ndarray:
-    with _runner(path, flavour, precision) as r:
+def run_logits(path: Path, flavour: str, precision: str, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+    with make_runner(path, flavour, precision) as r:
         return np.concatenate([r.infer(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
-def _pct(mask) -> float:
+def pct(mask) -> float:
     return round(100 * float(np.mean(mask)), 2)
 
 
@@ -154,22 +154,22 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
                                 order=args.order,
                                 **({} if args.sensitivity_images is None else
                                    {"sensitivity_images": args.sensitivity_images}))
-    got = _logits(art, "ov", "int8", x[held])
+    got = run_logits(art, "ov", "int8", x[held])
     every = work / "budget" / "all-int8.onnx"  # the same calibration, every layer INT8: the held-out baseline
     quantize_model(fp32, cal, every, flavour="ov")
-    got_all = _logits(every, "ov", "int8", x[held])
+    got_all = run_logits(every, "ov", "int8", x[held])
     b = rep.as_dict()
     from sedeploy.onnxcore import sha256_file
 
     res = {"model": "trained reference SE-ResNet-50, 112 px", "checkpoint_sha256": sha256_file(args.checkpoint),
-           "fp32_val_top1_pct": _pct(ref.argmax(1) == y), "method": args.method, "budget_pct": args.budget,
+           "fp32_val_top1_pct": pct(ref.argmax(1) == y), "method": args.method, "budget_pct": args.budget,
            "confidence": args.confidence, "order": args.order, "sensitivity_images": args.sensitivity_images, "strategy": rep.strategy, "search_images": int(len(search)), "heldout_images": int(len(held)),
            "fell_back": b["fell_back"], "search_all_int8": b["all_int8"], "search_result": b["result"],
            "search_steps": b["search"], "sensitivity": b["sensitivity"], "speed": b["speed"], "seconds": b["seconds"],
-           "heldout_all_int8": {"agreement_pct": _pct(got_all.argmax(1) == ref[held].argmax(1)),
-                                "top1_pct": _pct(got_all.argmax(1) == y[held])},
-           "heldout": {"agreement_pct": _pct(got.argmax(1) == ref[held].argmax(1)),
-                       "top1_pct": _pct(got.argmax(1) == y[held]), "fp32_top1_pct": _pct(ref[held].argmax(1) == y[held])}}
+           "heldout_all_int8": {"agreement_pct": pct(got_all.argmax(1) == ref[held].argmax(1)),
+                                "top1_pct": pct(got_all.argmax(1) == y[held])},
+           "heldout": {"agreement_pct": pct(got.argmax(1) == ref[held].argmax(1)),
+                       "top1_pct": pct(got.argmax(1) == y[held]), "fp32_top1_pct": pct(ref[held].argmax(1) == y[held])}}
     s, h = res["speed"], res["heldout"]
     steps = ", ".join(f"k={t['k']} {t['agreement_pct']} %" for t in res["search_steps"])
     conf = ("" if args.confidence is None else f" --budget-confidence {args.confidence:g}") + \
@@ -235,9 +235,9 @@ def main(argv=None) -> int:
     res: dict = {"model": f"trained reference SE-ResNet-50 ({args.checkpoint.name}), {args.size} px",
                  "val_images": int(len(x)), "calibration": f"{args.calib_count} Imagenette train images, seed 0",
                  "rows": {}}
-    ref = {"cpu": _logits(fp32, "cpu", "fp32", x), "ov": _logits(fp32, "ov", "fp32", x)}
-    res["fp32_top1_pct"] = {f: _pct(r.argmax(1) == y) for f, r in ref.items()}
-    res["fp32_ort_vs_ov_agreement_pct"] = _pct(ref["cpu"].argmax(1) == ref["ov"].argmax(1))
+    ref = {"cpu": run_logits(fp32, "cpu", "fp32", x), "ov": run_logits(fp32, "ov", "fp32", x)}
+    res["fp32_top1_pct"] = {f: pct(r.argmax(1) == y) for f, r in ref.items()}
+    res["fp32_ort_vs_ov_agreement_pct"] = pct(ref["cpu"].argmax(1) == ref["ov"].argmax(1))
 
     cals = {m: calibrate(fp32, args.data / "train", method=m, count=args.calib_count, preprocess=pp,
                          progress=False, cache_dir=work / "cache")
@@ -265,18 +265,18 @@ def main(argv=None) -> int:
         art = work / "variants" / f"{flavour}_smooth.onnx"
         art.parent.mkdir(exist_ok=True)
         quantize_model(smoothed, scal, art, flavour=flavour)
-        got = _logits(art, flavour, "int8", x)
-        res["rows"][name] = {"agreement_pct": _pct(got.argmax(1) == ref[flavour].argmax(1)),
-                             "top1_pct": _pct(got.argmax(1) == y)}
+        got = run_logits(art, flavour, "int8", x)
+        res["rows"][name] = {"agreement_pct": pct(got.argmax(1) == ref[flavour].argmax(1)),
+                             "top1_pct": pct(got.argmax(1) == y)}
         print(name, res["rows"][name], flush=True)
     for flavour, method, kw in variants:
         name = f"{flavour} {method}" + "".join(f" {k}={v}" for k, v in kw.items())
         art = work / "variants" / (name.replace(" ", "_").replace("=", "-") + ".onnx")
         art.parent.mkdir(exist_ok=True)
         quantize_model(fp32, cals[method], art, flavour=flavour, **kw)
-        got = _logits(art, flavour, "int8", x)
-        res["rows"][name] = {"agreement_pct": _pct(got.argmax(1) == ref[flavour].argmax(1)),
-                             "top1_pct": _pct(got.argmax(1) == y)}
+        got = run_logits(art, flavour, "int8", x)
+        res["rows"][name] = {"agreement_pct": pct(got.argmax(1) == ref[flavour].argmax(1)),
+                             "top1_pct": pct(got.argmax(1) == y)}
         arts[name] = art
         print(name, res["rows"][name], flush=True)
 
@@ -297,11 +297,11 @@ def main(argv=None) -> int:
     except SedeployError as err:  # recorded; the rest of the report still stands
         res["budget_error"] = str(err)
     if budget is not None:
-        got = _logits(budget_art, "ov", "int8", x[held])
+        got = run_logits(budget_art, "ov", "int8", x[held])
         budget["heldout_after_search"] = {"images": int(len(held)),
-                                          "agreement_pct": _pct(got.argmax(1) == ref["ov"][held].argmax(1)),
-                                          "top1_pct": _pct(got.argmax(1) == y[held]),
-                                          "fp32_top1_pct": _pct(ref["ov"][held].argmax(1) == y[held])}
+                                          "agreement_pct": pct(got.argmax(1) == ref["ov"][held].argmax(1)),
+                                          "top1_pct": pct(got.argmax(1) == y[held]),
+                                          "fp32_top1_pct": pct(ref["ov"][held].argmax(1) == y[held])}
         res["budget"] = {"base": best, **{k: budget[k] for k in ("fell_back", "all_int8", "result", "speed",
                                                                  "heldout_after_search", "seconds")}}
 
@@ -309,10 +309,10 @@ def main(argv=None) -> int:
     res["speed_b8"] = {}
     for flavour, names in (("cpu", ["cpu percentile", "cpu mse", "cpu mse head=int8"]),
                            ("ov", ["ov percentile", best, "ov mse head=int8"])):
-        runners = {"fp32": _runner(fp32, flavour, "fp32")}
-        runners.update({n: _runner(arts[n], flavour, "int8") for n in dict.fromkeys(names)})
+        runners = {"fp32": make_runner(fp32, flavour, "fp32")}
+        runners.update({n: make_runner(arts[n], flavour, "int8") for n in dict.fromkeys(names)})
         if flavour == "ov" and budget is not None:
-            runners["ov budget"] = _runner(budget_art, "ov", "int8")
+            runners["ov budget"] = make_runner(budget_art, "ov", "int8")
         for r in runners.values():
             r.activate()
         t = time_runners(runners, x[:8], batch_sizes=(8,), warmup=3, repeats=args.repeats, settle=1)
