@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     x, _ = load_batch(find_images(args.data / "val").paths, pp)
     held = np.random.default_rng(0).permutation(len(x))[args.search_images:]
     xh = x[held]
-    sources = {"FP32 graph": args.work / "engines" / "reference.fp32.onnx",
+    sources = {"FP32 graph": args.work / "112px" / "engines" / "reference.fp32.onnx",  # reference_int8.prepare
                "every layer INT8": args.work / "budget" / "all-int8.onnx",
                **{f"budget artifact {p.name}": p for p in args.budget_artifacts}}
     core = ov.Core()

@@ -148,7 +148,9 @@ def main(argv=None) -> int:
     if sp:
         lines += ["", f"Timer: {res['timer']}; {args.repeats} rounds per batch size."]
     print("\n".join(lines))
-    write_results(__file__, res, "\n".join(lines), argv=argv if argv is not None else sys.argv[1:])
+    # the reference's own size writes results.*; other sizes (the model was trained at 112 px) beside it
+    write_results(__file__, res, "\n".join(lines), argv=argv if argv is not None else sys.argv[1:],
+                  name="results" if args.size == 112 else f"results-{args.size}px")
     return 0
 
 

@@ -99,9 +99,11 @@ def smooth(fp32: Path, images: np.ndarray, out: Path, alpha: float = 0.5) -> tup
 
 def prepare(checkpoint: Path, size: int, data: Path, work: Path):
     """(SE-fused FP32 ONNX, preprocessing, val images, val labels): the checkpoint exported and built as a user
-    would (``sedeploy export`` then ``build-engine --backend none``), once per ``work`` folder."""
+    would (``sedeploy export`` then ``build-engine --backend none``), once per ``work`` folder and input size (in
+    ``work/<size>px/``)."""
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 
+    work = work / f"{size}px"
     work.mkdir(parents=True, exist_ok=True)
     pp = Preprocess.for_size(size)
     raw, fp32 = work / "reference.onnx", work / "engines" / "reference.fp32.onnx"

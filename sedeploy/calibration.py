@@ -55,10 +55,10 @@ log = logging.getLogger("sedeploy")
 CALIBRATION_VERSION = 4  # 3: per-channel means of the weighted layers' inputs; 4: mse thresholds on the uint8 grid
 METHODS = ("entropy", "minmax", "percentile", "mse")
 GRIDS = ("int8", "uint8")
-#: mse by measurement on the trained reference SE-ResNet-50 (benchmarks/results/reference_int8/: 256 Imagenette train
-#: images, top-1 agreement with FP32 on the 3,925 val images; the checkpoint retrained on 2026-12-02 afternoon): ONNX
-#: Runtime CPU flavour 98.14 % with mse against 96.38 % with percentile 99.99, OpenVINO flavour 98.62 % against
-#: 96.69 % (the previous checkpoint: 98.01 vs 97.40 %, 98.55 vs 97.58 %). On the small tiny/foreign test networks
+#: mse by measurement on three trained reference SE-ResNet-50 checkpoints (benchmarks/results/reference_int8/ and its
+#: earlier-checkpoints/: 256 Imagenette train images, top-1 agreement with FP32 on the 3,925 val images): ONNX Runtime
+#: CPU flavour mse against percentile 99.99 — 99.01 vs 98.47 % (val-70.4 checkpoint), 98.14 vs 96.38 % (val-69.9),
+#: 98.01 vs 97.40 % (val-72.7); OpenVINO flavour 99.11 vs 98.73 %, 98.62 vs 96.69 %, 98.55 vs 97.58 %. On the small tiny/foreign test networks
 #: (benchmarks/results/int8_calibration/) the two tie within one or two of 300–500 images. entropy clips harder,
 #: which the symmetric TensorRT form tolerates and the uint8 CPU form does not (tiny network: 87.2 % CPU).
 DEFAULT_METHOD = "mse"

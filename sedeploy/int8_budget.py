@@ -28,7 +28,7 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
    :class:`~sedeploy.errors.VerificationError` (exit 3) and nothing is written.
 
 Held-out figures are only as fine as the held-out set: with 100 images one flip is 1 point, and a search that
-stops as soon as the point figure meets the budget on *these* images overfits them (measured on the trained
+stops as soon as the point figure meets the budget on *these* images overfits them (measured on a trained
 reference: 99.0 % on the 2,000 search images, 98.49 % on 1,925 unseen ones). Every figure therefore comes with its
 one-sided statistical bound (Wilson lower bound of the agreement, Bonett–Price upper bound of the paired top-1
 drop), and ``--budget-confidence C`` (e.g. 0.95) makes the search meet the budget with that bound instead of the
@@ -359,16 +359,17 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                     report.search.append({"k": k, **m})
                 return not budget.violations(tried[k][2])
 
-            lo, k = 0, 1  # lo: largest k known to fail
+            lo, k = 0, min(1, limit)  # lo: largest k known to fail; k = 0 when no fallback is allowed
             while k < limit and not attempt(k):
                 lo, k = k, min(2 * k, limit)
-            if not attempt(k):
-                best = max((t[2] for t in tried.values()), key=lambda m: m["agreement_pct"])
+            if k == 0 or not attempt(k):
+                best = max((t[2] for t in tried.values()), key=lambda m: m["agreement_pct"], default=base)
+                still = (f", and still {'; '.join(budget.violations(tried[k][2]))} with {k} of {len(layers)} "
+                         f"weighted layers in float" if k else " (no layer may fall back: --max-fallback 0)")
                 raise VerificationError(
                     f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {len(images)} held-out "
-                    f"images: with every layer quantized {'; '.join(budget.violations(base))}, and still "
-                    f"{'; '.join(budget.violations(tried[k][2]))} with {k} of {len(layers)} weighted layers in "
-                    f"float (best agreement tried {best['agreement_pct']:.2f} %, 95 % lower bound "
+                    f"images: with every layer quantized {'; '.join(budget.violations(base))}{still} (best "
+                    f"agreement {best['agreement_pct']:.2f} %, {REPORT_CONFIDENCE:.0%} lower bound "
                     f"{best['agreement_lcb_pct']:.2f} %). Nothing was written.",
                     fix="relax --min-agreement / --max-top1-drop, improve the calibration (more or more "
                         "representative --calib images, another --calib-method), or use FP16"

@@ -430,7 +430,7 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
     """Engines of the chosen backend. In a full build the INT8 form meant for another backend is only written;
     an artifact the user gave as MODEL is built as asked (``given``), with a note when its form is not the one
     this backend runs best (``_check_artifact_for_backend`` has refused the forms a backend cannot read)."""
-    from sedeploy.backends import build_engine
+    from sedeploy.backends import build_engine, unsupported_here
 
     if opt.backend == "none":
         return
@@ -443,6 +443,11 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
                 continue
             res.notes.append(f"{art.path.name}: the {art.kind} form is meant for another backend; built for "
                              f"{table.label} as asked (it runs, but not in the form {table.label} runs fastest)")
+        why = unsupported_here(opt.backend, art.precision)
+        if why is not None and not given:  # an artifact given as MODEL is refused by the builder, with the reason
+            res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is built "
+                             f"from it: {why}")
+            continue
         t0 = time.perf_counter()
         eng = build_engine(opt.backend, art.path, out, _engine_options(opt))
         res.timings[f"engine_{art.kind}_s"] = round(time.perf_counter() - t0, 2)

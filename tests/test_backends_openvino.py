@@ -188,6 +188,28 @@ def test_int8_trt_builds_and_int8_cpu_is_refused(ov_build, tmp_path):
 
 
 @needs_ov
+def test_fp16_without_fp16_arithmetic_is_skipped_or_refused(tiny_onnx, tmp_path, monkeypatch):
+    """A CPU without FP16 arithmetic (made so here by asking for a capability no CPU reports): build-engine writes
+    the FP16 artifact, builds no OpenVINO FP16 engine and says why; the FP16 artifact given as MODEL is refused with
+    the reason (exit 2), nothing written. FP32 and INT8 never need a capability."""
+    from sedeploy.pipeline import BuildOptions, build_engines
+
+    assert OVB.unsupported_here("fp32") is None and OVB.unsupported_here("int8") is None
+    monkeypatch.setitem(OVB.NEEDED_CAPABILITY, "fp16", "NO-SUCH-CAPABILITY")
+    assert "no FP16 arithmetic" in OVB.unsupported_here("fp16")
+    out = tmp_path / "o"
+    res = build_engines(tiny_onnx, out, BuildOptions(fp16=True, backend="openvino", progress=False))
+    assert any(a.kind == "fp16" and Path(a.path).is_file() for a in res.artifacts)  # the artifact is written
+    assert [e["precision"] for e in res.engines] == ["fp32"]
+    assert not list(out.glob("*fp16*.ov.*"))
+    assert any("no OpenVINO engine is built" in n and "no FP16 arithmetic" in n for n in res.notes), res.notes
+    fp16_art = next(a.path for a in res.artifacts if a.kind == "fp16")
+    r = cli("build-engine", fp16_art, "--backend", "openvino", "-o", tmp_path / "given")
+    assert r.exit_code == 2 and "no FP16 arithmetic" in r.output and ".fp32.onnx or .int8-ov.onnx" in r.output
+    assert not list((tmp_path / "given").glob("*.ov.*"))
+
+
+@needs_ov
 def test_version_mismatch_refused(ov_build, tmp_path):
     res, out = ov_build
     xml = Path(next(e for e in res.engines if e["kind"] == "fp32")["path"])

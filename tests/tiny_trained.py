@@ -22,9 +22,13 @@ such as ``$SEDEPLOY_CACHE``. A file lock makes concurrent pytest-xdist workers t
 from __future__ import annotations
 
 #: The one INT8 top-1 agreement bound on this model (both flavours, both SE policies, every test that checks it).
-#: Measured on 500 held-out images: 98.6–99.2 % across flavours and SE policies; 98.5 % leaves a small margin for
-#: the run-to-run variation of training on another CPU (thread count changes float summation order).
-INT8_MIN_AGREEMENT = 0.985
+#: The model is trained at test time, so it differs from machine to machine (float summation order). Measured on
+#: 500 held-out images: 98.6–99.2 % across flavours and SE policies with the model trained on an Intel Xeon (AMX);
+#: 97.6–99.6 % with the model trained on an AMD EPYC (the TensorRT form, symmetric int8 on post-ReLU tensors, the
+#: lowest: 97.6 / 98.2 % even with ONNX Runtime's graph optimizations off, so it is the model, not the kernels).
+#: 97 % keeps a margin over both and still fails a real fault by far: ONNX Runtime's WeightBiasQuantization
+#: rewrite of the FP16 Q/DQ graph (the bug sedeploy.backends.ort disables) gives 75–76 % on the same model.
+INT8_MIN_AGREEMENT = 0.97
 
 import contextlib
 import fcntl

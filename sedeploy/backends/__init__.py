@@ -211,6 +211,14 @@ def build_engine(name: str, artifact: str | Path, out_dir: str | Path, options: 
     return module.build_engine(artifact, out_dir, options or EngineOptions())
 
 
+def unsupported_here(name: str, precision: str) -> str | None:
+    """Why backend ``name`` cannot run ``precision`` on this machine (None when it can, or when the backend does
+    not say): asked before building, so a precision the hardware lacks is skipped or refused, never changed."""
+    module = importlib.import_module(backend(name).module)
+    check = getattr(module, "unsupported_here", None)
+    return None if check is None else check(precision)
+
+
 def backend_for_engine(path: str | Path) -> Backend:
     """Which backend runs an engine file, from its name (``.ort-opt.onnx``, ``.plan``, ``.ov.xml``); a plain
     ``.onnx`` artifact runs on ONNX Runtime."""

@@ -55,7 +55,8 @@ from sedeploy.fsutil import ensure_writable_dir
 from sedeploy.onnxcore import default_threads
 
 __all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "parse_ov_version", "ov_version",
-           "require_openvino", "precision_hint_for", "compile_config", "layer_times", "DEFAULT_PERFORMANCE_HINT"]
+           "require_openvino", "precision_hint_for", "compile_config", "layer_times", "DEFAULT_PERFORMANCE_HINT",
+           "unsupported_here"]
 
 ENGINE_SUFFIX = ".ov.xml"
 WEIGHTS_SUFFIX = ".ov.bin"
@@ -65,6 +66,8 @@ DEFAULT_PERFORMANCE_HINT = "LATENCY"
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 #: graph precision → OpenVINO inference precision for its non-quantized parts (never OpenVINO's bf16 default)
 _PRECISION_HINTS = {"fp32": "f32", "int8": "f32", "fp16": "f16"}
+#: graph precision → the CPU plugin's OPTIMIZATION_CAPABILITIES entry it needs (fp32 and int8 run on any x86-64)
+NEEDED_CAPABILITY = {"fp16": "FP16"}
 #: FP32 parity with ONNX Runtime checked at build time: max |Δlogit| ≤ this × max |logit|
 FP32_PARITY_RTOL = 1e-4
 #: batch sizes compiled as static shapes per runner (each compiled model holds its own buffers)
@@ -103,6 +106,21 @@ def precision_hint_for(precision: str) -> str:
         return _PRECISION_HINTS[precision]
     except KeyError:
         raise SedeployError(f"Unknown precision {precision!r}.", expected="fp32, fp16 or int8") from None
+
+
+def unsupported_here(precision: str) -> str | None:
+    """Why this machine's CPU cannot run a graph of ``precision`` in that precision under OpenVINO (None when it
+    can): an FP16 graph needs FP16 arithmetic (AVX512-FP16 / AMX-FP16), which many x86 CPUs lack — OpenVINO would
+    then run it in f32 or bf16, a precision change sedeploy does not make silently."""
+    need = NEEDED_CAPABILITY.get(precision)
+    if need is None:
+        return None
+    ov = require_openvino("Checking the CPU's OpenVINO precisions")
+    caps = list(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    if need in caps:
+        return None
+    return (f"this CPU has no {precision.upper()} arithmetic for OpenVINO (its capabilities: {', '.join(caps)}), "
+            f"and sedeploy does not run an {precision.upper()} graph in another precision silently")
 
 
 def compile_config(*, threads: int, precision_hint: str, performance_hint: str = DEFAULT_PERFORMANCE_HINT,
@@ -364,6 +382,12 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
     if not src.is_file():
         raise SedeployError(f"The ONNX file '{src}' does not exist.", fix="check the path")
     art = Artifact.from_file(src)
+    why = unsupported_here(art.precision)
+    if why is not None:
+        raise SedeployError(f"No OpenVINO engine can be built from '{src}' on this machine: {why}.",
+                            expected="an artifact whose precision this CPU runs (fp32, int8-ov)",
+                            fix="build the OpenVINO engine from the .fp32.onnx or .int8-ov.onnx artifact; the "
+                                ".fp16.onnx artifact is for TensorRT (or for a CPU with FP16 arithmetic)")
     out = ensure_writable_dir(out_dir)
     stem = src.name.removesuffix(".onnx")
     final_xml, final_bin = out / f"{stem}{ENGINE_SUFFIX}", out / f"{stem}{WEIGHTS_SUFFIX}"
