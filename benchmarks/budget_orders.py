@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
     args = ap.parse_args(argv)
 
-    from common import write_results
-    from sedeploy.bench.timing import paired_speedup, time_runners
+    from common import time_activated, write_results
+    from sedeploy.bench.timing import paired_speedup
     from sedeploy.calibration import calibrate
     from sedeploy.int8 import float_groups, quantize_model
     from sedeploy.onnxcore import sha256_file
@@ -80,13 +80,7 @@ def main(argv=None) -> int:
         "heldout_images": int(len(held))}
 
     runners = {"fp32": make_runner(fp32, "ov", "fp32"), **{n: make_runner(p, "ov", "int8") for n, p in arts.items()}}
-    for r in runners.values():
-        r.activate()
-    try:
-        t = time_runners(runners, x[:8], batch_sizes=(1, 8), warmup=3, repeats=args.repeats, settle=1)
-    finally:
-        for r in runners.values():
-            r.deactivate()
+    t = time_activated(runners, x[:8], batch_sizes=(1, 8), warmup=3, repeats=args.repeats, settle=1)
     speed = {b: {n: {"median_ms": round(float(np.median(t.samples[n][b])) * 1e3, 2),
                      "x_fp32": round(paired_speedup(t.samples["fp32"][b], t.samples[n][b]), 3)}
                  for n in runners} for b in (1, 8)}

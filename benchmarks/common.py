@@ -72,3 +72,19 @@ def write_results(script: str | Path, data: dict[str, Any], markdown: str | None
         atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n\n## Provenance\n" + provenance_markdown(prov)
                           + "\n")
     return out
+
+
+def time_activated(runners: dict, images, **kwargs):
+    """:func:`sedeploy.bench.timing.time_runners` over ``runners`` activated for the call and deactivated after it,
+    also when timing fails (each script times its engines this way)."""
+    from sedeploy.bench.timing import time_runners
+
+    active = []
+    try:
+        for r in runners.values():
+            r.activate()
+            active.append(r)
+        return time_runners(runners, images, **kwargs)
+    finally:
+        for r in active:
+            r.deactivate()

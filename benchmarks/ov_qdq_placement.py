@@ -70,9 +70,9 @@ def main(argv=None) -> int:
     import openvino as ov
     import nncf
 
-    from common import write_results
+    from common import time_activated, write_results
     from sedeploy.backends.openvino import OpenVinoModelRunner
-    from sedeploy.bench.timing import paired_speedup, time_runners
+    from sedeploy.bench.timing import paired_speedup
     from sedeploy.calibration import calibrate, select_images
     from sedeploy.int8 import OV_OPTIONS, quantize_model
     from sedeploy.preprocess import load_batch
@@ -115,13 +115,7 @@ def main(argv=None) -> int:
         runners = {"OpenVINO FP32": OpenVinoModelRunner(fp32, precision="fp32", threads=2),
                    "OpenVINO + NNCF INT8": OpenVinoModelRunner(nncf_model, precision="int8", threads=2)}
         runners.update({n: OpenVinoModelRunner(a, precision="int8", threads=2) for n, a in arts.items()})
-        for r in runners.values():
-            r.activate()
-        try:
-            t = time_runners(runners, x[:8], batch_sizes=(1, 8), warmup=3, repeats=args.repeats, settle=1)
-        finally:
-            for r in runners.values():
-                r.deactivate()
+        t = time_activated(runners, x[:8], batch_sizes=(1, 8), warmup=3, repeats=args.repeats, settle=1)
         res["speed"] = {b: {n: {"median_ms": round(float(np.median(t.samples[n][b])) * 1e3, 3),
                                 "x_fp32": round(paired_speedup(t.samples["OpenVINO FP32"][b], t.samples[n][b]), 3),
                                 "x_nncf": round(paired_speedup(t.samples["OpenVINO + NNCF INT8"][b],
