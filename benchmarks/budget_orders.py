@@ -51,9 +51,15 @@ def main(argv=None) -> int:
     out = args.work / "budget-orders"
     out.mkdir(exist_ok=True)
     arts, rows = {"all INT8": out / "all.onnx"}, {}
+    records = [(f, json.loads(f.read_text())) for f in args.budgets]
+    for key in ("method", "search_images", "order"):  # one calibration and one held-out split for all of them
+        values = [rec.get(key) for _, rec in records]
+        if key == "order" and len(set(values)) != len(values) or key != "order" and len(set(values)) > 1:
+            print(f"the budget records differ in {key!r} ({values}); pass records of one calibration and split, "
+                  "one per fallback order")
+            return 2
     cal = None
-    for f in args.budgets:
-        rec = json.loads(f.read_text())
+    for f, rec in records:
         if rec.get("checkpoint_sha256") != ckpt:
             print(f"{f}: recorded for checkpoint {str(rec.get('checkpoint_sha256'))[:12]}, not "
                   f"{ckpt[:12]} ({args.checkpoint}); rerun its budget search first")

@@ -224,9 +224,9 @@ def main(argv=None) -> int:
         print(f"no reference checkpoint at {args.checkpoint}: run benchmarks/train_reference.py first")
         return 2
 
-    from common import write_results
+    from common import time_activated, write_results
     from sedeploy.errors import SedeployError
-    from sedeploy.bench.timing import paired_speedup, time_runners
+    from sedeploy.bench.timing import paired_speedup
     from sedeploy.calibration import calibrate
     from sedeploy.int8 import quantize_model
     from sedeploy.int8_budget import Budget, quantize_to_budget
@@ -315,11 +315,7 @@ def main(argv=None) -> int:
         runners.update({n: make_runner(arts[n], flavour, "int8") for n in dict.fromkeys(names)})
         if flavour == "ov" and budget is not None:
             runners["ov budget"] = make_runner(budget_art, "ov", "int8")
-        for r in runners.values():
-            r.activate()
-        t = time_runners(runners, x[:8], batch_sizes=(8,), warmup=3, repeats=args.repeats, settle=1)
-        for r in runners.values():
-            r.deactivate()
+        t = time_activated(runners, x[:8], batch_sizes=(8,), warmup=3, repeats=args.repeats, settle=1)
         res["speed_b8"][flavour] = {n: {"img_s": round(8 / float(np.median(t.samples[n][8])), 1),
                                         "x_fp32": round(paired_speedup(t.samples["fp32"][8], t.samples[n][8]), 3)}
                                     for n in runners}

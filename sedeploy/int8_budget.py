@@ -309,7 +309,6 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     in_float = set(int8.float_head_layers(fp32_path, flavour))
     layers = [layer for layer in int8.weighted_layers(fp32_path) if layer not in in_float]
     groups = int8.float_groups(fp32_path, layers, flavour)
-    macs = int8.layer_macs(fp32_path) if order == "gain-per-cost" else {}
 
     def nodes_of(chosen):
         return sorted({n for layer in chosen for n in groups[layer]})
@@ -335,8 +334,16 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                               output_kind=kind, strategy=FALLBACK_ORDERS[order])
         chosen_path, chosen_qr, fell_back = all_path, all_qr, []
         if budget.violations(base):
+            if max_fallback == 0:  # no layer may fall back: nothing to measure
+                raise VerificationError(
+                    f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {len(images)} held-out "
+                    f"images: with every layer quantized {'; '.join(budget.violations(base))}, and no layer may "
+                    f"fall back (--max-fallback 0). Nothing was written.",
+                    fix="allow fallback layers (--max-fallback N), relax --min-agreement / --max-top1-drop, or "
+                        "improve the calibration (more or more representative --calib images)")
             log.info("INT8 %s misses the budget with every layer quantized (%s); measuring %d layers' "
                      "sensitivity on %d images", flavour, "; ".join(budget.violations(base)), len(layers), n_sens)
+            macs = int8.layer_macs(fp32_path) if order == "gain-per-cost" else {}
             base_sens = evaluate(all_path, n_sens)
             sens = []
             for i, layer in enumerate(layers):
@@ -359,17 +366,16 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                     report.search.append({"k": k, **m})
                 return not budget.violations(tried[k][2])
 
-            lo, k = 0, min(1, limit)  # lo: largest k known to fail; k = 0 when no fallback is allowed
+            lo, k = 0, 1  # lo: largest k known to fail
             while k < limit and not attempt(k):
                 lo, k = k, min(2 * k, limit)
-            if k == 0 or not attempt(k):
-                best = max((t[2] for t in tried.values()), key=lambda m: m["agreement_pct"], default=base)
-                still = (f", and still {'; '.join(budget.violations(tried[k][2]))} with {k} of {len(layers)} "
-                         f"weighted layers in float" if k else " (no layer may fall back: --max-fallback 0)")
+            if not attempt(k):
+                best = max((t[2] for t in tried.values()), key=lambda m: m["agreement_pct"])
                 raise VerificationError(
                     f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {len(images)} held-out "
-                    f"images: with every layer quantized {'; '.join(budget.violations(base))}{still} (best "
-                    f"agreement {best['agreement_pct']:.2f} %, {REPORT_CONFIDENCE:.0%} lower bound "
+                    f"images: with every layer quantized {'; '.join(budget.violations(base))}, and still "
+                    f"{'; '.join(budget.violations(tried[k][2]))} with {k} of {len(layers)} weighted layers in "
+                    f"float (best agreement {best['agreement_pct']:.2f} %, {REPORT_CONFIDENCE:.0%} lower bound "
                     f"{best['agreement_lcb_pct']:.2f} %). Nothing was written.",
                     fix="relax --min-agreement / --max-top1-drop, improve the calibration (more or more "
                         "representative --calib images, another --calib-method), or use FP16"
