@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +24,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from reference_int8 import DATA, REF, make_runner, pct, prepare, run_logits  # noqa: E402
+from reference_int8 import add_reference_args, make_runner, pct, prepare, reference_missing, run_logits  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("budgets", nargs="+", type=Path, help="budget result JSONs written by reference_int8.py")
-    ap.add_argument("--checkpoint", type=Path, default=REF)
-    ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--calib-count", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=25)
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
+    add_reference_args(ap, repeats=25)
     args = ap.parse_args(argv)
+    if reference_missing(args):
+        return 2
 
     from common import time_activated, write_results
     from sedeploy.bench.timing import paired_speedup

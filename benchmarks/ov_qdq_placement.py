@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from reference_int8 import DATA, REF, run_logits, pct, prepare  # noqa: E402
+from reference_int8 import add_reference_args, pct, prepare, reference_missing, run_logits  # noqa: E402
 
 #: placement name → extra op types quantized besides Conv/Gemm (None: the flavour's default, OV_OPTIONS)
 PLACEMENTS = {
@@ -54,18 +53,12 @@ PLACEMENTS = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=REF)
-    ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--calib-count", type=int, default=256)
+    add_reference_args(ap, repeats=20)
     ap.add_argument("--method", default="mse")
-    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--only", nargs="*", help="placement names to run (default: all)")
     ap.add_argument("--no-speed", action="store_true", help="agreement only")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
     args = ap.parse_args(argv)
-    if not args.checkpoint.is_file():
-        print(f"no reference checkpoint at {args.checkpoint}: run benchmarks/train_reference.py first")
+    if reference_missing(args):
         return 2
     import openvino as ov
     import nncf

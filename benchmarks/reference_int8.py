@@ -195,16 +195,32 @@ def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
     return 0
 
 
+def add_reference_args(ap: argparse.ArgumentParser, *, repeats: int) -> None:
+    """The options every trained-reference benchmark takes (checkpoint, data, size, calibration count, rounds,
+    work folder)."""
+    ap.add_argument("--checkpoint", type=Path, default=REF)
+    ap.add_argument("--data", type=Path, default=DATA, help="Imagenette root (train/ for calibration, val/ to test)")
+    ap.add_argument("--size", type=int, default=112, help="input size (the reference is trained at 112 px)")
+    ap.add_argument("--calib-count", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=repeats, help="interleaved timing rounds per batch size")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
+
+
+def reference_missing(args) -> bool:
+    """True (after saying how to make it) when the reference checkpoint is not there."""
+    if args.checkpoint.is_file():
+        return False
+    print(f"no reference checkpoint at {args.checkpoint}: run benchmarks/train_reference.py first")
+    return True
+
+
 def argv_of(args) -> list[str] | None:
     return sys.argv[1:]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=REF)
-    ap.add_argument("--data", type=Path, default=DATA, help="Imagenette root (train/ for calibration, val/ to test)")
-    ap.add_argument("--size", type=int, default=112, help="the reference's input size")
-    ap.add_argument("--calib-count", type=int, default=256)
+    add_reference_args(ap, repeats=15)
     ap.add_argument("--budget", type=float, default=99.0, help="--min-agreement for the budget search (%%)")
     ap.add_argument("--budget-images", type=int, default=800, help="val images the budget search sees")
     ap.add_argument("--budget-only", action="store_true",
@@ -217,11 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity-images", type=int, default=None,
                     help="search images the per-layer sensitivity pass uses (the first of the search set) "
                          "[default: sedeploy.int8_budget.SENSITIVITY_IMAGES]")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
     args = ap.parse_args(argv)
-    if not args.checkpoint.is_file():
-        print(f"no reference checkpoint at {args.checkpoint}: run benchmarks/train_reference.py first")
+    if reference_missing(args):
         return 2
 
     from common import time_activated, write_results

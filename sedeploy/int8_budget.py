@@ -128,6 +128,13 @@ FALLBACK_ORDERS = {
 DEFAULT_FALLBACK_ORDER = "sensitivity"
 
 
+def check_fallback_order(order: str) -> None:
+    """Refuse an unknown ``--fallback-order`` (one error, the choices named)."""
+    if order not in FALLBACK_ORDERS:
+        raise SedeployError(f"--fallback-order {order!r} is not valid.", expected=f"one of {', '.join(FALLBACK_ORDERS)}",
+                            fix=f"omit it for the default ({DEFAULT_FALLBACK_ORDER})")
+
+
 def rank_key(row: dict, order: str) -> tuple:
     """Sort key of a sensitivity row (most worth falling back first). Rows whose fallback does not lower the KL
     go last under either order, by their (non-positive) gain."""
@@ -299,8 +306,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
         raise SedeployError(f"{len(images)} held-out images are too few for an accuracy budget.",
                             expected=f"≥ {MIN_HELDOUT} (a few hundred for sub-point budgets)")
     budget.check_images(len(images))
-    if order not in FALLBACK_ORDERS:
-        raise SedeployError(f"Unknown fallback order {order!r}.", expected=f"one of {', '.join(FALLBACK_ORDERS)}")
+    check_fallback_order(order)
     se = int8.DEFAULT_SE_POLICY if se is None else se
     out_path = Path(out_path)
     kind = output_kind(load_onnx(fp32_path, check=False))

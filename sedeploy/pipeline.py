@@ -200,12 +200,9 @@ def _check_options(opt: BuildOptions) -> None:
     if budget:
         _budget(opt)  # validates before any work
     if opt.fallback_order is not None:
-        from sedeploy.int8_budget import FALLBACK_ORDERS
+        from sedeploy.int8_budget import check_fallback_order
 
-        if opt.fallback_order not in FALLBACK_ORDERS:
-            raise SedeployError(f"--fallback-order {opt.fallback_order!r} is not valid.",
-                                expected=f"one of {', '.join(FALLBACK_ORDERS)}",
-                                fix="omit it for the default (sensitivity)")
+        check_fallback_order(opt.fallback_order)
     if opt.backend == "trt":
         from sedeploy.backends.tensorrt import require_trt, validate_profile
 
