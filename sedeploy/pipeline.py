@@ -448,7 +448,8 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
         t0 = time.perf_counter()
         eng = build_engine(opt.backend, art.path, out, _engine_options(opt))
         res.timings[f"engine_{art.kind}_s"] = round(time.perf_counter() - t0, 2)
-        res.engines.append({**eng.as_dict(), "from": str(art.path), "kind": art.kind, "flavour": art.flavour})
+        res.engines.append({**eng.as_dict(), "from": str(art.path), "kind": art.kind, "flavour": art.flavour,
+                            "graph_rewrites": dict((eng.metadata or {}).get("graph_rewrites") or {})})
 
 
 def _check_artifact_for_backend(art: Artifact, backend: str) -> None:
@@ -756,7 +757,9 @@ def format_result(res: BuildResult) -> str:
     if res.engines:
         lines.append("engines:")
         for e in res.engines:
-            lines.append(f"  {e['backend']:<11} {e['precision']:<10} {e['path']}")
+            moved = (e.get("graph_rewrites") or {}).get("squeeze_first")
+            lines.append(f"  {e['backend']:<11} {e['precision']:<10} {e['path']}"
+                         + (f"  (squeeze-first: {moved} SE squeezes pool before the expanding conv)" if moved else ""))
     for n in res.notes:
         lines.append(f"note: {n}")
     lines.append(f"time        {res.timings.get('total_s', 0):.1f} s "

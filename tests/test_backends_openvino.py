@@ -113,6 +113,7 @@ def test_build_writes_ir_and_sidecar(ov_build):
         assert side["source_sha256"] == sha256_file(e["from"])
         assert side["inference_precision_hint"] == "f32" and side["compress_to_fp16"] is False
         assert len(side["profile"]["max"]) == 4 and side["threads"] >= 1
+        assert side["graph_rewrites"] == {}  # basic blocks (3×3 expanding conv) and INT8: no squeeze-first
     assert engines["fp32"]["precision"] == "fp32"
     assert not list(out.glob(".*ov-*"))  # no temporary folder left behind
 

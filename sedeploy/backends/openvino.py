@@ -12,6 +12,10 @@ inference-precision and performance hints). OpenVINO reads sedeploy's Q/DQ INT8 
 int8 kernels with its low-precision transformations: ``.int8-ov.onnx`` (signed where negative, uint8 after ReLU;
 the form built by default, see :mod:`sedeploy.int8`) and ``.int8-trt.onnx`` (signed activations: slower and less faithful here). It
 does not read the ONNX Runtime QOperator form (``.int8-cpu.onnx``): that is refused with the ops it cannot convert.
+An FP32 artifact is read after one exact rewrite, :func:`sedeploy.passes.squeeze_first` (each bottleneck SE
+squeeze pools the expanding conv's input, a quarter of the channels; measured faster, see that module); the
+sidecar lists it under ``graph_rewrites`` and the build's parity check compares the engine with ONNX Runtime on the
+artifact as written, so the rewrite is verified on every build. INT8 artifacts are read as they are.
 
 Run (:class:`OpenVinoRunner`): compiled for the CPU with the threads pinned like ONNX Runtime's
 (``INFERENCE_NUM_THREADS``, default all cores this process may use) and one synchronous infer request.
@@ -371,10 +375,7 @@ def _parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[st
 def build_engine(artifact_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
     """Save ``artifact_path`` (an ONNX artifact) as the OpenVINO engine ``<stem>.ov.xml`` / ``.ov.bin`` plus the
     sidecar ``<stem>.ov.json`` in ``out_dir``; both model files are published together or not at all."""
-    from sedeploy import __version__
     from sedeploy.artifacts import Artifact
-    from sedeploy.machine import cpu_description
-    from sedeploy.onnxcore import sha256_file
 
     options = options or EngineOptions()
     ov = require_openvino("Building OpenVINO engines (--backend openvino)")
@@ -394,8 +395,40 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
     sidecar = out / f"{stem}.ov.json"
     threads = default_threads() if options.threads is None else options.threads
     t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{stem}.ov-"))
     try:
-        model = ov.Core().read_model(str(src))
+        return _build(ov, src, art, tmp, final_xml, final_bin, sidecar, threads, t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cpu_rewrites(src: Path, art, tmp: Path) -> tuple[Path, dict[str, int]]:
+    """The ONNX file OpenVINO reads, and the exact graph rewrites applied to it for this engine: an FP32
+    artifact gets :func:`sedeploy.passes.squeeze_first` (measured faster on OpenVINO, see that module); other
+    precisions are read as they are."""
+    if art.precision != "fp32":
+        return src, {}
+    from sedeploy.onnxcore import load_onnx, save_onnx
+    from sedeploy.passes import squeeze_first
+
+    rewritten, report = squeeze_first(load_onnx(src))
+    if not report.rewritten:
+        return src, {}
+    return save_onnx(rewritten, tmp / src.name), {"squeeze_first": report.rewritten}
+
+
+def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, sidecar: Path, threads: int,
+           t0: float) -> Engine:
+    """build_engine's work once the inputs are checked: read (after the CPU rewrites), save the IR in ``tmp``,
+    check parity against ONNX Runtime on the artifact itself, publish."""
+    from sedeploy import __version__
+    from sedeploy.machine import cpu_description
+    from sedeploy.onnxcore import sha256_file
+
+    stem = src.name.removesuffix(".onnx")
+    read_from, rewrites = _cpu_rewrites(src, art, tmp)
+    try:
+        model = ov.Core().read_model(str(read_from))
     except RuntimeError as err:
         failed = sorted({op.strip() for line in str(err).splitlines() if line.startswith("-- ") and ":" in line
                          for op in line.split(":", 1)[1].split(",") if op.strip()})
@@ -409,7 +442,6 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
                                 "build-engine --int8 --backend openvino`), or from .fp32.onnx") from err
     profile = _profile(model)
     histogram = _op_histogram(model)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{stem}.ov-"))
     published: list[Path] = []
     try:
         tmp_xml = tmp / f"{stem}{ENGINE_SUFFIX}"
@@ -426,6 +458,7 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
             "weights_file": final_bin.name, "compress_to_fp16": False,
             "threads": threads, "inference_precision_hint": precision_hint_for(art.precision),
             "performance_hint": DEFAULT_PERFORMANCE_HINT, "profile": profile, "op_histogram": histogram,
+            "graph_rewrites": rewrites,
             "build_check": check, **cpu_description(),
             "note": "OpenVINO IR: portable across CPUs; kernels are chosen when the runner compiles it",
             "build_seconds": round(time.perf_counter() - t0, 3),
@@ -440,7 +473,5 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Engine(path=final_xml, sidecar=sidecar, backend="openvino", precision=art.precision, source=src,
                   metadata=metadata, companions=[final_bin])

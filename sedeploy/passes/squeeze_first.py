@@ -1,0 +1,182 @@
+"""Squeeze before the expanding conv: an exact rewrite of bottleneck SE blocks for CPU FP32 engines.
+
+In a bottleneck SE block the SE squeeze pools the output of the block's last 1×1 conv (the "expanding" conv,
+BatchNorm folded in), and the first SE FC reads the pooled vector::
+
+    t = Conv1×1(h; W3, b3)                     # C_out = 4 × C_in channels
+    s = GlobalAveragePool(t)
+    z = Conv1×1(s; W1, b1)                     # SE FC1, then ReLU, FC2, Sigmoid, Mul(t, gate)
+
+A 1×1 stride-1 conv is linear in each pixel, so the spatial mean commutes with it:
+``GAP(W3·h + b3) = W3·GAP(h) + b3``, and FC1 of that is ``(W1·W3)·GAP(h) + (W1·b3 + b1)``. The rewrite pools
+``h`` (a quarter of the channels) and gives FC1 the folded weights, which also have a quarter of the inputs; no
+node is added. Everything else — the expanding conv, FC2, the gate, the scale Mul — is unchanged.
+
+Measured (benchmarks/results/squeeze_first/): OpenVINO's FP32 engine of SE-ResNet-50 runs faster than on the
+standard form because the 16 squeezes read 4× less data. The rewrite is applied where an FP32 CPU engine is built
+(:func:`sedeploy.backends.openvino.build_engine`), never to the artifacts: the block no longer has the SE shape the
+precision policies recognise (its squeeze pools another tensor than the one it scales), and INT8 gains nothing
+from it on OpenVINO (its low-precision transformations then keep the expanding conv's output in float; see the
+results).
+
+Pattern / check / rewrite, as each fusion here: :func:`find_squeeze_first` lists every candidate squeeze with the
+reason it does not match; :func:`squeeze_first` rewrites the matches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sedeploy.errors import SedeployError
+
+@dataclass
+class SqueezeFirstCandidate:
+    """One GlobalAveragePool the matcher looked at: matched (``reason is None``) or why not."""
+
+    pool: str
+    reason: str | None = None
+    expand_conv: str | None = None
+    fc1: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class SqueezeFirstReport:
+    rewritten: int
+    candidates: list[SqueezeFirstCandidate] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[tuple[str, str]]:
+        return [(c.pool, c.reason) for c in self.candidates if not c.ok]
+
+    def as_dict(self) -> dict:
+        return {"rewritten": self.rewritten, "refused": [{"pool": p, "reason": r} for p, r in self.refused]}
+
+
+def _is_plain_1x1(node, weight: np.ndarray | None) -> str | None:
+    """Why ``node`` (a Conv) is not a plain 1×1 conv (stride 1, no padding, one group), or None."""
+    from sedeploy.onnxcore import attr
+
+    if weight is None:
+        return "its weight is not a constant"
+    if weight.ndim != 4 or weight.shape[2:] != (1, 1):
+        return f"its kernel is {tuple(weight.shape[2:])}, not 1×1"
+    if int(attr(node, "group", 1)) != 1:
+        return f"it is a grouped conv (group={attr(node, 'group')})"
+    if any(int(s) != 1 for s in attr(node, "strides", [1, 1])):
+        return f"its strides are {list(attr(node, 'strides'))}"
+    if any(int(p) != 0 for p in attr(node, "pads", [0, 0, 0, 0])):
+        return f"it pads {list(attr(node, 'pads'))}"
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad not in ("NOTSET", "VALID"):  # SAME_* on a 1×1 stride-1 conv pads nothing either, but say so
+        return f"auto_pad={auto_pad}"
+    return None
+
+
+def _match(g, pool) -> SqueezeFirstCandidate:
+    """Check one GlobalAveragePool; the candidate says what matched or why not."""
+    name = g.name(pool)
+    cand = SqueezeFirstCandidate(pool=name)
+    conv = g.made_by(pool.input[0], "Conv")  # (in a Q/DQ graph a DequantizeLinear: INT8 artifacts are left alone)
+    if conv is None:
+        cand.reason = "its input is not made by a Conv"
+        return cand
+    cand.expand_conv = g.name(conv)
+    w3 = g.const(conv.input[1]) if len(conv.input) > 1 else None
+    why = _is_plain_1x1(conv, w3)
+    if why:
+        cand.reason = f"the conv it pools ('{cand.expand_conv}') is not a plain 1×1 conv: {why}"
+        return cand
+    if len(conv.input) > 2 and conv.input[2] and g.const(conv.input[2]) is None:
+        cand.reason = f"the bias of '{cand.expand_conv}' is not a constant"
+        return cand
+    users = g.consumers.get(pool.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Conv" or list(users[0].input[:1]) != [pool.output[0]]:
+        cand.reason = f"its output feeds {[u.op_type for u in users]}, not exactly one Conv (SE FC1)"
+        return cand
+    fc1 = users[0]
+    cand.fc1 = g.name(fc1)
+    w1 = g.const(fc1.input[1]) if len(fc1.input) > 1 else None
+    why = _is_plain_1x1(fc1, w1)
+    if why:
+        cand.reason = f"the FC after it ('{cand.fc1}') is not a plain 1×1 conv: {why}"
+        return cand
+    if len(fc1.input) > 2 and fc1.input[2] and g.const(fc1.input[2]) is None:
+        cand.reason = f"the bias of '{cand.fc1}' is not a constant"
+        return cand
+    if w1.shape[1] != w3.shape[0]:
+        cand.reason = f"'{cand.fc1}' reads {w1.shape[1]} channels, '{cand.expand_conv}' makes {w3.shape[0]}"
+        return cand
+    return cand
+
+
+def find_squeeze_first(model) -> list[SqueezeFirstCandidate]:
+    """Every GlobalAveragePool of ``model`` (an onnx.ModelProto) and whether the rewrite applies to it."""
+    from sedeploy.onnxcore import Graph
+
+    g = Graph(model)
+    return [_match(g, n) for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
+
+
+def squeeze_first(model):
+    """Rewrite ``model`` (an onnx.ModelProto, not modified) so each matched squeeze pools the expanding conv's
+    input and its FC1 carries the folded weights. Returns (new onnx.ModelProto, SqueezeFirstReport).
+
+    The folded weights are computed in float64 and stored in the FC1 weight's type; the expanding conv's output
+    is still computed (the scale Mul reads it). Initializers nothing reads any more are dropped."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sedeploy.onnxcore import Graph
+
+    if not isinstance(model, onnx.ModelProto):
+        raise SedeployError(f"squeeze_first was given a {type(model).__name__}.", expected="an onnx.ModelProto",
+                            fix="load the file first: sedeploy.onnxcore.load_onnx(path)")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = Graph(out)
+    candidates = [_match(g, n) for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
+    by_name = {g.name(n): n for n in g.nodes}
+    taken = {i.name for i in out.graph.initializer}
+    rewritten = 0
+    for c in candidates:
+        if not c.ok:
+            continue
+        pool, conv, fc1 = by_name[c.pool], by_name[c.expand_conv], by_name[c.fc1]
+        w3 = g.const(conv.input[1]).astype(np.float64)[:, :, 0, 0]
+        w1_arr = g.const(fc1.input[1])
+        w1 = w1_arr.astype(np.float64)[:, :, 0, 0]
+        b3, b1 = (g.const(n.input[2]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.zeros(rows)
+                  for n, rows in ((conv, w3.shape[0]), (fc1, w1.shape[0])))
+        weight = (w1 @ w3)[:, :, None, None].astype(w1_arr.dtype)
+        bias = (w1 @ b3 + b1).astype(w1_arr.dtype)
+        names = []
+        for role, arr in (("weight", weight), ("bias", bias)):
+            base, k = f"{c.fc1}.squeeze_first.{role}", 0
+            name = base
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            taken.add(name)
+            out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+            names.append(name)
+        pool.input[0] = conv.input[0]
+        del fc1.input[1:]
+        fc1.input.extend(names)
+        rewritten += 1
+    if rewritten:
+        used = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
+        keep = [t for t in out.graph.initializer if t.name in used]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(keep)
+        # the pooled tensors changed meaning: their old shape annotations (C channels) no longer hold
+        pooled = {by_name[c.pool].output[0] for c in candidates if c.ok}
+        vi = [v for v in out.graph.value_info if v.name not in pooled]
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(vi)
+    return out, SqueezeFirstReport(rewritten=rewritten, candidates=candidates)
