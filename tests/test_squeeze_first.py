@@ -158,6 +158,19 @@ def test_computed_weight_and_quantized_graph_refused():
     assert squeeze_first(q)[1].refused == [("squeeze", "its input is not made by a Conv")]
 
 
+def test_weights_read_elsewhere_are_kept():
+    model = se_block()
+    model.graph.node.append(helper.make_node("Identity", ["w1"], ["w1_copy"], name="reads_w1"))
+    model.graph.output.append(helper.make_tensor_value_info("w1_copy", TensorProto.FLOAT, [4, 32, 1, 1]))
+    out, report = squeeze_first(model)
+    assert report.rewritten == 1
+    assert "w1" in {t.name for t in out.graph.initializer}  # still read by another node: kept
+    onnx.checker.check_model(out, full_check=True)
+    x = np.random.default_rng(3).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    for a, b in zip(ort_run(model, x), ort_run(out, x)):
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
+
+
 def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(SedeployError, match="onnx.ModelProto"):
         squeeze_first(str(tmp_path / "model.onnx"))

@@ -12,12 +12,15 @@ A 1×1 stride-1 conv is linear in each pixel, so the spatial mean commutes with 
 ``h`` (a quarter of the channels) and gives FC1 the folded weights, which also have a quarter of the inputs; no
 node is added. Everything else — the expanding conv, FC2, the gate, the scale Mul — is unchanged.
 
-Measured (benchmarks/results/squeeze_first/): OpenVINO's FP32 engine of SE-ResNet-50 runs faster than on the
-standard form because the 16 squeezes read 4× less data. The rewrite is applied where an FP32 CPU engine is built
-(:func:`sedeploy.backends.openvino.build_engine`), never to the artifacts: the block no longer has the SE shape the
-precision policies recognise (its squeeze pools another tensor than the one it scales), and INT8 gains nothing
-from it on OpenVINO (its low-precision transformations then keep the expanding conv's output in float; see the
-results).
+Measured (benchmarks/results/squeeze_first/, 2-core AMD EPYC, interleaved with OpenVINO FP32 reading the
+standard form): OpenVINO's FP32 engine 1.01–1.04× at batch 1 and 1.02–1.06× at batch 8 on SE-ResNet-50 (trained,
+112 px; random, 224 px) and SE-ResNet-101 (random, 224 px); the squeezes' own time drops 2–3× in the INT8
+profiles. ONNX Runtime gains nothing measurable (0.99–1.03×), so only OpenVINO's FP32 engines get it
+(:func:`sedeploy.backends.openvino.build_engine`). It is never applied to the artifacts: the block no longer has the
+SE shape the precision policies recognise (its squeeze pools another tensor than the one it scales). INT8 gains
+nothing from it on OpenVINO: its low-precision transformations then leave the expanding conv's output in bf16/f32
+instead of int8 (the scale Mul no longer shares that tensor with the squeeze), which at 224 px costs more than
+the squeeze saves: 0.92–1.09× NNCF against 0.95–1.07× for the standard form in the same runs, no consistent gain.
 
 Pattern / check / rewrite, as each fusion here: :func:`find_squeeze_first` lists every candidate squeeze with the
 reason it does not match; :func:`squeeze_first` rewrites the matches.
@@ -115,6 +118,23 @@ def _match(g, pool) -> SqueezeFirstCandidate:
     return cand
 
 
+def _names_used(graph) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its subgraphs (If/Loop bodies) reads, plus the graph's inputs
+    and outputs."""
+    from onnx import AttributeProto
+
+    used = {i.name for i in graph.input} | {o.name for o in graph.output}
+    for n in graph.node:
+        used.update(n.input)
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                used |= _names_used(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    used |= _names_used(sub)
+    return used
+
+
 def find_squeeze_first(model) -> list[SqueezeFirstCandidate]:
     """Every GlobalAveragePool of ``model`` (an onnx.ModelProto) and whether the rewrite applies to it."""
     from sedeploy.onnxcore import Graph
@@ -128,7 +148,8 @@ def squeeze_first(model):
     input and its FC1 carries the folded weights. Returns (new onnx.ModelProto, SqueezeFirstReport).
 
     The folded weights are computed in float64 and stored in the FC1 weight's type; the expanding conv's output
-    is still computed (the scale Mul reads it). Initializers nothing reads any more are dropped."""
+    is still computed (the scale Mul reads it). The old FC1 weight and bias are dropped unless something else
+    (another node, a subgraph, a graph input) still reads them."""
     import onnx
     from onnx import numpy_helper
 
@@ -143,7 +164,7 @@ def squeeze_first(model):
     candidates = [_match(g, n) for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
     by_name = {g.name(n): n for n in g.nodes}
     taken = {i.name for i in out.graph.initializer}
-    rewritten = 0
+    rewritten, replaced = 0, set()
     for c in candidates:
         if not c.ok:
             continue
@@ -166,12 +187,13 @@ def squeeze_first(model):
             out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
             names.append(name)
         pool.input[0] = conv.input[0]
+        replaced.update(fc1.input[1:])
         del fc1.input[1:]
         fc1.input.extend(names)
         rewritten += 1
     if rewritten:
-        used = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
-        keep = [t for t in out.graph.initializer if t.name in used]
+        used = _names_used(out.graph)
+        keep = [t for t in out.graph.initializer if t.name in used or t.name not in replaced]
         del out.graph.initializer[:]
         out.graph.initializer.extend(keep)
         # the pooled tensors changed meaning: their old shape annotations (C channels) no longer hold
