@@ -196,3 +196,29 @@ def test_openvino_fp32_engine_uses_it_and_int8_does_not(fused, tmp_path):
         got = r.infer(x)
     ref = ort_run(fused[50], x)[0]
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_graph_output_duplicate_names_and_chains():
+    # the pooled tensor is a graph output: its values must not change
+    m = se_block()
+    m.graph.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 32, 1, 1]))
+    assert "graph output" in squeeze_first(m)[1].refused[0][1]
+    # two blocks whose nodes carry the same names: both rewritten, exactly
+    a, b = se_block(seed=1), se_block(seed=2)
+    for n in b.graph.node:
+        n.input[:] = [i if i == "x" else f"b_{i}" for i in n.input]
+        n.output[:] = [f"b_{o}" for o in n.output]
+    for t in b.graph.initializer:
+        t.name = f"b_{t.name}"
+    a.graph.node.extend(b.graph.node)
+    a.graph.initializer.extend(b.graph.initializer)
+    a.graph.output.append(helper.make_tensor_value_info("b_y", TensorProto.FLOAT, [None, 32, 6, 6]))
+    out, report = squeeze_first(a)
+    assert report.rewritten == 2
+    onnx.checker.check_model(out, full_check=True)
+    for m in (a, out):  # ONNX Runtime refuses duplicate node names: rename for the numeric check only
+        for i, n in enumerate(m.graph.node):
+            n.name = f"n{i}"
+    x = np.random.default_rng(4).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    for r, g in zip(ort_run(a, x), ort_run(out, x)):
+        assert np.abs(g - r).max() <= 1e-5 * max(1.0, float(np.abs(r).max()))

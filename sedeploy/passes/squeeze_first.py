@@ -98,6 +98,9 @@ def _match(g, pool) -> SqueezeFirstCandidate:
     if len(conv.input) > 2 and conv.input[2] and g.const(conv.input[2]) is None:
         cand.reason = f"the bias of '{cand.expand_conv}' is not a constant"
         return cand
+    if pool.output[0] in g.graph_outputs:
+        cand.reason = "its output is a graph output (the pooled values would change)"
+        return cand
     users = g.consumers.get(pool.output[0], [])
     if len(users) != 1 or users[0].op_type != "Conv" or list(users[0].input[:1]) != [pool.output[0]]:
         cand.reason = f"its output feeds {[u.op_type for u in users]}, not exactly one Conv (SE FC1)"
@@ -161,21 +164,30 @@ def squeeze_first(model):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = Graph(out)
-    candidates = [_match(g, n) for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
-    by_name = {g.name(n): n for n in g.nodes}
-    taken = {i.name for i in out.graph.initializer}
-    rewritten, replaced = 0, set()
-    for c in candidates:
+    pools = [n for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
+    candidates = [_match(g, n) for n in pools]
+    taken = {i.name for i in out.graph.initializer} | set(g.producer) | g.graph_inputs
+    plans, in_use = [], set()
+    for pool, c in zip(pools, candidates):  # every fold is computed before anything changes (chained blocks)
         if not c.ok:
             continue
-        pool, conv, fc1 = by_name[c.pool], by_name[c.expand_conv], by_name[c.fc1]
-        w3 = g.const(conv.input[1]).astype(np.float64)[:, :, 0, 0]
+        conv, fc1 = g.producer[pool.input[0]], g.consumers[pool.output[0]][0]
+        if {id(conv), id(fc1)} & in_use:
+            c.reason = "its conv or FC belongs to another rewritten block"
+            continue
         w1_arr = g.const(fc1.input[1])
+        if w1_arr.dtype != np.float32:
+            c.reason = f"its FC weights are {w1_arr.dtype}, not float32 (the fold is for FP32 engines)"
+            continue
+        in_use |= {id(conv), id(fc1)}
+        w3 = g.const(conv.input[1]).astype(np.float64)[:, :, 0, 0]
         w1 = w1_arr.astype(np.float64)[:, :, 0, 0]
         b3, b1 = (g.const(n.input[2]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.zeros(rows)
                   for n, rows in ((conv, w3.shape[0]), (fc1, w1.shape[0])))
-        weight = (w1 @ w3)[:, :, None, None].astype(w1_arr.dtype)
-        bias = (w1 @ b3 + b1).astype(w1_arr.dtype)
+        plans.append((c, pool, conv, fc1, (w1 @ w3)[:, :, None, None].astype(np.float32),
+                      (w1 @ b3 + b1).astype(np.float32)))
+    rewritten, replaced = 0, set()
+    for c, pool, conv, fc1, weight, bias in plans:
         names = []
         for role, arr in (("weight", weight), ("bias", bias)):
             base, k = f"{c.fc1}.squeeze_first.{role}", 0
@@ -197,7 +209,7 @@ def squeeze_first(model):
         del out.graph.initializer[:]
         out.graph.initializer.extend(keep)
         # the pooled tensors changed meaning: their old shape annotations (C channels) no longer hold
-        pooled = {by_name[c.pool].output[0] for c in candidates if c.ok}
+        pooled = {plan[1].output[0] for plan in plans}
         vi = [v for v in out.graph.value_info if v.name not in pooled]
         del out.graph.value_info[:]
         out.graph.value_info.extend(vi)
