@@ -178,7 +178,7 @@ def test_bad_input_is_one_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------------- OpenVINO FP32 engine
 @pytest.mark.slow
-def test_openvino_fp32_engine_uses_it_and_int8_does_not(fused, tmp_path):
+def test_openvino_fp32_engine_uses_it(fused, tmp_path):
     pytest.importorskip("openvino", reason="the 'openvino' package is not installed (pip install "
                                            "'sedeploy[openvino]')")
     from sedeploy.backends import EngineOptions
@@ -190,7 +190,7 @@ def test_openvino_fp32_engine_uses_it_and_int8_does_not(fused, tmp_path):
     side = json.loads(engine.sidecar.read_text())
     assert side["graph_rewrites"] == {"squeeze_first": 16}
     assert side["build_check"]["max_abs_diff_vs_ort"] <= side["build_check"]["tolerance"]
-    assert side["source_sha256"] != side["engine_sha256"] and len(list((tmp_path / "engines").iterdir())) == 3
+    assert len(list((tmp_path / "engines").iterdir())) == 3  # xml, bin, sidecar: the rewritten ONNX is not left
     x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
     with OpenVinoRunner(engine.path, threads=1) as r:
         got = r.infer(x)

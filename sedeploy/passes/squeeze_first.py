@@ -81,22 +81,27 @@ def _is_plain_1x1(node, weight: np.ndarray | None) -> str | None:
     return None
 
 
+def _conv_problem(g, node, role: str) -> str | None:
+    """Why ``node`` (the expanding conv or SE FC1) cannot take part in the fold, or None."""
+    name = g.name(node)
+    why = _is_plain_1x1(node, g.const(node.input[1]) if len(node.input) > 1 else None)
+    if why:
+        return f"{role} ('{name}') is not a plain 1×1 conv: {why}"
+    if len(node.input) > 2 and node.input[2] and g.const(node.input[2]) is None:
+        return f"the bias of '{name}' is not a constant"
+    return None
+
+
 def _match(g, pool) -> SqueezeFirstCandidate:
     """Check one GlobalAveragePool; the candidate says what matched or why not."""
-    name = g.name(pool)
-    cand = SqueezeFirstCandidate(pool=name)
+    cand = SqueezeFirstCandidate(pool=g.name(pool))
     conv = g.made_by(pool.input[0], "Conv")  # (in a Q/DQ graph a DequantizeLinear: INT8 artifacts are left alone)
     if conv is None:
         cand.reason = "its input is not made by a Conv"
         return cand
     cand.expand_conv = g.name(conv)
-    w3 = g.const(conv.input[1]) if len(conv.input) > 1 else None
-    why = _is_plain_1x1(conv, w3)
-    if why:
-        cand.reason = f"the conv it pools ('{cand.expand_conv}') is not a plain 1×1 conv: {why}"
-        return cand
-    if len(conv.input) > 2 and conv.input[2] and g.const(conv.input[2]) is None:
-        cand.reason = f"the bias of '{cand.expand_conv}' is not a constant"
+    cand.reason = _conv_problem(g, conv, "the conv it pools")
+    if cand.reason:
         return cand
     if pool.output[0] in g.graph_outputs:
         cand.reason = "its output is a graph output (the pooled values would change)"
@@ -107,17 +112,12 @@ def _match(g, pool) -> SqueezeFirstCandidate:
         return cand
     fc1 = users[0]
     cand.fc1 = g.name(fc1)
-    w1 = g.const(fc1.input[1]) if len(fc1.input) > 1 else None
-    why = _is_plain_1x1(fc1, w1)
-    if why:
-        cand.reason = f"the FC after it ('{cand.fc1}') is not a plain 1×1 conv: {why}"
+    cand.reason = _conv_problem(g, fc1, "the FC after it")
+    if cand.reason:
         return cand
-    if len(fc1.input) > 2 and fc1.input[2] and g.const(fc1.input[2]) is None:
-        cand.reason = f"the bias of '{cand.fc1}' is not a constant"
-        return cand
+    w1, w3 = g.const(fc1.input[1]), g.const(conv.input[1])
     if w1.shape[1] != w3.shape[0]:
         cand.reason = f"'{cand.fc1}' reads {w1.shape[1]} channels, '{cand.expand_conv}' makes {w3.shape[0]}"
-        return cand
     return cand
 
 
