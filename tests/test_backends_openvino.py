@@ -230,11 +230,18 @@ def test_version_mismatch_refused(ov_build, tmp_path):
 
 
 @needs_ov
-@pytest.mark.parametrize("fail_at", ["parity", "sidecar"])
+@pytest.mark.parametrize("fail_at", ["rewrite", "parity", "sidecar"])
 def test_failed_build_leaves_nothing(ov_build, tmp_path, monkeypatch, fail_at):
     res, _ = ov_build
     fp32 = next(a.path for a in res.artifacts if a.kind == "fp32")
-    if fail_at == "parity":
+    if fail_at == "rewrite":  # the FP32 graph rewrite writes its ONNX into the build's temporary folder
+        import sedeploy.passes
+
+        def boom(*a, **k):
+            raise OSError("disk full")
+        monkeypatch.setattr(sedeploy.passes, "squeeze_first", boom)
+        exc = OSError
+    elif fail_at == "parity":
         def boom(*a, **k):
             raise VerificationError("simulated parity failure")
         monkeypatch.setattr(OVB, "_parity_check", boom)
