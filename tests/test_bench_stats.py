@@ -10,7 +10,7 @@ import pytest
 from sedeploy.bench import accuracy as A
 from sedeploy.bench import labels as L
 from sedeploy.bench.probe import ceiling_kind, probe_fp32_gemm, probe_int8_gemm
-from sedeploy.bench.timing import DEFAULT_TIMER_COVERAGE, latency_stats, paired_speedup, time_runners
+from sedeploy.bench.timing import DEFAULT_TIMER_COVERAGE, latency_stats, paired_speedup, speedup_interval, time_runners
 from sedeploy.errors import SedeployError
 
 
@@ -89,6 +89,28 @@ def test_paired_speedup_uses_rounds():
     eng = [1.0, 2.0, 1.0]  # interrupted one round short: only 3 pairs
     assert paired_speedup(ref, eng) == pytest.approx(2.0)
     assert paired_speedup([], eng) is None
+
+
+def test_speedup_interval_order_statistics_and_coverage():
+    ref, eng = [1.0] * 20, [1.0 / r for r in np.linspace(0.5, 1.5, 20)]  # ratios 0.5 … 1.5, evenly spaced
+    lo, hi = speedup_interval(ref, eng)
+    ratios = np.sort(np.linspace(0.5, 1.5, 20))
+    # n = 20 at 95 %: P(Binomial(20, 1/2) ≤ 5) = 0.0207 ≤ 0.025 < P(≤ 6) = 0.0577, so the 6th and 15th ratios
+    assert (lo, hi) == pytest.approx((ratios[5], ratios[14]))
+    assert lo <= paired_speedup(ref, eng) <= hi
+    assert speedup_interval(ref[:5], eng[:5]) is None  # 2 / 2**5 > 0.05: no 95 % interval from 5 rounds
+    assert speedup_interval(ref[:6], eng[:6]) == pytest.approx((ratios[0], ratios[5]))  # 6 rounds: min and max
+    with pytest.raises(SedeployError, match="Confidence"):
+        speedup_interval(ref, eng, confidence=95)
+    # coverage: per-round ratios from a right-skewed distribution whose median is 1.1 (an exponential's median is
+    # scale·ln 2); the interval must hold it in ≥ 95 % of runs (94 %: the simulation's own noise)
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(2000):
+        ratios = 1.1 * (1.0 + rng.exponential(0.1, 25) - 0.1 * np.log(2))
+        lo, hi = speedup_interval(np.ones(25), 1.0 / ratios)
+        hits += lo <= 1.1 <= hi
+    assert hits / 2000 >= 0.94
 
 
 # ------------------------------------------------------------------------------------------------ timing

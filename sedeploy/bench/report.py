@@ -29,6 +29,7 @@ Results schema (``results.json`` is exactly this dict; ``SCHEMA`` names its vers
               "ceiling",                # "fp32" | "int8" | None (no CPU ceiling for GPU engines)
               "fraction_of_ceiling",    # gflops_achieved / ceilings[ceiling].per_s, or None
               "speedup_vs_reference",   # median over rounds of t_reference / t_engine, or None
+              "speedup_ci95",           # [low, high]: 95 % interval of that median (sign test), or None
               "samples_s": [seconds per call, in round order]
             }
           },
@@ -60,7 +61,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sedeploy.bench.probe import ceiling_kind
-from sedeploy.bench.timing import TimingResult, paired_speedup
+from sedeploy.bench.timing import TimingResult, paired_speedup, speedup_interval
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir
 
@@ -199,6 +200,8 @@ def _batch_entries(e: EngineInfo, timing: TimingResult, ceilings, reference: str
             "gflops_achieved": achieved, "ceiling": kind if ceiling else None,
             "fraction_of_ceiling": achieved / ceiling["per_s"] if ceiling else None,
             "speedup_vs_reference": paired_speedup(ref_samples, samples) if reference else None,
+            "speedup_ci95": (list(ci) if reference and e.name != reference
+                             and (ci := speedup_interval(ref_samples, samples)) else None),
             "samples_s": list(samples),
         })
         out[str(b)] = stats
@@ -226,7 +229,7 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------------- tables
 _CSV_FIELDS = ["engine", "model", "depth", "precision", "flavour", "backend", "device", "batch", "n",
                "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "throughput", "throughput_total",
-               "iqr_pct", "p90_over_p10", "speedup_vs_reference", "gflops_total", "gflops_achieved", "ceiling",
+               "iqr_pct", "p90_over_p10", "speedup_vs_reference", "speedup_ci95_low", "speedup_ci95_high", "gflops_total", "gflops_achieved", "ceiling",
                "fraction_of_ceiling", "top1_pct", "top5_pct", "top1_drop_pts", "top1_agreement_pct",
                "flips_right_to_wrong", "flips_wrong_to_right", "mean_kl", "max_abs_logit_diff", "complete"]
 
@@ -252,6 +255,8 @@ def csv_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                          "throughput": s["throughput"], "throughput_total": s["throughput_total"],
                          "iqr_pct": s["spread"]["iqr_pct"], "p90_over_p10": s["spread"]["p90_over_p10"],
                          "speedup_vs_reference": s.get("speedup_vs_reference"),
+                         "speedup_ci95_low": (s.get("speedup_ci95") or [None, None])[0],
+                         "speedup_ci95_high": (s.get("speedup_ci95") or [None, None])[1],
                          "gflops_achieved": s.get("gflops_achieved"), "ceiling": s.get("ceiling"),
                          "fraction_of_ceiling": s.get("fraction_of_ceiling")})
     return rows
@@ -264,7 +269,7 @@ def _f(v: Any, fmt: str = ".2f", suffix: str = "") -> str:
 
 
 def _timing_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["engine", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "× ref", "GFLOP/s",
+    head = ["engine", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "× ref", "95 % CI", "GFLOP/s",
             "% ceiling", "IQR %", "n"]
     rows = []
     for r in csv_rows(results):
@@ -273,6 +278,8 @@ def _timing_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         frac = r["fraction_of_ceiling"]
         rows.append([r["engine"], r["precision"] or "", str(r["batch"]), _f(r["p50_ms"]), _f(r["p90_ms"]),
                      _f(r["p99_ms"]), _f(r["throughput"], ".1f"), _f(r["speedup_vs_reference"], ".2f", "×"),
+                     (f"{r['speedup_ci95_low']:.2f}–{r['speedup_ci95_high']:.2f}"
+                      if r["speedup_ci95_low"] is not None else "–"),
                      _f(r["gflops_achieved"], ".1f"),
                      _f(frac * 100 if frac is not None else None, ".0f", f"% {r['ceiling']}"),
                      _f(r["iqr_pct"], ".1f"), str(r["n"])])
@@ -348,7 +355,9 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
         notes.append(f"Weights: {weights}" + (" — speed figures are meaningful, accuracy figures are not (no "
                                                 "trained checkpoint)" if str(weights).startswith("random") else ""))
     if results.get("reference"):
-        notes.append(f"Reference (× ref, agreement, KL): {results['reference']}")
+        notes.append(f"Reference (× ref, agreement, KL): {results['reference']}. × ref is the median over rounds of "
+                     "reference time / engine time (> 1: faster); 95 % CI is that median's sign-test interval, "
+                     "so a lead whose interval includes 1.00 is not shown by this run.")
     if results.get("labels"):
         lab = results["labels"]
         notes.append(f"Labels: {lab.get('source')} — {lab.get('rule')}")

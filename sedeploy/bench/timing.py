@@ -5,7 +5,8 @@ for a minute and then engine B for a minute turns that drift into a fake differe
 *round* calls each runner once, and the order inside a round is rotated (A B C, B C A, C A B, …), so a slow
 spell hits all runners alike and no runner always runs right after the same neighbour (cache state, turbo).
 Because samples of the same round were taken seconds apart, per-round ratios between two runners
-(:func:`paired_speedup`) are more robust than a ratio of two medians.
+(:func:`paired_speedup`) are more robust than a ratio of two medians. :func:`speedup_interval` says how far that
+median could be from the truth: a lead whose interval includes 1.0 is not shown by the run.
 
 What is timed: one ``runner.infer(x)`` call, host numpy array in → host numpy array out, measured with
 :func:`time.perf_counter` (monotonic, highest resolution). For a GPU backend that includes the host↔device copies
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -41,13 +43,15 @@ from sedeploy.errors import SedeployError
 
 log = logging.getLogger("sedeploy")
 
-__all__ = ["Runner", "TimingResult", "time_runners", "latency_stats", "paired_speedup", "DEFAULT_TIMER_COVERAGE",
-           "PERCENTILE_METHOD"]
+__all__ = ["Runner", "TimingResult", "time_runners", "latency_stats", "paired_speedup", "speedup_interval",
+           "DEFAULT_TIMER_COVERAGE", "PERCENTILE_METHOD", "SPEEDUP_CONFIDENCE"]
 
 DEFAULT_TIMER_COVERAGE = ("runner.infer() wall time: host input → host output "
                           "(includes H2D/D2H copies on GPU backends)")
 #: numpy's default percentile definition (linear interpolation between closest ranks), stated in the results.
 PERCENTILE_METHOD = "linear"
+#: Confidence of the interval :func:`speedup_interval` reports with every speed-up.
+SPEEDUP_CONFIDENCE = 0.95
 
 
 @dataclass
@@ -119,6 +123,31 @@ def paired_speedup(reference_s: Sequence[float], engine_s: Sequence[float]) -> f
         return None
     ratios = np.asarray(reference_s[:n], np.float64) / np.asarray(engine_s[:n], np.float64)
     return float(np.median(ratios))
+
+
+def speedup_interval(reference_s: Sequence[float], engine_s: Sequence[float],
+                     confidence: float = SPEEDUP_CONFIDENCE) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for :func:`paired_speedup` (the median of per-round ratios).
+
+    The interval runs between two order statistics of the ratios, ``r(k) ≤ median ≤ r(n+1-k)``, with the largest
+    ``k`` whose binomial tail keeps the coverage at least ``confidence`` (the sign-test interval for a median: no
+    assumption on the ratios' distribution, only that rounds are independent draws, which interleaving with a
+    rotated order approximates). None when there are too few rounds for that coverage (fewer than 6 at 95 %).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise SedeployError(f"Confidence {confidence!r} is not valid.", expected="a fraction in (0, 1), e.g. 0.95")
+    n = min(len(reference_s), len(engine_s))
+    alpha_half = (1.0 - confidence) / 2.0
+    k, tail = 0, 0.0  # tail = P(Binomial(n, 1/2) ≤ k - 1)
+    while k < n // 2:
+        nxt = tail + math.comb(n, k) / 2.0 ** n
+        if nxt > alpha_half:
+            break
+        k, tail = k + 1, nxt
+    if k == 0:
+        return None
+    ratios = np.sort(np.asarray(reference_s[:n], np.float64) / np.asarray(engine_s[:n], np.float64))
+    return float(ratios[k - 1]), float(ratios[n - k])
 
 
 def _named(runners: Mapping[str, Runner] | Sequence[Runner]) -> list[tuple[str, Runner]]:
