@@ -354,6 +354,13 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     if weights:
         notes.append(f"Weights: {weights}" + (" — speed figures are meaningful, accuracy figures are not (no "
                                                 "trained checkpoint)" if str(weights).startswith("random") else ""))
+    over = sorted({r["engine"] for r in csv_rows(results)
+                   if r.get("fraction_of_ceiling") is not None and r["fraction_of_ceiling"] > 1.0})
+    if over:
+        notes.append(f"Above 100 % of the ceiling: {', '.join(over)}. The ceiling is the best call of one reference "
+                     "GEMM (torch matmul for fp32, ONNX Runtime MatMulInteger for int8), not a hard limit: an engine "
+                     "whose kernels outrun that GEMM (OpenVINO's convolutions can) or a probe slowed by other load "
+                     "gives more than 100 %. Compare engines by × ref, not by % ceiling.")
     if results.get("reference"):
         notes.append(f"Reference (× ref, agreement, KL): {results['reference']}. × ref is the median over rounds of "
                      "reference time / engine time (> 1: faster); 95 % CI is that median's sign-test interval, "
