@@ -100,6 +100,9 @@ def test_speedup_interval_order_statistics_and_coverage():
     assert lo <= paired_speedup(ref, eng) <= hi
     assert speedup_interval(ref[:5], eng[:5]) is None  # 2 / 2**5 > 0.05: no 95 % interval from 5 rounds
     assert speedup_interval(ref[:6], eng[:6]) == pytest.approx((ratios[0], ratios[5]))  # 6 rounds: min and max
+    big = np.linspace(0.5, 1.5, 5001)  # past 1023 rounds 2**n is no float: the interval must still come out
+    lo, hi = speedup_interval(np.ones(5001), 1.0 / big)
+    assert 0.98 < lo < 1.0 < hi < 1.02  # ±1.96·sqrt(n)/2 ranks around the middle one, of 5001 spaced 0.0002 apart
     with pytest.raises(SedeployError, match="Confidence"):
         speedup_interval(ref, eng, confidence=95)
     # coverage: per-round ratios from a right-skewed distribution whose median is 1.1 (an exponential's median is

@@ -229,8 +229,8 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------------- tables
 _CSV_FIELDS = ["engine", "model", "depth", "precision", "flavour", "backend", "device", "batch", "n",
                "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "throughput", "throughput_total",
-               "iqr_pct", "p90_over_p10", "speedup_vs_reference", "speedup_ci95_low", "speedup_ci95_high", "gflops_total", "gflops_achieved", "ceiling",
-               "fraction_of_ceiling", "top1_pct", "top5_pct", "top1_drop_pts", "top1_agreement_pct",
+               "iqr_pct", "p90_over_p10", "speedup_vs_reference", "speedup_ci95_low", "speedup_ci95_high",
+               "gflops_total", "gflops_achieved", "ceiling", "fraction_of_ceiling", "top1_pct", "top5_pct", "top1_drop_pts", "top1_agreement_pct",
                "flips_right_to_wrong", "flips_wrong_to_right", "mean_kl", "max_abs_logit_diff", "complete"]
 
 

@@ -138,9 +138,9 @@ def speedup_interval(reference_s: Sequence[float], engine_s: Sequence[float],
         raise SedeployError(f"Confidence {confidence!r} is not valid.", expected="a fraction in (0, 1), e.g. 0.95")
     n = min(len(reference_s), len(engine_s))
     alpha_half = (1.0 - confidence) / 2.0
-    k, tail = 0, 0.0  # tail = P(Binomial(n, 1/2) ≤ k - 1)
+    k, tail = 0, 0.0  # tail = P(Binomial(n, 1/2) ≤ k - 1); the pmf in logs: 2**n overflows a float past 1023 rounds
     while k < n // 2:
-        nxt = tail + math.comb(n, k) / 2.0 ** n
+        nxt = tail + math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2.0))
         if nxt > alpha_half:
             break
         k, tail = k + 1, nxt
