@@ -251,3 +251,52 @@ def test_graph_output_duplicate_names_and_chains():
     x = np.random.default_rng(4).standard_normal((2, 8, 6, 6)).astype(np.float32)
     for r, g in zip(ort_run(a, x), ort_run(out, x)):
         assert np.abs(g - r).max() <= 1e-5 * max(1.0, float(np.abs(r).max()))
+
+
+def test_chained_block_annotation_subgraph_reader_and_fp16():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+
+    def same(a, b):
+        for r, g in zip(ort_run(a, x), ort_run(b, x)):
+            assert np.abs(g - r).max() <= 1e-5 * max(1.0, float(np.abs(r).max()))
+
+    # a second squeeze pools the first block's FC1 output: FC1 would be the second block's "expanding conv" and
+    # get folded twice; the second is refused and the result stays exact
+    m = se_block()
+    m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((3, 4, 1, 1)).astype(np.float32), "wB"))
+    m.graph.node.extend([helper.make_node("GlobalAveragePool", ["z"], ["sB"], name="poolB"),
+                         helper.make_node("Conv", ["sB", "wB"], ["zB"], name="fcB")])
+    m.graph.output.append(helper.make_tensor_value_info("zB", TensorProto.FLOAT, None))
+    out, report = squeeze_first(m)
+    assert report.rewritten == 1
+    assert report.refused == [("poolB", "its conv or FC belongs to another rewritten block")]
+    assert [c.reason for c in find_squeeze_first(m)] == [None, report.refused[0][1]]  # the finder agrees
+    same(m, out)
+    # a shape annotation of the pooled tensor (32 channels) no longer holds after the rewrite (8): it is dropped,
+    # so the strict checker (shape inference against annotations) passes
+    m = se_block()
+    m.graph.value_info.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 32, 1, 1]))
+    out, report = squeeze_first(m)
+    assert report.rewritten == 1 and "s" not in {v.name for v in out.graph.value_info}
+    onnx.checker.check_model(out, full_check=True)
+    same(m, out)
+    # an If body reads the pooled tensor from the outer graph: its values must not change, so the block is refused
+    m = se_block()
+    branch = [helper.make_graph([helper.make_node("Identity", ["s"], [f"s_{k}"])], k, [],
+                                [helper.make_tensor_value_info(f"s_{k}", TensorProto.FLOAT, None)])
+              for k in ("then", "else")]
+    m.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    m.graph.node.append(helper.make_node("If", ["cond"], ["s_if"], name="peek_if", then_branch=branch[0],
+                                         else_branch=branch[1]))
+    m.graph.output.append(helper.make_tensor_value_info("s_if", TensorProto.FLOAT, None))
+    out, report = squeeze_first(m)
+    assert report.rewritten == 0 and "a subgraph (If/Loop body) reads its output" in report.refused[0][1]
+    assert out.SerializeToString() == m.SerializeToString()
+    # FC weights in float16: refused by the rewrite and the finder alike
+    m = se_block()
+    w1 = next(t for t in m.graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1).astype(np.float16), "w1"))
+    assert squeeze_first(m)[1].refused == [("squeeze", "its FC weights are float16, not float32 (the fold is for "
+                                                        "FP32 engines)")]
+    assert [c.reason for c in find_squeeze_first(m)] == [squeeze_first(m)[1].refused[0][1]]

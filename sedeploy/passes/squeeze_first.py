@@ -92,8 +92,9 @@ def _conv_problem(g, node, role: str) -> str | None:
     return None
 
 
-def _match(g, pool) -> SqueezeFirstCandidate:
-    """Check one GlobalAveragePool; the candidate says what matched or why not."""
+def _match(g, pool, subgraph_names: set[str]) -> SqueezeFirstCandidate:
+    """Check one GlobalAveragePool; the candidate says what matched or why not. ``subgraph_names``: every name
+    read or written inside a subgraph (If/Loop bodies), which :class:`Graph`'s consumers do not list."""
     cand = SqueezeFirstCandidate(pool=g.name(pool))
     conv = g.made_by(pool.input[0], "Conv")  # (in a Q/DQ graph a DequantizeLinear: INT8 artifacts are left alone)
     if conv is None:
@@ -105,6 +106,9 @@ def _match(g, pool) -> SqueezeFirstCandidate:
         return cand
     if pool.output[0] in g.graph_outputs:
         cand.reason = "its output is a graph output (the pooled values would change)"
+        return cand
+    if pool.output[0] in subgraph_names:
+        cand.reason = "a subgraph (If/Loop body) reads its output (the pooled values would change)"
         return cand
     users = g.consumers.get(pool.output[0], [])
     if len(users) != 1 or users[0].op_type != "Conv" or list(users[0].input[:1]) != [pool.output[0]]:
@@ -118,23 +122,61 @@ def _match(g, pool) -> SqueezeFirstCandidate:
     w1, w3 = g.const(fc1.input[1]), g.const(conv.input[1])
     if w1.shape[1] != w3.shape[0]:
         cand.reason = f"'{cand.fc1}' reads {w1.shape[1]} channels, '{cand.expand_conv}' makes {w3.shape[0]}"
+    elif w1.dtype != np.float32:
+        cand.reason = f"its FC weights are {w1.dtype}, not float32 (the fold is for FP32 engines)"
     return cand
+
+
+def _plan(g, graph) -> tuple[list[SqueezeFirstCandidate], list[tuple]]:
+    """Every squeeze's candidate, and the (candidate, pool, conv, fc1) chosen for rewriting: a conv or FC that
+    another chosen block already uses (chained blocks) is refused, first block first."""
+    pools = [n for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
+    inner = _subgraph_names(graph)
+    candidates = [_match(g, n, inner) for n in pools]
+    chosen, in_use = [], set()
+    for pool, c in zip(pools, candidates):
+        if not c.ok:
+            continue
+        conv, fc1 = g.producer[pool.input[0]], g.consumers[pool.output[0]][0]
+        if {id(conv), id(fc1)} & in_use:
+            c.reason = "its conv or FC belongs to another rewritten block"
+            continue
+        in_use |= {id(conv), id(fc1)}
+        chosen.append((c, pool, conv, fc1))
+    return candidates, chosen
+
+
+def _subgraphs(graph):
+    from onnx import AttributeProto
+
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield a.g
+            elif a.type == AttributeProto.GRAPHS:
+                yield from a.graphs
+
+
+def _subgraph_names(graph) -> set[str]:
+    """Every tensor name read or written inside ``graph``'s subgraphs (at any depth)."""
+    names: set[str] = set()
+    for sub in _subgraphs(graph):
+        names |= {i.name for i in sub.input} | {o.name for o in sub.output} | {t.name for t in sub.initializer}
+        for n in sub.node:
+            names.update(n.input)
+            names.update(n.output)
+        names |= _subgraph_names(sub)
+    return names
 
 
 def _names_used(graph) -> set[str]:
     """Every tensor name a node of ``graph`` or of its subgraphs (If/Loop bodies) reads, plus the graph's inputs
     and outputs."""
-    from onnx import AttributeProto
-
     used = {i.name for i in graph.input} | {o.name for o in graph.output}
     for n in graph.node:
         used.update(n.input)
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                used |= _names_used(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    used |= _names_used(sub)
+    for sub in _subgraphs(graph):
+        used |= _names_used(sub)
     return used
 
 
@@ -142,8 +184,7 @@ def find_squeeze_first(model) -> list[SqueezeFirstCandidate]:
     """Every GlobalAveragePool of ``model`` (an onnx.ModelProto) and whether the rewrite applies to it."""
     from sedeploy.onnxcore import Graph
 
-    g = Graph(model)
-    return [_match(g, n) for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
+    return _plan(Graph(model), model.graph)[0]
 
 
 def squeeze_first(model):
@@ -164,24 +205,13 @@ def squeeze_first(model):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = Graph(out)
-    pools = [n for n in g.nodes if n.op_type == "GlobalAveragePool" and n.domain in ("", "ai.onnx")]
-    candidates = [_match(g, n) for n in pools]
-    taken = {i.name for i in out.graph.initializer} | set(g.producer) | g.graph_inputs
-    plans, in_use = [], set()
-    for pool, c in zip(pools, candidates):  # every fold is computed before anything changes (chained blocks)
-        if not c.ok:
-            continue
-        conv, fc1 = g.producer[pool.input[0]], g.consumers[pool.output[0]][0]
-        if {id(conv), id(fc1)} & in_use:
-            c.reason = "its conv or FC belongs to another rewritten block"
-            continue
-        w1_arr = g.const(fc1.input[1])
-        if w1_arr.dtype != np.float32:
-            c.reason = f"its FC weights are {w1_arr.dtype}, not float32 (the fold is for FP32 engines)"
-            continue
-        in_use |= {id(conv), id(fc1)}
+    candidates, chosen = _plan(g, out.graph)
+    taken = ({i.name for i in out.graph.initializer} | set(g.producer) | g.graph_inputs | _names_used(out.graph)
+             | _subgraph_names(out.graph))
+    plans = []
+    for c, pool, conv, fc1 in chosen:  # every fold is computed before anything changes (chained blocks)
         w3 = g.const(conv.input[1]).astype(np.float64)[:, :, 0, 0]
-        w1 = w1_arr.astype(np.float64)[:, :, 0, 0]
+        w1 = g.const(fc1.input[1]).astype(np.float64)[:, :, 0, 0]
         b3, b1 = (g.const(n.input[2]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.zeros(rows)
                   for n, rows in ((conv, w3.shape[0]), (fc1, w1.shape[0])))
         plans.append((c, pool, conv, fc1, (w1 @ w3)[:, :, None, None].astype(np.float32),
