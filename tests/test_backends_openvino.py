@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -254,6 +255,36 @@ def test_failed_build_leaves_nothing(ov_build, tmp_path, monkeypatch, fail_at):
     with pytest.raises(exc):
         OVB.build_engine(fp32, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@needs_ov
+@pytest.mark.parametrize("fail_at", ["sidecar", "publish"])
+def test_failed_rebuild_keeps_the_previous_engine_or_nothing(ov_build, tmp_path, monkeypatch, fail_at):
+    res, _ = ov_build
+    fp32 = next(a.path for a in res.artifacts if a.kind == "fp32")
+    first = OVB.build_engine(fp32, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(before) == 3
+    if fail_at == "sidecar":  # the new sidecar cannot be written: nothing in the folder has been touched yet
+        def boom(*a, **k):
+            raise OSError("disk full")
+        monkeypatch.setattr(OVB, "write_sidecar", boom)
+    else:  # the last rename fails after the weights and the IR were replaced: no mixed engine may remain
+        real = os.replace
+
+        def boom(a, b):
+            if Path(b) == first.sidecar:  # (not the sidecar's own atomic write inside the build's temp folder)
+                raise OSError("disk full")
+            real(a, b)
+        monkeypatch.setattr(OVB.os, "replace", boom)
+    with pytest.raises(OSError):
+        OVB.build_engine(fp32, tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    if fail_at == "sidecar":
+        assert after == before  # the previous engine, byte for byte
+    else:
+        assert after == {}, sorted(after)
+        assert not first.path.exists()
 
 
 @needs_ov

@@ -463,13 +463,15 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
             "note": "OpenVINO IR: portable across CPUs; kernels are chosen when the runner compiles it",
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
-        os.replace(tmp_bin, final_bin)
-        published.append(final_bin)
-        os.replace(tmp_xml, final_xml)
-        published.append(final_xml)
-        write_sidecar(sidecar, metadata)
+        tmp_sidecar = tmp / sidecar.name
+        write_sidecar(tmp_sidecar, metadata)  # everything is written before anything in out_dir is replaced
+        for done, final in ((tmp_bin, final_bin), (tmp_xml, final_xml), (tmp_sidecar, sidecar)):
+            os.replace(done, final)
+            published.append(final)
     except BaseException:
-        for f in published:  # an engine without its weights or sidecar is not published
+        # an engine without its weights or sidecar is not published; once a previous engine's files are replaced,
+        # its sidecar describes files that are gone, so it goes too
+        for f in published + ([sidecar] if published else []):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         raise
