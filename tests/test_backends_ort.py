@@ -235,6 +235,19 @@ def test_build_ort_engine_publishes_model_and_sidecar(tiny_model, tiny_onnx, tmp
         np.testing.assert_allclose(runner.infer(x), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_failed_rebuild_leaves_no_engine_and_no_stale_sidecar(tiny_onnx, tmp_path, monkeypatch):
+    B.build_ort_engine(tiny_onnx, tmp_path, threads=1)
+    assert len(list(tmp_path.iterdir())) == 2
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(B, "write_sidecar", boom)
+    with pytest.raises(OSError):
+        B.build_ort_engine(tiny_onnx, tmp_path, threads=1)
+    # the new engine replaced the old one before its sidecar failed: neither it nor the old sidecar may remain
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_build_ort_engine_extended_is_portable(se_files, tmp_path):
     art = B.build_ort_engine(se_files["ReduceMean"][0], tmp_path, threads=1, optimization="extended")
     assert art.metadata["machine_specific"] is False and art.metadata["nchwc_nodes"] == 0

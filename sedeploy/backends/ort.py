@@ -158,6 +158,7 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
     try:
         write_sidecar(sidecar, metadata)
     except BaseException:
-        final.unlink(missing_ok=True)  # an engine without its sidecar is not published
+        final.unlink(missing_ok=True)  # an engine without its sidecar is not published,
+        sidecar.unlink(missing_ok=True)  # and a previous engine's sidecar would describe a file that is gone
         raise
     return Engine(path=final, sidecar=sidecar, backend="ort", precision=precision, source=src, metadata=metadata)

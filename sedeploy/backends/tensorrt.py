@@ -302,7 +302,8 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
     try:
         write_sidecar(sidecar, metadata)
     except BaseException:
-        plan_path.unlink(missing_ok=True)  # a plan without its sidecar cannot be checked: do not publish it
+        plan_path.unlink(missing_ok=True)  # a plan without its sidecar cannot be checked: do not publish it,
+        sidecar.unlink(missing_ok=True)  # and a previous plan's sidecar would describe a file that is gone
         raise
     log.info("Built %s (%s, %s) in %.1f s; layers by precision: %s.", plan_path, precision, device["gpu"], seconds,
              json.dumps(layers["counts"]))
