@@ -14,11 +14,13 @@ script pairs each sedeploy engine with its peer round by round: the median of pe
 (:func:`sedeploy.bench.timing.speedup_interval`). A lead is shown only when the interval's low end is above 1.
 
     python benchmarks/peers_interval.py [--depths 50 101] [--repeats 40] [--work /tmp/peers-interval]
+    python benchmarks/peers_interval.py --replot      # tables and plot again from the committed bench outputs
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +38,9 @@ PAIRS = (("FP32", "fp32.ov.xml", "peer:openvino-fp32", 1.0),
 def run_depth(depth: int, repeats: int, work: Path, out: Path) -> dict:
     engines = work / f"se-resnet{depth}" / "engines"
     sedeploy = [sys.executable, "-m", "sedeploy"]
-    if not (engines / "manifest.json").is_file():
-        subprocess.run([*sedeploy, "build-engine", "--depth", str(depth), "--int8", "-o", str(engines)], check=True)
+    # always built by this sedeploy: engines of an earlier checkout would be timed as if they were this one's
+    subprocess.run([*sedeploy, "build-engine", "--depth", str(depth), "--int8", "-o", str(engines)], check=True,
+                   cwd=work)
     subprocess.run([*sedeploy, "bench", str(engines), "--peers", "--batch", "1,8", "--repeats", str(repeats),
                     "--out", str(out)], check=True)
     return json.loads((out / "results.json").read_text())
@@ -52,7 +55,7 @@ def pairs(results: dict) -> list[dict]:
         engine = next((n for n in by_name if n.endswith(suffix)), None)
         if engine is None or peer not in by_name:
             raise SystemExit(f"bench results lack {suffix!r} or {peer!r}: {sorted(by_name)}")
-        for b in sorted(by_name[engine]["batch"], key=int):
+        for b in sorted(set(by_name[engine]["batch"]) & set(by_name[peer]["batch"]), key=int):
             s_eng = by_name[engine]["batch"][b]["samples_s"]
             s_peer = by_name[peer]["batch"][b]["samples_s"]
             ci = speedup_interval(s_peer, s_eng)
@@ -61,9 +64,14 @@ def pairs(results: dict) -> list[dict]:
                          "engine_p50_ms": round(by_name[engine]["batch"][b]["latency_ms"]["p50"], 2),
                          "peer_p50_ms": round(by_name[peer]["batch"][b]["latency_ms"]["p50"], 2),
                          "x_peer": round(paired_speedup(s_peer, s_eng), 3),
-                         "ci95": [round(v, 3) for v in ci] if ci else None,
+                         "ci95": list(ci) if ci else None,
                          "verdict": verdict(ci, target)})
     return rows
+
+
+def shown(ci) -> str:
+    """The interval rounded outwards to 3 decimals (a low end of 1.0005 shows as 1.000, never as more)."""
+    return f"{math.floor(ci[0] * 1000) / 1000:.3f}–{math.ceil(ci[1] * 1000) / 1000:.3f}" if ci else "–"
 
 
 def verdict(ci, target: float) -> str:
@@ -71,7 +79,7 @@ def verdict(ci, target: float) -> str:
         return "too few rounds"
     lo, hi = ci
     if lo >= target:
-        return f"target ≥ {target:.2f}× met (whole interval)"
+        return f"target ≥ {target:.2f}× met (whole interval; low end {lo:.4f})"
     if hi < target:
         return f"target ≥ {target:.2f}× missed (whole interval below)"
     return f"not decided: the interval contains {target:.2f}×"
@@ -105,10 +113,12 @@ def plot(all_rows: dict[int, list[dict]], path: Path) -> None:
 
 
 def markdown(all_rows: dict[int, list[dict]], runs: dict[int, dict], repeats: int) -> str:
+    config = next(iter(runs.values())).get("config", {})
     lines = ["# sedeploy's OpenVINO engines vs OpenVINO FP32 and OpenVINO + NNCF INT8, with 95 % intervals", "",
              f"`sedeploy bench --peers --batch 1,8 --repeats {repeats}` on `sedeploy build-engine --depth D --int8` "
-             "(random weights, 224 px; speed only). All engines interleaved in one process, 2 threads, one settle "
-             "call before each timed call; the timer covers one synchronous infer call, host numpy in → out. "
+             f"({config.get('weights', '?')} weights, {(config.get('preprocess') or {}).get('size', '?')} px; speed "
+             f"only). All engines interleaved in one process, {config.get('threads', '?')} threads, "
+             f"{config.get('settle_calls', '?')} settle call(s) before each timed call; the timer covers one synchronous infer call, host numpy in → out. "
              "× peer: median over rounds of peer time / engine time (> 1: sedeploy faster); 95 % interval: the "
              "sign-test interval of that median. Each depth's full bench output (all engines, PyTorch eager "
              "included) is in its folder.", "",
@@ -116,7 +126,7 @@ def markdown(all_rows: dict[int, list[dict]], runs: dict[int, dict], repeats: in
              "|---|---|---|---|---|---|---|---|---|"]
     for d, rows in all_rows.items():
         for r in rows:
-            ci = f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f}" if r["ci95"] else "–"
+            ci = shown(r["ci95"])
             lines.append(f"| SE-ResNet-{d} | {r['precision']} vs {r['peer']} | {r['batch']} | {r['engine_p50_ms']} | "
                          f"{r['peer_p50_ms']} | {r['x_peer']:.3f} | {ci} | ≥ {r['target']:.1f}× | {r['verdict']} |")
     lines += ["", "![speed-ups with intervals](speedups.png)", ""]
@@ -132,18 +142,27 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[50, 101])
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/peers-interval"))
+    ap.add_argument("--replot", action="store_true",
+                    help="no timing: pair, tabulate and plot the bench outputs already in the results folder")
     args = ap.parse_args(argv)
     out = results_dir(__file__)
-    runs, all_rows = {}, {}
+    runs, all_rows, data = {}, {}, {"repeats": args.repeats}
+    if args.replot:
+        previous = json.loads((out / "results.json").read_text())
+        args.depths, data["repeats"] = [int(d) for d in previous["pairs"]], previous["repeats"]
+        data["provenance"] = {**previous["provenance"], "replotted_by": "python benchmarks/peers_interval.py --replot"}
+    else:
+        args.work.mkdir(parents=True, exist_ok=True)
     for d in args.depths:
-        runs[d] = run_depth(d, args.repeats, args.work, out / f"se-resnet{d}")
+        runs[d] = (json.loads((out / f"se-resnet{d}" / "results.json").read_text()) if args.replot
+                   else run_depth(d, args.repeats, args.work, out / f"se-resnet{d}"))
         all_rows[d] = pairs(runs[d])
         for r in all_rows[d]:
             print(f"SE-ResNet-{d} {r['precision']} b{r['batch']}: {r['x_peer']}× {r['peer']} "
-                  f"(95 % {r['ci95']}) — {r['verdict']}", flush=True)
+                  f"(95 % {shown(r['ci95'])}) — {r['verdict']}", flush=True)
     plot(all_rows, out / "speedups.png")
-    write_results(__file__, {"repeats": args.repeats, "pairs": {str(d): rows for d, rows in all_rows.items()}},
-                  markdown(all_rows, runs, args.repeats))
+    data["pairs"] = {str(d): rows for d, rows in all_rows.items()}
+    write_results(__file__, data, markdown(all_rows, runs, data["repeats"]))
     print(f"wrote {out}")
     return 0
 
