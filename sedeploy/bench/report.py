@@ -268,6 +268,13 @@ def _f(v: Any, fmt: str = ".2f", suffix: str = "") -> str:
     return f"{v:{fmt}}{suffix}"
 
 
+def _interval(low: float | None, high: float | None) -> str:
+    """A speed-up interval at 2 decimals, rounded outwards (a low end of 0.996 shows as 0.99, never as 1.00)."""
+    if low is None or high is None:
+        return "–"
+    return f"{math.floor(low * 100) / 100:.2f}–{math.ceil(high * 100) / 100:.2f}"
+
+
 def _timing_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["engine", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "× ref", "95 % CI", "GFLOP/s",
             "% ceiling", "IQR %", "n"]
@@ -278,8 +285,7 @@ def _timing_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         frac = r["fraction_of_ceiling"]
         rows.append([r["engine"], r["precision"] or "", str(r["batch"]), _f(r["p50_ms"]), _f(r["p90_ms"]),
                      _f(r["p99_ms"]), _f(r["throughput"], ".1f"), _f(r["speedup_vs_reference"], ".2f", "×"),
-                     (f"{r['speedup_ci95_low']:.2f}–{r['speedup_ci95_high']:.2f}"
-                      if r["speedup_ci95_low"] is not None else "–"),
+                     _interval(r["speedup_ci95_low"], r["speedup_ci95_high"]),
                      _f(r["gflops_achieved"], ".1f"),
                      _f(frac * 100 if frac is not None else None, ".0f", f"% {r['ceiling']}"),
                      _f(r["iqr_pct"], ".1f"), str(r["n"])])
@@ -354,8 +360,9 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     if weights:
         notes.append(f"Weights: {weights}" + (" — speed figures are meaningful, accuracy figures are not (no "
                                                 "trained checkpoint)" if str(weights).startswith("random") else ""))
-    over = sorted({r["engine"] for r in csv_rows(results)
-                   if r.get("fraction_of_ceiling") is not None and r["fraction_of_ceiling"] > 1.0})
+    rows = csv_rows(results)
+    over = sorted({r["engine"] for r in rows  # as the table rounds it: a 100.3 % shown as "100%" is not "above"
+                   if r.get("fraction_of_ceiling") is not None and round(r["fraction_of_ceiling"] * 100) > 100})
     if over:
         notes.append(f"Above 100 % of the ceiling: {', '.join(over)}. The ceiling is the best call of one reference "
                      "GEMM (torch matmul for fp32, ONNX Runtime MatMulInteger for int8), not a hard limit: an engine "
@@ -364,7 +371,12 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     if results.get("reference"):
         notes.append(f"Reference (× ref, agreement, KL): {results['reference']}. × ref is the median over rounds of "
                      "reference time / engine time (> 1: faster); 95 % CI is that median's sign-test interval, "
-                     "so a lead whose interval includes 1.00 is not shown by this run.")
+                     "rounded outwards, so a lead whose interval includes 1.00 is not shown by this run.")
+        short = sorted({str(r["batch"]) for r in rows if r["engine"] != results["reference"]
+                        and r.get("speedup_vs_reference") is not None and r.get("speedup_ci95_low") is None})
+        if short:
+            notes.append(f"No 95 % CI at batch {', '.join(short)}: fewer than 6 paired rounds were timed (--repeats, "
+                         "or --max-seconds cut the run short); pass --repeats 20 or more for an interval.")
     if results.get("labels"):
         lab = results["labels"]
         notes.append(f"Labels: {lab.get('source')} — {lab.get('rule')}")
