@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -640,17 +641,27 @@ def _listed_files(manifest: Path) -> set[str]:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Hold SIGINT/SIGTERM back (delivered right after the block) so a publish is never cut in half."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+    """Hold SIGINT/SIGTERM back until the block ends, so a publish is never cut in half.
+
+    Masking the main thread is not enough: the kernel then delivers the signal to another thread (ONNX Runtime's
+    and OpenVINO's workers do not block it) and Python still runs the handler in the main thread, mid-block. So
+    the handlers themselves are swapped for ones that only note the signal; after the block the previous
+    handlers are back and each noted signal is raised again (``signal.raise_signal``), at a point where the
+    folder holds one complete set."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
         yield
         return
+    noted: list[int] = []
+    previous = {}
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(noted):  # once each, in arrival order
+            signal.raise_signal(sig)
 
 
 def _publish(stage: Path, out: Path, res: BuildResult) -> None:

@@ -222,6 +222,46 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_keep_the_previous_set(tiny_onnx, tm
     assert not [p for p in out.iterdir() if p.name.startswith(".sedeploy-staging-") or p.name.endswith(".partial")]
 
 
+_SIGNAL_MID_PUBLISH = textwrap.dedent("""
+    import os as real_os, signal, sys, threading, time
+    from sedeploy import pipeline
+    from sedeploy.cli import main
+    SIG = int(sys.argv[3])
+
+    class SignalOnFirstPublish:  # pipeline's os, except that its first move out of staging is hit by a signal
+        fired = False
+        def __getattr__(self, name):
+            return getattr(real_os, name)
+        def replace(self, src, dst):
+            if not SignalOnFirstPublish.fired and ".sedeploy-staging-" in str(src):
+                SignalOnFirstPublish.fired = True
+                # a worker thread that does not block the signal, as ONNX Runtime's and OpenVINO's do not
+                threading.Thread(target=time.sleep, args=(2.0,), daemon=True).start()
+                real_os.kill(real_os.getpid(), SIG)
+                time.sleep(0.5)  # the signal lands here, between two renames of the publish
+            return real_os.replace(src, dst)
+    pipeline.os = SignalOnFirstPublish()
+    sys.argv = ["sedeploy", "build-engine", sys.argv[1], "-o", sys.argv[2], "--int8"]
+    main()
+""")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_publish_waits_for_a_complete_set(tiny_onnx, tmp_path, sig, code):
+    out = tmp_path / "eng"
+    _build(tiny_onnx, out)  # FP32 only: the second build adds INT8 files and removes none
+    old = json.loads((out / "manifest.json").read_text())
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_MID_PUBLISH, str(tiny_onnx), str(out), str(int(sig))],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    new = json.loads((out / "manifest.json").read_text())  # the signal waited: the new set is complete
+    assert new != old and any("int8" in json.dumps(a) for a in new["artifacts"])
+    listed = {Path(a["path"]).name for a in new["artifacts"]} | {Path(e["path"]).name for e in new["engines"]}
+    assert listed and all((out / name).is_file() for name in listed)
+    assert not [p for p in out.iterdir() if p.name.startswith(".sedeploy-staging-") or p.name.endswith(".partial")]
+
+
 def test_stale_partials_of_killed_runs_are_removed_by_the_next_build(tiny_onnx, tmp_path):
     out = tmp_path / "eng"
     out.mkdir()
