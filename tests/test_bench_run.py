@@ -257,3 +257,24 @@ def test_tensorrt_plan_without_tensorrt_is_an_error_not_dropped(tiny_pair, tmp_p
         run_bench([fp32, plan], batches=(1, 32), **FAST)
     with pytest.raises(SedeployError, match=r"Cannot run the TensorRT engine 'tiny.fp16.plan'.*tensorrt"):
         run_bench([fp32, plan], batches=(1, 8), **FAST)
+
+
+def test_a_folder_means_the_files_in_it(tmp_path, monkeypatch):
+    """A build folder stands for the files *in it*: a copy whose manifest still names the original's absolute
+    paths, or relative paths that happen to resolve from the working directory, must not be timed instead."""
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    for d in (orig, copy):
+        d.mkdir()
+        (d / "m.fp32.onnx").write_bytes(b"x")
+    (orig / "m.int8-cpu.onnx").write_bytes(b"x")
+    manifest = {"engines": [{"path": str(orig / "m.fp32.onnx")}, {"path": "orig/m.int8-cpu.onnx"}]}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)  # "orig/m.int8-cpu.onnx" exists from here, but not in copy/
+    with pytest.raises(SedeployError, match=r"lists 'm.int8-cpu.onnx', which is not in 'copy'"):
+        E.expand_engine_paths(["copy"])
+    (copy / "m.int8-cpu.onnx").write_bytes(b"x")
+    assert E.expand_engine_paths(["copy"]) == [Path("copy/m.fp32.onnx"), Path("copy/m.int8-cpu.onnx")]
+    for bad in ([1, 2], {"engines": ["m.fp32.onnx"]}, {"engines": [{"file": "m.fp32.onnx"}]}):
+        (copy / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(SedeployError, match="is not a build-engine manifest"):
+            E.expand_engine_paths(["copy"])

@@ -86,13 +86,26 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise SedeployError(f"'{manifest}' is not valid JSON ({err}).",
                                     fix="rebuild with `sedeploy build-engine`, or pass the engine files") from err
-            entries = data.get("engines") or data.get("artifacts") or []
+            entries = (data.get("engines") or data.get("artifacts") or []) if isinstance(data, dict) else None
+            if entries is None or not isinstance(entries, list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"] for e in entries):
+                raise SedeployError(f"'{manifest}' is not a build-engine manifest.",
+                                    expected='an object whose "engines" (or "artifacts") list holds objects with a '
+                                             '"path"',
+                                    fix=f"rebuild with `sedeploy build-engine … -o {p}`, or pass the engine files")
             if not entries:
                 raise SedeployError(f"'{manifest}' lists no engines or artifacts.",
                                     fix="pass the engine files themselves")
             for e in entries:
-                f = Path(e["path"])
-                out.append(f if f.is_absolute() or f.exists() else p / f.name)
+                # the file in this folder, whatever path the manifest recorded: a copied or moved folder must
+                # never make bench time the files of the folder it came from
+                f = p / Path(e["path"]).name
+                if not f.is_file():
+                    raise SedeployError(f"'{manifest}' lists '{f.name}', which is not in '{p}' (an incomplete or "
+                                        "hand-edited build folder).",
+                                        fix=f"rebuild with `sedeploy build-engine … -o {p}`, or pass the engine "
+                                            "files that exist")
+                out.append(f)
         else:
             out.append(p)
     if not out:
