@@ -288,6 +288,15 @@ def test_failed_rebuild_keeps_the_previous_engine_or_nothing(ov_build, tmp_path,
 
 
 @needs_ov
+def test_bench_of_openvino_engines_without_openvino_exits_4(ov_build, monkeypatch):
+    _, out = ov_build
+    monkeypatch.setitem(sys.modules, "openvino", None)  # the engines exist; the package is gone
+    res = cli("bench", out, "--batch", "1", "--repeats", "1", "--warmup", "0", "--no-probe", "--no-torch-baseline")
+    assert res.exit_code == 4, res.output
+    assert "pip install 'sedeploy[openvino]'" in res.output and "Fix: ;" not in res.output
+
+
+@needs_ov
 def test_bench_describes_openvino_engines(ov_build):
     from sedeploy.bench.engines import check_batches, describe_engine
 

@@ -266,9 +266,11 @@ def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optim
     try:
         return backend_runner(spec.path, threads=threads, providers=providers, optimization=optimization).activate()
     except SedeployError as err:
-        raise SedeployError(f"Cannot run the {BACKENDS[spec.backend].label} engine '{spec.name}': {err.what}",
-                            expected=err.expected, fix=(err.fix or "") + "; or leave this engine out of the "
-                                                                         "benchmark") from err
+        leave_out = "leave this engine out of the benchmark"
+        wrapped = SedeployError(f"Cannot run the {BACKENDS[spec.backend].label} engine '{spec.name}': {err.what}",
+                                expected=err.expected, fix=f"{err.fix}; or {leave_out}" if err.fix else leave_out)
+        wrapped.exit_code = err.exit_code  # a missing extra stays exit 4, a bad engine file 2
+        raise wrapped from err
 
 
 def preprocess_for(spec: EngineSpec) -> Preprocess:
