@@ -41,7 +41,11 @@ def test_versions_compare_as_numbers():
     OVB.check_version(side, "2025.10.2-7-def", engine="m.ov.xml")  # same release, other patch/build: accepted
     with pytest.raises(SedeployError, match="saved by OpenVINO 2025.10.0") as err:
         OVB.check_version(side, "2025.9.0", engine="m.ov.xml")
-    assert "rebuild it here" in err.value.fix
+    assert "rebuild it here into a new folder" in err.value.fix and "-o NEW_FOLDER" in err.value.fix
+    with pytest.raises(SedeployError, match=r"sidecar of 'm.ov.xml' names no readable OpenVINO version "
+                                            r"\(openvino_version = 'garbage'\)") as err:
+        OVB.check_version({**side, "openvino_version": "garbage"}, "2025.10.2", engine="m.ov.xml")
+    assert err.value.fix and "-o NEW_FOLDER" in err.value.fix
 
 
 def test_table_and_file_names():

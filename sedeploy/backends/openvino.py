@@ -302,13 +302,23 @@ def check_version(sidecar: dict[str, Any], installed: str, *, engine: str | Path
     built = sidecar.get("openvino_version")
     if not built:
         raise SedeployError(f"The sidecar of '{engine}' does not say which OpenVINO saved it.",
-                            fix="rebuild the engine with `sedeploy build-engine --backend openvino`")
-    a, b = parse_ov_version(built)[:VERSION_FIELDS], parse_ov_version(installed)[:VERSION_FIELDS]
+                            fix="rebuild the engine into a new folder with `sedeploy build-engine MODEL --backend "
+                                "openvino -o NEW_FOLDER`")
+    try:
+        a = parse_ov_version(built)[:VERSION_FIELDS]
+    except SedeployError as err:
+        raise SedeployError(f"The sidecar of '{engine}' names no readable OpenVINO version "
+                            f"(openvino_version = {built!r}).", expected=err.expected,
+                            fix="rebuild the engine into a new folder with `sedeploy build-engine MODEL --backend "
+                                "openvino -o NEW_FOLDER`") from err
+    b = parse_ov_version(installed)[:VERSION_FIELDS]
     if a != b:
         raise SedeployError(f"The OpenVINO engine '{engine}' was saved by OpenVINO {built}; OpenVINO {installed} "
                             "is installed.", expected=f"the same OpenVINO release ({'.'.join(map(str, a))})",
-                            fix=f"rebuild it here with `sedeploy build-engine {sidecar.get('source_model') or 'MODEL'}"
-                                f" --backend openvino`, or install openvino=={'.'.join(map(str, a))}.*")
+                            fix=f"rebuild it here into a new folder, `sedeploy build-engine "
+                                f"{sidecar.get('source_model') or 'MODEL'} --backend openvino -o NEW_FOLDER` (a "
+                                f"build into the engine's own folder or ./engines replaces the whole build there), "
+                                f"or install openvino=={'.'.join(map(str, a))}.*")
 
 
 def layer_times(request) -> list[dict[str, Any]]:
