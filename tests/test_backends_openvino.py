@@ -301,6 +301,27 @@ def test_bench_of_openvino_engines_without_openvino_exits_4(ov_build, monkeypatc
 
 
 @needs_ov
+@pytest.mark.parametrize("field, value, message", [
+    ("profile", "x", "has no 4-D input profile"),
+    ("profile", {"max": ["a", 3, 64, 64]}, "has no 4-D input profile"),
+    ("profile", {"max": [-1, 3, 64]}, "has no 4-D input profile"),
+    ("precision", "bogus", "unknown precision 'bogus'"),
+])
+def test_damaged_sidecar_is_one_clear_error(ov_build, tmp_path, field, value, message):
+    from sedeploy.bench.engines import describe_engine
+
+    res, _ = ov_build
+    xml = Path(next(e for e in res.engines if e["kind"] == "fp32")["path"])
+    for f in (xml, xml.with_name(xml.name.replace(".ov.xml", ".ov.bin")), sidecar_path(xml)):
+        shutil.copy(f, tmp_path / f.name)
+    side = tmp_path / sidecar_path(xml).name
+    side.write_text(json.dumps({**json.loads(side.read_text()), field: value}))
+    with pytest.raises(SedeployError, match=message) as err:
+        describe_engine(tmp_path / xml.name)
+    assert str(tmp_path / xml.name) in str(err.value) and "-o NEW_FOLDER" in err.value.fix
+
+
+@needs_ov
 def test_bench_describes_openvino_engines(ov_build):
     from sedeploy.bench.engines import check_batches, describe_engine
 

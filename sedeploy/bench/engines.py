@@ -166,15 +166,29 @@ def _describe_compiled(path: Path, backend: str) -> EngineSpec:
     if src and Path(src).is_file():
         meta = get_metadata(load_light(Path(src)))
     prof = side.get("profile") or {}
-    hi = prof.get("max") or []
-    if len(hi) != 4:
-        raise SedeployError(f"The sidecar of '{path}' has no 4-D input profile ({prof}).",
-                            fix=f"rebuild the engine with `sedeploy build-engine --backend {backend}`")
+
+    def dims(key: str) -> list[int] | None:
+        v = prof.get(key) if isinstance(prof, dict) else None
+        ok = isinstance(v, list) and len(v) == 4 and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+        return v if ok else None
+
+    hi = dims("max")
+    if hi is None:
+        raise SedeployError(f"The sidecar of '{path}' has no 4-D input profile (profile = {prof!r}).",
+                            expected='"profile": {"max": [N, C, H, W], …} with whole numbers (−1: dynamic)',
+                            fix=f"rebuild the engine into a new folder with `sedeploy build-engine MODEL --backend "
+                                f"{backend} -o NEW_FOLDER`")
+    precision = side.get("precision", "fp32")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise SedeployError(f"The sidecar of '{path}' names an unknown precision {precision!r}.",
+                            expected="fp32, fp16 or int8",
+                            fix=f"rebuild the engine into a new folder with `sedeploy build-engine MODEL --backend "
+                                f"{backend} -o NEW_FOLDER`")
     # a batch of −1 (OpenVINO, dynamic batch) has no upper limit; a fixed one is the only batch the engine takes
-    top = int(hi[0])
-    lo = prof.get("min") or hi
-    fixed = backend in FIXED_BATCH_BACKENDS and top > 0 and int(lo[0]) == top
-    return EngineSpec(name=path.name, path=path, backend=backend, precision=str(side.get("precision", "fp32")),
+    top = hi[0]
+    lo = dims("min") or hi
+    fixed = backend in FIXED_BATCH_BACKENDS and top > 0 and lo[0] == top
+    return EngineSpec(name=path.name, path=path, backend=backend, precision=precision,
                       flavour=str(meta.get(META.FLAVOUR) or ""), meta=meta,
                       input_shape=(top if fixed else None, *map(int, hi[1:])),
                       num_classes=meta.get(META.NUM_CLASSES), max_batch=top if top > 0 else None,
