@@ -322,6 +322,22 @@ def test_damaged_sidecar_is_one_clear_error(ov_build, tmp_path, field, value, me
 
 
 @needs_ov
+def test_weights_of_another_build_are_refused(ov_build, tmp_path):
+    res, _ = ov_build
+    xml = Path(next(e for e in res.engines if e["kind"] == "fp32")["path"])
+    bin_ = xml.with_name(xml.name.replace(".ov.xml", ".ov.bin"))
+    for f in (xml, bin_, sidecar_path(xml)):
+        shutil.copy(f, tmp_path / f.name)
+    OVB.OpenVinoRunner(tmp_path / xml.name)  # the three files of one build: accepted
+    data = bytearray(bin_.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one weight byte changed (another build's weights look like this)
+    (tmp_path / bin_.name).write_bytes(bytes(data))
+    with pytest.raises(SedeployError, match=r"is not the file its sidecar .* describes \(sha256 differs from the "
+                                            r"weights_sha256"):
+        OVB.OpenVinoRunner(tmp_path / xml.name)
+
+
+@needs_ov
 def test_bench_describes_openvino_engines(ov_build):
     from sedeploy.bench.engines import check_batches, describe_engine
 

@@ -282,6 +282,7 @@ class OpenVinoRunner(OpenVinoModelRunner):
         self.sidecar = read_sidecar(sidecar_path(path), engine=path)
         ov = require_openvino("Running OpenVINO engines (--backend openvino)")
         check_version(self.sidecar, ov.get_version(), engine=path)
+        check_files(self.sidecar, path, weights)
         precision = str(self.sidecar.get("precision", ""))
         if precision not in _PRECISION_HINTS:
             raise SedeployError(f"The sidecar of '{path}' records precision {precision!r}.",
@@ -295,6 +296,23 @@ class OpenVinoRunner(OpenVinoModelRunner):
         d.update({"precision": self.precision, "built_with_openvino": self.sidecar.get("openvino_version"),
                   "source_model": self.sidecar.get("source_model")})
         return d
+
+
+def check_files(sidecar: dict[str, Any], xml: Path, weights: Path) -> None:
+    """Refuse an IR or weights file that is not the one the sidecar describes (sha256 recorded at build time): a
+    .ov.bin copied from another build of the same name would otherwise run, with another model's weights."""
+    from sedeploy.onnxcore import sha256_file
+
+    for key, f in (("engine_sha256", xml), ("weights_sha256", weights)):
+        recorded = sidecar.get(key)
+        if recorded is None:
+            continue  # (recorded by every sedeploy build; an engine from before that is trusted as it is)
+        if sha256_file(f) != recorded:
+            raise SedeployError(f"'{f}' is not the file its sidecar '{sidecar_path(xml).name}' describes "
+                                f"(sha256 differs from the {key} recorded when the engine was built).",
+                                expected="the .ov.xml, .ov.bin and .ov.json of one build, side by side",
+                                fix="copy the three files of one build together, or rebuild into a new folder "
+                                    "with `sedeploy build-engine MODEL --backend openvino -o NEW_FOLDER`")
 
 
 def check_version(sidecar: dict[str, Any], installed: str, *, engine: str | Path) -> None:
