@@ -384,9 +384,10 @@ def _default_engines() -> Path:
 
 
 def parse_batch_list(text: str) -> list[int]:
-    """``--batch 1,8,32`` → [1, 8, 32] (positive integers, duplicates dropped, order kept)."""
+    """``--batch 1,8,32`` → [1, 8, 32] (positive integers, duplicates dropped, order kept; an empty entry, as in
+    ``1,,8``, is refused: it is more likely a lost digit than a stray comma)."""
     try:
-        sizes = [int(b) for b in text.split(",") if b.strip()]
+        sizes = [int(b) for b in text.split(",")]
     except ValueError:
         sizes = []
     sizes = list(dict.fromkeys(sizes))

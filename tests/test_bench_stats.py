@@ -520,3 +520,17 @@ def test_settle_times_a_warm_call_and_keeps_pairing(clock, settle, expected):
 def test_settle_must_be_a_count(clock, bad):
     with pytest.raises(SedeployError, match="settle"):
         time_runners([FakeRunner("a", clock, [0.001], [])], X, settle=bad, clock=clock)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"repeats": 0, "min_repeats": 0}, r"Timed rounds \(--repeats\) = 0"),
+    ({"warmup": -1}, r"Warm-up rounds \(--warmup\) = -1"),
+    ({"max_seconds": 0.0}, r"Time budget per batch size \(--max-seconds\) = 0.0"),
+])
+def test_timing_options_are_named_as_the_user_typed_them(kw, message):
+    from sedeploy.bench.timing import check_timing_config
+
+    args = {"batch_sizes": [1], "warmup": 3, "repeats": 20, "min_repeats": 3, "max_seconds": None, **kw}
+    with pytest.raises(SedeployError, match=message) as err:
+        check_timing_config(**args)
+    assert err.value.fix and "--" in err.value.fix

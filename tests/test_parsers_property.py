@@ -26,6 +26,14 @@ def test_batch_list_round_trips(sizes, sep):
     assert parse_batch_list(sep.join(map(str, sizes))) == list(dict.fromkeys(sizes))
 
 
+@pytest.mark.parametrize("text", ["1,,8", "1,", ",8", ",", "", " "])
+def test_batch_list_empty_entries_are_refused(text):
+    from sedeploy.cli import parse_batch_list
+
+    with pytest.raises(SedeployError, match=f"--batch '{text}' is not valid"):
+        parse_batch_list(text)
+
+
 @FAST
 @given(st.text(max_size=30))
 def test_batch_list_any_text_parses_or_is_one_error(text):

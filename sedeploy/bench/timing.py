@@ -183,13 +183,18 @@ def check_timing_config(batch_sizes: Sequence[int], warmup: int, repeats: int, m
     if len(set(sizes)) != len(sizes):
         raise SedeployError(f"Batch sizes {sizes} contain duplicates.", fix="list each batch size once")
     if warmup < 0:
-        raise SedeployError(f"Warm-up rounds = {warmup}.", expected="0 or more")
+        raise SedeployError(f"Warm-up rounds (--warmup) = {warmup}.", expected="0 or more",
+                            fix="pass --warmup 3 (the default)")
+    if repeats < 1:
+        raise SedeployError(f"Timed rounds (--repeats) = {repeats}.", expected="1 or more (6 or more for a 95 % "
+                            "interval of each speed-up)", fix="pass --repeats 20 (the default)")
     if min_repeats < 1 or repeats < min_repeats:
-        raise SedeployError(f"repeats = {repeats}, min_repeats = {min_repeats}.",
+        raise SedeployError(f"min_repeats = {min_repeats} with repeats (--repeats) = {repeats}.",
                             expected="1 ≤ min_repeats ≤ repeats")
     if max_seconds is not None and not max_seconds > 0:
-        raise SedeployError(f"Time budget max_seconds = {max_seconds}.",
-                            expected="a positive number of seconds per batch size, or None for no budget")
+        raise SedeployError(f"Time budget per batch size (--max-seconds) = {max_seconds}.",
+                            expected="a positive number of seconds",
+                            fix="pass e.g. --max-seconds 60, or leave it out for no budget")
     return sizes
 
 
