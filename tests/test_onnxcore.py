@@ -65,6 +65,11 @@ def test_loader_errors_name_the_file(tmp_path):
         load_onnx(junk)
     with pytest.raises(SedeployError, match="does not exist"):
         load_onnx(tmp_path / "missing.onnx")
+    for name, kind in (("m.fp32.ov.xml", r"an OpenVINO engine \(IR\)"), ("m.fp32.plan", "a TensorRT engine")):
+        (tmp_path / name).write_bytes(b"<?xml ...")
+        with pytest.raises(SedeployError, match=f"'{tmp_path / name}' is {kind}, not an ONNX model") as err:
+            load_onnx(tmp_path / name)
+        assert "source_model" in err.value.fix
 
 
 def test_sha256_of_a_dangling_link_is_a_clear_error(tmp_path):

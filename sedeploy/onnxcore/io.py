@@ -69,6 +69,12 @@ def _not_found(p: Path, what: str) -> SedeployError:
                          fix="pass an .onnx file, e.g. one written by `sedeploy export`")
 
 
+#: Files sedeploy builds from ONNX models, which are sometimes passed where a model is expected.
+_ENGINE_SUFFIXES = ((".ov.xml", "an OpenVINO engine (IR)"), (".ov.bin", "an OpenVINO engine's weights file"),
+                    (".plan", "a TensorRT engine"), (".ov.json", "an engine's sidecar"),
+                    (".trt.json", "an engine's sidecar"))
+
+
 def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = True, check: bool = True):
     """``onnx.load`` with one clear error for a missing, non-ONNX, truncated or invalid file.
 
@@ -83,6 +89,11 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
         raise _not_found(p, what)
     if p.is_dir():
         raise SedeployError(f"The {what} '{p}' is a folder, not an ONNX file.", fix="pass the .onnx file itself")
+    engine = next((kind for suffix, kind in _ENGINE_SUFFIXES if p.name.endswith(suffix)), None)
+    if engine is not None:
+        raise SedeployError(f"The {what} '{p}' is {engine}, not an ONNX model.",
+                            expected="an .onnx file (an exported model or a sedeploy artifact)",
+                            fix="pass the .onnx it was built from (its .json sidecar names it as source_model)")
     if p.stat().st_size == 0:
         raise SedeployError(f"The {what} '{p}' is an empty file (0 bytes), not an ONNX model.",
                             fix="re-export it (`sedeploy export`) or re-copy the file")
