@@ -484,9 +484,16 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     _check_options(opt)
     if model is not None:
         _check_model_file(model)
+    created = not Path(out_dir).exists()
     out = ensure_writable_dir(out_dir, "output folder", fix="choose another output folder (-o DIR) or fix its "
                                                             "permissions")
-    return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint)
+    try:
+        return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint)
+    except BaseException:
+        if created:  # a folder this run made and filled with nothing is not left behind
+            with contextlib.suppress(OSError):
+                out.rmdir()  # (only when empty: never anything another process put there meanwhile)
+        raise
 
 
 def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: float, *, depth, checkpoint

@@ -158,6 +158,21 @@ def test_options_are_checked_before_any_file_is_written(tiny_onnx, tmp_path, kw,
     assert not out.exists()
 
 
+def test_failed_build_removes_the_output_folder_it_created(tiny_onnx, tmp_path, monkeypatch):
+    from sedeploy import pipeline
+
+    def boom(*a, **k):
+        raise SedeployError("simulated failure after the output folder was made")
+    monkeypatch.setattr(pipeline, "_build_staged", boom)
+    with pytest.raises(SedeployError, match="simulated"):
+        _build(tiny_onnx, tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # made by this run, left empty: removed
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(SedeployError, match="simulated"):
+        _build(tiny_onnx, tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # the user's folder stays, even empty
+
+
 def test_unwritable_calibration_cache_is_named_as_such(tiny_onnx, tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
