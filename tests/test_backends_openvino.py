@@ -338,6 +338,27 @@ def test_weights_of_another_build_are_refused(ov_build, tmp_path):
 
 
 @needs_ov
+def test_peers_use_the_fp32_onnx_beside_a_copied_engine(ov_build, tmp_path):
+    from sedeploy.bench.engines import describe_engine
+    from sedeploy.bench.peers import fp32_onnx_of
+
+    _, out = ov_build
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    xml = next(copy.glob("*.fp32.ov.xml"))
+    assert Path(json.loads(sidecar_path(xml).read_text())["source_model"]).parent == out  # recorded: the original
+    assert fp32_onnx_of(describe_engine(xml)).parent == copy  # used: the copy's own, same sha256
+    onnx_copy = fp32_onnx_of(describe_engine(xml))
+    onnx_copy.write_bytes(onnx_copy.read_bytes() + b"\0")  # no longer the model the engine was built from
+    assert fp32_onnx_of(describe_engine(xml)).parent == out  # the recorded original still matches: that one
+    side = sidecar_path(xml)
+    gone = tmp_path / "moved-away" / onnx_copy.name  # the original is gone; only the altered copy is left
+    side.write_text(json.dumps({**json.loads(side.read_text()), "source_model": str(gone)}))
+    with pytest.raises(SedeployError, match="is not the one it was built from"):
+        fp32_onnx_of(describe_engine(xml))
+
+
+@needs_ov
 def test_bench_describes_openvino_engines(ov_build):
     from sedeploy.bench.engines import check_batches, describe_engine
 
