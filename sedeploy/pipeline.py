@@ -487,28 +487,28 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     created = not Path(out_dir).exists()
     out = ensure_writable_dir(out_dir, "output folder", fix="choose another output folder (-o DIR) or fix its "
                                                             "permissions")
-    try:
-        return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint)
-    except BaseException:
-        if created:  # a folder this run made and filled with nothing is not left behind
-            with contextlib.suppress(OSError):
-                out.rmdir()  # (only when empty: never anything another process put there meanwhile)
-        raise
+    return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint, created=created)
 
 
-def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: float, *, depth, checkpoint
-                  ) -> BuildResult:
+def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: float, *, depth, checkpoint,
+                  created: bool = False) -> BuildResult:
     with folder_lock(out, what="output folder", command="build-engine"):
-        clean_stale_partials(out, older_than=started)
-        for old in out.glob(f"{STAGE_PREFIX}*"):  # staging folders of killed runs (we hold the lock: none is live)
-            shutil.rmtree(old, ignore_errors=True)
-        stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
         try:
-            res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
-            res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
-            _publish(stage, out, res)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            clean_stale_partials(out, older_than=started)
+            for old in out.glob(f"{STAGE_PREFIX}*"):  # staging folders of killed runs (we hold the lock)
+                shutil.rmtree(old, ignore_errors=True)
+            stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
+            try:
+                res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
+                res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
+                _publish(stage, out, res)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        except BaseException:
+            if created:  # a folder this run made (and holds the lock on) and left empty is not left behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # (only when empty)
+            raise
     return res
 
 
@@ -652,23 +652,45 @@ def _signals_held():
 
     Masking the main thread is not enough: the kernel then delivers the signal to another thread (ONNX Runtime's
     and OpenVINO's workers do not block it) and Python still runs the handler in the main thread, mid-block. So
-    the handlers themselves are swapped for ones that only note the signal; after the block the previous
-    handlers are back and each noted signal is raised again (``signal.raise_signal``), at a point where the
-    folder holds one complete set."""
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
-        yield
+    the Python handlers are swapped for ones that only note the signal; when the block has finished, the previous
+    handlers are back and each noted signal is raised again (``signal.raise_signal``; SIGTERM first), at a point
+    where the folder holds one complete set. If the block fails, its own error goes on unmasked (the noted signal
+    is dropped: the run ends anyway). Where a handler was installed outside Python (an embedding host), Python
+    cannot restore it, so the thread's signal mask is used instead, as the best that can be done there."""
+    held = (signal.SIGTERM, signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or any(
+            signal.getsignal(sig) is None for sig in held):
+        with _signals_masked(held):
+            yield
         return
     noted: list[int] = []
     previous = {}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in held:
             previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
         yield
-    finally:
+    except BaseException:
         for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        for sig in dict.fromkeys(noted):  # once each, in arrival order
+            signal.signal(sig, handler)
+        raise
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    for sig in held:  # SIGTERM before SIGINT: the first one raised ends the run
+        if sig in noted and previous[sig] is not signal.SIG_IGN:
             signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def _signals_masked(held):
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _publish(stage: Path, out: Path, res: BuildResult) -> None:

@@ -260,20 +260,32 @@ def test_tensorrt_plan_without_tensorrt_is_an_error_not_dropped(tiny_pair, tmp_p
 
 
 def test_a_folder_means_the_files_in_it(tmp_path, monkeypatch):
-    """A build folder stands for the files *in it*: a copy whose manifest still names the original's absolute
-    paths, or relative paths that happen to resolve from the working directory, must not be timed instead."""
-    orig, copy = tmp_path / "orig", tmp_path / "copy"
-    for d in (orig, copy):
+    """A build folder stands for the files the build wrote *into it*: a copy whose manifest still names the
+    original's paths (absolute, or relative to where the build ran) must not time the original's files. An input
+    the build used where it was (an artifact given as MODEL, outside the output folder) is taken from there."""
+    orig, copy, elsewhere = tmp_path / "orig", tmp_path / "copy", tmp_path / "inputs"
+    for d in (orig, copy, elsewhere):
         d.mkdir()
+    for d in (orig, copy):
         (d / "m.fp32.onnx").write_bytes(b"x")
     (orig / "m.int8-cpu.onnx").write_bytes(b"x")
-    manifest = {"engines": [{"path": str(orig / "m.fp32.onnx")}, {"path": "orig/m.int8-cpu.onnx"}]}
+    (elsewhere / "given.fp16.onnx").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # the relative paths below resolve from here, as from where the build ran
+    for out_dir, entries in ((str(orig), [str(orig / "m.fp32.onnx"), str(orig / "m.int8-cpu.onnx")]),
+                             ("orig", ["orig/m.fp32.onnx", "orig/m.int8-cpu.onnx"])):
+        manifest = {"out_dir": out_dir, "engines": [{"path": e} for e in entries]}
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        (copy / "m.int8-cpu.onnx").unlink(missing_ok=True)
+        with pytest.raises(SedeployError, match=r"lists 'm.int8-cpu.onnx', which is not in 'copy'"):
+            E.expand_engine_paths(["copy"])
+        (copy / "m.int8-cpu.onnx").write_bytes(b"x")
+        assert E.expand_engine_paths(["copy"]) == [Path("copy/m.fp32.onnx"), Path("copy/m.int8-cpu.onnx")]
+    manifest = {"out_dir": "copy", "artifacts": [{"path": "inputs/given.fp16.onnx"}]}
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.chdir(tmp_path)  # "orig/m.int8-cpu.onnx" exists from here, but not in copy/
-    with pytest.raises(SedeployError, match=r"lists 'm.int8-cpu.onnx', which is not in 'copy'"):
+    assert E.expand_engine_paths(["copy"]) == [Path("inputs/given.fp16.onnx")]  # an input, used where it was
+    (elsewhere / "given.fp16.onnx").unlink()
+    with pytest.raises(SedeployError, match=r"which is not at 'inputs/given.fp16.onnx' \(an input"):
         E.expand_engine_paths(["copy"])
-    (copy / "m.int8-cpu.onnx").write_bytes(b"x")
-    assert E.expand_engine_paths(["copy"]) == [Path("copy/m.fp32.onnx"), Path("copy/m.int8-cpu.onnx")]
     for bad in ([1, 2], {"engines": ["m.fp32.onnx"]}, {"engines": [{"file": "m.fp32.onnx"}]}):
         (copy / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(SedeployError, match="is not a build-engine manifest"):

@@ -688,3 +688,33 @@ def test_export_removes_its_own_abandoned_partials_only(tmp_path):
         os.utime(p, (hour_ago, hour_ago))
     export_model(depth=18, base_channels=8, input_size=32, output=tmp_path / "m.onnx", verify_limit=2)
     assert not abandoned.exists() and recent.exists() and other.exists()
+
+
+def test_signals_held_keeps_a_failing_blocks_own_error_and_respects_foreign_handlers(monkeypatch):
+    from sedeploy import pipeline
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # a signal noted during a block that then fails: the block's own error comes out, not an interruption
+    with pytest.raises(OSError, match="disk full"):
+        with pipeline._signals_held():
+            signal.raise_signal(signal.SIGTERM)  # noted, not acted on
+            raise OSError("disk full")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+    # a signal noted during a block that finishes is raised once the block is done
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *a: got.append("after"))
+    try:
+        with pipeline._signals_held():
+            signal.raise_signal(signal.SIGINT)
+            got.append("inside")
+        assert got == ["inside", "after"]
+        # a handler installed outside Python (getsignal() is None) cannot be restored: the mask is used instead
+        swapped = []
+        real_signal = signal.signal
+        monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+        monkeypatch.setattr(signal, "signal", lambda *a: swapped.append(a) or real_signal(*a))
+        with pipeline._signals_held():
+            pass
+        assert swapped == []
+    finally:
+        signal.signal(signal.SIGINT, old)

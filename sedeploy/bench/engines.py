@@ -96,16 +96,9 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
             if not entries:
                 raise SedeployError(f"'{manifest}' lists no engines or artifacts.",
                                     fix="pass the engine files themselves")
+            built_in = data.get("out_dir")
             for e in entries:
-                # the file in this folder, whatever path the manifest recorded: a copied or moved folder must
-                # never make bench time the files of the folder it came from
-                f = p / Path(e["path"]).name
-                if not f.is_file():
-                    raise SedeployError(f"'{manifest}' lists '{f.name}', which is not in '{p}' (an incomplete or "
-                                        "hand-edited build folder).",
-                                        fix=f"rebuild with `sedeploy build-engine … -o {p}`, or pass the engine "
-                                            "files that exist")
-                out.append(f)
+                out.append(_listed_file(p, manifest, Path(e["path"]), built_in))
         else:
             out.append(p)
     if not out:
@@ -113,6 +106,26 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
                             expected="one or more engine files (.onnx, .plan) or a `build-engine` output folder",
                             fix="e.g. sedeploy bench out/model.fp32.onnx out/model.int8-cpu.onnx")
     return out
+
+
+def _listed_file(folder: Path, manifest: Path, recorded: Path, built_in: str | None) -> Path:
+    """The file a manifest entry stands for. What the build wrote into its output folder is taken from *this*
+    folder, whatever path was recorded: a copied or moved folder must never make bench time the files of the
+    folder it came from. An input the build used where it was (an FP16/INT8 artifact given as MODEL) is recorded
+    outside that folder and is taken from there."""
+    own = folder / recorded.name
+    inside = built_in is None or recorded.parent == Path(built_in)
+    if inside and own.is_file():
+        return own
+    if not inside and recorded.is_file():
+        return recorded
+    if built_in is None and recorded.is_file():  # a manifest that does not say where it was built
+        return recorded
+    where = f"in '{folder}'" if inside else f"at '{recorded}' (an input the build used where it was)"
+    raise SedeployError(f"'{manifest}' lists '{recorded.name}', which is not {where}: an incomplete, moved or "
+                        "hand-edited build folder.",
+                        fix=f"rebuild with `sedeploy build-engine … -o {folder}`, or pass the engine files that "
+                            "exist")
 
 
 def load_light(path: Path):
