@@ -35,10 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/ov-int8-profile"))
     args = ap.parse_args(argv)
 
-    import nncf
     import openvino as ov
 
-    from sedeploy.bench.peers import peer_calibration
+    from sedeploy.backends.openvino import compile_config
+    from sedeploy.bench.peers import nncf_int8, peer_calibration
     from sedeploy.bench.timing import paired_speedup, speedup_interval
     from sedeploy.preprocess import Preprocess
 
@@ -49,12 +49,11 @@ def main(argv=None) -> int:
     fp32, int8 = next(engines.glob("*.fp32.onnx")), next(engines.glob("*.int8-ov.onnx"))
     images, how = peer_calibration(fp32, Preprocess.for_size(224))
     core = ov.Core()
-    nncf_model = nncf.quantize(core.read_model(str(fp32)), nncf.Dataset([images[i:i + 1] for i in range(len(images))]))
+    nncf_model = nncf_int8(fp32, images, how)
     x = np.resize(images, (8, *images.shape[1:])).astype(np.float32)
     rows = []
     for perf in (False, True):
-        cfg = {"INFERENCE_NUM_THREADS": 2, "PERF_COUNT": perf, "INFERENCE_PRECISION_HINT": "f32",
-               "PERFORMANCE_HINT": "LATENCY"}
+        cfg = compile_config(threads=2, precision_hint="f32", perf_counters=perf)
         for trial in range(args.trials):
             names = ["int8-ov", "nncf"] if trial % 2 == 0 else ["nncf", "int8-ov"]
             source = {"int8-ov": lambda: core.read_model(str(int8)), "nncf": lambda: nncf_model}

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import write_results  # noqa: E402
-from squeeze_first import _role  # noqa: E402  (the same role rule as the squeeze-first profile)
+from squeeze_first import layer_role  # noqa: E402  (the same role rule as the squeeze-first profile)
 
 INT8, NNCF = "sedeploy int8-ov", "OpenVINO + NNCF INT8"
 TARGET = 1.1
@@ -47,10 +47,10 @@ def build(depth: int, work: Path) -> Path:
 
 
 def profile_depth(depth: int, batch: int, calls: int, work: Path) -> dict:
-    import nncf
     import openvino as ov
 
-    from sedeploy.bench.peers import peer_calibration
+    from sedeploy.backends.openvino import compile_config
+    from sedeploy.bench.peers import nncf_int8, peer_calibration
     from sedeploy.preprocess import Preprocess
 
     engines = build(depth, work)
@@ -58,9 +58,8 @@ def profile_depth(depth: int, batch: int, calls: int, work: Path) -> dict:
     int8 = next(engines.glob("*.int8-ov.onnx"))
     images, how = peer_calibration(fp32, Preprocess.for_size(224))
     core = ov.Core()
-    nncf_model = nncf.quantize(core.read_model(str(fp32)), nncf.Dataset([images[i:i + 1] for i in range(len(images))]))
-    config = {"INFERENCE_NUM_THREADS": 2, "PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "f32",
-              "PERFORMANCE_HINT": "LATENCY"}
+    nncf_model = nncf_int8(fp32, images, how)
+    config = compile_config(threads=2, precision_hint="f32", perf_counters=True)
     compiled = {INT8: core.compile_model(core.read_model(str(int8)), "CPU", config),
                 NNCF: core.compile_model(nncf_model, "CPU", config)}
     x = np.resize(images, (batch, *images.shape[1:])).astype(np.float32)
@@ -102,7 +101,7 @@ def profile_depth(depth: int, batch: int, calls: int, work: Path) -> dict:
             i = info[name].get(layer, {})
             key = f"{i.get('layer_type') or node_type} {i.get('runtime', '?')}→{i.get('output', '?')}"
             by_precision[key] = by_precision.get(key, 0.0) + ms
-            role = _role({"name": layer, "type": node_type})
+            role = layer_role({"name": layer, "type": node_type})
             by_role[role] = by_role.get(role, 0.0) + ms
         out["engines"][name] = {
             "total_ms": round(float(np.median(totals[name])), 2),

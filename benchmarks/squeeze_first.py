@@ -56,13 +56,12 @@ def _random_model(depth: int, size: int, work: Path) -> Path:
 
 def measure(fp32: Path, pp, calib_paths: list[Path], x_time: np.ndarray, work: Path, repeats: int, *,
             method: str, val: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    import openvino as ov
-    import nncf
 
     from common import time_activated
     from sedeploy.backends import EngineOptions
     from sedeploy.backends.openvino import OpenVinoModelRunner, OpenVinoRunner, build_engine
     from sedeploy.backends.ort import OrtRunner
+    from sedeploy.bench.peers import nncf_int8
     from sedeploy.bench.timing import paired_speedup
     from sedeploy.calibration import calibrate
     from sedeploy.int8 import quantize_model
@@ -87,7 +86,7 @@ def measure(fp32: Path, pp, calib_paths: list[Path], x_time: np.ndarray, work: P
         arts[name] = quantize_model(src, cal, work / src.name.replace(".fp32.onnx", ".int8-ov.onnx"),
                                     flavour="ov").path
     cx, _ = load_batch(calib_paths, pp)
-    nncf_model = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset([cx[i:i + 1] for i in range(len(cx))]))
+    nncf_model = nncf_int8(fp32, cx, f"{len(cx)} calibration images")
     res: dict = {"squeeze_first_rewrites": report.rewritten, "calibration_images": len(calib_paths),
                  "calibration_method": method, "rows": {}}
     if val is not None:
@@ -129,7 +128,7 @@ def measure(fp32: Path, pp, calib_paths: list[Path], x_time: np.ndarray, work: P
     return res
 
 
-def _role(layer: dict) -> str:
+def layer_role(layer: dict) -> str:
     """The part of the network an OpenVINO layer belongs to (sedeploy's fused SE nodes are named …/squeeze,
     …/fc1, …/fc2, …/gate, …/scale; NNCF quantizes the same FP32 graph, so its layers carry the same names)."""
     name = layer["name"]
@@ -160,7 +159,7 @@ def profile(models: dict, x: np.ndarray, runs: int = 15) -> dict:
                 r.infer(x)
                 sums: dict[str, float] = {}
                 for layer in r.layer_times():
-                    for key in (_role(layer), "total"):
+                    for key in (layer_role(layer), "total"):
                         sums[key] = sums.get(key, 0.0) + layer["real_us"] / 1e3
                 for k, v in sums.items():
                     per[n].setdefault(k, []).append(v)

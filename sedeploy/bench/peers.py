@@ -31,7 +31,7 @@ from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
 
-__all__ = ["PEER_FP32", "PEER_NNCF", "Peer", "peer_calibration", "make_peers", "fp32_onnx_of"]
+__all__ = ["PEER_FP32", "PEER_NNCF", "Peer", "peer_calibration", "nncf_int8", "make_peers", "fp32_onnx_of"]
 
 PEER_FP32 = "peer:openvino-fp32"
 PEER_NNCF = "peer:openvino-nncf-int8"
@@ -122,6 +122,17 @@ def peer_calibration(fp32_onnx: Path, pp: Preprocess, folder: str | Path | None 
     return images, how
 
 
+def nncf_int8(fp32_onnx: Path, images: np.ndarray, how: str = "the given images"):
+    """``fp32_onnx`` quantized by ``nncf.quantize`` with NNCF's own defaults on ``images`` (N×3×S×S, one image
+    per calibration sample): the OpenVINO + NNCF INT8 peer, as an ``openvino.Model`` in memory."""
+    nncf = _require("The OpenVINO + NNCF INT8 peer")
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_onnx))
+    log.info("NNCF: quantizing %s with its default preset on %s", Path(fp32_onnx).name, how)
+    return nncf.quantize(model, nncf.Dataset([images[i:i + 1] for i in range(len(images))]))
+
+
 def make_peers(ref: EngineSpec, pp: Preprocess, *, threads: int, calib: str | Path | None = None) -> list[Peer]:
     """The two peer rows for the reference's network (see the module docstring); runners not yet active."""
     nncf = _require("Benchmark peers (--peers: OpenVINO FP32 and OpenVINO + NNCF INT8)")
@@ -131,10 +142,7 @@ def make_peers(ref: EngineSpec, pp: Preprocess, *, threads: int, calib: str | Pa
 
     src = fp32_onnx_of(ref)
     images, how = peer_calibration(src, pp, calib)
-    model = ov.Core().read_model(str(src))
-    dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
-    log.info("NNCF: quantizing %s with its default preset on %s", src.name, how)
-    quantized = nncf.quantize(model, dataset)
+    quantized = nncf_int8(src, images, how)
     shared = {"meta": dict(ref.meta), "input_shape": ref.input_shape, "num_classes": ref.num_classes,
               "max_batch": ref.static_batch}
     # the same runner settings as sedeploy's own OpenVINO engines, static batch compilation included
