@@ -693,21 +693,26 @@ def test_export_removes_its_own_abandoned_partials_only(tmp_path):
 def test_signals_held_keeps_a_failing_blocks_own_error_and_respects_foreign_handlers(monkeypatch):
     from sedeploy import pipeline
 
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    # a signal noted during a block that then fails: the block's own error comes out, not an interruption
-    with pytest.raises(OSError, match="disk full"):
-        with pipeline._signals_held():
-            signal.raise_signal(signal.SIGTERM)  # noted, not acted on
-            raise OSError("disk full")
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
-    # a signal noted during a block that finishes is raised once the block is done
-    got = []
-    old = signal.signal(signal.SIGINT, lambda *a: got.append("after"))
+    got: list[str] = []
+    # Python handlers for both signals, whatever the test runner installed (an xdist worker may hold ones set
+    # outside Python, for which _signals_held falls back to the mask, tested last)
+    old = {sig: signal.signal(sig, lambda signum, frame, name=name: got.append(name))
+           for sig, name in ((signal.SIGTERM, "term"), (signal.SIGINT, "int"))}
     try:
+        mine = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        # a signal noted during a block that then fails: the block's own error comes out, the signal is dropped
+        with pytest.raises(OSError, match="disk full"):
+            with pipeline._signals_held():
+                signal.raise_signal(signal.SIGTERM)  # noted, not acted on
+                raise OSError("disk full")
+        assert got == []
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == mine  # handlers restored
+        # signals noted during a block that finishes are raised once it is done, SIGTERM first
         with pipeline._signals_held():
             signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
             got.append("inside")
-        assert got == ["inside", "after"]
+        assert got == ["inside", "term", "int"]
         # a handler installed outside Python (getsignal() is None) cannot be restored: the mask is used instead
         swapped = []
         real_signal = signal.signal
@@ -717,4 +722,6 @@ def test_signals_held_keeps_a_failing_blocks_own_error_and_respects_foreign_hand
             pass
         assert swapped == []
     finally:
-        signal.signal(signal.SIGINT, old)
+        monkeypatch.undo()
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
