@@ -57,6 +57,24 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory",
     return p
 
 
+def missing_dirs(path: str | os.PathLike) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first: what ``mkdir(parents=True)`` would make."""
+    p = Path(path)
+    return [q for q in (p, *p.parents) if not q.exists()]
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove the folders of :func:`missing_dirs` again, deepest first, each only while empty (so a folder that
+    something else wrote into meanwhile stays, and so do its parents)."""
+    for q in dirs:
+        if not q.exists():
+            continue
+        try:
+            q.rmdir()
+        except OSError:
+            return
+
+
 def is_disk_full(err: BaseException | None) -> bool:
     """True when ``err`` or an exception it was raised from is an out-of-space OSError."""
     seen = set()

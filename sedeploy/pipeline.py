@@ -45,7 +45,7 @@ from sedeploy.artifacts import Artifact, artifact_path, artifact_stem
 from sedeploy.backends import BACKENDS, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import (STAGE_PREFIX, atomic_write_text, clean_stale_partials, ensure_writable_dir,
-                             folder_lock)
+                             folder_lock, missing_dirs, remove_empty_dirs)
 from sedeploy.onnxcore import META, get_metadata, run_model, save_onnx, set_metadata
 from sedeploy.preprocess import Preprocess
 
@@ -484,10 +484,15 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     _check_options(opt)
     if model is not None:
         _check_model_file(model)
-    created = not Path(out_dir).exists()
-    out = ensure_writable_dir(out_dir, "output folder", fix="choose another output folder (-o DIR) or fix its "
-                                                            "permissions")
-    return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint, created=created)
+    made = missing_dirs(out_dir)  # -o and any parents this run creates: removed again if it fails
+    try:
+        out = ensure_writable_dir(out_dir, "output folder", fix="choose another output folder (-o DIR) or fix its "
+                                                                "permissions")
+        return _locked_build(model, out, opt, started, t_all, depth=depth, checkpoint=checkpoint,
+                             created=bool(made))
+    except BaseException:
+        remove_empty_dirs(made)
+        raise
 
 
 def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: float, *, depth, checkpoint,

@@ -167,6 +167,13 @@ def test_failed_build_removes_the_output_folder_it_created(tiny_onnx, tmp_path, 
     with pytest.raises(SedeployError, match="simulated"):
         _build(tiny_onnx, tmp_path / "new")
     assert not (tmp_path / "new").exists()  # made by this run, left empty: removed
+    with pytest.raises(SedeployError, match="simulated"):
+        _build(tiny_onnx, tmp_path / "a" / "b" / "new")
+    assert not (tmp_path / "a").exists()  # so are the parents it made for it
+    (tmp_path / "c").mkdir()
+    with pytest.raises(SedeployError, match="simulated"):
+        _build(tiny_onnx, tmp_path / "c" / "d" / "new")
+    assert (tmp_path / "c").is_dir() and not (tmp_path / "c" / "d").exists()  # up to the first that was there
     (tmp_path / "mine").mkdir()
     with pytest.raises(SedeployError, match="simulated"):
         _build(tiny_onnx, tmp_path / "mine")
