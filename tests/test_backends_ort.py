@@ -321,3 +321,27 @@ def test_fp16_qdq_graphs_run_without_ort_bias_quantization(tiny_onnx, tmp_path):
     exact = S.run_model(S.cpu_session(path, optimization="disabled"), x)  # op by op: the graph's semantics
     got = S.run_model(S.cpu_session(path), x)
     assert np.abs(got - exact).max() < 1e-2
+
+
+def test_fp16_graph_gets_no_ort_engine_where_the_cpu_computes_it_in_fp32(tiny_onnx, tmp_path, monkeypatch):
+    """ORT's CPU provider (x86-64) folds an FP16 graph's weights to FP32 and runs FP32 kernels: an engine saved from
+    it computes in FP32, so it is refused, never labelled FP16. The probe sees that on a one-Conv graph."""
+    import platform
+
+    from sedeploy.fp16 import convert_fp16
+
+    fp16 = tmp_path / "tiny.fp16.onnx"
+    convert_fp16(tiny_onnx, fp16)
+    assert B.holds_fp16_tensors(fp16) and not B.holds_fp16_tensors(tiny_onnx)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert B.cpu_computes_fp16() is False
+    if B.cpu_computes_fp16():
+        pytest.skip("this CPU's ONNX Runtime computes FP16 convolutions in FP16")
+    assert "FP32 kernels" in B.unsupported_here("fp16") and B.unsupported_here("fp32") is None
+    with pytest.raises(SedeployError, match=r"No ONNX Runtime engine is built from .*an FP16 graph.*FP32 kernels"):
+        B.build_ort_engine(fp16, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*"))  # neither engine nor sidecar
+    with B.OrtRunner(fp16, providers="cpu", threads=1) as r:  # the artifact itself still runs, and says how
+        assert "computes it in FP32" in r.precision_note()
+    with B.OrtRunner(tiny_onnx, providers="cpu", threads=1) as r:
+        assert r.precision_note() is None

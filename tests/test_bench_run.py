@@ -86,6 +86,11 @@ def test_end_to_end_on_real_images(tiny_pair, shared_data, tmp_path):
     assert _png(out / "throughput_vs_gflops.png") and _png(out / "latency_vs_batch.png")
     text = bench_command_summary(res)
     assert "tiny.fp16" in text and "FLOPs per image" in text and "SE cost at batch 4" in text
+    from sedeploy.backends.ort import cpu_computes_fp16
+
+    said = [n for n in res["notes"] if n.startswith("Precision: tiny.fp16.onnx is an FP16 graph")]
+    assert len(said) == (0 if cpu_computes_fp16() else 1) and not any("tiny.fp32" in n for n in said)
+    assert all(n in text for n in said)  # printed too, not only in the JSON
 
 
 def test_trained_heldout_gate_names_engine_and_figure(trained_pair, tmp_path):

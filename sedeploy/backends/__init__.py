@@ -144,6 +144,11 @@ class Runner:
                                 fix="use it inside `with runner:` (or call runner.activate() first)")
         return self._infer(x)
 
+    def precision_note(self) -> str | None:
+        """What a reader of this runner's results must know about the precision it really computes in, when that
+        is not the graph's (None: it computes as the graph says). Asked after ``activate()``."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "path": str(self.path) if self.path else None, "input": self.input_name,
                 "input_shape": list(self.input_shape), "input_dtype": np.dtype(self.input_dtype).name}

@@ -8,6 +8,14 @@ onnxruntime-gpu offers them, else the CPU — the same artifacts run on the GPU 
 (ORT's TensorRT provider builds engines of its own at session creation: minutes for SE-ResNet-50; pass
 ``providers="cuda"`` to skip it). The saved ORT "engine" is always made on the CPU provider.
 
+FP16: ONNX Runtime's CPU provider has no FP16 convolution kernels on x86-64. Given an FP16 graph, its optimizer
+folds the FP16 weights to FP32 and runs FP32 kernels (measured on SE-ResNet-50: the optimized graph holds no FP16
+tensor, and its logits match an FP32 graph with FP16-rounded weights to 6e-7, at every optimization level), so an
+"FP16 engine" saved from it would compute in FP32. :func:`cpu_computes_fp16` probes this once per process;
+where it is False, :func:`unsupported_here` says why, ``build-engine`` writes the FP16 artifact without an ORT
+engine, and :func:`build_ort_engine` refuses an FP16 source rather than label an FP32 engine FP16. The FP16
+artifact's drift is verified on the CPU with :func:`sedeploy.fp16.fp16_emulation` instead.
+
 ORT's "engine" (:func:`build_ort_engine`) is the graph after ORT's optimizations, saved to disk, so that loading
 it skips the optimization work and so that what runs can be inspected. At level "all" (and "layout") the saved
 graph is machine specific: convolutions are rewritten to ORT's blocked NCHWc layout (``com.microsoft.nchwc``
@@ -17,6 +25,7 @@ sidecar says so. Level "extended" gives a portable file.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections import Counter
@@ -77,6 +86,13 @@ class OrtRunner(Runner):
     def providers(self) -> list[str]:
         return self.session.get_providers() if self.session is not None else []
 
+    def precision_note(self) -> str | None:
+        if self.providers == [CPU] and graph_precision(self.path) == "fp16" and not cpu_computes_fp16():
+            return (f"{self.path.name} is an FP16 graph run by ONNX Runtime's CPU provider, which computes it in FP32 "
+                    "with its weights rounded to FP16: its time is not FP16 time, and its drift shows the weight "
+                    "rounding only (FP16 activations are not rounded here)")
+        return None
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update({"onnxruntime_version": ort_module().__version__, "optimization": self.optimization,
@@ -104,6 +120,49 @@ def optimized_graph_histogram(path: str | Path, level: str = "all", threads: int
         make_session(path, providers=[CPU], threads=threads, optimization=level, optimized_model_path=out,
                      quiet=True)
         return op_histogram(out)
+
+
+def holds_fp16_tensors(model) -> bool:
+    """Does the graph (a path or ModelProto) hold any float16 initializer? After ORT's optimizer, an FP16 graph
+    whose convolutions run in FP16 keeps its FP16 weights; one run in FP32 has them folded to float32."""
+    import onnx
+
+    proto, _ = as_model(model, weights=True)
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+
+
+@functools.cache
+def cpu_computes_fp16() -> bool:
+    """Whether ONNX Runtime's CPU provider runs an FP16 convolution in FP16 on this machine: probed once on a
+    one-Conv FP16 graph (optimized on the CPU provider; its weight stays float16 only where an FP16 kernel runs)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((8, 8, 1, 1), 0.125, dtype=np.float16), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "fp16_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with tempfile.TemporaryDirectory(prefix="sedeploy-ort-") as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        make_session(model.SerializeToString(), providers=[CPU], threads=1, optimization="all",
+                     optimized_model_path=out, quiet=True)
+        return holds_fp16_tensors(onnx.load(str(out)))
+
+
+#: why an FP16 graph gets no ORT engine where :func:`cpu_computes_fp16` is False
+NO_FP16_KERNELS = ("ONNX Runtime's CPU provider has no FP16 convolution kernels on this CPU: it folds an FP16 "
+                   "graph's weights to FP32 and runs FP32 kernels, so the engine would compute in FP32, a precision "
+                   "change sedeploy does not make silently")
+
+
+def unsupported_here(precision: str) -> str | None:
+    """Why ONNX Runtime cannot run a graph of ``precision`` in that precision on this machine (None when it can).
+    The saved ORT engine is always made on the CPU provider, so this asks the CPU."""
+    if precision == "fp16" and not cpu_computes_fp16():
+        return NO_FP16_KERNELS
+    return None
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
@@ -139,6 +198,11 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
             raise SedeployError(f"ONNX Runtime {ort.__version__} did not write the optimized model of '{src}'.")
         histogram = op_histogram(tmp)
         precision = graph_precision(tmp)
+        if graph_precision(src) == "fp16" and not holds_fp16_tensors(tmp):
+            raise SedeployError(f"No ONNX Runtime engine is built from '{src}' (an FP16 graph): {NO_FP16_KERNELS}.",
+                                expected="an FP32 or INT8 artifact (or an FP16 one on a provider with FP16 kernels)",
+                                fix="build the ORT engine from the .fp32.onnx or .int8-cpu.onnx artifact; the "
+                                    ".fp16.onnx artifact is for TensorRT (sedeploy build-engine --backend trt)")
         active = session.get_providers()
         threads_used = session.get_session_options().intra_op_num_threads
     machine_specific = str(optimization).lower() in MACHINE_SPECIFIC_LEVELS

@@ -328,6 +328,8 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                                 fix="benchmark at least one engine besides the FP32 reference")
         for s in specs:
             infos.append(_engine_info(s, flops, runners[s.name], _device(s, runners[s.name])))
+            if (note := runners[s.name].precision_note()) is not None:
+                notes.append(f"Precision: {note}.")
         x = None
         if found is not None:
             x, loaded = load_batch(found.paths, pp, progress=progress, what=f"image folder '{found.root}'")
