@@ -118,7 +118,8 @@ def cli():
       sedeploy info --depth 50                       model card: params, FLOPs, SE blocks
       sedeploy export --depth 50                     exact network → ./se-resnet50.onnx, verified against PyTorch
       sedeploy build-engine --int8 --calib calib/    reuses that export: fuse SE blocks, calibrated INT8
-                                                     artifacts, ONNX Runtime engines in engines/ (--fp16: + FP16)
+                                                     artifacts, engines in engines/ (OpenVINO when
+                                                     installed, else ONNX Runtime; --fp16: + FP16)
       sedeploy inspect engines/*.int8-trt.onnx       TensorRT Q/DQ rules check + precision summary
       sedeploy bench                                 throughput and latency of engines/ (the default folder)
       sedeploy bench engines/ --images DIR           + top-1 drift vs FP32 on your images
@@ -301,7 +302,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
       <model>.fp16.onnx      FP16 graph, FP32 inputs/outputs (TensorRT 11 builds it as FP16)
       <model>.int8-trt.onnx  symmetric Q/DQ that obeys TensorRT's rules (checked by `sedeploy inspect`)
       <model>.int8-cpu.onnx  the form that runs fastest on ONNX Runtime CPU
-      <model>.int8-ov.onnx   uint8-activation Q/DQ, fastest and most faithful on OpenVINO (--backend openvino)
+      <model>.int8-ov.onnx   Q/DQ with uint8 after ReLU, int8 elsewhere: fastest and most faithful on OpenVINO
     \b
     OUT_DIR always holds one complete build: the set is written into a staging folder inside it and published
     with manifest.json only when everything succeeded (files of the previous build that this one does not
@@ -317,7 +318,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                             f"'{model}' was given too.",
                             fix="drop --depth/--checkpoint to build from MODEL, or drop MODEL to export")
     pp = None
-    if mean or std or resize:
+    if mean is not None or std is not None or resize is not None:
         from sedeploy.onnxcore import image_input, load_onnx
 
         if not model:
@@ -360,6 +361,13 @@ def inspect(model, as_json, verbose):
     d = inspect_model(model)
     _emit(d, as_json, format_inspection(d))
     if not d["ok"]:
+        flavour = d.get("int8_flavour")
+        if flavour in ("cpu", "ov"):  # sedeploy's INT8 forms for ONNX Runtime / OpenVINO: right for their backend
+            raise VerificationError(f"'{model}' is sedeploy's int8-{flavour} artifact, the form for "
+                                    f"{'ONNX Runtime' if flavour == 'cpu' else 'OpenVINO'}; it breaks TensorRT's Q/DQ "
+                                    "rules (listed above), so TensorRT cannot build it.",
+                                    fix="for TensorRT use the .int8-trt.onnx artifact the same build wrote beside it; "
+                                        "this file is fine for the backend it was made for")
         raise VerificationError(f"'{model}' breaks TensorRT's Q/DQ rules (listed above).",
                                 fix="rebuild it with `sedeploy build-engine --int8` (the int8-trt artifact)")
 

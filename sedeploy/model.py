@@ -31,9 +31,6 @@ ARCH = {
 }
 SUPPORTED_DEPTHS = tuple(ARCH)
 
-#: mmcls test pipeline normalisation, on 0–255 RGB pixels.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def make_divisible(value: float, divisor: int = 8, min_ratio: float = 0.9) -> int:

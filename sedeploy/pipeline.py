@@ -68,7 +68,7 @@ class BuildOptions:
     fp16: bool = False
     int8: bool = False
     fuse_se: bool = True
-    backend: str = "auto"  # "auto": sedeploy.backends.default_cpu_backend() (OpenVINO when installed, else ORT)
+    backend: str = "auto"  # "auto": sedeploy.backends.default_cpu_backend() (OpenVINO when it imports, else ORT)
     calib: str | Path | None = None  # None: the shipped calib/ folder (said in the log)
     calib_method: str | None = None  # None: calibration.DEFAULT_METHOD
     calib_count: int | None = None  # None: calibration.DEFAULT_COUNT
@@ -476,9 +476,9 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     t_all = time.perf_counter()
     started = time.time()
     if opt.backend == "auto":
-        from sedeploy.backends import default_cpu_backend
+        from sedeploy.backends import resolve_backend
 
-        opt = dataclasses.replace(opt, backend=default_cpu_backend())
+        opt = dataclasses.replace(opt, backend=resolve_backend(opt.backend))
         log.info("--backend auto: building %s engines (OpenVINO when installed on x86-64, else ONNX Runtime)",
                  BACKENDS[opt.backend].label)
     _check_options(opt)

@@ -19,9 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.errors import SedeployError
-from sedeploy.model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("sedeploy")
+
+#: mmcls test pipeline normalisation, on 0–255 RGB pixels (the one place it is written: the model card and
+#: the export read it from here, and importing it loads no torch).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 #: Companion files that commonly sit next to images; ignored without a warning.

@@ -75,14 +75,18 @@ def test_open_runner_passes_only_the_options_a_backend_takes(tiny_onnx):
     assert out.shape == (2, 10)
 
 
-def test_auto_backend_rule(monkeypatch):
-    """`--backend auto`: OpenVINO when installed on x86-64 (measured faster on CPU), else ONNX Runtime."""
+def test_auto_backend_rule(monkeypatch, caplog):
+    """`--backend auto`: OpenVINO when it imports on x86-64 (measured faster on CPU), else ONNX Runtime; an
+    installed openvino that does not import is named in a warning and not chosen."""
     import importlib.util
     import platform
+    import sys
+    import types
 
     from sedeploy.backends import default_cpu_backend, resolve_backend
 
     real = importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "openvino", types.ModuleType("openvino"))  # imports, whether installed or not
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "openvino" else real(n, *a))
     assert default_cpu_backend() == "openvino" and resolve_backend("auto") == "openvino"
@@ -92,6 +96,11 @@ def test_auto_backend_rule(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "openvino" else real(n, *a))
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert default_cpu_backend() == "ort"
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # installed (find_spec) but `import openvino` fails
+    with caplog.at_level("WARNING", logger="sedeploy"):
+        assert default_cpu_backend() == "ort"
+    assert "openvino package does not import" in caplog.text and "--backend ort" in caplog.text
 
 
 def test_every_table_backend_module_provides_build_and_runner():
@@ -100,3 +109,18 @@ def test_every_table_backend_module_provides_build_and_runner():
     for row in BACKENDS.values():
         module = importlib.import_module(row.module)  # importing a backend module imports no backend library
         assert callable(getattr(module, "build_engine")) and issubclass(getattr(module, row.runner), Runner)
+
+
+def test_importing_the_library_modules_loads_no_heavy_library():
+    """Lazy heavy imports: the CLI, the pipeline, bench, the serving client and every backend module import without
+    torch, ONNX Runtime, OpenVINO, TensorRT or onnx (checked in a fresh interpreter, where nothing is loaded yet)."""
+    import subprocess
+    import sys
+
+    modules = ["sedeploy.cli", "sedeploy.pipeline", "sedeploy.preprocess", "sedeploy.bench.run",
+               "sedeploy.serving.client", *(row.module for row in BACKENDS.values())]
+    heavy = ("torch", "onnxruntime", "openvino", "tensorrt", "onnx", "tritonclient")
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            f"print(','.join(h for h in {heavy!r} if h in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"loaded at import time: {out.stdout.strip()}"

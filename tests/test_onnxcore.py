@@ -34,6 +34,26 @@ def test_image_input_reads_nchw_and_refuses_nhwc_and_int_inputs():
         image_input(_conv_model((1, 3, 32, 32), elem=TP.UINT8))
     with pytest.raises(SedeployError, match="1 channel"):
         image_input(_conv_model((1, 1, 32, 32)))
+    with pytest.raises(SedeployError, match=r"a 32×48 \(H×W\) image") as err:  # preprocessing crops squares
+        image_input(_conv_model((1, 3, 32, 48)))
+    assert "square" in err.value.expected
+
+
+def test_non_square_model_is_refused_by_build_engine_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from sedeploy.cli import cli
+
+    path = tmp_path / "rect.onnx"
+    onnx.save(_conv_model((1, 3, 32, 48)), str(path))
+    r = CliRunner().invoke(cli, ["build-engine", str(path), "--backend", "ort", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "32×48 (H×W)" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+    square = tmp_path / "square.onnx"
+    onnx.save(_conv_model((1, 3, 32, 32)), str(square))
+    r = CliRunner().invoke(cli, ["build-engine", str(square), "--resize", "0", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "--resize 0 is not valid" in r.output  # 0 is a value, not "not given"
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_model_feeds_a_fixed_batch_model_any_number_of_images():

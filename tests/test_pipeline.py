@@ -208,3 +208,8 @@ def test_inspect_passes_trt_flavour_and_fails_a_corrupted_one(built, tmp_path):
     r = CliRunner().invoke(cli, ["inspect", str(bad)])
     assert r.exit_code == 3
     assert "zero" in r.output.lower()
+    assert "rebuild it with `sedeploy build-engine --int8`" in r.output  # a trt-flavour file: rebuild it
+    cpu = next(a.path for a in res.artifacts if a.flavour == "cpu")  # the ONNX Runtime form is right for ORT:
+    r = CliRunner().invoke(cli, ["inspect", str(cpu)])
+    assert r.exit_code == 3 and "int8-cpu artifact, the form for ONNX Runtime" in r.output
+    assert ".int8-trt.onnx artifact the same build wrote" in r.output and "rebuild it" not in r.output

@@ -171,17 +171,25 @@ class Runner:
 
 
 def default_cpu_backend() -> str:
-    """The rule for ``--backend auto`` (the default): OpenVINO when it is installed and the CPU is x86-64, else ONNX
-    Runtime. Measured interleaved in one run (benchmarks/results/openvino_peers/, SE-ResNet-50/101, batch 1 and 8,
+    """The rule for ``--backend auto`` (the default): OpenVINO when it imports and the CPU is x86-64, else ONNX
+    Runtime (an installed ``openvino`` that fails to import is named in a warning, not used). Measured interleaved in one run (benchmarks/results/openvino_peers/, SE-ResNet-50/101, batch 1 and 8,
     an x86-64 CPU with AVX-512 VNNI and AMX): on a quiet machine OpenVINO FP32 1.00–1.08× ONNX Runtime FP32 and
     OpenVINO on sedeploy's ``int8-ov`` artifact 2.2–2.5× ONNX Runtime's ``int8-cpu`` (under load: 1.29–1.47× and
     1.9–2.8×). ARM CPUs were not measured, so they stay on ONNX Runtime."""
     import importlib.util
+    import logging
     import platform
 
-    if platform.machine().lower() in ("x86_64", "amd64") and importlib.util.find_spec("openvino") is not None:
-        return "openvino"
-    return "ort"
+    if platform.machine().lower() not in ("x86_64", "amd64") or importlib.util.find_spec("openvino") is None:
+        return "ort"
+    try:
+        importlib.import_module("openvino")
+    except (ImportError, OSError) as err:
+        logging.getLogger("sedeploy").warning(
+            "--backend auto: the installed openvino package does not import (%s), so ONNX Runtime engines are built; "
+            "reinstall it (pip install --force-reinstall 'sedeploy[openvino]') or pass --backend ort", err)
+        return "ort"
+    return "openvino"
 
 
 def resolve_backend(name: str) -> str:

@@ -2,8 +2,9 @@
 
 Providers are never guessed behind the caller's back. ONNX Runtime itself, asked for CUDAExecutionProvider on a
 CPU-only install, only warns and runs on the CPU; here that is an error naming what *is* installed, and after the
-session is created the active providers are checked again (a GPU provider that failed to initialise is an error
-too). The runner's default is ``providers="auto"``: TensorRT's execution provider, then CUDA, when
+session is created the active providers are checked again (a GPU provider that was asked for by name and failed to
+initialise is an error too; under ``"auto"`` it is a warning naming it, and the session runs on what started).
+The runner's default is ``providers="auto"``: TensorRT's execution provider, then CUDA, when
 onnxruntime-gpu offers them, else the CPU — the same artifacts run on the GPU where onnxruntime-gpu is installed
 (ORT's TensorRT provider builds engines of its own at session creation: minutes for SE-ResNet-50; pass
 ``providers="cuda"`` to skip it). The saved ORT "engine" is always made on the CPU provider.

@@ -13,7 +13,7 @@ from sedeploy.checks.precision import format_precision, summarize_graph, summari
 from sedeploy.checks.strong_typing import (StrongTypingReport, check_strong_typing, format_strong_typing,
                                            require_strong_typing)
 from sedeploy.checks.trt_qdq import ValidationReport, Violation, check_trt_qdq, format_report, rules_table
-from sedeploy.onnxcore import Graph, as_model, default_opset, is_quantized
+from sedeploy.onnxcore import META, Graph, as_model, default_opset, get_metadata, is_quantized
 
 __all__ = ["format_precision", "summarize_graph", "summarize_precision", "ValidationReport", "Violation",
            "check_trt_qdq", "format_report", "rules_table", "inspect_model", "format_inspection", "StrongTypingReport",
@@ -34,7 +34,8 @@ def inspect_model(path) -> dict:
         report.model = label
     typing = check_strong_typing(proto)
     typing.model = label
-    return {"path": label, "opset": default_opset(proto),
+    flavour = get_metadata(proto).get(META.FLAVOUR)  # sedeploy's INT8 artifacts say which backend they are for
+    return {"path": label, "opset": default_opset(proto), "int8_flavour": flavour,
             "precision": report.precision if report is not None else summarize_graph(Graph(proto)),
             "strong_typing": typing.as_dict(),
             "trt_qdq": report.as_dict() if report is not None else None,

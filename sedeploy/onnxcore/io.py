@@ -224,6 +224,10 @@ def image_input(proto, *, path: str = "model") -> ImageInput:
         raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: {c} channel(s) in position 1.",
                             expected="NCHW layout with 3 (RGB) channels",
                             fix="sedeploy feeds RGB images; export a 3-channel model (convert NHWC to NCHW first)")
+    if h != w:
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: a {h}×{w} (H×W) image.",
+                            expected="a square H = W input: sedeploy feeds resize-short-side + square centre crops",
+                            fix="export the classifier with a square input size (e.g. 224×224)")
     return ImageInput(inp.name, n, c, h, w, elem)
 
 

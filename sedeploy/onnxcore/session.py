@@ -80,7 +80,7 @@ def default_threads() -> int:
 def resolve_providers(providers: str | Sequence[str] | None) -> list[str]:
     """Turn the user's request into ORT provider names, or explain why it cannot be met.
 
-    None → CPU only. "auto" → CUDA (when installed) then CPU. Otherwise a name or a list of names; the short
+    None → CPU only. "auto" → TensorRT's provider, then CUDA (those onnxruntime-gpu offers), then CPU. Otherwise a name or a list of names; the short
     forms "cpu", "cuda", "tensorrt" are accepted. The CPU provider is appended when absent: ORT places the nodes
     a GPU provider cannot run on it (per-node placement, not a fallback of the whole model).
     """
