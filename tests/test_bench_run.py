@@ -170,6 +170,9 @@ class _Interrupting:
     def deactivate(self):
         self.inner.deactivate()
 
+    def __getattr__(self, name):  # everything else the runner protocol offers comes from the wrapped runner
+        return getattr(self.inner, name)
+
 
 def _patch_runner(monkeypatch, engine_name: str, batch: int, after: int):
     real = E.start_runner
