@@ -56,7 +56,7 @@ import numpy as np
 
 from sedeploy.calibration import CalibrationResult
 from sedeploy.checks.strong_typing import require_strong_typing
-from sedeploy.errors import SedeployError
+from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, attr, compute_depths, copy_model, default_opset,
                                get_metadata, image_input, is_quantized, name_nodes, run_model, save_onnx, set_metadata,
                                sha256_file)
@@ -659,17 +659,29 @@ def float_head_layers(fp32, flavour: str, head: str | None = None) -> list[str]:
     return [] if set(heads) >= set(weighted_layers(fp32)) else heads
 
 
-def _smoke_run(path: Path, label: str) -> None:
-    """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published."""
+def _smoke_run(path: Path, label: str, *, fp16: bool = False) -> None:
+    """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published. ``fp16``
+    (the TensorRT form, Q/DQ inside the FP16 graph): the same input also runs through
+    :func:`sedeploy.fp16.fp16_emulation`, since ORT's CPU provider computes the FP16 parts in FP32 and would not
+    show an FP16 overflow."""
     from sedeploy.onnxcore import cpu_session
     from sedeploy.preprocess import smooth_noise
 
     sess = cpu_session(path)
     inp = sess.get_inputs()[0]
     size = inp.shape[2] if isinstance(inp.shape[2], int) else 224
-    out = run_model(sess, smooth_noise(1, size, seed=1))
+    x = smooth_noise(1, size, seed=1)
+    out = run_model(sess, x)
     if not np.all(np.isfinite(out)):
         raise SedeployError(f"The INT8 model of '{label}' produced non-finite outputs.", fix="recalibrate")
+    if fp16:
+        from sedeploy.fp16 import fp16_emulation
+
+        out = run_model(cpu_session(fp16_emulation(path), optimization="basic"), x)
+        if not np.all(np.isfinite(out)):
+            raise VerificationError(f"The TensorRT INT8 model of '{label}' produced non-finite outputs with its FP16 "
+                                    "tensors rounded to FP16 (an FP16 overflow).",
+                                    fix="keep the overflowing part in FP32 (--keep-fp32 se,head)")
 
 
 def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavour: str,
@@ -753,7 +765,8 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     if not counts:
         raise SedeployError(f"Quantizing '{label}' ({flavour}) quantized no operator.",
                             expected="a CNN with Conv/Gemm layers", fix="check the model is an image classifier")
-    save_onnx(model, out_path, before_publish=(lambda tmp: _smoke_run(tmp, label)) if smoke_test else None)
+    save_onnx(model, out_path, before_publish=(lambda tmp: _smoke_run(tmp, label, fp16=flavour == "trt"))
+              if smoke_test else None)
     histogram = dict(Counter(n.op_type for n in model.graph.node).most_common())
     return QuantReport(path=str(out_path), flavour=flavour, se=se, format=fmt, quantized_ops=counts,
                        op_histogram=histogram,

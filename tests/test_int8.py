@@ -188,3 +188,27 @@ def test_head_policy(tiny, calib, tmp_path, flavour):
     with pytest.raises(SedeployError, match="head precision policy"):
         quantize_model(tiny.onnx_path, calib, tmp_path / "bad.onnx", flavour=flavour, head="fp8")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_trt_form_smoke_run_sees_an_fp16_overflow(tmp_path):
+    """The TensorRT form is Q/DQ inside the FP16 graph. ORT's CPU provider computes its FP16 parts in FP32, so the
+    smoke run also goes through the FP16 emulation: an activation past 65504 must stop the file being published."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxconverter_common import float16
+
+    from sedeploy.errors import VerificationError
+    from sedeploy.int8 import _smoke_run
+
+    w = numpy_helper.from_array(np.full((4, 3, 3, 3), 3000.0, np.float32), "w")  # fits FP16; its output does not
+    k = numpy_helper.from_array(np.full((1, 4, 1, 1), 1e-4, np.float32), "k")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Mul", ["c", "k"], ["m"]),
+             helper.make_node("GlobalAveragePool", ["m"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, k])
+    path = tmp_path / "big.fp16.onnx"
+    onnx.save(float16.convert_float_to_float16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                                               keep_io_types=True), str(path))
+    _smoke_run(path, "big")  # run as ORT's CPU provider runs it: FP32 arithmetic, finite
+    with pytest.raises(VerificationError, match="FP16 overflow"):
+        _smoke_run(path, "big", fp16=True)
