@@ -14,6 +14,8 @@ from typing import Any
 
 from sedeploy.errors import SedeployError
 
+#: the file a build-engine output folder lists its artifacts and engines in (read by bench, package, peers)
+MANIFEST = "manifest.json"
 KINDS = ("fp32", "fp16", "int8-trt", "int8-cpu", "int8-ov")
 INT8_FLAVOURS = ("trt", "cpu", "ov")
 #: file-name suffixes of sedeploy's artifacts and engines (stripped to recover the model's name)

@@ -19,10 +19,15 @@ from pathlib import Path
 
 import click
 
-from sedeploy.backends import BACKENDS
+from sedeploy.artifacts import MANIFEST
+from sedeploy.backends import BACKENDS, BUILD_CHOICES
 from sedeploy.errors import SedeployError
 
 DEPTHS = ["18", "34", "50", "101", "152"]
+#: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
+DEFAULT_ENGINES = Path("engines")
+#: `bench --batch` when not given (the library's own default, sedeploy.bench.run.DEFAULT_BATCHES, written out)
+DEFAULT_BATCH_TEXT = "1,8,32"
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -222,7 +227,7 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
 
 @cli.command("build-engine")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="engines", show_default=True,
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default=str(DEFAULT_ENGINES), show_default=True,
               help="Folder for the artifacts, engines and manifest.json.")
 @click.option("--depth", type=click.Choice(DEPTHS), default=None,
               help="With no MODEL: the SE-ResNet depth to export (or reuse) [default: the checkpoint's, else 50].")
@@ -245,8 +250,8 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
                    "[default: the measured choice, see benchmarks/results/int8_cpu_forms/results.md].")
 @click.option("--keep-fp32", default=None, metavar="GROUPS",
               help="FP16 policy: comma list of se_gate, se, head kept in FP32, or 'none' [default: measured].")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS, "none"]), default="auto", show_default=True,
-              help="Engine backend: auto = the fastest CPU backend installed (openvino when installed on x86-64, "
+@click.option("--backend", type=click.Choice(BUILD_CHOICES), default="auto", show_default=True,
+              help="Engine backend: auto = the fastest CPU backend installed (openvino when it imports on x86-64, "
                    "else ort); ort = ONNX Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
                    "`pip install sedeploy[tensorrt]`); openvino = OpenVINO (CPU, `pip install sedeploy[openvino]`); "
                    "none = artifacts only.")
@@ -374,12 +379,10 @@ def inspect(model, as_json, verbose):
 
 #: largest batch size `bench --batch` accepts (a batch of 4096 SE-ResNet-50 images is ~2.4 GiB of input alone)
 MAX_BATCH = 4096
-#: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
-DEFAULT_ENGINES = Path("engines")
 
 
 def _default_engines() -> Path:
-    if not (DEFAULT_ENGINES / "manifest.json").is_file():
+    if not (DEFAULT_ENGINES / MANIFEST).is_file():
         state = "has no manifest.json" if DEFAULT_ENGINES.is_dir() else "does not exist"
         raise SedeployError(f"No ENGINES given, and the default folder '{DEFAULT_ENGINES}/' (where build-engine "
                             f"writes) {state}.",
@@ -414,7 +417,7 @@ def parse_batch_list(text: str) -> list[int]:
               help="Labels file: 'file<TAB>class index (or synset)' per line, paths relative to --images.")
 @click.option("--synsets", type=click.Path(path_type=Path),
               help="Class-order table when the model's classes are not the sorted ImageNet-1k synsets.")
-@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--batch", "batches", default=DEFAULT_BATCH_TEXT, show_default=True, help="Comma-separated batch sizes.")
 @click.option("--threads", type=int, help="Intra-op threads for every engine [default: physical cores].")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per engine and batch.")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per engine and batch.")

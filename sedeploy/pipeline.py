@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from sedeploy.artifacts import Artifact, artifact_path, artifact_stem
-from sedeploy.backends import BACKENDS, EngineOptions
+from sedeploy.artifacts import MANIFEST, Artifact, artifact_path, artifact_stem
+from sedeploy.backends import BACKENDS, BUILD_CHOICES, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import (STAGE_PREFIX, atomic_write_text, clean_stale_partials, ensure_writable_dir,
                              folder_lock, missing_dirs, remove_empty_dirs)
@@ -51,14 +51,11 @@ from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
 
-#: --backend values: a backend of the table, or "none" (portable artifacts only)
-BACKEND_CHOICES = ("auto", *BACKENDS, "none")
 #: fused vs unfused FP32 logits must agree to FUSION_RTOL × max|logit| (at least FUSION_ATOL). The pass computes
 #: the same arithmetic, but ReduceMean → GlobalAveragePool sums in another order: on SE-ResNet-50 (|logit| ≈ 35)
 #: that moves logits by 2.6e-5, less than ONNX Runtime's own optimization levels do to the unfused graph (3.3e-5).
 FUSION_ATOL = 1e-5
 FUSION_RTOL = 1e-5
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -140,8 +137,8 @@ def _check_options(opt: BuildOptions) -> None:
     """Every option, checked before any file is written (a typo must not cost a 1-minute export first)."""
     from sedeploy import calibration, fp16, int8
 
-    if opt.backend not in BACKEND_CHOICES:
-        raise SedeployError(f"Unknown backend '{opt.backend}'.", expected=f"one of {', '.join(BACKEND_CHOICES)}",
+    if opt.backend not in BUILD_CHOICES:
+        raise SedeployError(f"Unknown backend '{opt.backend}'.", expected=f"one of {', '.join(BUILD_CHOICES)}",
                             fix="pass --backend ort (ONNX Runtime, runs everywhere), trt (NVIDIA GPU), openvino "
                                 "(CPU) or none (portable artifacts only)")
     _positive(opt.threads, "--threads", "omit --threads to use one per physical core")

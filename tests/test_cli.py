@@ -80,3 +80,13 @@ def test_export_tolerance_defaults_match_the_library():
     params = {p.name: p.default for p in cli.commands["export"].params}
     assert (params["atol"], params["rtol"]) == (E.DEFAULT_ATOL, E.DEFAULT_RTOL)
     assert params["opset"] == E.DEFAULT_OPSET
+
+
+def test_cli_defaults_written_out_match_the_library():
+    """The CLI writes out two library defaults so that `--help` loads neither torch nor bench: they must agree."""
+    from sedeploy import cli as C
+    from sedeploy.bench.run import DEFAULT_BATCHES
+    from sedeploy.model import SUPPORTED_DEPTHS
+
+    assert C.parse_batch_list(C.DEFAULT_BATCH_TEXT) == list(DEFAULT_BATCHES)
+    assert [int(d) for d in C.DEPTHS] == list(SUPPORTED_DEPTHS)

@@ -33,7 +33,7 @@ import numpy as np
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_write_text
 
-__all__ = ["BACKENDS", "Backend", "Engine", "EngineOptions", "Runner", "backend", "build_engine",
+__all__ = ["BACKENDS", "BUILD_CHOICES", "Backend", "Engine", "EngineOptions", "Runner", "backend", "build_engine",
            "backend_for_engine", "default_cpu_backend", "resolve_backend", "open_runner", "sidecar_path", "read_sidecar", "write_sidecar", "validate_input"]
 
 
@@ -65,6 +65,9 @@ BACKENDS: dict[str, Backend] = {
                         ("fp32", "fp16", "int8-ov"), (".ov.xml",), "openvino", "openvino", "cpu",
                         ".ov.json", ("threads",)),
 }
+
+#: what ``build-engine --backend`` accepts: a backend, ``auto`` (:func:`default_cpu_backend`) or ``none`` (artifacts only)
+BUILD_CHOICES: tuple[str, ...] = ("auto", *BACKENDS, "none")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sedeploy.artifacts import MANIFEST
 from sedeploy.backends import Runner
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import META, get_metadata
@@ -76,7 +77,7 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            manifest = p / "manifest.json"
+            manifest = p / MANIFEST
             if not manifest.is_file():
                 raise SedeployError(f"'{p}' is a folder without a manifest.json.",
                                     expected="engine files (.onnx, .plan) or a folder written by `sedeploy "

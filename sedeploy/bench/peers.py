@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sedeploy.artifacts import MANIFEST
 from sedeploy.bench.engines import EngineSpec
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.preprocess import Preprocess
@@ -100,7 +101,7 @@ def peer_calibration(fp32_onnx: Path, pp: Preprocess, folder: str | Path | None 
         root, paths = calibration.select_images(folder, calibration.DEFAULT_COUNT, 0)
         how = f"{len(paths)} images of {root} (sedeploy's selection: at most {calibration.DEFAULT_COUNT}, seed 0)"
     else:
-        manifest = fp32_onnx.parent / "manifest.json"
+        manifest = fp32_onnx.parent / MANIFEST
         calib = None
         if manifest.is_file():
             try:

@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sedeploy.artifacts import MANIFEST
 from sedeploy.errors import SedeployError
 
 log = logging.getLogger("sedeploy")
 
-MANIFEST = "manifest.json"
 DEFAULT_MAX_BATCH = 32
 DEFAULT_QUEUE_DELAY_US = 100
 NEAR_BEST = 0.90  # a batch size is "preferred" when its throughput is ≥ 90 % of the best measured
