@@ -354,7 +354,7 @@ def test_peers_use_the_fp32_onnx_beside_a_copied_engine(ov_build, tmp_path):
     side = sidecar_path(xml)
     gone = tmp_path / "moved-away" / onnx_copy.name  # the original is gone; only the altered copy is left
     side.write_text(json.dumps({**json.loads(side.read_text()), "source_model": str(gone)}))
-    with pytest.raises(SedeployError, match="is not the one it was built from"):
+    with pytest.raises(SedeployError, match="is not the one beside it or where its sidecar points"):
         fp32_onnx_of(describe_engine(xml))
 
 

@@ -298,3 +298,29 @@ def test_a_folder_means_the_files_in_it(tmp_path, monkeypatch):
         (copy / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(SedeployError, match="is not a build-engine manifest"):
             E.expand_engine_paths(["copy"])
+
+
+def test_engine_source_is_found_beside_the_engine_and_checked(tmp_path):
+    """One rule for every reader of a compiled engine's source ONNX (metadata, FLOPs, stem width, peers): the file
+    of the recorded name beside the engine, then the recorded path, each only with the recorded sha256."""
+    from sedeploy.bench.engines import source_onnx
+    from sedeploy.onnxcore import sha256_file
+
+    src = tmp_path / "orig" / "m.fp32.onnx"
+    src.parent.mkdir()
+    src.write_bytes(b"model")
+    side = {"source_model": str(src), "source_sha256": sha256_file(src)}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    engine = copy / "m.fp32.ov.xml"
+    assert source_onnx(tmp_path / "x.onnx", None) == tmp_path / "x.onnx"  # an ONNX engine is its own source
+    assert source_onnx(engine, side) == src  # nothing beside it: the recorded file
+    (copy / "m.fp32.onnx").write_bytes(b"model")
+    assert source_onnx(engine, side) == copy / "m.fp32.onnx"  # beside it first
+    (copy / "m.fp32.onnx").write_bytes(b"other model")
+    assert source_onnx(engine, side) == src  # beside it but different: the recorded one still matches
+    src.unlink()
+    with pytest.raises(SedeployError, match="differ"):
+        source_onnx(engine, side)
+    (copy / "m.fp32.onnx").unlink()
+    assert source_onnx(engine, side) is None  # moved without its ONNX: not found (callers say what they skip)

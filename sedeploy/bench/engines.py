@@ -15,6 +15,7 @@ when its logits match the FP32 reference engine: a baseline of another network w
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -170,15 +171,55 @@ def describe_engine(path: str | Path) -> EngineSpec:
                       num_classes=int(classes) if classes else None, max_batch=batch, sidecar=sidecar)
 
 
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    from sedeploy.onnxcore import sha256_file
+
+    return sha256_file(path)
+
+
+def source_onnx(path: Path, sidecar: dict[str, Any] | None) -> Path | None:
+    """The ONNX file an engine computes: the engine itself when it is an ONNX file, else the source its sidecar
+    recorded. For the source, the file of that name *beside the engine* comes first (a copied or moved build
+    folder must not read the original folder's model), then the recorded path; it must have the sha256 recorded
+    at build time. None when neither exists (a build moved without its ONNX); a differing file is an error. The
+    one place every reader of an engine's source (metadata, FLOPs, stem width, the peers) finds it."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return path
+    side = sidecar or {}
+    recorded = Path(side.get("source_model") or "")
+    found = [p for p in dict.fromkeys((path.parent / recorded.name, recorded)) if p.suffix == ".onnx" and p.is_file()]
+    want = side.get("source_sha256")
+
+    def same(p: Path) -> bool:
+        st = p.stat()
+        return want is None or _sha256(str(p), st.st_mtime_ns, st.st_size) == want
+
+    matching = [p for p in found if same(p)]
+    if found and not matching:
+        raise SedeployError(f"The ONNX model '{path.name}' was built from is not the one beside it or where its "
+                            f"sidecar points: {', '.join(map(str, found))} differ(s) from the sha256 the sidecar "
+                            "recorded.", fix="benchmark the build folder as build-engine wrote it, or rebuild the "
+                                             "engine from the ONNX file you have (sedeploy build-engine MODEL "
+                                             "-o NEW_FOLDER)")
+    return matching[0] if matching else None
+
+
+def stem_width(spec: "EngineSpec") -> int | None:
+    """The stem width (output channels of the first conv) of the network behind ``spec``, read from its source
+    ONNX; None when that file is not there or has no such conv."""
+    src = source_onnx(spec.path, spec.sidecar)
+    return base_channels(load_light(src)) if src is not None else None
+
+
 def _describe_compiled(path: Path, backend: str) -> EngineSpec:
     """A compiled engine (TensorRT plan, OpenVINO model) described from its sidecar and its source ONNX."""
     from sedeploy.backends import read_sidecar, sidecar_path
 
     side = read_sidecar(sidecar_path(path), engine=path)
-    meta: dict[str, Any] = {}
-    src = side.get("source_model")
-    if src and Path(src).is_file():
-        meta = get_metadata(load_light(Path(src)))
+    src = source_onnx(path, side)
+    meta: dict[str, Any] = get_metadata(load_light(src)) if src is not None else {}
     prof = side.get("profile") or {}
 
     def dims(key: str) -> list[int] | None:
@@ -369,16 +410,14 @@ def model_flops(spec: EngineSpec) -> dict[str, Any]:
         seed = meta.get(META.FLOPS)
         return {"gflops_seed": seed / 1e9 if seed is not None else None,
                 "gflops_total": 2 * meta[META.TOTAL_MACS] / 1e9, "flops_source": "ONNX metadata"}
-    proto = None
-    onnx_path = spec.path if spec.backend == "ort" else Path((spec.sidecar or {}).get("source_model", ""))
-    if onnx_path.suffix == ".onnx" and onnx_path.is_file():
-        proto = load_light(onnx_path)
+    src = source_onnx(spec.path, spec.sidecar)
+    proto = load_light(src) if src is not None else None
     depth = meta.get(META.DEPTH)
-    if depth is not None and spec.input_size:
+    width = base_channels(proto) if proto is not None else None
+    if depth is not None and spec.input_size and width is not None:
         from sedeploy.flops import count_complexity
         from sedeploy.model import build_model
 
-        width = (base_channels(proto) if proto is not None else None) or 64
         net = build_model(int(depth), se=bool(meta.get(META.SE, True)),
                           num_classes=int(spec.num_classes or 1000), base_channels=width, seed=None)
         cx = count_complexity(net, spec.input_size)
@@ -439,11 +478,7 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
         if not match:
             return None, (f"{reference.name} was exported from {weights or 'unrecorded weights'}; pass that "
                           "checkpoint to time the PyTorch baseline")
-        src = reference.path if reference.backend == "ort" else Path((reference.sidecar or {})
-                                                                              .get("source_model", ""))
-        width = None
-        if src.suffix == ".onnx" and src.is_file():
-            width = base_channels(load_light(src))
+        width = stem_width(reference)
         if width is None:
             return None, f"the stem width of {reference.name} cannot be read from an ONNX graph"
         from sedeploy.model import build_model, count_params

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from sedeploy.artifacts import MANIFEST
-from sedeploy.bench.engines import EngineSpec
+from sedeploy.bench.engines import EngineSpec, source_onnx
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.preprocess import Preprocess
 
@@ -67,23 +67,7 @@ def fp32_onnx_of(ref: EngineSpec) -> Path:
     source, the file of that name *beside the engine* comes first (a copied or moved build folder must not pull
     in the original folder's model), then the path the sidecar recorded; either must have the sha256 recorded at
     build time."""
-    if ref.path.suffix == ".onnx":
-        src = ref.path
-    else:
-        from sedeploy.onnxcore import sha256_file
-
-        side = ref.sidecar or {}
-        recorded = Path(side.get("source_model") or "")
-        found = [p for p in dict.fromkeys((ref.path.parent / recorded.name, recorded)) if p.suffix == ".onnx"
-                 and p.is_file()]
-        want = side.get("source_sha256")
-        matching = [p for p in found if want is None or sha256_file(p) == want]
-        if found and not matching:
-            raise SedeployError(f"The FP32 ONNX of '{ref.name}' is not the one it was built from: "
-                                f"{', '.join(map(str, found))} differ(s) from the sha256 its sidecar recorded.",
-                                fix="benchmark the build folder as build-engine wrote it, or name the FP32 "
-                                    "artifact with the engines and --reference")
-        src = matching[0] if matching else recorded
+    src = source_onnx(ref.path, ref.sidecar) or Path((ref.sidecar or {}).get("source_model") or "")
     if ref.precision != "fp32" or src.suffix != ".onnx" or not src.is_file():
         raise SedeployError(f"The peers need the FP32 ONNX model of the reference '{ref.name}' ({ref.precision}); "
                             f"'{src}' is not one.", fix="benchmark the FP32 artifact (model.fp32.onnx) with the "

@@ -164,9 +164,11 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     depth = ref.meta.get(META.DEPTH)
     if depth is None:
         return f"the reference {ref.name} carries no depth metadata (not exported by sedeploy)"
-    src = ref.path if ref.backend == "ort" else Path((ref.sidecar or {}).get("source_model", ""))
-    proto = E.load_light(src) if src.suffix == ".onnx" and src.is_file() else None
-    width = (E.base_channels(proto) if proto is not None else None) or 64
+    src = E.source_onnx(ref.path, ref.sidecar)
+    proto = E.load_light(src) if src is not None else None
+    width = E.base_channels(proto) if proto is not None else None
+    if width is None:
+        return f"the stem width of {ref.name} cannot be read from its ONNX graph (not found beside the engine)"
     # the reference's opset, so both graphs come from the same exporter (dynamo ≥ 18, TorchScript below)
     opset = (default_opset(proto) or 18) if proto else 18
     net = build_model(int(depth), se=False, num_classes=int(ref.num_classes or 1000), base_channels=width, seed=0)
