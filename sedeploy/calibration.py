@@ -141,8 +141,10 @@ class CalibrationResult:
     def load(cls, path: str | os.PathLike) -> "CalibrationResult":
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(d, dict):
+                raise TypeError(f"it holds a JSON {type(d).__name__}, not an object")
             return cls.from_dict(d, cache_hit=True, cache_path=str(path))
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
             raise SedeployError(f"'{path}' is not a readable sedeploy calibration file ({err}).",
                                 fix="recalibrate (sedeploy calibrate …) or pass the right file") from err
 
@@ -479,10 +481,20 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
                           preprocess=preprocess, method=method, params=params, count=count or 0, seed=seed)
     target = Path(cache_path) if cache_path else (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{key}.json"
 
+    if use_cache and target.is_dir():
+        raise SedeployError(f"The calibration cache file '{target}' is a folder.",
+                            fix="remove or rename that folder" + ("" if cache_path else ", or set SEDEPLOY_CACHE to "
+                                                                  "another folder"))
     if use_cache and target.exists():
         try:
             cached = CalibrationResult.load(target)
         except SedeployError as err:
+            if cache_path:  # a file the user named: never overwrite what is not a calibration file
+                raise SedeployError(f"The calibration cache file (--calib-cache) '{target}' exists and is not a "
+                                    f"sedeploy calibration file ({err.what}); it is not overwritten.",
+                                    expected="a new file name, or a file written by an earlier --calib-cache run",
+                                    fix="pass another --calib-cache path (e.g. calib-cache.json), or remove the "
+                                        "file if it is a damaged cache") from err
             log.warning("Ignoring unreadable calibration cache %s (%s); recomputing.", target, err.what)
         else:
             if cached.key == key:

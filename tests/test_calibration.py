@@ -115,6 +115,31 @@ def test_stale_pinned_cache_is_recomputed(tiny, calib16, tmp_path, caplog):
     assert CalibrationResult.load(pinned).key == b.key  # overwritten with the fresh result
 
 
+def test_pinned_cache_that_is_no_calibration_file_is_never_overwritten(tiny, calib16, tmp_path):
+    """--calib-cache naming an existing file that is not a calibration file (the model itself, an image, a README)
+    is refused: overwriting it would destroy the user's file."""
+    for content in (tiny.onnx_path.read_bytes(), b"# notes\n", b"[]"):
+        pinned = tmp_path / "precious.file"
+        pinned.write_bytes(content)
+        with pytest.raises(SedeployError, match=r"exists and is not a sedeploy calibration file.*not overwritten"):
+            _cal(tiny, calib16, tmp_path, cache_path=pinned)
+        assert pinned.read_bytes() == content
+
+
+def test_damaged_default_cache_entries_are_recomputed_or_named(tiny, calib16, tmp_path, caplog):
+    a = _cal(tiny, calib16, tmp_path)
+    entry = Path(a.cache_path)
+    entry.write_text("[]")  # valid JSON, not an object: sedeploy's own cache entry, so recomputed
+    with caplog.at_level(logging.WARNING, logger="sedeploy"):
+        b = _cal(tiny, calib16, tmp_path)
+    assert not b.cache_hit and "Ignoring unreadable calibration cache" in caplog.text
+    assert CalibrationResult.load(entry).key == a.key
+    entry.unlink()
+    entry.mkdir()  # a folder where the entry goes: one clear error, not an IsADirectoryError traceback
+    with pytest.raises(SedeployError, match="is a folder"):
+        _cal(tiny, calib16, tmp_path)
+
+
 def test_too_few_images_names_the_count(tiny, tmp_path):
     folder = tmp_path / "few"
     folder.mkdir()
