@@ -714,8 +714,10 @@ def _publish(stage: Path, out: Path, res: BuildResult) -> None:
             setattr(res, name, relocate(getattr(res, name)))
     new = sorted(p.name for p in stage.iterdir() if not p.name.startswith("."))
     keep = set(new) | {MANIFEST}
-    if Path(res.source).resolve().parent == out.resolve():
-        keep.add(Path(res.source).name)  # a MODEL inside the output folder is never removed
+    source = Path(res.source)
+    for p in (source.absolute(), source.resolve()):  # a MODEL inside the output folder is never removed, nor the
+        if p.parent.resolve() == out.resolve():     # file a MODEL symlink points to there
+            keep.add(p.name)
     stale = sorted(_listed_files(out / MANIFEST) - keep)
     if stale:
         res.notes.append(f"removed what the previous build wrote and this one did not: {', '.join(stale)}")

@@ -113,6 +113,18 @@ def test_rebuild_removes_what_the_previous_build_wrote(tiny_onnx, tmp_path, cach
     assert not any(p.name.startswith(".sedeploy-staging-") for p in out.iterdir())
 
 
+def test_rebuild_from_a_symlink_into_the_folder_keeps_its_target(tiny_onnx, tmp_path, cache_env):
+    """MODEL given as a link (outside OUT_DIR) to a file of the previous build: that file is the MODEL, so it is
+    never removed as "what the previous build wrote" (the link would point at nothing)."""
+    out = tmp_path / "eng"
+    _build(tiny_onnx, out)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(out / "tiny.fp32.onnx")
+    res = _build(link, out)
+    assert (out / "tiny.fp32.onnx").is_file() and link.resolve().is_file()
+    assert "tiny.fp32.onnx" not in " ".join(n for n in res.notes if "removed what" in n)
+
+
 def test_failed_build_leaves_the_previous_set_untouched(tiny_onnx, tmp_path, monkeypatch):
     from sedeploy import pipeline
 
