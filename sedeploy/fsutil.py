@@ -36,11 +36,24 @@ def cache_dir(kind: str) -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "sedeploy") / kind
 
 
+def require_utf8_path(path: str | os.PathLike, what: str) -> Path:
+    """Refuse a path whose name is not valid UTF-8 (bytes the file system allows, which ONNX and ONNX Runtime
+    cannot take as a path), naming it, before any work."""
+    p = Path(path)
+    try:
+        os.fsdecode(os.fsencode(p)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SedeployError(f"The {what} {ascii(str(p))} has a name that is not valid UTF-8.",
+                            expected="a path in UTF-8 (ONNX and ONNX Runtime take paths as UTF-8 text)",
+                            fix="rename it, or copy it to a path with a UTF-8 name") from None
+    return p
+
+
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory", *, fix: str | None = None) -> Path:
     """Create ``path`` if needed and prove we can write there, or raise a clear error naming ``what`` it is.
 
     ``fix`` replaces the default advice (which suggests ``-o``, right only for the output directory)."""
-    p = Path(path)
+    p = require_utf8_path(path, what)
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".sedeploy-write-test-"):

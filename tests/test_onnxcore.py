@@ -134,3 +134,24 @@ def test_policies_use_the_fusion_recogniser(tiny_onnx):
     assert set(groups["se_gate"]) == {n for b in blocks for n in (*b.excite_logits, *b.gate)}
     ops = {n.name: n.op_type for n in m.graph.node}
     assert {ops[b.scale] for b in blocks} == {"Mul"} and {ops[g] for b in blocks for g in b.gate} == {"Sigmoid"}
+
+
+def test_load_onnx_names_json_and_non_utf8_paths(tmp_path):
+    """A .json name is still read as a binary ONNX file (onnx.load would parse it as JSON protobuf and raise its own
+    ParseError), a build's manifest is named as such, and a path that is not UTF-8 is refused before ONNX sees it."""
+    import os
+
+    (tmp_path / "manifest.json").write_text('{"artifacts": []}')
+    with pytest.raises(SedeployError, match="manifest of a build-engine folder"):
+        load_onnx(tmp_path / "manifest.json")
+    (tmp_path / "a.json").write_text("garbage")
+    with pytest.raises(SedeployError, match="not a readable ONNX file"):
+        load_onnx(tmp_path / "a.json")
+    good = tmp_path / "model.json"  # a real (binary) model under a .json name loads
+    onnx.save(_conv_model((1, 3, 8, 8)), str(good), format="protobuf")
+    assert load_onnx(good, check=False).graph.node
+    odd = tmp_path / os.fsdecode(b"m\xe9.onnx")
+    good.rename(odd)
+    with pytest.raises(SedeployError, match="not valid UTF-8") as err:
+        load_onnx(odd)
+    assert "rename it" in err.value.fix

@@ -84,11 +84,18 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
     import onnx
     from google.protobuf.message import DecodeError
 
-    p = Path(path)
+    from sedeploy.artifacts import MANIFEST
+    from sedeploy.fsutil import require_utf8_path
+
+    p = require_utf8_path(path, what)
     if not p.exists():
         raise _not_found(p, what)
     if p.is_dir():
         raise SedeployError(f"The {what} '{p}' is a folder, not an ONNX file.", fix="pass the .onnx file itself")
+    if p.name == MANIFEST:
+        raise SedeployError(f"The {what} '{p}' is the manifest of a build-engine folder, not an ONNX model.",
+                            expected="an .onnx file", fix="pass one of the .onnx files it lists (or the folder, "
+                                                          "to `sedeploy bench`)")
     engine = next((kind for suffix, kind in _ENGINE_SUFFIXES if p.name.endswith(suffix)), None)
     if engine is not None:
         raise SedeployError(f"The {what} '{p}' is {engine}, not an ONNX model.",
@@ -98,7 +105,8 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
         raise SedeployError(f"The {what} '{p}' is an empty file (0 bytes), not an ONNX model.",
                             fix="re-export it (`sedeploy export`) or re-copy the file")
     try:
-        proto = onnx.load(str(p), load_external_data=weights)
+        # always the binary format: onnx.load would read a .json / .txt name as JSON or text protobuf
+        proto = onnx.load(str(p), format="protobuf", load_external_data=weights)
     except (DecodeError, ValueError, OSError, RuntimeError) as err:
         raise SedeployError(f"The {what} '{p}' is not a readable ONNX file ({type(err).__name__}: {err}); it may be "
                             "truncated or not ONNX at all.",
