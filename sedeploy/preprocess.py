@@ -130,7 +130,22 @@ def find_images(folder: str | os.PathLike, *, what: str = "image folder") -> Ima
 
 
 def load_image(path: str | os.PathLike, pp: Preprocess = Preprocess()) -> np.ndarray:
-    """One image → float32 array (3, size, size), normalised. Raises OSError/ValueError on undecodable files."""
+    """One image → float32 array (3, size, size), normalised. Raises OSError/ValueError on undecodable files, and
+    ValueError for an image over twice PIL's pixel limit (≈ 179 MP: a small file can decode to gigabytes); between
+    the limit and twice it, PIL's own warning is not printed (the image loads, slowly)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _load_image(path, pp)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"too large to decode safely ({err})") from err
+
+
+def _load_image(path, pp: Preprocess) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:

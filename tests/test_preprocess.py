@@ -55,6 +55,21 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_warning(tmp_path, caplog
     assert "broken.jpg" in caplog.text and "notes.bin" in caplog.text
 
 
+def test_decompression_bomb_is_skipped_not_a_traceback(tmp_path, caplog, monkeypatch, recwarn):
+    """An image whose pixel count passes PIL's safety limit (a small file that decodes to gigabytes) is skipped
+    like a corrupt one; below twice the limit it loads without PIL's raw warning. The limit is lowered here so the
+    test images stay small."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    _write(tmp_path / "good.jpg", 30, 30)  # 900 pixels: under the limit
+    _write(tmp_path / "large.jpg", 40, 40)  # 1,600: over the limit, under twice it: loads, PIL's warning silenced
+    Image.new("1", (100, 100)).save(tmp_path / "bomb.png")  # 10,000: over twice the limit: PIL raises
+    with caplog.at_level(logging.WARNING, logger="sedeploy"):
+        x, paths = load_folder(tmp_path, Preprocess.for_size(16))
+    assert sorted(p.name for p in paths) == ["good.jpg", "large.jpg"] and x.shape == (2, 3, 16, 16)
+    assert "bomb.png (ValueError)" in caplog.text
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(SedeployError, match="does not exist"):
         find_images(tmp_path / "missing")
