@@ -125,6 +125,17 @@ def disk_full_error(where: str | os.PathLike, err: BaseException | None = None) 
                          fix="free some space on that disk, or write to another disk (-o / --out DIR)")
 
 
+def short_of_space(folder: str | os.PathLike, need_bytes: int) -> bool:
+    """Does ``folder``'s disk have less than ``need_bytes`` free? For errors raised by libraries that write files
+    themselves and lose the errno (OpenVINO's "iostream error", ONNX Runtime's protobuf errors): asked after such
+    an error, it tells a full disk from a real failure."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < need_bytes
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.

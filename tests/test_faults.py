@@ -748,3 +748,55 @@ def test_signals_held_keeps_a_failing_blocks_own_error_and_respects_foreign_hand
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["error: disk full", "after failure: [] True",
                                         "after success: ['inside', 'term', 'int']", "swapped: []"], proc.stdout
+
+
+def test_disk_full_in_libraries_that_lose_the_errno(tiny_onnx, tmp_path, monkeypatch):
+    """OpenVINO's save_model and ONNX Runtime's optimized-model write fail on a full disk without an errno
+    ("basic_ios::clear: iostream error", a protobuf error). With the disk short of space, either becomes the one
+    disk-full error; with space left, a real failure is named as the library's error, never as a full disk."""
+    from sedeploy import fsutil
+    from sedeploy.backends.ort import build_ort_engine
+
+    real = os.statvfs
+
+    def statvfs(path, free=0):
+        st = real(path)
+        return type("St", (), {"f_bavail": free // st.f_frsize, "f_frsize": st.f_frsize})()
+
+    monkeypatch.setattr(fsutil.os, "statvfs", statvfs)
+    assert fsutil.short_of_space(tmp_path, 1) is True
+    out = tmp_path / "ort"
+    import onnxruntime as ort
+
+    class Failing:
+        def __init__(self, *a, **k):
+            raise ort.capi.onnxruntime_pybind11_state.InvalidProtobuf("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF")
+
+    monkeypatch.setattr(ort, "InferenceSession", Failing)
+    with pytest.raises(SedeployError, match="disk is full"):
+        build_ort_engine(tiny_onnx, out)
+    monkeypatch.setattr(fsutil.os, "statvfs", lambda p: statvfs(p, free=2**40))
+    with pytest.raises(SedeployError, match="ONNX Runtime could not load") as info:
+        build_ort_engine(tiny_onnx, out)
+    assert "disk is full" not in str(info.value)
+    assert not [p for p in out.iterdir() if not p.name.startswith(".sedeploy-write-test")]
+
+
+def test_openvino_save_model_on_a_full_disk(tiny_onnx, tmp_path, monkeypatch):
+    ov = pytest.importorskip("openvino", reason="the 'openvino' package is not installed (pip install "
+                                                "'sedeploy[openvino]')")
+    from sedeploy.backends.openvino import build_engine
+
+    def save_model(*a, **k):
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp:1402:\nbasic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", save_model)
+    from sedeploy.backends import openvino as OVB
+
+    monkeypatch.setattr(OVB, "short_of_space", lambda folder, need: True)
+    with pytest.raises(SedeployError, match="disk is full"):
+        build_engine(tiny_onnx, tmp_path / "ov")
+    monkeypatch.setattr(OVB, "short_of_space", lambda folder, need: False)
+    with pytest.raises(SedeployError, match="could not save the IR .*iostream error"):
+        build_engine(tiny_onnx, tmp_path / "ov")
+    assert not [p for p in (tmp_path / "ov").iterdir() if p.suffix in (".xml", ".bin", ".json")]

@@ -55,7 +55,7 @@ import numpy as np
 from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, sidecar_path, validate_input, \
     write_sidecar
 from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
-from sedeploy.fsutil import ensure_writable_dir
+from sedeploy.fsutil import disk_full_error, ensure_writable_dir, short_of_space
 from sedeploy.onnxcore import default_threads
 
 __all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "parse_ov_version", "ov_version",
@@ -473,7 +473,13 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
     published: list[Path] = []
     try:
         tmp_xml = tmp / f"{stem}{ENGINE_SUFFIX}"
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        try:
+            ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        except RuntimeError as err:  # OpenVINO reports a failed write as "basic_ios::clear: iostream error"
+            if short_of_space(tmp, src.stat().st_size):
+                raise disk_full_error(final_xml, err) from err
+            raise SedeployError(f"OpenVINO {ov.get_version()} could not save the IR of '{src}': {_first_line(err)}.",
+                                fix="check that the output folder is writable, then rebuild") from err
         tmp_bin = tmp / f"{stem}{WEIGHTS_SUFFIX}"
         if not tmp_xml.is_file() or not tmp_bin.is_file():
             raise SedeployError(f"OpenVINO {ov.get_version()} did not write the IR of '{src}' (.xml and .bin).")
