@@ -24,6 +24,8 @@ from sedeploy.backends import BACKENDS, BUILD_CHOICES
 from sedeploy.errors import SedeployError
 
 DEPTHS = ["18", "34", "50", "101", "152"]
+#: --resize may be at most this many times the crop (mmcls resizes 256 for a 224 crop; 100,000 px ran out of memory)
+MAX_RESIZE_FACTOR = 8
 #: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
 DEFAULT_ENGINES = Path("engines")
 #: `bench --batch` when not given (the library's own default, sedeploy.bench.run.DEFAULT_BATCHES, written out)
@@ -330,9 +332,10 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
             raise SedeployError("--mean/--std/--resize describe a foreign MODEL; none was given.",
                                 fix="pass the ONNX file, or drop these options for the SE-ResNet export")
         size = image_input(load_onnx(model, weights=False, check=False), path=model).height
-        if resize is not None and resize < size:
+        if resize is not None and not size <= resize <= MAX_RESIZE_FACTOR * size:
             raise SedeployError(f"--resize {resize} is not valid for a {size} px input.",
-                                expected=f"a short-side size ≥ the {size} px centre crop",
+                                expected=f"a short-side size from the {size} px centre crop to "
+                                         f"{MAX_RESIZE_FACTOR * size} ({MAX_RESIZE_FACTOR}× it)",
                                 fix=f"omit --resize (default {round(size * 256 / 224)}), or pass ≥ {size}")
         base = Preprocess.for_size(size)
         pp = Preprocess(size=size, resize_short=resize or base.resize_short,

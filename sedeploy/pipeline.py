@@ -46,7 +46,7 @@ from sedeploy.backends import BACKENDS, BUILD_CHOICES, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import (STAGE_PREFIX, atomic_write_text, clean_stale_partials, ensure_writable_dir,
                              folder_lock, missing_dirs, remove_empty_dirs)
-from sedeploy.onnxcore import META, get_metadata, run_model, save_onnx, set_metadata
+from sedeploy.onnxcore import META, check_threads, get_metadata, run_model, save_onnx, set_metadata
 from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
@@ -141,7 +141,7 @@ def _check_options(opt: BuildOptions) -> None:
         raise SedeployError(f"Unknown backend '{opt.backend}'.", expected=f"one of {', '.join(BUILD_CHOICES)}",
                             fix="pass --backend ort (ONNX Runtime, runs everywhere), trt (NVIDIA GPU), openvino "
                                 "(CPU) or none (portable artifacts only)")
-    _positive(opt.threads, "--threads", "omit --threads to use one per physical core")
+    check_threads(opt.threads)
     _positive(opt.calib_batch, "--calib-batch", f"omit it (default {calibration.DEFAULT_BATCH_SIZE})")
     _positive(opt.calib_count, "--calib-count", f"omit it (default {calibration.DEFAULT_COUNT})")
     method = opt.calib_method or calibration.DEFAULT_METHOD

@@ -324,3 +324,11 @@ def test_engine_source_is_found_beside_the_engine_and_checked(tmp_path):
         source_onnx(engine, side)
     (copy / "m.fp32.onnx").unlink()
     assert source_onnx(engine, side) is None  # moved without its ONNX: not found (callers say what they skip)
+
+
+def test_bench_threads_are_bounded(tiny_pair, tmp_path):
+    from sedeploy.onnxcore import default_threads
+
+    fp32, _ = tiny_pair
+    with pytest.raises(SedeployError, match=rf"--threads {4 * default_threads() + 1} is not valid"):
+        run_bench([fp32], out_dir=tmp_path, **{**FAST, "threads": 4 * default_threads() + 1})

@@ -53,6 +53,8 @@ def test_non_square_model_is_refused_by_build_engine_before_any_work(tmp_path):
     onnx.save(_conv_model((1, 3, 32, 32)), str(square))
     r = CliRunner().invoke(cli, ["build-engine", str(square), "--resize", "0", "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "--resize 0 is not valid" in r.output  # 0 is a value, not "not given"
+    r = CliRunner().invoke(cli, ["build-engine", str(square), "--resize", "100000", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "--resize 100000 is not valid" in r.output and "8×" in r.output
     assert not (tmp_path / "out").exists()
 
 

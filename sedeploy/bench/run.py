@@ -35,8 +35,7 @@ from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_ta
 from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runners
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import ensure_writable_dir
-from sedeploy.onnxcore import pad_to_batch
-from sedeploy.onnxcore import META
+from sedeploy.onnxcore import META, check_threads, pad_to_batch
 
 log = logging.getLogger("sedeploy")
 
@@ -259,9 +258,7 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
     if eval_batch < 1:
         raise SedeployError(f"Accuracy batch {eval_batch}.", expected="a positive integer, e.g. 32")
-    if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise SedeployError(f"--threads {threads} is not valid.", expected="a positive integer",
-                            fix="omit --threads to use one per physical core")
+    check_threads(threads)
     out = None
     if out_dir is not None:
         out = ensure_writable_dir(out_dir, "results folder (--out)",
