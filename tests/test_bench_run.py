@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,23 @@ def test_bench_threads_are_bounded(tiny_pair, tmp_path):
     fp32, _ = tiny_pair
     with pytest.raises(SedeployError, match=rf"--threads {4 * default_threads() + 1} is not valid"):
         run_bench([fp32], out_dir=tmp_path, **{**FAST, "threads": 4 * default_threads() + 1})
+
+
+def test_results_folder_holds_one_run(tiny_pair, tmp_path, calib_dir):
+    """A run without plots into a folder with an earlier run's plots removes them (they describe other results);
+    --out inside --images is refused (the next run would score the plots as images); a results folder this run
+    made and wrote nothing into is removed when it fails."""
+    fp32, fp16 = tiny_pair
+    out = tmp_path / "r"
+    run_bench([fp32], batches=(1,), out_dir=out, torch_baseline=False, **FAST)
+    assert (out / "latency_vs_batch.png").is_file()
+    run_bench([fp32, fp16], batches=(1,), out_dir=out, torch_baseline=False, plots=False, **FAST)
+    assert not list(out.glob("*.png")) and (out / "results.json").is_file()
+    images = tmp_path / "imgs"
+    shutil.copytree(calib_dir, images)
+    with pytest.raises(SedeployError, match=r"results folder \(--out\) .* is inside the image folder"):
+        run_bench([fp32], images=images, out_dir=images / "res", **FAST)
+    assert not (images / "res").exists()
+    with pytest.raises(SedeployError):
+        run_bench([fp32, tmp_path / "missing.onnx"], out_dir=tmp_path / "new" / "res", **FAST)
+    assert not (tmp_path / "new").exists()

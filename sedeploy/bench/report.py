@@ -604,4 +604,7 @@ def write_reports(results: Mapping[str, Any], out_dir: str | os.PathLike, *, plo
     written["md"] = atomic_write_text(out / FILES["md"], to_markdown(data))
     if plots:
         written.update(write_plots(data, out))
+    for key in ("throughput_plot", "latency_plot"):  # a previous run's plot never sits beside these results
+        if key not in written:
+            (out / FILES[key]).unlink(missing_ok=True)
     return written

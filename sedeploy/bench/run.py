@@ -34,7 +34,7 @@ from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_ta
     write_reports
 from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runners
 from sedeploy.errors import SedeployError
-from sedeploy.fsutil import ensure_writable_dir
+from sedeploy.fsutil import ensure_writable_dir, missing_dirs, remove_empty_dirs
 from sedeploy.onnxcore import META, check_threads, pad_to_batch
 
 log = logging.getLogger("sedeploy")
@@ -251,18 +251,43 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     caller decides the exit code). Raises :class:`SedeployError` for bad input, :class:`BenchInterrupted` on
     Ctrl-C after writing the partial results.
     """
-    from sedeploy.backends.ort import default_threads
-    from sedeploy.bench.labels import resolve_labels_offset
-    from sedeploy.preprocess import find_images, load_batch, smooth_noise
-
     sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
     if eval_batch < 1:
         raise SedeployError(f"Accuracy batch {eval_batch}.", expected="a positive integer, e.g. 32")
     check_threads(threads)
     out = None
+    if out_dir is not None and images is not None:
+        o, i = Path(out_dir).resolve(), Path(images).resolve()
+        if o == i or i in o.parents:  # the next run would score the plots as images
+            raise SedeployError(f"The results folder (--out) '{out_dir}' is inside the image folder (--images) "
+                                f"'{images}'.", expected="a results folder outside the images",
+                                fix="pass another --out folder, e.g. --out bench-results")
+    made = missing_dirs(out_dir) if out_dir is not None else []
     if out_dir is not None:
         out = ensure_writable_dir(out_dir, "results folder (--out)",
                                   fix="choose another --out folder, or fix its permissions")
+    try:
+        return _run(engines, out, images=images, labels=labels, sizes=sizes, threads=threads, warmup=warmup,
+                    repeats=repeats, max_seconds=max_seconds, reference=reference, torch_baseline=torch_baseline,
+                    checkpoint=checkpoint, compare_plain=compare_plain, probe=probe, probe_seconds=probe_seconds,
+                    plots=plots, progress=progress, max_top1_drop=max_top1_drop, min_agreement=min_agreement,
+                    image_limit=image_limit, eval_batch=eval_batch, synsets=synsets, providers=providers,
+                    optimization=optimization, settle=settle, label_offset=label_offset, peers=peers,
+                    peer_calib=peer_calib)
+    except BaseException:
+        remove_empty_dirs(made)  # a results folder this run made and wrote nothing into is not left behind
+        raise
+
+
+def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, repeats, max_seconds, reference,
+         torch_baseline, checkpoint, compare_plain, probe, probe_seconds, plots, progress, max_top1_drop,
+         min_agreement, image_limit, eval_batch, synsets, providers, optimization, settle, label_offset, peers,
+         peer_calib) -> dict[str, Any]:
+    """:func:`run_bench` after its arguments were checked and the results folder made."""
+    from sedeploy.backends.ort import default_threads
+    from sedeploy.bench.labels import resolve_labels_offset
+    from sedeploy.preprocess import find_images, load_batch, smooth_noise
+
     if out is not None and plots:
         require_matplotlib()
     threads = default_threads() if threads is None else threads
