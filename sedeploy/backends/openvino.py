@@ -224,9 +224,10 @@ class OpenVinoModelRunner(Runner):
                 self._static[shape] = self._core.compile_model(model, DEVICE, self.config).create_infer_request()
             except RuntimeError as err:
                 raise SedeployError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the input "
-                                    f"shape {list(shape)}: {_first_line(err)}",
-                                    fix="feed the shape the model was built for, or construct the runner with "
-                                        "static_batch=False") from err
+                                    f"shape {list(shape)} (batch {shape[0]}): {_first_line(err)}",
+                                    fix=f"a batch that large may not fit in memory: try a smaller batch (bench "
+                                        f"--batch); from Python, OpenVinoRunner(..., static_batch=False) runs the "
+                                        f"dynamic-batch model instead") from err
         return self._static[shape]
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
