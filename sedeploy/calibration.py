@@ -440,7 +440,8 @@ def _check_count(method: str, n: int, folder: Path, what: str) -> None:
         raise SedeployError(
             f"Calibration method '{method}' needs at least {need} images; {n} {what} in '{folder}'.",
             expected=f"{method} ≥ {need} images ({others}); a histogram threshold from fewer images is noise",
-            fix=f"add images (or raise --calib-count to ≥ {need}), or use --calib-method minmax")
+            fix=(f"raise --calib-count to ≥ {need}" if what.startswith("requested") else
+                 f"add images to the folder (≥ {need})") + ", or use --calib-method minmax (any number of images)")
 
 
 def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *, method: str = DEFAULT_METHOD,

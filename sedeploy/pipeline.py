@@ -201,10 +201,12 @@ def _check_options(opt: BuildOptions) -> None:
         from sedeploy.int8_budget import check_fallback_order
 
         check_fallback_order(opt.fallback_order)
-    if opt.backend == "trt":
-        from sedeploy.backends.tensorrt import require_trt, validate_profile
+    from sedeploy.backends.tensorrt import validate_profile
 
-        validate_profile(opt.min_batch, opt.opt_batch, opt.max_batch)
+    validate_profile(opt.min_batch, opt.opt_batch, opt.max_batch)  # refused whatever the backend (used by trt)
+    if opt.backend == "trt":
+        from sedeploy.backends.tensorrt import require_trt
+
         if opt.timing_cache is not None:
             _check_file_target(opt.timing_cache, "TensorRT timing cache (--timing-cache)")
         require_trt(_backend_purpose("trt"))

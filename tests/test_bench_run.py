@@ -353,3 +353,18 @@ def test_results_folder_holds_one_run(tiny_pair, tmp_path, calib_dir):
     with pytest.raises(SedeployError):
         run_bench([fp32, tmp_path / "missing.onnx"], out_dir=tmp_path / "new" / "res", **FAST)
     assert not (tmp_path / "new").exists()
+
+
+def test_swapped_ort_engine_is_refused(tmp_path, tiny_onnx):
+    """An .ort-opt.onnx swapped in from another build (same name, other bytes) is not run under this sidecar."""
+    from sedeploy.backends.ort import build_ort_engine
+
+    eng = build_ort_engine(tiny_onnx, tmp_path / "a", threads=1)
+    assert E.describe_engine(eng.path).sidecar["engine_sha256"]
+    import onnx
+
+    other = onnx.load(str(eng.path))
+    other.metadata_props.add(key="swapped", value="1")  # still a valid model, but not the file that was built
+    onnx.save(other, str(eng.path))
+    with pytest.raises(SedeployError, match="is not the file its sidecar .* describes"):
+        E.describe_engine(eng.path)

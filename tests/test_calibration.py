@@ -207,3 +207,16 @@ def test_uint8_ranges_for_non_negative_tensors(tiny, tmp_path):
     again = CalibrationResult.load(cal.cache_path)  # the cache keeps them
     assert again.uint8_ranges == cal.uint8_ranges
     assert not _cal(tiny, tiny.calib_dir, tmp_path, method="percentile", count=16).uint8_ranges
+
+
+def test_too_few_images_fix_fits_the_case(tiny, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for p in sorted(tiny.calib_dir.iterdir())[:5]:
+        shutil.copy(p, folder / p.name)
+    with pytest.raises(SedeployError) as err:  # the folder holds 5: raising --calib-count cannot help
+        _cal(tiny, folder, tmp_path, method="entropy")
+    assert "add images to the folder" in err.value.fix and "--calib-count" not in err.value.fix
+    with pytest.raises(SedeployError) as err:  # 8 requested from a larger folder: raising it helps
+        _cal(tiny, tiny.calib_dir, tmp_path, method="percentile", count=8)
+    assert "raise --calib-count to ≥ 16" in err.value.fix

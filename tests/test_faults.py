@@ -158,6 +158,7 @@ def test_sidecars_and_manifest_point_into_the_output_folder(tiny_onnx, tmp_path)
     ({"calib_batch": -2}, r"--calib-batch -2 is not valid"),
     ({"int8": True, "calib_count": 4}, r"--calib-count 4 is below"),
     ({"threads": 0}, r"--threads 0"),
+    ({"min_batch": 0}, r"Batch profile min=0, opt=8, max=32 is not valid"),  # refused with --backend ort too
     ({"threads": 100_000}, r"--threads 100000 is not valid(.|\n)*4 per core"),  # oversubscription, not a value
     ({"workspace_gib": 0.0}, r"--workspace 0.0"),
     ({"keep_fp32": "se,bogus"}, r"Unknown FP32 group"),

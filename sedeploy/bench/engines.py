@@ -138,10 +138,22 @@ def load_light(path: Path):
 
 
 def _ort_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar of an ORT engine (None for a plain .onnx without one); an engine file that is not the one it
+    describes (its recorded sha256 differs: a file swapped in from another build) is refused."""
     from sedeploy.backends import read_sidecar, sidecar_path
 
     side = sidecar_path(path)
-    return read_sidecar(side, engine=path) if side.is_file() else None
+    if not side.is_file():
+        return None
+    data = read_sidecar(side, engine=path)
+    want = data.get("engine_sha256")
+    st = path.stat()
+    if want is not None and _sha256(str(path), st.st_mtime_ns, st.st_size) != want:
+        raise SedeployError(f"The engine '{path}' is not the file its sidecar '{side.name}' describes (sha256 "
+                            "differs from the one recorded at build time).",
+                            fix="benchmark the build folder as build-engine wrote it, or rebuild the engine into "
+                                "a new folder (sedeploy build-engine MODEL --backend ort -o NEW_FOLDER)")
+    return data
 
 
 def describe_engine(path: str | Path) -> EngineSpec:
