@@ -24,8 +24,6 @@ from sedeploy.backends import BACKENDS, BUILD_CHOICES
 from sedeploy.errors import SedeployError
 
 DEPTHS = ["18", "34", "50", "101", "152"]
-#: --resize may be at most this many times the crop (mmcls resizes 256 for a 224 crop; 100,000 px ran out of memory)
-MAX_RESIZE_FACTOR = 8
 #: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
 DEFAULT_ENGINES = Path("engines")
 #: `bench --batch` when not given (the library's own default, sedeploy.bench.run.DEFAULT_BATCHES, written out)
@@ -316,8 +314,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
     write are removed). A failed, interrupted (Ctrl-C, SIGTERM) or killed build leaves the previous set as it
     was, and a second build-engine into the same OUT_DIR is refused while one runs.
     """
-    from sedeploy.pipeline import BuildOptions, build_engines, format_result
-    from sedeploy.preprocess import Preprocess
+    from sedeploy.pipeline import BuildOptions, build_engines, foreign_preprocess, format_result
 
     _setup_logging(verbose)
     if model and (depth or checkpoint):
@@ -326,21 +323,11 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                             fix="drop --depth/--checkpoint to build from MODEL, or drop MODEL to export")
     pp = None
     if mean is not None or std is not None or resize is not None:
-        from sedeploy.onnxcore import image_input, load_onnx
-
         if not model:
             raise SedeployError("--mean/--std/--resize describe a foreign MODEL; none was given.",
                                 fix="pass the ONNX file, or drop these options for the SE-ResNet export")
-        size = image_input(load_onnx(model, weights=False, check=False), path=model).height
-        if resize is not None and not size <= resize <= MAX_RESIZE_FACTOR * size:
-            raise SedeployError(f"--resize {resize} is not valid for a {size} px input.",
-                                expected=f"a short-side size from the {size} px centre crop to "
-                                         f"{MAX_RESIZE_FACTOR * size} ({MAX_RESIZE_FACTOR}× it)",
-                                fix=f"omit --resize (default {round(size * 256 / 224)}), or pass ≥ {size}")
-        base = Preprocess.for_size(size)
-        pp = Preprocess(size=size, resize_short=resize or base.resize_short,
-                        mean=parse_triple(mean, "--mean") or base.mean,
-                        std=parse_triple(std, "--std", positive=True) or base.std)
+        pp = foreign_preprocess(model, mean=parse_triple(mean, "--mean"), resize=resize,
+                                std=parse_triple(std, "--std", positive=True))
     opts = BuildOptions(fp16=fp16, int8=int8, fuse_se=not no_fuse_se, backend=backend, calib=calib,
                         calib_method=calib_method, calib_count=calib_count, calib_seed=calib_seed,
                         calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,

@@ -234,11 +234,34 @@ def _check_cache_location(pinned: str | Path | None) -> None:
     clean_stale_partials(folder, older_than=time.time(), locked=False)
 
 
+#: --resize may be at most this many times the crop (mmcls resizes 256 for a 224 crop; 100,000 px ran out of memory)
+MAX_RESIZE_FACTOR = 8
+
+
+def foreign_preprocess(model: str | Path, *, mean: tuple[float, float, float] | None = None,
+                       std: tuple[float, float, float] | None = None, resize: int | None = None) -> Preprocess:
+    """The preprocessing of a foreign MODEL (``--mean/--std/--resize``): the mmcls pipeline at the model's input
+    size with the given values in place of its defaults; ``resize`` (the short side before the centre crop) from
+    the crop size to :data:`MAX_RESIZE_FACTOR` × it."""
+    from sedeploy.onnxcore import image_input, load_onnx
+
+    size = image_input(load_onnx(model, weights=False, check=False), path=str(model)).height
+    if resize is not None and not size <= resize <= MAX_RESIZE_FACTOR * size:
+        raise SedeployError(f"--resize {resize} is not valid for a {size} px input.",
+                            expected=f"a short-side size from the {size} px centre crop to "
+                                     f"{MAX_RESIZE_FACTOR * size} ({MAX_RESIZE_FACTOR}× it)",
+                            fix=f"omit --resize (default {round(size * 256 / 224)}), or pass ≥ {size}")
+    base = Preprocess.for_size(size)
+    return Preprocess(size=size, resize_short=base.resize_short if resize is None else resize,
+                      mean=mean or base.mean, std=std or base.std)
+
+
 def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None) -> Preprocess:
     if given is not None:
         if given.size != height:
             raise SedeployError(f"The preprocessing crops to {given.size} px but the model's input is {height} px.",
-                                fix=f"pass --input-size {height} (or omit it to use the model's input size)")
+                                fix=f"build it for the model's input size (Preprocess.for_size({height}), or "
+                                    "foreign_preprocess(MODEL, …))")
         return given
     stored = meta.get(META.PREPROCESS)
     if isinstance(stored, dict):
