@@ -57,7 +57,11 @@ def ort_module():
 
 
 def ort_errors(ort) -> tuple[type[BaseException], ...]:
-    """The exception classes ONNX Runtime raises on bad models (they derive from Exception directly)."""
+    """The exception classes ONNX Runtime raises on bad models (they derive from Exception directly).
+
+    They live in ``onnxruntime.capi.onnxruntime_pybind11_state``: ONNX Runtime exports no public alias for them
+    (its own Python wrapper and docs catch them there), so this is the one place sedeploy names that module, and
+    an ONNX Runtime without one of them just leaves it out."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
     names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
