@@ -501,7 +501,7 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
         from sedeploy.backends import resolve_backend
 
         opt = dataclasses.replace(opt, backend=resolve_backend(opt.backend))
-        log.info("--backend auto: building %s engines (OpenVINO when installed on x86-64, else ONNX Runtime)",
+        log.info("--backend auto: building %s engines (OpenVINO when it imports on x86-64, else ONNX Runtime)",
                  BACKENDS[opt.backend].label)
     _check_options(opt)
     if model is not None:

@@ -258,9 +258,9 @@ def test_build_ort_engine_failure_leaves_nothing(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage")
     out = tmp_path / "out"
-    with pytest.raises(SedeployError, match="could not load"):
+    with pytest.raises(SedeployError, match="not a readable ONNX file|could not load"):
         B.build_ort_engine(bad, out)
-    assert list(out.iterdir()) == []
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_auto_prefers_tensorrt_then_cuda_then_cpu(monkeypatch):
@@ -326,20 +326,17 @@ def test_fp16_qdq_graphs_run_without_ort_bias_quantization(tiny_onnx, tmp_path):
 def test_fp16_graph_gets_no_ort_engine_where_the_cpu_computes_it_in_fp32(tiny_onnx, tmp_path, monkeypatch):
     """ORT's CPU provider (x86-64) folds an FP16 graph's weights to FP32 and runs FP32 kernels: an engine saved from
     it computes in FP32, so it is refused, never labelled FP16. The probe sees that on a one-Conv graph."""
-    import platform
-
     from sedeploy.fp16 import convert_fp16
 
     fp16 = tmp_path / "tiny.fp16.onnx"
     convert_fp16(tiny_onnx, fp16)
     assert B.holds_fp16_tensors(fp16) and not B.holds_fp16_tensors(tiny_onnx)
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        assert B.cpu_computes_fp16() is False
     if B.cpu_computes_fp16():
         pytest.skip("this CPU's ONNX Runtime computes FP16 convolutions in FP16")
     assert "FP32 kernels" in B.unsupported_here("fp16") and B.unsupported_here("fp32") is None
-    with pytest.raises(SedeployError, match=r"No ONNX Runtime engine is built from .*an FP16 graph.*FP32 kernels"):
-        B.build_ort_engine(fp16, tmp_path / "out")
+    for level in ("all", "extended", "basic"):  # below "all" ORT inserts Casts instead of folding: refused too
+        with pytest.raises(SedeployError, match=r"No ONNX Runtime engine is built from .*FP16 graph.*FP32 kernels"):
+            B.build_ort_engine(fp16, tmp_path / "out", optimization=level)
     assert not list((tmp_path / "out").glob("*"))  # neither engine nor sidecar
     with B.OrtRunner(fp16, providers="cpu", threads=1) as r:  # the artifact itself still runs, and says how
         assert "computes it in FP32" in r.precision_note()

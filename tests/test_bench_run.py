@@ -368,3 +368,8 @@ def test_swapped_ort_engine_is_refused(tmp_path, tiny_onnx):
     onnx.save(other, str(eng.path))
     with pytest.raises(SedeployError, match="is not the file its sidecar .* describes"):
         E.describe_engine(eng.path)
+    art = tmp_path / "b" / "m.fp32.onnx"  # an artifact beside the engine built from it: its name maps to that
+    art.parent.mkdir()                     # engine's sidecar, which does not describe the artifact
+    shutil.copy(tiny_onnx, art)
+    build_ort_engine(art, art.parent, threads=1)
+    assert E.describe_engine(art).sidecar is None

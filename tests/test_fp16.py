@@ -380,3 +380,34 @@ def test_fp16_activation_overflow_is_caught_by_verification(tmp_path):
         convert_fp16(m, tmp_path / "x.onnx", keep_fp32="none", verify_inputs=x)
     assert not (tmp_path / "x.onnx").exists()
     convert_fp16(_scale_graph(100.0, 1e-3), tmp_path / "ok.onnx", keep_fp32="none", verify_inputs=x)  # 1e4 fits
+
+
+def test_fp16_emulation_of_the_tensorrt_form_and_an_int8_note_on_ort(tmp_path):
+    """Q/DQ inside an FP16 graph (float16 scales, a DequantizeLinear that outputs float16): the emulation rounds
+    the DQ output; ORT's CPU runner of such a graph says its FP16 parts run in FP32."""
+    from sedeploy.backends.ort import OrtRunner, cpu_computes_fp16
+    from sedeploy.fp16 import fp16_emulation
+    from sedeploy.onnxcore import cpu_session
+
+    shape = [1, 4, 1, 1]
+    nodes = [helper.make_node("Cast", ["input"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("QuantizeLinear", ["x16", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Mul", ["d", "k"], ["m"]),
+             helper.make_node("Cast", ["m"], ["logits"], to=TensorProto.FLOAT)]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float16), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.full(shape, 0.3, np.float16), "k")]
+    g = helper.make_graph(nodes, "qdq16", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    path = tmp_path / "m.int8-trt.onnx"
+    onnx.save(m, str(path))
+    x = np.array([1.23, -4.56, 7.89, 0.05], np.float32).reshape(shape)
+    h = np.float16
+    q = np.clip(np.rint(x.astype(h).astype(np.float32) / np.float32(h(0.1))), -128, 127)
+    want = ((q * np.float32(h(0.1))).astype(h) * h(0.3)).astype(h).astype(np.float32)
+    got = cpu_session(fp16_emulation(path), optimization="basic").run(None, {"input": x})[0]
+    np.testing.assert_array_equal(got, want)
+    with OrtRunner(path, providers="cpu", threads=1) as r:
+        note = r.precision_note()
+    assert (note is None) if cpu_computes_fp16() else ("holds FP16 parts" in note)

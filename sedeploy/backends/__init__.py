@@ -187,7 +187,7 @@ def default_cpu_backend() -> str:
         return "ort"
     try:
         importlib.import_module("openvino")
-    except (ImportError, OSError) as err:
+    except Exception as err:  # a broken install raises anything on import; named below, not hidden
         logging.getLogger("sedeploy").warning(
             "--backend auto: the installed openvino package does not import (%s), so ONNX Runtime engines are built; "
             "reinstall it (pip install --force-reinstall 'sedeploy[openvino]') or pass --backend ort", err)

@@ -9,10 +9,10 @@ onnxruntime-gpu offers them, else the CPU — the same artifacts run on the GPU 
 (ORT's TensorRT provider builds engines of its own at session creation: minutes for SE-ResNet-50; pass
 ``providers="cuda"`` to skip it). The saved ORT "engine" is always made on the CPU provider.
 
-FP16: ONNX Runtime's CPU provider has no FP16 convolution kernels on x86-64. Given an FP16 graph, its optimizer
-folds the FP16 weights to FP32 and runs FP32 kernels (measured on SE-ResNet-50: the optimized graph holds no FP16
-tensor, and its logits match an FP32 graph with FP16-rounded weights to 6e-7, at every optimization level), so an
-"FP16 engine" saved from it would compute in FP32. :func:`cpu_computes_fp16` probes this once per process;
+FP16: ONNX Runtime's CPU provider has no FP16 convolution kernels on x86-64. Given an FP16 graph, it runs FP32
+kernels: at level "all" its optimizer folds the FP16 weights to FP32 (the optimized graph holds no FP16 tensor), at
+lower levels it inserts Casts to FP32 before them; measured on SE-ResNet-50, the logits match an FP32 graph with
+FP16-rounded weights to 6e-7 at every level. So an "FP16 engine" saved from it would compute in FP32. :func:`cpu_computes_fp16` probes this once per process;
 where it is False, :func:`unsupported_here` says why, ``build-engine`` writes the FP16 artifact without an ORT
 engine, and :func:`build_ort_engine` refuses an FP16 source rather than label an FP32 engine FP16. The FP16
 artifact's drift is verified on the CPU with :func:`sedeploy.fp16.fp16_emulation` instead.
@@ -88,11 +88,14 @@ class OrtRunner(Runner):
         return self.session.get_providers() if self.session is not None else []
 
     def precision_note(self) -> str | None:
-        if self.providers == [CPU] and graph_precision(self.path) == "fp16" and not cpu_computes_fp16():
+        if self.providers != [CPU] or unsupported_here("fp16") is None or not holds_fp16_tensors(self.path):
+            return None
+        if graph_precision(self.path) == "fp16":
             return (f"{self.path.name} is an FP16 graph run by ONNX Runtime's CPU provider, which computes it in FP32 "
                     "with its weights rounded to FP16: its time is not FP16 time, and its drift shows the weight "
                     "rounding only (FP16 activations are not rounded here)")
-        return None
+        return (f"{self.path.name} holds FP16 parts (Q/DQ inside an FP16 graph: the TensorRT form), which ONNX "
+                "Runtime's CPU provider computes in FP32: its time and drift are not those of the engine it is for")
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -112,20 +115,29 @@ def op_histogram(model) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def optimized_graph_histogram(path: str | Path, level: str = "all", threads: int = 1) -> dict[str, int]:
-    """Op histogram of the graph ORT actually runs at ``level`` on the CPU (its optimized model, saved to a
-    temporary file). This is where the NCHWc ``ReorderInput`` / ``ReorderOutput`` conversions around SE blocks
-    become visible: ORT keeps the SE squeeze (ReduceMean) and scale (Mul) in plain NCHW."""
+def optimized_model(model, level: str = "all", threads: int = 1):
+    """The graph ORT actually runs at ``level`` on the CPU (its optimized model, saved to a temporary file and
+    loaded back as a ModelProto); ``model`` is a path or serialized bytes."""
+    import onnx
+
     with tempfile.TemporaryDirectory(prefix="sedeploy-ort-") as tmp:
         out = Path(tmp) / "optimized.onnx"
-        make_session(path, providers=[CPU], threads=threads, optimization=level, optimized_model_path=out,
+        make_session(model, providers=[CPU], threads=threads, optimization=level, optimized_model_path=out,
                      quiet=True)
-        return op_histogram(out)
+        return onnx.load(str(out))
+
+
+def optimized_graph_histogram(path: str | Path, level: str = "all", threads: int = 1) -> dict[str, int]:
+    """Op histogram of :func:`optimized_model`. This is where the NCHWc ``ReorderInput`` / ``ReorderOutput``
+    conversions around SE blocks become visible: ORT keeps the SE squeeze (ReduceMean) and scale (Mul) in plain
+    NCHW."""
+    return op_histogram(optimized_model(path, level, threads))
 
 
 def holds_fp16_tensors(model) -> bool:
-    """Does the graph (a path or ModelProto) hold any float16 initializer? After ORT's optimizer, an FP16 graph
-    whose convolutions run in FP16 keeps its FP16 weights; one run in FP32 has them folded to float32."""
+    """Does the graph (a path or ModelProto) hold any float16 initializer? True for the FP16 artifact and for the
+    TensorRT INT8 form (Q/DQ inside the FP16 graph); after ORT's level-"all" optimizer, only where an FP16 kernel
+    runs (it folds the weights of a Conv it runs in FP32)."""
     import onnx
 
     proto, _ = as_model(model, weights=True)
@@ -134,9 +146,10 @@ def holds_fp16_tensors(model) -> bool:
 
 @functools.cache
 def cpu_computes_fp16() -> bool:
-    """Whether ONNX Runtime's CPU provider runs an FP16 convolution in FP16 on this machine: probed once on a
-    one-Conv FP16 graph (optimized on the CPU provider; its weight stays float16 only where an FP16 kernel runs)."""
-    import onnx
+    """Whether ONNX Runtime's CPU provider has an FP16 convolution kernel on this machine: probed once on a
+    one-Conv FP16 graph optimized at level "all" (its weight stays float16 only where an FP16 kernel runs; at lower
+    levels ORT keeps the weight and inserts a Cast to FP32 before an FP32 kernel instead, so the level-"all" answer
+    holds for every level)."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.full((8, 8, 1, 1), 0.125, dtype=np.float16), "w")
@@ -145,11 +158,7 @@ def cpu_computes_fp16() -> bool:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 4, 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    with tempfile.TemporaryDirectory(prefix="sedeploy-ort-") as tmp:
-        out = Path(tmp) / "optimized.onnx"
-        make_session(model.SerializeToString(), providers=[CPU], threads=1, optimization="all",
-                     optimized_model_path=out, quiet=True)
-        return holds_fp16_tensors(onnx.load(str(out)))
+    return holds_fp16_tensors(optimized_model(model.SerializeToString(), "all"))
 
 
 #: why an FP16 graph gets no ORT engine where :func:`cpu_computes_fp16` is False
@@ -186,6 +195,11 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
     src = Path(onnx_path)
     if not src.is_file():
         raise SedeployError(f"The ONNX file '{src}' does not exist.", fix="check the path")
+    if graph_precision(src) == "fp16" and unsupported_here("fp16") is not None:
+        raise SedeployError(f"No ONNX Runtime engine is built from '{src}' (an FP16 graph): {NO_FP16_KERNELS}.",
+                            expected="an FP32 or INT8 artifact (or an FP16 one on a provider with FP16 kernels)",
+                            fix="build the ORT engine from the .fp32.onnx or .int8-cpu.onnx artifact; the "
+                                ".fp16.onnx artifact is for TensorRT (sedeploy build-engine --backend trt)")
     out = ensure_writable_dir(out_dir)
     final, sidecar = out / f"{src.stem}.ort-opt.onnx", out / f"{src.stem}.ort.json"
     if final.resolve() == src.resolve():
@@ -199,11 +213,6 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
             raise SedeployError(f"ONNX Runtime {ort.__version__} did not write the optimized model of '{src}'.")
         histogram = op_histogram(tmp)
         precision = graph_precision(tmp)
-        if graph_precision(src) == "fp16" and not holds_fp16_tensors(tmp):
-            raise SedeployError(f"No ONNX Runtime engine is built from '{src}' (an FP16 graph): {NO_FP16_KERNELS}.",
-                                expected="an FP32 or INT8 artifact (or an FP16 one on a provider with FP16 kernels)",
-                                fix="build the ORT engine from the .fp32.onnx or .int8-cpu.onnx artifact; the "
-                                    ".fp16.onnx artifact is for TensorRT (sedeploy build-engine --backend trt)")
         active = session.get_providers()
         threads_used = session.get_session_options().intra_op_num_threads
     machine_specific = str(optimization).lower() in MACHINE_SPECIFIC_LEVELS

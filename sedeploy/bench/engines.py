@@ -138,12 +138,13 @@ def load_light(path: Path):
 
 
 def _ort_sidecar(path: Path) -> dict[str, Any] | None:
-    """The sidecar of an ORT engine (None for a plain .onnx without one); an engine file that is not the one it
-    describes (its recorded sha256 differs: a file swapped in from another build) is refused."""
-    from sedeploy.backends import read_sidecar, sidecar_path
+    """The sidecar of an ORT engine (``.ort-opt.onnx``; None for a plain .onnx artifact, whose name maps to the
+    sidecar of the engine built from it); an engine file that is not the one its sidecar describes (the recorded
+    sha256 differs: a file swapped in from another build) is refused."""
+    from sedeploy.backends import BACKENDS, read_sidecar, sidecar_path
 
     side = sidecar_path(path)
-    if not side.is_file():
+    if not any(path.name.endswith(s) for s in BACKENDS["ort"].engine_suffixes) or not side.is_file():
         return None
     data = read_sidecar(side, engine=path)
     want = data.get("engine_sha256")

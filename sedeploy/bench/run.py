@@ -163,11 +163,10 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
     depth = ref.meta.get(META.DEPTH)
     if depth is None:
         return f"the reference {ref.name} carries no depth metadata (not exported by sedeploy)"
-    src = E.source_onnx(ref.path, ref.sidecar)
-    proto = E.load_light(src) if src is not None else None
-    width = E.base_channels(proto) if proto is not None else None
+    width = E.stem_width(ref)
     if width is None:
         return f"the stem width of {ref.name} cannot be read from its ONNX graph (not found beside the engine)"
+    proto = E.load_light(E.source_onnx(ref.path, ref.sidecar))
     # the reference's opset, so both graphs come from the same exporter (dynamo ≥ 18, TorchScript below)
     opset = (default_opset(proto) or 18) if proto else 18
     net = build_model(int(depth), se=False, num_classes=int(ref.num_classes or 1000), base_channels=width, seed=0)
@@ -263,10 +262,10 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
                                 f"'{images}'.", expected="a results folder outside the images",
                                 fix="pass another --out folder, e.g. --out bench-results")
     made = missing_dirs(out_dir) if out_dir is not None else []
-    if out_dir is not None:
-        out = ensure_writable_dir(out_dir, "results folder (--out)",
-                                  fix="choose another --out folder, or fix its permissions")
     try:
+        if out_dir is not None:
+            out = ensure_writable_dir(out_dir, "results folder (--out)",
+                                      fix="choose another --out folder, or fix its permissions")
         return _run(engines, out, images=images, labels=labels, sizes=sizes, threads=threads, warmup=warmup,
                     repeats=repeats, max_seconds=max_seconds, reference=reference, torch_baseline=torch_baseline,
                     checkpoint=checkpoint, compare_plain=compare_plain, probe=probe, probe_seconds=probe_seconds,
