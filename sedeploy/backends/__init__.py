@@ -147,6 +147,10 @@ class Runner:
                                 fix="use it inside `with runner:` (or call runner.activate() first)")
         return self._infer(x)
 
+    def runs_on(self) -> str:
+        """Where the engine computes: "cpu" or "cuda" (asked after ``activate()``)."""
+        return "cpu"
+
     def precision_note(self) -> str | None:
         """What a reader of this runner's results must know about the precision it really computes in, when that
         is not the graph's (None: it computes as the graph says). Asked after ``activate()``."""

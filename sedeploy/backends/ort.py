@@ -87,6 +87,9 @@ class OrtRunner(Runner):
     def providers(self) -> list[str]:
         return self.session.get_providers() if self.session is not None else []
 
+    def runs_on(self) -> str:
+        return "cpu" if self.providers[:1] in ([], [CPU]) else "cuda"
+
     def precision_note(self) -> str | None:
         if self.providers != [CPU] or unsupported_here("fp16") is None or not holds_fp16_tensors(self.path):
             return None

@@ -362,6 +362,9 @@ class TrtRunner(Runner):
     timer_coverage = ("TensorRT execute_async_v3 with host↔device copies through pinned buffers allocated once: "
                       "host numpy batch in → host numpy logits out")
 
+    def runs_on(self) -> str:
+        return "cuda"
+
     def __init__(self, plan_path: str | Path, *, sidecar: str | Path | None = None, device=None):
         super().__init__(plan_path)
         if not self.path.is_file():

@@ -96,13 +96,6 @@ def _nan(v: float | None) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _device(spec: E.EngineSpec, runner) -> str:
-    if spec.backend == "trt":
-        return "cuda"
-    providers = getattr(runner, "providers", None) or []
-    return "cuda" if any(p != "CPUExecutionProvider" for p in providers[:1]) else "cpu"
-
-
 def _pad_run(runner, x: np.ndarray, static: int | None) -> np.ndarray:
     """Run a chunk; an engine with a static batch gets the chunk padded with its last image (rows dropped)."""
     if static is None or len(x) == static:
@@ -350,7 +343,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
             raise SedeployError("An accuracy budget was given but there is only the reference engine to compare.",
                                 fix="benchmark at least one engine besides the FP32 reference")
         for s in specs:
-            infos.append(_engine_info(s, flops, runners[s.name], _device(s, runners[s.name])))
+            infos.append(_engine_info(s, flops, runners[s.name], runners[s.name].runs_on()))
             if (note := runners[s.name].precision_note()) is not None:
                 notes.append(f"Precision: {note}.")
         x = None
