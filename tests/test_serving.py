@@ -535,3 +535,20 @@ def test_cli_serve_sigterm_shuts_down_cleanly(engines, pytriton_ready):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_packaging_an_fp16_artifact_for_triton_onnxruntime_on_cpu_says_it_runs_in_fp32(tiny_onnx, tmp_path, caplog):
+    """Triton's ONNX Runtime backend (KIND_CPU) computes an FP16 artifact in FP32 where ORT has no FP16 kernels:
+    packaging it says so (it is still packaged: the artifact is valid, only its precision on this CPU differs)."""
+    import logging
+
+    from sedeploy.backends.ort import cpu_computes_fp16
+    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.serving.triton_repo import package_triton
+
+    build_engines(tiny_onnx, tmp_path / "eng", BuildOptions(backend="none", fp16=True, progress=False))
+    with caplog.at_level(logging.WARNING, logger="sedeploy"):
+        res = package_triton(tmp_path / "eng", tmp_path / "repo", artifacts=True)
+    assert {m["name"] for m in res["models"]} == {"tiny_fp32_onnx", "tiny_fp16_onnx"}
+    said = [r.getMessage() for r in caplog.records if "computes them in FP32" in r.getMessage()]
+    assert len(said) == (0 if cpu_computes_fp16() else 1) and all(s.startswith("tiny.fp16.onnx") for s in said)

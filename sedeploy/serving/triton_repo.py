@@ -335,6 +335,13 @@ def plan_models(engines_dir: str | Path, *, results: dict[str, Any] | None = Non
         pp = engine_preprocess(e["path"], inputs)
         params = {"sedeploy.preprocess": json.dumps(pp.as_dict())} if pp else {}
         params.update({"sedeploy.precision": str(e.get("precision")), "sedeploy.kind": str(e.get("kind"))})
+        if e["backend"] == "ort" and TRITON_BACKENDS["ort"]["kind"] == "KIND_CPU":
+            from sedeploy.backends.ort import holds_fp16_tensors, unsupported_here
+
+            if unsupported_here("fp16") is not None and holds_fp16_tensors(e["path"]):
+                log.warning("%s holds FP16 tensors; Triton's ONNX Runtime backend on the CPU computes them in FP32 "
+                            "here (no FP16 kernels on this CPU): served, but not at FP16 speed or rounding.",
+                            e["path"].name)
         classes = outputs[0].shape[-1] if outputs and outputs[0].shape else -1
         if labels and len(labels) != classes:
             raise SedeployError(f"The labels file has {len(labels)} names, '{e['path'].name}' has {classes} classes.",
