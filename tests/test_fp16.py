@@ -411,3 +411,35 @@ def test_fp16_emulation_of_the_tensorrt_form_and_an_int8_note_on_ort(tmp_path):
     with OrtRunner(path, providers="cpu", threads=1) as r:
         note = r.precision_note()
     assert (note is None) if cpu_computes_fp16() else ("holds FP16 parts" in note)
+
+
+def test_fp16_that_loses_the_signal_is_refused_and_clipped_overflows_are_named(tmp_path):
+    """Two ways an FP16 artifact can be wrong with finite logits: values that FP16 rounding cancels (a bias of
+    30000 then −30000: the input's ±2 vanish into a grid of 16), refused by the relative drift gate; and an
+    overflow that a later op clips (QuantizeLinear clamps inf to 127), named by fp16_overflows."""
+    from sedeploy.fp16 import FP16_MAX_REL_DRIFT, fp16_overflows
+
+    shape = [1, 4, 1, 1]
+    big = numpy_helper.from_array(np.full(shape, 30000.0, np.float32), "big")
+    g = helper.make_graph([helper.make_node("Add", ["input", "big"], ["a"]),
+                           helper.make_node("Sub", ["a", "big"], ["logits"])], "cancel",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)], [big])
+    x = np.array([1.3, -2.1, 0.7, 1.9], np.float32).reshape(shape)
+    with pytest.raises(VerificationError, match=r"of the largest FP32 logit.*not\s+written"):
+        convert_fp16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "c.onnx",
+                     keep_fp32="none", verify_inputs=x)
+    assert not (tmp_path / "c.onnx").exists() and FP16_MAX_REL_DRIFT <= 0.1
+
+    nodes = [helper.make_node("Cast", ["input"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Mul", ["x16", "k"], ["huge"]),  # 1e5 · x: inf in FP16
+             helper.make_node("QuantizeLinear", ["huge", "s", "z"], ["q"]),  # clamps it to 127
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Cast", ["d"], ["logits"], to=TensorProto.FLOAT)]
+    inits = [numpy_helper.from_array(np.full(shape, 60000.0, np.float16), "k"),
+             numpy_helper.from_array(np.array(0.1, np.float16), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    g = helper.make_graph(nodes, "clip", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    assert fp16_overflows(m, x) == ["huge"]  # the logits are finite (12.7): only the exposed tensors show it
+    assert fp16_overflows(m, x / 1e5) == []
