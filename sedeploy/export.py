@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.fsutil import atomic_path, clean_stale_partials, disk_full_error, is_disk_full
+from sedeploy.fsutil import atomic_path, clean_stale_partials, disk_full_error, is_disk_full, require_utf8_path
 from sedeploy.onnxcore import META, get_metadata, set_metadata, sha256_file
 from sedeploy.preprocess import Preprocess, load_folder, smooth_noise
 
@@ -264,6 +264,8 @@ def export_model(*, depth: int | None = None, checkpoint: str | None = None, out
     check_export_options(depth=depth, input_size=input_size, num_classes=num_classes, atol=atol, rtol=rtol,
                          batch_size=batch_size)
     _check_opset(opset)
+    if output is not None:
+        require_utf8_path(output, "output file (-o)")
     if output is not None and Path(output).is_dir():
         raise SedeployError(f"The output '{output}' is a folder.", expected="an .onnx file path",
                             fix=f"pass a file name, e.g. -o {Path(output) / 'model.onnx'}")

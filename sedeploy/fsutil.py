@@ -143,7 +143,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     On any exception (including KeyboardInterrupt) the temporary file is removed and ``final`` is untouched; an
     out-of-space error becomes :func:`disk_full_error`.
     """
-    final = Path(final)
+    final = require_utf8_path(final, "file")
     ensure_writable_dir(final.parent, "folder", fix=f"write '{final.name}' somewhere else, or fix the folder's "
                                                     "permissions")
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")

@@ -250,7 +250,8 @@ def foreign_preprocess(model: str | Path, *, mean: tuple[float, float, float] | 
         raise SedeployError(f"--resize {resize} is not valid for a {size} px input.",
                             expected=f"a short-side size from the {size} px centre crop to "
                                      f"{MAX_RESIZE_FACTOR * size} ({MAX_RESIZE_FACTOR}× it)",
-                            fix=f"omit --resize (default {round(size * 256 / 224)}), or pass ≥ {size}")
+                            fix=f"omit --resize (default {round(size * 256 / 224)}), or pass {size}–"
+                                f"{MAX_RESIZE_FACTOR * size}")
     base = Preprocess.for_size(size)
     return Preprocess(size=size, resize_short=base.resize_short if resize is None else resize,
                       mean=mean or base.mean, std=std or base.std)
@@ -461,8 +462,15 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
                 res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is "
                                  f"built from it (the {art.kind} form is meant for another backend)")
                 continue
+            fp16_parts = why_fp16 = None
+            if art.kind == "int8-trt":
+                from sedeploy.onnxcore import holds_fp16_tensors
+
+                why_fp16 = unsupported_here(opt.backend, "fp16")
+                fp16_parts = why_fp16 is not None and holds_fp16_tensors(art.path)
             res.notes.append(f"{art.path.name}: the {art.kind} form is meant for another backend; built for "
-                             f"{table.label} as asked (it runs, but not in the form {table.label} runs fastest)")
+                             f"{table.label} as asked (it runs, but not in the form {table.label} runs fastest"
+                             + ("; its FP16 parts compute in FP32 here: " + why_fp16 if fp16_parts else "") + ")")
         why = unsupported_here(opt.backend, art.precision)
         if why is not None and not given:  # an artifact given as MODEL is refused by the builder, with the reason
             res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is built "
@@ -497,15 +505,19 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     opt = options or BuildOptions()
     t_all = time.perf_counter()
     started = time.time()
+    if model is not None:
+        _check_model_file(model)
     if opt.backend == "auto":
         from sedeploy.backends import resolve_backend
 
-        opt = dataclasses.replace(opt, backend=resolve_backend(opt.backend))
-        log.info("--backend auto: building %s engines (OpenVINO when it imports on x86-64, else ONNX Runtime)",
-                 BACKENDS[opt.backend].label)
+        chosen = resolve_backend(opt.backend)
+        kind = Artifact.from_file(model).kind if model is not None else "fp32"
+        if kind not in BACKENDS[chosen].kinds:  # an artifact made for another CPU backend (int8-cpu: ORT's form)
+            chosen = next((n for n, b in BACKENDS.items() if kind in b.kinds and b.device != "gpu"), chosen)
+        opt = dataclasses.replace(opt, backend=chosen)
+        log.info("--backend auto: building %s engines (OpenVINO when it imports on x86-64, else ONNX Runtime; the "
+                 "CPU backend an INT8 artifact given as MODEL was made for)", BACKENDS[opt.backend].label)
     _check_options(opt)
-    if model is not None:
-        _check_model_file(model)
     made = missing_dirs(out_dir)  # -o and any parents this run creates: removed again if it fails
     try:
         out = ensure_writable_dir(out_dir, "output folder", fix="choose another output folder (-o DIR) or fix its "

@@ -393,3 +393,24 @@ def test_bench_peers_rows_in_the_same_run(ov_build, tiny_trained_art, tmp_path):
     # OpenVINO reading the same FP32 ONNX agrees with sedeploy's FP32 OpenVINO engine; NNCF's INT8 nearly so
     assert rows[PEER_FP32]["accuracy"]["top1_agreement_pct"] == pytest.approx(100.0)
     assert rows[PEER_NNCF]["accuracy"]["top1_agreement_pct"] >= 90.0
+
+
+def test_broken_openvino_install_is_named_with_its_cause(tmp_path, monkeypatch):
+    """An installed openvino that fails to import (a missing shared library raises RuntimeError or OSError) is exit
+    4 with the cause and a reinstall hint, not a traceback; a missing one keeps the install hint."""
+    import sys
+
+    from sedeploy.errors import IncompatibleDependencyError, MissingDependencyError
+
+    fake = tmp_path / "openvino"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("libopenvino.so.2600: cannot open shared object file")\n')
+    monkeypatch.delitem(sys.modules, "openvino", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(IncompatibleDependencyError, match=r"fails to import \(RuntimeError: libopenvino") as err:
+        OVB.require_openvino("Building OpenVINO engines")
+    assert err.value.exit_code == 4 and "--force-reinstall" in err.value.fix
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not importable at all
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(MissingDependencyError):
+        OVB.require_openvino("Building OpenVINO engines")

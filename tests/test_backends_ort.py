@@ -327,10 +327,11 @@ def test_fp16_graph_gets_no_ort_engine_where_the_cpu_computes_it_in_fp32(tiny_on
     """ORT's CPU provider (x86-64) folds an FP16 graph's weights to FP32 and runs FP32 kernels: an engine saved from
     it computes in FP32, so it is refused, never labelled FP16. The probe sees that on a one-Conv graph."""
     from sedeploy.fp16 import convert_fp16
+    from sedeploy.onnxcore import holds_fp16_tensors
 
     fp16 = tmp_path / "tiny.fp16.onnx"
     convert_fp16(tiny_onnx, fp16)
-    assert B.holds_fp16_tensors(fp16) and not B.holds_fp16_tensors(tiny_onnx)
+    assert holds_fp16_tensors(fp16) and not holds_fp16_tensors(tiny_onnx)
     if B.cpu_computes_fp16():
         pytest.skip("this CPU's ONNX Runtime computes FP16 convolutions in FP16")
     assert "FP32 kernels" in B.unsupported_here("fp16") and B.unsupported_here("fp32") is None

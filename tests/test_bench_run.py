@@ -373,3 +373,16 @@ def test_swapped_ort_engine_is_refused(tmp_path, tiny_onnx):
     shutil.copy(tiny_onnx, art)
     build_ort_engine(art, art.parent, threads=1)
     assert E.describe_engine(art).sidecar is None
+
+
+def test_build_folder_missing_a_sidecar_is_refused(tiny_onnx, tmp_path):
+    """bench DIR: every file the manifest lists for an engine must be there, its sidecar too (without it the
+    engine's sha256 could not be checked, and a swapped engine would run under this build's name)."""
+    from sedeploy.pipeline import BuildOptions, build_engines
+
+    out = tmp_path / "eng"
+    build_engines(tiny_onnx, out, BuildOptions(backend="ort", progress=False))
+    assert E.expand_engine_paths([out])
+    (out / "tiny.fp32.ort.json").unlink()
+    with pytest.raises(SedeployError, match=r"lists 'tiny\.fp32\.ort\.json', which is not in"):
+        E.expand_engine_paths([out])

@@ -157,3 +157,16 @@ def test_load_onnx_names_json_and_non_utf8_paths(tmp_path):
     with pytest.raises(SedeployError, match="not valid UTF-8") as err:
         load_onnx(odd)
     assert "rename it" in err.value.fix
+
+
+def test_export_refuses_a_non_utf8_file_name_before_any_work(tmp_path):
+    import os
+
+    from click.testing import CliRunner
+
+    from sedeploy.cli import cli
+
+    out = tmp_path / os.fsdecode(b"bad\xff.onnx")
+    r = CliRunner().invoke(cli, ["export", "--depth", "18", "-o", str(out)])
+    assert r.exit_code == 2 and "not valid UTF-8" in r.output and "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []

@@ -92,6 +92,15 @@ def test_artifact_input_builds_only_its_engine(built, tmp_path):
         build_engines(cpu, tmp_path, BuildOptions(backend="ort", fp16=True, progress=False))
 
 
+def test_auto_builds_an_int8_cpu_artifact_for_onnx_runtime(built, tmp_path):
+    """--backend auto given ONNX Runtime's own INT8 form (QOperator, which OpenVINO cannot read): it is built for
+    ONNX Runtime, whatever the default CPU backend is."""
+    res, out = built
+    cpu = next(a.path for a in res.artifacts if a.flavour == "cpu")
+    again = build_engines(cpu, tmp_path / "auto", BuildOptions(backend="auto", threads=1, progress=False))
+    assert [e["backend"] for e in again.engines] == ["ort"]
+
+
 def test_artifact_of_the_other_flavour_is_built_as_asked_with_a_note(built, tmp_path):
     """The TensorRT Q/DQ form given to the ONNX Runtime backend: built (ORT reads it), and the summary says it is
     not the form ORT runs fastest — never an exit 0 with nothing built."""
@@ -100,6 +109,10 @@ def test_artifact_of_the_other_flavour_is_built_as_asked_with_a_note(built, tmp_
     again = build_engines(trt, tmp_path, BuildOptions(backend="ort", threads=1, progress=False))
     assert [e["kind"] for e in again.engines] == ["int8-trt"]
     assert any("meant for another backend" in n and "as asked" in n for n in again.notes), again.notes
+    from sedeploy.backends.ort import cpu_computes_fp16
+
+    said = any("its FP16 parts compute in FP32 here" in n for n in again.notes)
+    assert said is (not cpu_computes_fp16())  # the precision change is said, not only the speed
 
 
 def test_cpu_quantization_leaves_the_callers_logging_alone(tiny_trained_art, tmp_path, monkeypatch):

@@ -54,7 +54,7 @@ import numpy as np
 
 from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, sidecar_path, validate_input, \
     write_sidecar
-from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
+from sedeploy.errors import IncompatibleDependencyError, MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import disk_full_error, ensure_writable_dir, short_of_space
 from sedeploy.onnxcore import default_threads
 
@@ -81,11 +81,20 @@ VERSION_FIELDS = 2
 
 
 def require_openvino(purpose: str):
-    """``import openvino`` or exit 4 with the install hint."""
+    """``import openvino`` or exit 4: the install hint when it is missing, the cause when an installed one fails to
+    import (a missing shared library, a broken install raises anything)."""
+    import importlib.util
+
     try:
         import openvino as ov
-    except ImportError as err:
-        raise MissingDependencyError("openvino", "openvino", purpose) from err
+    except Exception as err:
+        if importlib.util.find_spec("openvino") is None:
+            raise MissingDependencyError("openvino", "openvino", purpose) from err
+        raise IncompatibleDependencyError(
+            f"{purpose} needs OpenVINO, but the installed 'openvino' package fails to import "
+            f"({type(err).__name__}: {_first_line(err)}).",
+            fix="reinstall it (pip install --force-reinstall 'sedeploy[openvino]'), or build for ONNX Runtime "
+                "(--backend ort)") from err
     return ov
 
 

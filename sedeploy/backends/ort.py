@@ -39,7 +39,7 @@ from sedeploy.backends import Engine, EngineOptions, Runner, validate_input, wri
 from sedeploy.errors import SedeployError
 from sedeploy.machine import cpu_description
 from sedeploy.fsutil import atomic_path, ensure_writable_dir
-from sedeploy.onnxcore import as_model, graph_precision, sha256_file
+from sedeploy.onnxcore import as_model, graph_precision, holds_fp16_tensors, sha256_file
 from sedeploy.onnxcore.session import (CPU, MACHINE_SPECIFIC_LEVELS, NUMPY_TYPES, default_threads, make_session,
                                        ort_module)
 
@@ -135,16 +135,6 @@ def optimized_graph_histogram(path: str | Path, level: str = "all", threads: int
     conversions around SE blocks become visible: ORT keeps the SE squeeze (ReduceMean) and scale (Mul) in plain
     NCHW."""
     return op_histogram(optimized_model(path, level, threads))
-
-
-def holds_fp16_tensors(model) -> bool:
-    """Does the graph (a path or ModelProto) hold any float16 initializer? True for the FP16 artifact and for the
-    TensorRT INT8 form (Q/DQ inside the FP16 graph); after ORT's level-"all" optimizer, only where an FP16 kernel
-    runs (it folds the weights of a Conv it runs in FP32)."""
-    import onnx
-
-    proto, _ = as_model(model, weights=True)
-    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
 
 
 @functools.cache

@@ -101,6 +101,9 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
             built_in = data.get("out_dir")
             for e in entries:
                 out.append(_listed_file(p, manifest, Path(e["path"]), built_in))
+                for extra in e.get("files") or []:  # the engine's companions and sidecar must be there too: an
+                    if isinstance(extra, str) and extra:  # engine without its sidecar runs unchecked
+                        _listed_file(p, manifest, Path(extra), built_in)
         else:
             out.append(p)
     if not out:

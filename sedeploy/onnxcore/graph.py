@@ -178,6 +178,16 @@ def graph_precision(model) -> str:
     return "fp32"
 
 
+def holds_fp16_tensors(model) -> bool:
+    """Does the graph (a path or ModelProto) hold any float16 initializer? True for the FP16 artifact and for the
+    TensorRT INT8 form (Q/DQ inside the FP16 graph); after ORT's level-"all" optimizer, only where an FP16 kernel
+    runs (it folds the weights of a Conv it runs in FP32)."""
+    from sedeploy.onnxcore.io import as_model
+
+    proto, _ = as_model(model, weights=True)
+    return any(t.data_type == FLOAT16 for t in proto.graph.initializer)
+
+
 #: ops that pass a classifier's output through unchanged in meaning (shape only)
 _OUTPUT_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Cast")
 

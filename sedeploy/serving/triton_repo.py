@@ -336,7 +336,8 @@ def plan_models(engines_dir: str | Path, *, results: dict[str, Any] | None = Non
         params = {"sedeploy.preprocess": json.dumps(pp.as_dict())} if pp else {}
         params.update({"sedeploy.precision": str(e.get("precision")), "sedeploy.kind": str(e.get("kind"))})
         if e["backend"] == "ort" and TRITON_BACKENDS["ort"]["kind"] == "KIND_CPU":
-            from sedeploy.backends.ort import holds_fp16_tensors, unsupported_here
+            from sedeploy.backends.ort import unsupported_here
+            from sedeploy.onnxcore import holds_fp16_tensors
 
             if unsupported_here("fp16") is not None and holds_fp16_tensors(e["path"]):
                 log.warning("%s holds FP16 tensors; Triton's ONNX Runtime backend on the CPU computes them in FP32 "
