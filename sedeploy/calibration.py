@@ -126,6 +126,14 @@ class CalibrationResult:
     def from_dict(cls, d: dict, *, cache_hit: bool = False, cache_path: str | None = None) -> "CalibrationResult":
         if d.get("format") != CACHE_FORMAT:
             raise ValueError(f"not a {CACHE_FORMAT} file")
+        if d.get("version") != CALIBRATION_VERSION or d.get("method") not in METHODS:
+            raise ValueError(f"version {d.get('version')!r} / method {d.get('method')!r}, not {CALIBRATION_VERSION} / "
+                             f"one of {', '.join(METHODS)}")
+        for table in ("ranges", "uint8_ranges"):
+            bad = [k for k, v in (d.get(table) or {}).items()
+                   if not (len(v) == 2 and all(math.isfinite(float(x)) for x in v) and float(v[0]) <= float(v[1]))]
+            if bad:
+                raise ValueError(f"{table} of {bad[:3]} are not finite [low, high] pairs")
         return cls(ranges={k: (float(v[0]), float(v[1])) for k, v in d["ranges"].items()}, method=d["method"],
                    params=dict(d["params"]), images=list(d["images"]), key=d["key"], cache_hit=cache_hit,
                    seconds=float(d["seconds"]), model_sha256=d["model_sha256"], preprocess=dict(d["preprocess"]),

@@ -134,6 +134,15 @@ def test_damaged_default_cache_entries_are_recomputed_or_named(tiny, calib16, tm
         b = _cal(tiny, calib16, tmp_path)
     assert not b.cache_hit and "Ignoring unreadable calibration cache" in caplog.text
     assert CalibrationResult.load(entry).key == a.key
+    import json
+
+    for damage in ({"ranges": {k: [float("nan"), 1.0] for k in a.ranges}}, {"version": 99}, {"method": "bogus"},
+                   {"ranges": {k: [5.0, -5.0] for k in a.ranges}}):
+        entry.write_text(json.dumps({**a.to_dict(), **damage}))  # the key still matches: the contents are checked
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sedeploy"):
+            c = _cal(tiny, calib16, tmp_path)
+        assert not c.cache_hit and "Ignoring unreadable calibration cache" in caplog.text, damage
     entry.unlink()
     entry.mkdir()  # a folder where the entry goes: one clear error, not an IsADirectoryError traceback
     with pytest.raises(SedeployError, match="is a folder"):
