@@ -116,7 +116,12 @@ def parse_keep_fp32(keep_fp32: str | Iterable[str] | None) -> tuple[str, ...]:
     if keep_fp32 is None:
         return ()
     items = keep_fp32.split(",") if isinstance(keep_fp32, str) else list(keep_fp32)
-    names = [s.strip() for s in items if s and s.strip() and s.strip() != "none"]
+    stripped = [s.strip() for s in items if s and s.strip()]
+    if "none" in stripped and len(stripped) > 1:
+        raise SedeployError(f"keep_fp32 {keep_fp32!r} names 'none' and groups together.",
+                            expected=f"'none', or a comma-separated subset of {', '.join(PRECISION_GROUPS)}",
+                            fix="e.g. --keep-fp32 none (everything FP16) or --keep-fp32 head")
+    names = [s for s in stripped if s != "none"]
     bad = [s for s in names if s not in PRECISION_GROUPS]
     if bad:
         raise SedeployError(f"Unknown FP32 group(s) {bad} in keep_fp32.",

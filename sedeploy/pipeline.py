@@ -153,6 +153,10 @@ def _check_options(opt: BuildOptions) -> None:
         raise SedeployError(f"--se-int8 {opt.se_int8} is not valid.", expected=f"one of {', '.join(int8.SE_POLICIES)}")
     if opt.keep_fp32 is not None:
         fp16.parse_keep_fp32(opt.keep_fp32)
+        if not (opt.fp16 or opt.int8):
+            raise SedeployError(f"--keep-fp32 {opt.keep_fp32} chooses what stays FP32 in the FP16 artifact and the "
+                                "TensorRT INT8 form; neither --fp16 nor --int8 was given.",
+                                fix="add --fp16 (and/or --int8), or drop --keep-fp32")
     if opt.calib is not None:
         from sedeploy.preprocess import find_images
 

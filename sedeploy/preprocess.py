@@ -196,7 +196,8 @@ def load_batch(paths: list[Path], pp: Preprocess = Preprocess(), *, progress: bo
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for corrupt/unknown files
             bad.append((path, err))
     if bad:
-        names = ", ".join(f"{p.name} ({type(e).__name__})" for p, e in bad[:5])
+        names = ", ".join(f"{p.name} ({str(e) if str(e).startswith('too large') else type(e).__name__})"
+                          for p, e in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         log.warning("Skipping %d unreadable image(s): %s%s", len(bad), names, more)
     if not arrays:

@@ -162,6 +162,7 @@ def test_sidecars_and_manifest_point_into_the_output_folder(tiny_onnx, tmp_path)
     ({"threads": 100_000}, r"--threads 100000 is not valid(.|\n)*4 per core"),  # oversubscription, not a value
     ({"workspace_gib": 0.0}, r"--workspace 0.0"),
     ({"keep_fp32": "se,bogus"}, r"Unknown FP32 group"),
+    ({"keep_fp32": "head"}, r"--keep-fp32 head chooses what stays FP32.*neither --fp16 nor --int8"),
     ({"int8": True, "calib": "/nonexistent/calib"}, r"calibration image folder \(--calib\) '/nonexistent/calib' "
                                                     r"does not exist"),
 ])

@@ -231,6 +231,12 @@ def test_keep_fp32_policy_keeps_exactly_those_nodes(tiny, fp32_proto, artifacts,
     _assert_flips_only_near_ties(ref_logits, got, min_agreement=0.995)
 
 
+def test_keep_fp32_none_with_groups_is_refused():
+    with pytest.raises(SedeployError, match="names 'none' and groups together"):
+        parse_keep_fp32("none,head")
+    assert parse_keep_fp32("none") == () and parse_keep_fp32("head, se") == ("head", "se")
+
+
 def test_keep_fp32_names_are_checked():
     assert parse_keep_fp32("se_gate, head") == ("se_gate", "head")
     assert parse_keep_fp32("none") == () == parse_keep_fp32(None)

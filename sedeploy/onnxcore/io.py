@@ -72,7 +72,7 @@ def _not_found(p: Path, what: str) -> SedeployError:
 #: Files sedeploy builds from ONNX models, which are sometimes passed where a model is expected.
 _ENGINE_SUFFIXES = ((".ov.xml", "an OpenVINO engine (IR)"), (".ov.bin", "an OpenVINO engine's weights file"),
                     (".plan", "a TensorRT engine"), (".ov.json", "an engine's sidecar"),
-                    (".trt.json", "an engine's sidecar"))
+                    (".trt.json", "an engine's sidecar"), (".ort.json", "an engine's sidecar"))
 
 
 def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = True, check: bool = True):
