@@ -466,15 +466,15 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
                 res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is "
                                  f"built from it (the {art.kind} form is meant for another backend)")
                 continue
-            fp16_parts = why_fp16 = None
+            fp16_parts = False
             if art.kind == "int8-trt":
                 from sedeploy.onnxcore import holds_fp16_tensors
 
-                why_fp16 = unsupported_here(opt.backend, "fp16")
-                fp16_parts = why_fp16 is not None and holds_fp16_tensors(art.path)
+                fp16_parts = unsupported_here(opt.backend, "fp16") is not None and holds_fp16_tensors(art.path)
             res.notes.append(f"{art.path.name}: the {art.kind} form is meant for another backend; built for "
                              f"{table.label} as asked (it runs, but not in the form {table.label} runs fastest"
-                             + ("; its FP16 parts compute in FP32 here: " + why_fp16 if fp16_parts else "") + ")")
+                             + (f"; its FP16 parts compute in FP32 here: {table.label} has no FP16 kernels on this "
+                                "CPU" if fp16_parts else "") + ")")
         why = unsupported_here(opt.backend, art.precision)
         if why is not None and not given:  # an artifact given as MODEL is refused by the builder, with the reason
             res.notes.append(f"{art.path.name}: written as a portable artifact; no {table.label} engine is built "
