@@ -51,7 +51,7 @@ PRECISION_GROUPS = ("se_gate", "se", "head")
 #: convolutions, not from the SE path or the classifier, and each FP32 island costs Casts (34 for the SE groups)
 #: that TensorRT must run. On the tiny trained SE-ResNet-18 (tests) all-FP16 agrees on ≥ 99.9 % of held-out
 #: images. So the default is all-FP16; the groups stay available for models that do overflow (the verification
-#: now sees an overflowing activation as non-finite logits).
+#: finds an overflowing FP16 tensor with fp16_overflows, even where a later op clips it).
 DEFAULT_KEEP_FP32: tuple[str, ...] = ()
 FP16_MAX = 65504.0
 #: the FP16 artifact is refused when its max |Δlogit| (emulated) exceeds this share of the largest FP32 logit.
@@ -418,9 +418,9 @@ def fp16_emulation(model, *, expose: bool = False):
     stores: every tensor the graph types float16 is rounded to float16 where it is produced, and the arithmetic
     in between is float32.
 
-    Why: ONNX Runtime's CPU provider (x86-64) has no FP16 convolution kernels; it folds an FP16 graph's weights to
-    float32 and removes the Cast pairs it inserts around them, so running the FP16 artifact there rounds the
-    weights only, never an activation (an overflow past 65504 could never show). Explicit Cast pairs written in
+    Why: ONNX Runtime's CPU provider (x86-64) has no FP16 convolution kernels; it runs an FP16 graph with FP32
+    kernels (folding the weights to float32, or casting them, and dropping the Cast pairs it inserts), so running
+    the FP16 artifact there rounds the weights only, never an activation (an overflow past 65504 could not show). Explicit Cast pairs written in
     the graph are kept, so the emulation rounds each activation as the FP16 graph stores it. It models FP16
     *storage* between ops; an FP16 engine (TensorRT) may also accumulate inside a kernel in FP16 and fuse ops
     (rounding less often), so it is a close model, not the engine itself. Run it at optimization "basic" or lower

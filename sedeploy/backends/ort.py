@@ -12,7 +12,8 @@ onnxruntime-gpu offers them, else the CPU — the same artifacts run on the GPU 
 FP16: ONNX Runtime's CPU provider has no FP16 convolution kernels on x86-64. Given an FP16 graph, it runs FP32
 kernels: at level "all" its optimizer folds the FP16 weights to FP32 (the optimized graph holds no FP16 tensor), at
 lower levels it inserts Casts to FP32 before them; measured on SE-ResNet-50, the logits match an FP32 graph with
-FP16-rounded weights to within 1e-6 of the largest logit (levels "all" and "disabled"). So an "FP16 engine" saved from it would compute in FP32. :func:`cpu_computes_fp16` probes this once per process;
+FP16-rounded weights to within 1e-6 of the largest logit (levels "all" and "disabled"). So an "FP16 engine"
+saved from it would compute in FP32. :func:`cpu_computes_fp16` probes this once per process;
 where it is False, :func:`unsupported_here` says why, ``build-engine`` writes the FP16 artifact without an ORT
 engine, and :func:`build_ort_engine` refuses an FP16 source rather than label an FP32 engine FP16. The FP16
 artifact's drift is verified on the CPU with :func:`sedeploy.fp16.fp16_emulation` instead.
