@@ -420,8 +420,9 @@ def fp16_emulation(model, *, expose: bool = False):
 
     Why: ONNX Runtime's CPU provider (x86-64) has no FP16 convolution kernels; it runs an FP16 graph with FP32
     kernels (folding the weights to float32, or casting them, and dropping the Cast pairs it inserts), so running
-    the FP16 artifact there rounds the weights only, never an activation (an overflow past 65504 could not show). Explicit Cast pairs written in
-    the graph are kept, so the emulation rounds each activation as the FP16 graph stores it. It models FP16
+    the FP16 artifact there rounds the weights only, never an activation (an overflow past 65504 could not show).
+    Explicit Cast pairs written in the graph are kept, so the emulation rounds each activation as the FP16 graph
+    stores it. It models FP16
     *storage* between ops; an FP16 engine (TensorRT) may also accumulate inside a kernel in FP16 and fuse ops
     (rounding less often), so it is a close model, not the engine itself. Run it at optimization "basic" or lower
     (measured: "basic" and "disabled" give identical logits on SE-ResNet-50). ``expose``: every rounded tensor is
