@@ -180,6 +180,11 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+#: unreadable images already named in a warning by this process (build-engine reads its --calib folder for the
+#: fusion check, the FP16 check and calibration: each file is named once)
+_WARNED: set[Path] = set()
+
+
 def load_batch(paths: list[Path], pp: Preprocess = Preprocess(), *, progress: bool = False,
                what: str = "image folder") -> tuple[np.ndarray, list[Path]]:
     """Load and preprocess ``paths``; corrupt files are skipped with a warning naming them.
@@ -195,11 +200,13 @@ def load_batch(paths: list[Path], pp: Preprocess = Preprocess(), *, progress: bo
             loaded.append(path)
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for corrupt/unknown files
             bad.append((path, err))
-    if bad:
+    new = [(p, e) for p, e in bad if p.resolve() not in _WARNED]  # one run reads a folder more than once
+    _WARNED.update(p.resolve() for p, _ in new)
+    if new:
         names = ", ".join(f"{p.name} ({str(e) if str(e).startswith('too large') else type(e).__name__})"
-                          for p, e in bad[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        log.warning("Skipping %d unreadable image(s): %s%s", len(bad), names, more)
+                          for p, e in new[:5])
+        more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+        log.warning("Skipping %d unreadable image(s): %s%s", len(new), names, more)
     if not arrays:
         raise SedeployError(f"None of the {len(paths)} image file(s) in the {what} could be decoded.",
                             fix="check the files are valid JPEG/PNG images, or pass another folder")

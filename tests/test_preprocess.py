@@ -70,6 +70,17 @@ def test_decompression_bomb_is_skipped_not_a_traceback(tmp_path, caplog, monkeyp
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def test_an_unreadable_image_is_named_once_per_process(tmp_path, caplog):
+    """build-engine reads its --calib folder up to three times (fusion check, FP16 check, calibration)."""
+    _write(tmp_path / "good.jpg", 40, 40)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="sedeploy"):
+        for _ in range(3):
+            x, paths = load_folder(tmp_path, Preprocess.for_size(16))
+            assert [p.name for p in paths] == ["good.jpg"]  # skipped every time
+    assert caplog.text.count("broken.jpg") == 1
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(SedeployError, match="does not exist"):
         find_images(tmp_path / "missing")
