@@ -9,6 +9,12 @@ and the accuracy-budget artifacts (float fallback layers would run in bf16). Top
 
     python benchmarks/reference_int8.py --budget-only --budget 99.3 --budget-images 2000   # leaves the artifacts
     python benchmarks/ov_bf16.py --budget-artifacts /tmp/sedeploy-reference-int8/budget/*.int8-ov.onnx
+
+Or on any `sedeploy build-engine --int8 --backend openvino` folder (its FP32 graph and int8-ov artifact), with the
+first ``--images`` of a flat image folder, all of them scored:
+
+    python benchmarks/ov_bf16.py --build-folder engines/ --size 224 --images 300 \
+        --data ../shared/data/imagenet-val-1300/images --name results-se50-224px
 """
 from __future__ import annotations
 
@@ -64,6 +70,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "imagenette")
     ap.add_argument("--search-images", type=int, default=2000, help="reference_int8.py's --budget-images")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--build-folder", type=Path, default=None,
+                    help="a build-engine folder: its *.fp32.onnx and *.int8-ov.onnx instead of the reference's")
+    ap.add_argument("--size", type=int, default=112, help="input size (the reference: 112)")
+    ap.add_argument("--images", type=int, default=0, help="with --build-folder: the first N images of --data")
+    ap.add_argument("--name", default="results", help="results file name in benchmarks/results/ov_bf16/")
     args = ap.parse_args(argv)
 
     import openvino as ov
@@ -72,15 +83,27 @@ def main(argv=None) -> int:
     from sedeploy.bench.timing import paired_speedup, time_runners
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 
-    pp = Preprocess.for_size(112)
-    x, _ = load_batch(find_images(args.data / "val").paths, pp)
-    held = np.random.default_rng(0).permutation(len(x))[args.search_images:]
-    xh = x[held]
-    sources = {"FP32 graph": args.work / "112px" / "engines" / "reference.fp32.onnx",  # reference_int8.prepare
-               "every layer INT8": args.work / "budget" / "all-int8.onnx",
-               **{f"budget artifact {p.name}": p for p in args.budget_artifacts}}
+    pp = Preprocess.for_size(args.size)
     core = ov.Core()
-    runners = {f"{name}, {hint}": _Compiled(core, path, hint, 112) for name, path in sources.items()
+    caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    if "BF16" not in caps:
+        sys.exit(f"this CPU has no bf16 for OpenVINO (its capabilities: {', '.join(caps)})")
+    if args.build_folder is not None:
+        found = find_images(args.data).paths
+        x, _ = load_batch(found[:args.images] if args.images else found, pp)
+        xh = x
+        sources = {"FP32 graph": next(args.build_folder.glob("*.fp32.onnx")),
+                   "every layer INT8": next(args.build_folder.glob("*.int8-ov.onnx"))}
+        scored = f"the first {len(xh)} images of {args.data}"
+    else:
+        x, _ = load_batch(find_images(args.data / "val").paths, pp)
+        held = np.random.default_rng(0).permutation(len(x))[args.search_images:]
+        xh = x[held]
+        sources = {"FP32 graph": args.work / "112px" / "engines" / "reference.fp32.onnx",  # reference_int8.prepare
+                   "every layer INT8": args.work / "budget" / "all-int8.onnx",
+                   **{f"budget artifact {p.name}": p for p in args.budget_artifacts}}
+        scored = f"the {len(xh)} held-out Imagenette val images"
+    runners = {f"{name}, {hint}": _Compiled(core, path, hint, args.size) for name, path in sources.items()
                for hint in ("f32", "bf16")}
     ref_name = "FP32 graph, f32"
     ref = _logits(runners[ref_name], xh).argmax(1)
@@ -91,13 +114,15 @@ def main(argv=None) -> int:
     for n in runners:
         res["rows"][n]["x_fp32_f32"] = round(paired_speedup(t.samples[ref_name][8], t.samples[n][8]), 3)
         res["rows"][n]["img_s"] = round(8 / float(np.median(t.samples[n][8])), 1)
-    lines = ["# OpenVINO inference precision f32 vs bf16 — trained reference SE-ResNet-50, 112 px", "",
-             f"Top-1 agreement with FP32 (f32) on the {len(xh)} held-out Imagenette val images; speed at batch 8, "
+    model = ("trained reference SE-ResNet-50" if args.build_folder is None
+             else f"{sources['FP32 graph'].name.removesuffix('.fp32.onnx')} from {args.build_folder}")
+    lines = [f"# OpenVINO inference precision f32 vs bf16 — {model}, {args.size} px", "",
+             f"Top-1 agreement with FP32 (f32) on {scored}; speed at batch 8, "
              f"interleaved ({args.repeats} rounds, settle 1, 2 threads, static shape).", "",
              "| engine, precision of the non-int8 parts | agreement | img/s | × FP32 f32 |", "|---|---|---|---|"]
     lines += [f"| {n} | {r['agreement_pct']} % | {r['img_s']} | {r['x_fp32_f32']} |" for n, r in res["rows"].items()]
     print("\n".join(lines))
-    write_results(__file__, res, "\n".join(lines), argv=argv)
+    write_results(__file__, res, "\n".join(lines), argv=argv, name=args.name)
     return 0
 
 
