@@ -371,7 +371,6 @@ def test_fp16_emulation_rounds_every_float16_tensor_as_numpy_does(tmp_path):
     onnx.checker.check_model(emu, full_check=True)
     got = cpu_session(emu, optimization="basic").run(None, {"input": x})[0]
     np.testing.assert_array_equal(got, want)
-    assert onnx.load(str(path)).SerializeToString() != emu.SerializeToString()
     if not cpu_computes_fp16():
         raw = cpu_session(path).run(None, {"input": x})[0]
         assert not np.array_equal(raw, want)  # why the emulation exists
@@ -423,7 +422,7 @@ def test_fp16_that_loses_the_signal_is_refused_and_clipped_overflows_are_named(t
     """Two ways an FP16 artifact can be wrong with finite logits: values that FP16 rounding cancels (a bias of
     30000 then −30000: the input's ±2 vanish into a grid of 16), refused by the relative drift gate; and an
     overflow that a later op clips (QuantizeLinear clamps inf to 127), named by fp16_overflows."""
-    from sedeploy.fp16 import FP16_MAX_REL_DRIFT, fp16_overflows
+    from sedeploy.fp16 import fp16_overflows
 
     shape = [1, 4, 1, 1]
     big = numpy_helper.from_array(np.full(shape, 30000.0, np.float32), "big")
@@ -435,7 +434,7 @@ def test_fp16_that_loses_the_signal_is_refused_and_clipped_overflows_are_named(t
     with pytest.raises(VerificationError, match=r"of the largest FP32 logit.*not\s+written"):
         convert_fp16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "c.onnx",
                      keep_fp32="none", verify_inputs=x)
-    assert not (tmp_path / "c.onnx").exists() and FP16_MAX_REL_DRIFT <= 0.1
+    assert not (tmp_path / "c.onnx").exists()
 
     nodes = [helper.make_node("Cast", ["input"], ["x16"], to=TensorProto.FLOAT16),
              helper.make_node("Mul", ["x16", "k"], ["huge"]),  # 1e5 · x: inf in FP16

@@ -161,7 +161,7 @@ def _plain_engine(ref: E.EngineSpec, tmp: Path, threads: int) -> tuple[Any, Engi
         return f"the stem width of {ref.name} cannot be read from its ONNX graph (not found beside the engine)"
     proto = E.load_light(E.source_onnx(ref.path, ref.sidecar))
     # the reference's opset, so both graphs come from the same exporter (dynamo ≥ 18, TorchScript below)
-    opset = (default_opset(proto) or 18) if proto else 18
+    opset = default_opset(proto) or 18
     net = build_model(int(depth), se=False, num_classes=int(ref.num_classes or 1000), base_channels=width, seed=0)
     size = ref.input_size or 224
     path = export_onnx(net, tmp / f"{net.spec.name}.onnx", input_size=size, opset=max(13, min(opset, 18)))

@@ -335,7 +335,7 @@ def plan_models(engines_dir: str | Path, *, results: dict[str, Any] | None = Non
         pp = engine_preprocess(e["path"], inputs)
         params = {"sedeploy.preprocess": json.dumps(pp.as_dict())} if pp else {}
         params.update({"sedeploy.precision": str(e.get("precision")), "sedeploy.kind": str(e.get("kind"))})
-        if e["backend"] == "ort" and TRITON_BACKENDS["ort"]["kind"] == "KIND_CPU":
+        if e["backend"] == "ort":  # served KIND_CPU (TRITON_BACKENDS)
             from sedeploy.backends.ort import unsupported_here
             from sedeploy.onnxcore import holds_fp16_tensors
 
