@@ -13,13 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sedeploy.errors import SedeployError
+from sedeploy.layout import INT8_FLAVOURS, MANIFEST, KINDS, artifact_path, artifact_stem
 
-#: the file a build-engine output folder lists its artifacts and engines in (read by bench, package, peers)
-MANIFEST = "manifest.json"
-KINDS = ("fp32", "fp16", "int8-trt", "int8-cpu", "int8-ov")
-INT8_FLAVOURS = ("trt", "cpu", "ov")
-#: file-name suffixes of sedeploy's artifacts and engines (stripped to recover the model's name)
-_SUFFIXES = (".fp32", ".fp16", ".int8-trt", ".int8-cpu", ".int8-ov", ".ort-opt", ".ov")
+__all__ = ["Artifact", "INT8_FLAVOURS", "KINDS", "MANIFEST", "artifact_path", "artifact_stem"]
 
 
 @dataclass
@@ -73,19 +69,3 @@ def _infer_flavour(proto) -> str | None:
     if any(n.op_type in QOPERATOR_OPS for n in proto.graph.node):
         return "cpu"
     return None
-
-
-def artifact_path(out_dir: str | Path, stem: str, kind: str) -> Path:
-    if kind not in KINDS:
-        raise SedeployError(f"Unknown artifact kind {kind!r}.", expected=f"one of {', '.join(KINDS)}")
-    return Path(out_dir) / f"{stem}.{kind}.onnx"
-
-
-def artifact_stem(path: str | Path) -> str:
-    """``se-resnet50.int8-cpu.onnx`` → ``se-resnet50``: artifacts of artifacts keep the model's name."""
-    stem = Path(path).name
-    for ext in (".onnx", ".plan", ".xml", ".blob"):
-        stem = stem.removesuffix(ext)
-    for suffix in _SUFFIXES:
-        stem = stem.removesuffix(suffix)
-    return stem

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from sedeploy.artifacts import MANIFEST
+from sedeploy.layout import MANIFEST
 from sedeploy.backends import BACKENDS, BUILD_CHOICES
 from sedeploy.errors import SedeployError
 

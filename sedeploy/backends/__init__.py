@@ -32,6 +32,7 @@ import numpy as np
 
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_write_text
+from sedeploy.layout import ENGINE_SUFFIX, SIDECAR_SUFFIX
 
 __all__ = ["BACKENDS", "BUILD_CHOICES", "Backend", "Engine", "EngineOptions", "Runner", "backend", "build_engine",
            "backend_for_engine", "default_cpu_backend", "resolve_backend", "open_runner", "sidecar_path", "read_sidecar", "write_sidecar", "validate_input"]
@@ -57,13 +58,13 @@ class Backend:
 #: The backends sedeploy builds for, in the order the CLI lists them.
 BACKENDS: dict[str, Backend] = {
     "ort": Backend("ort", "ONNX Runtime", "sedeploy.backends.ort", "OrtRunner", ("fp32", "fp16", "int8-cpu"),
-                   (".ort-opt.onnx",), None, "onnxruntime", "cpu/gpu", ".ort.json",
+                   (ENGINE_SUFFIX["ort"],), None, "onnxruntime", "cpu/gpu", SIDECAR_SUFFIX["ort"],
                    ("threads", "providers", "optimization")),
     "trt": Backend("trt", "TensorRT", "sedeploy.backends.tensorrt", "TrtRunner", ("fp32", "fp16", "int8-trt"),
-                   (".plan",), "tensorrt", "tensorrt", "gpu", ".trt.json"),
+                   (ENGINE_SUFFIX["trt"],), "tensorrt", "tensorrt", "gpu", SIDECAR_SUFFIX["trt"]),
     "openvino": Backend("openvino", "OpenVINO", "sedeploy.backends.openvino", "OpenVinoRunner",
-                        ("fp32", "fp16", "int8-ov"), (".ov.xml",), "openvino", "openvino", "cpu",
-                        ".ov.json", ("threads",)),
+                        ("fp32", "fp16", "int8-ov"), (ENGINE_SUFFIX["openvino"],), "openvino", "openvino",
+                        "cpu", SIDECAR_SUFFIX["openvino"], ("threads",)),
 }
 
 #: what ``build-engine --backend`` accepts: a backend, ``auto`` (:func:`default_cpu_backend`) or ``none`` (artifacts only)

@@ -56,14 +56,15 @@ from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, sidec
     write_sidecar
 from sedeploy.errors import IncompatibleDependencyError, MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import disk_full_error, ensure_writable_dir, short_of_space
+from sedeploy import layout
 from sedeploy.onnxcore import default_threads
 
 __all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "parse_ov_version", "ov_version",
            "require_openvino", "precision_hint_for", "compile_config", "layer_times", "DEFAULT_PERFORMANCE_HINT",
            "unsupported_here"]
 
-ENGINE_SUFFIX = ".ov.xml"
-WEIGHTS_SUFFIX = ".ov.bin"
+ENGINE_SUFFIX = layout.ENGINE_SUFFIX["openvino"]
+WEIGHTS_SUFFIX = layout.OPENVINO_WEIGHTS_SUFFIX
 DEVICE = "CPU"
 #: LATENCY: one stream with all threads serves one synchronous request best (measured, see the module docstring)
 DEFAULT_PERFORMANCE_HINT = "LATENCY"
@@ -430,7 +431,7 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
     out = ensure_writable_dir(out_dir)
     stem = src.name.removesuffix(".onnx")
     final_xml, final_bin = out / f"{stem}{ENGINE_SUFFIX}", out / f"{stem}{WEIGHTS_SUFFIX}"
-    sidecar = out / f"{stem}.ov.json"
+    sidecar = out / f"{stem}{layout.SIDECAR_SUFFIX['openvino']}"
     threads = default_threads() if options.threads is None else options.threads
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{stem}.ov-"))

@@ -40,6 +40,7 @@ from sedeploy.backends import Engine, EngineOptions, Runner, validate_input, wri
 from sedeploy.errors import SedeployError
 from sedeploy.machine import cpu_description
 from sedeploy.fsutil import atomic_path, ensure_writable_dir
+from sedeploy.layout import engine_paths
 from sedeploy.onnxcore import as_model, graph_precision, holds_fp16_tensors, sha256_file
 from sedeploy.onnxcore.session import (CPU, MACHINE_SPECIFIC_LEVELS, NUMPY_TYPES, default_threads, make_session,
                                        ort_module)
@@ -195,7 +196,7 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
                             fix="build the ORT engine from the .fp32.onnx or .int8-cpu.onnx artifact; the "
                                 ".fp16.onnx artifact is for TensorRT (sedeploy build-engine --backend trt)")
     out = ensure_writable_dir(out_dir)
-    final, sidecar = out / f"{src.stem}.ort-opt.onnx", out / f"{src.stem}.ort.json"
+    final, sidecar = engine_paths(out, src, "ort")
     if final.resolve() == src.resolve():
         raise SedeployError(f"Building into '{out}' would overwrite the source model '{src}'.",
                             fix="choose another output directory")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sedeploy.artifacts import MANIFEST
+from sedeploy.layout import MANIFEST
 from sedeploy.backends import Runner
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import META, get_metadata

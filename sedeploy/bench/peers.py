@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from sedeploy.artifacts import MANIFEST
+from sedeploy.layout import MANIFEST
 from sedeploy.bench.engines import EngineSpec, source_onnx
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.preprocess import Preprocess

@@ -22,8 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from sedeploy.checks.precision import BOUNDARY_OPS
-from sedeploy.checks.trt_qdq import Violation
-from sedeploy.checks.trt_rules import RULES
+from sedeploy.checks.trt_rules import RULES, Violation
 from sedeploy.errors import VerificationError
 from sedeploy.onnxcore import QOPERATOR_OPS, Graph, as_model, attr
 from sedeploy.onnxcore.graph import FLOAT_PRECISION, INT64

@@ -18,21 +18,10 @@ from typing import Iterable
 import numpy as np
 
 from sedeploy.checks.precision import format_precision, summarize_graph
-from sedeploy.checks.trt_rules import RULES, SENSITIVE_OPS, WEIGHTED_OPS
+from sedeploy.checks.strong_typing import check_strong_typing
+from sedeploy.checks.trt_rules import RULES, SENSITIVE_OPS, WEIGHTED_OPS, Violation
 from sedeploy.onnxcore import QOPERATOR_OPS, Graph, as_model, attr, compute_depths, default_opset
 from sedeploy.onnxcore.graph import INT8, INT32, UINT8
-
-
-@dataclass(frozen=True)
-class Violation:
-    rule: str
-    severity: str
-    node: str
-    found: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"[{self.rule}] {self.node}: {self.found}. Fix: {self.fix}"
 
 
 @dataclass
@@ -289,8 +278,6 @@ def check_trt_qdq(model) -> ValidationReport:
                 check.sensitive(n)
             elif n.op_type == "Add":
                 check.residual_add(n, depth)
-    from sedeploy.checks.strong_typing import check_strong_typing  # imports this module's Violation
-
     report.errors += check_strong_typing(proto).errors  # an inconsistently typed graph fails TensorRT's build
     per_channel = sum(1 for n in dqs if len(n.input) > 1 and g.is_const(n.input[1])
                       and np.asarray(g.const(n.input[1])).size > 1)

@@ -17,6 +17,20 @@ ONNX_SPEC = "ONNX operators QuantizeLinear/DequantizeLinear (axis since opset 13
 
 
 @dataclass(frozen=True)
+class Violation:
+    """One finding of a check: which rule, how severe, where, what was found and how to fix it."""
+
+    rule: str
+    severity: str
+    node: str
+    found: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.node}: {self.found}. Fix: {self.fix}"
+
+
+@dataclass(frozen=True)
 class Rule:
     severity: str  # "error" | "warning"
     summary: str

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sedeploy.errors import SedeployError
+from sedeploy.layout import MANIFEST, NOT_A_MODEL
 
 
 class META:
@@ -69,12 +70,6 @@ def _not_found(p: Path, what: str) -> SedeployError:
                          fix="pass an .onnx file, e.g. one written by `sedeploy export`")
 
 
-#: Files sedeploy builds from ONNX models, which are sometimes passed where a model is expected.
-_ENGINE_SUFFIXES = ((".ov.xml", "an OpenVINO engine (IR)"), (".ov.bin", "an OpenVINO engine's weights file"),
-                    (".plan", "a TensorRT engine"), (".ov.json", "an engine's sidecar"),
-                    (".trt.json", "an engine's sidecar"), (".ort.json", "an engine's sidecar"))
-
-
 def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = True, check: bool = True):
     """``onnx.load`` with one clear error for a missing, non-ONNX, truncated or invalid file.
 
@@ -84,7 +79,6 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
     import onnx
     from google.protobuf.message import DecodeError
 
-    from sedeploy.artifacts import MANIFEST
     from sedeploy.fsutil import require_utf8_path
 
     p = require_utf8_path(path, what)
@@ -96,7 +90,7 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
         raise SedeployError(f"The {what} '{p}' is the manifest of a build-engine folder, not an ONNX model.",
                             expected="an .onnx file", fix="pass one of the .onnx files it lists (or the folder, "
                                                           "to `sedeploy bench`)")
-    engine = next((kind for suffix, kind in _ENGINE_SUFFIXES if p.name.endswith(suffix)), None)
+    engine = next((kind for suffix, kind in NOT_A_MODEL if p.name.endswith(suffix)), None)
     if engine is not None:
         raise SedeployError(f"The {what} '{p}' is {engine}, not an ONNX model.",
                             expected="an .onnx file (an exported model or a sedeploy artifact)",

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sedeploy.artifacts import MANIFEST
+from sedeploy.layout import ENGINE_SUFFIX, MANIFEST
 from sedeploy.errors import SedeployError
 
 log = logging.getLogger("sedeploy")
@@ -302,7 +302,7 @@ def model_name(engine: Path, backend: str) -> str:
     """``tiny.int8-cpu.ort-opt.onnx`` → ``tiny_int8-cpu_ort``, the portable artifact ``tiny.fp32.onnx`` →
     ``tiny_fp32_onnx`` (Triton model names: letters, digits, _ and -)."""
     stem, tag = engine.name, backend
-    for suffix in (".ort-opt.onnx", ".plan", ".ov.xml", ".onnx"):
+    for suffix in (*ENGINE_SUFFIX.values(), ".onnx"):
         if stem.endswith(suffix):
             stem, tag = stem[: -len(suffix)], ("onnx" if suffix == ".onnx" else backend)
             break
