@@ -1,9 +1,9 @@
 """What every benchmark script shares: where its results go and the provenance they carry.
 
-Each script ``benchmarks/<name>.py`` writes to ``benchmarks/results/<name>/`` (:func:`results_dir`), and every
-results file records the machine (CPU, cores, load average, library versions — :func:`sedeploy.bench.report.
-machine_description`), the exact command and the git commit it ran at (:func:`provenance`), so a figure in the
-README can always be traced to the run that made it.
+Each script ``benchmarks/<name>.py`` or ``benchmarks/experiments/<name>.py`` writes to
+``benchmarks/results/<name>/`` (:func:`results_dir`), and every results file records the machine (CPU, cores, load
+average, library versions — :func:`sedeploy.bench.report.machine_description`), the exact command and the git
+commit it ran at (:func:`provenance`), so a figure in the docs can always be traced to the run that made it.
 """
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def results_dir(script: str | Path) -> Path:
     return out
 
 
+def script_path(script: str | Path) -> str:
+    """The script as typed from the repository root: ``benchmarks/<name>.py`` or ``benchmarks/experiments/<name>.py``
+    (a script outside the repository is named as if it were in ``benchmarks/``)."""
+    path = Path(script).resolve()
+    try:
+        return path.relative_to(REPO).as_posix()
+    except ValueError:
+        return f"benchmarks/{path.name}"
+
+
 def _git_commit() -> str | None:
     try:
         proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -44,7 +54,7 @@ def provenance(script: str | Path, argv: list[str] | None = None) -> dict[str, A
     from sedeploy.bench.report import machine_description
 
     args = sys.argv[1:] if argv is None else argv
-    return {"command": shlex.join(["python", f"benchmarks/{Path(script).name}", *args]),
+    return {"command": shlex.join(["python", script_path(script), *args]),
             "git_commit": _git_commit(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             "machine": machine_description()}
 

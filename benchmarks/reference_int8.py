@@ -1,7 +1,7 @@
 """INT8 on the trained reference SE-ResNet-50: agreement with FP32 per flavour and calibration lever, the accuracy
 budget, and the speed against FP32 on the runtime each flavour is for.
 
-Issue 12's target: ≥ 99.0 % top-1 agreement with FP32 at ≥ 1.8× FP32 (batch 8, CPU INT8). The reference is the
+The target: ≥ 99.0 % top-1 agreement with FP32 at ≥ 1.8× FP32 (batch 8, CPU INT8). The reference is the
 checkpoint ``benchmarks/train_reference.py`` writes (10 Imagenette classes, trained and evaluated at 112 px:
 resize short side 128, centre crop 112). Steps, each what a user would run:
 

@@ -32,7 +32,7 @@ log = logging.getLogger("sedeploy")
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13
-#: The exporter changes at 18: dynamo below 18 cannot be produced (facts: down-conversion fails).
+#: The exporter changes at 18: dynamo below 18 cannot be produced (its down-conversion fails).
 DYNAMO_MIN_OPSET = 18
 #: Verification bound: max |Δlogit| ≤ atol + rtol · max|logit|. FP32 carries ~7 significant digits, and the
 #: rounding of two different kernel libraries (PyTorch, ONNX Runtime) accumulates with depth and scales with the

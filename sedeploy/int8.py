@@ -2,7 +2,7 @@
 
 Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good one looks like.
 
-``flavour="trt"`` — what TensorRT's ONNX parser imports as explicit quantization (facts §4, checked by
+``flavour="trt"`` — what TensorRT's ONNX parser imports as explicit quantization (checked by
     :func:`sedeploy.checks.check_trt_qdq`), *inside the FP16 graph*: TensorRT builds every network strongly
     typed (11; the flag on 10.x), so each DequantizeLinear outputs its scale's type and everything between the
     quantized convolutions runs in the graph's float type. Q/DQ on an FP32 graph would make all of it FP32. So the
@@ -20,14 +20,15 @@ Why two flavours: the runtimes that consume an INT8 ONNX disagree on what a good
     :func:`sedeploy.checks.check_strong_typing` (typed as TensorRT's strongly typed parser types it) before it is
     written; its report says how many compute ops are typed FP32 (0 with the default policy).
 
-``flavour="cpu"`` — what ONNX Runtime's CPU kernels run fastest on a machine without VNNI (facts §5: signed int8
+``flavour="cpu"`` — what ONNX Runtime's CPU kernels run fastest on a machine without VNNI (measured: signed int8
     QDQ is *slower* than FP32 there): ONNX Runtime's own quantizer in QOperator format with uint8 activations and
     int8 weights (U8S8), weights with 7-bit range (``reduce_range``, avoids the int16 saturation of the AVX2
     u8×s8 multiply-add), driven with *our* ranges (a ``TensorsData`` built from the calibration, never ORT's own
     calibrators). The SE squeeze (ReduceMean over H,W) is first rewritten to the equivalent GlobalAveragePool so
     that it, the Sigmoid gate, the channel-scaling Mul and the residual Add all get com.microsoft QLinear kernels
     and activations stay uint8 from one convolution to the next. The settings are the measured optimum of
-    ``benchmarks/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and benchmarks/results/int8_cpu_forms/results.md).
+    ``benchmarks/experiments/int8_cpu_forms.py`` (see :data:`CPU_OPTIONS` and
+    benchmarks/results/int8_cpu_forms/results.md).
 
 ``flavour="ov"`` — what OpenVINO's CPU plugin runs fastest and most faithfully (measured in
     benchmarks/results/openvino_peers/results.md): the CPU flavour's quantizer and placement (every op of :data:`CPU_OPTIONS`,
@@ -65,7 +66,8 @@ log = logging.getLogger("sedeploy")
 
 FLAVOURS = ("trt", "cpu", "ov")
 SE_POLICIES = ("fp32", "int8")
-#: Chosen by benchmarks/int8_cpu_forms.py on the trained reference SE-ResNet-50 (Imagenette val, 3,925 images):
+#: Chosen by benchmarks/experiments/int8_cpu_forms.py on the trained reference SE-ResNet-50 (Imagenette val,
+#: 3,925 images):
 #: quantizing SE runs 1.97× FP32 at batch 8 against 1.60× with SE in FP32, for 97.9 % vs 98.1 % top-1 agreement
 #: and equal top-1 — 0.2 pt of agreement is not worth 19 % of the speed.
 DEFAULT_SE_POLICY = "int8"
@@ -93,7 +95,7 @@ _WEIGHTED = ("Conv", "Gemm")
 
 @dataclass(frozen=True)
 class CpuOptions:
-    """How the CPU flavour is quantized (the fields benchmarks/int8_cpu_forms.py explores)."""
+    """How the CPU flavour is quantized (the fields benchmarks/experiments/int8_cpu_forms.py explores)."""
 
     format: str = "qoperator"  # "qoperator" (QLinearConv …) or "qdq" (ORT fuses QDQ groups at session creation)
     per_channel: bool = True

@@ -60,3 +60,14 @@ def test_time_activated_deactivates_every_runner_even_on_failure(monkeypatch):
         common.time_activated({"a": good, "b": bad}, np.zeros((2, 3, 4, 4), np.float32), batch_sizes=(1,),
                               warmup=1, repeats=2)
     assert not good.is_active and not bad.is_active
+
+
+def test_experiment_scripts_are_named_by_their_path_and_write_to_the_shared_results_folder(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    script = BENCH / "experiments" / "my_experiment.py"
+    assert common.provenance(script, ["--x", "1"])["command"] == "python benchmarks/experiments/my_experiment.py --x 1"
+    assert common.results_dir(script) == tmp_path / "my_experiment"
+    sys.modules.pop("common", None)

@@ -51,7 +51,7 @@ def err_of(path, **kw) -> str:
     return str(info.value)
 
 
-# Key names as the published files spell them (facts §2), not derived from our rename table.
+# Key names as the published files spell them (mmcls / mmpretrain releases, timm, Cadene), not derived from our rename table.
 LAYOUT = {
     "mmcls": ["backbone.conv1.weight", "backbone.layer1.0.se_layer.conv1.conv.weight",
               "backbone.layer4.2.se_layer.conv2.conv.bias", "backbone.layer2.0.downsample.1.running_var",

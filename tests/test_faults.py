@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 10): each ends in one clear error (exit 2/3/4) or is handled correctly, and nothing
+"""Faults and bad input: each ends in one clear error (exit 2/3/4) or is handled correctly, and nothing
 is left half-written. Small models only (tiny_onnx: SE-ResNet-18 at width 8, 32 px); each test runs in seconds."""
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from sedeploy import model as M
 from sedeploy.errors import SedeployError
 from sedeploy.flops import count_complexity
 
-# Published figures (mmcls model zoo / facts §1); not computed by our code.
+# Published figures (the mmcls model zoo); not computed by our code.
 PARAMS = {50: 28_088_024, 101: 49_326_872, 152: 66_821_848}
 SEED_FLOPS = {50: 4_127_927_392, 101: 7_861_162_208}
 

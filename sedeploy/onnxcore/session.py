@@ -14,7 +14,7 @@ with scale x_scale·w_scale (Div/Round/Mul/Cast nodes appear in the optimized gr
 changes the result: on the tiny trained SE-ResNet-18's INT8 TensorRT artifact, top-1 agreement with FP32 is
 99.6 % op by op (optimizations off, the graph's ONNX semantics) and with that transformer disabled, but 97.2 %
 with it. TensorRT keeps biases in float. So for graphs with float16 Q/DQ scales that transformer is disabled
-(:data:`FP16_QDQ_DISABLED_OPTIMIZERS`); the measurement is benchmarks/trt_artifact_drift.py's
+(:data:`FP16_QDQ_DISABLED_OPTIMIZERS`); the measurement is benchmarks/experiments/trt_artifact_drift.py's
 "WeightBiasQuantization on" row.
 
 :func:`cpu_session` is the quiet CPU session used for verification and calibration; :func:`run_model` runs a

@@ -9,7 +9,7 @@ and times OpenVINO FP32, every-layer INT8 and each budgeted artifact interleaved
 call; the timer covers one synchronous OpenVINO ``infer``, host numpy in → out; ratios are medians of per-round
 ratios to FP32).
 
-    python benchmarks/budget_orders.py benchmarks/results/reference_int8/budget-99-2000-c0.95-*.json
+    python benchmarks/experiments/budget_orders.py benchmarks/results/reference_int8/budget-99-2000-c0.95-*.json
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 from reference_int8 import add_reference_args, make_runner, pct, prepare, reference_missing, run_logits  # noqa: E402
 

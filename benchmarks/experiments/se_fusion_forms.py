@@ -6,7 +6,7 @@ as per-round ratios against the unfused model (robust to a machine that is busy 
 probe form, "expand" (the standard form with the gate Expand-ed to x's full shape so that the scale Mul has two
 equal-shape operands), tests whether ORT's NCHWc Mul can then take the scale; it is not offered by the pass.
 
-    python benchmarks/se_fusion_forms.py [--depth 50] [--size 224] [--seconds 60]
+    python benchmarks/experiments/se_fusion_forms.py [--depth 50] [--size 224] [--seconds 60]
 
 Writes benchmarks/results/se_fusion_forms/results.json and .md.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from sedeploy.export import export_onnx
 from sedeploy.model import build_model
 from sedeploy.passes import DEFAULT_FORM, FORMS, fuse_se_blocks
 
-HERE = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH))  # benchmarks/common.py
 
 
 def expand_probe(standard: onnx.ModelProto) -> onnx.ModelProto:
@@ -108,7 +110,7 @@ def main() -> None:
                      f"{r['max_abs_diff_vs_unfused']:.2g} | {r['throughput_b1']} | {r['ratio_vs_unfused_b1']} | "
                      f"{r['throughput_b8']} | {r['ratio_vs_unfused_b8']} |")
     lines += ["", f"Default form: `{DEFAULT_FORM}` (see sedeploy/passes/se_fusion.py for the reasoning).", ""]
-    from common import write_results  # noqa: E402  (beside this script)
+    from common import write_results  # noqa: E402  (benchmarks/common.py)
 
     write_results(__file__, result, "\n".join(lines))
     print("\n".join(lines))

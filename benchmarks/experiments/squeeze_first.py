@@ -16,7 +16,7 @@ Models: the trained reference SE-ResNet-50 (``benchmarks/train_reference.py``, 1
 forms with FP32 on the 3,925 Imagenette val images) and, for speed only, SE-ResNet-50 and -101 with random weights
 at 224 px (calibrated on the shipped ``calib/`` photos).
 
-    python benchmarks/squeeze_first.py [--skip-reference] [--depths 50 101]
+    python benchmarks/experiments/squeeze_first.py [--skip-reference] [--depths 50 101]
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 from reference_int8 import add_reference_args, pct, prepare, reference_missing, run_logits  # noqa: E402
 
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         results[f"trained SE-ResNet-50, {args.size} px"] = measure(
             fp32, pp, paths, x[:8], args.work / "squeeze-first" / f"{args.size}px", args.repeats,
             method=args.method, val=(x, y))
-    calib = HERE.parent / "calib"
+    calib = BENCH.parent / "calib"
     pp224 = Preprocess.for_size(224)
     cpaths = find_images(calib, what="calibration").paths
     xt, _ = load_batch(cpaths[:8], pp224)

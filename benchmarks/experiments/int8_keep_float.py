@@ -7,10 +7,11 @@ the end, which includes the classifier) — and measures top-1 agreement with FP
 images. The nodes are named through ``quantize_model(exclude=...)`` (the hook the accuracy-budgeted fallback of
 :mod:`sedeploy.int8_budget` uses). Calibration: percentile on 512 Imagenette train images (cached). Writes benchmarks/results/int8_keep_float/results.json.
 
-    python benchmarks/int8_keep_float.py      # ≈ 6 min on 2 cores
+    python benchmarks/experiments/int8_keep_float.py      # ≈ 6 min on 2 cores
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from sedeploy.bench.labels import resolve_labels
 from sedeploy.calibration import calibrate
 from sedeploy.preprocess import Preprocess, find_images, load_batch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH))  # benchmarks/common.py
+DATA = BENCH.parent.parent / "shared" / "data"
 MODEL = Path.home() / ".cache" / "sedeploy" / "headline" / "reference-112.onnx"
 TMP = Path(tempfile.gettempdir())
 
@@ -62,7 +65,7 @@ def main() -> None:
                      "mean_abs_dlogit": float(np.abs(got - ref).mean())}
         print(name, out[name], flush=True)
     print("fp32 top1", float((ref.argmax(1) == labels).mean()))
-    from common import write_results  # noqa: E402  (beside this script)
+    from common import write_results  # noqa: E402  (benchmarks/common.py)
 
     print("wrote", write_results(__file__, out))
 

@@ -15,7 +15,7 @@ GlobalAveragePool), SE kept in FP32 or quantized) plus the TensorRT flavour, the
 
 Usage::
 
-    python benchmarks/int8_cpu_forms.py --model /tmp/q/se50.onnx --calib calib \\
+    python benchmarks/experiments/int8_cpu_forms.py --model /tmp/q/se50.onnx --calib calib \\
         --images ../shared/data/imagenet-val-1300/images --tiny-cache /tmp/q/tinycache \
         --trained ~/.cache/sedeploy/headline/reference-112.onnx --trained-size 112 \
         --trained-calib ../shared/data/imagenette/train --trained-images ../shared/data/imagenette/val
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH))  # benchmarks/common.py
+sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from sedeploy.backends.ort import OrtRunner  # noqa: E402
 from sedeploy.bench.timing import paired_speedup, time_runners  # noqa: E402
@@ -136,7 +137,7 @@ def to_md(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="FP32 SE-ResNet-50 .onnx (sedeploy export)")
-    ap.add_argument("--calib", default=str(HERE.parent / "calib"))
+    ap.add_argument("--calib", default=str(BENCH.parent / "calib"))
     ap.add_argument("--method", default=DEFAULT_METHOD)
     ap.add_argument("--images", type=Path, help="real images for SE-50 agreement (ImageNet val)")
     ap.add_argument("--n-images", type=int, default=200)
@@ -203,7 +204,7 @@ def main() -> None:
     res["load_end"] = [round(v, 2) for v in __import__("os").getloadavg()]
     if a.conclusions and a.conclusions.exists():
         res["conclusions"] = a.conclusions.read_text().splitlines()
-    from common import write_results  # noqa: E402  (beside this script)
+    from common import write_results  # noqa: E402  (benchmarks/common.py)
 
     print("wrote", write_results(__file__, res, to_md(res)))
 

@@ -24,7 +24,7 @@ Where the time goes: OpenVINO's per-layer counters (``PERF_COUNT``) and ONNX Run
 
 Usage::
 
-    python benchmarks/openvino_peers.py --depths 50 101 --work /tmp/ov-peers \\
+    python benchmarks/experiments/openvino_peers.py --depths 50 101 --work /tmp/ov-peers \\
         --images ../shared/data/imagenet-val-1300/images --labels ../shared/data/imagenet-val-1300/labels.tsv
 
 Writes benchmarks/results/openvino_peers/results.json, results.md and speedups.png.
@@ -44,8 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH))  # benchmarks/common.py
+sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from sedeploy.backends.openvino import OpenVinoModelRunner, OpenVinoRunner, build_engine  # noqa: E402
 from sedeploy.backends.ort import OrtRunner  # noqa: E402
@@ -56,7 +57,7 @@ from sedeploy.bench.timing import paired_speedup, time_runners  # noqa: E402
 from sedeploy.pipeline import BuildOptions, build_engines  # noqa: E402
 from sedeploy.preprocess import find_images, load_batch  # noqa: E402
 
-OUT = HERE / "results" / "openvino_peers"
+OUT = BENCH / "results" / "openvino_peers"
 SE_ROLE = re.compile(r"/(squeeze|fc1|fc2|gate|scale)(?:\b|_)")
 INT8_ROWS = ("ort-int8-cpu", "ov-int8-ov", "ov-int8-trt", "ov-int8-ov-sqfirst")
 
@@ -354,7 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
 
-    res = {"command": "python benchmarks/openvino_peers.py " + " ".join(map(shlex.quote, argv or sys.argv[1:])),
+    res = {"command": "python benchmarks/experiments/openvino_peers.py "
+                      + " ".join(map(shlex.quote, argv or sys.argv[1:])),
            "machine": machine_description(),
            "config": {"threads": a.threads, "batches": a.batches, "warmup": a.warmup, "repeats": a.repeats,
                       "image_limit": a.image_limit, "settle": 1, "profile_runs": a.profile_runs},

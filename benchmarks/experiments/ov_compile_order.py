@@ -9,7 +9,7 @@ preset on the same calibration images), compiled anew in each trial, in alternat
 first, …), each trial timing ``--calls`` alternating calls (order swapped every call; the timer covers one
 synchronous ``infer``, host numpy in → out), with and without per-layer performance counters.
 
-    python benchmarks/ov_compile_order.py [--trials 4] [--calls 20] [--work /tmp/ov-int8-profile]
+    python benchmarks/experiments/ov_compile_order.py [--trials 4] [--calls 20] [--work /tmp/ov-int8-profile]
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 from common import write_results  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Drift of the TensorRT INT8 artifact (Q/DQ inside the FP16 graph) against FP32, on ONNX Runtime CPU.
 
 TensorRT cannot run here; ONNX Runtime 1.32's CPU provider executes the artifact itself (Cast→float16,
-QuantizeLinear/DequantizeLinear with float16 scales, float16 Conv/Relu/…; facts §4), so the drift is measured on
+QuantizeLinear/DequantizeLinear with float16 scales, float16 Conv/Relu/…), so the drift is measured on
 the very file TensorRT would build, not on a twin. Artifacts compared, all against the FP32 export's logits:
 
 - ``fp16``          — the FP16 artifact (``.fp16.onnx``): FP16 rounding's own share of the drift;
@@ -21,7 +21,7 @@ reference ``~/.cache/sedeploy/reference/se-resnet50-imagenette.pth`` when it exi
 ``--images`` of ``../shared/data/imagenet-val-1300`` for drift, the last ``--calib-images`` (disjoint) for
 calibration (percentile, sedeploy's default).
 
-    PYTHONPATH=. python benchmarks/trt_artifact_drift.py --images 1000     # ~15 min on 2 busy cores
+    PYTHONPATH=. python benchmarks/experiments/trt_artifact_drift.py --images 1000     # ~15 min on 2 busy cores
 
 Writes ``benchmarks/results/trt_artifact_drift/{results.json, results.md, drift.png}``.
 """
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+REPO = BENCH.parent
 DATA = REPO.parent / "shared" / "data" / "imagenet-val-1300"
-OUT = HERE / "results" / "trt_artifact_drift"
+OUT = BENCH / "results" / "trt_artifact_drift"
 REFERENCE = Path.home() / ".cache" / "sedeploy" / "reference" / "se-resnet50-imagenette.pth"
 
 _MAIN_SNIPPET = """
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {
-        "command": "PYTHONPATH=. python benchmarks/trt_artifact_drift.py " + " ".join(argv or sys.argv[1:]),
+        "command": "PYTHONPATH=. python benchmarks/experiments/trt_artifact_drift.py " + " ".join(argv or sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "load_average": os.getloadavg()},
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,

@@ -16,7 +16,8 @@ It also states the bound this puts on any graph form: NNCF's whole time over ``i
 speed-up sedeploy would reach if every non-convolution layer cost nothing (convolutions run the same int8 kernels on
 both sides), and the cut of the other layers that a 1.1× target would need.
 
-    python benchmarks/ov_int8_profile.py [--depths 50 101] [--batch 8] [--calls 30] [--work /tmp/ov-int8-profile]
+    python benchmarks/experiments/ov_int8_profile.py [--depths 50 101] [--batch 8] [--calls 30] \
+        [--work /tmp/ov-int8-profile]
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 from common import write_results  # noqa: E402
 from squeeze_first import layer_role  # noqa: E402  (the same role rule as the squeeze-first profile)

@@ -23,7 +23,7 @@ The reference is the checkpoint ``benchmarks/train_reference.py`` writes (112 px
 shared with ``benchmarks/reference_int8.py`` (same work folder).
 
     python benchmarks/train_reference.py        # once
-    python benchmarks/ov_qdq_placement.py
+    python benchmarks/experiments/ov_qdq_placement.py
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 from reference_int8 import add_reference_args, pct, prepare, reference_missing, run_logits  # noqa: E402
 

@@ -6,7 +6,7 @@ NNCF's choice), compiles both with OpenVINO, and times them interleaved with Ope
 (NNCF's default preset on the same calibration images) at batch 1 and 8. Agreement with FP32: the tiny trained
 SE-ResNet-18 of the tests (500 held-out images) and SE-ResNet-50 (random weights) on real ImageNet-val images.
 
-    python benchmarks/ov_signedness.py --images ../shared/data/imagenet-val-1300/images
+    python benchmarks/experiments/ov_signedness.py --images ../shared/data/imagenet-val-1300/images
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH))  # benchmarks/common.py
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH.parent / "tests"))
 
 FORMS = {"uint8 asymmetric": False, "signed (int8 symmetric / uint8 zp 0)": True}
 
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    calib = HERE.parent / "calib"
+    calib = BENCH.parent / "calib"
     res: dict = {"forms": list(FORMS), "calibration": f"percentile on the {calib.name}/ photos (27)"}
 
     # agreement on the tiny trained network

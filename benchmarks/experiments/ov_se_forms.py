@@ -1,6 +1,6 @@
 """SE forms of the OpenVINO INT8 artifact against OpenVINO + NNCF INT8, interleaved, with per-layer profiles.
 
-Issue 13 asks sedeploy to get ahead of NNCF by what it controls: the SE fusion form and the Q/DQ placement around
+What sedeploy controls to get ahead of NNCF: the SE fusion form and the Q/DQ placement around
 SE. Every form below is built from one FP32 SE-ResNet (random weights; speed does not depend on them) and one
 calibration (the shipped ``calib/`` photos, which the NNCF peer also calibrates on), written by
 :func:`sedeploy.int8.quantize_model` (``flavour="ov"``) and compiled by sedeploy's OpenVINO backend:
@@ -20,7 +20,7 @@ Where the time goes: OpenVINO's per-layer counters, grouped by SE role. Accuracy
 engine on the tiny *trained* SE-ResNet-18 (500 held-out images; its basic blocks have no expanding 1×1 conv, so
 the squeeze-first rows equal their plain rows there) and on SE-ResNet-50 with random weights on real images.
 
-    python benchmarks/ov_se_forms.py --images ../shared/data/imagenet-val-1300/images
+    python benchmarks/experiments/ov_se_forms.py --images ../shared/data/imagenet-val-1300/images
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH.parent / "tests"))
+sys.path.insert(0, str(BENCH))
 
 PLACEMENTS = ("se-int8", "se-fc-float")
 
@@ -64,7 +64,7 @@ def build_forms(fp32: Path, cal, out: Path, *, sqfirst_fp32: Path | None = None)
 
     sources = {"": (fp32, cal)}
     if sqfirst_fp32 is not None:
-        sources["sqfirst-"] = (sqfirst_fp32, calibrate(sqfirst_fp32, HERE.parent / "calib", progress=False))
+        sources["sqfirst-"] = (sqfirst_fp32, calibrate(sqfirst_fp32, BENCH.parent / "calib", progress=False))
     engines = {}
     for prefix, (src, c) in sources.items():
         for placement in PLACEMENTS:
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    calib = HERE.parent / "calib"
+    calib = BENCH.parent / "calib"
     res: dict = {"forms": ["sedeploy OpenVINO FP32", *PLACEMENTS, *(f"sqfirst-{p}" for p in PLACEMENTS),
                            "peer:openvino-fp32", PEER_NNCF],
                  "calibration": f"percentile (sedeploy default) on the {calib.name}/ photos (27); NNCF on the same"}

@@ -13,7 +13,7 @@ measured: no CPU here computes FP16 (ONNX Runtime runs the FP16 graph in FP32; O
 This is what :data:`sedeploy.fp16.DEFAULT_KEEP_FP32` is chosen from. Random weights (``build_model(50)``)
 unless ``--checkpoint`` points at trained ones. Results: ``benchmarks/results/fp16_policy/results.json`` and ``.md``.
 
-    python benchmarks/fp16_policy.py --images 300        # ~5 min on 2 cores
+    python benchmarks/experiments/fp16_policy.py --images 300        # ~5 min on 2 cores
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH))  # benchmarks/common.py
 POLICIES = ("none", "se_gate", "se", "head", "se_gate,head", "se,head")
 
 
@@ -65,7 +66,7 @@ def _drift(ref: np.ndarray, got: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/sedeploy-fp16-policy", help="folder for the exported models")
-    ap.add_argument("--data", default=str(HERE.parent.parent / "shared/data/imagenet-val-1300/images"))
+    ap.add_argument("--data", default=str(BENCH.parent.parent / "shared/data/imagenet-val-1300/images"))
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default=None, help="trained SE-ResNet-50 state_dict (default: random weights)")
@@ -103,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_logit_std": float(ref.std()), "fp32_distinct_top1": int(len(set(ref.argmax(1)))),
         "default_keep_fp32": list(DEFAULT_KEEP_FP32), "onnxruntime": ort.__version__,
         "python": platform.python_version(), "seconds": round(time.perf_counter() - t0, 1),
-        "command": "python benchmarks/fp16_policy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/experiments/fp16_policy.py "
+                   + " ".join(argv if argv is not None else sys.argv[1:]),
     })
-    from common import write_results  # noqa: E402  (beside this script)
+    from common import write_results  # noqa: E402  (benchmarks/common.py)
 
     print("wrote", write_results(__file__, results, _markdown(results), argv=argv))
     print(_markdown(results))

@@ -9,7 +9,7 @@ all timed interleaved in one process (:func:`sedeploy.bench.timing.time_runners`
 covers one synchronous ``infer`` (host numpy in → out). Ratios: medians of per-round ratios against the NNCF peer
 as NNCF's documentation runs it (dynamic batch, as read).
 
-    python benchmarks/ov_static_batch.py
+    python benchmarks/experiments/ov_static_batch.py
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 
 def main(argv=None) -> int:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    calib = HERE.parent / "calib"
+    calib = BENCH.parent / "calib"
     stem = f"se-resnet{args.depth}"
     fp32 = work / f"{stem}.fp32.onnx"
     if not fp32.is_file():

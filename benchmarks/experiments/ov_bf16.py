@@ -8,12 +8,12 @@ and the accuracy-budget artifacts (float fallback layers would run in bf16). Top
 (static shape, 2 threads, LATENCY), all engines interleaved (:func:`sedeploy.bench.timing.time_runners`, settle 1).
 
     python benchmarks/reference_int8.py --budget-only --budget 99.3 --budget-images 2000   # leaves the artifacts
-    python benchmarks/ov_bf16.py --budget-artifacts /tmp/sedeploy-reference-int8/budget/*.int8-ov.onnx
+    python benchmarks/experiments/ov_bf16.py --budget-artifacts /tmp/sedeploy-reference-int8/budget/*.int8-ov.onnx
 
 Or on any `sedeploy build-engine --int8 --backend openvino` folder (its FP32 graph and int8-ov artifact), with the
 first ``--images`` of a flat image folder, all of them scored:
 
-    python benchmarks/ov_bf16.py --build-folder engines/ --size 224 --images 300 \
+    python benchmarks/experiments/ov_bf16.py --build-folder engines/ --size 224 --images 300 \
         --data ../shared/data/imagenet-val-1300/images --name results-se50-224px
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 
 class _Compiled:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sedeploy-reference-int8")
     ap.add_argument("--budget-artifacts", type=Path, nargs="*", default=[])
-    ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "imagenette")
+    ap.add_argument("--data", type=Path, default=BENCH.parent.parent / "shared" / "data" / "imagenette")
     ap.add_argument("--search-images", type=int, default=2000, help="reference_int8.py's --budget-images")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--build-folder", type=Path, default=None,

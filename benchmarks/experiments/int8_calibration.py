@@ -17,7 +17,8 @@ held-out images: top-1 agreement, top-1 drop (where labelled) and mean KL(FP32 â
 Evaluation runs ONNX Runtime CPU on the artifacts (the TensorRT flavour's Q/DQ graph emulates its arithmetic on the
 CPU). Writes benchmarks/results/int8_calibration/{results.json,results.md,kl.png} (or --out).
 
-    PYTHONPATH=. python benchmarks/int8_calibration.py [--models tiny,foreign,se50-random] [--se50-images 192]
+    PYTHONPATH=. python benchmarks/experiments/int8_calibration.py [--models tiny,foreign,se50-random] \
+        [--se50-images 192]
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "results" / "int8_calibration"
@@ -166,7 +167,8 @@ def main() -> None:
             spec = {"tiny": _tiny, "foreign": _foreign}.get(name)
             spec = spec() if spec else _se50(args.se50_images)
             rows += measure(name, spec, Path(tmp), args.methods.split(","))
-    write(rows, Path(args.out), "PYTHONPATH=. python " + " ".join(["benchmarks/int8_calibration.py", *sys.argv[1:]]))
+    write(rows, Path(args.out),
+          "PYTHONPATH=. python " + " ".join(["benchmarks/experiments/int8_calibration.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":
