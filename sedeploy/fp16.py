@@ -44,8 +44,7 @@ from sedeploy.onnxcore import META, QDQ_OPS, QOPERATOR_OPS, Graph, copy_model, n
 log = logging.getLogger("sedeploy")
 
 PRECISION_GROUPS = ("se_gate", "se", "head")
-#: Measured by benchmarks/experiments/fp16_policy.py (SE-ResNet-50, random weights, 300 real ImageNet-val images,
-#: every FP16
+#: Measured by benchmarks/experiments/fp16_policy.py (SE-ResNet-50, random weights, 300 ImageNet-val images, every FP16
 #: tensor rounded by fp16_emulation; see benchmarks/results/fp16_policy/results.md): max |Δlogit| 0.121 with nothing
 #: kept, 0.114 keeping the SE gate, 0.108 the whole SE branch, 0.111 the head, 0.101 SE + head; mean 0.0116–0.0124
 #: and 1–3 top-1 flips of 300 for every policy (the same within noise). The drift comes from the 3×3/1×1 trunk
