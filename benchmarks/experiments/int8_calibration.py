@@ -9,7 +9,7 @@ held-out images: top-1 agreement, top-1 drop (where labelled) and mean KL(FP32 â
 - ``foreign``: the third-party-style MobileNetV3-like model of tests/foreign_model.py (fixed batch 1, 48 px, 1001
   classes, Softmax, hard-sigmoid SE): 64 calibration images, 300 held-out; compared on log-probabilities.
 - ``se50-random``: SE-ResNet-50 with seeded *random* weights at 224 px on real ImageNet validation images
-  (/work/shared/data/imagenet-val-1300: 64 calibration, the next ``--se50-images`` held out). Random-weight logits
+  (../shared/data/imagenet-val-1300: 64 calibration, the next ``--se50-images`` held out). Random-weight logits
   sit close together, so agreement there is weak evidence; the KL column is the comparable figure. The trained
   reference checkpoint (~/.cache/sedeploy/reference/) and any trained third-party ImageNet model are not
   available on this machine (no network beyond PyPI), so no trained ImageNet figure is claimed.

@@ -12,8 +12,9 @@ the very file TensorRT would build, not on a twin. Artifacts compared, all again
   graph, op by op (what a faithful backend computes);
 - ``int8-trt (ORT WeightBiasQuantization on)`` — the same file with ORT's default transformers: shows what that
   transformer does to float16 biases (kept for the record; not how sedeploy runs it);
-- ``int8-trt-fp32graph (main)`` — today's TensorRT flavour (Q/DQ on the FP32 graph, float32 scales), written by
-  the code at ``--main`` (default /work/main) in a subprocess, so the comparison is with the shipped code.
+- ``int8-trt-fp32graph (main)`` — the former TensorRT flavour (Q/DQ on the FP32 graph, float32 scales), written
+  in a subprocess by the sedeploy checkout given as ``--main`` (the committed run used commit 868bb79:
+  ``git worktree add /tmp/sedeploy-868bb79 868bb79``).
 
 Model: SE-ResNet-50 with random weights (``build_model(50, seed)``: agreement with FP32 is what is measured; the
 FP32 top-1 margin is recorded because small margins make flips cheap), or ``--checkpoint`` (the trained
@@ -21,7 +22,8 @@ reference ``~/.cache/sedeploy/reference/se-resnet50-imagenette.pth`` when it exi
 ``--images`` of ``../shared/data/imagenet-val-1300`` for drift, the last ``--calib-images`` (disjoint) for
 calibration (percentile, sedeploy's default).
 
-    PYTHONPATH=. python benchmarks/experiments/trt_artifact_drift.py --images 1000     # ~15 min on 2 busy cores
+    PYTHONPATH=. python benchmarks/experiments/trt_artifact_drift.py --images 1000 --main /tmp/sedeploy-868bb79
+    # ~15 min on 2 busy cores
 
 Writes ``benchmarks/results/trt_artifact_drift/{results.json, results.md, drift.png}``.
 """
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-images", type=int, default=128, help="calibration images (the last N, disjoint)")
     ap.add_argument("--seed", type=int, default=0, help="random-weight seed")
     ap.add_argument("--checkpoint", default=None, help="trained weights (default: the reference if present)")
-    ap.add_argument("--main", default="/work/main", help="checkout of today's code (FP32-graph TRT flavour)")
+    ap.add_argument("--main", required=True,
+                    help="a sedeploy checkout whose TensorRT flavour is Q/DQ on the FP32 graph (commit 868bb79)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     if not (DATA / "labels.tsv").is_file():
