@@ -1,4 +1,4 @@
-"""sedeploy: SE-ResNet from PyTorch to verified ONNX Runtime and TensorRT engines."""
+"""sedeploy: SE-ResNet from PyTorch to verified ONNX Runtime, OpenVINO and TensorRT engines."""
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -8,8 +8,8 @@ HERE = Path(__file__).parent
 setup(
     name="sedeploy",
     version="0.1.0",
-    description="SE-ResNet (mmcls family) → verified ONNX → fused, FP16 and calibrated INT8 engines for "
-                "ONNX Runtime and TensorRT, with benchmarks",
+    description="SE-ResNet (mmcls family) or any ONNX classifier → verified ONNX → fused, FP16 and calibrated "
+                "INT8 engines for ONNX Runtime, OpenVINO and TensorRT, with benchmarks and Triton serving",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
