@@ -13,7 +13,7 @@ table measures the product, not a side path. Stages:
            a subset at 224 px.
 
 Outputs in --out (default benchmarks/results/headline): one folder per run with sedeploy's results.{json,csv,md} and
-plots, plus headline.json / headline.md (the README's table) and throughput_vs_gflops.png.
+plots, plus headline.json / headline.md (the table in docs/results.md) and throughput_vs_gflops.png.
 
     python benchmarks/headline.py                    # ≈ 40 min on a 2-core CPU
     python benchmarks/headline.py --stages speed --depths 50 --repeats 5      # a quicker look

@@ -67,7 +67,7 @@ def test_export_json_and_human(run, tmp_path):
 ])
 def test_bad_input_exits_non_zero_with_one_message(run, tmp_path, args, message):
     res = run(*args, "-o", tmp_path / "x.onnx")
-    assert res.exit_code == 2  # bad input (the README's exit codes)
+    assert res.exit_code == 2  # bad input (the exit codes of docs/commands.md)
     assert message in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "x.onnx").exists()
