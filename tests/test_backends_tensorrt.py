@@ -240,12 +240,17 @@ def _ort(path, x):
 def test_every_build_is_strongly_typed_without_precision_flags(fake_gpu, tiny_artifacts, tmp_path, version, kind):
     fake = fake_gpu(version)
     art = T.build_trt_engine(tiny_artifacts[kind], tmp_path, min_batch=1, opt_batch=2, max_batch=4)
-    flag = fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    # 10.x: the flag from the enum of *this* TensorRT (10.x and 11.x number it differently); 11.x: no flag at all
+    # (deprecated: every network is strongly typed)
+    flags = 1 << int(fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if version.startswith("10.") else 0
     created = [args for name, args in fake.calls if name == "Builder.create_network"]
-    assert created == [(1 << int(flag),)]  # from the enum of *this* TensorRT: 10.x and 11.x differ in the fake
+    assert created == [(flags,)]
     assert not [c for c in fake.calls if c[0] == "IBuilderConfig.set_flag"]
     side = json.loads(art.sidecar.read_text())
-    assert side["strongly_typed"] is True and side["builder_flags"] == [] and side["network_flags"] == 1 << int(flag)
+    assert side["strongly_typed"] is True and side["builder_flags"] == [] and side["network_flags"] == flags
+    assert side["unreadable_layers"] == [] and side["inspected_shape"] == [2, 3, 32, 32]
+    assert side["inspector_layout"] == ("Format/Datatype (TensorRT 10.x)" if version.startswith("10.")
+                                        else "Format + Datatype (TensorRT 11.x)")
     assert side["strong_typing"]["ok"] is True and side["tensorrt_version"] == version
     counts = side["layer_precisions"]
     assert sum(counts.values()) == len(side["layers"]) > 30 and "unknown" not in counts
@@ -261,7 +266,8 @@ def test_strongly_typed_flags_never_hard_code_integers():
     from sedeploy.backends.trt_support import strongly_typed_flags
 
     ten, eleven = make_fake_tensorrt("10.13.0.35"), make_fake_tensorrt("11.0.0")
-    assert strongly_typed_flags(ten, (10, 13, 0)) != strongly_typed_flags(eleven, (11, 0, 0))
+    assert strongly_typed_flags(ten, (10, 13, 0)) == 1 << int(ten.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert strongly_typed_flags(eleven, (11, 0, 0)) == 0  # deprecated in 11: not passed although the enum has it
     old = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(EXPLICIT_BATCH=0))
     with pytest.raises(SedeployError, match="no NetworkDefinitionCreationFlag.STRONGLY_TYPED"):
         strongly_typed_flags(old, (10, 0, 0))

@@ -4,12 +4,14 @@
 
 Precision is the graph's, by construction. Every network is built strongly typed: on 10.x with
 ``1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)`` (no FP16/INT8 builder flags: weak typing lets
-TensorRT pick layer precisions, so one ONNX gave different engines on 10 and 11), on 11 the flag is accepted and
-ignored (every network is strongly typed). An FP32 ONNX builds an FP32 engine, the FP16 artifact an FP16 engine,
+TensorRT pick layer precisions, so one ONNX gave different engines on 10 and 11); on 11 no flag is passed (every
+network is strongly typed; the flag is deprecated and ignored). An FP32 ONNX builds an FP32 engine, the FP16 artifact an FP16 engine,
 the INT8 artifact (Q/DQ inside the FP16 graph) int8 convolutions with FP16 everywhere else. Before any build the
 input is checked (:func:`validate_trt_input`): the strong-typing check for every model, TensorRT's Q/DQ rules for
 INT8, and the QOperator CPU form refused. After the build, each layer's precision is read from the engine
-inspector (``profiling_verbosity = DETAILED``) and recorded in the sidecar. TensorRT's TF32 default is kept (and
+inspector (``profiling_verbosity = DETAILED``, inspected through an execution context set to the profile's opt
+shape, both JSON layouts: 10.x "Format/Datatype", 11.x "Format" + "Datatype") and recorded in the sidecar, with
+the layers whose precision could not be read listed under ``unreadable_layers``. TensorRT's TF32 default is kept (and
 recorded): FP32 engines on Ampere+ use TF32 convolutions.
 
 A plan is tied to the exact TensorRT version and GPU architecture. The JSON sidecar (``<stem>.trt.json``) records
@@ -207,14 +209,42 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOpti
                             workspace_gib=o.workspace_gib, timing_cache=o.timing_cache)
 
 
-def _inspect(trt, serialized, logger) -> dict[str, Any]:
-    """Per-layer precisions of the just-built plan, from the engine inspector."""
+def _inspect(trt, serialized, logger, input_name: str, opt_shape: tuple[int, ...], label: str) -> dict[str, Any]:
+    """Per-layer precisions of the just-built plan, from the engine inspector, inspected through an execution
+    context whose input shape is set to the profile's opt shape — as TensorRT documents (NvInferRuntime.h: without
+    one, "values dependent on input shapes will be displayed as -1 and format information will not be shown") and
+    Polygraphy does. Every TensorRT return value on the way is checked."""
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
-        raise SedeployError(f"TensorRT could not deserialize the plan it just built:\n{logger.take()}")
+        raise SedeployError(f"TensorRT could not deserialize the plan it just built from '{label}':\n{logger.take()}")
+    context = engine.create_execution_context()
+    if context is None:
+        raise SedeployError(f"TensorRT could not create an execution context to inspect the plan built from "
+                            f"'{label}' (out of GPU memory?):\n{logger.take()}")
+    if not context.set_input_shape(input_name, tuple(opt_shape)):
+        raise SedeployError(f"TensorRT refused the profile's opt shape {tuple(opt_shape)} for input '{input_name}' "
+                            f"while inspecting the plan built from '{label}':\n{logger.take()}")
     inspector = engine.create_engine_inspector()
-    return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    if inspector is None:
+        raise SedeployError(f"TensorRT could not create an engine inspector for the plan built from '{label}':\n"
+                            f"{logger.take()}")
+    inspector.execution_context = context
+    if inspector.execution_context is None:
+        raise SedeployError(f"TensorRT's engine inspector refused the execution context (plan built from "
+                            f"'{label}'):\n{logger.take()}")
+    info = layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    del inspector, context, engine, runtime  # inspector before context before engine before runtime
+    return info
+
+
+def _check_profile_added(index: int, shapes, tensor_name: str, label: str, logger) -> None:
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise SedeployError(f"TensorRT rejected the optimization profile for input '{tensor_name}' "
+                            f"(min {list(shapes[0])}, opt {list(shapes[1])}, max {list(shapes[2])}) of '{label}': "
+                            f"add_optimization_profile returned {index!r}.\n{logger.take()}",
+                            expected="min ≤ opt ≤ max batch, the other dimensions equal to the network's",
+                            fix="check --min-batch/--opt-batch/--max-batch against the model's input")
 
 
 def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
@@ -253,6 +283,9 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
     builder = trt.Builder(logger)
     network_flags = strongly_typed_flags(trt, version)
     network = builder.create_network(network_flags)
+    if network is None:
+        raise SedeployError(f"TensorRT {trt.__version__} could not create a network (flags {network_flags}):\n"
+                            f"{logger.take()}")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(src)):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -267,11 +300,17 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
     shapes = profile_shapes(tuple(tensor.shape), min_batch, opt_batch, max_batch)
 
     config = builder.create_builder_config()
+    if config is None:
+        raise SedeployError(f"TensorRT could not create a builder configuration:\n{logger.take()}")
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions in the inspector
     profile = builder.create_optimization_profile()
-    profile.set_shape(tensor.name, *shapes)
-    config.add_optimization_profile(profile)
+    try:
+        profile.set_shape(tensor.name, *shapes)
+    except ValueError as err:  # the bindings raise on an inconsistent min/opt/max
+        raise SedeployError(f"TensorRT rejected the batch profile for input '{tensor.name}' of '{src}': {err}",
+                            fix="check --min-batch/--opt-batch/--max-batch") from err
+    _check_profile_added(config.add_optimization_profile(profile), shapes, tensor.name, str(src), logger)
     cache_bytes = load_timing_cache(config, cache_path) if cache_path is not None else 0
     tf32 = bool(config.get_flag(trt.BuilderFlag.TF32)) if hasattr(trt.BuilderFlag, "TF32") else None
 
@@ -282,7 +321,11 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
                             fix="read TensorRT's messages above; a larger --workspace or a smaller --max-batch "
                                 "helps when tactics run out of memory")
     seconds = time.perf_counter() - t0
-    layers = _inspect(trt, serialized, logger)
+    layers = _inspect(trt, serialized, logger, tensor.name, shapes[1], str(src))
+    if layers["unreadable"]:
+        log.warning("TensorRT's engine inspector gave no readable precision for %d of %d layers of '%s' (first: "
+                    "%s): the sidecar lists them under 'unreadable_layers'.", len(layers["unreadable"]),
+                    len(layers["layers"]), plan_path.name, layers["unreadable"][0])
     cache_saved = save_timing_cache(config, cache_path) if cache_path is not None else None
     with atomic_path(plan_path) as tmp, open(tmp, "wb") as f:
         f.write(memoryview(serialized))
@@ -293,6 +336,8 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
         "precision": precision, "builder_flags": [], "tf32": tf32, "strongly_typed": True,
         "network_flags": network_flags, "strong_typing": typing,
         "layer_precisions": layers["counts"], "layers": layers["layers"],
+        "unreadable_layers": layers["unreadable"], "inspector_layout": layers["layout"],
+        "inspected_shape": list(shapes[1]),
         "profile": {"input": tensor.name, "min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
         "workspace_gib": workspace_gib, "source_model": str(src), "source_sha256": sha256_file(src),
         "plan_sha256": sha256_file(plan_path), "build_seconds": round(seconds, 3),
@@ -406,7 +451,11 @@ class TrtRunner(Runner):
         self.input_shape = [int(d) if int(d) >= 0 else None for d in self.engine.get_tensor_shape(self.input_name)]
         self._dtypes = {n: self._numpy_dtype(n) for n in names}
         self.input_dtype = self._dtypes[self.input_name]
-        lo, opt, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+        profile = [tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0)]
+        if len(profile) != 3:
+            raise SedeployError(f"TensorRT reports no optimization profile for input '{self.input_name}' of "
+                                f"'{self.path}' (got {profile}).", fix="rebuild the engine with sedeploy")
+        lo, opt, hi = profile
         self.profile = {"min": lo, "opt": opt, "max": hi}
         device = self._torch_device or torch.device("cuda", int(self._device["device_index"]))
         self._torch_device = device
@@ -417,6 +466,11 @@ class TrtRunner(Runner):
             raise SedeployError(f"TensorRT refused the profile's largest input shape {hi} for '{self.path.name}'.")
         shapes = {self.input_name: hi, **{n: tuple(int(d) for d in self.context.get_tensor_shape(n))
                                           for n in self.output_names}}
+        unresolved = {n: shape for n, shape in shapes.items() if any(d < 0 for d in shape)}
+        if unresolved:
+            raise SedeployError(f"TensorRT left output shapes unresolved for input shape {hi} of '{self.path.name}': "
+                                f"{unresolved}.\n{logger.take()}",
+                                expected="every output shape known once the input shape is set")
         pin = device.type == "cuda"
         for name, shape in shapes.items():
             dtype = torch.from_numpy(np.empty(0, self._dtypes[name])).dtype
