@@ -208,24 +208,6 @@ def _ctx_calls(fake):
     return [(name.split(".", 1)[1], args) for name, args in fake.calls if name.startswith("IExecutionContext.")]
 
 
-@pytest.fixture(scope="module")
-def tiny_artifacts(tiny_onnx, calib_dir, tmp_path_factory):
-    """The tiny SE-ResNet-18's FP16 artifact and both INT8 flavours (TensorRT: Q/DQ in the FP16 graph)."""
-    from sedeploy.calibration import calibrate
-    from sedeploy.fp16 import convert_fp16
-    from sedeploy.int8 import quantize_model
-    from sedeploy.preprocess import Preprocess
-
-    out = tmp_path_factory.mktemp("trt-artifacts")
-    cal = calibrate(tiny_onnx, calib_dir, method="percentile", progress=False, cache_dir=out / "cc",
-                    preprocess=Preprocess(size=32, resize_short=36))
-    convert_fp16(tiny_onnx, out / "tiny.fp16.onnx")
-    quantize_model(tiny_onnx, cal, out / "tiny.int8-trt.onnx", flavour="trt")
-    quantize_model(tiny_onnx, cal, out / "tiny.int8-cpu.onnx", flavour="cpu")
-    return {"fp32": tiny_onnx, "fp16": out / "tiny.fp16.onnx", "int8-trt": out / "tiny.int8-trt.onnx",
-            "int8-cpu": out / "tiny.int8-cpu.onnx"}
-
-
 def _ort(path, x):
     import onnxruntime as ort
 
