@@ -385,23 +385,80 @@ def test_builder_failure_quotes_tensorrt_log(fake_gpu, tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_layer_precisions_from_inspector_json():
+INSPECTOR = Path(__file__).resolve().parent / "trt_inspector"  # see README.md there (sources, licence)
+
+
+def test_layer_precisions_from_real_10x_inspector_output():
+    """Excerpts of real inspector JSON (NVIDIA's engine-explorer samples): one "Format/Datatype" text per tensor."""
+    from sedeploy.backends.trt_support import LAYOUT_10, layer_precisions
+
+    qat = layer_precisions((INSPECTOR / "mobilenet_qat_excerpt.engine.graph.json").read_text())
+    # FP32→Int8 reformat, int8 convs, an int8 conv writing FP16 (computes in int8), the FP32 output NoOp
+    assert [layer["precision"] for layer in qat["layers"]] == ["int8", "int8", "int8", "int8", "fp32"]
+    assert qat["layers"][3]["outputs"] == ["fp16"] and qat["layers"][0]["inputs"] == ["fp32"]
+    assert qat["counts"] == {"int8": 4, "fp32": 1} and qat["unreadable"] == [] and qat["layout"] == LAYOUT_10
+    fp16 = layer_precisions((INSPECTOR / "resnet_fp16_excerpt.engine.graph.json").read_text())
+    assert [layer["precision"] for layer in fp16["layers"]] == ["fp16"] * 4  # incl. FP32↔FP16 boundary reformats
+    assert fp16["layers"][0]["inputs"] == ["fp32"] and fp16["layers"][-1]["outputs"] == ["fp32"]
+
+
+def test_layer_precisions_from_the_11x_split_layout():
+    from sedeploy.backends.trt_support import LAYOUT_11, layer_precisions
+
+    text = (INSPECTOR / "layout_11x_constructed.engine.graph.json").read_text()
+    got = layer_precisions(text)
+    assert [layer["precision"] for layer in got["layers"]] == ["fp16", "int8", "fp16", "fp32"]
+    assert got["counts"] == {"fp16": 2, "int8": 1, "fp32": 1} and got["unreadable"] == []
+    assert got["layout"] == LAYOUT_11
+    # the type is read from "Datatype" (the "Format" text is layout only): a contradicting Format does not count
+    info = json.loads(text)
+    info["Layers"][2]["Inputs"][0]["Format"] = "Channel major INT8 format where channel % 32 == 0"
+    assert layer_precisions(json.dumps(info))["layers"][2]["precision"] == "fp16"
+    info["Layers"][2]["Inputs"][0]["DataType"] = info["Layers"][2]["Inputs"][0].pop("Datatype")  # either spelling
+    assert layer_precisions(json.dumps(info))["layers"][2]["precision"] == "fp16"
+
+
+def test_unreadable_layers_are_recorded_never_counted():
     from sedeploy.backends.trt_support import layer_precisions
 
-    info = {"Layers": [
-        {"Name": "conv1", "LayerType": "CaskConvolution",
-         "Inputs": [{"Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}],
-         "Outputs": [{"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
-        {"Name": "se.sigmoid", "LayerType": "PointWiseV2", "Inputs": [{"Format/Datatype": "Row major linear FP16"}],
-         "Outputs": [{"Format/Datatype": "Row major linear FP16"}]},
-        {"Name": "head", "LayerType": "Gemm", "Inputs": [{"Format/Datatype": "Row major linear FP32"}],
-         "Outputs": [{"Format/Datatype": "Row major linear FP32"}]}]}
+    info = json.loads((INSPECTOR / "mobilenet_qat_excerpt.engine.graph.json").read_text())
+    del info["Layers"][1]["Outputs"][0]["Format/Datatype"]  # what an inspector without execution context gives
+    info["Layers"][2]["Inputs"][0]["Format/Datatype"] = "N/A"
+    info["Layers"][3]["Outputs"][0]["Format/Datatype"] = "Row major linear FP16 and Int8"  # two types: ambiguous
     got = layer_precisions(json.dumps(info))
-    assert got["counts"] == {"int8": 1, "fp16": 1, "fp32": 1}
-    assert [layer["precision"] for layer in got["layers"]] == ["int8", "fp16", "fp32"]
-    assert layer_precisions(json.dumps({"Layers": ["a", "b"]}))["counts"] == {"unknown": 2}
+    assert [layer["precision"] for layer in got["layers"]] == ["int8", "unknown", "unknown", "unknown", "fp32"]
+    assert [u["name"] for u in got["unreadable"]] == [info["Layers"][i]["Name"] for i in (1, 2, 3)]
+    assert "neither 'Datatype' (11.x) nor 'Format/Datatype' (10.x)" in got["unreadable"][0]["reason"]
+    assert "'N/A' names no single known type" in got["unreadable"][1]["reason"]
+    assert got["counts"] == {"unknown": 3, "int8": 1, "fp32": 1}
+    names_only = layer_precisions(json.dumps({"Layers": ["a", "b"]}))
+    assert names_only["counts"] == {"unknown": 2} and len(names_only["unreadable"]) == 2
+    # whole words only: UInt8 is not int8; a layer without tensors has no precision ("none"), not a guess
+    got = layer_precisions(json.dumps({"Layers": [
+        {"Name": "u", "LayerType": "Reformat", "Inputs": [{"Format/Datatype": "Row major linear UInt8 format"}],
+         "Outputs": [{"Format/Datatype": "Row major linear FP32"}]},
+        {"Name": "shape_call", "LayerType": "shape_call", "Inputs": [], "Outputs": []}]}))
+    assert [layer["precision"] for layer in got["layers"]] == ["uint8", "none"] and got["unreadable"] == []
     with pytest.raises(SedeployError, match="no JSON"):
         layer_precisions("not json")
+    with pytest.raises(SedeployError, match="no 'Layers' list"):
+        layer_precisions(json.dumps({"Bindings": []}))
+
+
+def test_precision_verdict_fails_on_unreadable_or_missing_precision():
+    from sedeploy.backends.trt_support import layer_precisions, precision_verdict
+
+    qat = layer_precisions((INSPECTOR / "mobilenet_qat_excerpt.engine.graph.json").read_text())
+    assert precision_verdict(qat, "int8") == []
+    assert precision_verdict(qat, "fp32") == []
+    assert "no layer runs in fp16" in precision_verdict(qat, "fp16")[0]
+    info = json.loads((INSPECTOR / "mobilenet_qat_excerpt.engine.graph.json").read_text())
+    del info["Layers"][4]["Inputs"][0]["Format/Datatype"]
+    problems = precision_verdict(layer_precisions(json.dumps(info)), "int8")
+    assert len(problems) == 1 and "1 layer(s) with unreadable precision" in problems[0]
+    assert "the engine inspector listed no layers" in precision_verdict(layer_precisions('{"Layers": []}'), "fp32")
+    old_sidecar = {"layers": qat["layers"], "counts": qat["counts"]}  # before unreadable layers were recorded
+    assert "no record of unreadable layers" in precision_verdict(old_sidecar, "int8")[0]
 
 
 def test_tensorrt_cuda_version_is_tensorrts_own():
