@@ -5,14 +5,15 @@
 Precision is the graph's, by construction. Every network is built strongly typed: on 10.x with
 ``1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)`` (no FP16/INT8 builder flags: weak typing lets
 TensorRT pick layer precisions, so one ONNX gave different engines on 10 and 11); on 11 no flag is passed (every
-network is strongly typed; the flag is deprecated and ignored). An FP32 ONNX builds an FP32 engine, the FP16 artifact an FP16 engine,
-the INT8 artifact (Q/DQ inside the FP16 graph) int8 convolutions with FP16 everywhere else. Before any build the
-input is checked (:func:`validate_trt_input`): the strong-typing check for every model, TensorRT's Q/DQ rules for
-INT8, and the QOperator CPU form refused. After the build, each layer's precision is read from the engine
-inspector (``profiling_verbosity = DETAILED``, inspected through an execution context set to the profile's opt
-shape, both JSON layouts: 10.x "Format/Datatype", 11.x "Format" + "Datatype") and recorded in the sidecar, with
-the layers whose precision could not be read listed under ``unreadable_layers``. TensorRT's TF32 default is kept (and
-recorded): FP32 engines on Ampere+ use TF32 convolutions.
+network is strongly typed; the flag is deprecated and ignored). An FP32 ONNX builds an FP32 engine, the FP16
+artifact an FP16 engine, the INT8 artifact (Q/DQ inside the FP16 graph) int8 convolutions with FP16 everywhere
+else. Before any build the input is checked (:func:`validate_trt_input`): the strong-typing check for every model,
+TensorRT's Q/DQ rules for INT8, and the QOperator CPU form refused. After the build, each layer's precision is read
+from the engine inspector (``profiling_verbosity = DETAILED``; inspected through an execution context set to the
+profile's opt shape; both JSON layouts: 10.x "Format/Datatype", 11.x "Format" + "Datatype") and recorded in the
+sidecar, the layers whose precision could not be read listed under ``unreadable_layers``. Every value TensorRT
+returns is checked (None, False, -1, a parser error) and turned into one error naming the step. TensorRT's TF32
+default is kept (and recorded): FP32 engines on Ampere+ use TF32 convolutions.
 
 A plan is tied to the exact TensorRT version and GPU architecture. The JSON sidecar (``<stem>.trt.json``) records
 both, and the CUDA version TensorRT was built for; :class:`TrtRunner` checks them before deserializing. GPU

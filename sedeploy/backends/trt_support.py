@@ -172,9 +172,9 @@ def layer_precisions(engine_information: str) -> dict[str, Any]:
                             fix="report this with the TensorRT version") from err
     raw = info.get("Layers") if isinstance(info, dict) else None
     if not isinstance(raw, list):
-        raise SedeployError("TensorRT's engine inspector JSON has no 'Layers' list "
-                            f"(top-level {type(info).__name__} with keys {sorted(info) if isinstance(info, dict) else '-'}).",
-                            fix="report this with the TensorRT version")
+        keys = sorted(info) if isinstance(info, dict) else "-"
+        raise SedeployError(f"TensorRT's engine inspector JSON has no 'Layers' list (top-level "
+                            f"{type(info).__name__}, keys {keys}).", fix="report this with the TensorRT version")
     layers, unreadable, layouts = [], [], set()
     for layer in raw:
         if not isinstance(layer, dict):  # verbosity NONE/LAYER_NAMES_ONLY: layer names only
