@@ -46,39 +46,54 @@ def _parse_junit(path: Path) -> dict[str, dict[str, str]]:
     return cases
 
 
-def _run_release(version: str, root: Path, artifacts: dict[str, Path]) -> dict:
-    env = tb.environment(version)  # raises tb.Unavailable with the reason
-    for key in [k for k in env if k.startswith("PYTEST_XDIST") or k == "PYTEST_CURRENT_TEST"]:
-        del env[key]
-    env["SEDEPLOY_TRT_ARTIFACTS"] = json.dumps({k: str(v) for k, v in artifacts.items()})
-    junit = root / f"junit-{version}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           f"--basetemp={root / ('inner-' + version)}", f"--junitxml={junit}", str(CASES_FILE)]
-    done = subprocess.run(cmd, env=env, cwd=tb.REPO, capture_output=True, text=True, timeout=INNER_TIMEOUT_S)
-    tail = (done.stdout + done.stderr)[-6000:]
-    cases = _parse_junit(junit) if junit.is_file() else {}
-    return {"version": version, "returncode": done.returncode, "cases": cases, "tail": tail}
+def _run_releases(root: Path, artifacts: dict[str, Path]) -> dict[str, dict]:
+    """Run tests/trt_bindings_cases.py for every release in :data:`trt_bindings.VERSIONS`, in parallel, one
+    process per release; a release that cannot be set up is recorded with the reason."""
+    started, results = {}, {}
+    for version in tb.VERSIONS.values():
+        try:
+            env = tb.environment(version)
+        except tb.Unavailable as err:
+            results[version] = {"unavailable": str(err)}
+            continue
+        for key in [k for k in env if k.startswith("PYTEST_XDIST") or k == "PYTEST_CURRENT_TEST"]:
+            del env[key]
+        env["SEDEPLOY_TRT_ARTIFACTS"] = json.dumps({k: str(v) for k, v in artifacts.items()})
+        junit = root / f"junit-{version}.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={root / version}",
+               f"--junitxml={junit}", str(CASES_FILE)]
+        log = open(root / f"output-{version}.txt", "w+")
+        started[version] = (subprocess.Popen(cmd, env=env, cwd=tb.REPO, stdout=log, stderr=subprocess.STDOUT),
+                            log, junit)
+    for version, (proc, log, junit) in started.items():
+        try:
+            returncode = proc.wait(timeout=INNER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            returncode = proc.wait()
+        log.seek(0)
+        tail = log.read()[-6000:]
+        log.close()
+        results[version] = {"version": version, "returncode": returncode, "tail": tail,
+                            "cases": _parse_junit(junit) if junit.is_file() else {}}
+    return results
 
 
 @pytest.fixture(scope="session")
 def release_results(tmp_path_factory, tiny_artifacts):
-    """``get(version)``: the outcome of every case in that release's process, run once per pytest run."""
+    """``get(version)``: the outcome of every case in that release's process; all releases run once per pytest
+    run (the first xdist worker to ask runs them, the others read its results)."""
     root = _shared_root(tmp_path_factory) / "trt-bindings-runs"
     root.mkdir(parents=True, exist_ok=True)
     memo: dict[str, dict] = {}
 
     def get(version: str) -> dict:
-        if version not in memo:
-            result_file = root / f"result-{version}.json"
-            with tb.locked(root / f"{version}.lock"):
-                if result_file.is_file():
-                    memo[version] = json.loads(result_file.read_text())
-                else:
-                    try:
-                        memo[version] = _run_release(version, root, tiny_artifacts)
-                    except tb.Unavailable as err:
-                        memo[version] = {"unavailable": str(err)}
-                    result_file.write_text(json.dumps(memo[version]))
+        if not memo:
+            result_file = root / "results.json"
+            with tb.locked(root / "results.lock"):
+                if not result_file.is_file():
+                    result_file.write_text(json.dumps(_run_releases(root, tiny_artifacts)))
+                memo.update(json.loads(result_file.read_text()))
         result = memo[version]
         if "unavailable" in result:
             pytest.skip(result["unavailable"])

@@ -102,6 +102,15 @@ def test_sedeploys_logger_passes_the_real_constructors_argument_check(real, trt_
     assert "[ERROR] from the real enum" in logger.take()
 
 
+def test_the_real_binding_refuses_a_plain_int_for_an_enum(real):
+    """What the fake's checker mirrors, shown on a real binding call that needs no native object:
+    ``get_builder_plugin_registry(EngineCapability)`` accepts the enum member (the stub returns no registry) and
+    refuses its integer value — so a hard-coded enum integer in sedeploy would fail against real TensorRT too."""
+    assert real.get_builder_plugin_registry(real.EngineCapability.STANDARD) is None
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        real.get_builder_plugin_registry(int(real.EngineCapability.STANDARD))
+
+
 def test_signature_checks_are_the_real_ones(real):
     """The checker the fake applies to every call refuses what the real binding refuses: a plain int where an enum
     is declared (so a hard-coded enum integer fails), a wrong keyword, a missing argument, a method this release
