@@ -505,6 +505,8 @@ def test_fp32_engine_builds_runs_and_matches_ort(trt, tiny_onnx, tmp_path):
     assert side["source_sha256"] == hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
     assert side["plan_sha256"] == hashlib.sha256(art.path.read_bytes()).hexdigest()
     assert side["workspace_gib"] == 1.0 and side["build_seconds"] > 0
+    assert side["unreadable_layers"] == [] and side["layer_precisions"].get("fp32"), side["unreadable_layers"][:3]
+    assert side["inspected_shape"] == [4, 3, 32, 32]
     rng = np.random.default_rng(0)
     with T.TrtRunner(art.path) as runner:
         assert runner.profile["max"] == (8, 3, 32, 32) and runner.input_dtype == np.float32
@@ -529,6 +531,7 @@ def test_fp16_graph_builds_an_fp16_engine(trt, tiny_onnx, tmp_path):
     assert art.precision == "fp16"
     assert art.metadata["builder_flags"] == [] and art.metadata["strongly_typed"] is True
     assert "fp32" not in art.metadata["layer_precisions"], art.metadata["layer_precisions"]
+    assert art.metadata["unreadable_layers"] == [] and art.metadata["layer_precisions"].get("fp16")
     x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
     ref = _ort_reference(tiny_onnx, x)
     with T.TrtRunner(art.path) as runner:
