@@ -46,9 +46,10 @@ def _parse_junit(path: Path) -> dict[str, dict[str, str]]:
     return cases
 
 
-def _run_releases(root: Path, artifacts: dict[str, Path]) -> dict[str, dict]:
+def _run_releases(root: Path, artifacts) -> dict[str, dict]:
     """Run tests/trt_bindings_cases.py for every release in :data:`trt_bindings.VERSIONS`, in parallel, one
-    process per release; a release that cannot be set up is recorded with the reason."""
+    process per release; a release that cannot be set up is recorded with the reason. ``artifacts()`` makes the
+    tiny model's artifacts (only when some release can run)."""
     started, results = {}, {}
     for version in tb.VERSIONS.values():
         try:
@@ -58,7 +59,7 @@ def _run_releases(root: Path, artifacts: dict[str, Path]) -> dict[str, dict]:
             continue
         for key in [k for k in env if k.startswith("PYTEST_XDIST") or k == "PYTEST_CURRENT_TEST"]:
             del env[key]
-        env["SEDEPLOY_TRT_ARTIFACTS"] = json.dumps({k: str(v) for k, v in artifacts.items()})
+        env["SEDEPLOY_TRT_ARTIFACTS"] = json.dumps({k: str(v) for k, v in artifacts().items()})
         junit = root / f"junit-{version}.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={root / version}",
                f"--junitxml={junit}", str(CASES_FILE)]
@@ -80,7 +81,7 @@ def _run_releases(root: Path, artifacts: dict[str, Path]) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="session")
-def release_results(tmp_path_factory, tiny_artifacts):
+def release_results(tmp_path_factory, request):
     """``get(version)``: the outcome of every case in that release's process; all releases run once per pytest
     run (the first xdist worker to ask runs them, the others read its results)."""
     root = _shared_root(tmp_path_factory) / "trt-bindings-runs"
@@ -92,7 +93,8 @@ def release_results(tmp_path_factory, tiny_artifacts):
             result_file = root / "results.json"
             with tb.locked(root / "results.lock"):
                 if not result_file.is_file():
-                    result_file.write_text(json.dumps(_run_releases(root, tiny_artifacts)))
+                    made = _run_releases(root, lambda: request.getfixturevalue("tiny_artifacts"))
+                    result_file.write_text(json.dumps(made))
                 memo.update(json.loads(result_file.read_text()))
         result = memo[version]
         if "unavailable" in result:
