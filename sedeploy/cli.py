@@ -533,7 +533,8 @@ def package(engines_dir, triton, out_dir, results, max_batch, instances, force, 
 @click.option("--queue-delay-us", type=int, help="Dynamic batcher's max queue delay, microseconds.")
 @click.option("--results", type=click.Path(path_type=Path), help="Bench results.json choosing the batching.")
 @click.option("--threads", type=int, help="Engine intra-op threads [default: physical cores].")
-@click.option("--log-file", type=click.Path(path_type=Path), help="tritonserver's log [default: a temp file].")
+@click.option("--log-file", type=click.Path(path_type=Path),
+              help="File that collects tritonserver's output [default: a temporary file, removed at the end].")
 @common
 @handle_errors
 def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching, max_batch, queue_delay_us, results,
@@ -543,6 +544,7 @@ def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching,
     HTTP and gRPC (KServe v2), /v2/health/live and /v2/health/ready, Prometheus /metrics, Triton's dynamic
     batcher. ENGINES_DIR is a build-engine folder. Needs `pip install 'sedeploy[serve]'`.
     With --json, stdout carries JSON Lines: one {"status": "ready", …} object, then {"status": "stopped"}.
+    Ctrl-C / SIGTERM stop the server (requests in flight finish) and exit 130 / 143.
     """
     from sedeploy.serving.server import ServeOptions, serve as serve_engine
 
@@ -561,7 +563,11 @@ def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching,
         sys.stdout.flush()
 
     served = serve_engine(engines_dir, engine, options=opts, on_ready=ready)
-    click.echo(json.dumps({"status": "stopped", "model": served.name}) if as_json else f"stopped {served.name}")
+    by = signal.Signals(served.stopped_by).name if served.stopped_by else None
+    click.echo(json.dumps({"status": "stopped", "model": served.name, "signal": by}) if as_json else
+               f"stopped {served.name}" + (f" ({by})" if by else ""))
+    if served.stopped_by:
+        sys.exit(128 + served.stopped_by)  # 130 after Ctrl-C, 143 after SIGTERM, as for every command
 
 
 @cli.command()

@@ -117,6 +117,35 @@ def stub_libpython(env: dict[str, str] | None = None) -> StubLibpython:
     return StubLibpython(stub, loads, ours, fix)
 
 
+@dataclass(frozen=True)
+class TritonDistribution:
+    """The parts of PyTriton's bundled Triton Inference Server that ``sedeploy serve`` runs."""
+
+    server: Path  # the tritonserver binary
+    python_backend: Path  # Triton's python backend (libtriton_python.so, triton_python_backend_utils.py)
+    stub: Path  # the python-backend stub built for this interpreter's Python version
+    libs: Path  # the shared libraries tritonserver needs (on LD_LIBRARY_PATH)
+
+
+def triton_distribution() -> TritonDistribution:
+    """Locate PyTriton's tritonserver, python backend and this Python's stub; a clear error when one is missing."""
+    import pytriton
+    from pytriton.utils.distribution import get_libs_path
+
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    dist = TritonDistribution(server=root / "bin" / "tritonserver", python_backend=root / "backends" / "python",
+                              stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+                              libs=Path(get_libs_path()))
+    for part in (dist.server, dist.python_backend / "libtriton_python.so", dist.stub):
+        if not part.is_file():
+            raise SedeployError(f"The nvidia-pytriton installation lacks '{part}' (Python {version}).",
+                                expected="nvidia-pytriton with tritonserver and a python-backend stub for this "
+                                         "Python version",
+                                fix=f"pip install --force-reinstall 'sedeploy[{SERVE_EXTRA}]'")
+    return dist
+
+
 def server_environment() -> dict[str, str]:
     """The variables to set before PyTriton starts ``tritonserver`` (which copies ``os.environ``): today only
     ``LD_LIBRARY_PATH`` when the stub would load another libpython than this interpreter's."""

@@ -91,9 +91,11 @@ class TritonModel:
     parameters: dict[str, str] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)  # class names: Triton's classification extension (top-k)
 
-    def config_text(self) -> str:
-        """config.pbtxt in protobuf text format."""
-        tb = TRITON_BACKENDS[self.backend]
+    def config_text(self, *, backend: str | None = None) -> str:
+        """config.pbtxt in protobuf text format. ``backend``: run the model on that Triton backend instead of the
+        engine's native one (``sedeploy serve`` uses ``python``: the engine runs through sedeploy's runner)."""
+        tb = TRITON_BACKENDS[self.backend] if backend is None else {"platform": "", "backend": backend,
+                                                                    "kind": "KIND_CPU"}
         batched = self.max_batch_size > 0
         lines = [f'name: "{self.name}"']
         lines.append(f'platform: "{tb["platform"]}"' if tb["platform"] else f'backend: "{tb["backend"]}"')
@@ -106,7 +108,7 @@ class TritonModel:
         if batched:
             pref = "".join(f"\n  preferred_batch_size: {b}" for b in self.preferred)
             lines.append(f"dynamic_batching {{{pref}\n  max_queue_delay_microseconds: {self.queue_delay_us}\n}}")
-        lines.append(f'instance_group {{\n  count: {self.instances}\n  kind: {TRITON_BACKENDS[self.backend]["kind"]}\n}}')
+        lines.append(f'instance_group {{\n  count: {self.instances}\n  kind: {tb["kind"]}\n}}')
         for k, v in self.parameters.items():
             lines.append(f'parameters {{\n  key: "{k}"\n  value {{ string_value: {json.dumps(v)} }}\n}}')
         return "\n".join(lines) + "\n"
