@@ -43,8 +43,8 @@ from sedeploy.errors import SedeployError
 
 log = logging.getLogger("sedeploy")
 
-__all__ = ["IMAGENET_SYNSETS", "Labels", "read_synset_table", "read_labels_file", "resolve_labels",
-           "synset_index"]
+__all__ = ["IMAGENET_SYNSETS", "Labels", "read_class_names", "read_synset_table", "read_labels_file",
+           "resolve_labels", "synset_index"]
 
 SYNSET_RE = re.compile(r"^n[0-9]{8}$")
 #: a class index as typed: ASCII digits only (str.isdigit() also accepts '²' and '٣', which int() rejects)
@@ -457,3 +457,60 @@ def resolve_labels_offset(paths: Sequence[str | os.PathLike], root: str | os.Pat
     return Labels(indices=lab.indices + label_offset, source=lab.source,
                   rule=f"{lab.rule}; then + {label_offset} (--label-offset: model output k + {label_offset} is "
                        "dataset class k)", classes={k: v + label_offset for k, v in lab.classes.items()})
+
+
+#: characters that never appear in a text table (a binary file that happens to decode as UTF-8 has them)
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names in index order, for showing predictions: Caffe's ``synset_words.txt`` (``n01440764 tench,
+    Tinca tinca`` per line: the first name), the ``index<TAB>synset<TAB>name…`` table (rows placed by index, an
+    optional header line), or one name per line (Triton's ``labels.txt``). The same checks as
+    :func:`read_synset_table`: a missing path, a folder, a file that is not UTF-8 text, a table whose indices do
+    not run 0…n−1 are refused with one clear error."""
+    p = Path(path)
+    expected = ("class names: synset_words.txt ('n01440764 tench, Tinca tinca' per line), an "
+                "index<TAB>synset<TAB>name table, or one name per line")
+    if p.is_file():
+        with open(p, "rb") as f:
+            if b"\0" in f.read(1 << 16):
+                raise SedeployError(f"The labels file '{p}' is not a text file (it holds NUL bytes: a model or an "
+                                    "image?).", expected=expected, fix="pass the class-name file")
+    text = _read_text(p, "labels file", expected)
+    bad = _CONTROL_RE.search(text)
+    if bad:
+        line = text[:bad.start()].count("\n") + 1
+        raise SedeployError(f"The labels file '{p}' is not a text table (control character {ord(bad.group()):#04x} "
+                            f"on line {line}).", expected=expected, fix="pass the class-name file, not a model or "
+                                                                        "image")
+    rows = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.lstrip().startswith("#")]
+    indexed: dict[int, str] = {}
+    names: list[str] = []
+    for k, (lineno, line) in enumerate(rows):
+        if "\t" in line:
+            fields = [f.strip() for f in line.split("\t")]
+            if not (_is_index(fields[0]) and not fields[0].startswith("-")):
+                if k == 0:
+                    continue  # a header line
+                raise SedeployError(f"Line {lineno} of the labels file '{p}' is not understood: {line[:80]!r}.",
+                                    expected="index<TAB>synset<TAB>name on every line of a table")
+            i = int(fields[0])
+            if i in indexed:
+                raise SedeployError(f"The labels file '{p}' lists class index {i} twice.")
+            indexed[i] = fields[2] if len(fields) > 2 and fields[2] else fields[-1]
+            continue
+        first, _, rest = line.strip().partition(" ")
+        names.append((rest.split(",")[0].strip() or first) if _is_synset(first) else line.strip())
+    if indexed and names:
+        raise SedeployError(f"The labels file '{p}' mixes table rows (index<TAB>…) and plain lines.",
+                            fix="use one format for the whole file")
+    if indexed:
+        if sorted(indexed) != list(range(len(indexed))):
+            missing = sorted(set(range(max(indexed) + 1)) - set(indexed))
+            raise SedeployError(f"The labels file '{p}' does not number its classes 0…{len(indexed) - 1}; "
+                                f"missing: {_names(missing)}.")
+        names = [indexed[i] for i in range(len(indexed))]
+    if not names:
+        raise SedeployError(f"The labels file '{p}' contains no class names.", expected=expected)
+    return names

@@ -5,13 +5,17 @@ from it, and so does the preprocessing (the ``sedeploy.preprocess`` parameter th
 and ``sedeploy serve`` put there; without it, mmcls's pipeline at the input size). Works with any Triton that
 serves the model: ``sedeploy serve`` here, or the model repository in the Triton container.
 
-Class names: a ``--labels-file`` (Caffe ``synset_words.txt``: ``n01440764 tench, Tinca tinca`` per line, or the
-``index<TAB>synset<TAB>name…`` table), else ``$SEDEPLOY_LABELS``, else ``../shared/data/labels`` beside a source
-checkout when present; otherwise classes are shown as indices.
+Class names: a ``--labels-file`` (Caffe ``synset_words.txt``: ``n01440764 tench, Tinca tinca`` per line, the
+``index<TAB>synset<TAB>name…`` table, or one name per line; read by :func:`sedeploy.bench.labels.read_class_names`,
+as bench and package read it), else ``$SEDEPLOY_LABELS``; a file given either way must name exactly the model's
+classes. Without one, ``../shared/data/labels`` beside a source checkout is used when it fits the model; otherwise
+classes are shown as indices.
 """
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sedeploy.errors import SedeployError
+
+log = logging.getLogger("sedeploy")
 
 LABEL_FILES = ("synset_words.txt", "imagenet1k_index_synset_name.tsv")
 
@@ -31,36 +37,37 @@ def _host(url: str) -> str:
     return url.rstrip("/")
 
 
-def read_class_names(path: str | os.PathLike) -> list[str]:
-    """Names in index order from ``synset_words.txt`` or the ``index<TAB>synset<TAB>name`` table."""
-    p = Path(path)
-    if not p.is_file():
-        raise SedeployError(f"The labels file '{p}' does not exist.",
-                            expected="synset_words.txt ('n01440764 tench, Tinca tinca' per line)")
-    names = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        if "\t" in line:
-            fields = line.split("\t")
-            if not fields[0].strip().isdigit():
-                continue  # header
-            names.append(fields[2].strip() if len(fields) > 2 else fields[-1].strip())
-        else:
-            parts = line.split(None, 1)
-            names.append(parts[1].split(",")[0].strip() if len(parts) > 1 else parts[0])
-    return names
-
-
 def default_labels_file() -> Path | None:
-    env = os.environ.get("SEDEPLOY_LABELS")
-    if env:
-        return Path(env)
+    """The class-name table of a source checkout's ``../shared/data/labels``, when there is one."""
     folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "labels"
     for name in LABEL_FILES:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def check_http(url: str, timeout_s: float = 10.0) -> None:
+    """Something at ``url`` answers Triton's HTTP health endpoint; else one error saying what answers instead
+    (nothing, or not HTTP: the gRPC port) and how to fix the URL."""
+    host, _, port = _host(url).rpartition(":")
+    if not host or not port.isdigit():
+        raise SedeployError(f"--url {url!r} is not host:port.", expected="e.g. 127.0.0.1:8000 or http://host:8000")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+    try:
+        conn.request("GET", "/v2/health/live")
+        status = conn.getresponse().status
+    except http.client.HTTPException as err:  # bytes came back, but not an HTTP response
+        raise SedeployError(f"The server at {url} does not speak HTTP ({type(err).__name__}): is it the gRPC or "
+                            "another port?", expected="Triton's HTTP port (`sedeploy serve --port`, default 8000)",
+                            fix="pass --url HOST:HTTP_PORT (`sedeploy serve` prints it)") from None
+    except OSError as err:
+        raise SedeployError(f"No Triton server answers at {url} ({err.strerror or err}).",
+                            fix="start one with `sedeploy serve ENGINES_DIR`, or pass the right --url") from None
+    finally:
+        conn.close()
+    if status != 200:
+        raise SedeployError(f"The server at {url} answers HTTP {status} to /v2/health/live: not a live Triton server.",
+                            fix="pass the URL of a Triton server's HTTP port, or check that server's log")
 
 
 def _model_info(client, model: str | None, url: str) -> tuple[str, dict[str, Any]]:
@@ -99,6 +106,7 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
                  labels_file: str | os.PathLike | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
     """Top-k classes of each image from a Triton server (HTTP). Returns {model, url, results: [{image, top: [{index,
     label, probability, logit}]}], logits (N×classes list)}."""
+    from sedeploy.bench.labels import read_class_names
     from sedeploy.preprocess import load_image
     from sedeploy.serving.env import require_client
 
@@ -110,15 +118,11 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
         raise SedeployError("No image given.", fix="sedeploy infer photo.jpg --url 127.0.0.1:8000")
     if top_k < 1:
         raise SedeployError(f"--top-k {top_k} is not valid.", expected="a positive integer")
+    given = labels_file if labels_file is not None else os.environ.get("SEDEPLOY_LABELS") or None
+    names = read_class_names(given) if given else []  # read first: a wrong file fails before any request
+    check_http(url, timeout_s)
+    client = th.InferenceServerClient(_host(url), connection_timeout=timeout_s, network_timeout=timeout_s)
     try:
-        client = th.InferenceServerClient(_host(url), connection_timeout=timeout_s, network_timeout=timeout_s)
-        live = client.is_server_live()
-    except (InferenceServerException, OSError) as err:
-        raise SedeployError(f"No Triton server answers at {url} ({err}).",
-                            fix="start one with `sedeploy serve ENGINES_DIR`, or pass the right --url") from err
-    try:
-        if not live:
-            raise SedeployError(f"The Triton server at {url} is not live.", fix="check its log")
         model, cfg = _model_info(client, model, url)
         inp, out = cfg["input"][0], cfg["output"][0]
         max_batch = int(cfg.get("max_batch_size", 0))
@@ -148,10 +152,17 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
     finally:
         client.close()
     y = np.concatenate(logits).astype(np.float64)
-    lf = Path(labels_file) if labels_file else default_labels_file()
-    names = read_class_names(lf) if lf is not None else []
-    if len(names) != y.shape[1]:
-        names = []  # a table for another number of classes says nothing about this model
+    lf = Path(given) if given else default_labels_file()
+    if given and len(names) != y.shape[1]:
+        raise SedeployError(f"The labels file '{lf}' names {len(names)} classes; model {model!r} has {y.shape[1]}.",
+                            fix="pass the class-name table of this model (one name per class, in index order), "
+                                "or leave --labels-file (and $SEDEPLOY_LABELS) out to see class indices")
+    if not given and lf is not None:
+        names = read_class_names(lf)
+        if len(names) != y.shape[1]:
+            log.info("%s names %d classes, model %s has %d: showing class indices.", lf, len(names), model,
+                     y.shape[1])
+            names = []
     prob = np.exp(y - y.max(axis=1, keepdims=True))
     prob /= prob.sum(axis=1, keepdims=True)
     results = []

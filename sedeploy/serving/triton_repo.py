@@ -403,46 +403,98 @@ def _write_model(m: TritonModel, root: Path) -> dict[str, Any]:
             "config": str(d / "config.pbtxt")}
 
 
+def is_triton_repository(folder: str | Path) -> bool:
+    """Is ``folder`` a model repository that ``sedeploy package --triton`` wrote (every entry a model folder
+    with the ``config.pbtxt`` and ``sedeploy.json`` it writes)? Only such a folder is ever replaced."""
+    entries = list(Path(folder).iterdir())
+    return bool(entries) and all(e.is_dir() and not e.is_symlink() and (e / "config.pbtxt").is_file()
+                                 and (e / "sedeploy.json").is_file() for e in entries)
+
+
+def check_output_folder(engines_dir: str | Path, out: Path, *, force: bool) -> None:
+    """``out`` may be written: not the engines folder, nor inside it, nor around it; a new or empty folder, or a
+    previous sedeploy repository when ``force`` is given. Anything else (a file, another folder's content) is the
+    user's and is never replaced, even with ``force``."""
+    src, dst = Path(engines_dir).resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        where = "is" if dst == src else ("is inside" if src in dst.parents else "contains")
+        raise SedeployError(f"The output '{out}' {where} the engines folder '{engines_dir}'.",
+                            expected="a repository folder apart from the engines it packages",
+                            fix="choose another -o folder, e.g. -o model_repository")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise SedeployError(f"The output '{out}' exists and is not a folder.",
+                            fix="choose another -o folder (sedeploy never replaces a file, even with --force)")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not is_triton_repository(out):
+        raise SedeployError(f"The output '{out}' is a non-empty folder that is not a sedeploy Triton repository.",
+                            fix="choose a new -o folder; --force replaces only a repository that "
+                                "`sedeploy package --triton` wrote")
+    if not force:
+        raise SedeployError(f"The output '{out}' exists and is not empty (a previous repository).",
+                            fix="choose a new -o folder, or pass --force to replace it")
+
+
+def _publish_folder(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` folder onto ``out``; a previous repository there is moved aside first and
+    removed after, or put back when the rename fails or is interrupted."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    old = aside / out.name
+    try:
+        os.replace(out, old)
+        os.replace(staging, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def package_triton(engines_dir: str | Path, out_dir: str | Path, *, results: str | Path | None = None,
                    max_batch: int = DEFAULT_MAX_BATCH, instances: int = 1, force: bool = False,
                    artifacts: bool = False, labels_file: str | Path | None = None) -> dict[str, Any]:
     """Write a Triton model repository for every engine of a build-engine folder (see the module docstring).
 
     ``results``: a bench ``results.json`` whose timings choose the dynamic-batching settings. ``force``: replace
-    an existing non-empty ``out_dir``. ``artifacts``: package the portable ONNX artifacts instead of the engines
-    (an ORT engine is tuned for the CPU it was built on; a GPU cluster wants the artifacts or TensorRT plans).
+    a previous repository at ``out_dir`` (:func:`check_output_folder` says what is refused). The repository is
+    written in a staging folder beside ``out_dir``, under a lock on that folder, and renamed into place whole.
+    ``artifacts``: package the portable ONNX artifacts instead of the engines (an ORT engine is tuned for the CPU
+    it was built on; a GPU cluster wants the artifacts or TensorRT plans).
     ``labels_file``: class names (``synset_words.txt``) written as ``labels.txt`` for Triton's classification
     extension, so a client can ask the server for the top-k names. Returns a summary (one dict per model).
     """
+    from sedeploy.fsutil import folder_lock, missing_dirs, remove_empty_dirs
     from sedeploy.serving.env import require_client
 
     require_client("sedeploy package --triton (it validates every config.pbtxt with Triton's ModelConfig)")
     out = Path(out_dir)
+    check_output_folder(engines_dir, out, force=force)
     bench = read_results(results) if results is not None else None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise SedeployError(f"The output '{out}' exists and is not empty.",
-                            fix="choose a new -o folder, or pass --force to replace it")
     labels = None
     if labels_file is not None:
-        from sedeploy.serving.client import read_class_names
+        from sedeploy.bench.labels import read_class_names
 
         labels = read_class_names(labels_file)
     models = plan_models(engines_dir, results=bench, max_batch=max_batch, instances=instances, artifacts=artifacts,
                          labels=labels)
+    made = missing_dirs(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
-        summary = [_write_model(m, staging) for m in models]
-        os.chmod(staging, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
+        with folder_lock(out.parent, what="folder", command="sedeploy package"):
+            check_output_folder(engines_dir, out, force=force)  # again, now that no other run writes there
+            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+            try:
+                summary = [_write_model(m, staging) for m in models]
+                os.chmod(staging, 0o755)
+                _publish_folder(staging, out)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_dirs(made)
         raise
     for s in summary:
         s["config"] = str(out / s["name"] / "config.pbtxt")
