@@ -535,10 +535,12 @@ def package(engines_dir, triton, out_dir, results, max_batch, instances, force, 
 @click.option("--threads", type=int, help="Engine intra-op threads [default: physical cores].")
 @click.option("--log-file", type=click.Path(path_type=Path),
               help="File that collects tritonserver's output [default: a temporary file, removed at the end].")
+@click.option("--exit-timeout", type=int, default=10, show_default=True,
+              help="Seconds requests in flight may take to finish once Ctrl-C/SIGTERM came (Triton's exit timeout).")
 @common
 @handle_errors
 def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching, max_batch, queue_delay_us, results,
-          threads, log_file, as_json, verbose):
+          threads, log_file, exit_timeout, as_json, verbose):
     """Serve one engine with a real Triton Inference Server (PyTriton) until SIGTERM/SIGINT.
 
     HTTP and gRPC (KServe v2), /v2/health/live and /v2/health/ready, Prometheus /metrics, Triton's dynamic
@@ -551,7 +553,7 @@ def serve(engines_dir, engine, host, port, grpc_port, metrics_port, no_batching,
     _setup_logging(verbose)
     opts = ServeOptions(host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                         batching=not no_batching, max_batch=max_batch, queue_delay_us=queue_delay_us,
-                        results=results, threads=threads, log_file=log_file)
+                        results=results, threads=threads, log_file=log_file, exit_timeout_s=exit_timeout)
 
     def ready(served):
         d = served.as_dict()

@@ -6,6 +6,7 @@ Server tests skip with the reason when nvidia-pytriton cannot serve here (not in
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -80,7 +81,9 @@ def server(engines, pytriton_ready):
     from sedeploy.serving.server import ServeOptions, running_server
 
     http_port, grpc_port, metrics_port = _free_ports(3)
-    opts = ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_s=5)
+    # a 20 ms queue delay: requests sent together are batched together (the per-request checks are under test)
+    opts = ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_s=5,
+                        queue_delay_us=20_000)
     with running_server(engines, options=opts) as served:
         yield served
 
@@ -235,7 +238,7 @@ def test_package_is_atomic_and_refuses_to_overwrite(engines, tmp_path, model_con
     out = tmp_path / "repo"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SedeployError, match="not empty"):
+    with pytest.raises(SedeployError, match="non-empty folder that is not a sedeploy Triton repository"):
         package_triton(engines, out)
     assert (out / "keep.txt").read_text() == "mine"
     broken = tmp_path / "broken"
@@ -247,8 +250,18 @@ def test_package_is_atomic_and_refuses_to_overwrite(engines, tmp_path, model_con
         package_triton(broken, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
-    package_triton(engines, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "tiny_fp32_ort" / "config.pbtxt").is_file()
+    with pytest.raises(SedeployError, match="not a sedeploy Triton repository"):
+        package_triton(engines, out, force=True)  # --force replaces only a previous repository
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    package_triton(engines, out)
+    first = (out / "tiny_fp32_ort" / "config.pbtxt").read_text()
+    with pytest.raises(SedeployError, match="--force"):
+        package_triton(engines, out)
+    package_triton(engines, out, force=True, max_batch=16)
+    assert (out / "tiny_fp32_ort" / "config.pbtxt").read_text() != first  # replaced, whole
+    assert "max_batch_size: 16" in (out / "tiny_fp32_ort" / "config.pbtxt").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.")]  # no staging or old copy left
 
 
 def test_cli_package_json(engines, tmp_path, model_config_pb2):
@@ -475,66 +488,295 @@ def test_load_dynamic_batching_vs_batch_one(engines, pytriton_ready):
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
+def _serve_cmd(engines, ports, *extra) -> list[str]:
+    return [sys.executable, "-m", "sedeploy", "serve", str(engines), "--port", str(ports[0]), "--grpc-port",
+            str(ports[1]), "--metrics-port", str(ports[2]), *map(str, extra)]
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    """PYTHONPATH for this checkout; TMPDIR of the test's own, so what the server leaves in it can be checked."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "TMPDIR": str(tmp_path / "tmp")}
+
+
+def _ours(folder: Path) -> list[str]:
+    """sedeploy's files in a temporary folder (onnxruntime's own '.ses' file there is not sedeploy's)."""
+    return [p.name for p in folder.iterdir() if "sedeploy" in p.name or "triton" in p.name]
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Live processes of a session (a server started with start_new_session=True, and everything it started)."""
+    out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+def _start_cli_server(cmd, env) -> tuple[subprocess.Popen, list[str], threading.Event]:
+    """The CLI in a session of its own (as a terminal's foreground job); stdout lines collected as they come."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if '"status": "ready"' in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines, ready
 
 
-def test_cli_serve_sigterm_shuts_down_cleanly(engines, pytriton_ready):
-    http_port, grpc_port, metrics_port = _free_ports(3)
-    cmd = [sys.executable, "-m", "sedeploy", "serve", str(engines), "--port", str(http_port), "--grpc-port",
-           str(grpc_port), "--metrics-port", str(metrics_port), "--json"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def _kill_session(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("signum,target,exit_timeout", [
+    pytest.param(signal.SIGINT, "group", 10, marks=pytest.mark.slow),  # Ctrl-C, with the default exit timeout
+    (signal.SIGTERM, "group", 2), (signal.SIGTERM, "process", 2)])
+def test_cli_serve_stops_on_signal_with_requests_in_flight(engines, pytriton_ready, tmp_path, signum, target,
+                                                           exit_timeout):
+    """Ctrl-C (SIGINT to the foreground process group), a group SIGTERM (systemd, docker stop) or a SIGTERM to
+    the process alone, while clients keep sending: everything ends within the exit timeout + 5 s (15 s with the
+    default), the command exits 128 + signal, stdout holds only the JSON Lines events, and no process or
+    temporary file is left."""
+    ports = _free_ports(3)
+    log_file = tmp_path / "triton.log"
+    extra = ["--json", "--exit-timeout", exit_timeout] + (["--log-file", log_file] if target == "group" else [])
+    proc, lines, ready = _start_cli_server(_serve_cmd(engines, ports, *extra), _cli_env(tmp_path))
+    codes: list = []
+    stop_load = threading.Event()
+
+    def client() -> None:
+        import tritonclient.http as th
+
+        c = th.InferenceServerClient(f"127.0.0.1:{ports[0]}", network_timeout=30)
+        x = np.zeros((1, 3, 32, 32), np.float32)
+        try:
+            while not stop_load.is_set():
+                inp = th.InferInput("input", [1, 3, 32, 32], "FP32")
+                inp.set_data_from_numpy(x)
+                try:
+                    c.infer("tiny_fp32_ort", [inp])
+                    codes.append(200)
+                except Exception as err:  # refused or cut off while the server stops: counted, not raised
+                    codes.append(type(err).__name__)
+                    time.sleep(0.05)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
     try:
-        deadline = time.monotonic() + 120
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=2)
-                conn.request("GET", "/v2/health/ready")
-                ready = conn.getresponse().status == 200
-                conn.close()
-            except OSError:
-                ready = False
-            if ready:
-                break
-            time.sleep(0.5)
-        assert ready, proc.stderr.read() if proc.poll() is not None else "not ready in 120 s"
-        family = _descendants(proc.pid)
-        assert family, "tritonserver should run as a child of sedeploy serve"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        assert [e["status"] for e in events] == ["ready", "stopped"], out
-        time.sleep(1)
-        left = [p for p in family if _alive(p)]
-        assert left == [], f"processes left behind: {left}"
+        assert ready.wait(120), proc.stderr.read() if proc.poll() is not None else "not ready in 120 s"
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        assert 200 in codes  # requests are in flight when the signal comes
+        t0 = time.monotonic()
+        if target == "group":
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        proc.wait(timeout=30)
+        while _session_processes(proc.pid) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        left = _session_processes(proc.pid)
+        stop_load.set()
+        err = proc.stderr.read()
+        assert proc.returncode == 128 + signum, err
+        assert left == [] and elapsed < exit_timeout + 5, (left, elapsed)
+        events = [json.loads(line) for line in lines]  # every stdout line is JSON
+        assert [e["status"] for e in events] == ["ready", "stopped"], lines
+        assert events[1]["signal"] == signal.Signals(signum).name
+        assert "Traceback" not in err and "exited with failure" not in err, err
+        assert _ours(tmp_path / "tmp") == []  # the repository and the temporary log are gone
+        if target == "group":
+            assert "Started HTTPService" in log_file.read_text()  # tritonserver's output went to the log file
+        print(f"\n{signal.Signals(signum).name} to the {target}: all processes gone after {elapsed:.2f} s; "
+              f"requests while running: {codes.count(200)} ok")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_load.set()
+        if proc.poll() is None or _session_processes(proc.pid):
+            _kill_session(proc)
+
+
+def test_cli_serve_sigterm_while_starting_never_says_ready(engines, pytriton_ready, tmp_path):
+    ports = _free_ports(3)
+    proc, lines, ready = _start_cli_server(_serve_cmd(engines, ports, "--json"), _cli_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("tritonserver" in _cmdline(p) for p in _session_processes(proc.pid)):
+            assert time.monotonic() < deadline and proc.poll() is None, "tritonserver did not start"
+            time.sleep(0.02)
+        assert not ready.is_set()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        time.sleep(0.5)
+        err = proc.stderr.read()
+        assert proc.returncode == 143, err
+        assert [json.loads(line)["status"] for line in lines] == ["stopped"], lines
+        assert _session_processes(proc.pid) == [] and "Traceback" not in err, err
+        assert _ours(tmp_path / "tmp") == []
+    finally:
+        if proc.poll() is None or _session_processes(proc.pid):
+            _kill_session(proc)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("case", ["http port of a running Triton", "busy grpc port", "equal ports"])
+def test_cli_serve_refuses_busy_or_equal_ports_at_once(engines, pytriton_ready, server, direct, tmp_path, case):
+    """A port that another program (here: another Triton) holds, or two equal ports: one error naming the port
+    and the option, before anything starts; the other server is not touched."""
+    ports = _free_ports(3)
+    listener = socket.socket()
+    try:
+        if case == "http port of a running Triton":
+            ports[0] = int(server.http_url.rsplit(":", 1)[1])
+            option, port = "--port", ports[0]
+        elif case == "busy grpc port":
+            listener.bind(("127.0.0.1", ports[1]))
+            listener.listen()
+            option, port = "--grpc-port", ports[1]
+        else:
+            ports[2] = ports[1]
+            option, port = "--metrics-port", ports[1]
+        t0 = time.monotonic()
+        r = subprocess.run(_serve_cmd(engines, ports), capture_output=True, text=True, env=_cli_env(tmp_path),
+                           timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        listener.close()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert str(port) in r.stderr and option in r.stderr, r.stderr
+    assert elapsed < 30, elapsed  # refused before any server starts
+    assert _ours(tmp_path / "tmp") == []
+    client = _client(server)  # the other server still serves its model
+    try:
+        x = _images(server)[:1]
+        assert np.abs(_infer(client, server, x) - direct.infer(x)).max() <= 1e-4
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("args,needle", [(["--max-batch", "0"], "--max-batch 0"),
+                                         (["--queue-delay-us", "-5"], "--queue-delay-us -5"),
+                                         (["--threads", "0"], "--threads 0"),
+                                         (["--port", "70000"], "--port 70000"),
+                                         (["--exit-timeout", "-1"], "--exit-timeout -1"),
+                                         (["--log-file", "."], "is a folder")])
+def test_cli_serve_refuses_invalid_options(engines, args, needle):
+    from click.testing import CliRunner
+
+    from sedeploy.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(engines), *args])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output
+
+
+def test_nan_request_fails_alone_in_its_batch(server, direct):
+    """7 good requests and 1 holding NaN, sent together (one dynamic batch), 10 times: every good request gets
+    its logits, every NaN request its own 400 error naming the problem, without traceback or server paths."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    from sedeploy.serving.client import batch_stats
+
+    x = _images(server)[:7]
+    want = direct.infer(x)
+    bad = np.full((1, 3, 32, 32), np.nan, np.float32)
+    ok, errors, other = 0, [], []
+    barrier = threading.Barrier(8)
+    before = batch_stats(server.metrics_url, server.name)
+
+    def send(k: int) -> None:
+        nonlocal ok
+        client = th.InferenceServerClient(server.http_url.removeprefix("http://"), network_timeout=60)
+        try:
+            for _ in range(10):
+                barrier.wait(timeout=60)
+                try:
+                    y = _infer(client, server, bad if k == 7 else x[k:k + 1])
+                except InferenceServerException as err:
+                    (errors if k == 7 else other).append((err.status(), str(err)))
+                    continue
+                if k == 7:
+                    other.append("a NaN request was answered")
+                elif np.abs(y - want[k:k + 1]).max() <= 1e-4:
+                    ok += 1
+                else:
+                    other.append(f"wrong logits for image {k}")
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(send, range(8)))
+    inferences, executions = (a - b for a, b in zip(batch_stats(server.metrics_url, server.name), before))
+    print(f"\nNaN mix: {ok} of 70 good requests served; {len(errors)} NaN requests refused; "
+          f"mean batch {inferences / max(executions, 1):.2f}")
+    assert other == [] and ok == 70
+    assert len(errors) == 10 and all(status == "400" for status, _ in errors), errors[:2]
+    text = errors[0][1]
+    assert "NaN" in text and "Traceback" not in text and "/" not in text.split(":", 1)[1], text
+    assert inferences / max(executions, 1) > 1.5  # the bad request really was batched with good ones
+
+
+def test_request_checks_one_by_one():
+    from sedeploy.serving.python_model import request_error, split_rows
+
+    ok = np.zeros((2, 3, 4, 4), np.float32)
+    assert request_error(ok, name="input", item_shape=[3, 4, 4], max_batch=8) is None
+    assert request_error(ok, name="input", item_shape=[3, -1, -1], max_batch=0) is None
+    nan = ok.copy()
+    nan[1, 0, 0, 0] = np.nan
+    nan[0, 2, 3, 3] = -np.inf
+    assert "2 NaN or infinite" in request_error(nan, name="input", item_shape=[3, 4, 4], max_batch=8)
+    assert "FP32" in request_error(ok.astype(np.float64), name="input", item_shape=[3, 4, 4], max_batch=8)
+    assert "shape [2, 3, 4, 4]" in request_error(ok, name="input", item_shape=[3, 8, 8], max_batch=8)
+    assert "batch 2" in request_error(ok, name="input", item_shape=[3, 4, 4], max_batch=1)
+    y = np.arange(12).reshape(6, 2)
+    parts = split_rows(y, [1, 3, 2])
+    assert [p.tolist() for p in parts] == [y[:1].tolist(), y[1:4].tolist(), y[4:].tolist()]
+
+
+def test_cli_infer_default_model_and_bad_urls_or_labels(server, direct, tmp_path, engines):
+    """Without --model the served model is used; the gRPC port as --url, a model file as --labels-file and a
+    table with another class count each end in one clear error (exit 2)."""
+    from click.testing import CliRunner
+
+    from sedeploy.cli import cli
+
+    r = CliRunner().invoke(cli, ["infer", str(IMAGES[0]), "--url", server.http_url, "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["model"] == server.name
+    assert np.abs(np.asarray(d["logits"]) - direct.infer(_images(server)[:1])).max() <= 1e-4
+    nine = tmp_path / "nine.txt"
+    nine.write_text("".join(f"class-{k}\n" for k in range(9)))
+    for args, needle in ((["--url", server.grpc_url], "does not speak HTTP"),
+                         (["--url", server.http_url, "--labels-file", str(engines / "tiny.fp32.onnx")],
+                          "not a text file"),
+                         (["--url", server.http_url, "--labels-file", str(nine)], "names 9 classes")):
+        r = CliRunner().invoke(cli, ["infer", str(IMAGES[0]), *args])
+        assert r.exit_code == 2, r.output
+        assert needle in r.output and "Traceback" not in r.output, r.output
 
 
 def test_packaging_an_fp16_artifact_for_triton_onnxruntime_on_cpu_says_it_runs_in_fp32(tiny_onnx, tmp_path, caplog):

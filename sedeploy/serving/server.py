@@ -89,11 +89,16 @@ class ServeOptions:
             raise bad("--queue-delay-us", self.queue_delay_us, "0 or more microseconds", "e.g. --queue-delay-us 100")
         if self.threads is not None and self.threads < 1:
             raise bad("--threads", self.threads, "a positive integer", "omit it to use the physical cores")
-        if self.exit_timeout_s < 0 or self.start_timeout_s <= 0:
-            raise bad("exit/start timeout", (self.exit_timeout_s, self.start_timeout_s), "positive seconds",
-                      "use the defaults")
+        if self.exit_timeout_s < 0:
+            raise bad("--exit-timeout", self.exit_timeout_s, "0 or more seconds", "e.g. --exit-timeout 10")
+        if self.start_timeout_s <= 0:
+            raise bad("start timeout", self.start_timeout_s, "positive seconds", "use the default")
         if self.preferred is not None and any(b < 1 for b in self.preferred):
             raise bad("preferred batch sizes", self.preferred, "positive integers", "e.g. 8,16")
+        if self.log_file is not None and Path(self.log_file).is_dir():
+            raise SedeployError(f"--log-file '{self.log_file}' is a folder.",
+                                expected="a file path for tritonserver's output",
+                                fix=f"pass a file, e.g. --log-file {Path(self.log_file) / 'tritonserver.log'}")
 
 
 @dataclass
@@ -193,9 +198,6 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
 
 def _open_log(path: Path):
     """The user's --log-file, opened for appending (it collects tritonserver's output over runs)."""
-    if path.is_dir():
-        raise SedeployError(f"--log-file '{path}' is a folder.", expected="a file path for tritonserver's log",
-                            fix=f"pass a file, e.g. --log-file {path / 'tritonserver.log'}")
     try:
         return open(path, "ab")
     except OSError as err:
@@ -265,10 +267,11 @@ def _write_repository(root: Path, model, dist) -> None:
     shutil.copy2(dist.stub, backend / "triton_python_backend_stub")
 
 
-def _environment(dist) -> dict[str, str]:
+def _environment(dist, workdir: Path) -> dict[str, str]:
     """tritonserver's environment: its libraries; the stub's libpython fix (sedeploy.serving.env); this Python's
-    environment first on PATH (the stub's embedded Python finds its packages from it) and this sedeploy first on
-    PYTHONPATH (the stub imports the same sedeploy as this process)."""
+    environment first on PATH (the stub's embedded Python finds its packages from it); this sedeploy first on
+    PYTHONPATH (the stub imports the same sedeploy as this process); TMPDIR in the run's own folder (tritonserver
+    writes a ``.ses`` file there), so nothing of the run outlives it."""
     import sedeploy
     from sedeploy.serving.env import server_environment
 
@@ -278,6 +281,8 @@ def _environment(dist) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.exec_prefix) / "bin"), env.get("PATH", "")])
     here = str(Path(sedeploy.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+    (workdir / "tmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(workdir / "tmp")
     return env
 
 
@@ -388,7 +393,7 @@ def _start(model, o: ServeOptions) -> _Server:
                 # a region prefix of its own: several servers on one machine never share shared memory
                 f"--backend-config=python,shm-region-prefix-name=sedeploy{os.getpid()}{os.urandom(3).hex()}_"]
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                env=_environment(dist), preexec_fn=_die_with_parent)
+                                env=_environment(dist, workdir), preexec_fn=_die_with_parent)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
