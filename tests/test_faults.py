@@ -803,3 +803,80 @@ def test_openvino_save_model_on_a_full_disk(tiny_onnx, tmp_path, monkeypatch):
     with pytest.raises(SedeployError, match="could not save the IR .*iostream error"):
         build_engine(tiny_onnx, tmp_path / "ov")
     assert not [p for p in (tmp_path / "ov").iterdir() if p.suffix in (".xml", ".bin", ".json")]
+
+
+# ------------------------------------------------------------------------------------------ serving: package, labels
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_package_never_replaces_the_engines_or_the_users_files(tiny_onnx, tmp_path):
+    """-o at, inside or around the engines folder, a file, or a folder that is not a previous repository: one
+    error each (exit 2), even with --force, and nothing of the user's is touched."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'sedeploy[serve]')")
+    eng = tmp_path / "eng"
+    _build(tiny_onnx, eng)
+    before = _tree(eng)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("keep")
+    for out, needle in ((eng, "is the engines folder"), (eng / "repo", "is inside the engines folder"),
+                        (tmp_path, "contains the engines folder"), (mine, "is not a folder"),
+                        (other, "not a sedeploy Triton repository")):
+        err = one_error(cli("package", eng, "--triton", "-o", out, "--force"))
+        assert needle in err, err
+    assert _tree(eng) == before and mine.read_text() == "mine" and (other / "a.txt").read_text() == "keep"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    repo = tmp_path / "repo"
+    assert cli("package", eng, "--triton", "-o", repo).returncode == 0
+    assert "replace it" in one_error(cli("package", eng, "--triton", "-o", repo))
+    res = cli("package", eng, "--triton", "-o", repo, "--force", "--max-batch", "4")
+    assert res.returncode == 0, res.stderr
+    assert "max_batch_size: 4" in (repo / "tiny_fp32_ort" / "config.pbtxt").read_text()
+
+
+def test_package_interrupted_while_publishing_keeps_the_previous_repository(tiny_onnx, tmp_path, monkeypatch):
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'sedeploy[serve]')")
+    from sedeploy.serving import triton_repo
+
+    eng, repo = tmp_path / "eng", tmp_path / "repo"
+    _build(tiny_onnx, eng)
+    triton_repo.package_triton(eng, repo)
+    before = _tree(repo)
+    real = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".repo.staging-"):  # Ctrl-C between moving the old one aside and the rename
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(triton_repo.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        triton_repo.package_triton(eng, repo, force=True, max_batch=4)
+    assert _tree(repo) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng", "repo"]  # no staging or set-aside copy left
+
+
+def test_class_names_tables_and_what_is_refused(tmp_path):
+    from sedeploy.bench.labels import read_class_names
+
+    words = tmp_path / "synset_words.txt"
+    words.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    table = tmp_path / "table.tsv"
+    table.write_text("index\tsynset\tname\n1\tn01443537\tgoldfish\n0\tn01440764\ttench\n")
+    plain = tmp_path / "labels.txt"
+    plain.write_text("tench\ngoldfish\n")
+    for p in (words, table, plain):
+        assert read_class_names(p) == ["tench", "goldfish"], p
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\x08\x07\x12\x00binary\x00")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9\n".encode("latin-1"))
+    gap = tmp_path / "gap.tsv"
+    gap.write_text("0\tn01440764\ttench\n2\tn01443537\tgoldfish\n")
+    for p, needle in ((model, "not a text file"), (latin, "not UTF-8"), (gap, "missing: 1"),
+                      (tmp_path, "is a folder"), (tmp_path / "none.txt", "does not exist")):
+        with pytest.raises(SedeployError, match=needle):
+            read_class_names(p)
