@@ -794,3 +794,17 @@ def test_packaging_an_fp16_artifact_for_triton_onnxruntime_on_cpu_says_it_runs_i
     assert {m["name"] for m in res["models"]} == {"tiny_fp32_onnx", "tiny_fp16_onnx"}
     said = [r.getMessage() for r in caplog.records if "computes them in FP32" in r.getMessage()]
     assert len(said) == (0 if cpu_computes_fp16() else 1) and all(s.startswith("tiny.fp16.onnx") for s in said)
+
+
+def test_run_folders_of_killed_servers_are_removed(tmp_path):
+    """A serve run killed with SIGKILL leaves its folder; the next run removes it, never a live run's."""
+    from sedeploy.serving.server import remove_stale_workdirs
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"sedeploy-serve-{int(done.stdout)}-abc"
+    live = tmp_path / f"sedeploy-serve-{os.getpid()}-def"
+    other = tmp_path / "sedeploy-serve-notes"
+    for d in (dead, live, other):
+        (d / "repository").mkdir(parents=True)
+    assert remove_stale_workdirs(tmp_path) == [dead]
+    assert not dead.exists() and live.is_dir() and other.is_dir()

@@ -3,8 +3,10 @@
 - :mod:`sedeploy.serving.triton_repo` — ``package_triton``: a Triton *model repository* (one model per engine,
   ``config.pbtxt`` checked against Triton's own ``ModelConfig`` protobuf) for Triton's native TensorRT, ONNX
   Runtime and OpenVINO backends (the NGC container, Kubernetes/KServe).
-- :mod:`sedeploy.serving.server` — ``serve``: a real ``tritonserver`` on this machine through PyTriton, running
-  one engine with Triton's dynamic batcher (HTTP, gRPC, health, Prometheus metrics).
+- :mod:`sedeploy.serving.server` — ``serve``: a real ``tritonserver`` (the one PyTriton ships) on this machine,
+  running one engine with Triton's dynamic batcher (HTTP, gRPC, health, Prometheus metrics).
+- :mod:`sedeploy.serving.python_model` — the Triton python-backend model ``serve`` runs: every request checked on
+  its own before the batch runs, so a bad request fails alone.
 - :mod:`sedeploy.serving.client` — ``infer_images``: images → sedeploy's preprocessing → Triton → top-k labels.
 - :mod:`sedeploy.serving.env` — the serve extra's checks (PyTriton/numpy, the python-backend stub's libpython).
 

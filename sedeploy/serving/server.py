@@ -325,11 +325,14 @@ class _Server:
         lines = []
         for line in text.splitlines():
             m = re.match(r'^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "?(.*?)"?$', line)
-            if m:
+            if m and "CudaDriverHelper" not in m.group(1):  # said on every machine without a GPU driver
                 lines.append(m.group(1))
             elif line.startswith("error:"):
                 lines.append(line[len("error:"):].strip())
-        return lines[-limit:]
+        # Triton quotes a python error with escaped newlines and the stub's "At:" stack: keep the message only
+        lines = [" ".join(t.split("\\n\\nAt:")[0].replace("\\n", " ").split()) for t in lines]
+        lines = [t for k, t in enumerate(lines) if not any(t in u for u in lines[k + 1:] if u != t)]
+        return list(dict.fromkeys(lines))[-limit:]
 
     def stop(self, exit_timeout_s: float, force: threading.Event | None = None) -> None:
         """SIGINT (Triton's graceful stop: requests in flight get ``exit_timeout_s``), then SIGKILL for the server
@@ -370,11 +373,34 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+WORKDIR_RE = re.compile(r"^sedeploy-serve-(\d+)-")
+
+
+def remove_stale_workdirs(folder: str | Path | None = None) -> list[Path]:
+    """Remove the run folders (``sedeploy-serve-<pid>-*`` in the temporary folder) of servers whose process is
+    gone: a run killed with SIGKILL could not remove its own. Returns what was removed."""
+    removed = []
+    root = Path(folder or tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for d in root.iterdir():
+            m = WORKDIR_RE.match(d.name)
+            with contextlib.suppress(OSError):
+                if (m and d.is_dir() and not d.is_symlink() and d.stat().st_uid == os.getuid()
+                        and int(m.group(1)) != os.getpid() and not _running(int(m.group(1)))):
+                    shutil.rmtree(d)
+                    removed.append(d)
+    if removed:
+        log.info("Removed %d folder(s) of serve runs that were killed: %s", len(removed),
+                 ", ".join(d.name for d in removed))
+    return removed
+
+
 def _start(model, o: ServeOptions) -> _Server:
     from sedeploy.serving.env import triton_distribution
 
     dist = triton_distribution()
-    workdir = Path(tempfile.mkdtemp(prefix="sedeploy-serve-"))
+    remove_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"sedeploy-serve-{os.getpid()}-"))
     try:
         if o.log_file:
             log_path = Path(o.log_file)
