@@ -664,7 +664,7 @@ def float_head_layers(fp32, flavour: str, head: str | None = None) -> list[str]:
 def _smoke_run(path: Path, label: str, *, fp16: bool = False) -> None:
     """Load the written file in ONNX Runtime (CPU) and run one input: a file ORT rejects is not published. ``fp16``
     (the TensorRT form, Q/DQ inside the FP16 graph): the same input also runs through
-    :func:`sedeploy.fp16.fp16_emulation`, since ORT's CPU provider computes the FP16 parts in FP32 and would not
+    :func:`sedeploy.fp16_verify.fp16_emulation`, since ORT's CPU provider computes the FP16 parts in FP32 and would not
     show an FP16 overflow."""
     from sedeploy.onnxcore import cpu_session
     from sedeploy.preprocess import smooth_noise
@@ -677,7 +677,7 @@ def _smoke_run(path: Path, label: str, *, fp16: bool = False) -> None:
     if not np.all(np.isfinite(out)):
         raise SedeployError(f"The INT8 model of '{label}' produced non-finite outputs.", fix="recalibrate")
     if fp16:
-        from sedeploy.fp16 import fp16_overflows, overflow_error
+        from sedeploy.fp16_verify import fp16_overflows, overflow_error
 
         bad = fp16_overflows(path, x)  # every FP16 tensor: a QuantizeLinear after one would clip an inf to 127
         if bad:

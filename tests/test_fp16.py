@@ -134,7 +134,7 @@ def test_fp16_agrees_with_fp32_on_trained_model(tiny, artifacts, ref_logits):
     sess = _ort(path)
     assert [i.type for i in sess.get_inputs()] == ["tensor(float)"]
     assert [o.type for o in sess.get_outputs()] == ["tensor(float)"]
-    from sedeploy.fp16 import fp16_emulation
+    from sedeploy.fp16_verify import fp16_emulation
     from sedeploy.onnxcore import cpu_session
 
     # every float16 tensor rounded as the graph stores it (ORT's CPU provider alone would round the weights only)
@@ -359,7 +359,7 @@ def test_fp16_emulation_rounds_every_float16_tensor_as_numpy_does(tmp_path):
     """The emulation computes what an FP16 graph stores: numpy float16 rounding after each op, exactly. ONNX
     Runtime's CPU provider running the FP16 graph itself does not round the activations (x86-64: FP32 kernels)."""
     from sedeploy.backends.ort import cpu_computes_fp16
-    from sedeploy.fp16 import fp16_emulation
+    from sedeploy.fp16_verify import fp16_emulation
     from sedeploy.onnxcore import cpu_session
 
     path = tmp_path / "m16.onnx"
@@ -391,7 +391,7 @@ def test_fp16_emulation_of_the_tensorrt_form_and_an_int8_note_on_ort(tmp_path):
     """Q/DQ inside an FP16 graph (float16 scales, a DequantizeLinear that outputs float16): the emulation rounds
     the DQ output; ORT's CPU runner of such a graph says its FP16 parts run in FP32."""
     from sedeploy.backends.ort import OrtRunner, cpu_computes_fp16
-    from sedeploy.fp16 import fp16_emulation
+    from sedeploy.fp16_verify import fp16_emulation
     from sedeploy.onnxcore import cpu_session
 
     shape = [1, 4, 1, 1]
@@ -422,7 +422,7 @@ def test_fp16_that_loses_the_signal_is_refused_and_clipped_overflows_are_named(t
     """Two ways an FP16 artifact can be wrong with finite logits: values that FP16 rounding cancels (a bias of
     30000 then −30000: the input's ±2 vanish into a grid of 16), refused by the relative drift gate; and an
     overflow that a later op clips (QuantizeLinear clamps inf to 127), named by fp16_overflows."""
-    from sedeploy.fp16 import fp16_overflows
+    from sedeploy.fp16_verify import fp16_overflows
 
     shape = [1, 4, 1, 1]
     big = numpy_helper.from_array(np.full(shape, 30000.0, np.float32), "big")

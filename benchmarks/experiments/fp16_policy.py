@@ -5,7 +5,7 @@ is converted with :func:`sedeploy.fp16.convert_fp16`, then its drift from the FP
 ``--images`` real images of ``--data`` (max / mean / p99 |Δlogit|, top-1 agreement, top-5 overlap), with the
 FP32 logits' top-1 margin beside it (on random weights a small margin makes top-1 flips cheap).
 
-The FP16 graph is run through :func:`sedeploy.fp16.fp16_emulation` (every float16 tensor rounded where the graph
+The FP16 graph is run through :func:`sedeploy.fp16_verify.fp16_emulation` (every float16 tensor rounded where the graph
 stores it): ONNX Runtime's CPU provider would compute the FP16 file itself in FP32 with FP16-rounded weights only.
 That weights-only drift is recorded too, for the "none" policy, to show what the emulation adds. No speed is
 measured: no CPU here computes FP16 (ONNX Runtime runs the FP16 graph in FP32; OpenVINO needs FP16 arithmetic).
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from sedeploy.fp16 import DEFAULT_KEEP_FP32, convert_fp16, fp16_emulation
+    from sedeploy.fp16 import DEFAULT_KEEP_FP32, convert_fp16
+    from sedeploy.fp16_verify import fp16_emulation
     from sedeploy.preprocess import Preprocess, load_folder
 
     work = Path(args.work)
@@ -121,7 +122,7 @@ def _markdown(r: dict) -> str:
         f"Model: {r['model']}, {r['input_size']} px; drift on {r['images']} real images ({r['data']}). FP32 "
         f"logits: std {r['fp32_logit_std']:.3g}, {r['fp32_distinct_top1']} distinct top-1 classes, top-1 margin "
         f"median {r['fp32_top1_margin']['median']:.3g} / min {r['fp32_top1_margin']['min']:.3g}.", "",
-        "Every FP16 graph runs through `sedeploy.fp16.fp16_emulation`: each float16 tensor is rounded where the "
+        "Every FP16 graph runs through `sedeploy.fp16_verify.fp16_emulation`: each float16 tensor is rounded where the "
         "graph stores it (ONNX Runtime's CPU provider would compute the FP16 file in FP32, rounding the weights "
         "only; that figure is the last row). No speed is measured: no CPU here computes FP16.", "",
         "| keep FP32 | FP32 nodes | Casts | FP16 weights | max abs Δlogit | mean abs Δlogit | top-1 agreement "

@@ -16,7 +16,7 @@ FP16-rounded weights to within 1e-6 of the largest logit (levels "all" and "disa
 saved from it would compute in FP32. :func:`cpu_computes_fp16` probes this once per process;
 where it is False, :func:`unsupported_here` says why, ``build-engine`` writes the FP16 artifact without an ORT
 engine, and :func:`build_ort_engine` refuses an FP16 source rather than label an FP32 engine FP16. The FP16
-artifact's drift is verified on the CPU with :func:`sedeploy.fp16.fp16_emulation` instead.
+artifact's drift is verified on the CPU with :func:`sedeploy.fp16_verify.fp16_emulation` instead.
 
 ORT's "engine" (:func:`build_ort_engine`) is the graph after ORT's optimizations, saved to disk, so that loading
 it skips the optimization work and so that what runs can be inspected. At level "all" (and "layout") the saved
