@@ -46,6 +46,7 @@ from sedeploy.backends import BACKENDS, BUILD_CHOICES, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import (STAGE_PREFIX, atomic_write_text, clean_stale_partials, ensure_writable_dir,
                              folder_lock, missing_dirs, remove_empty_dirs)
+from sedeploy.layout import Manifest
 from sedeploy.onnxcore import META, check_threads, get_metadata, run_model, save_onnx, set_metadata
 from sedeploy.preprocess import Preprocess
 
@@ -670,23 +671,13 @@ def _relocate(obj, stage: str, out: str):
     return obj
 
 
-def _listed_files(manifest: Path) -> set[str]:
-    """The file names (in the output folder) a previous manifest lists: artifacts, engines, their companion files
-    and sidecars."""
+def _listed_files(out: Path) -> set[str]:
+    """The file names (in the output folder) the previous build's manifest lists; none when there is no readable
+    one (then nothing is removed)."""
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return Manifest.read(out).listed_files()
+    except SedeployError:
         return set()
-    if not isinstance(data, dict):
-        return set()
-    names = set()
-    for entry in (data.get("artifacts") or []) + (data.get("engines") or []):
-        if isinstance(entry, dict):
-            for key in ("path", "sidecar"):
-                if isinstance(entry.get(key), str):
-                    names.add(Path(entry[key]).name)
-            names.update(Path(f).name for f in entry.get("files") or [] if isinstance(f, str))
-    return names
 
 
 @contextlib.contextmanager
@@ -759,10 +750,10 @@ def _publish(stage: Path, out: Path, res: BuildResult) -> None:
     for p in (source.absolute(), source.resolve()):  # a MODEL inside the output folder is never removed, nor the
         if p.parent.resolve() == out.resolve():     # file a MODEL symlink points to there
             keep.add(p.name)
-    stale = sorted(_listed_files(out / MANIFEST) - keep)
+    stale = sorted(_listed_files(out) - keep)
     if stale:
         res.notes.append(f"removed what the previous build wrote and this one did not: {', '.join(stale)}")
-    atomic_write_text(stage / MANIFEST, json.dumps(res.as_dict(), indent=2, default=str) + "\n")
+    Manifest.write(stage, res.as_dict())
     with _signals_held():
         (out / MANIFEST).unlink(missing_ok=True)  # the old manifest never describes a half-replaced set
         for name in new:

@@ -16,7 +16,6 @@ when its logits match the FP32 reference engine: a baseline of another network w
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -25,9 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sedeploy.layout import MANIFEST
 from sedeploy.backends import Runner
 from sedeploy.errors import SedeployError
+from sedeploy.layout import Manifest
 from sedeploy.onnxcore import META, get_metadata
 from sedeploy.preprocess import Preprocess
 
@@ -73,37 +72,18 @@ class EngineSpec:
 
 
 def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given; a folder stands for the engines its ``manifest.json`` (written by ``build-engine``) lists,
-    or, when it built no engines (``--backend none``), its artifacts."""
+    """Files as given; a folder stands for the engines its manifest (written by ``build-engine``) lists, or, when
+    it built no engines (``--backend none``), its artifacts (:meth:`sedeploy.layout.Manifest.locate_entry` finds
+    each, its sidecar and companion files too)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            manifest = p / MANIFEST
-            if not manifest.is_file():
-                raise SedeployError(f"'{p}' is a folder without a manifest.json.",
-                                    expected="engine files (.onnx, .plan) or a folder written by `sedeploy "
-                                             "build-engine`", fix="pass the engine files themselves")
-            try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise SedeployError(f"'{manifest}' is not valid JSON ({err}).",
-                                    fix="rebuild with `sedeploy build-engine`, or pass the engine files") from err
-            entries = (data.get("engines") or data.get("artifacts") or []) if isinstance(data, dict) else None
-            if entries is None or not isinstance(entries, list) or not all(
-                    isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"] for e in entries):
-                raise SedeployError(f"'{manifest}' is not a build-engine manifest.",
-                                    expected='an object whose "engines" (or "artifacts") list holds objects with a '
-                                             '"path"',
-                                    fix=f"rebuild with `sedeploy build-engine … -o {p}`, or pass the engine files")
+            manifest = Manifest.read(p, alternative="the engine files (.onnx, .plan) themselves")
+            entries = manifest.engines or manifest.artifacts
             if not entries:
-                raise SedeployError(f"'{manifest}' lists no engines or artifacts.",
+                raise SedeployError(f"'{manifest.path}' lists no engines or artifacts.",
                                     fix="pass the engine files themselves")
-            built_in = data.get("out_dir")
-            for e in entries:
-                out.append(_listed_file(p, manifest, Path(e["path"]), built_in))
-                for extra in e.get("files") or []:  # the engine's companions and sidecar must be there too: an
-                    if isinstance(extra, str) and extra:  # engine without its sidecar runs unchecked
-                        _listed_file(p, manifest, Path(extra), built_in)
+            out.extend(manifest.locate_entry(e) for e in entries)
         else:
             out.append(p)
     if not out:
@@ -111,26 +91,6 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
                             expected="one or more engine files (.onnx, .plan) or a `build-engine` output folder",
                             fix="e.g. sedeploy bench out/model.fp32.onnx out/model.int8-cpu.onnx")
     return out
-
-
-def _listed_file(folder: Path, manifest: Path, recorded: Path, built_in: str | None) -> Path:
-    """The file a manifest entry stands for. What the build wrote into its output folder is taken from *this*
-    folder, whatever path was recorded: a copied or moved folder must never make bench time the files of the
-    folder it came from. An input the build used where it was (an FP16/INT8 artifact given as MODEL) is recorded
-    outside that folder and is taken from there."""
-    own = folder / recorded.name
-    inside = built_in is None or recorded.parent == Path(built_in)
-    if inside and own.is_file():
-        return own
-    if not inside and recorded.is_file():
-        return recorded
-    if built_in is None and recorded.is_file():  # a manifest that does not say where it was built
-        return recorded
-    where = f"in '{folder}'" if inside else f"at '{recorded}' (an input the build used where it was)"
-    raise SedeployError(f"'{manifest}' lists '{recorded.name}', which is not {where}: an incomplete, moved or "
-                        "hand-edited build folder.",
-                        fix=f"rebuild with `sedeploy build-engine … -o {folder}`, or pass the engine files that "
-                            "exist")
 
 
 def load_light(path: Path):

@@ -17,7 +17,6 @@ fails with exit 4 and the install hint (``pip install 'sedeploy[peers]'``).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from sedeploy.layout import MANIFEST
 from sedeploy.bench.engines import EngineSpec, source_onnx
 from sedeploy.errors import MissingDependencyError, SedeployError
+from sedeploy.layout import MANIFEST, Manifest
 from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
@@ -85,24 +84,20 @@ def peer_calibration(fp32_onnx: Path, pp: Preprocess, folder: str | Path | None 
         root, paths = calibration.select_images(folder, calibration.DEFAULT_COUNT, 0)
         how = f"{len(paths)} images of {root} (sedeploy's selection: at most {calibration.DEFAULT_COUNT}, seed 0)"
     else:
-        manifest = fp32_onnx.parent / MANIFEST
-        calib = None
-        if manifest.is_file():
-            try:
-                calib = json.loads(manifest.read_text(encoding="utf-8")).get("calibration")
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise SedeployError(f"'{manifest}' is not valid JSON ({err}).",
-                                    fix="pass the calibration folder with --peer-calib DIR") from err
+        build = fp32_onnx.parent
+        present = Manifest.present(build)
+        calib = Manifest.read(build, alternative="the calibration folder with --peer-calib DIR").calibration \
+            if present else None
         if not calib:
-            raise SedeployError(f"No calibration record for the NNCF peer: '{manifest}' "
-                                f"{'has no calibration entry' if manifest.is_file() else 'does not exist'}.",
-                                expected="the manifest.json of a `sedeploy build-engine --int8` run next to the "
+            raise SedeployError(f"No calibration record for the NNCF peer: '{build / MANIFEST}' "
+                                f"{'has no calibration entry' if present else 'does not exist'}.",
+                                expected=f"the {MANIFEST} of a `sedeploy build-engine --int8` run next to the "
                                          "FP32 ONNX, or a calibration folder",
                                 fix="pass --peer-calib DIR (the images sedeploy calibrated on)")
         selected = int(calib["images"]) + len(calib.get("skipped") or [])
         root, paths = calibration.select_images(calib["folder"], selected, int(calib.get("seed", 0)))
         how = (f"the {len(paths)} images sedeploy calibrated on ({calib['folder']}, seed {calib.get('seed', 0)}, "
-               f"from {manifest.name})")
+               f"from {MANIFEST})")
     images, loaded = load_batch(paths, pp, what=f"peer calibration folder '{root}'")
     return images, how
 

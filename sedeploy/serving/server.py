@@ -24,15 +24,12 @@ NGC container, Kubernetes/KServe); this server is for one machine and for testin
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import http.client
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -46,12 +43,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sedeploy.errors import SedeployError
+from sedeploy.serving.process import TritonProcess, die_with_parent, remove_stale_workdirs
 
 log = logging.getLogger("sedeploy")
 
 DEFAULT_PORTS = (8000, 8001, 8002)  # Triton's defaults: HTTP, gRPC, metrics
-#: seconds tritonserver may take beyond its own exit timeout before it (and its stubs) are killed
-KILL_GRACE_S = 3.0
 
 
 @dataclass
@@ -206,7 +202,8 @@ def _open_log(path: Path):
 
 
 def _plan(engines_dir, engine, o: ServeOptions):
-    from sedeploy.serving.triton_repo import TensorSpec, plan_models, read_results
+    from sedeploy.serving.triton_config import TensorSpec, read_results
+    from sedeploy.serving.triton_repo import plan_models
 
     bench = read_results(o.results) if o.results is not None else None
     models = plan_models(engines_dir, results=bench, max_batch=o.max_batch or 32)
@@ -251,7 +248,7 @@ def _write_repository(root: Path, model, dist) -> None:
     """The one-model repository (python backend running :mod:`sedeploy.serving.python_model`) and a backend folder
     holding Triton's python backend with the stub built for this Python (Triton looks for the stub there)."""
     from sedeploy.serving import python_model
-    from sedeploy.serving.triton_repo import parse_config
+    from sedeploy.serving.triton_config import parse_config
 
     d = root / "repository" / model.name
     (d / "1").mkdir(parents=True)
@@ -286,116 +283,7 @@ def _environment(dist, workdir: Path) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:  # runs in the child before exec: tritonserver ends if sedeploy is killed
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(0), []):
-            if c not in out:
-                out.append(c)
-                todo.append(c)
-    return out
-
-
-@dataclass
-class _Server:
-    proc: subprocess.Popen
-    workdir: Path
-    log_path: Path
-    log_handle: Any
-    keep_log: bool
-
-    def error_lines(self, limit: int = 4) -> list[str]:
-        """tritonserver's error lines (glog 'E…' lines and 'error:'), messages only."""
-        with contextlib.suppress(OSError):
-            self.log_handle.flush()
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return []
-        lines = []
-        for line in text.splitlines():
-            m = re.match(r'^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "?(.*?)"?$', line)
-            if m and "CudaDriverHelper" not in m.group(1):  # said on every machine without a GPU driver
-                lines.append(m.group(1))
-            elif line.startswith("error:"):
-                lines.append(line[len("error:"):].strip())
-        # Triton quotes a python error with escaped newlines and the stub's "At:" stack: keep the message only
-        lines = [" ".join(t.split("\\n\\nAt:")[0].replace("\\n", " ").split()) for t in lines]
-        lines = [t for k, t in enumerate(lines) if not any(t in u for u in lines[k + 1:] if u != t)]
-        return list(dict.fromkeys(lines))[-limit:]
-
-    def stop(self, exit_timeout_s: float, force: threading.Event | None = None) -> None:
-        """SIGINT (Triton's graceful stop: requests in flight get ``exit_timeout_s``), then SIGKILL for the server
-        and its stubs when it is still there ``KILL_GRACE_S`` later, or at once when ``force`` is set."""
-        family = _descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + exit_timeout_s + KILL_GRACE_S
-        while self.proc.poll() is None and time.monotonic() < deadline and not (force and force.is_set()):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=0.1)
-        if self.proc.poll() is None:
-            log.warning("tritonserver did not stop within %.0f s: killing it.", exit_timeout_s + KILL_GRACE_S)
-            family = list(dict.fromkeys([*family, *_descendants(self.proc.pid)]))
-            self.proc.kill()
-            self.proc.wait()
-        # its python stubs end with it; one that lingers (tritonserver was killed) is ended here
-        end = time.monotonic() + 2.0
-        for pid in family:
-            while _running(pid) and time.monotonic() < end:
-                time.sleep(0.05)
-            if _running(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.log_handle.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)  # the repository, the backend copy, the temporary log
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-WORKDIR_RE = re.compile(r"^sedeploy-serve-(\d+)-")
-
-
-def remove_stale_workdirs(folder: str | Path | None = None) -> list[Path]:
-    """Remove the run folders (``sedeploy-serve-<pid>-*`` in the temporary folder) of servers whose process is
-    gone: a run killed with SIGKILL could not remove its own. Returns what was removed."""
-    removed = []
-    root = Path(folder or tempfile.gettempdir())
-    with contextlib.suppress(OSError):
-        for d in root.iterdir():
-            m = WORKDIR_RE.match(d.name)
-            with contextlib.suppress(OSError):
-                if (m and d.is_dir() and not d.is_symlink() and d.stat().st_uid == os.getuid()
-                        and int(m.group(1)) != os.getpid() and not _running(int(m.group(1)))):
-                    shutil.rmtree(d)
-                    removed.append(d)
-    if removed:
-        log.info("Removed %d folder(s) of serve runs that were killed: %s", len(removed),
-                 ", ".join(d.name for d in removed))
-    return removed
-
-
-def _start(model, o: ServeOptions) -> _Server:
+def _start(model, o: ServeOptions) -> TritonProcess:
     from sedeploy.serving.env import triton_distribution
 
     dist = triton_distribution()
@@ -419,11 +307,11 @@ def _start(model, o: ServeOptions) -> _Server:
                 # a region prefix of its own: several servers on one machine never share shared memory
                 f"--backend-config=python,shm-region-prefix-name=sedeploy{os.getpid()}{os.urandom(3).hex()}_"]
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                env=_environment(dist, workdir), preexec_fn=_die_with_parent)
+                                env=_environment(dist, workdir), preexec_fn=die_with_parent)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return _Server(proc, workdir, log_path, handle, keep_log=bool(o.log_file))
+    return TritonProcess(proc, workdir, log_path, handle, keep_log=bool(o.log_file))
 
 
 def _get(host: str, port: int, path: str) -> int | None:
@@ -438,7 +326,7 @@ def _get(host: str, port: int, path: str) -> int | None:
         conn.close()
 
 
-def _wait_ready(server: _Server, served: ServedModel, o: ServeOptions, stop: StopRequest | None) -> bool:
+def _wait_ready(server: TritonProcess, served: ServedModel, o: ServeOptions, stop: StopRequest | None) -> bool:
     """True once the model answers ready; False when a stop was requested first; an error when tritonserver
     exits or does not get ready in time."""
     deadline = time.monotonic() + o.start_timeout_s

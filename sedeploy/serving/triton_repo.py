@@ -9,24 +9,15 @@ One Triton model per engine that ``manifest.json`` lists (the artifacts when it 
         tiny.fp32.ort.json    the engine's sidecar, as build-engine wrote it
         1/model.onnx          the engine file (Triton's default file name for the backend)
 
-Backends (Triton's names): TensorRT plans → platform ``tensorrt_plan`` (instance ``KIND_GPU``); ONNX artifacts and
-ONNX Runtime engines → platform ``onnxruntime_onnx`` (``KIND_CPU``); OpenVINO IR → backend ``openvino``
-(``model.xml`` + ``model.bin``, ``KIND_CPU``).
-
-Dynamic batching: ``max_batch_size`` is the TensorRT profile's max for plans, the static batch of a fixed-batch
-ONNX graph (then ``max_batch_size: 0`` and the batch is part of ``dims``), else ``max_batch`` (default 32). With a
-bench ``results.json`` (``sedeploy bench ENGINES --out DIR``), the preferred batch sizes are the measured batch
-sizes (≤ max_batch_size) whose throughput is at least 90 % of the engine's best, and the queue delay is half the
-engine's median batch-1 latency (clamped to 100 µs … 10 ms): a request waits at most half of what serving it alone
-costs for company. Without results the defaults are the profile's opt batch (plans) or min(8, max_batch_size),
-and a 100 µs delay. ``sedeploy.json`` records which rule chose the values.
+How each model's ``config.pbtxt`` is chosen (Triton backends, dynamic batching) and checked:
+:mod:`sedeploy.serving.triton_config`.
 
 ``--artifacts`` packages the portable ONNX artifacts instead of the engines (an ORT engine is tuned for the CPU it
 was built on). ``--labels-file`` adds ``labels.txt`` and ``label_filename`` to the output, so any client can ask
 Triton's classification extension for the top-k class names (``class_count``) without numpy.
 
-Every ``config.pbtxt`` is parsed with Triton's own ``ModelConfig`` protobuf (``tritonclient.grpc.model_config_pb2``)
-before the repository is published; the repository is written in a staging folder and renamed into place.
+Every ``config.pbtxt`` is parsed with Triton's own ``ModelConfig`` protobuf before the repository is published; the
+repository is written in a staging folder and renamed into place.
 """
 from __future__ import annotations
 
@@ -36,157 +27,45 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sedeploy.layout import ENGINE_SUFFIX, MANIFEST
 from sedeploy.errors import SedeployError
+from sedeploy.layout import ENGINE_SUFFIX, Manifest
+from sedeploy.serving.triton_config import (DEFAULT_MAX_BATCH, ONNX_TO_TRITON, TRITON_BACKENDS, TensorSpec,
+                                            TritonModel, batching_policy, parse_config, read_results)
 
 log = logging.getLogger("sedeploy")
 
-DEFAULT_MAX_BATCH = 32
-DEFAULT_QUEUE_DELAY_US = 100
-NEAR_BEST = 0.90  # a batch size is "preferred" when its throughput is ≥ 90 % of the best measured
-DELAY_BOUNDS_US = (100, 10_000)
-
-#: Triton's names per sedeploy backend: (platform, backend, default model file(s), instance kind)
-TRITON_BACKENDS: dict[str, dict[str, Any]] = {
-    "trt": {"platform": "tensorrt_plan", "backend": "tensorrt", "files": ("model.plan",), "kind": "KIND_GPU"},
-    "ort": {"platform": "onnxruntime_onnx", "backend": "onnxruntime", "files": ("model.onnx",), "kind": "KIND_CPU"},
-    "openvino": {"platform": "", "backend": "openvino", "files": ("model.xml", "model.bin"), "kind": "KIND_CPU"},
-}
-
-#: ONNX TensorProto element type → Triton data type
-ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8",
-                  6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
-
-
-@dataclass
-class TensorSpec:
-    name: str
-    dtype: str  # Triton TYPE_*
-    shape: list  # full shape; ints for static dims, -1 for dynamic ones
-
-    def dims(self, batched: bool) -> list[int]:
-        return [int(d) for d in (self.shape[1:] if batched else self.shape)]
-
-
-@dataclass
-class TritonModel:
-    """One model of the repository, before it is written."""
-
-    name: str
-    engine: Path
-    backend: str  # sedeploy backend key
-    sidecar: Path | None
-    entry: dict[str, Any]
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    max_batch_size: int
-    preferred: list[int] = field(default_factory=list)
-    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
-    batching_rule: str = ""
-    instances: int = 1
-    parameters: dict[str, str] = field(default_factory=dict)
-    labels: list[str] = field(default_factory=list)  # class names: Triton's classification extension (top-k)
-
-    def config_text(self, *, backend: str | None = None) -> str:
-        """config.pbtxt in protobuf text format. ``backend``: run the model on that Triton backend instead of the
-        engine's native one (``sedeploy serve`` uses ``python``: the engine runs through sedeploy's runner)."""
-        tb = TRITON_BACKENDS[self.backend] if backend is None else {"platform": "", "backend": backend,
-                                                                    "kind": "KIND_CPU"}
-        batched = self.max_batch_size > 0
-        lines = [f'name: "{self.name}"']
-        lines.append(f'platform: "{tb["platform"]}"' if tb["platform"] else f'backend: "{tb["backend"]}"')
-        lines.append(f"max_batch_size: {self.max_batch_size}")
-        for key, tensors in (("input", self.inputs), ("output", self.outputs)):
-            for k, t in enumerate(tensors):
-                dims = ", ".join(str(d) for d in t.dims(batched))
-                label = '\n  label_filename: "labels.txt"' if key == "output" and k == 0 and self.labels else ""
-                lines.append(f'{key} {{\n  name: "{t.name}"\n  data_type: {t.dtype}\n  dims: [ {dims} ]{label}\n}}')
-        if batched:
-            pref = "".join(f"\n  preferred_batch_size: {b}" for b in self.preferred)
-            lines.append(f"dynamic_batching {{{pref}\n  max_queue_delay_microseconds: {self.queue_delay_us}\n}}")
-        lines.append(f'instance_group {{\n  count: {self.instances}\n  kind: {tb["kind"]}\n}}')
-        for k, v in self.parameters.items():
-            lines.append(f'parameters {{\n  key: "{k}"\n  value {{ string_value: {json.dumps(v)} }}\n}}')
-        return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------- validation
-def parse_config(text: str, *, where: str = "config.pbtxt"):
-    """Parse ``text`` with Triton's ModelConfig protobuf; a clear error when Triton would reject it."""
-    from google.protobuf import text_format
-    from google.protobuf.text_format import ParseError
-
-    from sedeploy.serving.env import require_client
-
-    require_client("Validating Triton model configurations")
-    from tritonclient.grpc import model_config_pb2
-
-    cfg = model_config_pb2.ModelConfig()
-    try:
-        text_format.Parse(text, cfg)
-    except ParseError as err:
-        raise SedeployError(f"{where} does not parse as Triton's ModelConfig: {err}",
-                            fix="this is a sedeploy bug; please report it with the engine's sidecar") from err
-    return cfg
+__all__ = ["manifest_engines", "engine_io", "plan_models", "package_triton", "format_package", "check_output_folder",
+           "is_triton_repository", "model_name", "DEFAULT_MAX_BATCH", "TensorSpec", "TritonModel", "parse_config",
+           "read_results"]
 
 
 # ------------------------------------------------------------------------------------------- reading engines
-def read_manifest(engines_dir: str | Path) -> dict[str, Any]:
-    d = Path(engines_dir)
-    path = d / MANIFEST
-    if not path.is_file():
-        raise SedeployError(f"'{d}' has no {MANIFEST}.", expected="a folder written by `sedeploy build-engine`",
-                            fix=f"run `sedeploy build-engine MODEL -o {d}` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SedeployError(f"'{path}' is not valid JSON ({err}).", fix="rebuild the folder with build-engine") from err
-    if not isinstance(data, dict) or not isinstance(data.get("engines", []), list):
-        raise SedeployError(f"'{path}' is not a build-engine manifest.", fix="rebuild the folder with build-engine")
-    return data
-
-
-def _locate(recorded: str | None, engines_dir: Path) -> Path | None:
-    """A manifest path as recorded (absolute at build time), else the same file name in ``engines_dir`` (the
-    folder was moved)."""
-    if not recorded:
-        return None
-    p = Path(recorded)
-    if not p.is_absolute():
-        p = engines_dir / p
-    if p.exists():
-        return p
-    moved = engines_dir / Path(recorded).name
-    return moved if moved.exists() else None
-
-
 def manifest_engines(engines_dir: str | Path, *, artifacts: bool = False) -> list[dict[str, Any]]:
-    """The manifest's engines (each with resolved ``path``/``sidecar``), or its portable ONNX artifacts as ONNX
-    Runtime models when ``artifacts`` is asked or it built no engines (``--backend none``)."""
+    """The manifest's engines (each with resolved ``path``/``sidecar``/``from``: :meth:`Manifest.locate`'s rule),
+    or its portable ONNX artifacts as ONNX Runtime models when ``artifacts`` is asked or it built no engines
+    (``--backend none``)."""
     d = Path(engines_dir)
-    data = read_manifest(d)
-    entries = [] if artifacts else [dict(e) for e in data.get("engines") or []]
+    manifest = Manifest.read(d)
+    entries = [] if artifacts else manifest.engines
     if not entries:
-        entries = [{"path": a.get("path"), "sidecar": None, "backend": "ort", "precision": a.get("precision"),
-                    "kind": a.get("kind"), "flavour": a.get("flavour"), "from": a.get("path")}
-                   for a in data.get("artifacts") or []]
-    out = []
-    for e in entries:
-        path = _locate(e.get("path"), d)
-        if path is None:
-            raise SedeployError(f"The manifest of '{d}' lists '{e.get('path')}', which is missing.",
-                                fix="rebuild the folder with `sedeploy build-engine`")
-        e["path"], e["sidecar"] = path, _locate(e.get("sidecar"), d)
-        e["from"] = _locate(e.get("from"), d)
-        out.append(e)
-    if not out:
+        entries = [{"path": a["path"], "sidecar": None, "backend": "ort", "precision": a.get("precision"),
+                    "kind": a.get("kind"), "flavour": a.get("flavour"), "from": a["path"]}
+                   for a in manifest.artifacts]
+    if not entries:
         raise SedeployError(f"The manifest of '{d}' lists no engines and no artifacts.",
                             fix="rebuild the folder with `sedeploy build-engine`")
-    return out
+    for e in entries:
+        e["path"] = manifest.locate_entry(e)
+        e["sidecar"] = manifest.locate(e["sidecar"]) if e.get("sidecar") else None
+        source = e.get("from")
+        if source and e.get("backend") != "ort":  # a compiled engine's signature is read from its source ONNX
+            e["from"] = manifest.locate(source)
+        else:  # an ONNX Runtime engine is its own graph: its source is named when it is there
+            e["from"] = manifest.find(source) if source else None
+    return entries
 
 
 def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -247,56 +126,6 @@ def engine_preprocess(path: Path, inputs: list[TensorSpec]):
             log.info("Preprocessing of %s from its input size (%s).", path.name, err.what)
             return Preprocess.for_size(int(shape[2]))
         return None
-
-
-# ------------------------------------------------------------------------------------------- batching policy
-def _bench_entry(results: dict[str, Any], engine: Path) -> dict[str, Any] | None:
-    for e in results.get("engines") or []:
-        p = (e.get("info") or {}).get("path")
-        if (p and Path(p).name == engine.name) or e.get("name") == engine.name:
-            return e
-    return None
-
-
-def read_results(path: str | Path) -> dict[str, Any]:
-    """A ``sedeploy bench`` results.json (its per-engine, per-batch timings choose the batching settings)."""
-    rp = Path(path)
-    if not rp.is_file():
-        raise SedeployError(f"The bench results '{rp}' do not exist.",
-                            fix="pass the results.json written by `sedeploy bench ENGINES --out DIR`")
-    try:
-        data = json.loads(rp.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SedeployError(f"'{rp}' is not valid JSON ({err}).", fix="pass a bench results.json") from err
-    if not isinstance(data, dict) or not isinstance(data.get("engines"), list):
-        raise SedeployError(f"'{rp}' is not a bench results file (no 'engines' list).",
-                            fix="pass the results.json written by `sedeploy bench ENGINES --out DIR`")
-    return data
-
-
-def batching_policy(engine: Path, max_batch: int, opt_batch: int | None,
-                    results: dict[str, Any] | None) -> tuple[list[int], int, str]:
-    """(preferred batch sizes, max queue delay in µs, which rule chose them) — see the module docstring."""
-    bench = _bench_entry(results, engine) if results else None
-    if bench:
-        stats = {int(b): s for b, s in (bench.get("batch") or {}).items()
-                 if str(b).isdigit() and isinstance(s, dict) and s.get("throughput")}
-        fits = {b: s for b, s in stats.items() if b <= max_batch}
-        if fits:
-            best = max(s["throughput"] for s in fits.values())
-            preferred = sorted(b for b, s in fits.items() if s["throughput"] >= NEAR_BEST * best)
-            one = stats.get(1, {}).get("latency_ms", {}).get("p50")
-            delay = (int(min(max(one * 1000 / 2, DELAY_BOUNDS_US[0]), DELAY_BOUNDS_US[1])) if one
-                     else DEFAULT_QUEUE_DELAY_US)
-            rule = (f"bench results: batch sizes within {NEAR_BEST:.0%} of the best throughput "
-                    f"({best:.1f} img/s) among {sorted(fits)}; queue delay = half the batch-1 median latency "
-                    f"({one} ms), clamped to {DELAY_BOUNDS_US[0]}..{DELAY_BOUNDS_US[1]} us" if one else
-                    f"bench results (no batch-1 timing: default {DEFAULT_QUEUE_DELAY_US} us delay)")
-            return preferred, delay, rule
-    pref = opt_batch if opt_batch and opt_batch <= max_batch else min(8, max_batch)
-    src = "the TensorRT profile's opt batch" if opt_batch else f"min(8, max_batch_size={max_batch})"
-    return [pref], DEFAULT_QUEUE_DELAY_US, f"default (no bench results for this engine): {src}, " \
-                                           f"{DEFAULT_QUEUE_DELAY_US} us delay"
 
 
 # ------------------------------------------------------------------------------------------- the repository
