@@ -230,6 +230,23 @@ def test_package_artifacts_with_labels_for_classification(engines, tmp_path, mod
         package_triton(engines, tmp_path / "repo2", labels_file=labels)
 
 
+def test_package_takes_a_copied_folders_own_files(engines, tmp_path):
+    """A copy of a build folder is packaged from its own files (bench's rule, sedeploy.layout.Manifest): never the
+    original folder's, whose paths its manifest still records; a file missing from the copy is an error."""
+    import shutil
+
+    from sedeploy.serving.triton_repo import manifest_engines
+
+    copy = tmp_path / "copy"
+    shutil.copytree(engines, copy)
+    entries = manifest_engines(copy)
+    assert entries and all(e["path"].parent == copy and e["sidecar"].parent == copy for e in entries)
+    assert all(e["from"].parent == copy for e in entries)
+    (copy / entries[0]["sidecar"].name).unlink()  # the original still has it
+    with pytest.raises(SedeployError, match=rf"lists '{entries[0]['sidecar'].name}', which is not in"):
+        manifest_engines(copy)
+
+
 def test_package_is_atomic_and_refuses_to_overwrite(engines, tmp_path, model_config_pb2):
     import shutil
 
