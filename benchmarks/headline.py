@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from sedeploy.layout import Manifest
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 IMAGENET = SHARED / "imagenet-val-1300"
@@ -50,15 +52,15 @@ def sh(*args: str, log: Path | None = None) -> dict:
 
 def build(work: Path, depth: int, *extra: str, name: str | None = None) -> Path:
     out = work / (name or f"se-resnet{depth}")
-    if not (out / "manifest.json").exists():
+    if not Manifest.present(out):
         sh("build-engine", "--depth", str(depth), "--int8", "--backend", "none", "-o", str(out), *extra)
     return out
 
 
 def artifacts(folder: Path) -> dict[str, Path]:
-    m = json.loads((folder / "manifest.json").read_text())
-    return {a["precision"] + (f"-{a['flavour']}" if a.get("flavour") else ""): Path(a["path"])
-            for a in m["artifacts"]}
+    m = Manifest.read(folder)
+    return {a["precision"] + (f"-{a['flavour']}" if a.get("flavour") else ""): m.locate(a["path"])
+            for a in m.artifacts}
 
 
 def unfused_copy(folder: Path, source: Path) -> Path:
@@ -89,11 +91,11 @@ def trt_plans(folder: Path, arts: dict[str, Path]) -> list[Path]:
     plans = []
     for key in ("fp32", "fp16", "int8-trt"):
         target = folder / "trt" / key
-        if not (target / "manifest.json").exists():
+        if not Manifest.present(target):
             sh("build-engine", str(arts[key]), "--backend", "trt", "--opt-batch", "8", "--max-batch", "32",
                "-o", str(target))
-        m = json.loads((target / "manifest.json").read_text())
-        plans += [Path(e["path"]) for e in m["engines"] if e["backend"] == "trt"]
+        m = Manifest.read(target)
+        plans += [m.locate(e["path"]) for e in m.engines if e["backend"] == "trt"]
     return plans
 
 
@@ -136,7 +138,7 @@ def stage_drift(args, work: Path, out: Path) -> list[dict]:
     runs = []
     for size, limit in ((112, None), (224, args.drift_224_images)):
         folder = work / f"reference-{size}"
-        if not (folder / "manifest.json").exists():
+        if not Manifest.present(folder):
             sh("export", "--checkpoint", str(ckpt), "--input-size", str(size), "-o",
                str(work / f"reference-{size}.onnx"))
             sh("build-engine", str(work / f"reference-{size}.onnx"), "--fp16", "--int8", "--calib",

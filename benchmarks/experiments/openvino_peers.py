@@ -54,6 +54,7 @@ from sedeploy.bench.engines import describe_engine, preprocess_for  # noqa: E402
 from sedeploy.bench.peers import PEER_FP32, PEER_NNCF, make_peers  # noqa: E402
 from sedeploy.bench.report import machine_description  # noqa: E402
 from sedeploy.bench.timing import paired_speedup, time_runners  # noqa: E402
+from sedeploy.layout import Manifest  # noqa: E402
 from sedeploy.pipeline import BuildOptions, build_engines  # noqa: E402
 from sedeploy.preprocess import find_images, load_batch  # noqa: E402
 
@@ -64,7 +65,7 @@ INT8_ROWS = ("ort-int8-cpu", "ov-int8-ov", "ov-int8-trt", "ov-int8-ov-sqfirst")
 
 def build(out: Path, depth: int | None = None, model: Path | None = None, calib: Path | None = None) -> Path:
     """`build-engine --int8 --backend openvino` (once), plus sedeploy's OpenVINO engine of the int8-trt artifact."""
-    if not (out / "manifest.json").is_file():
+    if not Manifest.present(out):
         build_engines(model, out, BuildOptions(int8=True, backend="openvino", calib=calib, progress=False),
                       depth=depth or 50)
     trt = next(out.glob("*.int8-trt.onnx"))
@@ -119,7 +120,7 @@ def build_sqfirst(out: Path, calib: Path | None) -> None:
     if done.is_file():
         return
     fp32 = squeeze_first(out / f"{stem}.fp32.onnx", out)
-    folder = calib or Path(json.loads((out / "manifest.json").read_text())["calibration"]["folder"])
+    folder = calib or Path(Manifest.read(out).calibration["folder"])
     pp = preprocess_for(describe_engine(fp32))
     c = calibration.calibrate(fp32, folder, preprocess=pp, progress=False)
     q = out / f"{stem}.sqfirst.int8-ov.onnx"
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
     for depth in a.depths:
         t0 = time.time()
         out = build(a.work / f"se{depth}", depth=depth)
-        raw = Path(json.loads((out / "manifest.json").read_text())["source"])
+        raw = Path(Manifest.read(out).data["source"])
         r, about = runners_for(out, raw, a.threads)
         res["peers"].update(about)
         for x in r.values():
