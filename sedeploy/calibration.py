@@ -340,18 +340,25 @@ def _entropy_amax(hist: np.ndarray, top: float, nq: int = QUANT_BINS, max_candid
 # Running the model
 
 
-def _activation_outputs(model) -> list[str]:
-    """Float activations worth a range: every float tensor a node produces, plus the graph's float inputs."""
+def activation_tensors(model) -> list[str]:
+    """The tensors that get a calibration range: every float tensor a node computes from the image, plus the
+    graph's float image input. Integer tensors (shape arithmetic, pad vectors) and tensors computed from
+    constants only (a Reshape of a weight) never do: they are no activations, whatever the exporter left
+    unfolded. The one definition calibration and every INT8 flavour's range check use."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        inferred = model  # types of the declared inputs/outputs only; the rest is judged by its producer
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
-    inits = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits and types.get(i.name) in floats]
+    constant = {i.name for i in model.graph.initializer} - {i.name for i in model.graph.input}
+    names = [i.name for i in model.graph.input if i.name not in constant and types.get(i.name) in floats]
     for node in model.graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" or all(not i or i in constant for i in node.input):
+            constant.update(node.output)  # computed from constants only (a node with no inputs too)
             continue
         names += [o for o in node.output if o and types.get(o) in floats]
     return list(dict.fromkeys(names))
@@ -383,7 +390,7 @@ def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, ba
     model = load_onnx(model_path, check=False)
     inp = _model_input(model, pp)
     fixed = inp.static_batch  # a fixed-batch model is fed exactly that many images per call
-    names = _activation_outputs(model)
+    names = activation_tensors(model)
     existing = {o.name for o in model.graph.output}
     for name in names:
         if name not in existing:

@@ -609,7 +609,11 @@ def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: fl
                 shutil.rmtree(old, ignore_errors=True)
             stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
             try:
-                res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
+                try:
+                    res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
+                except SedeployError as err:
+                    _name_intermediates(err, stage, model)
+                    raise
                 res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
                 _publish(stage, out, res)
             finally:
@@ -620,6 +624,19 @@ def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: fl
                     out.rmdir()  # (only when empty)
             raise
     return res
+
+
+def _name_intermediates(err: SedeployError, stage: Path, model) -> None:
+    """An error about a file in the staging folder (which is removed when the build fails) names it as what it
+    is: sedeploy's intermediate made from the user's MODEL, not a file the user gave."""
+    import re
+
+    source = f" from '{model}'" if model is not None else ""
+    for root in {str(stage.resolve()), str(stage)}:
+        pattern = re.compile(re.escape(root) + r"/([^'\s]+)")
+        err.what = pattern.sub(lambda m: f"{m.group(1)} (sedeploy's intermediate{source})", err.what)
+        err.args = tuple(pattern.sub(lambda m: f"{m.group(1)} (sedeploy's intermediate{source})", a)
+                         if isinstance(a, str) else a for a in err.args)
 
 
 def _check_model_file(model: str | Path) -> None:

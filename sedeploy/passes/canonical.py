@@ -189,6 +189,21 @@ def check_graph(proto, *, label: str, control_flow: bool = True) -> None:
                                 "Runtime's offline graph optimizations)")
 
 
+def check_shapes(proto, *, label: str) -> None:
+    """ONNX shape inference must accept the model (every pass relies on it): its error, named, otherwise."""
+    import onnx
+
+    try:
+        onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
+        raise SedeployError(f"ONNX shape inference rejects '{label}': {first}",
+                            expected="a model whose declared shapes and types agree with its operators "
+                                     "(onnx.shape_inference.infer_shapes(model, strict_mode=True) passes)",
+                            fix="re-export the model with a current exporter, or fix the inconsistent shape or "
+                                "type the message names") from err
+
+
 def canonicalize(proto, *, label: str = "model"):
     """(canonical onnx.ModelProto, :class:`CanonicalReport`) for ``proto``; see the module docstring. ``proto``
     is not modified. ``label`` names the model in errors (the user's file, never an intermediate one)."""
@@ -203,6 +218,7 @@ def canonicalize(proto, *, label: str = "model"):
     opset_before = default_opset(proto)
     work = upgrade_opset(proto, label=label)
     check_graph(work, label=label, control_flow=False)  # control flow is judged after folding
+    check_shapes(work, label=label)
     model = ir.serde.deserialize_model(work)
     common.InlinePass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
