@@ -75,7 +75,7 @@ def test_pad_computed_from_constant_of_shape_folds_into_the_conv():
     _same(m, out)
 
 
-@pytest.mark.parametrize("shape", [(8,), (1, 1, 8), (2, 4, 1, 1)])
+@pytest.mark.parametrize("shape", [(8,), (1, 1, 8), (2, 4, 1, 1), (), (1, 1, 1, 1)])
 def test_an_add_that_is_not_per_channel_stays_an_add(shape):
     nodes = [_const("w", _w(4, 3, 1, 1)), helper.make_node("Conv", ["x", "w"], ["c"]),
              _const("b", _w(*shape)), helper.make_node("Add", ["c", "b"], ["y"])]

@@ -81,8 +81,8 @@ def _conv_bias_rule():
     from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
     class ConvBiasAdd(RewriteRuleClassBase):
-        """``Add(Conv(x, W[, b0]), b)`` → ``Conv(x, W, b0 + b)`` when ``b`` is a constant that varies along the
-        channel axis only (N×C×… broadcast: shape [C,1,…,1] or [1,C,1,…,1], or a scalar)."""
+        """``Add(Conv(x, W[, b0]), b)`` → ``Conv(x, W, b0 + b)`` when ``b`` is a constant with one value per
+        output channel (N×C×… broadcast: shape [C,1,…,1] or [1,C,1,…,1])."""
 
         def pattern(self, op, x, w, b):
             return op.Add(op.Conv(x, w, _allow_other_inputs=True, _outputs=["conv_out"]), b)
@@ -104,8 +104,9 @@ def _conv_bias_rule():
             if len(shape) > rank:
                 return res.fail(f"the added constant has rank {len(shape)} > {rank}: it broadcasts the output")
             full = [1] * (rank - len(shape)) + shape
-            if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] not in (1, cout):
-                return res.fail(f"the added constant of shape {shape} is not per output channel")
+            if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] != cout:
+                # a scalar offset stays: it belongs to what follows (Add(3) of a hard sigmoid written out)
+                return res.fail(f"the added constant of shape {shape} is not one value per output channel")
             if b.const_value.dtype != w.const_value.dtype:
                 return res.fail("the added constant has another element type")
             return res
@@ -113,7 +114,7 @@ def _conv_bias_rule():
         def rewrite(self, op, x, w, b, conv_out, **_):
             conv = conv_out.producer()
             cout = int(w.const_value.shape[0])
-            add = np.broadcast_to(b.const_value.numpy().reshape(-1), (cout,))
+            add = b.const_value.numpy().reshape(-1)
             old = conv.inputs[2] if len(conv.inputs) > 2 else None
             base = old.const_value.numpy() if old is not None else np.zeros(cout, add.dtype)
             name = f"{conv.name or conv_out.name}.bias_folded"
