@@ -23,8 +23,8 @@ The result computes the same function (checked numerically by the build pipeline
 graph the optimizer cannot change is returned as an equal copy (``report.changed`` False), so sedeploy's own
 exports, which hold nothing to fold, pass through untouched.
 
-:func:`check_graph` refuses, with the node names, what no later pass can handle: control flow (``If``/``Loop``/
-``Scan`` left after folding) and operators outside the standard ONNX domain.
+:func:`check_graph` refuses up front, with the node names, what no later pass can handle: control flow
+(``If``/``Loop``/``Scan``) and operators outside the standard ONNX domain.
 """
 from __future__ import annotations
 
@@ -169,16 +169,16 @@ def upgrade_opset(proto, *, label: str):
     return out
 
 
-def check_graph(proto, *, label: str, control_flow: bool = True) -> None:
-    """Refuse what no later pass handles, naming the nodes: control flow (``control_flow``) and non-standard
-    operator domains (a model-local function is fine: it is inlined)."""
+def check_graph(proto, *, label: str) -> None:
+    """Refuse what no later pass handles, naming the nodes: control flow and non-standard operator domains (a
+    model-local function is fine: it is inlined)."""
     local = {(f.domain, f.name) for f in proto.functions}
     flow = [f"{n.op_type} '{n.name or n.output[0]}'" for n in proto.graph.node if n.op_type in CONTROL_FLOW
-            and n.domain in STANDARD_DOMAINS] if control_flow else []
+            and n.domain in STANDARD_DOMAINS]
     if flow:
-        raise SedeployError(f"'{label}' holds control flow that does not fold away: {', '.join(flow[:6])}"
+        raise SedeployError(f"'{label}' holds control flow: {', '.join(flow[:6])}"
                             + (" …" if len(flow) > 6 else "") + ".",
-                            expected="a feed-forward image classifier (no If/Loop/Scan after constant folding)",
+                            expected="a feed-forward image classifier (no If/Loop/Scan)",
                             fix="re-export the model traced for inference (e.g. torch.onnx.export of the model in "
                                 "eval mode), so its branches are resolved at export time")
     custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node
@@ -218,26 +218,31 @@ def canonicalize(proto, *, label: str = "model"):
     before = Counter(n.op_type for n in proto.graph.node)
     opset_before = default_opset(proto)
     work = upgrade_opset(proto, label=label)
-    check_graph(work, label=label, control_flow=False)  # control flow is judged after folding
+    check_graph(work, label=label)
     check_shapes(work, label=label)
-    model = ir.serde.deserialize_model(work)
-    common.InlinePass()(model)
-    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    rewrite = RewritePass(_rules())
     rounds = 0
-    for rounds in range(1, MAX_ROUNDS + 1):
-        folded = fold_constants(model, onnx_shape_inference=True, input_size_limit=FOLD_SIZE_LIMIT,
-                                output_size_limit=FOLD_SIZE_LIMIT, should_fold=_fold_policy)
-        rewritten = rewrite(model).modified
-        pruned = common.RemoveUnusedNodesPass()(model).modified
-        if not (folded.modified or rewritten or pruned):
-            break
-    for p in (common.IdentityEliminationPass(), common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
-              common.RemoveUnusedOpsetsPass(),
-              common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-              common.OutputFixPass(), common.NameFixPass()):
-        p(model)
-    out = ir.serde.serialize_model(model)
+    try:
+        model = ir.serde.deserialize_model(work)
+        common.InlinePass()(model)
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        rewrite = RewritePass(_rules())
+        for rounds in range(1, MAX_ROUNDS + 1):
+            folded = fold_constants(model, onnx_shape_inference=True, input_size_limit=FOLD_SIZE_LIMIT,
+                                    output_size_limit=FOLD_SIZE_LIMIT, should_fold=_fold_policy)
+            rewritten = rewrite(model).modified
+            pruned = common.RemoveUnusedNodesPass()(model).modified
+            if not (folded.modified or rewritten or pruned):
+                break
+        for p in (common.IdentityEliminationPass(), common.RemoveUnusedNodesPass(),
+                  common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+                  common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                  common.OutputFixPass(), common.NameFixPass()):
+            p(model)
+        out = ir.serde.serialize_model(model)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as err:
+        raise SedeployError(f"Canonicalising '{label}' failed in onnxscript's optimizer ({type(err).__name__}: "
+                            f"{(str(err).strip().splitlines() or [''])[0][:300]}).",
+                            fix="report this as a sedeploy bug with the model") from err
     check_graph(out, label=label)
     after = Counter(n.op_type for n in out.graph.node)
     changed = after != before or default_opset(out) != opset_before or len(out.graph.initializer) != len(
