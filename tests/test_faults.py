@@ -1035,3 +1035,28 @@ def test_errors_name_sedeploy_intermediates_as_such(tmp_path):
     _name_intermediates(err, stage, "models/m.onnx")
     assert str(stage) not in str(err) and "m.fp32.onnx (sedeploy's intermediate from 'models/m.onnx')" in str(err)
     assert err.what == "Quantizing 'm.fp32.onnx (sedeploy's intermediate from 'models/m.onnx')' failed."
+
+
+@pytest.mark.slow
+def test_an_unmeetable_agreement_budget_is_the_budgets_verdict_not_an_empty_quantization(tiny_onnx, tmp_path,
+                                                                                          calib_dir, monkeypatch):
+    """With every weighted layer in float there is no INT8 model left: the fallback search stops one layer short
+    and reports the budget it could not meet (exit 3), instead of the quantizer's "quantized no operator"."""
+    from sedeploy import int8_budget
+    from sedeploy.calibration import calibrate
+    from sedeploy.errors import VerificationError
+    from sedeploy.preprocess import Preprocess, load_folder
+
+    real = int8_budget.metrics
+    monkeypatch.setattr(int8_budget, "metrics", lambda ref, got, labels: {
+        **real(ref, got, labels), "agreement_pct": 0.0, "agreement_lcb_pct": 0.0})  # never within any budget
+    pp = Preprocess.for_size(32)
+    calib = calibrate(tiny_onnx, calib_dir, method="minmax", count=8, preprocess=pp, use_cache=False,
+                      progress=False)
+    images, _ = load_folder(calib_dir, pp, limit=16, what="images")
+    with pytest.raises(VerificationError, match=r"cannot meet the budget .* weighted layers in float") as err:
+        int8_budget.quantize_to_budget(tiny_onnx, calib, tmp_path / "m.int8-cpu.onnx", flavour="cpu",
+                                       images=images, budget=int8_budget.Budget(min_agreement=97.0),
+                                       sensitivity_images=4, time_speed=False)
+    assert "quantized no operator" not in str(err.value)
+    assert not (tmp_path / "m.int8-cpu.onnx").exists()
