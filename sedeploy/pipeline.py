@@ -732,7 +732,8 @@ def _build_staged(model, out: Path, stage: Path, opt: BuildOptions, *, depth, ch
         res.notes.append(f"input is a {given.kind} artifact: used as is (no SE fusion, no conversion)")
     else:
         canonical = _canonicalize(proto, src, res)
-        fp32_path = _fuse(canonical, stage, stem, opt, pp, res, reference=proto, label=res.source)
+        fp32_path = _fuse(canonical, stage, stem, opt, pp, res, reference=proto if res.canonical["changed"] else None,
+                          label=res.source)
         res.artifacts.append(Artifact(fp32_path, "fp32"))
         if opt.fp16:
             _fp16(fp32_path, stage, stem, opt, pp, res)

@@ -62,8 +62,8 @@ def test_conv_bias_add_bn_identity_and_constant_reshape_fold_into_one_conv():
 
 def test_pad_computed_from_constant_of_shape_folds_into_the_conv():
     """The TorchScript exporter's TF-"same" padding: pads from ConstantOfShape → Concat → Cast feed a Pad."""
-    nodes = [_const("n", np.array([6], np.int64)), helper.make_node("ConstantOfShape", ["n"], ["zeros"],
-                                                                     value=numpy_helper.from_array(np.zeros(1, np.int64))),
+    zero = numpy_helper.from_array(np.zeros(1, np.int64))
+    nodes = [_const("n", np.array([6], np.int64)), helper.make_node("ConstantOfShape", ["n"], ["zeros"], value=zero),
              _const("hw", np.array([1, 1], np.int64)), helper.make_node("Concat", ["zeros", "hw"], ["p8"], axis=0),
              helper.make_node("Cast", ["p8"], ["pads"], to=TensorProto.INT64),
              helper.make_node("Pad", ["x", "pads"], ["xp"]), _const("w", _w(4, 3, 2, 2)),

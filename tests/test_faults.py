@@ -886,13 +886,16 @@ def test_class_names_tables_and_what_is_refused(tmp_path):
 # ------------------------------------------------------------------------------ foreign models: one clear error, early
 def _foreign(path: Path, *, batch="N", opset=17, reshape_batch=None, nan=False, zero_classes=False, pad_chain=False,
              node=None, domain=None, seed=0) -> Path:
-    """A small classifier as other exporters write one: Conv → Relu → Conv → Relu → GlobalAveragePool → Reshape →
-    Gemm, 3×16×16 input, random (non-degenerate) weights; each keyword adds one foreign trait."""
+    """A small classifier as other exporters write one: Conv → Relu → Conv → Relu → GlobalAveragePool →
+    Reshape → Gemm, 3×16×16 input, random (non-degenerate) weights; each keyword adds one foreign trait."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    w = lambda name, *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)  # noqa: E731
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)
+
     inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("w2", 8, 8, 3, 3), w("b2", 8), w("fw", 10, 8), w("fb", 10),
              numpy_helper.from_array(np.array([reshape_batch or -1, 8], np.int64), "shape")]
     if nan:

@@ -13,8 +13,9 @@ same arithmetic in many ways, and every stage below accepts the spellings met in
 - ``Relu`` between the FCs, or ReLU6 written as ``Clip(0, 6)`` (min/max as inputs from opset 11, attributes
   before; kept as ReLU6 in the fused form);
 - gate: ``Sigmoid``, ``HardSigmoid`` (any alpha/beta), or its decomposed forms ``Div(Clip(Add(z, 3), 0, 6),
-  6)`` / ``Mul(…, 1/6)`` and ``Clip(Add(Mul(z, alpha), beta), 0, 1)`` (constants compared with a float tolerance: converters write 1/6 as 0.16666667 or 0.166667;
-  the fused HardSigmoid uses the constants the graph holds);
+  6)`` / ``Mul(…, 1/6)`` and ``Clip(Add(Mul(z, alpha), beta), 0, 1)`` (constants compared with a float
+  tolerance: converters write 1/6 as 0.16666667 or 0.166667; the fused HardSigmoid uses the constants the graph
+  holds);
 - scale: ``Mul(x, g)`` or ``Mul(g, x)``.
 
 Matching walks backwards from each gate (a graph without any gate, such as plain ResNet, yields no candidate
