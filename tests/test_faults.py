@@ -1063,3 +1063,15 @@ def test_an_unmeetable_agreement_budget_is_the_budgets_verdict_not_an_empty_quan
                                        sensitivity_images=4, time_speed=False)
     assert "quantized no operator" not in str(err.value)
     assert not (tmp_path / "m.int8-cpu.onnx").exists()
+
+
+def test_calibration_refuses_a_model_that_itself_outputs_nan(tmp_path, calib_dir):
+    """NaN/inf in the FP32 model's own output on calibration images: the model's problem, named with the images
+    (not non-finite ranges to 'recalibrate' later)."""
+    from sedeploy.calibration import calibrate
+    from sedeploy.preprocess import Preprocess
+
+    model = _foreign(tmp_path / "nan.onnx", nan=True)
+    with pytest.raises(SedeployError, match=r"'.*nan.onnx' itself outputs NaN/inf on calibration image\(s\) \S+\.jpg"):
+        calibrate(model, calib_dir, method="minmax", count=4, preprocess=Preprocess.for_size(16), use_cache=False,
+                  progress=False)
