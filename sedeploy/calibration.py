@@ -340,18 +340,25 @@ def _entropy_amax(hist: np.ndarray, top: float, nq: int = QUANT_BINS, max_candid
 # Running the model
 
 
-def _activation_outputs(model) -> list[str]:
-    """Float activations worth a range: every float tensor a node produces, plus the graph's float inputs."""
+def activation_tensors(model) -> list[str]:
+    """The tensors that get a calibration range: every float tensor a node computes from the image, plus the
+    graph's float image input. Integer tensors (shape arithmetic, pad vectors) and tensors computed from
+    constants only (a Reshape of a weight) never do: they are no activations, whatever the exporter left
+    unfolded. The one definition calibration and every INT8 flavour's range check use."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        inferred = model  # types of the declared inputs/outputs only; the rest is judged by its producer
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
-    inits = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits and types.get(i.name) in floats]
+    constant = {i.name for i in model.graph.initializer} - {i.name for i in model.graph.input}
+    names = [i.name for i in model.graph.input if i.name not in constant and types.get(i.name) in floats]
     for node in model.graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" or all(not i or i in constant for i in node.input):
+            constant.update(node.output)  # computed from constants only (a node with no inputs too)
             continue
         names += [o for o in node.output if o and types.get(o) in floats]
     return list(dict.fromkeys(names))
@@ -373,7 +380,7 @@ def _model_input(model, pp: Preprocess):
 
 
 def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, batch_size: int, pp: Preprocess,
-             progress: bool) -> tuple[dict, dict, dict[str, list[float]]]:
+             progress: bool, names: list[str] | None = None) -> tuple[dict, dict, dict[str, list[float]]]:
     """(ranges, uint8 ranges of the non-negative tensors where the grid matters, per-channel input means)."""
     import onnx
     from tqdm import tqdm
@@ -383,7 +390,8 @@ def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, ba
     model = load_onnx(model_path, check=False)
     inp = _model_input(model, pp)
     fixed = inp.static_batch  # a fixed-batch model is fed exactly that many images per call
-    names = _activation_outputs(model)
+    image_names = names
+    names = activation_tensors(model)
     existing = {o.name for o in model.graph.output}
     for name in names:
         if name not in existing:
@@ -406,6 +414,16 @@ def _collect(model_path: Path, images: np.ndarray, method: str, params: dict, ba
         n = len(chunk)
         # a short last chunk is padded to the fixed batch; the copies' activations are cut off again below
         outs = sess.run(out_names, {inp.name: pad_to_batch(chunk, fixed)})
+        for name, arr in zip(out_names, outs):
+            if name in existing and not np.all(np.isfinite(arr[:n])):  # the model's own output, before any INT8
+                rows = np.flatnonzero(~np.isfinite(arr[:n].reshape(n, -1)).all(axis=1)) + start
+                shown = [image_names[i] if image_names else f"#{i}" for i in rows[:3]]
+                raise SedeployError(f"The FP32 model '{model_path}' itself outputs NaN/inf on calibration image(s) "
+                                    f"{', '.join(shown)}{' …' if len(rows) > 3 else ''} (before any quantization): "
+                                    "the model is broken on these inputs, not its INT8 conversion.",
+                                    expected="finite outputs on every calibration image",
+                                    fix="check the model's weights and its preprocessing (--mean/--std), or leave "
+                                        "such images out of --calib")
         for name, arr in zip(out_names, outs):
             if name in wanted:
                 a = arr[:n] if fixed and arr.ndim and arr.shape[0] == fixed else arr
@@ -515,7 +533,8 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
     images, loaded = load_batch(paths, preprocess, progress=progress, what=f"calibration image folder '{root}'")
     skipped = sorted(set(rel) - {p.relative_to(root).as_posix() for p in loaded})
     _check_count(method, len(loaded), root, "could be decoded")
-    ranges, uint8_ranges, means = _collect(model_path, images, method, params, batch_size, preprocess, progress)
+    ranges, uint8_ranges, means = _collect(model_path, images, method, params, batch_size, preprocess, progress,
+                                           names=[p.relative_to(root).as_posix() for p in loaded])
     result = CalibrationResult(ranges=ranges, method=method, params=params,
                                images=[p.relative_to(root).as_posix() for p in loaded], key=key, cache_hit=False,
                                seconds=round(time.perf_counter() - t0, 3), model_sha256=model_sha,

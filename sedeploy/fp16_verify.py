@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.onnxcore import copy_model, cpu_session, run_model
+from sedeploy.onnxcore import copy_model, cpu_session, pad_to_batch, run_model
 from sedeploy.preprocess import smooth_noise
 
 log = logging.getLogger("sedeploy")
@@ -134,7 +134,9 @@ def fp16_overflows(model, x: np.ndarray) -> list[str]:
     computes with garbage even where the logits stay finite. Memory: every tensor of the graph for ``x``, so pass
     one or a few images."""
     sess = cpu_session(fp16_emulation(model, expose=True), optimization="basic")
-    name = sess.get_inputs()[0].name
+    name, dim0 = sess.get_inputs()[0].name, sess.get_inputs()[0].shape[0]
+    if isinstance(dim0, int) and dim0 > 0:  # a fixed-batch model is fed exactly its batch
+        x = pad_to_batch(x[:dim0], dim0)
     outs = sess.get_outputs()
     values = sess.run(None, {name: x})
     return [o.name for o, v in zip(outs, values)

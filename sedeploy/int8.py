@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sedeploy.calibration import CalibrationResult
+from sedeploy.calibration import CalibrationResult, activation_tensors
 from sedeploy.checks.strong_typing import require_strong_typing
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import (META, QDQ_OPS, QOPERATOR_OPS, Graph, attr, compute_depths, copy_model, default_opset,
@@ -208,7 +208,7 @@ def _check_ranges(model, calibration: CalibrationResult, tensors: list[str], lab
     if missing:
         raise SedeployError(
             f"The calibration (method {calibration.method}, key {calibration.key[:12]}…) has no range for "
-            f"{len(missing)} activation(s) of '{label}', e.g. {missing[:4]}: it was made for another model.",
+            f"{len(missing)} activation(s) of '{label}', e.g. {missing[:4]}: it does not match this model.",
             expected="a calibration of this very FP32 model (sedeploy.calibration.calibrate on the same .onnx)",
             fix="calibrate this model (or pass --calib-cache pointing at its own cache file)")
     bad = [t for t in tensors if not all(np.isfinite(calibration.ranges[t]))]
@@ -291,10 +291,6 @@ def _correct_biases(model, calibration: CalibrationResult, qmax: float, skip: se
     return done
 
 
-def _float_activation(model, name: str, inits: set[str]) -> bool:
-    return bool(name) and name not in inits
-
-
 # ------------------------------------------------------------------------------------------------- TRT flavour
 def _range_source(g: Graph, tensor: str, src_outputs: dict[str, list[str]]) -> str:
     """The FP32 model's tensor that a tensor of the FP16 graph carries (its calibration range key): back through
@@ -358,6 +354,9 @@ def _trt_quantize(model, calibration: CalibrationResult, se: str, label: str, ke
             act_uses.setdefault(n.input[k], []).append((n, k))
     src_outputs = {n.name: list(n.output) for n in model.graph.node}
     sources = {t: _range_source(g, t, src_outputs) for t in act_uses}
+    acts = set(activation_tensors(model))  # an Add of shape arithmetic (int64) is no activation to quantize
+    sources = {t: src for t, src in sources.items() if src in acts}
+    act_uses = {t: uses for t, uses in act_uses.items() if t in sources}
     _check_ranges(model, calibration, list(sources.values()), label)
 
     new_nodes: dict[str, list] = {}  # producer output (or graph input) → Q/DQ nodes to insert after it
@@ -474,8 +473,9 @@ def _cpu_quantize(model, calibration: CalibrationResult, se: str, label: str, op
     op_types = list(dict.fromkeys([*_WEIGHTED, *options.extra_ops]))
     inits = {t.name for t in model.graph.initializer}
     # every float activation read or produced by a node of a quantized op type needs a range
+    acts = set(activation_tensors(model))  # float tensors computed from the image (no shape or pad vectors)
     needed = [t for n in model.graph.node if n.op_type in op_types and n.name not in excluded
-              for t in (*n.input, *n.output) if _float_activation(model, t, inits)]
+              for t in (*n.input, *n.output) if t and t not in inits and t in acts]
     _check_ranges(model, calibration, [t for t in needed if t in _all_activations(model)], label)
     # uint8 activations here (int8 only where a tensor has negative values): a non-negative tensor's mse threshold
     # is the one for the uint8 grid

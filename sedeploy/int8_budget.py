@@ -361,7 +361,9 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
             sens.sort(key=lambda r: rank_key(r, order))
             report.sensitivity = sens
             ranking = [r["layer"] for r in sens]
-            limit = len(ranking) if max_fallback is None else min(max_fallback, len(ranking))
+            # at least one layer stays INT8: with every layer in float there is no INT8 artifact to write (the
+            # search would end in the quantizer's "quantized no operator" instead of the budget's own verdict)
+            limit = max(0, len(ranking) - 1) if max_fallback is None else min(max_fallback, len(ranking) - 1)
             tried: dict[int, tuple] = {}
 
             def attempt(k):

@@ -111,6 +111,7 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)
     int8_budget: dict[str, Any] | None = None  # per flavour: sedeploy.int8_budget.BudgetReport
     shapes: dict[str, Any] | None = None  # input shape, batch handling, output kind
+    canonical: dict[str, Any] | None = None  # sedeploy.passes.canonical.CanonicalReport of the input graph
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -289,10 +290,79 @@ def _check_images(pp: Preprocess, folder: Path | None, limit: int = 8) -> np.nda
     return np.concatenate([images, smooth_noise(2, pp.size, seed=1)]).astype(np.float32)
 
 
-def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> Path:
+def _canonicalize(proto, src: Path, res: BuildResult):
+    """The input graph in canonical form (sedeploy.passes.canonical), before any other pass; what changed is
+    reported. Checked numerically with the fused graph in :func:`_fuse` (against the input model)."""
+    from sedeploy.passes.canonical import canonicalize
+
+    out, report = canonicalize(proto, label=res.source or str(src))
+    res.canonical = report.as_dict()
+    if report.changed:
+        removed = ", ".join(f"{n} {op}" for op, n in report.removed().items())
+        res.notes.append(f"canonicalised the input graph: nodes {report.nodes_before} → {report.nodes_after}"
+                         + (f" (folded or fused away: {removed})" if removed else "")
+                         + (f"; opset {report.opset_before} → {report.opset_after}"
+                            if report.opset_before != report.opset_after else ""))
+    return out
+
+
+def _reference_outputs(proto, x: np.ndarray, label: str, static_batch: int | None) -> np.ndarray:
+    """The input model's own outputs on the check images, or one clear error naming the model when it cannot
+    be a classifier sedeploy can verify: it fails to run (at batch 1, or only at larger batches although its
+    batch is dynamic), outputs no classes, or outputs NaN/inf itself."""
+    from sedeploy.onnxcore.session import ort_errors, ort_module
+
+    def attempt(batch):
+        try:
+            return run_model(proto, batch)
+        except (SedeployError, *ort_errors(ort_module())) as err:
+            return err
+
+    out = attempt(x)
+    if isinstance(out, Exception):
+        first = (getattr(out, "what", None) or str(out)).strip()
+        first = (first.splitlines() or [type(out).__name__])[0].replace("'<model bytes>'", "the model")[:300]
+        single = attempt(x[:1]) if static_batch is None and len(x) > 1 else out
+        if not isinstance(single, Exception):
+            raise SedeployError(f"'{label}' declares a dynamic batch but fails on a batch of {len(x)} images "
+                                f"(it runs at batch 1): {first}",
+                                expected="a model that runs at every batch size its input declares (a Reshape "
+                                         "with a literal batch of 1 breaks that)",
+                                fix="re-export it with a batch-independent reshape (e.g. Flatten, or a target "
+                                    "shape of [-1, C]) or with a fixed batch of 1") from out
+        raise SedeployError(f"'{label}' fails to run on ONNX Runtime: {first}",
+                            fix="check that the model runs on its own (onnxruntime.InferenceSession) and re-export "
+                                "it") from out
+    if out.ndim != 2 or out.shape[0] != len(x) or out.shape[1] < 2:
+        raise SedeployError(f"'{label}' outputs shape {list(out.shape)} on {len(x)} images.",
+                            expected=f"N×classes with at least 2 classes (here {len(x)}×classes)",
+                            fix="pass an image classifier with one logits/probabilities output")
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise SedeployError(f"'{label}' itself outputs NaN/inf on {int(bad.sum())} of {len(x)} check images "
+                            "(before any sedeploy pass): the model is broken, not its conversion.",
+                            expected="finite outputs on real images",
+                            fix="check the model's weights and its preprocessing (--mean/--std), and re-export it")
+    return out
+
+
+def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult, *, reference=None,
+          label: str = "model") -> Path:
     from sedeploy.backends.ort import optimized_graph_histogram
 
     fp32_path = artifact_path(out, stem, "fp32")
+    reference = proto if reference is None else reference
+    x = _check_images(pp, Path(opt.calib) if opt.calib else None)
+    before = _reference_outputs(reference, x, label, (res.shapes or {}).get("static_batch"))
+    tol = max(FUSION_ATOL, FUSION_RTOL * float(np.abs(before).max()))
+    if reference is not proto:  # the canonical graph must compute what the input model computes
+        diff = float(np.abs(before - run_model(proto, x)).max())
+        if res.canonical is not None:
+            res.canonical.update(max_abs_diff_vs_input=diff, tolerance=tol)
+        if not diff <= tol:
+            raise VerificationError(f"The canonicalised graph of '{label}' differs from it by max |Δ| {diff:.3g} "
+                                    f"> {tol:.3g}; nothing was written.",
+                                    fix="report this as a sedeploy bug with the model")
     if not opt.fuse_se:
         res.notes.append("SE fusion skipped (--no-fuse-se): the FP32 artifact is the input graph")
         proto = _dynamic_batch(proto, opt, res)
@@ -303,10 +373,7 @@ def _fuse(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: B
     t0 = time.perf_counter()
     fused, report = fuse_se_blocks(proto)
     res.se_blocks_found, res.se_blocks_fused = report.found, report.fused
-    x = _check_images(pp, Path(opt.calib) if opt.calib else None)
-    before = run_model(proto, x)
     diff = float(np.abs(before - run_model(fused, x)).max())
-    tol = max(FUSION_ATOL, FUSION_RTOL * float(np.abs(before).max()))
     if not diff <= tol:
         raise VerificationError(f"The SE-fused graph differs from the input graph by max |Δlogit| {diff:.3g} "
                                 f"> {tol:.3g} (1e-5 × max |logit|); nothing was written.",
@@ -543,7 +610,11 @@ def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: fl
                 shutil.rmtree(old, ignore_errors=True)
             stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
             try:
-                res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
+                try:
+                    res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
+                except SedeployError as err:
+                    _name_intermediates(err, stage, model)
+                    raise
                 res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
                 _publish(stage, out, res)
             finally:
@@ -554,6 +625,19 @@ def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: fl
                     out.rmdir()  # (only when empty)
             raise
     return res
+
+
+def _name_intermediates(err: SedeployError, stage: Path, model) -> None:
+    """An error about a file in the staging folder (which is removed when the build fails) names it as what it
+    is: sedeploy's intermediate made from the user's MODEL, not a file the user gave."""
+    import re
+
+    source = f" from '{model}'" if model is not None else ""
+    for root in {str(stage.resolve()), str(stage)}:
+        pattern = re.compile(re.escape(root) + r"/([^'\s]+)")
+        err.what = pattern.sub(lambda m: f"{m.group(1)} (sedeploy's intermediate{source})", err.what)
+        err.args = tuple(pattern.sub(lambda m: f"{m.group(1)} (sedeploy's intermediate{source})", a)
+                         if isinstance(a, str) else a for a in err.args)
 
 
 def _check_model_file(model: str | Path) -> None:
@@ -648,7 +732,9 @@ def _build_staged(model, out: Path, stage: Path, opt: BuildOptions, *, depth, ch
         res.artifacts.append(given)
         res.notes.append(f"input is a {given.kind} artifact: used as is (no SE fusion, no conversion)")
     else:
-        fp32_path = _fuse(proto, stage, stem, opt, pp, res)
+        canonical = _canonicalize(proto, src, res)
+        fp32_path = _fuse(canonical, stage, stem, opt, pp, res, reference=proto if res.canonical["changed"] else None,
+                          label=res.source)
         res.artifacts.append(Artifact(fp32_path, "fp32"))
         if opt.fp16:
             _fp16(fp32_path, stage, stem, opt, pp, res)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -880,3 +881,197 @@ def test_class_names_tables_and_what_is_refused(tmp_path):
                       (tmp_path, "is a folder"), (tmp_path / "none.txt", "does not exist")):
         with pytest.raises(SedeployError, match=needle):
             read_class_names(p)
+
+
+# ------------------------------------------------------------------------------ foreign models: one clear error, early
+def _foreign(path: Path, *, batch="N", opset=17, reshape_batch=None, nan=False, zero_classes=False, pad_chain=False,
+             node=None, domain=None, seed=0) -> Path:
+    """A small classifier as other exporters write one: Conv → Relu → Conv → Relu → GlobalAveragePool →
+    Reshape → Gemm, 3×16×16 input, random (non-degenerate) weights; each keyword adds one foreign trait."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)
+
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("w2", 8, 8, 3, 3), w("b2", 8), w("fw", 10, 8), w("fb", 10),
+             numpy_helper.from_array(np.array([reshape_batch or -1, 8], np.int64), "shape")]
+    if nan:
+        inits[1] = numpy_helper.from_array(np.full(8, np.nan, np.float32), "b1")
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    first = "r1"
+    if pad_chain:  # the TorchScript exporter's TF-"same" padding: an int64 pad vector computed at run time
+        nodes += [helper.make_node("Constant", [], ["n6"], value=numpy_helper.from_array(np.array([6], np.int64))),
+                  helper.make_node("ConstantOfShape", ["n6"], ["z6"],
+                                   value=numpy_helper.from_array(np.zeros(1, np.int64))),
+                  helper.make_node("Constant", [], ["hw"], value=numpy_helper.from_array(np.array([1, 1], np.int64))),
+                  helper.make_node("Concat", ["z6", "hw"], ["pads"], axis=0, name="pad_concat"),
+                  helper.make_node("Pad", ["r1", "pads"], ["padded"], name="pad")]
+        first = "padded"
+    nodes += [helper.make_node("Conv", [first, "w2", "b2"], ["c2"], pads=[0, 0, 0, 0] if pad_chain else [1, 1, 1, 1],
+                               kernel_shape=[2, 2] if pad_chain else [3, 3], name="conv2"),
+              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+              helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+              helper.make_node("Reshape", ["p", "shape"], ["f"], name="flatten"),
+              helper.make_node("Gemm", ["f", "fw", "fb"], ["g" if zero_classes else "y"], transB=1, name="fc")]
+    if pad_chain:
+        inits[2] = w("w2", 8, 8, 2, 2)
+    classes = 10
+    if zero_classes:  # a Slice that keeps no class
+        inits += [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("s0", 0), ("s1", 0), ("ax", 1))]
+        nodes.append(helper.make_node("Slice", ["g", "s0", "s1", "ax"], ["y"], name="slice"))
+        classes = 0
+    if node is not None:
+        nodes.insert(2, node)
+    g = helper.make_graph(nodes, "foreign", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, classes])], inits)
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(g, opset_imports=opsets), path)
+    return path
+
+
+def test_an_int64_pad_chain_gets_no_calibration_range_and_the_model_builds(tmp_path, calib_dir, cache_env):
+    """EfficientNet-Lite's unfolded pad arithmetic: folded away before any pass; calibration never asks for a
+    range of an integer or constant tensor, even on the graph as exported."""
+    import onnx
+
+    from sedeploy.calibration import activation_tensors
+
+    model = _foreign(tmp_path / "padded.onnx", pad_chain=True)
+    acts = set(activation_tensors(onnx.load(model)))
+    assert {"x", "c1", "r1", "padded", "y"} <= acts and not {"pads", "z6", "hw", "n6", "shape"} & acts
+    res = _build(model, tmp_path / "out", fp16=True, int8=True, calib=calib_dir, calib_count=16)
+    assert res.canonical["changed"] and res.canonical["removed"]["Pad"] == 1
+    assert res.canonical["max_abs_diff_vs_input"] <= res.canonical["tolerance"]
+    fp32 = onnx.load(next(a.path for a in res.artifacts if a.kind == "fp32"))
+    assert {n.op_type for n in fp32.graph.node} == {"Conv", "Relu", "GlobalAveragePool", "Reshape", "Gemm"}
+
+
+@pytest.mark.parametrize("trait,message", [
+    (dict(node="if"), r"holds control flow: If 'branch'"),
+    (dict(domain="acme.ops"), r"uses operator\(s\) outside the standard ONNX domain: acme.ops::Fancy"),
+    (dict(reshape_batch=1), r"declares a dynamic batch but fails on a batch of \d+ images \(it runs at batch 1\)"),
+    (dict(nan=True), r"itself outputs NaN/inf on \d+ of \d+ check images \(before any sedeploy pass\)"),
+    (dict(zero_classes=True), r"outputs shape \[\d+, 0\]"),
+])
+def test_foreign_model_faults_are_one_clear_error_before_any_pass(tmp_path, cache_env, trait, message):
+    """Each is refused before fusion and calibration, naming the user's file (never the staging folder)."""
+    from onnx import TensorProto, helper
+
+    if trait.get("node") == "if":
+        branch = lambda name: helper.make_graph(  # noqa: E731
+            [helper.make_node("Identity", ["r1"], [f"{name}_out"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+        cond = [helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0, name="mx"),
+                helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+                helper.make_node("Greater", ["mx", "zero"], ["cond"], name="gt")]
+        model = _foreign(tmp_path / "m.onnx", node=helper.make_node("If", ["cond"], ["r1b"], name="branch",
+                                                                   then_branch=branch("t"), else_branch=branch("e")))
+        import onnx
+
+        proto = onnx.load(model)  # the If's condition comes first; conv2 reads the If's output
+        nodes = list(proto.graph.node)
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes[:2] + cond + nodes[2:])
+        next(n for n in proto.graph.node if n.name == "conv2").input[0] = "r1b"
+        onnx.save(proto, model)
+    elif "domain" in trait:
+        model = _foreign(tmp_path / "m.onnx", domain=trait["domain"],
+                         node=helper.make_node("Fancy", ["r1"], ["r1f"], domain=trait["domain"], name="fancy"))
+        import onnx
+
+        proto = onnx.load(model)
+        next(n for n in proto.graph.node if n.name == "conv2").input[0] = "r1f"
+        onnx.save(proto, model)
+    else:
+        model = _foreign(tmp_path / "m.onnx", **trait)
+    res = cli("build-engine", model, "--int8", "--backend", "ort", "--calib-method", "minmax", "--calib-count", "4",
+              "-o", tmp_path / "out", env=cache_env)
+    err = one_error(res)
+    assert re.search(rf"'{re.escape(str(model))}' {message}", err), err
+    assert "staging" not in err and "Calibrating" not in res.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_inconsistent_shapes_and_missing_external_data_are_named(tmp_path, cache_env):
+    import onnx
+
+    model = _foreign(tmp_path / "m.onnx")
+    proto = onnx.load(model)
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7  # the Gemm makes 10 classes
+    onnx.save(proto, tmp_path / "shapes.onnx")
+    err = one_error(cli("build-engine", tmp_path / "shapes.onnx", "--backend", "none", "-o", tmp_path / "o1",
+                        env=cache_env))
+    assert f"ONNX shape inference rejects '{tmp_path / 'shapes.onnx'}'" in err
+    (tmp_path / "ext").mkdir()
+    onnx.save(onnx.load(model), tmp_path / "ext" / "m.onnx", save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    os.replace(tmp_path / "ext" / "m.onnx", tmp_path / "moved.onnx")  # moved without its data file
+    err = one_error(cli("build-engine", tmp_path / "moved.onnx", "--backend", "none", "-o", tmp_path / "o2",
+                        env=cache_env))
+    assert "keeps its weights in external data file(s) that are not beside it" in err and "m.onnx.data" in err
+
+
+def test_an_old_opset_is_converted_and_a_static_batch_4_model_builds_fp16_and_int8(tmp_path, calib_dir, cache_env):
+    """Opset 9 is converted to the minimum supported opset up front; a fixed batch of 4 is fed its batch in every
+    smoke run (FP16 overflow check, INT8 checks)."""
+    from sedeploy.passes.canonical import MIN_OPSET
+
+    old = _build(_foreign(tmp_path / "old.onnx", opset=9), tmp_path / "o1", int8=True, calib=calib_dir,
+                 calib_count=16)
+    assert old.canonical["opset_before"] == 9 and old.canonical["opset_after"] == MIN_OPSET
+    assert any(f"opset 9 → {MIN_OPSET}" in n for n in old.notes)
+    res = _build(_foreign(tmp_path / "b4.onnx", batch=4), tmp_path / "o2", fp16=True, int8=True, calib=calib_dir,
+                 calib_count=16)
+    assert res.shapes["static_batch"] == 4
+    assert {a.kind for a in res.artifacts} >= {"fp32", "fp16", "int8-trt", "int8-cpu"}
+
+
+def test_errors_name_sedeploy_intermediates_as_such(tmp_path):
+    from sedeploy.pipeline import _name_intermediates  # noqa: PLC2701 (the pipeline's own helper, tested here)
+
+    stage = tmp_path / ".sedeploy-staging-abc"
+    err = SedeployError(f"Quantizing '{stage}/m.fp32.onnx' failed.", fix="x")
+    _name_intermediates(err, stage, "models/m.onnx")
+    assert str(stage) not in str(err) and "m.fp32.onnx (sedeploy's intermediate from 'models/m.onnx')" in str(err)
+    assert err.what == "Quantizing 'm.fp32.onnx (sedeploy's intermediate from 'models/m.onnx')' failed."
+
+
+@pytest.mark.slow
+def test_an_unmeetable_agreement_budget_is_the_budgets_verdict_not_an_empty_quantization(tiny_onnx, tmp_path,
+                                                                                          calib_dir, monkeypatch):
+    """With every weighted layer in float there is no INT8 model left: the fallback search stops one layer short
+    and reports the budget it could not meet (exit 3), instead of the quantizer's "quantized no operator"."""
+    from sedeploy import int8_budget
+    from sedeploy.calibration import calibrate
+    from sedeploy.errors import VerificationError
+    from sedeploy.preprocess import Preprocess, load_folder
+
+    real = int8_budget.metrics
+    monkeypatch.setattr(int8_budget, "metrics", lambda ref, got, labels: {
+        **real(ref, got, labels), "agreement_pct": 0.0, "agreement_lcb_pct": 0.0})  # never within any budget
+    pp = Preprocess.for_size(32)
+    calib = calibrate(tiny_onnx, calib_dir, method="minmax", count=8, preprocess=pp, use_cache=False,
+                      progress=False)
+    images, _ = load_folder(calib_dir, pp, limit=16, what="images")
+    with pytest.raises(VerificationError, match=r"cannot meet the budget .* weighted layers in float") as err:
+        int8_budget.quantize_to_budget(tiny_onnx, calib, tmp_path / "m.int8-cpu.onnx", flavour="cpu",
+                                       images=images, budget=int8_budget.Budget(min_agreement=97.0),
+                                       sensitivity_images=4, time_speed=False)
+    assert "quantized no operator" not in str(err.value)
+    assert not (tmp_path / "m.int8-cpu.onnx").exists()
+
+
+def test_calibration_refuses_a_model_that_itself_outputs_nan(tmp_path, calib_dir):
+    """NaN/inf in the FP32 model's own output on calibration images: the model's problem, named with the images
+    (not non-finite ranges to 'recalibrate' later)."""
+    from sedeploy.calibration import calibrate
+    from sedeploy.preprocess import Preprocess
+
+    model = _foreign(tmp_path / "nan.onnx", nan=True)
+    with pytest.raises(SedeployError, match=r"'.*nan.onnx' itself outputs NaN/inf on calibration image\(s\) \S+\.jpg"):
+        calibrate(model, calib_dir, method="minmax", count=4, preprocess=Preprocess.for_size(16), use_cache=False,
+                  progress=False)

@@ -545,3 +545,123 @@ def test_foreign_model_se_blocks_fused(foreign_art):
         assert ref.shape == (4, 1001) and np.allclose(ref.sum(1), 1.0, atol=1e-5)
         assert np.abs(ref - got).max() <= TOL
     assert ops(fused)["GlobalAveragePool"] == 1 and ops(fused)["AveragePool"] == 0
+
+
+# ------------------------------------------------------------- spellings that need canonicalisation first
+
+
+def _constant_node(g: G, arr) -> str:
+    """A value as a Constant node (paddle2onnx writes every constant this way), not an initializer."""
+    g.k += 1
+    name = f"k{g.k}"
+    g.nodes.append(helper.make_node("Constant", [], [name], name=f"Constant_{g.k}",
+                                    value=numpy_helper.from_array(np.asarray(arr), name)))
+    return name
+
+
+def _conv_then_bias_add(g: G, v: str, cin: int, cout: int, *, relu_on_constant=False) -> str:
+    """paddle2onnx's FC: Conv without bias, then Add(Reshape(Constant bias, [1, C, 1, 1]))."""
+    conv = g.node("Conv", [v, _constant_node(g, (g.rng.standard_normal((cout, cin, 1, 1)) * 0.5).astype(np.float32))])
+    bias = _constant_node(g, (g.rng.standard_normal(cout) * 0.5).astype(np.float32))
+    if relu_on_constant:
+        bias = g.node("Relu", [bias])
+    shaped = g.node("Reshape", [bias, _constant_node(g, np.array([1, cout, 1, 1], np.int64))])
+    return g.node("Add", [conv, shaped])
+
+
+def foreign_se_model(gate_kind: str, *, identity=False, relu_on_constant=False, seed=0) -> onnx.ModelProto:
+    g = G(opset=13, seed=seed)
+    s = g.node("GlobalAveragePool", ["x"])
+    h = g.node("Relu", [_conv_then_bias_add(g, s, C, R, relu_on_constant=relu_on_constant)])
+    if identity:
+        h = g.node("Identity", [h])
+    z = _conv_then_bias_add(g, h, R, C)
+    if gate_kind == "hardsigmoid":  # paddle's alpha 0.2, beta 0.5
+        gt = g.node("HardSigmoid", [z], alpha=0.2, beta=0.5)
+    elif gate_kind == "mul_add_clip":  # HardSigmoid written out with other constants: Clip(z * a + b, 0, 1)
+        a = g.node("Add", [_constant_node(g, np.float32(0.45)), g.node("Mul", [z, _constant_node(g, np.float32(0.3))])])
+        gt = g.node("Clip", [a, _constant_node(g, np.float32(0.0)), _constant_node(g, np.float32(1.0))])
+    elif gate_kind == "div_add_clip":  # ... or with a Div by 1/alpha
+        a = g.node("Add", [g.node("Div", [z, _constant_node(g, np.float32(6.0))]), _constant_node(g, np.float32(0.5))])
+        gt = g.node("Clip", [a, _constant_node(g, np.float32(0.0)), _constant_node(g, np.float32(1.0))])
+    else:  # Add(3) → Clip(0, 6) → Div(6)
+        a = g.node("Add", [z, _constant_node(g, np.float32(3.0))])
+        c = g.node("Clip", [a, _constant_node(g, np.float32(0.0)), _constant_node(g, np.float32(6.0))])
+        gt = g.node("Div", [c, _constant_node(g, np.float32(6.0))])
+    if identity:
+        gt = g.node("Identity", [gt])
+    return g.model(g.node("Mul", ["x", gt], name="scale"))
+
+
+FOREIGN = [dict(gate_kind="hardsigmoid"), dict(gate_kind="hardsigmoid", identity=True, relu_on_constant=True),
+           dict(gate_kind="add_clip_div", identity=True), dict(gate_kind="mul_add_clip"),
+           dict(gate_kind="div_add_clip", relu_on_constant=True)]
+
+
+@pytest.mark.parametrize("spelling", FOREIGN, ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()))
+def test_foreign_spelling_fused_after_canonicalisation(spelling):
+    """Conv bias as a separate Add, constants as Constant nodes, Identity and Relu-on-a-constant inside the chain,
+    HardSigmoid with any alpha/beta or written out: canonicalise, then the one standard fused form."""
+    from sedeploy.passes.canonical import canonicalize
+
+    model = foreign_se_model(**spelling)
+    onnx.checker.check_model(model, full_check=True)
+    canonical, _ = canonicalize(model)
+    fused, report = fuse_se_blocks(canonical)
+    assert (report.found, report.fused, report.refused) == (1, 1, [])
+    onnx.checker.check_model(fused, full_check=True)
+    assert ops(fused) == {"Relu": 3, "GlobalAveragePool": 1, "Conv": 2, "HardSigmoid": 1, "Mul": 1}
+    hs = next(n for n in fused.graph.node if n.op_type == "HardSigmoid")
+    alpha = {a.name: a.f for a in hs.attribute}["alpha"]
+    want = {"hardsigmoid": 0.2, "mul_add_clip": 0.3, "div_add_clip": 1 / 6, "add_clip_div": 1 / 6}
+    assert np.isclose(alpha, want[spelling["gate_kind"]], rtol=1e-6)
+    x = np.random.default_rng(3).standard_normal((2, C, HW, HW)).astype(np.float32)
+    ref = ort_run(model, x, "disabled")
+    assert np.abs(ref - ort_run(fused, x, "disabled")).max() <= TOL * max(1.0, float(np.abs(ref).max()))
+
+
+def test_foreign_near_miss_refused_with_reason_after_canonicalisation(caplog):
+    """A Clip(z * a + b) gate clipped to [0, 2] is not a HardSigmoid: no candidate, graph unchanged by fusion."""
+    from sedeploy.passes.canonical import canonicalize
+
+    model = foreign_se_model("mul_add_clip")
+    clip = next(n for n in model.graph.node if n.op_type == "Clip")
+    hi = next(n for n in model.graph.node if n.output[0] == clip.input[2])
+    hi.attribute[0].t.CopyFrom(numpy_helper.from_array(np.float32(2.0), hi.output[0]))
+    canonical, _ = canonicalize(model)
+    fused, report = fuse_se_blocks(canonical)
+    assert (report.found, report.fused) == (0, 0)
+    assert fused.SerializeToString() == canonical.SerializeToString()
+    # the same block with a shared FC weight: matched as a candidate, refused with the reason under -v (DEBUG)
+    g = G(opset=13)
+    s = g.node("GlobalAveragePool", ["x"])
+    w1 = g.w(R, C, 1, 1)
+    h = g.node("Relu", [g.node("Conv", [s, w1, g.w(R)])])
+    gt = g.node("HardSigmoid", [g.node("Conv", [h, g.w(C, R, 1, 1), g.w(C)])], alpha=0.2, beta=0.5)
+    y = g.node("Mul", ["x", gt], name="scale")
+    g.extra_outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
+    g.nodes.append(helper.make_node("Conv", [s, w1], ["side"], name="other_user"))
+    m = g.model(y)
+    with caplog.at_level(logging.DEBUG, logger="sedeploy.passes"):
+        _, report = fuse_se_blocks(canonicalize(m)[0])
+    assert report.fused == 0 and "shared with node(s) outside the block" in report.refused[0][1]
+    assert any("refused" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_ppocr_all_nine_se_blocks_fused(shared_data):
+    """The real paddle2onnx PP-OCR text-direction classifier: 9 of 9 SE blocks fused after canonicalisation, the
+    fused graph equal to the input model on its 48×192 input (pinned in a copy)."""
+    from sedeploy.onnxcore import run_model
+    from sedeploy.passes.canonical import canonicalize
+
+    model = onnx.load(str(shared_data / "models" / "ppocr_textdir_cls_paddle2onnx_op13.onnx"))
+    for d, v in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], (48, 192)):
+        d.ClearField("dim_param")
+        d.dim_value = v
+    fused, report = fuse_se_blocks(canonicalize(model)[0])
+    assert (report.found, report.fused, report.refused) == (9, 9, [])
+    onnx.checker.check_model(fused, full_check=True)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 3, 48, 192)).astype(np.float32)
+    ref = run_model(model, x)
+    assert np.abs(ref - run_model(fused, x)).max() <= TOL

@@ -98,10 +98,12 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
     if p.stat().st_size == 0:
         raise SedeployError(f"The {what} '{p}' is an empty file (0 bytes), not an ONNX model.",
                             fix="re-export it (`sedeploy export`) or re-copy the file")
+    if weights:
+        _check_external_data(p, what)
     try:
         # always the binary format: onnx.load would read a .json / .txt name as JSON or text protobuf
         proto = onnx.load(str(p), format="protobuf", load_external_data=weights)
-    except (DecodeError, ValueError, OSError, RuntimeError) as err:
+    except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as err:
         raise SedeployError(f"The {what} '{p}' is not a readable ONNX file ({type(err).__name__}: {err}); it may be "
                             "truncated or not ONNX at all.",
                             fix="re-export it (`sedeploy export`) or re-copy the file") from err
@@ -116,6 +118,28 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
             raise SedeployError(f"The {what} '{p}' is not a valid ONNX model: {first}",
                                 fix="re-export it (`sedeploy export`) or re-copy the file") from err
     return proto
+
+
+def _check_external_data(p: Path, what: str) -> None:
+    """A model whose weights live in external data files must have them beside it (where its tensors say):
+    one error naming the missing file(s), not onnx's low-level message."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        head = onnx.load(str(p), format="protobuf", load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError):
+        return  # unreadable: the caller's own load says so
+    tensors = [*head.graph.initializer, *(a.t for n in head.graph.node for a in n.attribute if a.HasField("t"))]
+    locations = sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
+    missing = [loc for loc in locations if not (p.parent / loc).is_file()]
+    if missing:
+        raise SedeployError(f"The {what} '{p}' keeps its weights in external data file(s) that are not beside it: "
+                            f"{', '.join(str(p.parent / m) for m in missing)}.",
+                            expected="the .onnx file together with the data file(s) it names, in the same folder",
+                            fix=f"copy or move {', '.join(missing)} next to '{p.name}' (an ONNX model with external "
+                                "data is moved together with its data file)")
 
 
 def as_model(model, *, what: str = "model", weights: bool = True):

@@ -12,9 +12,10 @@ same arithmetic in many ways, and every stage below accepts the spellings met in
   (``unsqueeze(-1).unsqueeze(-1)`` is two nodes);
 - ``Relu`` between the FCs, or ReLU6 written as ``Clip(0, 6)`` (min/max as inputs from opset 11, attributes
   before; kept as ReLU6 in the fused form);
-- gate: ``Sigmoid``, ``HardSigmoid``, or its decomposed form ``Div(Clip(Add(z, 3), 0, 6), 6)`` /
-  ``Mul(…, 1/6)`` (constants compared with a float tolerance: converters write 1/6 as 0.16666667 or 0.166667;
-  the fused HardSigmoid uses the constants the graph holds);
+- gate: ``Sigmoid``, ``HardSigmoid`` (any alpha/beta), or its decomposed forms ``Div(Clip(Add(z, 3), 0, 6),
+  6)`` / ``Mul(…, 1/6)`` and ``Clip(Add(Mul(z, alpha), beta), 0, 1)`` (constants compared with a float
+  tolerance: converters write 1/6 as 0.16666667 or 0.166667; the fused HardSigmoid uses the constants the graph
+  holds);
 - scale: ``Mul(x, g)`` or ``Mul(g, x)``.
 
 Matching walks backwards from each gate (a graph without any gate, such as plain ResNet, yields no candidate
@@ -134,6 +135,10 @@ def match_gate(node: ir.Node) -> Gate | None:
     if is_op(node, "HardSigmoid"):
         return Gate([node], node.inputs[0], node.outputs[0], "HardSigmoid", float(_attr(node, "alpha", 0.2)),
                     float(_attr(node, "beta", 0.5)), "HardSigmoid")
+    if is_clip(node, 0.0, 1.0):  # HardSigmoid written out: Clip(z * alpha + beta, 0, 1), any alpha/beta
+        gate = _affine_clip_gate(node)
+        if gate is not None:
+            return gate
     if is_op(node, "Div", "Mul") and len(node.inputs) == 2:
         # decomposed HardSigmoid: Clip(z + 3, 0, 6) / 6  or  * (1/6)
         want = 6.0 if node.op_type == "Div" else 1.0 / 6.0
@@ -152,6 +157,27 @@ def match_gate(node: ir.Node) -> Gate | None:
                     scale = k if node.op_type == "Mul" else 1.0 / k  # the graph's own constants, not 1/6 and 3
                     return Gate([add, clip, node], add.inputs[a], node.outputs[0], "HardSigmoid", scale,
                                 three * scale, f"Add/Clip/{node.op_type}")
+    return None
+
+
+def _affine_clip_gate(clip: ir.Node) -> Gate | None:
+    """``Clip(Add(Mul(z, alpha), beta), 0, 1)`` (either operand order of Mul and Add; Div by 1/alpha too) as a
+    HardSigmoid(alpha, beta) gate."""
+    add = clip.inputs[0].producer() if clip.inputs[0] is not None else None
+    if not is_op(add, "Add") or len(add.inputs) != 2:
+        return None
+    for a, b in ((0, 1), (1, 0)):
+        beta = _scalar(add.inputs[b])
+        scale = add.inputs[a].producer() if add.inputs[a] is not None else None
+        if beta is None or not is_op(scale, "Mul", "Div") or len(scale.inputs) != 2:
+            continue
+        for i, j in ((0, 1), (1, 0)) if scale.op_type == "Mul" else ((0, 1),):
+            k = _scalar(scale.inputs[j])
+            if k is None or k == 0.0:
+                continue
+            alpha = k if scale.op_type == "Mul" else 1.0 / k
+            return Gate([scale, add, clip], scale.inputs[i], clip.outputs[0], "HardSigmoid", alpha, beta,
+                        f"{scale.op_type}/Add/Clip")
     return None
 
 
