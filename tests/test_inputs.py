@@ -304,5 +304,5 @@ def test_real_paddle_dynamic_hw_pins_to_the_same_outputs(shared_data):
     src = load_onnx(shared_data / "models" / "ppocr_textdir_cls_paddle2onnx_op13.onnx")
     pinned = pin_image_size(src, 48, 192)
     assert (image_input(pinned).height, image_input(pinned).width) == (48, 192)
-    x = smooth_noise(2, (48, 192), seed=5)
-    np.testing.assert_array_equal(run_model(pinned, x), run_model(src, x))
+    x = smooth_noise(2, (48, 192), seed=5)  # static shapes let ONNX Runtime pick other kernels: rounding differs
+    np.testing.assert_allclose(run_model(pinned, x), run_model(src, x), rtol=1e-5, atol=1e-6)
