@@ -292,8 +292,8 @@ def model_image_size(inp, input_shape: tuple[int, int] | None, *, path: str) -> 
         raise SedeployError(f"'{path}' input '{inp.name}' has shape {inp.shape}: its height and width are dynamic.",
                             expected="an image size to build for (engines, calibration and benchmarks run one "
                                      "fixed H×W)",
-                            fix="pin it with --input-shape HxW (e.g. --input-shape 224x224, or the size the model "
-                                "is used at, such as 48x192 for PP-OCR's text classifier)")
+                            fix="pin it with --input-shape HxW: the size the model is used at (its documentation or "
+                                "exporter states it), e.g. --input-shape 224x224 or --input-shape 48x192")
     if input_shape is None:
         return inp.height, inp.width
     h, w = input_shape

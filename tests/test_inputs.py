@@ -91,6 +91,19 @@ def test_pin_image_size_fixes_dynamic_hw_and_refuses_a_contradiction():
         pin_image_size(half, 24, 36)
 
 
+def test_a_dynamic_nhwc_model_is_pinned_then_made_nchw(tmp_path):
+    from sedeploy.onnxcore import image_input, nchw_input, pin_image_size, run_model
+
+    src = _classifier(["N", "H", "W", 3], nhwc=True)
+    assert image_input(src, dynamic_hw=True).layout == "NHWC"
+    out, how = nchw_input(pin_image_size(src, 12, 20))
+    inp = image_input(out)
+    assert (inp.layout, inp.height, inp.width) == ("NCHW", 12, 20) and "dropped" in how
+    x = np.random.default_rng(3).normal(size=(2, 3, 12, 20)).astype(np.float32)
+    np.testing.assert_allclose(run_model(out, x), run_model(src, np.ascontiguousarray(x.transpose(0, 2, 3, 1))),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_input_memory_is_checked_before_any_work(tmp_path):
     from sedeploy.cli import cli
 

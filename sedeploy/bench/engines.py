@@ -128,7 +128,7 @@ def _ort_sidecar(path: Path) -> dict[str, Any] | None:
 def describe_engine(path: str | Path) -> EngineSpec:
     """Read an engine's description (precision, flavour, model metadata, input shape, batch limit)."""
     from sedeploy.backends import backend_for_engine
-    from sedeploy.onnxcore import graph_precision, image_input
+    from sedeploy.onnxcore import check_input_memory, graph_precision, image_input
 
     path = Path(path)
     if not path.exists():
@@ -140,6 +140,7 @@ def describe_engine(path: str | Path) -> EngineSpec:
         return _describe_compiled(path, backend.name)
     proto = load_light(path)
     inp = image_input(proto, path=str(path))
+    check_input_memory(inp, path=str(path))  # a declared 3×40000×40000 input is refused before any allocation
     meta = get_metadata(proto)
     sidecar = _ort_sidecar(path)
     precision = str(meta.get(META.PRECISION) or graph_precision(proto)).lower()

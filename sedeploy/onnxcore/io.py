@@ -305,8 +305,8 @@ def image_input(proto, *, path: str = "model", dynamic_hw: bool = False) -> Imag
             raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: its height and width are dynamic.",
                                 expected="an image size to build for (engines, calibration and benchmarks run "
                                          "one fixed H×W)",
-                                fix="pin it with `sedeploy build-engine MODEL --input-shape HxW` (e.g. "
-                                    "--input-shape 224x224, or the size the model is used at)")
+                                fix="pin it with `sedeploy build-engine MODEL --input-shape HxW`: the size the model "
+                                    "is used at, e.g. --input-shape 224x224 or --input-shape 48x192")
         h, w = (h if fixed[0] else None), (w if fixed[1] else None)
     return ImageInput(inp.name, n, c, h, w, elem, layout)
 
