@@ -350,7 +350,8 @@ def _prepare_input(proto, opt: BuildOptions, src: Path, res: BuildResult):
     if how is not None:
         changes["to_nchw"] = how
         res.notes.append(f"NHWC input {'×'.join(map(str, inp.shape))}: {how}; every artifact and engine takes "
-                         "N×3×H×W (measured as fast as the NHWC graph on ONNX Runtime and OpenVINO)")
+                         "N×3×H×W (as fast as the NHWC graph fed from sedeploy's N×3×H×W batches on ONNX Runtime and "
+                         "OpenVINO: benchmarks/results/input_layout)")
     final = image_input(proto, path=str(src))
     check_input_memory(final, path=str(src), option=f"--input-shape {h}x{w}" if inp.dynamic_hw else None)
     set_metadata(proto, {META.INPUT_LAYOUT: final.layout, META.INPUT_CHANGES: changes})
