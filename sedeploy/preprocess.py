@@ -105,31 +105,42 @@ class Preprocess:
                 f"{', '.join(f'{v:g}' for v in self.std)} (0–255 pixels)")
 
 
+#: a std below this (on 0–255 pixels) multiplies pixel steps by more than 1000: no normalisation does that
+MIN_STD = 1e-3
+
+
 def check_normalisation(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
     """Refuse ``--mean``/``--std`` that are not on the 0–255 pixel scale the pipeline normalises.
 
     Pipelines written "x/255, then (x − m)/s" (torchvision, PaddleOCR) state m and s on the 0–1 scale; on 0–255
     pixels the same arithmetic is (x − 255·m)/(255·s). A mean whose values are all in (0, 1], or a std whose values
-    are all ≤ 1 (other than raw pixels, std 1), is such a value (ImageNet: 0.485/0.229) or a typo (1e-30 multiplies
-    the pixels by 1e30): refused with the 0–255 values it stands for."""
+    are all ≤ 1 (other than raw pixels, std 1), is such a value (ImageNet: 0.485/0.229): refused with the 0–255
+    values it stands for. A std below :data:`MIN_STD` (e.g. 1e-30, which multiplies the pixels by 1e30) is refused
+    as no normalisation at all."""
     m = tuple(mean) if mean else None
     s = tuple(std) if std else None
-    mean_01 = m is not None and max(m) <= 1 and max(m) > 0
+    example = ("e.g. ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225 (on 0–1) are --mean 123.675,116.28,103.53 "
+               "--std 58.395,57.12,57.375; x/127.5 − 1 is --mean 127.5,127.5,127.5 --std 127.5,127.5,127.5")
+    if s is not None and min(s) < MIN_STD:
+        raise SedeployError(f"--std {','.join(f'{v:g}' for v in s)} is not a normalisation: dividing 0–255 pixels by "
+                            f"{min(s):g} multiplies them by {1 / min(s):.3g}.",
+                            expected="a std on 0–255 pixels (typically 50–130; 1 feeds raw pixels)",
+                            fix=f"pass the std the model was trained with, on 0–255 pixels ({example})")
+    mean_01 = m is not None and 0 < max(m) <= 1
     std_01 = s is not None and max(s) <= 1 and s != (1.0,) * len(s)
     if not (mean_01 or std_01):
         return
     given = " ".join(f"--{k} {','.join(f'{v:g}' for v in val)}" for k, val in (("mean", m), ("std", s)) if val)
-    fix_m = ",".join(f"{v * 255:g}" for v in m) if m else None
-    fix_s = ",".join(f"{v * 255:g}" for v in s) if s else None
+    scaled = {k: ",".join(f"{v * 255:g}" for v in val) for k, val in (("mean", m), ("std", s))
+              if val and (k == "mean" and mean_01 or k == "std" and std_01)}
     why = (f"dividing by std {min(s):g} multiplies pixels by {1 / min(s):.3g}" if std_01
            else f"a mean of {max(m):g} subtracts almost nothing from 0–255 pixels")
-    raise SedeployError(f"{given} look like values on the 0–1 scale (x/255), but sedeploy normalises 0–255 pixels "
-                        f"({why}).",
+    raise SedeployError(f"{given}: {'these look' if len(scaled) > 1 else 'this looks'} like the 0–1 scale (x/255), "
+                        f"but sedeploy normalises 0–255 pixels ({why}).",
                         expected="mean and std on 0–255 pixels: a pipeline 'x/255, then (x − m)/s' is mean 255·m, "
                                  "std 255·s",
-                        fix="pass " + " ".join(f"--{k} {v}" for k, v in (("mean", fix_m), ("std", fix_s)) if v)
-                            + " (e.g. ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225 are --mean "
-                              "123.675,116.28,103.53 --std 58.395,57.12,57.375)")
+                        fix="pass " + " ".join(f"--{k} {v}" for k, v in scaled.items())
+                            + ("" if scaled.get("mean") == "123.675,116.28,103.53" else f" ({example})"))
 
 
 @dataclass

@@ -221,10 +221,12 @@ def test_normalisation_on_the_0_1_scale_is_refused_with_its_0_255_values(mean, s
     if ok:
         check_normalisation(mean, std)
         return
-    with pytest.raises(SedeployError, match="0–1 scale") as err:
+    with pytest.raises(SedeployError, match="0–1 scale|not a normalisation") as err:
         check_normalisation(mean, std)
     if mean == (0.485, 0.456, 0.406):
         assert "--mean 123.675,116.28,103.53 --std 58.395,57.12,57.375" in err.value.fix
+    if std == (1e-30,) * 3:  # a typo, not a scale: no ×255 "fix" is offered
+        assert "not a normalisation" in str(err.value) and "2.55e-28" not in err.value.fix
 
 
 # ---------------------------------------------------------------------------------------------- end to end
