@@ -91,6 +91,24 @@ def test_pin_image_size_fixes_dynamic_hw_and_refuses_a_contradiction():
         pin_image_size(half, 24, 36)
 
 
+def test_a_size_the_graph_contradicts_is_refused_when_pinned():
+    """Shape inference accepts a Reshape to a fixed length at any size; the one run after pinning does not."""
+    from sedeploy.onnxcore import pin_image_size
+
+    w = nh.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    nodes = [h.make_node("Conv", ["x", "w"], ["c"]), h.make_node("Reshape", ["c", "shp"], ["r"]),
+             h.make_node("MatMul", ["r", "fc"], ["y"])]
+    g = h.make_graph(nodes, "m", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, "H", "W"])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, [1, 5])],
+                     [w, nh.from_array(np.array([1, 64], np.int64), "shp"),
+                      nh.from_array(np.ones((64, 5), np.float32), "fc")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    assert pin_image_size(m, 4, 4) is not None  # 4·4·4 = 64: the size the graph was made for
+    with pytest.raises(SedeployError, match="cannot run at --input-shape 8x8") as err:
+        pin_image_size(m, 8, 8)
+    assert "reshape" in str(err.value).lower()
+
+
 def test_a_dynamic_nhwc_model_is_pinned_then_made_nchw(tmp_path):
     from sedeploy.onnxcore import image_input, nchw_input, pin_image_size, run_model
 

@@ -70,7 +70,35 @@ def pin_image_size(proto, height: int, width: int, *, path: str = "model"):
                             f"fails ({first}).",
                             fix="pass the size the model is used at (its documentation or exporter states it)"
                             ) from err
+    _run_once(pinned, inp, height, width, path)
     return pinned
+
+
+def _run_once(model, inp: ImageInput, height: int, width: int, path: str) -> None:
+    """Run the pinned model once on smooth noise: a size the graph's own constants contradict (a Reshape to a fixed
+    length) passes shape inference and fails only here."""
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    from sedeploy.onnxcore.session import cpu_session
+    from sedeploy.preprocess import layout_batch, smooth_noise
+
+    import onnx
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return  # weights in external files (or not loaded): the build runs the model on images right after
+    x = layout_batch(smooth_noise(inp.static_batch or 1, (height, width), seed=13), inp.layout)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the error is reported below, once, in sedeploy's words
+    try:
+        cpu_session(model, threads=1).run(None, {inp.name: x}, quiet)
+    except (Fail, InvalidArgument, RuntimeException) as err:
+        msg = str(err).split("Status Message:")[-1].strip().splitlines()[0]
+        first = ". ".join(msg.split(". ")[-2:])[:240]  # ORT's own words, without its source location
+        raise SedeployError(f"'{path}' cannot run at --input-shape {height}x{width}: ONNX Runtime fails on it "
+                            f"({first}).",
+                            fix="pass the size the model is used at (its documentation or exporter states it)"
+                            ) from err
 
 
 def nchw_input(proto, *, path: str = "model"):
