@@ -372,10 +372,10 @@ def _model_input(model, pp: Preprocess):
     if inp.elem_type != 1:
         raise SedeployError(f"The model input '{inp.name}' is not float32; calibration needs the FP32 model.",
                             fix="calibrate the FP32 .onnx (before FP16/INT8 conversion)")
-    if (inp.height, inp.width) != (pp.size, pp.size):
+    if (inp.height, inp.width) != pp.shape:
         raise SedeployError(
-            f"The model expects {inp.height}×{inp.width} images but preprocessing crops to {pp.size}×{pp.size}.",
-            fix=f"use Preprocess.for_size({inp.height}) (CLI: --input-size {inp.height})")
+            f"The model expects {inp.height}×{inp.width} images but preprocessing makes {pp.shape[0]}×{pp.shape[1]}.",
+            fix=f"use Preprocess.for_size({inp.height}, width={inp.width}) (CLI: --input-size {inp.height})")
     return inp
 
 

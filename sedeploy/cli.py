@@ -266,6 +266,14 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
 @click.option("--mean", default=None, help="Foreign models: normalisation mean R,G,B (0–255 scale).")
 @click.option("--std", default=None, help="Foreign models: normalisation std R,G,B (0–255 scale).")
 @click.option("--resize", type=int, default=None, help="Foreign models: resize short side before the centre crop.")
+@click.option("--input-shape", default=None, metavar="HxW",
+              help="Pin a MODEL's dynamic height and width, e.g. 48x192 (shapes are inferred again from it).")
+@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default=None,
+              help="Foreign models: the channel order the model was trained on [default: rgb]; --mean/--std are "
+                   "then per channel in that order.")
+@click.option("--resize-mode", type=click.Choice(["crop", "pad"]), default=None,
+              help="Foreign models: crop = resize short side + centre crop [default]; pad = resize to the input "
+                   "height keeping the aspect ratio, width ≤ the input's, zero-padded (text classifiers, PP-OCR).")
 @click.option("--min-agreement", type=float, default=None, metavar="PCT",
               help="INT8 budget: top-1 agreement with FP32 on held-out images ≥ PCT; the most sensitive layers "
                    "fall back to float until it holds (exit 3, nothing written, when it cannot).")
@@ -290,13 +298,15 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
 @handle_errors
 def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_method, calib_count, calib_seed,
                  calib_batch, calib_cache, se_int8, keep_fp32, backend, no_fuse_se, threads, min_batch, opt_batch,
-                 max_batch, workspace, timing_cache, mean, std, resize, min_agreement, max_top1_drop,
+                 max_batch, workspace, timing_cache, mean, std, resize, input_shape, channel_order, resize_mode,
+                 min_agreement, max_top1_drop,
                  budget_confidence, fallback_order, val,
                  label_offset, max_fallback, dynamic_batch, as_json, verbose):
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
     \b
-    MODEL is an FP32 ONNX image classifier with one N×C×H×W input (ours or any other). Without MODEL the
+    MODEL is an FP32 ONNX image classifier with one N×3×H×W or N×H×W×3 input (ours or any other; NHWC models get
+    NCHW artifacts, dynamic H/W are pinned with --input-shape). Without MODEL the
     SE-ResNet of --depth (random weights, or --checkpoint) is used: a matching export by `sedeploy export`
     (./se-resnet50.onnx, or one in OUT_DIR) is reused, otherwise it is exported first (said on stderr).
     An FP16/INT8 artifact as MODEL builds only its engine, e.g. on a
@@ -314,6 +324,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
     write are removed). A failed, interrupted (Ctrl-C, SIGTERM) or killed build leaves the previous set as it
     was, and a second build-engine into the same OUT_DIR is refused while one runs.
     """
+    from sedeploy.onnxcore import parse_input_shape
     from sedeploy.pipeline import BuildOptions, build_engines, foreign_preprocess, format_result
 
     _setup_logging(verbose)
@@ -322,12 +333,15 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                             f"'{model}' was given too.",
                             fix="drop --depth/--checkpoint to build from MODEL, or drop MODEL to export")
     pp = None
-    if mean is not None or std is not None or resize is not None:
+    hw = parse_input_shape(input_shape)
+    if any(v is not None for v in (mean, std, resize, channel_order, resize_mode, hw)):
         if not model:
-            raise SedeployError("--mean/--std/--resize describe a foreign MODEL; none was given.",
+            raise SedeployError("--mean/--std/--resize/--channel-order/--resize-mode/--input-shape describe a "
+                                "foreign MODEL; none was given.",
                                 fix="pass the ONNX file, or drop these options for the SE-ResNet export")
         pp = foreign_preprocess(model, mean=parse_triple(mean, "--mean"), resize=resize,
-                                std=parse_triple(std, "--std", positive=True))
+                                std=parse_triple(std, "--std", positive=True), input_shape=hw,
+                                channel_order=channel_order, resize_mode=resize_mode)
     opts = BuildOptions(fp16=fp16, int8=int8, fuse_se=not no_fuse_se, backend=backend, calib=calib,
                         calib_method=calib_method, calib_count=calib_count, calib_seed=calib_seed,
                         calib_batch=calib_batch, calib_cache=calib_cache, se_int8=se_int8, keep_fp32=keep_fp32,
@@ -335,7 +349,8 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                         workspace_gib=workspace, timing_cache=timing_cache, preprocess=pp,
                         progress=_progress(as_json), min_agreement=min_agreement, max_top1_drop=max_top1_drop,
                         budget_confidence=budget_confidence, fallback_order=fallback_order,
-                        val=val, label_offset=label_offset, max_fallback=max_fallback, dynamic_batch=dynamic_batch)
+                        val=val, label_offset=label_offset, max_fallback=max_fallback, dynamic_batch=dynamic_batch,
+                        input_shape=hw)
     res = build_engines(model, out_dir, opts, depth=int(depth) if depth else None, checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 

@@ -39,10 +39,11 @@ def _data_input(model):
     return next(v for v in model.graph.input if v.name not in inits)
 
 
-def _input_size(model) -> int | None:
+def _input_size(model) -> tuple[int, int] | None:
+    """(H, W) of an NCHW input with a fixed size (None otherwise)."""
     dims = _data_input(model).type.tensor_type.shape.dim
-    if len(dims) == 4 and dims[2].dim_value and dims[2].dim_value == dims[3].dim_value:
-        return dims[2].dim_value
+    if len(dims) == 4 and dims[2].dim_value > 0 and dims[3].dim_value > 0:
+        return dims[2].dim_value, dims[3].dim_value
     return None
 
 

@@ -671,7 +671,7 @@ def _smoke_run(path: Path, label: str, *, fp16: bool = False) -> None:
 
     sess = cpu_session(path)
     inp = sess.get_inputs()[0]
-    size = inp.shape[2] if isinstance(inp.shape[2], int) else 224
+    size = tuple(d if isinstance(d, int) else 224 for d in inp.shape[2:4])
     x = smooth_noise(1, size, seed=1)
     out = run_model(sess, x)
     if not np.all(np.isfinite(out)):

@@ -92,6 +92,7 @@ class BuildOptions:
     label_offset: int = 0  # model output k + offset is dataset class k (1001-class models: 1)
     max_fallback: int | None = None  # most layers allowed back in float
     dynamic_batch: bool = False  # a fixed-batch model: make the batch dynamic (refused with the reason if unsafe)
+    input_shape: tuple[int, int] | None = None  # (H, W) pinning a model's dynamic height and width
 
 
 @dataclass
@@ -245,41 +246,117 @@ MAX_RESIZE_FACTOR = 8
 
 
 def foreign_preprocess(model: str | Path, *, mean: tuple[float, float, float] | None = None,
-                       std: tuple[float, float, float] | None = None, resize: int | None = None) -> Preprocess:
-    """The preprocessing of a foreign MODEL (``--mean/--std/--resize``): the mmcls pipeline at the model's input
-    size with the given values in place of its defaults; ``resize`` (the short side before the centre crop) from
-    the crop size to :data:`MAX_RESIZE_FACTOR` × it."""
+                       std: tuple[float, float, float] | None = None, resize: int | None = None,
+                       input_shape: tuple[int, int] | None = None, channel_order: str | None = None,
+                       resize_mode: str | None = None) -> Preprocess:
+    """The preprocessing of a foreign MODEL (``--mean/--std/--resize/--channel-order/--resize-mode``): what the
+    model records (a sedeploy export), else the mmcls pipeline at the model's input size (``input_shape`` (H, W)
+    where H/W are dynamic), with the given values in place. ``resize`` (the short side before the centre crop) from
+    the crop's short side to :data:`MAX_RESIZE_FACTOR` × it. Mean/std on the 0–1 scale are refused with the
+    values they stand for on 0–255 pixels."""
     from sedeploy.onnxcore import image_input, load_onnx
+    from sedeploy.preprocess import check_normalisation
 
-    size = image_input(load_onnx(model, weights=False, check=False), path=str(model)).height
-    if resize is not None and not size <= resize <= MAX_RESIZE_FACTOR * size:
-        raise SedeployError(f"--resize {resize} is not valid for a {size} px input.",
-                            expected=f"a short-side size from the {size} px centre crop to "
-                                     f"{MAX_RESIZE_FACTOR * size} ({MAX_RESIZE_FACTOR}× it)",
-                            fix=f"omit --resize (default {round(size * 256 / 224)}), or pass {size}–"
-                                f"{MAX_RESIZE_FACTOR * size}")
-    base = Preprocess.for_size(size)
-    return Preprocess(size=size, resize_short=base.resize_short if resize is None else resize,
-                      mean=mean or base.mean, std=std or base.std)
-
-
-def _preprocess_for(meta: dict[str, Any], height: int, given: Preprocess | None) -> Preprocess:
-    if given is not None:
-        if given.size != height:
-            raise SedeployError(f"The preprocessing crops to {given.size} px but the model's input is {height} px.",
-                                fix=f"build it for the model's input size (Preprocess.for_size({height}), or "
-                                    "foreign_preprocess(MODEL, …))")
-        return given
-    stored = meta.get(META.PREPROCESS)
+    proto = load_onnx(model, weights=False, check=False)
+    h, w = model_image_size(image_input(proto, path=str(model), dynamic_hw=True), input_shape, path=str(model))
+    check_normalisation(mean, std)
+    short = min(h, w)
+    if resize is not None and resize_mode == "pad":
+        raise SedeployError(f"--resize {resize} sets the short side before a centre crop; --resize-mode pad "
+                            f"resizes every image to the input height ({h} px) instead.",
+                            fix="drop --resize, or use --resize-mode crop")
+    if resize is not None and not short <= resize <= MAX_RESIZE_FACTOR * short:
+        raise SedeployError(f"--resize {resize} is not valid for a {h}×{w} input.",
+                            expected=f"a short-side size from the crop's short side ({short} px) to "
+                                     f"{MAX_RESIZE_FACTOR * short} ({MAX_RESIZE_FACTOR}× it)",
+                            fix=f"omit --resize (default {round(short * 256 / 224)}), or pass {short}–"
+                                f"{MAX_RESIZE_FACTOR * short}")
+    base = Preprocess.for_size(h, width=None if w == h else w)
+    stored = get_metadata(proto).get(META.PREPROCESS)
     if isinstance(stored, dict):
         try:
-            return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-        except TypeError:
-            log.warning("Ignoring unreadable preprocessing metadata %s; using the mmcls pipeline at %d px.",
-                        stored, height)
-    return Preprocess.for_size(height)
+            recorded = Preprocess.from_dict(stored)
+        except (TypeError, SedeployError):
+            recorded = None
+        if recorded is not None and recorded.shape == (h, w):
+            base = recorded
+    return dataclasses.replace(base, resize_short=base.resize_short if resize is None else resize,
+                               mean=mean or base.mean, std=std or base.std,
+                               channel_order=channel_order or base.channel_order,
+                               resize_mode=resize_mode or base.resize_mode)
 
 
+def model_image_size(inp, input_shape: tuple[int, int] | None, *, path: str) -> tuple[int, int]:
+    """(H, W) the build runs ``inp`` at: its own, or ``input_shape`` where H/W are dynamic (refused when missing,
+    or when it contradicts a fixed size)."""
+    if inp.dynamic_hw and input_shape is None:
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {inp.shape}: its height and width are dynamic.",
+                            expected="an image size to build for (engines, calibration and benchmarks run one "
+                                     "fixed H×W)",
+                            fix="pin it with --input-shape HxW: the size the model is used at (its documentation or "
+                                "exporter states it), e.g. --input-shape 224x224 or --input-shape 48x192")
+    if input_shape is None:
+        return inp.height, inp.width
+    h, w = input_shape
+    if (inp.height or h, inp.width or w) != (h, w):
+        raise SedeployError(f"--input-shape {h}x{w} does not fit '{path}': its input '{inp.name}' is fixed at "
+                            f"{inp.shape}.",
+                            fix=f"drop --input-shape (it pins dynamic H/W only), or pass "
+                                f"{inp.height or h}x{inp.width or w}")
+    return h, w
+
+
+def _preprocess_for(meta: dict[str, Any], hw: tuple[int, int], given: Preprocess | None,
+                    res: BuildResult | None = None) -> Preprocess:
+    stored = meta.get(META.PREPROCESS)
+    recorded = None
+    if isinstance(stored, dict):
+        try:
+            recorded = Preprocess.from_dict(stored)
+        except (TypeError, SedeployError):
+            log.warning("Ignoring unreadable preprocessing metadata %s; using the mmcls pipeline at %d×%d px.",
+                        stored, *hw)
+    if given is not None:
+        if given.shape != tuple(hw):
+            raise SedeployError(f"The preprocessing makes {given.shape[0]}×{given.shape[1]} images but the model's "
+                                f"input is {hw[0]}×{hw[1]} px.",
+                                fix="build it for the model's input size (Preprocess.for_size(H, width=W), or "
+                                    "foreign_preprocess(MODEL, …))")
+        if recorded is not None and recorded != given:  # --mean/--std/… on a sedeploy export: said, then used
+            msg = (f"the preprocessing given ({given.describe()}) replaces the one the model records "
+                   f"({recorded.describe()}); every artifact records the given one")
+            log.warning("%s%s.", msg[0].upper(), msg[1:])
+            if res is not None:
+                res.notes.append(msg)
+        return given
+    if recorded is not None:
+        return recorded
+    return Preprocess.for_size(hw[0], width=None if hw[0] == hw[1] else hw[1])
+
+
+def _prepare_input(proto, opt: BuildOptions, src: Path, res: BuildResult):
+    """The FP32 model with the input every artifact takes: H/W pinned (``--input-shape``, onnx-ir + shape
+    inference) and NCHW (an NHWC model's converter Transpose dropped, or one Transpose added), recorded in the
+    metadata and the notes."""
+    from sedeploy.onnxcore import check_input_memory, image_input, nchw_input, pin_image_size
+
+    inp = image_input(proto, path=str(src), dynamic_hw=True)
+    h, w = model_image_size(inp, opt.input_shape, path=str(src))
+    changes: dict[str, Any] = {"source_shape": inp.shape, "source_layout": inp.layout}
+    if inp.dynamic_hw:
+        proto = pin_image_size(proto, h, w, path=str(src))
+        changes["pinned"] = [h, w]
+        res.notes.append(f"input H×W pinned to {h}×{w} (--input-shape): shapes inferred again from it")
+    proto, how = nchw_input(proto, path=str(src))
+    if how is not None:
+        changes["to_nchw"] = how
+        res.notes.append(f"NHWC input {'×'.join(map(str, inp.shape))}: {how}; every artifact and engine takes "
+                         "N×3×H×W (as fast as the NHWC graph fed from sedeploy's N×3×H×W batches on ONNX Runtime and "
+                         "OpenVINO: benchmarks/results/input_layout)")
+    final = image_input(proto, path=str(src))
+    check_input_memory(final, path=str(src), option=f"--input-shape {h}x{w}" if inp.dynamic_hw else None)
+    set_metadata(proto, {META.INPUT_LAYOUT: final.layout, META.INPUT_CHANGES: changes})
+    return proto, final, changes
 
 
 def _check_images(pp: Preprocess, folder: Path | None, limit: int = 8) -> np.ndarray:
@@ -287,7 +364,7 @@ def _check_images(pp: Preprocess, folder: Path | None, limit: int = 8) -> np.nda
 
     what = "calibration image folder (--calib)" if folder else "shipped calibration image folder"
     images, _ = load_folder(folder or default_calib_dir(), pp, limit=limit, what=what)
-    return np.concatenate([images, smooth_noise(2, pp.size, seed=1)]).astype(np.float32)
+    return np.concatenate([images, smooth_noise(2, pp.shape, seed=1)]).astype(np.float32)
 
 
 def _canonicalize(proto, src: Path, res: BuildResult):
@@ -466,7 +543,7 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
         budget = _budget(opt)
         from sedeploy.preprocess import smooth_noise
 
-        num_classes = int(run_model(fp32_path, smooth_noise(1, pp.size, seed=1)).shape[1])
+        num_classes = int(run_model(fp32_path, smooth_noise(1, pp.shape, seed=1)).shape[1])
         held_x, held_y, exclude, held_what = _heldout(opt, folder, pp, num_classes)
         budget.check_images(len(held_x))  # too few images for --budget-confidence: refused before calibrating
         res.int8_budget = {"budget": {"max_top1_drop": opt.max_top1_drop, "min_agreement": opt.min_agreement,
@@ -578,7 +655,10 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     t_all = time.perf_counter()
     started = time.time()
     if model is not None:
-        _check_model_file(model)
+        _check_model_file(model, opt.input_shape)
+    elif opt.input_shape is not None:
+        raise SedeployError("--input-shape pins the dynamic height and width of a MODEL; none was given.",
+                            fix="pass the ONNX file, or drop --input-shape (the SE-ResNet export has a fixed size)")
     if opt.backend == "auto":
         from sedeploy.backends import resolve_backend
 
@@ -640,9 +720,10 @@ def _name_intermediates(err: SedeployError, stage: Path, model) -> None:
                          if isinstance(a, str) else a for a in err.args)
 
 
-def _check_model_file(model: str | Path) -> None:
-    """MODEL is an image classifier sedeploy can work on (read without its weights), checked before any work."""
-    from sedeploy.onnxcore import classifier_output, image_input, load_onnx
+def _check_model_file(model: str | Path, input_shape: tuple[int, int] | None = None) -> None:
+    """MODEL is an image classifier sedeploy can work on (read without its weights), at a size that fits in memory,
+    checked before any work."""
+    from sedeploy.onnxcore import check_input_memory, classifier_output, image_input, load_onnx
 
     p = Path(model)
     if p.is_dir():
@@ -652,7 +733,10 @@ def _check_model_file(model: str | Path) -> None:
         raise SedeployError(f"MODEL '{p}' does not exist.", expected="an ONNX file (.onnx)",
                             fix="check the path, or omit MODEL to export the SE-ResNet of --depth")
     proto = load_onnx(p, weights=False, check=False)
-    image_input(proto, path=str(p))
+    inp = image_input(proto, path=str(p), dynamic_hw=True)
+    h, w = model_image_size(inp, input_shape, path=str(p))
+    check_input_memory(dataclasses.replace(inp, height=h, width=w), path=str(p),
+                       option=f"--input-shape {h}x{w}" if inp.dynamic_hw else None)
     classifier_output(proto, path=str(p))
 
 
@@ -714,13 +798,16 @@ def _build_staged(model, out: Path, stage: Path, opt: BuildOptions, *, depth, ch
     src = Path(model) if model is not None else _source_model(out, stage, opt, res, depth, checkpoint)
     res.source = str(out / src.name) if src.parent == stage else str(src)
     proto = load_onnx(src)
-    inp = image_input(proto, path=str(src))
     classifier_output(proto, path=str(src))
+    given = Artifact.from_file(src, proto)
+    if given.precision == "fp32":
+        proto, inp, changes = _prepare_input(proto, opt, src, res)
+    else:  # an artifact used as is: its engine and every consumer take the layout it has
+        inp, changes = image_input(proto, path=str(src)), None
     meta = get_metadata(proto)
     res.weights = str(meta.get(META.WEIGHTS) or "unknown (not a sedeploy export)")
-    pp = _preprocess_for(meta, inp.height, opt.preprocess)
-    res.shapes = _shape_report(proto, inp)
-    given = Artifact.from_file(src, proto)
+    pp = _preprocess_for(meta, (inp.height, inp.width), opt.preprocess, res)
+    res.shapes = _shape_report(proto, inp, changes, pp)
     stem = artifact_stem(src)
 
     if given.precision != "fp32":  # an artifact made elsewhere: build its engine only
@@ -853,16 +940,23 @@ def _publish(stage: Path, out: Path, res: BuildResult) -> None:
                  ", ".join(stale))
 
 
-def _shape_report(proto, inp) -> dict[str, Any]:
-    """How the input's batch is handled and what the output holds (said in the summary and the manifest)."""
+def _shape_report(proto, inp, changes: dict[str, Any] | None = None, pp: Preprocess | None = None) -> dict[str, Any]:
+    """How the input's batch and layout are handled and what the output holds (said in the summary and the
+    manifest)."""
     from sedeploy.onnxcore import output_kind
 
     batch = inp.static_batch
-    return {"input": [batch or "N", 3, inp.height, inp.width], "static_batch": batch,
-            "batch_handling": (f"fixed batch {batch}: kept as exported; verification, calibration and the INT8 "
-                               f"checks run it {batch} image(s) at a time (larger batches are chunked and padded)"
-                               if batch else "dynamic batch"),
-            "output": output_kind(proto)}
+    report = {"input": [batch or "N", *inp.shape[1:]], "layout": inp.layout, "static_batch": batch,
+              "batch_handling": (f"fixed batch {batch}: kept as exported; verification, calibration and the INT8 "
+                                 f"checks run it {batch} image(s) at a time (larger batches are chunked and padded)"
+                                 if batch else "dynamic batch"),
+              "output": output_kind(proto)}
+    if changes and (changes.get("pinned") or changes.get("to_nchw")):
+        report["source_input"] = changes["source_shape"]
+        report["input_changes"] = {k: v for k, v in changes.items() if k in ("pinned", "to_nchw")}
+    if pp is not None:
+        report["preprocess"] = pp.describe()
+    return report
 
 
 def format_result(res: BuildResult) -> str:
@@ -873,8 +967,11 @@ def format_result(res: BuildResult) -> str:
                                                      if res.weights.startswith("random") else ""))
     if res.shapes:
         sh = res.shapes
-        lines.append(f"input       {'×'.join(map(str, sh['input']))} ({sh['batch_handling']}); output: "
-                     f"{sh['output']}")
+        lines.append(f"input       {'×'.join(map(str, sh['input']))} {sh.get('layout', 'NCHW')} "
+                     + (f"(model: {'×'.join(map(str, sh['source_input']))}) " if sh.get("source_input") else "")
+                     + f"({sh['batch_handling']}); output: {sh['output']}")
+        if sh.get("preprocess"):
+            lines.append(f"preprocess  {sh['preprocess']}")
     if res.se_blocks_found is not None:
         f = res.fusion or {}
         reorders = f.get("ort_reorders")

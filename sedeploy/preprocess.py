@@ -4,6 +4,13 @@ mmcls test pipeline for SE-ResNet: load, resize the short side to 256 (bilinear)
 subtract mean / divide by std on 0–255 pixels. Export verification, INT8 calibration and benchmarks all call
 :func:`load_batch`, so the numbers they report are about the same input.
 
+Other classifiers need other inputs, all recorded in :class:`Preprocess` (and so in every artifact's metadata):
+a non-square crop (H×W: the image is scaled so it covers the crop's size scaled by resize/min(H, W), then
+centre-cropped), BGR channel order, and the "fit height, pad width" resize of text classifiers (``resize_mode
+"pad"``: resized to height H keeping the aspect ratio, width at most W, zero-padded on the right after
+normalisation, as PaddleOCR does). Images are turned upright by their EXIF orientation first, as photo viewers and
+mmcv's reader do. Arrays are N×3×H×W; :func:`layout_batch` lays a batch out for an input that is NHWC.
+
 Folders may be flat (``calib/*.jpg``) or ImageFolder-style (``root/<class>/*.jpg``); :func:`find_images`
 returns the class-folder name alongside each file so accuracy code can map it to a label.
 """
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 from dataclasses import asdict, dataclass, field
@@ -32,24 +40,107 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 QUIET_EXTENSIONS = {".md", ".txt", ".py", ".json", ".tsv", ".csv", ".yaml", ".yml"}
 
 
+#: channel orders the pipeline can feed (the model's first input channel first)
+CHANNEL_ORDERS = ("rgb", "bgr")
+#: "crop": resize (short side) + centre crop, mmcls's test transform; "pad": resize to the height keeping the
+#: aspect ratio, width at most the input's, zero-padded on the right (PaddleOCR's text classifiers)
+RESIZE_MODES = ("crop", "pad")
+#: an image is refused when resizing it would make more than this many times the crop's pixels (a 141-byte
+#: 20000×1 PNG resized to a short side of 256 is 1.3 G pixels); a 64:1 panorama still passes
+MAX_RESIZED_FACTOR = 64
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize-short-side → centre-crop → normalise. Defaults are mmcls's ImageNet test pipeline."""
+    """Resize-short-side → centre-crop → normalise. Defaults are mmcls's ImageNet test pipeline.
+
+    ``size`` is the crop's height, ``width`` its width (None: square). ``mean``/``std`` are on 0–255 pixels, one
+    per input channel in the model's channel order (B, G, R for ``channel_order="bgr"``)."""
 
     size: int = 224
     resize_short: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    width: int | None = None
+    channel_order: str = "rgb"
+    resize_mode: str = "crop"
+
+    def __post_init__(self):
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise SedeployError(f"Channel order '{self.channel_order}' is not valid.",
+                                expected=f"one of {', '.join(CHANNEL_ORDERS)}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise SedeployError(f"Resize mode '{self.resize_mode}' is not valid.",
+                                expected=f"one of {', '.join(RESIZE_MODES)}")
 
     @classmethod
     def for_size(cls, size: int, **kw) -> "Preprocess":
-        """The mmcls pipeline scaled to another crop size (resize = size·256/224)."""
-        if size < 8:
-            raise SedeployError(f"Input size {size} is too small.", expected="a crop size ≥ 8 pixels, e.g. 224")
-        return cls(size=size, resize_short=round(size * 256 / 224), **kw)
+        """The mmcls pipeline scaled to another crop size (resize = size·256/224); ``width`` for a non-square crop
+        (the resize then scales the shorter side)."""
+        width = kw.get("width")
+        if size < 8 or (width is not None and width < 8):
+            raise SedeployError(f"Input size {size}{f'×{width}' if width else ''} is too small.",
+                                expected="a crop size ≥ 8 pixels, e.g. 224")
+        return cls(size=size, resize_short=round(min(size, width or size) * 256 / 224), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        """The preprocessing recorded in a model's metadata (``as_dict``); TypeError/SedeployError when unreadable."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the arrays it makes."""
+        return self.size, self.width or self.size
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        h, w = self.shape
+        resize = (f"resize to height {h} keeping the aspect ratio, width ≤ {w}, zero-padded" if self.resize_mode == "pad"
+                  else f"resize short side {self.resize_short}, centre crop {h}×{w}")
+        return (f"{resize}, {self.channel_order.upper()}, mean {', '.join(f'{v:g}' for v in self.mean)}, std "
+                f"{', '.join(f'{v:g}' for v in self.std)} (0–255 pixels)")
+
+
+#: a std below this (on 0–255 pixels) multiplies pixel steps by more than 1000: no normalisation does that
+MIN_STD = 1e-3
+
+
+def check_normalisation(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """Refuse ``--mean``/``--std`` that are not on the 0–255 pixel scale the pipeline normalises.
+
+    Pipelines written "x/255, then (x − m)/s" (torchvision, PaddleOCR) state m and s on the 0–1 scale; on 0–255
+    pixels the same arithmetic is (x − 255·m)/(255·s). A mean whose values are all in (0, 1], or a std whose values
+    are all ≤ 1 (other than raw pixels, std 1), is such a value (ImageNet: 0.485/0.229): refused with the 0–255
+    values it stands for. A std below :data:`MIN_STD` (e.g. 1e-30, which multiplies the pixels by 1e30) is refused
+    as no normalisation at all."""
+    m = tuple(mean) if mean else None
+    s = tuple(std) if std else None
+    example = ("e.g. ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225 (on 0–1) are --mean 123.675,116.28,103.53 "
+               "--std 58.395,57.12,57.375; x/127.5 − 1 is --mean 127.5,127.5,127.5 --std 127.5,127.5,127.5")
+    if s is not None and min(s) < MIN_STD:
+        raise SedeployError(f"--std {','.join(f'{v:g}' for v in s)} is not a normalisation: dividing 0–255 pixels by "
+                            f"{min(s):g} multiplies them by {1 / min(s):.3g}.",
+                            expected="a std on 0–255 pixels (typically 50–130; 1 feeds raw pixels)",
+                            fix=f"pass the std the model was trained with, on 0–255 pixels ({example})")
+    mean_01 = m is not None and 0 < max(m) <= 1
+    std_01 = s is not None and max(s) <= 1 and s != (1.0,) * len(s)
+    if not (mean_01 or std_01):
+        return
+    given = " ".join(f"--{k} {','.join(f'{v:g}' for v in val)}" for k, val in (("mean", m), ("std", s)) if val)
+    scaled = {k: ",".join(f"{v * 255:g}" for v in val) for k, val in (("mean", m), ("std", s))
+              if val and (k == "mean" and mean_01 or k == "std" and std_01)}
+    why = (f"dividing by std {min(s):g} multiplies pixels by {1 / min(s):.3g}" if std_01
+           else f"a mean of {max(m):g} subtracts almost nothing from 0–255 pixels")
+    raise SedeployError(f"{given}: {'these look' if len(scaled) > 1 else 'this looks'} like the 0–1 scale (x/255), "
+                        f"but sedeploy normalises 0–255 pixels ({why}).",
+                        expected="mean and std on 0–255 pixels: a pipeline 'x/255, then (x − m)/s' is mean 255·m, "
+                                 "std 255·s",
+                        fix="pass " + " ".join(f"--{k} {v}" for k, v in scaled.items())
+                            + ("" if scaled.get("mean") == "123.675,116.28,103.53" else f" ({example})"))
 
 
 @dataclass
@@ -130,9 +221,10 @@ def find_images(folder: str | os.PathLike, *, what: str = "image folder") -> Ima
 
 
 def load_image(path: str | os.PathLike, pp: Preprocess = Preprocess()) -> np.ndarray:
-    """One image → float32 array (3, size, size), normalised. Raises OSError/ValueError on undecodable files, and
-    ValueError for an image over twice PIL's pixel limit (≈ 179 MP: a small file can decode to gigabytes); between
-    the limit and twice it, PIL's own warning is not printed (the image loads, slowly)."""
+    """One image → float32 array (3, H, W), normalised. Raises OSError/ValueError on undecodable files, and
+    ValueError for an image over twice PIL's pixel limit (≈ 179 MP: a small file can decode to gigabytes) or one
+    that resizing would blow up past :data:`MAX_RESIZED_FACTOR` × the crop (a 20000×1 strip); between the limit and
+    twice it, PIL's own warning is not printed (the image loads, slowly)."""
     import warnings
 
     from PIL import Image
@@ -146,20 +238,46 @@ def load_image(path: str | os.PathLike, pp: Preprocess = Preprocess()) -> np.nda
 
 
 def _load_image(path, pp: Preprocess) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
+    ch, cw = pp.shape
     with Image.open(path) as im:
-        im = _to_rgb(im)
+        if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: the photo as it is meant to be seen
+            im = ImageOps.exif_transpose(im)
         w, h = im.size
-        scale = pp.resize_short / min(w, h)
-        nw, nh = max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
+        if pp.resize_mode == "pad":
+            nh, nw = ch, max(1, min(cw, math.ceil(ch * w / h)))
+        else:
+            scale = max(pp.resize_short * ch / min(ch, cw) / h, pp.resize_short * cw / min(ch, cw) / w)
+            nw, nh = max(cw, round(w * scale)), max(ch, round(h * scale))
+        if nw * nh > MAX_RESIZED_FACTOR * ch * cw:
+            raise ValueError(f"too large after resizing ({w}×{h} px would become {nw}×{nh}: an aspect ratio of "
+                             f"{max(w, h) / min(w, h):.0f}:1)")
+        im = _to_rgb(im)
         im = im.resize((nw, nh), Image.BILINEAR)
-        left = max(0, int(round((nw - pp.size) / 2.0)))
-        top = max(0, int(round((nh - pp.size) / 2.0)))
-        im = im.crop((left, top, left + pp.size, top + pp.size))
+        if pp.resize_mode == "crop":
+            left = max(0, int(round((nw - cw) / 2.0)))
+            top = max(0, int(round((nh - ch) / 2.0)))
+            im = im.crop((left, top, left + cw, top + ch))
         arr = np.asarray(im, dtype=np.float32)
+    if pp.channel_order == "bgr":
+        arr = arr[..., ::-1]
     arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    if pp.resize_mode == "pad":
+        padded = np.zeros((ch, cw, 3), np.float32)
+        padded[:, :arr.shape[1]] = arr
+        arr = padded
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def layout_batch(x: np.ndarray, layout: str | None) -> np.ndarray:
+    """An N×3×H×W batch laid out for an input of ``layout`` ("NCHW": as is; "NHWC": channels last, contiguous).
+    The one place a batch is turned for an engine: bench, serving and the build's checks all call it."""
+    if layout in (None, "NCHW"):
+        return x
+    if layout == "NHWC":
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    raise SedeployError(f"Unknown input layout {layout!r}.", expected="NCHW or NHWC")
 
 
 def _to_rgb(im):
@@ -221,14 +339,16 @@ def load_folder(folder: str | os.PathLike, pp: Preprocess = Preprocess(), *, lim
     return load_batch(paths, pp, progress=progress, what=f"{what} '{found.root}'")
 
 
-def smooth_noise(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """Random test input with natural-image statistics (low-frequency, unit variance), float32 N×3×S×S.
+def smooth_noise(n: int, size: int | tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Random test input with natural-image statistics (low-frequency, unit variance), float32 N×3×H×W; ``size``
+    is H = W or (H, W).
 
     White noise is far outside what a classifier sees; smooth noise keeps activations in their usual range.
     """
     import torch
 
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, 3, max(2, size // 14), max(2, size // 14)), generator=gen)
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = torch.randn((n, 3, max(2, h // 14), max(2, w // 14)), generator=gen)
+    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     return (x / x.std()).numpy().astype(np.float32)

@@ -1,6 +1,6 @@
 """Any ONNX classifier: the third-party-style test model (tests/foreign_model.py — fixed batch 1, 48 px, 1001
 classes with a background class, Softmax output, hard-sigmoid SE) through build-engine, INT8 with a per-layer
-exclusion list, the accuracy-budgeted INT8 search, label offsets, output kinds and NHWC refusal."""
+exclusion list, the accuracy-budgeted INT8 search, label offsets, output kinds and the refusal of an input without a channel dimension."""
 from __future__ import annotations
 
 import json
@@ -39,15 +39,15 @@ def test_output_kind(foreign_art, tiny_onnx):
     assert output_kind(load_onnx(tiny_onnx)) == "logits"
 
 
-def test_nhwc_input_refused(tmp_path):
+def test_an_input_without_a_channel_dimension_is_refused(tmp_path):
     from sedeploy.onnxcore import image_input
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 48, 48, 3])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48, 48, 3])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 48, 48, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48, 48, 5])
     model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "nhwc", [x], [y]))
-    with pytest.raises(SedeployError, match="NHWC") as err:
-        image_input(model, path="nhwc.onnx")
-    assert "NCHW" in str(err.value.expected)
+    with pytest.raises(SedeployError, match="holds the channels") as err:
+        image_input(model, path="odd.onnx")
+    assert "NHWC" in str(err.value.expected) and "NCHW" in str(err.value.expected)
 
 
 def test_build_engine_fixed_batch_foreign_model(foreign_art, tmp_path):

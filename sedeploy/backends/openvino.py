@@ -385,11 +385,11 @@ def _parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[st
     images). FP32 must match to :data:`FP32_PARITY_RTOL` relative; other precisions must give finite logits of
     the same shape (their agreement is measured on real images by `sedeploy bench`)."""
     from sedeploy.onnxcore import image_input, load_onnx, run_model
-    from sedeploy.preprocess import smooth_noise
+    from sedeploy.preprocess import layout_batch, smooth_noise
 
     inp = image_input(load_onnx(src, weights=False, check=False), path=str(src))
     n = inp.static_batch or 2
-    x = smooth_noise(n, inp.height, seed=3).astype(np.float32)
+    x = layout_batch(smooth_noise(n, (inp.height, inp.width), seed=3), inp.layout).astype(np.float32)
     runner = OpenVinoModelRunner(xml, precision=precision, threads=threads)
     with runner:
         got = runner.infer(x)

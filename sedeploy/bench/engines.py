@@ -54,10 +54,11 @@ class EngineSpec:
     precision: str  # fp32 | fp16 | int8
     flavour: str  # "trt" / "cpu" for INT8 artifacts, "ort-opt" for ORT's saved graph, "" otherwise
     meta: dict[str, Any] = field(default_factory=dict)  # sedeploy.* metadata (of the source ONNX for plans)
-    input_shape: tuple = ()  # (N, C, H, W); N an int for a static batch, None when dynamic
+    input_shape: tuple = ()  # (N, C, H, W) whatever the layout; N an int for a static batch, None when dynamic
     num_classes: int | None = None
     max_batch: int | None = None  # static batch or TensorRT profile max; None = unlimited
     sidecar: dict[str, Any] | None = None
+    layout: str = "NCHW"  # the engine's input layout: what bench and serving feed it (sedeploy.preprocess.layout_batch)
 
     @property
     def static_batch(self) -> int | None:
@@ -69,6 +70,10 @@ class EngineSpec:
     @property
     def input_size(self) -> int | None:
         return self.input_shape[2] if len(self.input_shape) == 4 else None
+
+    @property
+    def input_hw(self) -> tuple[int, int] | None:
+        return (self.input_shape[2], self.input_shape[3]) if len(self.input_shape) == 4 else None
 
 
 def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -123,7 +128,7 @@ def _ort_sidecar(path: Path) -> dict[str, Any] | None:
 def describe_engine(path: str | Path) -> EngineSpec:
     """Read an engine's description (precision, flavour, model metadata, input shape, batch limit)."""
     from sedeploy.backends import backend_for_engine
-    from sedeploy.onnxcore import graph_precision, image_input
+    from sedeploy.onnxcore import check_input_memory, graph_precision, image_input
 
     path = Path(path)
     if not path.exists():
@@ -135,6 +140,7 @@ def describe_engine(path: str | Path) -> EngineSpec:
         return _describe_compiled(path, backend.name)
     proto = load_light(path)
     inp = image_input(proto, path=str(path))
+    check_input_memory(inp, path=str(path))  # a declared 3×40000×40000 input is refused before any allocation
     meta = get_metadata(proto)
     sidecar = _ort_sidecar(path)
     precision = str(meta.get(META.PRECISION) or graph_precision(proto)).lower()
@@ -144,7 +150,8 @@ def describe_engine(path: str | Path) -> EngineSpec:
     batch = None if inp.dynamic_batch else int(inp.batch)
     return EngineSpec(name=path.name.removesuffix(".onnx"), path=path, backend="ort", precision=precision,
                       flavour=flavour, meta=meta, input_shape=(batch, inp.channels, inp.height, inp.width),
-                      num_classes=int(classes) if classes else None, max_batch=batch, sidecar=sidecar)
+                      num_classes=int(classes) if classes else None, max_batch=batch, sidecar=sidecar,
+                      layout=inp.layout)
 
 
 @functools.lru_cache(maxsize=32)
@@ -204,6 +211,13 @@ def _describe_compiled(path: Path, backend: str) -> EngineSpec:
         return v if ok else None
 
     hi = dims("max")
+    layout = "NCHW"
+    if src is not None and hi is not None:  # the engine takes its source's layout (NHWC: the profile is N×H×W×C)
+        from sedeploy.onnxcore import image_input
+
+        layout = image_input(load_light(src), path=str(src)).layout
+        if layout == "NHWC":
+            hi = [hi[0], hi[3], hi[1], hi[2]]
     if hi is None:
         raise SedeployError(f"The sidecar of '{path}' has no 4-D input profile (profile = {prof!r}).",
                             expected='"profile": {"max": [N, C, H, W], …} with whole numbers (−1: dynamic)',
@@ -223,7 +237,7 @@ def _describe_compiled(path: Path, backend: str) -> EngineSpec:
                       flavour=str(meta.get(META.FLAVOUR) or ""), meta=meta,
                       input_shape=(top if fixed else None, *map(int, hi[1:])),
                       num_classes=meta.get(META.NUM_CLASSES), max_batch=top if top > 0 else None,
-                      sidecar=side)
+                      sidecar=side, layout=layout)
 
 
 def unique_names(specs: list[EngineSpec]) -> None:
@@ -320,20 +334,20 @@ def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optim
 
 def preprocess_for(spec: EngineSpec) -> Preprocess:
     """The preprocessing stored in the model's metadata, else mmcls's pipeline at the engine's input size."""
-    size = spec.input_size or 224
+    h, w = spec.input_hw or (224, 224)
     stored = spec.meta.get(META.PREPROCESS)
     if isinstance(stored, dict):
         try:
-            pp = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-        except TypeError:
-            log.warning("Ignoring unreadable preprocessing metadata %s of %s; using the mmcls pipeline at %d px.",
-                        stored, spec.name, size)
+            pp = Preprocess.from_dict(stored)
+        except (TypeError, SedeployError):
+            log.warning("Ignoring unreadable preprocessing metadata %s of %s; using the mmcls pipeline at %d×%d px.",
+                        stored, spec.name, h, w)
         else:
-            if pp.size == size:
+            if pp.shape == (h, w):
                 return pp
-            log.warning("The preprocessing metadata of %s crops to %d px, its input is %d px; using the mmcls "
-                        "pipeline at %d px.", spec.name, pp.size, size, size)
-    return Preprocess.for_size(size)
+            log.warning("The preprocessing metadata of %s makes %d×%d images, its input is %d×%d; using the mmcls "
+                        "pipeline at %d×%d px.", spec.name, *pp.shape, h, w, h, w)
+    return Preprocess.for_size(h, width=None if h == w else w)
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs

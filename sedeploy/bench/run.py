@@ -36,6 +36,7 @@ from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runn
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import ensure_writable_dir, missing_dirs, remove_empty_dirs
 from sedeploy.onnxcore import META, check_threads, pad_to_batch
+from sedeploy.preprocess import layout_batch
 
 log = logging.getLogger("sedeploy")
 
@@ -104,6 +105,9 @@ def _pad_run(runner, x: np.ndarray, static: int | None) -> np.ndarray:
 
 
 def _prepare(runner, x: np.ndarray) -> np.ndarray:
+    """An N×3×H×W batch as ``runner`` takes it: its layout (``input_layout``, set from the engine's description)
+    and dtype."""
+    x = layout_batch(x, getattr(runner, "input_layout", None))
     want = getattr(runner, "input_dtype", None)
     return x if want is None or np.dtype(want) == x.dtype else x.astype(want)
 
@@ -314,6 +318,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
     try:
         for s in specs:
             runners[s.name] = E.start_runner(s, threads=threads, providers=providers, optimization=optimization)
+            runners[s.name].input_layout = s.layout  # NHWC engines are fed channels-last
         peer_rows: dict[str, str] = {}
         if peers:
             from sedeploy.bench.peers import make_peers
@@ -323,10 +328,11 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
                     raise SedeployError(f"An engine is named like the peer '{peer.spec.name}'.",
                                         fix="rename that engine file")
                 runners[peer.spec.name] = peer.runner.activate()
+                runners[peer.spec.name].input_layout = peer.spec.layout
                 specs.append(peer.spec)
                 peer_rows[peer.spec.name] = peer.about
                 notes.append(f"Peer {peer.spec.name}: {peer.about}.")
-        probe_x = smooth_noise(ref.static_batch or 1, pp.size, seed=0)
+        probe_x = smooth_noise(ref.static_batch or 1, pp.shape, seed=0)
         ref_out = np.asarray(runners[ref.name].infer(_prepare(runners[ref.name], probe_x)))
         num_classes = int(ref_out.shape[1])
         if ref.num_classes is None:
@@ -378,7 +384,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
                 notes.append("No ceiling probe (--no-probe): achieved GFLOP/s are not related to a ceiling.")
             if torch_baseline:
                 state["stage"] = "building the PyTorch baseline"
-                check = x[:_CHECK_IMAGES] if x is not None else smooth_noise(_CHECK_IMAGES, pp.size, seed=2)
+                check = x[:_CHECK_IMAGES] if x is not None else smooth_noise(_CHECK_IMAGES, pp.shape, seed=2)
                 ref_logits = np.concatenate([_pad_run(runners[ref.name], _prepare(runners[ref.name], c[None]),
                                                       ref.static_batch) for c in check])
                 with _torch_threads(threads):
@@ -404,7 +410,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
                     extra_runners[made[1].name] = made[0]
                     infos.append(made[1])
             state["stage"] = "timing"
-            pool = x if x is not None else smooth_noise(max(sizes), pp.size, seed=0)
+            pool = x if x is not None else smooth_noise(max(sizes), pp.shape, seed=0)
             with _torch_threads(threads), _timing_bar(sizes, repeats, len(runners) + len(extra_runners),
                                                       progress) as on_round:
                 timing = time_runners({**runners, **extra_runners}, pool, batch_sizes=sizes, warmup=warmup,

@@ -42,18 +42,25 @@ class META:
     CALIBRATION_METHOD = "sedeploy.calibration_method"
     CALIBRATION_KEY = "sedeploy.calibration_key"
     CALIBRATION_IMAGES = "sedeploy.calibration_images"
+    #: the layout of the file's image input ("NCHW" / "NHWC"): what every consumer feeds it
+    INPUT_LAYOUT = "sedeploy.input_layout"
+    #: how the input was made NCHW and static (e.g. {"source_layout": "NHWC", "pinned": [48, 192]})
+    INPUT_CHANGES = "sedeploy.input_changes"
 
 
 @dataclass(frozen=True)
 class ImageInput:
-    """The single NCHW image input of a classifier."""
+    """The single image input of a classifier: NCHW or NHWC (``layout``), described in NCHW terms.
+
+    ``height``/``width`` are None only where :func:`image_input` was asked to accept dynamic H/W."""
 
     name: str
     batch: int | str  # a fixed size or the symbolic name of a dynamic dimension
     channels: int
-    height: int
-    width: int
+    height: int | None
+    width: int | None
     elem_type: int = 1  # TensorProto element type (1 = float32)
+    layout: str = "NCHW"  # "NCHW" or "NHWC" (channels last, as TensorFlow converters write it)
 
     @property
     def dynamic_batch(self) -> bool:
@@ -63,6 +70,70 @@ class ImageInput:
     def static_batch(self) -> int | None:
         """The one batch size a fixed-batch model accepts, None when the batch is dynamic."""
         return None if self.dynamic_batch else int(self.batch)
+
+    @property
+    def dynamic_hw(self) -> bool:
+        return self.height is None or self.width is None
+
+    @property
+    def shape(self) -> list:
+        """The declared shape, in the input's own layout (dynamic dimensions as "N", "H", "W")."""
+        n = self.static_batch or "N"
+        h, w = self.height or "H", self.width or "W"
+        return [n, self.channels, h, w] if self.layout == "NCHW" else [n, h, w, self.channels]
+
+
+def input_layout(shape: list, stated: str | None = None) -> str | None:
+    """"NCHW" or "NHWC" from a 4-D input shape (ints for fixed dimensions, anything else for dynamic ones): the
+    channel dimension is the fixed 1 or 3 on one side with the two spatial dimensions next to it. Where both
+    readings fit (an input of 3×H×3), ``stated`` (the file's recorded layout) decides, else NCHW. None: neither."""
+    if len(shape) != 4:
+        return None
+
+    def chan(v) -> bool:
+        return isinstance(v, int) and v in (1, 3)
+
+    first, last = chan(shape[1]), chan(shape[3])
+    if first and last:
+        return stated if stated in ("NCHW", "NHWC") else "NCHW"
+    return "NCHW" if first else "NHWC" if last else None
+
+
+#: a classifier's activations in its first layers reach several times its input (SE-ResNet-50: 5.3× after the
+#: stem conv); the input of one batch times this must fit in the memory available
+ACTIVATION_FACTOR = 16
+
+
+def check_input_memory(inp: ImageInput, *, path: str = "model", option: str | None = None) -> None:
+    """Refuse an input whose declared size cannot run here (a 3×40000×40000 input is 19 GB per image), before
+    anything allocates it; ``option`` names where the size came from (e.g. ``--input-shape 48x192``)."""
+    if inp.dynamic_hw:
+        return
+    per_image = inp.channels * inp.height * inp.width * (2 if inp.elem_type == 10 else 4)
+    need = per_image * (inp.static_batch or 1) * ACTIVATION_FACTOR
+    avail = available_memory()
+    if avail is not None and need > avail:
+        gib = 1024 ** 3
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {inp.shape}"
+                            + (f" (from {option})" if option else "")
+                            + f": {per_image * (inp.static_batch or 1) / gib:.1f} GiB per batch, and running it "
+                            f"needs about {ACTIVATION_FACTOR}× that ({need / gib:.1f} GiB); this machine has "
+                            f"{avail / gib:.1f} GiB available.",
+                            expected="an image input that fits in memory (e.g. 3×224×224: 0.6 MB per image)",
+                            fix=("pass a smaller " + option.split()[0]) if option else
+                                "export the classifier at the image size it was trained for")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable; None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _not_found(p: Path, what: str) -> SedeployError:
@@ -214,8 +285,10 @@ def sha256_file(path: str | os.PathLike, *, what: str = "file") -> str:
     return h.hexdigest()
 
 
-def image_input(proto, *, path: str = "model") -> ImageInput:
-    """The model's one 4-D NCHW float input, or a clear error saying what the model has instead."""
+def image_input(proto, *, path: str = "model", dynamic_hw: bool = False) -> ImageInput:
+    """The model's one 4-D float image input, NCHW or NHWC (told apart by the channel dimension, see
+    :func:`input_layout`), or a clear error saying what the model has instead. ``dynamic_hw``: accept dynamic
+    H/W (height/width None; the caller pins them), else they must be fixed."""
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -232,29 +305,34 @@ def image_input(proto, *, path: str = "model") -> ImageInput:
                             expected="a float32 (or float16) image tensor",
                             fix="export the classifier with a float input (normalisation inside or before it)")
     dims = inp.type.tensor_type.shape.dim
-    shape = [d.dim_param or d.dim_value for d in dims]
+    shape = [d.dim_param or (d.dim_value if d.dim_value > 0 else "?") for d in dims]
     if len(dims) != 4:
         raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}.",
-                            expected="a 4-D N×C×H×W image input",
-                            fix="sedeploy handles image classifiers; export the model with an NCHW input")
-    n, c, h, w = shape
-    if isinstance(w, int) and w in (1, 3) and isinstance(c, int) and c not in (1, 3):
-        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: that is NHWC (channels last).",
-                            expected="NCHW layout with 3 (RGB) channels in position 1",
-                            fix="re-export the model with an NCHW input (e.g. tf2onnx --inputs-as-nchw)")
-    if not all(isinstance(v, int) and v > 0 for v in (c, h, w)):
-        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: channels and spatial size must be fixed.",
-                            expected="N×3×H×W with fixed C, H, W (the batch may be dynamic)",
-                            fix="export with a fixed input size, e.g. `sedeploy export --input-size 224`")
+                            expected="a 4-D N×C×H×W (or N×H×W×C) image input",
+                            fix="sedeploy handles image classifiers; export the model with a 4-D image input")
+    stated = {p.key: p.value for p in proto.metadata_props}.get(META.INPUT_LAYOUT)
+    layout = input_layout(shape, stated)
+    if layout is None:
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: no dimension 1 holds the channels "
+                            "(NCHW) and no dimension 3 does (NHWC).",
+                            expected="N×3×H×W (NCHW) or N×H×W×3 (NHWC) with 3 (RGB) channels",
+                            fix="export a classifier of 3-channel images with a fixed channel count")
+    n = shape[0]
+    c, h, w = (shape[1], shape[2], shape[3]) if layout == "NCHW" else (shape[3], shape[1], shape[2])
     if c != 3:
-        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: {c} channel(s) in position 1.",
-                            expected="NCHW layout with 3 (RGB) channels",
-                            fix="sedeploy feeds RGB images; export a 3-channel model (convert NHWC to NCHW first)")
-    if h != w:
-        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: a {h}×{w} (H×W) image.",
-                            expected="a square H = W input: sedeploy feeds resize-short-side + square centre crops",
-                            fix="export the classifier with a square input size (e.g. 224×224)")
-    return ImageInput(inp.name, n, c, h, w, elem)
+        raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: {c} channel(s) ({layout}).",
+                            expected=f"3 (RGB or BGR) channels in the {layout} channel dimension",
+                            fix="sedeploy feeds colour images; export a 3-channel model")
+    fixed = [isinstance(v, int) and v > 0 for v in (h, w)]
+    if not all(fixed):
+        if not dynamic_hw:
+            raise SedeployError(f"'{path}' input '{inp.name}' has shape {shape}: its height and width are dynamic.",
+                                expected="an image size to build for (engines, calibration and benchmarks run "
+                                         "one fixed H×W)",
+                                fix="pin it with `sedeploy build-engine MODEL --input-shape HxW`: the size the model "
+                                    "is used at, e.g. --input-shape 224x224 or --input-shape 48x192")
+        h, w = (h if fixed[0] else None), (w if fixed[1] else None)
+    return ImageInput(inp.name, n, c, h, w, elem, layout)
 
 
 def name_nodes(proto) -> None:

@@ -97,7 +97,7 @@ def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, s
     del dyn.graph.value_info[:]  # inferred shapes of the fixed model would pin the batch again
     from sedeploy.preprocess import smooth_noise
 
-    x = smooth_noise(check_batch, inp.height, seed=11)
+    x = smooth_noise(check_batch, (inp.height, inp.width), seed=11)
     ref = run_model(model, x)  # chunked at the fixed batch
     got = run_model(dyn, x)
     diff = float(np.abs(ref - got).max()) if ref.shape == got.shape else float("inf")

@@ -92,14 +92,13 @@ def _model_info(client, model: str | None, url: str) -> tuple[str, dict[str, Any
                             fix="check --model (GET /v2/models/<name>/config) and --url") from err
 
 
-def _preprocess(config: dict[str, Any], height: int):
+def _preprocess(config: dict[str, Any], height: int, width: int | None = None):
     from sedeploy.preprocess import Preprocess
 
     stored = ((config.get("parameters") or {}).get("sedeploy.preprocess") or {}).get("string_value")
     if stored:
-        d = json.loads(stored)
-        return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-    return Preprocess.for_size(height)
+        return Preprocess.from_dict(json.loads(stored))
+    return Preprocess.for_size(height, width=None if width in (None, height) else width)
 
 
 def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None = None, *, top_k: int = 5,
@@ -107,7 +106,8 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
     """Top-k classes of each image from a Triton server (HTTP). Returns {model, url, results: [{image, top: [{index,
     label, probability, logit}]}], logits (N×classes list)}."""
     from sedeploy.bench.labels import read_class_names
-    from sedeploy.preprocess import load_image
+    from sedeploy.onnxcore import input_layout
+    from sedeploy.preprocess import layout_batch, load_image
     from sedeploy.serving.env import require_client
 
     require_client("sedeploy infer")
@@ -127,8 +127,9 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
         inp, out = cfg["input"][0], cfg["output"][0]
         max_batch = int(cfg.get("max_batch_size", 0))
         dims = [int(d) for d in inp["dims"]]
-        hw = dims[-2]
-        pp = _preprocess(cfg, hw)
+        layout = input_layout(([-1] if len(dims) == 3 else []) + dims) or "NCHW"  # NHWC engines: channels last
+        h, w = (dims[-2], dims[-1]) if layout == "NCHW" else (dims[-3], dims[-2])
+        pp = _preprocess(cfg, h, w)
         arrays = []
         for p in map(Path, paths):
             try:
@@ -136,7 +137,7 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
             except (OSError, ValueError, SyntaxError) as err:
                 raise SedeployError(f"The image '{p}' cannot be read ({type(err).__name__}: {err}).",
                                     fix="pass JPEG/PNG files") from err
-        x = np.stack(arrays)
+        x = layout_batch(np.stack(arrays), layout)
         chunk = max_batch if max_batch > 0 else len(x)
         logits = []
         for i in range(0, len(x), chunk):
