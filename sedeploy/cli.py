@@ -2,9 +2,10 @@
 
 Human-readable output goes to stdout, progress bars and warnings to stderr. With ``--json`` stdout carries exactly
 one JSON object, so scripts can parse it. Errors print one message (what was given, what is expected, how to fix)
-and exit non-zero: 1 a bench budget exceeded (--max-top1-drop, --min-agreement), 2 bad input, 3 failed
-verification, 4 missing optional dependency, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: `timeout`, CI
-cancels, `docker stop`). Either way nothing half-written is left behind.
+and exit non-zero: 1 a bench budget exceeded (--max-top1-drop, --min-agreement) or an engine's outputs were not
+finite, 2 bad input, 3 failed verification, 4 missing optional dependency, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM: `timeout`, CI cancels, `docker stop`), 129 hung up (SIGHUP: the terminal or SSH session closed). Either
+way nothing half-written is left behind.
 """
 from __future__ import annotations
 
@@ -49,41 +50,51 @@ def _emit(result: dict, as_json: bool, human: str) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that every cleanup (``finally``, ``atomic_path``) runs as for
-    Ctrl-C. A KeyboardInterrupt subclass: code that cleans up on Ctrl-C cleans up on SIGTERM too, and can name it
-    by ``signal_name``."""
+    """SIGTERM or SIGHUP, raised where the program is, so that every cleanup (``finally``, ``atomic_path``) runs as
+    for Ctrl-C. A KeyboardInterrupt subclass: code that cleans up on Ctrl-C cleans up on these too, and can name
+    the signal by ``signal_name``; the CLI exits 128 + ``signum`` (143 SIGTERM, 129 SIGHUP)."""
 
-    signal_name = "SIGTERM"
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(signum).name
 
 
-_TERMINATED: list[int] = []  # non-empty once SIGTERM arrived (code that catches KeyboardInterrupt can tell)
+#: the signals that stop a command like Ctrl-C: SIGTERM (`timeout`, CI cancels, `docker stop`) and SIGHUP (the
+#: terminal or SSH session closed). A SIGHUP ignored when the command started (`nohup`) stays ignored.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_TERMINATED: list[int] = []  # the signals that arrived (code that catches KeyboardInterrupt can tell)
 
 
-def _on_sigterm(signum, frame):
+def _on_stop_signal(signum, frame):
     _TERMINATED.append(signum)
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def handle_errors(fn):
     """Turn library errors into one clear message and an exit code; never a traceback for user mistakes.
 
-    SIGTERM is handled like Ctrl-C (cleanup runs, one line is printed) and exits 143 (128 + SIGTERM)."""
+    SIGTERM and SIGHUP are handled like Ctrl-C (cleanup runs, one line is printed) and exit 128 + the signal's
+    number: 143 (SIGTERM), 129 (SIGHUP)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            for sig in _STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+                    previous[sig] = signal.signal(sig, _on_stop_signal)
         except ValueError:  # not the main thread (the CLI called from a library's thread): leave signals alone
-            previous = None
+            pass
         try:
             return fn(*args, **kwargs)
         except SedeployError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
-        except Terminated:
-            click.echo("terminated (SIGTERM): stopped; temporary files were removed and no output was left "
-                       "half-written", err=True)
-            sys.exit(128 + signal.SIGTERM)
+        except Terminated as stop:
+            click.echo(f"terminated ({stop.signal_name}): stopped; temporary files were removed and no output was "
+                       "left half-written", err=True)
+            sys.exit(128 + stop.signum)
         except KeyboardInterrupt:
             click.echo("interrupted: stopped; temporary files were removed and no output was left half-written",
                        err=True)
@@ -101,8 +112,8 @@ def handle_errors(fn):
                 sys.exit(2)
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     return wrapper
 
@@ -321,8 +332,8 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
     \b
     OUT_DIR always holds one complete build: the set is written into a staging folder inside it and published
     with manifest.json only when everything succeeded (files of the previous build that this one does not
-    write are removed). A failed, interrupted (Ctrl-C, SIGTERM) or killed build leaves the previous set as it
-    was, and a second build-engine into the same OUT_DIR is refused while one runs.
+    write are removed). A failed, interrupted (Ctrl-C, SIGTERM, SIGHUP) or killed build leaves the previous set as
+    it was, and a second build-engine into the same OUT_DIR is refused while one runs.
     """
     from sedeploy.onnxcore import parse_input_shape
     from sedeploy.pipeline import BuildOptions, build_engines, foreign_preprocess, format_result
@@ -486,7 +497,9 @@ def bench(engines, images, labels, synsets, batches, threads, warmup, repeats, s
                         min_agreement=min_agreement, image_limit=image_limit, label_offset=label_offset)
     except BenchInterrupted as stop:  # partial results were written, marked complete: false
         click.echo(bench_command_summary(stop.results), err=True)
-        word, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _TERMINATED else ("interrupted", 130)
+        word, code = ("interrupted", 130)
+        if _TERMINATED:
+            word, code = f"terminated ({signal.Signals(_TERMINATED[0]).name})", 128 + _TERMINATED[0]
         click.echo(f"{word}: partial results (complete: false) written to "
                    + (", ".join(map(str, stop.files.values())) or "nowhere (no --out)"), err=True)
         sys.exit(code)

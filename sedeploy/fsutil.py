@@ -4,6 +4,8 @@
   the block succeeds; a full disk becomes one clear error (:func:`disk_full_error`).
 - :func:`clean_stale_partials` removes the ``.partial`` files a killed run (SIGKILL, power loss) left behind.
 - :func:`folder_lock` is an exclusive ``flock`` on a folder, so two runs never write into it at once.
+- :func:`staging_folder` + :func:`publish_staged` write a whole result set aside and move it in as one, with
+  Ctrl-C/SIGTERM/SIGHUP held back (:func:`signals_held`) for those few renames (`build-engine`, `bench --out`).
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import errno
 import logging
 import os
 import re
+import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -210,7 +215,8 @@ def clean_stale_partials(folder: str | os.PathLike, *, older_than: float | None 
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, *, what: str = "output folder", command: str = "sedeploy") -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, *, what: str = "output folder", command: str = "sedeploy",
+                option: str = "-o DIR") -> Iterator[Path]:
     """Hold an exclusive, non-blocking ``flock`` on the folder itself for the block.
 
     A second run that wants the same folder fails at once with a clear error. The lock is on the directory's own
@@ -230,7 +236,101 @@ def folder_lock(folder: str | os.PathLike, *, what: str = "output folder", comma
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SedeployError(f"Another {command} run is writing into the {what} '{p}'.",
-                                fix=f"wait for it to finish, or write to another {what} (-o DIR)") from None
+                                fix=f"wait for it to finish, or write to another {what} ({option})") from None
         yield p
     finally:
         os.close(fd)  # releases the lock
+
+
+#: the signals that end a run (Ctrl-C, ``kill``/``timeout``/CI cancel, a closed terminal or SSH session) and that
+#: :func:`signals_held` holds back; the CLI exits 128 + the signal's number for each (130, 143, 129)
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_held(held: tuple[int, ...] = HELD_SIGNALS) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back until the block ends, so a publish is never cut in half.
+
+    Masking the main thread is not enough: the kernel then delivers the signal to another thread (ONNX Runtime's
+    and OpenVINO's workers do not block it) and Python still runs the handler in the main thread, mid-block. So
+    the Python handlers are swapped for ones that only note the signal; when the block has finished, the previous
+    handlers are back and each noted signal is raised again (``signal.raise_signal``; in the order of ``held``:
+    SIGTERM first), at a point where the folder holds one complete set. A signal that was ignored (``SIG_IGN``,
+    e.g. SIGHUP under ``nohup``) stays ignored. If the block fails, its own error goes on unmasked (the noted
+    signal is dropped: the run ends anyway). Where a handler was installed outside Python (an embedding host),
+    Python cannot restore it, so the thread's signal mask is used instead, as the best that can be done there."""
+    if threading.current_thread() is not threading.main_thread() or any(
+            signal.getsignal(sig) is None for sig in held):
+        with _signals_masked(held):
+            yield
+        return
+    noted: list[int] = []
+    previous = {}
+    try:
+        for sig in held:
+            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+        yield
+    except BaseException:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    for sig in held:  # in order: the first one raised ends the run
+        if sig in noted and previous[sig] is not signal.SIG_IGN:
+            signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def _signals_masked(held):
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def staging_folder(out: str | os.PathLike, *, locked: bool = True) -> Iterator[Path]:
+    """A fresh ``<out>/.sedeploy-staging-<random>/`` for a run to write its whole result set into, removed when
+    the block ends (after :func:`publish_staged` moved the set out, or on any failure or interruption).
+
+    ``locked``: the caller holds :func:`folder_lock` on ``out``, so staging folders left by killed runs (SIGKILL,
+    power loss) are removed first; without the lock they may belong to a live run and are left alone."""
+    out = Path(out)
+    if locked:
+        for old in out.glob(f"{STAGE_PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise disk_full_error(out, err) from err
+        raise
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish_staged(stage: str | os.PathLike, out: str | os.PathLike, names: list[str], *, last: str,
+                   stale: list[str] | tuple[str, ...] = ()) -> None:
+    """Publish a finished set from ``stage`` into ``out`` as one: with SIGINT/SIGTERM/SIGHUP held back
+    (:func:`signals_held`), the old ``last`` file (the set's index: a manifest, results.json) is removed first,
+    so it never describes a half-replaced set; then ``names`` are moved in, the ``stale`` files of the previous set
+    that this one did not write are removed, and ``last`` is moved in at the end. Renames within one file system:
+    no copy, no disk space needed."""
+    stage, out = Path(stage), Path(out)
+    with signals_held():
+        (out / last).unlink(missing_ok=True)
+        for name in names:
+            if name != last:
+                os.replace(stage / name, out / name)
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
+        os.replace(stage / last, out / last)

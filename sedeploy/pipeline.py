@@ -19,9 +19,9 @@ An input that is already FP16 or INT8 is such an artifact: only the engine is bu
 
 A build is all-or-nothing: every option is checked before any work, the run holds an exclusive lock on the output
 folder (a second build into it is refused), everything is written into a staging folder inside it, and only a
-complete set is published (moved in, manifest last, with Ctrl-C/SIGTERM held back for those few renames). Files the
-previous manifest listed that the new build did not write are removed, so the folder always holds exactly one
-build. A failed or interrupted build leaves the previous set untouched.
+complete set is published (moved in, manifest last, with Ctrl-C/SIGTERM/SIGHUP held back for those few renames).
+Files the previous manifest listed that the new build did not write are removed, so the folder always holds exactly
+one build. A failed or interrupted build leaves the previous set untouched.
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +40,8 @@ import numpy as np
 from sedeploy.artifacts import MANIFEST, Artifact, artifact_path, artifact_stem
 from sedeploy.backends import BACKENDS, BUILD_CHOICES, EngineOptions
 from sedeploy.errors import SedeployError, VerificationError
-from sedeploy.fsutil import (STAGE_PREFIX, atomic_write_text, clean_stale_partials, ensure_writable_dir,
-                             folder_lock, missing_dirs, remove_empty_dirs)
+from sedeploy.fsutil import (atomic_write_text, clean_stale_partials, ensure_writable_dir, folder_lock, missing_dirs,
+                             publish_staged, remove_empty_dirs, staging_folder)
 from sedeploy.layout import Manifest
 from sedeploy.onnxcore import META, check_threads, get_metadata, run_model, save_onnx, set_metadata
 from sedeploy.preprocess import Preprocess
@@ -686,10 +682,7 @@ def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: fl
     with folder_lock(out, what="output folder", command="build-engine"):
         try:
             clean_stale_partials(out, older_than=started)
-            for old in out.glob(f"{STAGE_PREFIX}*"):  # staging folders of killed runs (we hold the lock)
-                shutil.rmtree(old, ignore_errors=True)
-            stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
-            try:
+            with staging_folder(out) as stage:  # (staging folders of killed runs go first: we hold the lock)
                 try:
                     res = _build_staged(model, out, stage, opt, depth=depth, checkpoint=checkpoint)
                 except SedeployError as err:
@@ -697,8 +690,6 @@ def _locked_build(model, out: Path, opt: BuildOptions, started: float, t_all: fl
                     raise
                 res.timings["total_s"] = round(time.perf_counter() - t_all, 2)
                 _publish(stage, out, res)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
         except BaseException:
             if created:  # a folder this run made (and holds the lock on) and left empty is not left behind
                 with contextlib.suppress(OSError):
@@ -853,56 +844,9 @@ def _listed_files(out: Path) -> set[str]:
         return set()
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT/SIGTERM back until the block ends, so a publish is never cut in half.
-
-    Masking the main thread is not enough: the kernel then delivers the signal to another thread (ONNX Runtime's
-    and OpenVINO's workers do not block it) and Python still runs the handler in the main thread, mid-block. So
-    the Python handlers are swapped for ones that only note the signal; when the block has finished, the previous
-    handlers are back and each noted signal is raised again (``signal.raise_signal``; SIGTERM first), at a point
-    where the folder holds one complete set. If the block fails, its own error goes on unmasked (the noted signal
-    is dropped: the run ends anyway). Where a handler was installed outside Python (an embedding host), Python
-    cannot restore it, so the thread's signal mask is used instead, as the best that can be done there."""
-    held = (signal.SIGTERM, signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or any(
-            signal.getsignal(sig) is None for sig in held):
-        with _signals_masked(held):
-            yield
-        return
-    noted: list[int] = []
-    previous = {}
-    try:
-        for sig in held:
-            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
-        yield
-    except BaseException:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        raise
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    for sig in held:  # SIGTERM before SIGINT: the first one raised ends the run
-        if sig in noted and previous[sig] is not signal.SIG_IGN:
-            signal.raise_signal(sig)
-
-
-@contextlib.contextmanager
-def _signals_masked(held):
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _publish(stage: Path, out: Path, res: BuildResult) -> None:
     """Move the finished set from ``stage`` into ``out`` (manifest last) and remove what the previous manifest
-    listed that this build did not write. Runs with SIGINT/SIGTERM held back."""
+    listed that this build did not write. Runs with SIGINT/SIGTERM/SIGHUP held back."""
     pairs = [(str(stage.resolve()), str(out.resolve())), (str(stage), str(out))]  # absolute paths first
 
     def relocate(obj):
@@ -927,14 +871,7 @@ def _publish(stage: Path, out: Path, res: BuildResult) -> None:
     if stale:
         res.notes.append(f"removed what the previous build wrote and this one did not: {', '.join(stale)}")
     Manifest.write(stage, res.as_dict())
-    with _signals_held():
-        (out / MANIFEST).unlink(missing_ok=True)  # the old manifest never describes a half-replaced set
-        for name in new:
-            os.replace(stage / name, out / name)
-        for name in stale:
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
-        os.replace(stage / MANIFEST, out / MANIFEST)
+    publish_staged(stage, out, new, last=MANIFEST, stale=stale)  # the old manifest goes first, the new one last
     if stale:
         log.info("Removed %d file(s) of the previous build that this build did not write: %s", len(stale),
                  ", ".join(stale))

@@ -237,7 +237,9 @@ _SLOW_BUILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGHUP, 129, "terminated (SIGHUP)"),
+                                             (signal.SIGINT, 130, "interrupted")])
 def test_sigterm_and_ctrl_c_stop_cleanly_and_keep_the_previous_set(tiny_onnx, tmp_path, sig, code, word):
     out = tmp_path / "eng"
     _build(tiny_onnx, out)
@@ -262,29 +264,30 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_keep_the_previous_set(tiny_onnx, tm
 
 _SIGNAL_MID_PUBLISH = textwrap.dedent("""
     import os as real_os, signal, sys, threading, time
-    from sedeploy import pipeline
+    from sedeploy import fsutil
     from sedeploy.cli import main
     SIG = int(sys.argv[3])
 
-    class SignalOnFirstPublish:  # pipeline's os, except that its first move out of staging is hit by a signal
+    class SignalOnFirstPublish:  # fsutil's os (publish_staged), except that its first move out of staging is hit by a signal
         fired = False
         def __getattr__(self, name):
             return getattr(real_os, name)
         def replace(self, src, dst):
-            if not SignalOnFirstPublish.fired and ".sedeploy-staging-" in str(src):
+            if (not SignalOnFirstPublish.fired and ".sedeploy-staging-" in str(src)
+                    and ".sedeploy-staging-" not in str(dst)):  # a move out of staging, not an atomic write in it
                 SignalOnFirstPublish.fired = True
                 # a worker thread that does not block the signal, as ONNX Runtime's and OpenVINO's do not
                 threading.Thread(target=time.sleep, args=(2.0,), daemon=True).start()
                 real_os.kill(real_os.getpid(), SIG)
                 time.sleep(0.5)  # the signal lands here, between two renames of the publish
             return real_os.replace(src, dst)
-    pipeline.os = SignalOnFirstPublish()
+    fsutil.os = SignalOnFirstPublish()
     sys.argv = ["sedeploy", "build-engine", sys.argv[1], "-o", sys.argv[2], "--int8"]
     main()
 """)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
 def test_signal_during_publish_waits_for_a_complete_set(tiny_onnx, tmp_path, sig, code):
     out = tmp_path / "eng"
     _build(tiny_onnx, out)  # FP32 only: the second build adds INT8 files and removes none
@@ -715,23 +718,24 @@ def test_export_removes_its_own_abandoned_partials_only(tmp_path):
 
 _SIGNALS_HELD = textwrap.dedent("""
     import signal
-    from sedeploy import pipeline
+    from sedeploy.fsutil import signals_held
 
     got = []
-    for sig, name in ((signal.SIGTERM, "term"), (signal.SIGINT, "int")):
+    for sig, name in ((signal.SIGTERM, "term"), (signal.SIGHUP, "hup"), (signal.SIGINT, "int")):
         signal.signal(sig, lambda signum, frame, name=name: got.append(name))
     mine = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     # a signal noted during a block that then fails: the block's own error comes out, the signal is dropped
     try:
-        with pipeline._signals_held():
+        with signals_held():
             signal.raise_signal(signal.SIGTERM)  # noted, not acted on
             raise OSError("disk full")
     except OSError as err:
         print("error:", err)
     print("after failure:", got, (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == mine)
     # signals noted during a block that finishes are raised once it is done, SIGTERM first
-    with pipeline._signals_held():
+    with signals_held():
         signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGHUP)
         signal.raise_signal(signal.SIGTERM)
         got.append("inside")
     print("after success:", got)
@@ -739,7 +743,7 @@ _SIGNALS_HELD = textwrap.dedent("""
     swapped, real_signal = [], signal.signal
     signal.getsignal = lambda sig: None
     signal.signal = lambda *a: swapped.append(a) or real_signal(*a)
-    with pipeline._signals_held():
+    with signals_held():
         pass
     print("swapped:", swapped)
 """)
@@ -751,7 +755,7 @@ def test_signals_held_keeps_a_failing_blocks_own_error_and_respects_foreign_hand
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["error: disk full", "after failure: [] True",
-                                        "after success: ['inside', 'term', 'int']", "swapped: []"], proc.stdout
+                                        "after success: ['inside', 'term', 'hup', 'int']", "swapped: []"], proc.stdout
 
 
 def test_disk_full_in_libraries_that_lose_the_errno(tiny_onnx, tmp_path, monkeypatch):

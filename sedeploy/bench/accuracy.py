@@ -13,7 +13,8 @@ answer that, and both are reported because they fail differently:
 Softmax and KL are computed in float64 from log-softmax (stable for large logits). Argmax ties resolve to the
 lowest class index, as ``numpy.argmax`` does, identically for reference and engine. Top-5 needs ≥ 5 classes
 (None otherwise). Non-finite logits are counted per engine: a NaN row is a broken engine, not a rounding
-difference.
+difference, so it counts as a disagreement and as wrong (an all-NaN model scores 0 %, never "100 % agreement").
+:class:`Drift` gathers the figures chunk by chunk, so a folder of any size is scored in bounded memory.
 
 :func:`check_budget` turns the figures into a pass/fail list for CI.
 """
@@ -25,7 +26,8 @@ import numpy as np
 
 from sedeploy.errors import SedeployError
 
-__all__ = ["topk_correct", "log_softmax", "kl_divergence", "engine_accuracy", "compare_engines", "check_budget"]
+__all__ = ["Drift", "topk_correct", "log_softmax", "kl_divergence", "engine_accuracy", "compare_engines",
+           "check_budget", "nonfinite_violations"]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -81,42 +83,93 @@ def _check_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
     return lab
 
 
+class Drift:
+    """The drift figures of one engine against the reference, gathered chunk by chunk (:meth:`add`), so that an
+    image folder of any size is scored in bounded memory: per image only its top-5 class indices, whether its
+    rows are finite, its KL and its |Δlogit| row maximum and sum are kept (a few dozen bytes), never the logits.
+    The labels are applied at the end (:meth:`result`). The figures do not depend on how the images were chunked.
+
+    Non-finite outputs (NaN/Inf) are a broken engine, not a rounding difference: an image whose engine (or
+    reference) row is not finite counts as a disagreement and as wrong, is counted in ``nonfinite_images``, and
+    is left out of KL and |Δlogit| (None when no image is finite)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.classes: int | None = None
+        self.nonfinite = 0
+        self._parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ref_top", "eng_top", "ref_ok", "eng_ok", "kl",
+                                                                       "diff_max", "diff_sum")}
+
+    def add(self, reference: np.ndarray, engine: np.ndarray) -> None:
+        """One chunk of images: the reference's and the engine's logits, both images × classes."""
+        ref = _check_logits("reference", reference, None)
+        if self.classes is not None and ref.shape[1] != self.classes:
+            raise SedeployError(f"Logits of the reference have {ref.shape[1]} classes in this chunk, {self.classes} "
+                                "before.", fix="score every chunk with the same model")
+        eng = _check_logits("engine", engine, ref.shape)
+        self.classes = ref.shape[1]
+        k = min(5, self.classes)
+        ref_ok, eng_ok = np.isfinite(ref).all(axis=1), np.isfinite(eng).all(axis=1)
+        finite = ref_ok & eng_ok
+        parts = self._parts
+        parts["ref_top"].append(np.argsort(-ref, axis=1, kind="stable")[:, :k].astype(np.int32))
+        parts["eng_top"].append(np.argsort(-eng, axis=1, kind="stable")[:, :k].astype(np.int32))
+        parts["ref_ok"].append(ref_ok)
+        parts["eng_ok"].append(eng_ok)
+        parts["kl"].append(kl_divergence(ref[finite], eng[finite]))
+        diff = np.abs(ref[finite].astype(np.float64) - eng[finite].astype(np.float64))
+        parts["diff_max"].append(diff.max(axis=1) if diff.size else np.zeros(0))
+        parts["diff_sum"].append(diff.sum(axis=1))
+        self.nonfinite += int((~np.isfinite(eng)).sum())
+        self.n += len(ref)
+
+    def result(self, labels: np.ndarray | None = None) -> dict[str, Any]:
+        """The figures (see :func:`engine_accuracy`) over every image added; ``labels``: one per image."""
+        if not self.n:
+            raise SedeployError("No images were scored.", expected="logits of at least one image")
+        p = {k: np.concatenate(v) for k, v in self._parts.items()}
+        ref_top1, eng_top1 = p["ref_top"][:, 0], p["eng_top"][:, 0]
+        finite = p["ref_ok"] & p["eng_ok"]
+        agree = (ref_top1 == eng_top1) & finite
+        kl, n_finite = p["kl"], int(finite.sum())
+        out: dict[str, Any] = {
+            "n_images": int(self.n), "labelled": labels is not None,
+            "top1_agreement_pct": _pct(agree), "disagreements": int((~agree).sum()),
+            "mean_kl": float(kl.mean()) if n_finite else None, "max_kl": float(kl.max()) if n_finite else None,
+            "max_abs_logit_diff": float(p["diff_max"].max()) if n_finite else None,
+            "mean_abs_logit_diff": float(p["diff_sum"].sum() / (n_finite * self.classes)) if n_finite else None,
+            "nonfinite": int(self.nonfinite), "nonfinite_images": int((~p["eng_ok"]).sum()),
+            "reference_nonfinite_images": int((~p["ref_ok"]).sum()),
+        }
+        if labels is not None:
+            lab = _check_labels(labels, self.n, int(self.classes))
+            ref_ok, eng_ok = (ref_top1 == lab) & p["ref_ok"], (eng_top1 == lab) & p["eng_ok"]
+            top5 = self.classes >= 5
+            out.update({
+                "top1_pct": _pct(eng_ok),
+                "top5_pct": _pct((p["eng_top"] == lab[:, None]).any(axis=1) & p["eng_ok"]) if top5 else None,
+                "reference_top1_pct": _pct(ref_ok),
+                "reference_top5_pct": (_pct((p["ref_top"] == lab[:, None]).any(axis=1) & p["ref_ok"])
+                                       if top5 else None),
+                "top1_drop_pts": _pct(ref_ok) - _pct(eng_ok),
+                "flips_right_to_wrong": int((ref_ok & ~eng_ok).sum()),
+                "flips_wrong_to_right": int((~ref_ok & eng_ok).sum()),
+            })
+        return out
+
+
 def engine_accuracy(reference: np.ndarray, engine: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
-    """All drift figures of one engine against the reference (both N×C); see the module docstring.
+    """All drift figures of one engine against the reference (both N×C); see the module docstring and
+    :class:`Drift` (which gathers the same figures chunk by chunk).
 
     Keys: n_images, labelled, top1_agreement_pct, disagreements, mean_kl, max_kl, max_abs_logit_diff,
-    mean_abs_logit_diff, nonfinite; with labels also top1_pct, top5_pct, reference_top1_pct,
-    reference_top5_pct, top1_drop_pts (reference − engine), flips_right_to_wrong, flips_wrong_to_right.
+    mean_abs_logit_diff, nonfinite (values), nonfinite_images, reference_nonfinite_images; with labels also
+    top1_pct, top5_pct, reference_top1_pct, reference_top5_pct, top1_drop_pts (reference − engine),
+    flips_right_to_wrong, flips_wrong_to_right. KL and |Δlogit| figures are None when no image is finite.
     """
-    ref = _check_logits("reference", reference, None)
-    eng = _check_logits("engine", engine, ref.shape)
-    n, c = ref.shape
-    finite = np.isfinite(eng).all(axis=1) & np.isfinite(ref).all(axis=1)
-    ref_top1, eng_top1 = ref.argmax(axis=1), eng.argmax(axis=1)
-    agree = ref_top1 == eng_top1
-    diff = np.abs(ref.astype(np.float64) - eng.astype(np.float64))
-    kl = kl_divergence(ref[finite], eng[finite]) if finite.any() else np.array([np.nan])
-    out: dict[str, Any] = {
-        "n_images": int(n), "labelled": labels is not None,
-        "top1_agreement_pct": _pct(agree), "disagreements": int((~agree).sum()),
-        "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-        "max_abs_logit_diff": float(diff[finite].max()) if finite.any() else float("nan"),
-        "mean_abs_logit_diff": float(diff[finite].mean()) if finite.any() else float("nan"),
-        "nonfinite": int((~np.isfinite(eng)).sum()),
-    }
-    if labels is not None:
-        lab = _check_labels(labels, n, c)
-        ref_ok, eng_ok = ref_top1 == lab, eng_top1 == lab
-        top5 = c >= 5
-        out.update({
-            "top1_pct": _pct(eng_ok), "top5_pct": _pct(topk_correct(eng, lab, 5)) if top5 else None,
-            "reference_top1_pct": _pct(ref_ok),
-            "reference_top5_pct": _pct(topk_correct(ref, lab, 5)) if top5 else None,
-            "top1_drop_pts": _pct(ref_ok) - _pct(eng_ok),
-            "flips_right_to_wrong": int((ref_ok & ~eng_ok).sum()),
-            "flips_wrong_to_right": int((~ref_ok & eng_ok).sum()),
-        })
-    return out
+    drift = Drift()
+    drift.add(reference, engine)
+    return drift.result(labels)
 
 
 def compare_engines(reference_name: str, logits: Mapping[str, np.ndarray],
@@ -146,6 +199,19 @@ def _accuracy_by_engine(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     return dict(results)
 
 
+def nonfinite_line(name: str, acc: Mapping[str, Any]) -> str:
+    """One line naming an engine whose outputs were not finite, and on how many images."""
+    images = acc.get("nonfinite_images")
+    return (f"{name}: {acc['nonfinite']} non-finite output value(s) (NaN/Inf)"
+            + (f" on {images} of {acc.get('n_images')} images" if images is not None else "")
+            + " — a broken engine; those images count as wrong and as disagreeing")
+
+
+def nonfinite_violations(results: Mapping[str, Any]) -> list[str]:
+    """:func:`nonfinite_line` for every engine (the reference included) with non-finite outputs; [] when none."""
+    return [nonfinite_line(n, a) for n, a in _accuracy_by_engine(results).items() if a.get("nonfinite")]
+
+
 def check_budget(results: Mapping[str, Any], max_top1_drop_pts: float | None = None,
                  min_agreement_pct: float | None = None) -> list[str]:
     """Violations of an accuracy budget, one readable line each naming the engine and the figure; [] = pass.
@@ -170,7 +236,7 @@ def check_budget(results: Mapping[str, Any], max_top1_drop_pts: float | None = N
     for name, acc in gated.items():
         ref = acc.get("reference", "reference")
         if acc.get("nonfinite"):
-            violations.append(f"{name}: {acc['nonfinite']} non-finite logit value(s) (NaN/Inf)")
+            violations.append(nonfinite_line(name, acc))
         if max_top1_drop_pts is not None:
             if not acc.get("labelled"):
                 raise SedeployError(f"A top-1 drop budget needs labels, but '{name}' was measured without them.",

@@ -41,8 +41,9 @@ Results schema (``results.json`` is exactly this dict; ``SCHEMA`` names its vers
 
 Figures are floats in the units their names say; NaN/Inf are written as null. Files (:func:`write_reports`):
 results.json, results.csv (one row per engine × batch size), results.md (tables + machine), and with
-matplotlib: throughput_vs_gflops.png and latency_vs_batch.png. Every file is written atomically
-(:mod:`sedeploy.fsutil`): an interrupted write never leaves a truncated results file.
+matplotlib: throughput_vs_gflops.png and latency_vs_batch.png. The set is written into a staging folder and
+published whole (:mod:`sedeploy.fsutil`): an interrupted or failed write never leaves a truncated results file,
+nor new results beside an older run's plots.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ import numpy as np
 from sedeploy.bench.probe import ceiling_kind
 from sedeploy.bench.timing import TimingResult, paired_speedup, speedup_interval
 from sedeploy.errors import MissingDependencyError, SedeployError
-from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir
+from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir, publish_staged, staging_folder
 
 __all__ = ["SCHEMA", "EngineInfo", "machine_description", "assemble_results", "format_table", "csv_rows",
            "to_markdown", "write_reports", "write_plots", "require_matplotlib", "engine_colors", "throughput_figure",
@@ -353,9 +354,13 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     timers = sorted({e["timer"] for e in results["engines"] if e.get("timer")})
     notes += [f"Timer: {t}" for t in timers]
     for e in results["engines"]:
-        if (e.get("accuracy") or {}).get("nonfinite"):
-            notes.append(f"WARNING: {e['name']} produced {e['accuracy']['nonfinite']} non-finite logit value(s) "
-                         "(NaN/Inf); its drift figures cover the finite rows only.")
+        a = e.get("accuracy") or {}
+        if a.get("nonfinite"):
+            images = a.get("nonfinite_images")
+            notes.append(f"WARNING: {e['name']} produced {a['nonfinite']} non-finite output value(s) (NaN/Inf)"
+                         + (f" on {images} of {a.get('n_images')} images" if images is not None else "")
+                         + ": a broken engine. Those images count as wrong and as disagreeing; KL and |Δlogit| "
+                           "cover the finite images only (– when there are none).")
     weights = (results.get("config") or {}).get("weights")
     if weights:
         notes.append(f"Weights: {weights}" + (" — speed figures are meaningful, accuracy figures are not (no "
@@ -587,24 +592,33 @@ def write_plots(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
 
 
 # --------------------------------------------------------------------------------------------------- files
-def write_reports(results: Mapping[str, Any], out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
-    """Write results.json, results.csv, results.md (and the plots) into ``out_dir``; returns {kind: path}.
+def write_reports(results: Mapping[str, Any], out_dir: str | os.PathLike, *, plots: bool = True,
+                  locked: bool = False) -> dict[str, Path]:
+    """Write results.json, results.csv, results.md (and the plots) into ``out_dir`` as one set; returns
+    {kind: path}.
 
-    The text files come first, so a plotting failure never costs the figures themselves.
+    Everything is written into a staging folder inside ``out_dir`` first and published only when every file was
+    written (:func:`sedeploy.fsutil.publish_staged`: results.json last, Ctrl-C/SIGTERM/SIGHUP held back for the
+    renames); files of the previous set that this one does not write (a plot) are removed. A failure or an
+    interruption while writing (a full disk while plotting, a second Ctrl-C) leaves the previous set untouched:
+    the folder never holds results of one run beside plots of another. ``locked``: the caller holds
+    :func:`sedeploy.fsutil.folder_lock` on ``out_dir`` (as ``run_bench`` does for its whole run), so staging
+    folders left by killed runs are removed too.
     """
     out = ensure_writable_dir(out_dir, "results folder", fix="choose another results folder or fix its permissions")
     data = _jsonable(results)
-    written = {"json": atomic_write_text(out / FILES["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in csv_rows(data):
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    written["csv"] = atomic_write_text(out / FILES["csv"], buf.getvalue())
-    written["md"] = atomic_write_text(out / FILES["md"], to_markdown(data))
-    if plots:
-        written.update(write_plots(data, out))
-    for key in ("throughput_plot", "latency_plot"):  # a previous run's plot never sits beside these results
-        if key not in written:
-            (out / FILES[key]).unlink(missing_ok=True)
-    return written
+    with staging_folder(out, locked=locked) as stage:
+        written = {"json": atomic_write_text(stage / FILES["json"], json.dumps(data, indent=2, allow_nan=False)
+                                             + "\n"),
+                   "csv": atomic_write_text(stage / FILES["csv"], buf.getvalue()),
+                   "md": atomic_write_text(stage / FILES["md"], to_markdown(data))}
+        if plots:
+            written.update(write_plots(data, stage))
+        stale = [name for key, name in FILES.items() if key not in written]  # a previous run's plot goes too
+        publish_staged(stage, out, [FILES[k] for k in written], last=FILES["json"], stale=stale)
+    return {k: out / FILES[k] for k in written}

@@ -21,6 +21,7 @@ print the partial table and exit 130.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -29,12 +30,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from sedeploy.bench import engines as E
-from sedeploy.bench.accuracy import check_budget, compare_engines
+from sedeploy.bench.accuracy import Drift, check_budget, nonfinite_violations
 from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_table, require_matplotlib, \
     write_reports
 from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runners
-from sedeploy.errors import SedeployError
-from sedeploy.fsutil import ensure_writable_dir, missing_dirs, remove_empty_dirs
+from sedeploy.errors import SedeployError, VerificationError
+from sedeploy.fsutil import ensure_writable_dir, folder_lock, missing_dirs, remove_empty_dirs
 from sedeploy.onnxcore import META, check_threads, pad_to_batch
 from sedeploy.preprocess import layout_batch
 
@@ -112,32 +113,83 @@ def _prepare(runner, x: np.ndarray) -> np.ndarray:
     return x if want is None or np.dtype(want) == x.dtype else x.astype(want)
 
 
-def _accuracy_pass(specs, runners, x: np.ndarray, chunk: int, progress: bool) -> tuple[dict[str, np.ndarray], int,
-                                                                                         bool]:
-    """Logits of every engine on ``x``; returns (logits over the images all engines finished, n, complete)."""
+def _load_head(paths: list[Path], pp, count: int, what: str) -> np.ndarray:
+    """The first ``count`` images of ``paths`` that decode (fewer when the folder has fewer): what the timing
+    pool and the PyTorch check use. Raises the loader's error when no image of the folder decodes."""
+    from sedeploy.preprocess import load_batch
+
+    got: list[np.ndarray] = []
+    have = 0
+    for i in range(0, len(paths), count):
+        try:
+            x, _ = load_batch(paths[i:i + count], pp, what=what)
+        except SedeployError:  # none of this block decodes (each file was named in a warning): try the next
+            continue
+        got.append(x[:count - have])
+        have += len(got[-1])
+        if have >= count:
+            break
+    if not got:
+        raise SedeployError(f"None of the {len(paths)} image file(s) in the {what} could be decoded.",
+                            fix="check the files are valid JPEG/PNG images, or pass another folder")
+    return np.concatenate(got)
+
+
+def _accuracy_pass(specs, runners, paths: list[Path], pp, chunk: int, progress: bool, *, probabilities: bool,
+                   what: str) -> tuple[dict[str, Drift], list[Path], set[Path], bool]:
+    """Score every engine against the reference (``specs[0]``) on ``paths``, streamed: images are decoded
+    ``chunk`` files at a time and scored in batches of ``chunk`` decoded images (the same batches as if the
+    whole folder had been decoded first), so memory holds two chunks, not the folder. Returns (drift per engine,
+    the paths scored, the paths that did not decode, complete). An interruption keeps the whole batches scored by
+    every engine."""
     from tqdm import tqdm
 
-    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
-    done = 0
+    from sedeploy.fsutil import signals_held
+    from sedeploy.preprocess import load_batch
+
+    ref = specs[0]
+    drifts = {s.name: Drift() for s in specs}
+    scored: list[Path] = []
+    buf_x: list[np.ndarray] = []
+    buf_p: list[Path] = []
+    bad: set[Path] = set()
     complete = True
-    with tqdm(total=len(x), desc="Accuracy", unit="img", disable=not progress, leave=False) as bar:
+
+    def score(xb: np.ndarray) -> None:
+        outs = {}
+        for s in specs:
+            size = s.static_batch or min(chunk, s.max_batch or chunk)
+            got = [_pad_run(runners[s.name], _prepare(runners[s.name], xb[j:j + size]), s.static_batch)
+                   for j in range(0, len(xb), size)]
+            out = np.asarray(np.concatenate(got), np.float32)
+            if probabilities:  # softmax(log p) = p: agreement and KL keep their meaning (said in the notes)
+                out = np.log(np.maximum(out.astype(np.float64), 1e-30))
+            outs[s.name] = out
+        with signals_held():  # every engine's figures take this batch, or none does
+            for name, out in outs.items():
+                drifts[name].add(outs[ref.name], out)
+
+    with tqdm(total=len(paths), desc="Accuracy", unit="img", disable=not progress, leave=False) as bar:
         try:
-            for i in range(0, len(x), chunk):
-                xb = x[i:i + chunk]
-                outs = {}
-                for s in specs:
-                    size = s.static_batch or min(chunk, s.max_batch or chunk)
-                    got = [_pad_run(runners[s.name], _prepare(runners[s.name], xb[j:j + size]), s.static_batch)
-                           for j in range(0, len(xb), size)]
-                    outs[s.name] = np.concatenate(got)
-                for name, out in outs.items():  # only whole chunks count: every engine has the same images
-                    parts[name].append(np.asarray(out, np.float32))
-                done += len(xb)
-                bar.update(len(xb))
+            for i in range(0, len(paths), chunk):
+                block = paths[i:i + chunk]
+                try:
+                    x, loaded = load_batch(block, pp, what=what)
+                except SedeployError:  # none of this block decodes (each file was named in a warning)
+                    x, loaded = None, []
+                bad.update(set(block) - set(loaded))
+                if x is not None:
+                    buf_x += list(x)
+                    buf_p += loaded
+                while len(buf_x) >= chunk or (i + chunk >= len(paths) and buf_x):
+                    take = min(chunk, len(buf_x))
+                    score(np.stack(buf_x[:take]))
+                    scored += buf_p[:take]
+                    del buf_x[:take], buf_p[:take]
+                bar.update(len(block))
         except KeyboardInterrupt:
             complete = False
-    logits = {n: np.concatenate(p) if p else np.zeros((0, 0), np.float32) for n, p in parts.items()}
-    return logits, done, complete
+    return drifts, scored, bad, complete
 
 
 def _outputs_probabilities(spec: E.EngineSpec) -> bool:
@@ -263,13 +315,16 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
         if out_dir is not None:
             out = ensure_writable_dir(out_dir, "results folder (--out)",
                                       fix="choose another --out folder, or fix its permissions")
-        return _run(engines, out, images=images, labels=labels, sizes=sizes, threads=threads, warmup=warmup,
-                    repeats=repeats, max_seconds=max_seconds, reference=reference, torch_baseline=torch_baseline,
-                    checkpoint=checkpoint, compare_plain=compare_plain, probe=probe, probe_seconds=probe_seconds,
-                    plots=plots, progress=progress, max_top1_drop=max_top1_drop, min_agreement=min_agreement,
-                    image_limit=image_limit, eval_batch=eval_batch, synsets=synsets, providers=providers,
-                    optimization=optimization, settle=settle, label_offset=label_offset, peers=peers,
-                    peer_calib=peer_calib)
+        # one bench at a time per results folder; the files are published as one set (report.write_reports)
+        with (folder_lock(out, what="results folder", command="bench", option="--out DIR") if out is not None
+              else contextlib.nullcontext()):
+            return _run(engines, out, images=images, labels=labels, sizes=sizes, threads=threads, warmup=warmup,
+                        repeats=repeats, max_seconds=max_seconds, reference=reference, torch_baseline=torch_baseline,
+                        checkpoint=checkpoint, compare_plain=compare_plain, probe=probe, probe_seconds=probe_seconds,
+                        plots=plots, progress=progress, max_top1_drop=max_top1_drop, min_agreement=min_agreement,
+                        image_limit=image_limit, eval_batch=eval_batch, synsets=synsets, providers=providers,
+                        optimization=optimization, settle=settle, label_offset=label_offset, peers=peers,
+                        peer_calib=peer_calib)
     except BaseException:
         remove_empty_dirs(made)  # a results folder this run made and wrote nothing into is not left behind
         raise
@@ -282,7 +337,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
     """:func:`run_bench` after its arguments were checked and the results folder made."""
     from sedeploy.backends.ort import default_threads
     from sedeploy.bench.labels import resolve_labels_offset
-    from sedeploy.preprocess import find_images, load_batch, smooth_noise
+    from sedeploy.preprocess import find_images, smooth_noise
 
     if out is not None and plots:
         require_matplotlib()
@@ -334,6 +389,14 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
                 notes.append(f"Peer {peer.spec.name}: {peer.about}.")
         probe_x = smooth_noise(ref.static_batch or 1, pp.shape, seed=0)
         ref_out = np.asarray(runners[ref.name].infer(_prepare(runners[ref.name], probe_x)))
+        if not np.isfinite(ref_out).all():  # every drift figure is measured against it: refuse before any timing
+            raise VerificationError(f"The reference engine '{ref.name}' ({ref.path}) returned non-finite outputs "
+                                    f"(NaN/Inf in {int((~np.isfinite(ref_out)).sum())} of {ref_out.size} values) "
+                                    "on a smooth test image.",
+                                    expected="finite outputs from the FP32 reference (agreement, KL and top-1 "
+                                             "drop are measured against it)",
+                                    fix="check the model's weights (rebuild it with build-engine, which verifies "
+                                        "its outputs), or pick another --reference")
         num_classes = int(ref_out.shape[1])
         if ref.num_classes is None:
             ref.num_classes = num_classes
@@ -352,12 +415,9 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
             infos.append(_engine_info(s, flops, runners[s.name], runners[s.name].runs_on()))
             if (note := runners[s.name].precision_note()) is not None:
                 notes.append(f"Precision: {note}.")
-        x = None
+        head = None  # the first images that decode: the timing pool and the PyTorch check (the folder streams later)
         if found is not None:
-            x, loaded = load_batch(found.paths, pp, progress=progress, what=f"image folder '{found.root}'")
-            if lab is not None and len(loaded) != len(found.paths):
-                lab = resolve_labels_offset(loaded, found.root, num_classes=num_classes, labels_file=labels,
-                                            synsets=synsets, label_offset=label_offset)
+            head = _load_head(found.paths, pp, max(max(sizes), _CHECK_IMAGES), f"image folder '{found.root}'")
     except BaseException:
         for r in runners.values():
             r.deactivate()
@@ -365,7 +425,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
 
     config = {"engines_given": [str(p) for p in engines], "threads": threads, "images": str(images) if images else
               None, "labels_file": str(labels) if labels else None, "image_limit": image_limit,
-              "n_images": int(len(x)) if x is not None else 0, "eval_batch": eval_batch,
+              "n_images": 0, "eval_batch": eval_batch,
               "preprocess": pp.as_dict(), "max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
               "optimization": optimization, "torch_baseline": torch_baseline, "compare_plain": compare_plain,
               "weights": str(ref.meta.get(META.WEIGHTS) or "unknown (not recorded in the model)"),
@@ -384,7 +444,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
                 notes.append("No ceiling probe (--no-probe): achieved GFLOP/s are not related to a ceiling.")
             if torch_baseline:
                 state["stage"] = "building the PyTorch baseline"
-                check = x[:_CHECK_IMAGES] if x is not None else smooth_noise(_CHECK_IMAGES, pp.shape, seed=2)
+                check = head[:_CHECK_IMAGES] if head is not None else smooth_noise(_CHECK_IMAGES, pp.shape, seed=2)
                 ref_logits = np.concatenate([_pad_run(runners[ref.name], _prepare(runners[ref.name], c[None]),
                                                       ref.static_batch) for c in check])
                 with _torch_threads(threads):
@@ -410,7 +470,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
                     extra_runners[made[1].name] = made[0]
                     infos.append(made[1])
             state["stage"] = "timing"
-            pool = x if x is not None else smooth_noise(max(sizes), pp.shape, seed=0)
+            pool = head if head is not None else smooth_noise(max(sizes), pp.shape, seed=0)
             with _torch_threads(threads), _timing_bar(sizes, repeats, len(runners) + len(extra_runners),
                                                       progress) as on_round:
                 timing = time_runners({**runners, **extra_runners}, pool, batch_sizes=sizes, warmup=warmup,
@@ -418,18 +478,28 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
             state["timing"] = timing
             if not timing.complete:
                 raise _Interrupted(timing.interrupted or "timing")
-            if x is not None:
+            if found is not None:
                 state["stage"] = "the accuracy pass"
-                logits, done, complete = _accuracy_pass(specs, runners, x, eval_batch, progress)
-                if _outputs_probabilities(ref):
-                    logits = {n: np.log(np.maximum(v.astype(np.float64), 1e-30)) for n, v in logits.items()}
+                probabilities = _outputs_probabilities(ref)
+                if probabilities:
                     notes.append("The models end in Softmax: agreement, KL and drift are computed on "
                                  "log-probabilities (max |Δlogit| is then a difference of log-probabilities).")
-                if done:
-                    state["accuracy"] = compare_engines(ref.name, logits,
-                                                        lab.indices[:done] if lab is not None else None)
+                drifts, scored, bad, complete = _accuracy_pass(specs, runners, found.paths, pp, eval_batch, progress,
+                                                          probabilities=probabilities,
+                                                          what=f"image folder '{found.root}'")
+                config["n_images"] = len(scored)
+                if lab is not None and scored and len(scored) != len(found.paths):
+                    # labels of the images that decode (as if the folder had been decoded whole), then of those scored
+                    lab = resolve_labels_offset([p for p in found.paths if p not in bad], found.root,
+                                                num_classes=num_classes, labels_file=labels, synsets=synsets,
+                                                label_offset=label_offset)
+                    lab = dataclasses.replace(lab, indices=lab.indices[:len(scored)])
+                if scored:
+                    state["accuracy"] = {n: {**d.result(lab.indices if lab is not None else None),
+                                             "reference": ref.name} for n, d in drifts.items()}
                 if not complete:
-                    raise _Interrupted(f"the accuracy pass after {done} of {len(x)} images (figures cover those)")
+                    raise _Interrupted(f"the accuracy pass after {len(scored)} of {len(found.paths)} image files "
+                                       "(figures cover those)")
             else:
                 notes.append("No image folder: speed only (pass --images for accuracy and drift).")
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM raised as a KeyboardInterrupt subclass by the CLI
@@ -439,7 +509,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
             f"interrupted ({stop.signal_name}) during {stop.stage}"
         results = _assemble(infos, state, ref, config, lab, notes, flops,
                             complete=False, interrupted=text)
-        files = write_reports(results, out, plots=plots) if out is not None else {}
+        files = write_reports(results, out, plots=plots, locked=True) if out is not None else {}
         raise BenchInterrupted(results, files) from None
     finally:
         for r in (*runners.values(), *extra_runners.values()):
@@ -447,12 +517,15 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
         tmp.cleanup()
 
     results = _assemble(infos, state, ref, config, lab, notes, flops, complete=True, interrupted=None)
-    if max_top1_drop is not None or min_agreement is not None:
-        violations = check_budget(results, max_top1_drop, min_agreement)
+    budget = max_top1_drop is not None or min_agreement is not None
+    violations = check_budget(results, max_top1_drop, min_agreement) if budget else []
+    # non-finite outputs fail the gate with or without a budget: a NaN engine is broken, whatever its figures say
+    violations += [v for v in nonfinite_violations(results) if v not in violations]
+    if budget or violations:
         results["gate"] = {"max_top1_drop_pts": max_top1_drop, "min_agreement_pct": min_agreement,
                            "violations": violations, "passed": not violations}
     if out is not None:
-        write_reports(results, out, plots=plots)
+        write_reports(results, out, plots=plots, locked=True)
         results["files"] = {k: str(out / v) for k, v in FILES.items() if (out / v).exists()}
     return results
 
