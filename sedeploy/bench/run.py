@@ -299,6 +299,9 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     caller decides the exit code). Raises :class:`SedeployError` for bad input, :class:`BenchInterrupted` on
     Ctrl-C after writing the partial results.
     """
+    from sedeploy.machine import check_omp_num_threads
+
+    check_omp_num_threads()  # OMP_NUM_THREADS=0 would slow the PyTorch baseline 13× and be reported as its speed
     sizes = _check_args(batches, warmup, repeats, max_top1_drop, min_agreement, image_limit, images, labels)
     if eval_batch < 1:
         raise SedeployError(f"Accuracy batch {eval_batch}.", expected="a positive integer, e.g. 32")
