@@ -220,3 +220,34 @@ def test_machine_description_is_real():
     assert m["cpu"] and m["logical_cores"] >= 1 and m["python"].count(".") == 2
     assert "onnxruntime" in m["versions"] and "numpy" in m["versions"] and m["note"] == "x"
     assert m["timestamp"].endswith("+00:00")
+
+
+@pytest.mark.parametrize("fault", ["disk full", "second Ctrl-C"])
+def test_a_failed_write_keeps_the_previous_set_whole(results, tmp_path, monkeypatch, fault):
+    """A full disk while plotting, or a second Ctrl-C while the partial results are written: the folder keeps the
+    previous run's json/csv/md *and* plots, never new results beside old plots, and no staging folder."""
+    import errno
+
+    out = tmp_path / "out"
+    R.write_reports(results, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 5
+    second = {**results, "created": "later", "complete": False, "interrupted": "interrupted (Ctrl-C) during timing"}
+
+    from matplotlib.figure import Figure
+
+    def failing_savefig(fig, path, **kw):  # what matplotlib meets on a full disk, or the user's second Ctrl-C
+        if fault == "disk full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    with pytest.raises(SedeployError if fault == "disk full" else KeyboardInterrupt) as err:
+        R.write_reports(second, out)
+    if fault == "disk full":
+        assert "disk is full" in str(err.value) and "Nothing partial was kept" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # hidden staging folders included: none left
+    monkeypatch.undo()
+    R.write_reports(second, out, plots=False)  # a set without plots removes the previous run's plots
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md"]
+    assert json.loads((out / "results.json").read_text())["created"] == "later"

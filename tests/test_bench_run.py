@@ -386,3 +386,101 @@ def test_build_folder_missing_a_sidecar_is_refused(tiny_onnx, tmp_path):
     (out / "tiny.fp32.ort.json").unlink()
     with pytest.raises(SedeployError, match=r"lists 'tiny\.fp32\.ort\.json', which is not in"):
         E.expand_engine_paths([out])
+
+
+def test_accuracy_streams_the_folder_in_bounded_chunks(tiny_pair, tmp_path, calib_dir, monkeypatch):
+    """The image folder is decoded a chunk at a time (never whole), an undecodable file in the middle is skipped,
+    and the figures are those of scoring the decoded images in the same batches all at once."""
+    from sedeploy import preprocess
+    from sedeploy.bench.accuracy import engine_accuracy
+    from sedeploy.onnxcore import run_model
+
+    fp32, fp16 = tiny_pair
+    images = tmp_path / "imgs"
+    shutil.copytree(calib_dir, images)
+    names = [p.name for p in preprocess.find_images(images).paths]
+    (images / (names[len(names) // 2][:-4] + "_broken.png")).write_bytes(b"not a PNG")  # sorts mid-folder
+    seen = []
+    real = preprocess.load_batch
+
+    def spy(paths, *a, **k):
+        seen.append(len(paths))
+        return real(paths, *a, **k)
+
+    monkeypatch.setattr(preprocess, "load_batch", spy)
+    res = run_bench([fp32, fp16], images=images, eval_batch=4, batches=(1, 2), torch_baseline=False, **FAST)
+    assert seen and max(seen) <= 4  # chunks of eval_batch (and the timing pool's head of 4), never the folder
+    n = len(names)
+    acc = {e["name"]: e["accuracy"] for e in res["engines"]}
+    assert acc["tiny.fp16"]["n_images"] == n and res["config"]["n_images"] == n  # the broken file is skipped
+    monkeypatch.setattr(preprocess, "load_batch", real)
+    x, _ = preprocess.load_folder(calib_dir, E.preprocess_for(E.describe_engine(fp32)))
+    ref = np.concatenate([run_model(fp32, x[i:i + 4]) for i in range(0, n, 4)])
+    eng = np.concatenate([run_model(fp16, x[i:i + 4]) for i in range(0, n, 4)])
+    whole = engine_accuracy(ref, eng)
+    for key in ("top1_agreement_pct", "disagreements", "nonfinite_images"):
+        assert acc["tiny.fp16"][key] == whole[key], key
+    assert acc["tiny.fp16"]["mean_kl"] == pytest.approx(whole["mean_kl"], rel=1e-6, abs=1e-12)
+    assert acc["tiny.fp16"]["max_abs_logit_diff"] == pytest.approx(whole["max_abs_logit_diff"], rel=1e-6)
+
+
+def _nan_model(src: Path, dest: Path) -> Path:
+    """``src`` with its classifier bias set to NaN: every output is NaN, as in a model whose weights diverged."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    inits = {i.name: i for i in proto.graph.initializer}
+    bias = next(inits[n.input[2]] for n in reversed(proto.graph.node) if n.op_type == "Gemm" and len(n.input) > 2)
+    b = onnx.numpy_helper.to_array(bias).copy()
+    b[:] = np.nan
+    bias.CopyFrom(onnx.numpy_helper.from_array(b, bias.name))
+    onnx.save(proto, str(dest))
+    return dest
+
+
+def test_nan_outputs_are_flagged_never_scored_as_agreement(tiny_pair, tmp_path, calib_dir):
+    """A model whose outputs are all NaN: as the reference it is refused (exit 3) before any timing; as another
+    engine it scores 0 % agreement (not 100 %), no KL, and fails the gate even without a budget."""
+    from sedeploy.errors import VerificationError
+
+    fp32, _ = tiny_pair
+    nan = _nan_model(fp32, tmp_path / "tiny.nan.onnx")
+    with pytest.raises(VerificationError, match=r"reference engine 'tiny.nan' .* non-finite outputs") as err:
+        run_bench([nan], images=calib_dir, image_limit=8, batches=(1,), torch_baseline=False, **FAST)
+    assert err.value.exit_code == 3
+    res = run_bench([fp32, nan], images=calib_dir, image_limit=8, batches=(1,), reference=fp32.name,
+                    torch_baseline=False, **FAST)
+    acc = {e["name"]: e["accuracy"] for e in res["engines"]}
+    bad = acc["tiny.nan"]
+    assert bad["top1_agreement_pct"] == 0.0 and bad["disagreements"] == 8 and bad["nonfinite_images"] == 8
+    assert bad["mean_kl"] is None and bad["max_abs_logit_diff"] is None
+    assert acc["tiny.fp32"]["top1_agreement_pct"] == 100.0 and acc["tiny.fp32"]["nonfinite"] == 0
+    assert res["gate"]["passed"] is False and res["gate"]["max_top1_drop_pts"] is None
+    assert len(res["gate"]["violations"]) == 1 and res["gate"]["violations"][0].startswith("tiny.nan: ")
+    text = bench_command_summary(res)
+    assert "WARNING: tiny.nan produced" in text and "on 8 of 8 images" in text and "Accuracy budget: FAIL" in text
+
+
+def test_omp_num_threads_that_openmp_cannot_use_is_refused(tiny_pair, monkeypatch):
+    fp32, _ = tiny_pair
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", bad)
+        with pytest.raises(SedeployError, match=f"OMP_NUM_THREADS='{bad}' is not valid") as err:
+            run_bench([fp32], batches=(1,), **FAST)
+        assert err.value.exit_code == 2 and "unset OMP_NUM_THREADS" in str(err.value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert run_bench([fp32], batches=(1,), torch_baseline=False, **FAST)["complete"]
+
+
+def test_a_second_bench_into_the_same_results_folder_is_refused(tiny_pair, tmp_path):
+    from sedeploy.fsutil import folder_lock
+
+    fp32, _ = tiny_pair
+    out = tmp_path / "res"
+    out.mkdir()
+    with folder_lock(out, what="results folder", command="bench"):  # another bench holds it
+        with pytest.raises(SedeployError, match=r"Another bench run is writing into the results folder") as err:
+            run_bench([fp32], batches=(1,), out_dir=out, torch_baseline=False, **FAST)
+    assert "--out DIR" in str(err.value) and not any(out.iterdir())
+    run_bench([fp32], batches=(1,), out_dir=out, torch_baseline=False, plots=False, **FAST)
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md"]

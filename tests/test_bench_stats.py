@@ -534,3 +534,35 @@ def test_timing_options_are_named_as_the_user_typed_them(kw, message):
     with pytest.raises(SedeployError, match=message) as err:
         check_timing_config(**args)
     assert err.value.fix and "--" in err.value.fix
+
+
+def test_drift_gathered_in_chunks_equals_one_pass():
+    """Bench scores a folder chunk by chunk (bounded memory): the figures must not depend on the chunking."""
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(103, 12)).astype(np.float32)
+    eng = (ref + rng.normal(scale=0.4, size=ref.shape)).astype(np.float32)
+    eng[7, 3] = np.inf
+    labels = rng.integers(0, 12, 103)
+    whole = A.engine_accuracy(ref, eng, labels)
+    for chunk in (1, 5, 32, 103):
+        d = A.Drift()
+        for i in range(0, 103, chunk):
+            d.add(ref[i:i + chunk], eng[i:i + chunk])
+        assert d.result(labels) == whole, chunk
+    assert whole["nonfinite_images"] == 1 and whole["disagreements"] >= 1
+    # the top-k and tie rules are those of topk_correct / argmax
+    ok = A.topk_correct(eng, labels, 5) & np.isfinite(eng).all(axis=1)
+    assert whole["top5_pct"] == pytest.approx(100.0 * ok.mean())
+    with pytest.raises(SedeployError, match="No images"):
+        A.Drift().result()
+
+
+def test_all_nan_model_scores_nothing_as_agreement():
+    """A model whose outputs are all NaN (its own reference too) used to show 100 % agreement and KL 0."""
+    nan = np.full((6, 4), np.nan, np.float32)
+    res = A.compare_engines("fp32", {"fp32": nan, "int8": nan.copy()}, np.array([0, 1, 2, 3, 0, 1]))
+    for a in res.values():
+        assert a["top1_agreement_pct"] == 0.0 and a["top1_pct"] == 0.0 and a["nonfinite_images"] == 6
+        assert a["mean_kl"] is None and a["max_abs_logit_diff"] is None
+    lines = A.nonfinite_violations(res)
+    assert [v.split(":")[0] for v in lines] == ["fp32", "int8"] and "on 6 of 6 images" in lines[0]
