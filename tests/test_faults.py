@@ -1079,3 +1079,42 @@ def test_calibration_refuses_a_model_that_itself_outputs_nan(tmp_path, calib_dir
     with pytest.raises(SedeployError, match=r"'.*nan.onnx' itself outputs NaN/inf on calibration image\(s\) \S+\.jpg"):
         calibrate(model, calib_dir, method="minmax", count=4, preprocess=Preprocess.for_size(16), use_cache=False,
                   progress=False)
+
+
+_SLOW_BENCH = textwrap.dedent("""
+    import sys, time
+    from sedeploy.bench import run
+    from sedeploy.cli import main
+    real = run.time_runners
+    def slow(*a, **k):
+        print("READY", flush=True)
+        time.sleep(60)
+        return real(*a, **k)
+    run.time_runners = slow
+    sys.argv = ["sedeploy", "bench", sys.argv[1], "--out", sys.argv[2], "--no-probe", "--no-torch-baseline",
+                "--batch", "1", "--repeats", "3", "--warmup", "1"]
+    main()
+""")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGHUP, 129, "terminated (SIGHUP)")])
+def test_bench_stopped_by_a_signal_publishes_partial_results_whole(tiny_onnx, tmp_path, sig, code, word):
+    """SIGHUP (the terminal closed) stops bench like SIGTERM: partial results (complete: false) are published as
+    one set, with the exit code 128 + the signal's number."""
+    out = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_BENCH, str(tiny_onnx), str(out)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert rc == code, err
+    assert word in err and "partial results" in err and "Traceback" not in err
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] is False and word.split(" ", 1)[1].strip("()") in data["interrupted"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder, no partial file
