@@ -1,9 +1,62 @@
-"""Shared fixtures. Tests that need the research images in ../shared/data skip with a reason without them."""
+"""Shared fixtures. Tests that need the research images in ../shared/data skip with a reason without them.
+
+``--max-cpu-isa avx2`` (or ``SEDEPLOY_TEST_MAX_CPU_ISA=avx2``) runs the tests as on an AVX2-only CPU (an AMD EPYC)
+on an AVX-512 / AMX Xeon, so that a test asserting what only one ISA gives fails on the machine at hand:
+``python -m pytest --max-cpu-isa avx2 tests/test_foreign.py``. It sets, for this run and the processes it starts,
+the caps each library reads at load time (:data:`ISA_CAPS`); set SEDEPLOY_TEST_CACHE to a fresh folder so the
+test models are also trained under the cap. ONNX Runtime has no such switch (MLAS picks its kernels from CPUID),
+so its kernels stay those of the CPU; OpenVINO 2026.4's own kernels honour OV_CPU_MAX_ISA only in debug-caps
+builds (its oneDNN kernels honour ONEDNN_MAX_CPU_ISA in every build).
+"""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+#: per ISA: the environment that caps each library's kernel dispatch (read when the library loads)
+ISA_CAPS = {
+    "avx2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN in PyTorch and in OpenVINO's CPU plugin
+        "DNNL_MAX_CPU_ISA": "AVX2",  # the same, older name
+        "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorized kernels
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (PyTorch's BLAS)
+        "OPENBLAS_CORETYPE": "Haswell",  # OpenBLAS (numpy's BLAS)
+        "OV_CPU_MAX_ISA": "AVX2",  # OpenVINO's own kernels (debug-caps builds only in 2026.4)
+    },
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--max-cpu-isa", choices=sorted(ISA_CAPS), default=os.environ.get("SEDEPLOY_TEST_MAX_CPU_ISA"),
+                     help="run as on a CPU with at most this ISA (caps PyTorch, oneDNN, OpenVINO's oneDNN, MKL and "
+                          "OpenBLAS; ONNX Runtime has no cap). Env: SEDEPLOY_TEST_MAX_CPU_ISA.")
+
+
+def pytest_configure(config):
+    isa = config.getoption("--max-cpu-isa")
+    if not isa:
+        return
+    if isa not in ISA_CAPS:
+        raise pytest.UsageError(f"--max-cpu-isa / SEDEPLOY_TEST_MAX_CPU_ISA {isa!r}: expected one of "
+                                f"{sorted(ISA_CAPS)}")
+    loaded = [m for m in ("torch", "openvino", "onnxruntime") if m in sys.modules]
+    if loaded:  # too late for them: they read the caps when they load
+        raise pytest.UsageError(f"--max-cpu-isa {isa}: {', '.join(loaded)} was imported before the cap could be set; "
+                                f"set the variables in the environment instead: "
+                                + " ".join(f"{k}={v}" for k, v in ISA_CAPS[isa].items()))
+    for key, value in ISA_CAPS[isa].items():
+        os.environ[key] = value  # subprocesses the tests start inherit it
+
+
+def pytest_report_header(config):
+    isa = config.getoption("--max-cpu-isa")
+    if isa:
+        return [f"CPU ISA capped to {isa}: " + " ".join(f"{k}={v}" for k, v in ISA_CAPS[isa].items())
+                + " (ONNX Runtime: no cap exists; MLAS uses the CPU's own ISA)"]
+    return []
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -169,7 +169,7 @@ def test_precision_hint_is_honoured_not_bf16(ov_build):
 
 @needs_ov
 def test_int8_agreement_with_fp32(ov_build, tiny_trained_art):
-    from tiny_trained import INT8_MIN_AGREEMENT
+    from tiny_trained import INT8_MIN_AGREEMENT, MIN_TEST_ACCURACY
 
     res, _ = ov_build
     paths = {e["kind"]: e["path"] for e in res.engines}
@@ -178,7 +178,7 @@ def test_int8_agreement_with_fp32(ov_build, tiny_trained_art):
     got = _logits(OVB.OpenVinoRunner(paths["int8-ov"], threads=2), x).argmax(1)
     agreement = float((ref == got).mean())
     assert agreement >= INT8_MIN_AGREEMENT, agreement
-    assert float((got == tiny_trained_art.labels).mean()) >= 0.9
+    assert float((got == tiny_trained_art.labels).mean()) >= MIN_TEST_ACCURACY
 
 
 @needs_ov
@@ -390,8 +390,9 @@ def test_bench_peers_rows_in_the_same_run(ov_build, tiny_trained_art, tmp_path):
         assert set(rows[name]["batch"]) == {1, 4} or set(rows[name]["batch"]) == {"1", "4"}
         assert all(st["throughput"] > 0 for st in rows[name]["batch"].values())
         assert rows[name]["accuracy"]["n_images"] == 100
-    # OpenVINO reading the same FP32 ONNX agrees with sedeploy's FP32 OpenVINO engine; NNCF's INT8 nearly so
-    assert rows[PEER_FP32]["accuracy"]["top1_agreement_pct"] == pytest.approx(100.0)
+    # OpenVINO reading the same FP32 ONNX agrees with sedeploy's FP32 OpenVINO engine (compiled differently, so a
+    # near-tie may flip on some CPU: not asserted as exactly 100 %); NNCF's INT8 nearly so
+    assert rows[PEER_FP32]["accuracy"]["top1_agreement_pct"] >= 99.0
     assert rows[PEER_NNCF]["accuracy"]["top1_agreement_pct"] >= 90.0
 
 

@@ -268,7 +268,8 @@ _SIGNAL_MID_PUBLISH = textwrap.dedent("""
     from sedeploy.cli import main
     SIG = int(sys.argv[3])
 
-    class SignalOnFirstPublish:  # fsutil's os (publish_staged), except that its first move out of staging is hit by a signal
+    class SignalOnFirstPublish:  # fsutil's os (publish_staged), except that its first move out of staging is hit
+        # by a signal
         fired = False
         def __getattr__(self, name):
             return getattr(real_os, name)

@@ -101,11 +101,17 @@ def test_quantize_model_exclude(fused_fp32, foreign_art, tmp_path):
 @pytest.mark.parametrize("flavour", ["cpu", "trt", "ov"])
 def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flavour):
     """The ranges of two layers' inputs are shrunk 10× (hard clipping there, as a bad calibration of a few tensors
-    does): all-INT8 agreement collapses; the search ranks exactly those two layers first and falls back only them."""
+    does): all-INT8 misses the budget; the search ranks a damaged layer among the most sensitive, falls back the
+    top of its ranking and stops at the first count that meets the budget, and what it reports is what the written
+    model measures.
+
+    The model is trained at test time and INT8 kernels differ between CPUs (VNNI/AMX or AVX2), so how many layers
+    the budget needs (1, 2, …) differs from machine to machine; only what holds on every CPU is asserted."""
     import dataclasses
 
     from sedeploy import int8
-    from sedeploy.int8_budget import Budget, quantize_to_budget
+    from sedeploy.int8_budget import Budget, as_logits, metrics, quantize_to_budget
+    from sedeploy.onnxcore import run_model
 
     path, cal = fused_fp32
     damaged = {"/b2/project/project.0/Conv", "/head/head.0/Conv"}
@@ -117,21 +123,34 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
 
     bad = dataclasses.replace(cal, ranges=shrink(cal.ranges), uint8_ranges=shrink(cal.uint8_ranges))
     out = tmp_path / f"int8-{flavour}.onnx"
+    budget = Budget(min_agreement=99.0, max_top1_drop=0.5)
     qr, rep = quantize_to_budget(path, bad, out, flavour=flavour, images=foreign_art.images,
-                                 labels=foreign_art.labels, budget=Budget(min_agreement=99.0, max_top1_drop=0.5))
+                                 labels=foreign_art.labels, budget=budget)
     assert out.exists() and rep.met and rep.output_kind == "probabilities"
-    assert rep.all_int8["agreement_pct"] < 90.0  # the damage is real
+    assert budget.violations(rep.all_int8)  # the damage is real: every layer in INT8 misses the budget …
+    assert rep.all_int8["agreement_pct"] < 95.0  # … by far (a 99 % budget, not a near miss)
     assert rep.layers == 20 - head_float
     assert qr.settings["head"]["layers"] == (["/classifier/Gemm"] if head_float else [])
-    if flavour == "ov":  # measured: with the classifier in float, the OpenVINO search meets the budget with b2 and
-        # b4's projection (the weighted layer before head.0) instead of head.0 itself
-        assert "/b2/project/project.0/Conv" in rep.fell_back and len(rep.fell_back) == 2
-    else:
-        assert set(rep.fell_back) == damaged
-    assert rep.result["agreement_pct"] >= 99.0 and rep.result["top1_drop_pts"] <= 0.5
-    assert [r["layer"] for r in rep.sensitivity][:2] == rep.fell_back
+    ranking = [r["layer"] for r in rep.sensitivity]
+    assert sorted(ranking) == sorted(set(int8.weighted_layers(path)) - set(qr.settings["head"]["layers"]))
+    assert damaged & set(ranking[:2])  # restoring a damaged layer is among the two largest gains
+    k = len(rep.fell_back)
+    assert k >= 1 and rep.fell_back == ranking[:k]  # the top of the ranking falls back, nothing else
+    # the budget is met with k layers in float, and with no fewer along the ranking: every smaller count measured
+    # misses it, and the count just below was measured (or is 0: all-INT8, which misses it)
     tried = {s["k"]: s for s in rep.search}
-    assert tried[1]["agreement_pct"] < 99.0  # one layer fewer fails
+    assert not budget.violations(rep.result) and {key: tried[k][key] for key in rep.result} == rep.result
+    assert all(budget.violations(m) for kk, m in tried.items() if kk < k)
+    assert k == 1 or k - 1 in tried
+    # the reported figures are the written model's: measured again here, they match
+    x = foreign_art.images
+    ref = as_logits(run_model(path, x), "probabilities")
+    again = metrics(ref, as_logits(run_model(out, x), "probabilities"), foreign_art.labels)
+    assert (again["agree"], again["n"], again["agreement_pct"]) == (rep.result["agree"], rep.result["n"],
+                                                                     rep.result["agreement_pct"])
+    assert again["top1_drop_pts"] == pytest.approx(rep.result["top1_drop_pts"])
+    assert qr.settings["budget"] == {"met": True, "fell_back": rep.fell_back,
+                                     "agreement_pct": rep.result["agreement_pct"]}
     head_nodes = set(qr.settings["head"]["float_nodes"])
     assert set(qr.settings["excluded_nodes"]) - head_nodes == set(rep.fell_back_nodes) - head_nodes
     assert set(rep.fell_back) <= set(rep.fell_back_nodes)
@@ -140,7 +159,7 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
         assert rep.speed["batch"] == 1 and rep.speed["speedup_vs_fp32"]["int8_budget"] > 0
         assert rep.speed["backend"] == {"cpu": "onnxruntime-cpu", "ov": "openvino-cpu"}[flavour]
     else:
-        assert rep.fell_back_nodes == sorted(damaged)
+        assert rep.fell_back_nodes == sorted(rep.fell_back)
     assert not list(tmp_path.glob(".int8-budget-*"))  # the work folder is gone
 
 

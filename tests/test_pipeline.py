@@ -15,16 +15,20 @@ from sedeploy.cli import cli
 from sedeploy.artifacts import artifact_stem
 from sedeploy.pipeline import BuildOptions, build_engines
 from sedeploy.errors import SedeployError
-from tiny_trained import INT8_MIN_AGREEMENT
+from tiny_trained import INT8_MIN_AGREEMENT, MIN_TEST_ACCURACY, assert_flips_only_near_ties
 
 
 def _run(args):
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
-def _top1(path, x):
+def _logits(path, x):
     with OrtRunner(path, threads=1) as r:
-        return r.infer(x).argmax(1)
+        return r.infer(x)
+
+
+def _top1(path, x):
+    return _logits(path, x).argmax(1)
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +48,17 @@ def test_every_precision_is_written_and_agrees_with_fp32(built, tiny_trained_art
         onnx.checker.check_model(a.path, full_check=True)
         assert graph_precision(a.path) == a.precision
     x, y = tiny_trained_art.images, tiny_trained_art.labels
-    ref = _top1(out / f"{artifact_stem(tiny_trained_art.onnx_path)}.fp32.onnx", x)
-    assert (ref == y).mean() >= 0.9  # the trained network is not degenerate
+    ref_logits = _logits(out / f"{artifact_stem(tiny_trained_art.onnx_path)}.fp32.onnx", x)
+    ref = ref_logits.argmax(1)
+    assert (ref == y).mean() >= MIN_TEST_ACCURACY  # the trained network is not degenerate
     for a in res.artifacts:
-        agree = (_top1(a.path, x) == ref).mean()
-        # INT8: measured 98.6-99.2 % on this 32-px, width-16 network across calibration methods and SE policies
-        # (a 99 % agreement target is not met robustly on a network this small)
-        bound = 0.999 if a.precision == "fp16" else INT8_MIN_AGREEMENT if a.precision == "int8" else 1.0
+        got = _logits(a.path, x)
+        if a.precision == "fp16":  # no confident image flips; near-ties on ≤ 1 % (any CPU's FP16/FP32 kernels)
+            assert_flips_only_near_ties(ref_logits, got)
+            continue
+        agree = (got.argmax(1) == ref).mean()
+        # INT8: the bound of tiny_trained.INT8_MIN_AGREEMENT (the model and the INT8 kernels differ per CPU)
+        bound = INT8_MIN_AGREEMENT if a.precision == "int8" else 1.0
         assert agree >= bound, (a.path, agree)
     assert res.validation["ok"] is True
 
