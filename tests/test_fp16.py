@@ -134,12 +134,13 @@ def test_fp16_agrees_with_fp32_on_trained_model(tiny, artifacts, ref_logits):
     # confident image flips, and near-ties flip on at most 1 % of the images (tiny_trained.FP16_MAX_FLIPS)
     assert_flips_only_near_ties(ref_logits, got)
     diff = np.abs(got.astype(np.float64) - ref_logits)
-    # FP16 carries 11 significant bits; measured max |Δlogit| 0.070 on a logit range of 30 (0.23 %) for this net
-    # with every activation rounded (0.032 with the weights rounded only). 0.5 % of the range leaves 2× headroom
-    # and still catches a broken conversion (wrong weights, lost Casts).
+    # FP16 carries 11 significant bits; measured max |Δlogit| with every activation rounded: 0.070 on a logit range
+    # of 30 (0.23 %) for one trained instance of this net, 0.096 on a range of 18.8 (0.51 %) for another (the model
+    # is trained at test time: its range and sensitivity differ per machine). 2 % of the range leaves 4× headroom
+    # over both and still catches a broken conversion (wrong weights, lost Casts: errors of the order of the range).
     span = float(ref_logits.max() - ref_logits.min())
     print(f"FP16 vs FP32: max |Δlogit| {diff.max():.4g}, logit range {span:.3g}")
-    assert diff.max() <= 0.005 * span, f"max |Δlogit| {diff.max():.4g} vs logit range {span:.3g}"
+    assert diff.max() <= 0.02 * span, f"max |Δlogit| {diff.max():.4g} vs logit range {span:.3g}"
     assert diff.max() > 0, "FP16 logits identical to FP32: nothing was computed in FP16"
     # the report's own verification ran the same model on the first 16 images
     ver = report.verification
