@@ -298,7 +298,11 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
               help="INT8 budget: which layers go back to float first — the most sensitive (fewest layers), or the "
                    "most accuracy per multiply-add kept in float (least speed lost) [default: sensitivity].")
 @click.option("--val", type=click.Path(), default=None,
-              help="Held-out images for the INT8 budget [default: a seeded quarter of --calib, not calibrated on].")
+              help="Held-out images for the INT8 check and budget [default: --calib images calibration does not "
+                   "pick, or a seeded quarter of a --calib folder of ≤ --calib-count images, then not calibrated on].")
+@click.option("--warn-agreement", type=float, default=None, metavar="PCT",
+              help="INT8 check: warn when an INT8 artifact's top-1 agreement with FP32 on held-out images (at most "
+                   "256, on the runtime that runs it) is below PCT [default: 97; 0 never warns].")
 @click.option("--label-offset", type=int, default=0, show_default=True,
               help="Model output k+OFFSET is dataset class k (1 for 1001-class models with a background class).")
 @click.option("--max-fallback", type=int, default=None, help="INT8 budget: most layers allowed back in float.")
@@ -311,7 +315,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                  calib_batch, calib_cache, se_int8, keep_fp32, backend, no_fuse_se, threads, min_batch, opt_batch,
                  max_batch, workspace, timing_cache, mean, std, resize, input_shape, channel_order, resize_mode,
                  min_agreement, max_top1_drop,
-                 budget_confidence, fallback_order, val,
+                 budget_confidence, fallback_order, val, warn_agreement,
                  label_offset, max_fallback, dynamic_batch, as_json, verbose):
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
@@ -361,7 +365,7 @@ def build_engine(model, out_dir, depth, checkpoint, fp16, int8, calib, calib_met
                         progress=_progress(as_json), min_agreement=min_agreement, max_top1_drop=max_top1_drop,
                         budget_confidence=budget_confidence, fallback_order=fallback_order,
                         val=val, label_offset=label_offset, max_fallback=max_fallback, dynamic_batch=dynamic_batch,
-                        input_shape=hw)
+                        input_shape=hw, warn_agreement=warn_agreement)
     res = build_engines(model, out_dir, opts, depth=int(depth) if depth else None, checkpoint=checkpoint)
     _emit(res.as_dict(), as_json, format_result(res))
 

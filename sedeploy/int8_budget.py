@@ -269,16 +269,26 @@ def as_logits(out: np.ndarray, kind: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- held-out
-def heldout_split(folder: str | os.PathLike, seed: int = 0, fraction: float = HOLDOUT_FRACTION):
-    """(root, held-out paths, relative paths to keep out of calibration): a seeded ``fraction`` of the folder."""
+def heldout_count(n: int, fraction: float = HOLDOUT_FRACTION, *, min_heldout: int = MIN_HELDOUT,
+                  most: int | None = None) -> int:
+    """How many of ``n`` images :func:`heldout_split` holds out: ``fraction`` of them, at least ``min_heldout``
+    and at most ``most``."""
+    k = max(min_heldout, int(round(n * fraction)))
+    return k if most is None else min(k, most)
+
+
+def heldout_split(folder: str | os.PathLike, seed: int = 0, fraction: float = HOLDOUT_FRACTION, *,
+                  min_heldout: int = MIN_HELDOUT, min_rest: int = MIN_HELDOUT, most: int | None = None):
+    """(root, held-out paths, relative paths to keep out of calibration): a seeded ``fraction`` of the folder
+    (:func:`heldout_count`), leaving at least ``min_rest`` images to calibrate on."""
     from sedeploy.preprocess import find_images
 
     found = find_images(folder, what="calibration image folder")
     n = len(found.paths)
-    k = max(MIN_HELDOUT, int(round(n * fraction)))
-    if n - k < MIN_HELDOUT:
+    k = heldout_count(n, fraction, min_heldout=min_heldout, most=most)
+    if k < min_heldout or n - k < min_rest:
         raise SedeployError(f"'{found.root}' holds {n} images: too few to split into calibration and held-out "
-                            f"sets (each needs ≥ {MIN_HELDOUT}).",
+                            f"sets (calibration needs ≥ {min_rest}, the held-out set ≥ {min_heldout}).",
                             fix="add images, or pass a separate held-out folder with --val DIR")
     pick = np.sort(np.random.default_rng(seed + 7919).choice(n, size=k, replace=False))
     held = [found.paths[i] for i in pick]

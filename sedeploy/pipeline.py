@@ -89,6 +89,8 @@ class BuildOptions:
     max_fallback: int | None = None  # most layers allowed back in float
     dynamic_batch: bool = False  # a fixed-batch model: make the batch dynamic (refused with the reason if unsafe)
     input_shape: tuple[int, int] | None = None  # (H, W) pinning a model's dynamic height and width
+    warn_agreement: float | None = None  # INT8 check: warn below this top-1 agreement, %; None: int8_check default
+    auto_backend: bool = False  # set by build_engines when --backend auto chose the backend (fallback allowed)
 
 
 @dataclass
@@ -109,9 +111,11 @@ class BuildResult:
     int8_budget: dict[str, Any] | None = None  # per flavour: sedeploy.int8_budget.BudgetReport
     shapes: dict[str, Any] | None = None  # input shape, batch handling, output kind
     canonical: dict[str, Any] | None = None  # sedeploy.passes.canonical.CanonicalReport of the input graph
+    int8_check: dict[str, Any] | None = None  # INT8 agreement with FP32 on held-out images (sedeploy.int8_check)
+    _int8_pending: Any = field(default=None, repr=False, compare=False)  # the check's images, until it runs
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         d["artifacts"] = [a.as_dict() for a in self.artifacts]
         return d
 
@@ -184,15 +188,18 @@ def _check_options(opt: BuildOptions) -> None:
 
         require(opt.backend, _backend_purpose(opt.backend))  # exit 4 with the install hint, before any work
     budget = opt.max_top1_drop is not None or opt.min_agreement is not None
-    extras = (opt.val, opt.max_fallback, opt.budget_confidence, opt.fallback_order)
-    if (budget or any(e is not None for e in extras)) and not opt.int8:
-        raise SedeployError("--min-agreement / --max-top1-drop / --val / --max-fallback / --budget-confidence / "
-                            "--fallback-order budget the INT8 artifacts, "
+    extras = (opt.max_fallback, opt.budget_confidence, opt.fallback_order)
+    if (budget or opt.val is not None or opt.warn_agreement is not None
+            or any(e is not None for e in extras)) and not opt.int8:
+        raise SedeployError("--min-agreement / --max-top1-drop / --val / --warn-agreement / --max-fallback / "
+                            "--budget-confidence / --fallback-order check or budget the INT8 artifacts, "
                             "but --int8 was not given.", fix="add --int8")
     if any(e is not None for e in extras) and not budget:
-        raise SedeployError("--val / --max-fallback / --budget-confidence / --fallback-order were given without a "
-                            "budget.",
+        raise SedeployError("--max-fallback / --budget-confidence / --fallback-order were given without a budget.",
                             fix="add --min-agreement PCT and/or --max-top1-drop PTS")
+    from sedeploy.int8_check import check_warn_agreement
+
+    check_warn_agreement(opt.warn_agreement)
     if opt.max_fallback is not None and opt.max_fallback < 0:
         raise SedeployError(f"--max-fallback {opt.max_fallback} is not valid.", expected="a whole number ≥ 0")
     if opt.label_offset < 0:
@@ -545,6 +552,15 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
         res.int8_budget = {"budget": {"max_top1_drop": opt.max_top1_drop, "min_agreement": opt.min_agreement,
                                       "confidence": opt.budget_confidence},
                            "heldout": held_what, "labelled": held_y is not None, "flavours": {}}
+        res._int8_pending = {"images": held_x, "what": held_what, "pp": pp}
+    else:
+        from sedeploy import int8_check
+
+        held = int8_check.plan(folder, val=opt.val, count=opt.calib_count, seed=opt.calib_seed,
+                               method=opt.calib_method or calibration.DEFAULT_METHOD)
+        res._int8_pending = {"held": held, "pp": pp}
+        if isinstance(held, int8_check.HeldOut):
+            exclude = held.exclude
     t0 = time.perf_counter()
     kwargs = {k: v for k, v in {"method": opt.calib_method, "count": opt.calib_count,
                                 "batch_size": opt.calib_batch}.items() if v is not None}
@@ -557,6 +573,10 @@ def _int8(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preproce
                        "seconds": res.timings["calibrate_s"], "held_out": len(exclude)}
     if calib.cache_hit:
         res.calibration["computed_seconds"] = calib.seconds  # what the cached run took
+    if budget is None and not isinstance(res._int8_pending["held"], str):
+        from sedeploy.int8_check import confirm_unseen
+
+        confirm_unseen(res._int8_pending["held"], calib.images)
     se = int8.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
     # the OpenVINO form only when OpenVINO engines are built (ORT and TensorRT have their own forms)
     for flavour in ("trt", "cpu", *(("ov",) if opt.backend == "openvino" else ())):
@@ -596,9 +616,10 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
     """Engines of the chosen backend. In a full build the INT8 form meant for another backend is only written;
     an artifact the user gave as MODEL is built as asked (``given``), with a note when its form is not the one
     this backend runs best (``_check_artifact_for_backend`` has refused the forms a backend cannot read)."""
-    from sedeploy.backends import build_engine, unsupported_here
+    from sedeploy.backends import BackendCompileError, build_engine, unsupported_here
 
     if opt.backend == "none":
+        _check_int8(res, opt)
         return
     table = BACKENDS[opt.backend]
     for art in res.artifacts:
@@ -622,10 +643,114 @@ def _build_engines(res: BuildResult, out: Path, opt: BuildOptions, *, given: boo
                              f"from it: {why}")
             continue
         t0 = time.perf_counter()
-        eng = build_engine(opt.backend, art.path, out, _engine_options(opt))
+        fallback = None
+        try:
+            eng = build_engine(opt.backend, art.path, out, _engine_options(opt))
+        except BackendCompileError as err:
+            eng, art, fallback = _engine_fallback(err, art, res, out, opt)
         res.timings[f"engine_{art.kind}_s"] = round(time.perf_counter() - t0, 2)
         res.engines.append({**eng.as_dict(), "from": str(art.path), "kind": art.kind, "flavour": art.flavour,
-                            "graph_rewrites": dict((eng.metadata or {}).get("graph_rewrites") or {})})
+                            "graph_rewrites": dict((eng.metadata or {}).get("graph_rewrites") or {}),
+                            **({"fallback": fallback} if fallback else {})})
+    _check_int8(res, opt)
+
+
+def _engine_fallback(err, art: Artifact, res: BuildResult, out: Path, opt: BuildOptions):
+    """The backend's library refused to compile ``art``. Under ``--backend auto``: that precision's engine on the
+    backend table's fallback (ONNX Runtime), from the artifact of the same precision in its form, said in a
+    warning and the result; returns (engine, the artifact it was built from, what happened). With an explicit
+    ``--backend``: one error whose fix is another backend (nothing is published)."""
+    from sedeploy.backends import build_engine, fallback_backend, unsupported_here
+
+    row = BACKENDS[opt.backend]
+    other = fallback_backend(opt.backend)
+    name = Path(art.path).name
+    if not opt.auto_backend or other is None:
+        alt = other or "ort"
+        raise SedeployError(
+            f"{row.label} cannot compile the {art.kind} artifact {name} ({err.reason}), so no {row.label} engine of "
+            f"it can be built (--backend {opt.backend}). Nothing was written.",
+            fix=f"build that precision on {BACKENDS[alt].label}: rerun with --backend auto (every other engine on "
+                f"{row.label}, this one on {BACKENDS[alt].label}) or --backend {alt} (every engine on "
+                f"{BACKENDS[alt].label}); report the {row.label} failure at {row.issues}") from err
+    target = BACKENDS[other]
+    src = art if art.kind in target.kinds else next(
+        (a for a in res.artifacts if a.precision == art.precision and a.kind in target.kinds), art)
+    why = unsupported_here(other, src.precision)
+    if why is not None:
+        raise SedeployError(f"{row.label} cannot compile the {art.kind} artifact {name} ({err.reason}), and "
+                            f"{target.label} cannot run {src.precision.upper()} here either: {why}.",
+                            fix=f"rerun without --{src.precision}, or build on another machine; report the "
+                                f"{row.label} failure at {row.issues}") from err
+    eng = build_engine(other, src.path, out, _engine_options(opt))
+    said = (f"{name}: {row.label} cannot compile it ({err.reason}); --backend auto built its {src.precision.upper()} "
+            f"engine on {target.label} from {Path(src.path).name} instead (the artifact is kept; every other engine "
+            f"is {row.label}'s). Please report the {row.label} failure at {row.issues} with that file")
+    log.warning(said)
+    res.notes.append(said)
+    return eng, src, {"backend": opt.backend, "artifact": name, "reason": err.reason, "report": row.issues,
+                      "built_on": other}
+
+
+def _check_int8(res: BuildResult, opt: BuildOptions) -> None:
+    """INT8 agreement with FP32 on held-out images (sedeploy.int8_check), on the runtime each artifact runs on;
+    warns below ``opt.warn_agreement``. The budget's own figures are reused where it measured on that runtime."""
+    from sedeploy import int8_check
+
+    pending, res._int8_pending = res._int8_pending, None
+    ints = [a for a in res.artifacts if a.precision == "int8" and a.flavour]
+    if pending is None or not ints:
+        return
+    t0 = time.perf_counter()
+    floor = int8_check.DEFAULT_WARN_AGREEMENT if opt.warn_agreement is None else opt.warn_agreement
+    held = pending.get("held")
+    if isinstance(held, str):
+        said = (f"WARNING: INT8 agreement with FP32 not measured: {held}. Pass --val DIR (held-out images like "
+                "the deployment data) to check it")
+        log.warning(said.removeprefix("WARNING: "))
+        res.notes.append(said)
+        res.int8_check = {"measured": False, "reason": held, "warn_below_pct": floor}
+        return
+    ov_built = {e["kind"] for e in res.engines if e["backend"] == "openvino"}
+    fp32 = next(a.path for a in res.artifacts if a.precision == "fp32")
+    budget = (res.int8_budget or {}).get("flavours") or {}
+    figures, entries, notes = {}, [], {}
+    for a in ints:
+        runtime, note = int8_check.runtime_for(a.kind, openvino_ok=a.kind in ov_built)
+        if note:
+            notes[a.kind] = note
+        if a.flavour in budget and runtime == "ort":  # the budget measured it on ONNX Runtime CPU: reused
+            r = budget[a.flavour]["result"]
+            figures[a.kind] = {**{k: r[k] for k in ("n", "agree", "agreement_pct", "agreement_lcb_pct")},
+                               "runtime": runtime, "from": "the INT8 budget's held-out measurement"}
+        else:
+            entries.append((a.kind, Path(a.path), runtime))
+    if held is not None:
+        from sedeploy.preprocess import load_batch
+
+        images, _ = load_batch(held.paths, pending["pp"], progress=opt.progress,
+                               what=f"held-out image folder '{held.root}'")
+        heldout = {**held.as_dict(), "images": len(images)}
+    else:  # the budget's held-out images
+        images = pending["images"]
+        heldout = {"source": "budget", "what": pending["what"], "images": len(images)}
+    if entries:
+        for kind, m in int8_check.measure(fp32, entries, images, threads=opt.threads).items():
+            figures[kind] = {**m, "runtime": dict((k, r) for k, _, r in entries)[kind]}
+    for kind, m in figures.items():
+        m["below_warn"] = m["agreement_pct"] < floor
+        if kind in notes:
+            m["note"] = notes[kind]
+        if m["below_warn"]:
+            said = int8_check.warning_text(kind, m, floor, m["runtime"],
+                                           random_weights=(res.weights or "").startswith("random"))
+            log.warning("INT8 check: %s", said)
+            res.notes.append(f"WARNING: {said}")
+    res.timings["int8_check_s"] = round(time.perf_counter() - t0, 2)
+    res.int8_check = {"measured": True, "heldout": heldout, "warn_below_pct": floor,
+                      "reference": "the FP32 artifact on ONNX Runtime CPU",
+                      "artifacts": {a.kind: figures[a.kind] for a in ints if a.kind in figures},
+                      "seconds": res.timings["int8_check_s"]}
 
 
 def _check_artifact_for_backend(art: Artifact, backend: str) -> None:
@@ -662,7 +787,7 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
         kind = Artifact.from_file(model).kind if model is not None else "fp32"
         if kind not in BACKENDS[chosen].kinds:  # an artifact made for another CPU backend (int8-cpu: ORT's form)
             chosen = next((n for n, b in BACKENDS.items() if kind in b.kinds and b.device != "gpu"), chosen)
-        opt = dataclasses.replace(opt, backend=chosen)
+        opt = dataclasses.replace(opt, backend=chosen, auto_backend=True)
         log.info("--backend auto: building %s engines (OpenVINO when it imports on x86-64, else ONNX Runtime; the "
                  "CPU backend an INT8 artifact given as MODEL was made for)", BACKENDS[opt.backend].label)
     _check_options(opt)
@@ -896,6 +1021,26 @@ def _shape_report(proto, inp, changes: dict[str, Any] | None = None, pp: Preproc
     return report
 
 
+def _format_int8_check(check: dict[str, Any] | None) -> list[str]:
+    """The summary lines of the INT8 agreement check."""
+    from sedeploy.int8_budget import REPORT_CONFIDENCE
+    from sedeploy.int8_check import RUNTIMES
+
+    if not check:
+        return []
+    if not check.get("measured"):
+        return [f"INT8 check  not measured: {check['reason']} (pass --val DIR)"]
+    lines = [f"INT8 check  top-1 agreement with FP32 on {check['heldout']['what']}; warns below "
+             f"{check['warn_below_pct']:g} %:"]
+    for kind, m in check["artifacts"].items():
+        lines.append(f"  {kind:<9} {m['agreement_pct']:6.2f} % ({REPORT_CONFIDENCE:.0%} lower bound "
+                     f"{m['agreement_lcb_pct']:.2f} %, n = {m['n']}) on {RUNTIMES[m['runtime']]}"
+                     + (f"  BELOW {check['warn_below_pct']:g} %" if m["below_warn"] else "")
+                     + (f"  ({m['note']})" if m.get("note") else "")
+                     + (f"  ({m['from']})" if m.get("from") else ""))
+    return lines
+
+
 def format_result(res: BuildResult) -> str:
     """The human-readable summary `build-engine` prints."""
     lines = [f"source      {res.source}"]
@@ -947,6 +1092,7 @@ def format_result(res: BuildResult) -> str:
                          + (f" ({', '.join(fell[:6])}{' …' if len(fell) > 6 else ''})" if fell else "")
                          + (f"; top-1 drop {f['top1_drop_pts']:.2f} pt (upper bound {f['top1_drop_ucb_pts']:.2f})"
                             if r["labelled"] else "") + cost)
+    lines.extend(_format_int8_check(res.int8_check))
     lines.append("artifacts (portable ONNX):")
     for a in res.artifacts:
         lines.append(f"  {a.kind:<22} {a.path}")
@@ -954,8 +1100,11 @@ def format_result(res: BuildResult) -> str:
         lines.append("engines:")
         for e in res.engines:
             moved = (e.get("graph_rewrites") or {}).get("squeeze_first")
+            fb = e.get("fallback")
             lines.append(f"  {e['backend']:<11} {e['precision']:<10} {e['path']}"
-                         + (f"  (squeeze-first: {moved} SE squeezes pool before the expanding conv)" if moved else ""))
+                         + (f"  (squeeze-first: {moved} SE squeezes pool before the expanding conv)" if moved else "")
+                         + (f"  (fallback: {BACKENDS[fb['backend']].label} cannot compile {fb['artifact']}: "
+                            f"{fb['reason']}; report it at {fb['report']})" if fb else ""))
     for n in res.notes:
         lines.append(f"note: {n}")
     lines.append(f"time        {res.timings.get('total_s', 0):.1f} s "

@@ -34,8 +34,8 @@ from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_write_text
 from sedeploy.layout import ENGINE_SUFFIX, SIDECAR_SUFFIX
 
-__all__ = ["BACKENDS", "BUILD_CHOICES", "Backend", "Engine", "EngineOptions", "Runner", "backend", "build_engine",
-           "backend_for_engine", "default_cpu_backend", "resolve_backend", "open_runner", "sidecar_path", "read_sidecar", "write_sidecar", "validate_input"]
+__all__ = ["BACKENDS", "BUILD_CHOICES", "Backend", "BackendCompileError", "Engine", "EngineOptions", "Runner", "backend", "build_engine",
+           "backend_for_engine", "default_cpu_backend", "fallback_backend", "resolve_backend", "open_runner", "sidecar_path", "read_sidecar", "write_sidecar", "validate_input"]
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,39 @@ class Backend:
     device: str  # "cpu" | "gpu" | "cpu/gpu"
     sidecar_suffix: str  # <stem><suffix> is the JSON sidecar of <stem><engine suffix>
     runner_options: tuple[str, ...] = ()  # keyword options its runner takes (threads, providers, …)
+    issues: str = ""  # where its library's own failures are reported
+    fallback: str | None = None  # `--backend auto`: the CPU backend that builds what this one cannot compile
 
 
 #: The backends sedeploy builds for, in the order the CLI lists them.
 BACKENDS: dict[str, Backend] = {
     "ort": Backend("ort", "ONNX Runtime", "sedeploy.backends.ort", "OrtRunner", ("fp32", "fp16", "int8-cpu"),
                    (ENGINE_SUFFIX["ort"],), None, "onnxruntime", "cpu/gpu", SIDECAR_SUFFIX["ort"],
-                   ("threads", "providers", "optimization")),
+                   ("threads", "providers", "optimization"), "https://github.com/microsoft/onnxruntime/issues"),
     "trt": Backend("trt", "TensorRT", "sedeploy.backends.tensorrt", "TrtRunner", ("fp32", "fp16", "int8-trt"),
-                   (ENGINE_SUFFIX["trt"],), "tensorrt", "tensorrt", "gpu", SIDECAR_SUFFIX["trt"]),
+                   (ENGINE_SUFFIX["trt"],), "tensorrt", "tensorrt", "gpu", SIDECAR_SUFFIX["trt"], (),
+                   "https://github.com/NVIDIA/TensorRT/issues"),
     "openvino": Backend("openvino", "OpenVINO", "sedeploy.backends.openvino", "OpenVinoRunner",
                         ("fp32", "fp16", "int8-ov"), (ENGINE_SUFFIX["openvino"],), "openvino", "openvino",
-                        "cpu", SIDECAR_SUFFIX["openvino"], ("threads",)),
+                        "cpu", SIDECAR_SUFFIX["openvino"], ("threads",),
+                        "https://github.com/openvinotoolkit/openvino/issues", "ort"),
 }
+
+class BackendCompileError(SedeployError):
+    """A backend's library refused to read or compile a model (its own error, not sedeploy's checks). The
+    ``build-engine --backend auto`` pipeline builds that precision on the row's :attr:`Backend.fallback` instead;
+    everywhere else it is an ordinary :class:`~sedeploy.errors.SedeployError` (exit 2)."""
+
+    def __init__(self, what: str, *, backend: str, model: str | Path, reason: str, expected: str | None = None,
+                 fix: str | None = None):
+        super().__init__(what, expected=expected, fix=fix)
+        self.backend, self.model, self.reason = backend, str(model), reason
+
+
+def fallback_backend(name: str) -> str | None:
+    """The CPU backend ``--backend auto`` builds on when backend ``name`` cannot compile an artifact (None: none)."""
+    return backend(name).fallback
+
 
 #: what ``build-engine --backend`` accepts: a backend, ``auto`` (:func:`default_cpu_backend`) or ``none`` (artifacts only)
 BUILD_CHOICES: tuple[str, ...] = ("auto", *BACKENDS, "none")

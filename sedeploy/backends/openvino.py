@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from sedeploy.backends import Engine, EngineOptions, Runner, read_sidecar, sidecar_path, validate_input, \
+from sedeploy.backends import BackendCompileError, Engine, EngineOptions, Runner, read_sidecar, sidecar_path, validate_input, \
     write_sidecar
 from sedeploy.errors import IncompatibleDependencyError, MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import disk_full_error, ensure_writable_dir, short_of_space
@@ -191,9 +191,10 @@ class OpenVinoModelRunner(Runner):
             self.model = core.read_model(str(self.source)) if self.path is not None else self.source
             self.compiled = core.compile_model(self.model, DEVICE, self.config)
         except RuntimeError as err:
-            raise SedeployError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the CPU: "
-                                f"{_first_line(err)}",
-                                fix="rebuild the engine with `sedeploy build-engine --backend openvino`") from err
+            raise BackendCompileError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the CPU: "
+                                      f"{_first_line(err)}", backend="openvino", model=self.name,
+                                      reason=_first_line(err),
+                                      fix="rebuild the engine with `sedeploy build-engine --backend openvino`") from err
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         got = got.get_type_name() if hasattr(got, "get_type_name") else str(got).lower()
         if got != self.precision_hint:
@@ -233,11 +234,12 @@ class OpenVinoModelRunner(Runner):
                 model.reshape({model.inputs[0]: list(shape)})
                 self._static[shape] = self._core.compile_model(model, DEVICE, self.config).create_infer_request()
             except RuntimeError as err:
-                raise SedeployError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the input "
-                                    f"shape {list(shape)} (batch {shape[0]}): {_first_line(err)}",
-                                    fix=f"a batch that large may not fit in memory: try a smaller batch (bench "
-                                        f"--batch); from Python, OpenVinoRunner(..., static_batch=False) runs the "
-                                        f"dynamic-batch model instead") from err
+                raise BackendCompileError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the "
+                                          f"input shape {list(shape)} (batch {shape[0]}): {_first_line(err)}",
+                                          backend="openvino", model=self.name, reason=_first_line(err),
+                                          fix=f"a batch that large may not fit in memory: try a smaller batch (bench "
+                                              f"--batch); from Python, OpenVinoRunner(..., static_batch=False) "
+                                              f"runs the dynamic-batch model instead") from err
         return self._static[shape]
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
@@ -474,11 +476,12 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
         why = f"ops it cannot convert: {', '.join(failed)}" if failed else _first_line(err)
         hint = (" (the INT8 CPU form is ONNX Runtime's QOperator format, QLinearConv & co.)"
                 if art.kind == "int8-cpu" else "")
-        raise SedeployError(f"OpenVINO {ov.get_version()} cannot read '{src}'{hint}: {why}.",
-                            expected="an ONNX artifact OpenVINO's ONNX frontend imports (fp32, fp16, int8-ov, "
-                                     "int8-trt)",
-                            fix="build the OpenVINO engine from the .int8-ov.onnx artifact (written by `sedeploy "
-                                "build-engine --int8 --backend openvino`), or from .fp32.onnx") from err
+        raise BackendCompileError(f"OpenVINO {ov.get_version()} cannot read '{src}'{hint}: {why}.",
+                                  backend="openvino", model=src, reason=why,
+                                  expected="an ONNX artifact OpenVINO's ONNX frontend imports (fp32, fp16, int8-ov, "
+                                           "int8-trt)",
+                                  fix="build the OpenVINO engine from the .int8-ov.onnx artifact (written by "
+                                      "`sedeploy build-engine --int8 --backend openvino`), or from .fp32.onnx") from err
     profile = _profile(model)
     histogram = _op_histogram(model)
     published: list[Path] = []
