@@ -78,7 +78,12 @@ def test_ort_engines_and_manifest(built):
         assert Path(e["path"]).is_file() and Path(e["sidecar"]).is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["se_blocks_fused"] == 8 and len(manifest["artifacts"]) == 4
-    assert manifest["calibration"]["images"] == 64 and manifest["calibration"]["cache_hit"] is False
+    # 64 calibration images, none more than --calib-count: a seeded quarter is held out for the INT8 check
+    assert manifest["calibration"]["images"] == 48 and manifest["calibration"]["cache_hit"] is False
+    check = manifest["int8_check"]
+    assert check["heldout"]["images"] == 16 and set(check["artifacts"]) == {"int8-trt", "int8-cpu"}
+    # the trained network's INT8 agrees: nothing to warn about (97 % floor, 16 images: every one agrees or a warning)
+    assert all(m["below_warn"] is (m["agreement_pct"] < 97) for m in check["artifacts"].values())
     assert not [p for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
