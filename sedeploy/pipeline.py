@@ -665,14 +665,15 @@ def _engine_fallback(err, art: Artifact, res: BuildResult, out: Path, opt: Build
     row = BACKENDS[opt.backend]
     other = fallback_backend(opt.backend)
     name = Path(art.path).name
-    if not opt.auto_backend or other is None:
-        alt = other or "ort"
+    if other is None:  # no backend to fall back on: the library's own error, as it is
+        raise err
+    if not opt.auto_backend:
         raise SedeployError(
             f"{row.label} cannot compile the {art.kind} artifact {name} ({err.reason}), so no {row.label} engine of "
             f"it can be built (--backend {opt.backend}). Nothing was written.",
-            fix=f"build that precision on {BACKENDS[alt].label}: rerun with --backend auto (every other engine on "
-                f"{row.label}, this one on {BACKENDS[alt].label}) or --backend {alt} (every engine on "
-                f"{BACKENDS[alt].label}); report the {row.label} failure at {row.issues}") from err
+            fix=f"build that precision on {BACKENDS[other].label}: rerun with --backend auto (every other engine on "
+                f"{row.label}, this one on {BACKENDS[other].label}) or --backend {other} (every engine on "
+                f"{BACKENDS[other].label}); report the {row.label} failure at {row.issues}") from err
     target = BACKENDS[other]
     src = art if art.kind in target.kinds else next(
         (a for a in res.artifacts if a.precision == art.precision and a.kind in target.kinds), art)
