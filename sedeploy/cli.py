@@ -263,7 +263,8 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
               help="FP16 policy: comma list of se_gate, se, head kept in FP32, or 'none' [default: measured].")
 @click.option("--backend", type=click.Choice(BUILD_CHOICES), default="auto", show_default=True,
               help="Engine backend: auto = the fastest CPU backend installed (openvino when it imports on x86-64, "
-                   "else ort; a precision OpenVINO cannot compile is built on ort, said in the summary); ort = ONNX Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
+                   "else ort; a precision OpenVINO cannot compile is built on ort, said in the summary); ort = ONNX "
+                   "Runtime (CPU, runs everywhere); trt = TensorRT (NVIDIA GPU, "
                    "`pip install sedeploy[tensorrt]`); openvino = OpenVINO (CPU, `pip install sedeploy[openvino]`); "
                    "none = artifacts only.")
 @click.option("--no-fuse-se", is_flag=True, help="Skip the SE fusion pass.")
