@@ -300,7 +300,8 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
                    "most accuracy per multiply-add kept in float (least speed lost) [default: sensitivity].")
 @click.option("--val", type=click.Path(), default=None,
               help="Held-out images for the INT8 check and budget [default: --calib images calibration does not "
-                   "pick, or a seeded quarter of a --calib folder of ≤ --calib-count images, then not calibrated on].")
+                   "pick, or a seeded quarter of a --calib folder of ≤ --calib-count images, then not calibrated "
+                   "on].")
 @click.option("--warn-agreement", type=float, default=None, metavar="PCT",
               help="INT8 check: warn when an INT8 artifact's top-1 agreement with FP32 on held-out images (at most "
                    "256, on the runtime that runs it) is below PCT [default: 97; 0 never warns].")

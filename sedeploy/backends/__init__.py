@@ -34,8 +34,9 @@ from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_write_text
 from sedeploy.layout import ENGINE_SUFFIX, SIDECAR_SUFFIX
 
-__all__ = ["BACKENDS", "BUILD_CHOICES", "Backend", "BackendCompileError", "Engine", "EngineOptions", "Runner", "backend", "build_engine",
-           "backend_for_engine", "default_cpu_backend", "fallback_backend", "resolve_backend", "open_runner", "sidecar_path", "read_sidecar", "write_sidecar", "validate_input"]
+__all__ = ["BACKENDS", "BUILD_CHOICES", "Backend", "BackendCompileError", "Engine", "EngineOptions", "Runner",
+           "backend", "build_engine", "backend_for_engine", "default_cpu_backend", "fallback_backend",
+           "resolve_backend", "open_runner", "sidecar_path", "read_sidecar", "write_sidecar", "validate_input"]
 
 
 @dataclass(frozen=True)

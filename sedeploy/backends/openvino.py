@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from sedeploy.backends import BackendCompileError, Engine, EngineOptions, Runner, read_sidecar, sidecar_path, validate_input, \
-    write_sidecar
+from sedeploy.backends import BackendCompileError, Engine, EngineOptions, Runner, read_sidecar, sidecar_path, \
+    validate_input, write_sidecar
 from sedeploy.errors import IncompatibleDependencyError, MissingDependencyError, SedeployError, VerificationError
 from sedeploy.fsutil import disk_full_error, ensure_writable_dir, short_of_space
 from sedeploy import layout
