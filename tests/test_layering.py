@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sedeploy.model", "sedeploy.checkpoints", "sedeploy.flops", "sedeploy.export", "sedeploy.info"),
     ("sedeploy.passes",),
     ("sedeploy.checks",),
-    ("sedeploy.fp16", "sedeploy.calibration", "sedeploy.int8", "sedeploy.int8_budget"),
+    ("sedeploy.fp16", "sedeploy.fp16_verify", "sedeploy.calibration", "sedeploy.int8", "sedeploy.int8_budget"),
     ("sedeploy.backends",),
     ("sedeploy.pipeline",),
     ("sedeploy.bench",),
