@@ -311,10 +311,13 @@ def _one_conv(tmp_path, rng):
     return path
 
 
-@pytest.mark.parametrize("flavour", ["cpu", "trt"])
-def test_bias_correction_removes_the_mean_shift(tmp_path, flavour):
+@pytest.mark.parametrize("flavour, full_weights", [("cpu", False), ("trt", False), ("ov", False), ("ov", True)])
+def test_bias_correction_removes_the_mean_shift(tmp_path, flavour, full_weights):
     """On inputs with large channel means, weight quantization shifts each output channel's mean by
-    (W_q − W)·E[x]; bias correction removes that shift."""
+    (W_q − W)·E[x]; bias correction removes that shift — computed for the weights' own levels (7-bit with
+    ``reduce_range``, 8-bit without)."""
+    import dataclasses
+
     from sedeploy import int8
     from sedeploy.calibration import CalibrationResult
     from sedeploy.onnxcore import run_model
@@ -330,7 +333,8 @@ def test_bias_correction_removes_the_mean_shift(tmp_path, flavour):
     shift = {}
     for bc in (False, True):
         out = tmp_path / f"{flavour}-{bc}.onnx"
-        rep = int8.quantize_model(path, cal, out, flavour=flavour, bias_correction=bc)
+        kw = {"cpu_options": dataclasses.replace(int8.OV_OPTIONS, reduce_range=False)} if full_weights else {}
+        rep = int8.quantize_model(path, cal, out, flavour=flavour, bias_correction=bc, **kw)
         assert rep.settings["bias_corrected_layers"] == int(bc)
         shift[bc] = np.abs((run_model(out, x) - ref).mean(axis=(0, 2, 3))).mean()
     assert shift[True] < 0.5 * shift[False], shift
