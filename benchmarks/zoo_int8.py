@@ -158,7 +158,8 @@ def to_markdown(data: dict) -> str:
             m = r.get("forms", {}).get(f, {})
             cells.append(f"failed: {m['error'][:60]}" if "error" in m else
                          f"{m['agreement_pct']:.2f} % ({-m['top1_drop_pts']:+.2f} pt)" if m else "–")
-        lines.append(f"| {r['model']} | {r.get('eval_images', '–')} | {r.get('top1_fp32_pct', '–')} % | "
+        model = r["model"] + (" (FP32 from " + Path(r["fp32_override"]).name + ")" if r.get("fp32_override") else "")
+        lines.append(f"| {model} | {r.get('eval_images', '–')} | {r.get('top1_fp32_pct', '–')} % | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="model file names (default: every ImageNet model)")
     ap.add_argument("--images", type=Path, default=SHARED_DATA / "imagenet-val-1300",
                     help="imagenet-val-1300 (images/ and labels.tsv)")
+    ap.add_argument("--fp32", action="append", default=[], metavar="NAME=PATH",
+                    help="use PATH as the FP32 model of zoo model NAME (e.g. a canonicalised copy); recorded")
     ap.add_argument("--calib-count", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="at most this many evaluation images")
@@ -194,13 +197,20 @@ def main(argv=None) -> int:
         ap.error(f"not ImageNet zoo models: {unknown} (known: {', '.join(ZOO)})")
     from sedeploy.errors import SedeployError
 
+    if any("=" not in item for item in args.fp32):
+        ap.error("--fp32 takes NAME=PATH")
+    override = dict(item.split("=", 1) for item in args.fp32)
+    if set(override) - set(ZOO):
+        ap.error(f"--fp32 names {sorted(set(override) - set(ZOO))}, not zoo models (known: {', '.join(ZOO)})")
     results = []
     for name in names:
         print(f"{ZOO[name]['name']} ({name})", flush=True)
         work = args.work / name.removesuffix(".onnx")
         work.mkdir(parents=True, exist_ok=True)
         try:
-            results.append(run_model_forms(args.models / name, ZOO[name], args, work))
+            fp32 = Path(override[name]) if name in override else args.models / name
+            results.append({**run_model_forms(fp32, ZOO[name], args, work),
+                            "fp32_override": str(fp32) if name in override else None})
         except SedeployError as err:  # e.g. a model sedeploy cannot calibrate yet: said, and the others still run
             print(f"  FAILED: {err.what}", flush=True)
             results.append({"model": ZOO[name]["name"], "file": name, "error": err.what})
