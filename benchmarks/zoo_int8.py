@@ -143,9 +143,10 @@ def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
 def to_markdown(data: dict) -> str:
     isa = data["ov_isa"] or "native (no cap)"
     lines = [f"# INT8 forms on third-party ImageNet models (OpenVINO ISA: {isa})", "",
-             f"{data['calib_count']} calibration images (seed {data['seed']}) drawn from imagenet-val-1300; agreement "
-             "= top-1 agreement with FP32 on the remaining images; drop = FP32 top-1 − form top-1 (points, labels).",
-             "int8-trt is run by ONNX Runtime CPU (no TensorRT here).", "",
+             f"{data['calib_count']} calibration images (seed {data['seed']}) drawn from imagenet-val-1300. Each cell: "
+             "top-1 agreement with FP32 on the remaining images (top-1 change against FP32 in points, from the "
+             "labels; negative = lost). int8-trt is run by ONNX Runtime CPU (no TensorRT here). OpenVINO ISA "
+             "AVX2: ONEDNN_MAX_CPU_ISA=AVX2, the kernels of a CPU without VNNI (int8 products summed in int16).", "",
              "| model | images | FP32 top-1 | " + " | ".join(data["forms"]) + " |",
              "|---|---|---|" + "---|" * len(data["forms"])]
     for r in data["models"]:
