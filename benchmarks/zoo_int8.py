@@ -4,6 +4,9 @@ For each ImageNet model of ../shared/data/models (its README gives the preproces
 ``--calib-count`` images from imagenet-val-1300 calibrates every form, and agreement with FP32 (top-1) and the
 top-1 drop are measured on the remaining images. Forms, all built with sedeploy's library (not the CLI):
 
+The FP32 model is first put in canonical form (:func:`sedeploy.passes.canonical.canonicalize`, what
+build-engine does before anything else); every form and the FP32 reference use that graph.
+
 - ``fp16``: :func:`sedeploy.fp16.to_fp16` (the FP16 artifact's default policy), run by ONNX Runtime CPU;
 - ``int8-ov``: :func:`sedeploy.int8.quantize_model` flavour ``ov``, run by OpenVINO (CPU plugin);
 - ``int8-cpu``: flavour ``cpu`` (QOperator), run by ONNX Runtime CPU;
@@ -105,6 +108,13 @@ def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
     from sedeploy.onnxcore import load_onnx, output_kind, run_model
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 
+    from sedeploy.passes.canonical import canonicalize
+    from sedeploy.onnxcore import save_onnx
+
+    # what build-engine does first: the input graph in canonical form (unfolded shape chains folded …)
+    canonical, report = canonicalize(load_onnx(fp32, check=False), label=fp32.name)
+    if report.changed:
+        fp32 = save_onnx(canonical, work / fp32.name)
     pp = Preprocess(size=224, resize_short=256, mean=spec["mean"], std=spec["std"])
     root = args.images / "images"
     paths = find_images(root).paths
@@ -119,7 +129,7 @@ def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
     calib_x, _ = load_batch([root / r for r in cal.images], pp)
     kind = output_kind(load_onnx(fp32, check=False))
     ref = as_logits(run_model(fp32, x), kind)
-    res = {"model": spec["name"], "file": fp32.name, "calibration": {"images": len(cal.images), "seed": args.seed,
+    res = {"model": spec["name"], "file": fp32.name, "canonicalised": bool(report.changed), "calibration": {"images": len(cal.images), "seed": args.seed,
                                                                       "method": cal.method},
            "eval_images": len(x), "output_kind": kind, "top1_fp32_pct": round(float((ref.argmax(1) == y).mean()) * 100, 2),
            "forms": {}}
