@@ -70,6 +70,14 @@ def _ov_logits(source, x: np.ndarray) -> np.ndarray:
         runner.deactivate()
 
 
+def _ort_logits(source, x: np.ndarray, chunk: int = 32) -> np.ndarray:
+    """ONNX Runtime CPU outputs in chunks (a dynamic-batch model fed every image at once needs gigabytes)."""
+    from sedeploy.onnxcore import cpu_session, run_model
+
+    sess = cpu_session(source)
+    return np.concatenate([run_model(sess, x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
 def _build(form: str, fp32: Path, cal, work: Path, calib_x: np.ndarray):
     """(what runs it, source for the runner) of one form."""
     from sedeploy import int8
@@ -105,7 +113,7 @@ def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
     from sedeploy.calibration import calibrate
     from sedeploy.errors import SedeployError
     from sedeploy.int8_budget import as_logits, metrics
-    from sedeploy.onnxcore import load_onnx, output_kind, run_model
+    from sedeploy.onnxcore import load_onnx, output_kind
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 
     from sedeploy.passes.canonical import canonicalize
@@ -128,7 +136,7 @@ def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
     y = np.array([labels[p.name] + spec["offset"] for p in loaded])
     calib_x, _ = load_batch([root / r for r in cal.images], pp)
     kind = output_kind(load_onnx(fp32, check=False))
-    ref = as_logits(run_model(fp32, x), kind)
+    ref = as_logits(_ort_logits(fp32, x), kind)
     res = {"model": spec["name"], "file": fp32.name, "canonicalised": bool(report.changed), "calibration": {"images": len(cal.images), "seed": args.seed,
                                                                       "method": cal.method},
            "eval_images": len(x), "output_kind": kind, "top1_fp32_pct": round(float((ref.argmax(1) == y).mean()) * 100, 2),
@@ -137,7 +145,7 @@ def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
         t = time.perf_counter()
         try:
             runner, src = _build(form, fp32, cal, work, calib_x)
-            got = _ov_logits(src, x) if runner == "ov" else run_model(src, x)
+            got = _ov_logits(src, x) if runner == "ov" else _ort_logits(src, x)
         except (SedeployError, RuntimeError, ValueError) as err:  # one failing form must not hide the others
             res["forms"][form] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
             print(f"  {form}: FAILED {res['forms'][form]['error']}", flush=True)
