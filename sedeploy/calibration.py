@@ -52,7 +52,7 @@ log = logging.getLogger("sedeploy")
 
 #: Bump whenever the ranges computed for the same inputs change (new histogram code, new defaults…):
 #: it is part of the cache key, so old cache entries stop matching instead of being reused.
-CALIBRATION_VERSION = 4  # 3: per-channel means of the weighted layers' inputs; 4: mse thresholds on the uint8 grid
+CALIBRATION_VERSION = 5  # 3: per-channel means of the weighted layers' inputs; 4: mse thresholds on the uint8 grid; 5: a content checksum
 METHODS = ("entropy", "minmax", "percentile", "mse")
 GRIDS = ("int8", "uint8")
 #: mse by measurement on three trained reference SE-ResNet-50 checkpoints (benchmarks/results/reference_int8/ and its
@@ -73,6 +73,12 @@ QUANT_BINS = 128  # int8 has 127 positive levels; TensorRT's entropy calibrator 
 #: a few hundred values from 16 images — below that a histogram tail is noise. (A judgement, not a measurement.)
 MIN_IMAGES = {"minmax": 1, "entropy": 16, "percentile": 16, "mse": 16}
 CACHE_FORMAT = "sedeploy-calibration"
+
+
+def _content_sha256(d: dict) -> str:
+    """Checksum of a cache entry's contents: a range edited or damaged after the run that computed it (zeroed,
+    say) is not trusted, whatever the key says."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -120,7 +126,8 @@ class CalibrationResult:
         d.pop("cache_path")
         d["ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()}
         d["uint8_ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.uint8_ranges.items()}
-        return {"format": CACHE_FORMAT, "version": CALIBRATION_VERSION, **d}
+        d = {"format": CACHE_FORMAT, "version": CALIBRATION_VERSION, **d}
+        return {**d, "content_sha256": _content_sha256(d)}
 
     @classmethod
     def from_dict(cls, d: dict, *, cache_hit: bool = False, cache_path: str | None = None) -> "CalibrationResult":
@@ -129,6 +136,9 @@ class CalibrationResult:
         if d.get("version") != CALIBRATION_VERSION or d.get("method") not in METHODS:
             raise ValueError(f"version {d.get('version')!r} / method {d.get('method')!r}, not {CALIBRATION_VERSION} / "
                              f"one of {', '.join(METHODS)}")
+        stored = d.get("content_sha256")
+        if stored != _content_sha256({k: v for k, v in d.items() if k != "content_sha256"}):
+            raise ValueError("its contents do not match the checksum it was written with (edited or damaged)")
         for table in ("ranges", "uint8_ranges"):
             bad = [k for k, v in (d.get(table) or {}).items()
                    if not (len(v) == 2 and all(math.isfinite(float(x)) for x in v) and float(v[0]) <= float(v[1]))]

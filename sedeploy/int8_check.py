@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sedeploy.errors import SedeployError
+from sedeploy.onnxcore import sha256_file
 
 log = logging.getLogger("sedeploy")
 
@@ -94,6 +95,7 @@ def plan(folder: str | Path, *, val: str | Path | None, count: int | None, seed:
     if val is not None:
         found = find_images(val, what="held-out image folder (--val)")
         paths = _pick(found.paths, MAX_IMAGES, seed)
+        refuse_seen_val(paths, found.root, folder, count=count, seed=seed)
         return HeldOut(found.root, paths, "val", f"{len(paths)} of the {len(found.paths)} images of --val {found.root}")
     count = calibration.DEFAULT_COUNT if count is None else count
     found = find_images(folder, what="calibration image folder")
@@ -115,6 +117,31 @@ def plan(folder: str | Path, *, val: str | Path | None, count: int | None, seed:
                    f"{len(paths)} images held out of {root} (a seeded quarter; calibration used the other "
                    f"{n - len(paths)} of {n} — pass --val DIR to calibrate on all {n})",
                    exclude=exclude, calib_before=n, calib_after=n - len(paths))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
+
+
+def refuse_seen_val(val_paths: list[Path], val_root: Path, folder: str | Path, *, count: int | None,
+                    seed: int) -> None:
+    """``--val`` images must be held out: none may be an image calibration uses (the same file, a link to it, or a
+    copy with the same contents), or every figure measured on them would flatter the INT8 artifact."""
+    from sedeploy import calibration
+
+    count = calibration.DEFAULT_COUNT if count is None else count
+    _, calibrated = calibration.select_images(folder, count, seed)
+    by_size: dict[int, list[Path]] = {}
+    for c in calibrated:
+        by_size.setdefault(c.stat().st_size, []).append(c)
+    seen = [v for v in val_paths if any(_same_file(v, c) for c in by_size.get(v.stat().st_size, ()))]
+    if seen:
+        raise SedeployError(f"--val {val_root}: {len(seen)} of its {len(val_paths)} images are images calibration "
+                            f"uses from --calib {folder} (e.g. {', '.join(p.name for p in seen[:3])}), so they are "
+                            "not held out.",
+                            expected="held-out images that calibration never sees",
+                            fix="pass a --val folder with other images, or omit --val (a part of --calib that "
+                                "calibration does not use is held out then)")
 
 
 def confirm_unseen(held: HeldOut, calibrated: list[str]) -> None:

@@ -519,8 +519,11 @@ def _heldout(opt: BuildOptions, folder: Path, pp: Preprocess, num_classes: int):
     from sedeploy.preprocess import find_images, load_batch
 
     if opt.val is not None:
+        from sedeploy.int8_check import refuse_seen_val
+
         found = find_images(opt.val, what="held-out image folder (--val)")
         root, paths, exclude = found.root, found.paths, set()
+        refuse_seen_val(paths, root, folder, count=opt.calib_count, seed=opt.calib_seed)
         what = f"{len(paths)} images of --val {root}"
     else:
         root, paths, exclude = heldout_split(folder, seed=opt.calib_seed)

@@ -137,7 +137,8 @@ def test_damaged_default_cache_entries_are_recomputed_or_named(tiny, calib16, tm
     import json
 
     for damage in ({"ranges": {k: [float("nan"), 1.0] for k in a.ranges}}, {"version": 99}, {"method": "bogus"},
-                   {"ranges": {k: [5.0, -5.0] for k in a.ranges}}):
+                   {"ranges": {k: [5.0, -5.0] for k in a.ranges}}, {"ranges": {k: [0.0, 0.0] for k in a.ranges}},
+                   {"content_sha256": None}):
         entry.write_text(json.dumps({**a.to_dict(), **damage}))  # the key still matches: the contents are checked
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="sedeploy"):

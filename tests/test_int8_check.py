@@ -258,3 +258,30 @@ def test_explicit_openvino_that_cannot_compile_fails_with_a_true_fix(tiny_onnx, 
     assert "unsupported input precision" in r.output and "int8-ov" in r.output and "Traceback" not in r.output
     assert r.output.count("Fix:") == 1
     assert not out.exists() or not any(out.iterdir())  # nothing published
+
+
+def test_val_sharing_images_with_calibration_is_refused_before_any_work(tmp_path, images64):
+    """--val must be held out: the --calib folder itself, a link to it, or a folder holding copies of calibration
+    images is refused with one clear error (it would flatter every figure measured on it), before calibrating."""
+    import shutil
+
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for p in sorted(images64.iterdir())[:3]:
+        shutil.copy(p, copies / f"renamed-{p.name}")
+    _folder(copies, 5, seed=7)  # and some images of its own (names 000–004 do not clash with the copies)
+    link = tmp_path / "link"
+    link.symlink_to(images64)
+    for val in (images64, link, copies):
+        with pytest.raises(int8_check.SedeployError, match=r"--val .*images calibration uses from --calib.*not held"):
+            int8_check.plan(images64, val=val, count=None, seed=0, method="mse")
+    fresh = _folder(tmp_path / "fresh", 6, seed=9)
+    assert int8_check.plan(images64, val=fresh, count=None, seed=0, method="mse").source == "val"
+
+
+def test_cli_val_equal_to_calib_is_exit_2_and_writes_nothing(tiny_onnx, tmp_path, images64):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["build-engine", str(tiny_onnx), "--int8", "--calib", str(images64), "--val",
+                                 str(images64), "--backend", "ort", "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "not held out" in r.output and not (out / "manifest.json").exists()
