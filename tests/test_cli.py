@@ -135,8 +135,8 @@ def test_parse_trt_profile_merges_the_old_options():
 ])
 def test_old_spellings_still_work_with_a_deprecation_note(monkeypatch, tmp_path, command, old, new, given, profile):
     """Each old spelling reaches the library as the new one, and says on stderr what to use instead."""
-    import sedeploy.export
-    import sedeploy.pipeline
+    import sedeploy.cli.build_cmd
+    import sedeploy.cli.model_cmds
 
     seen = {}
 
@@ -151,8 +151,8 @@ def test_old_spellings_still_work_with_a_deprecation_note(monkeypatch, tmp_path,
         seen["out"], seen["profile"] = out, (opts.min_batch, opts.opt_batch, opts.max_batch)
         raise Stop
 
-    monkeypatch.setattr(sedeploy.export, "export_model", fake_export)
-    monkeypatch.setattr(sedeploy.pipeline, "build_engines", fake_build)
+    monkeypatch.setattr(sedeploy.cli.model_cmds, "export_model", fake_export)
+    monkeypatch.setattr(sedeploy.cli.build_cmd, "build_engines", fake_build)
     value = given or str(tmp_path / "x")
     res = CliRunner().invoke(cli, [command, old, value])
     assert isinstance(res.exception, Stop), res.output
@@ -170,7 +170,7 @@ def test_old_and_new_spelling_together_are_refused(run, tmp_path):
 
 def test_package_needs_no_triton_flag(monkeypatch, tmp_path):
     """Triton is the default format; --triton is still accepted."""
-    import sedeploy.serving.triton_repo as R
+    import sedeploy.cli.serve_cmds as R
 
     calls = []
     monkeypatch.setattr(R, "package_triton", lambda *a, **k: calls.append((a, k)) or {"models": []})

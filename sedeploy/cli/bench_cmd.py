@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from sedeploy.bench.run import BenchInterrupted, bench_command_summary, run_bench
 from sedeploy.cli.build_cmd import DEFAULT_ENGINES
 from sedeploy.cli.core import emit, handle_errors, progress, setup_logging, stop_word_and_code
 from sedeploy.cli.options import INPUT, OUTPUT, json_and_verbose, label_offset, out, threads
@@ -103,8 +104,6 @@ def bench(engines, batches, out, no_plots, as_json, verbose, **library_options):
     The timer covers one engine call on a host batch (on GPU: host↔device copies included), right after
     --settle untimed calls of the same engine.
     """
-    from sedeploy.bench.run import BenchInterrupted, bench_command_summary, run_bench
-
     setup_logging(verbose)
     sizes = parse_batch_list(batches)
     if not engines:

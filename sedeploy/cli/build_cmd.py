@@ -12,6 +12,8 @@ from sedeploy.cli.options import (BUDGET, CALIBRATION, ENGINES, INPUT, MODEL, TR
 from sedeploy.cli.parsing import parse_trt_profile, parse_triple
 from sedeploy.cli.sections import Command, deprecated, option, stack
 from sedeploy.errors import SedeployError
+from sedeploy.onnxcore import parse_input_shape
+from sedeploy.pipeline import BuildOptions, build_engines, foreign_preprocess, format_result
 
 #: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
 DEFAULT_ENGINES = Path("engines")
@@ -115,8 +117,6 @@ trt_options = stack(
 
 def build_options(*, trt_profile: tuple[int, int, int], workspace: float, **flat):
     """The one place the command line turns into the library's BuildOptions."""
-    from sedeploy.pipeline import BuildOptions
-
     min_batch, opt_batch, max_batch = trt_profile
     return BuildOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gib=workspace,
                         **flat)
@@ -124,8 +124,6 @@ def build_options(*, trt_profile: tuple[int, int, int], workspace: float, **flat
 
 def foreign_preprocessing(model, mean, std, resize, hw, channel_order, resize_mode):
     """--mean/--std/--resize/… of a foreign MODEL → the library's preprocessing (None when none was given)."""
-    from sedeploy.pipeline import foreign_preprocess
-
     if all(v is None for v in (mean, std, resize, channel_order, resize_mode, hw)):
         return None
     if not model:
@@ -180,9 +178,6 @@ def build_engine(model, depth, checkpoint, mean, std, resize, input_shape, chann
     write are removed). A failed, interrupted (Ctrl-C, SIGTERM, SIGHUP) or killed build leaves the previous set as
     it was, and a second build-engine into the same OUT is refused while one runs.
     """
-    from sedeploy.onnxcore import parse_input_shape
-    from sedeploy.pipeline import build_engines, format_result
-
     setup_logging(verbose)
     if model and (depth or checkpoint):
         raise SedeployError(f"--depth/--checkpoint choose the network to export when no MODEL is given; MODEL "

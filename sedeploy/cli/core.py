@@ -11,6 +11,7 @@ import sys
 import click
 
 from sedeploy.errors import SedeployError
+from sedeploy.fsutil import disk_full_error, is_disk_full
 
 
 def setup_logging(verbose: bool) -> None:
@@ -63,8 +64,6 @@ def stop_word_and_code() -> tuple[str, int]:
 
 
 def _exit_for_os_error(err: OSError) -> None:
-    from sedeploy.fsutil import disk_full_error, is_disk_full
-
     if is_disk_full(err):
         click.echo(f"error: {disk_full_error(err.filename or '.', err)}", err=True)
         sys.exit(2)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import click
 
+from sedeploy.checks import format_inspection, inspect_model
 from sedeploy.cli.core import emit, handle_errors, progress, setup_logging
 from sedeploy.cli.options import DEPTHS, MODEL, OUTPUT, depth, json_and_verbose, out
 from sedeploy.cli.sections import Command, option, stack
 from sedeploy.errors import SedeployError, VerificationError
+from sedeploy.export import export_model
 
 VERIFY = "Verification"
 ONNX = "ONNX"
@@ -31,7 +33,7 @@ def info(depth, no_se, input_size, num_classes, as_json, verbose):
       sedeploy info --depth 50                  SE-ResNet-50: params, FLOPs, SE blocks, preprocessing
       sedeploy info --depth 50 --no-se --json   plain ResNet-50, as one JSON object
     """
-    from sedeploy.info import model_card
+    from sedeploy.info import model_card  # imports torch (~10 s): only when the command runs, not for --help
 
     setup_logging(verbose)
     card = model_card(int(depth), se=not no_se, input_size=input_size, num_classes=num_classes)
@@ -96,8 +98,6 @@ def export(depth, checkpoint, input_size, num_classes, no_se, seed, opset, batch
       sedeploy export --checkpoint se-resnet50.pth -o model.onnx  your weights, your path
       sedeploy export --depth 50 --batch-size 1 --opset 17        fixed batch, TorchScript exporter
     """
-    from sedeploy.export import export_model
-
     setup_logging(verbose)
     if batch_size is not None and batch_size < 1:
         raise SedeployError(f"--batch-size {batch_size} is not valid.", expected="a positive integer",
@@ -123,8 +123,6 @@ def inspect(model, as_json, verbose):
       sedeploy inspect engines/se-resnet50.int8-trt.onnx          TensorRT Q/DQ rules + precision summary
       sedeploy inspect engines/se-resnet50.fp16.onnx --json       precision per op type as JSON
     """
-    from sedeploy.checks import format_inspection, inspect_model
-
     setup_logging(verbose)
     d = inspect_model(model)
     emit(d, as_json, format_inspection(d))

@@ -11,6 +11,9 @@ import click
 from sedeploy.cli.core import emit, handle_errors, setup_logging
 from sedeploy.cli.options import OUTPUT, json_and_verbose, out, threads
 from sedeploy.cli.sections import Command, option
+from sedeploy.serving.client import format_infer, infer_images
+from sedeploy.serving.server import ServeOptions, serve as serve_engine
+from sedeploy.serving.triton_repo import format_package, package_triton
 
 TRITON = "Triton model repository"
 SERVER = "Server"
@@ -57,8 +60,6 @@ def package(engines_dir, triton, artifacts, instances, max_batch, results, label
               docker run --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/model_repository:/models \\
                 nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
     """
-    from sedeploy.serving.triton_repo import format_package, package_triton
-
     setup_logging(verbose)
     res = package_triton(engines_dir, out, results=results, max_batch=max_batch, instances=instances, force=force,
                          artifacts=artifacts, labels_file=labels_file)
@@ -114,8 +115,6 @@ def serve(engines_dir, engine, host, port, grpc_port, metrics_port, exit_timeout
       sedeploy serve engines/ --engine se-resnet50.int8-cpu --results results/results.json
                                                                 INT8, batching chosen from bench timings
     """
-    from sedeploy.serving.server import ServeOptions, serve as serve_engine
-
     setup_logging(verbose)
     opts = ServeOptions(host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                         batching=not no_batching, max_batch=max_batch, queue_delay_us=queue_delay_us,
@@ -145,8 +144,6 @@ def infer(images, url, model, top_k, labels_file, as_json, verbose):
       sedeploy infer cat.jpg dog.jpg                            top-5 from the server on 127.0.0.1:8000
       sedeploy infer photos/*.jpg --labels-file synset_words.txt --top-k 1 --json
     """
-    from sedeploy.serving.client import format_infer, infer_images
-
     setup_logging(verbose)
     res = infer_images(list(images), url, model, top_k=top_k, labels_file=labels_file)
     if not as_json:
