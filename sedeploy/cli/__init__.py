@@ -55,7 +55,3 @@ for command in (info, export, build_engine, inspect, bench, package, serve, infe
 
 def main() -> None:
     cli(prog_name="sedeploy")
-
-
-if __name__ == "__main__":
-    main()
