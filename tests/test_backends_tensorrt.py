@@ -115,7 +115,7 @@ def test_validate_profile():
     assert T.validate_profile(4, 4, 4) == (4, 4, 4)
     with pytest.raises(SedeployError, match="min ≤ opt ≤ max") as err:
         T.validate_profile(8, 1, 32)
-    assert "--min-batch 1 --opt-batch 8 --max-batch 32" in str(err.value)
+    assert "--trt-profile 1,8,32" in str(err.value)
     for bad in [(0, 1, 1), (1, 2.5, 4), (True, 1, 1), (1, 1, -3)]:
         with pytest.raises(SedeployError, match="positive integers"):
             T.validate_profile(*bad)

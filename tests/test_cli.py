@@ -90,3 +90,92 @@ def test_cli_defaults_written_out_match_the_library():
 
     assert C.parse_batch_list(C.DEFAULT_BATCH_TEXT) == list(DEFAULT_BATCHES)
     assert [int(d) for d in C.DEPTHS] == list(SUPPORTED_DEPTHS)
+
+
+def test_help_lists_options_in_sections_and_hides_old_spellings(run):
+    out = run("build-engine", "--help").output
+    for title in ("Input and preprocessing:", "Calibration:", "INT8 budget:", "Engines:", "TensorRT profile:",
+                  "Output:"):
+        assert title in out, title
+    assert "--trt-profile" in out and "-o, --out" in out
+    for old in ("--out-dir", "--min-batch", "--opt-batch", "--max-batch"):
+        assert old not in out, old
+    assert out.index("\nCalibration:\n") < out.index("--calib-method") < out.index("\nINT8 budget:\n")
+    for cmd in ("info", "export", "build-engine", "inspect", "bench", "package", "serve", "infer"):
+        sub = run(cmd, "--help").output
+        assert "--json" in sub and "--verbose" in sub and "Example" in sub, cmd
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trt-profile", "1,8"], "--trt-profile '1,8' is not valid"),
+    (["--trt-profile", "0,8,32"], "--trt-profile '0,8,32' is not valid"),
+    (["--trt-profile", "a,b,c"], "three comma-separated positive integers"),
+    (["--trt-profile", "8,1,32"], "MIN ≤ OPT ≤ MAX"),
+])
+def test_trt_profile_is_validated(tmp_path, args, message):
+    res = CliRunner().invoke(cli, ["build-engine", "--backend", "none", "-o", str(tmp_path / "e"), *args])
+    assert res.exit_code == 2 and message in res.output and not (tmp_path / "e").exists()
+
+
+def test_parse_trt_profile_merges_the_old_options():
+    from sedeploy.cli import parse_trt_profile
+
+    assert parse_trt_profile(None) == (1, 8, 32)
+    assert parse_trt_profile("2,4,64") == (2, 4, 64)
+    assert parse_trt_profile(None, max_batch=64) == (1, 8, 64)
+    assert parse_trt_profile("2,4,64", opt_batch=2) == (2, 2, 64)
+
+
+@pytest.mark.parametrize("command, old, new, given, profile", [
+    ("export", "--output", "-o/--out", None, None),
+    ("build-engine", "--out-dir", "-o/--out", None, (1, 8, 32)),
+    ("build-engine", "--min-batch", "--trt-profile", "2", (2, 8, 32)),
+    ("build-engine", "--opt-batch", "--trt-profile", "16", (1, 16, 32)),
+    ("build-engine", "--max-batch", "--trt-profile", "64", (1, 8, 64)),
+])
+def test_old_spellings_still_work_with_a_deprecation_note(monkeypatch, tmp_path, command, old, new, given, profile):
+    """Each old spelling reaches the library as the new one, and says on stderr what to use instead."""
+    import sedeploy.cli.build_cmd
+    import sedeploy.cli.model_cmds
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_export(**kwargs):
+        seen["out"] = kwargs["output"]
+        raise Stop
+
+    def fake_build(model, out, opts, **kwargs):
+        seen["out"], seen["profile"] = out, (opts.min_batch, opts.opt_batch, opts.max_batch)
+        raise Stop
+
+    monkeypatch.setattr(sedeploy.cli.model_cmds, "export_model", fake_export)
+    monkeypatch.setattr(sedeploy.cli.build_cmd, "build_engines", fake_build)
+    value = given or str(tmp_path / "x")
+    res = CliRunner().invoke(cli, [command, old, value])
+    assert isinstance(res.exception, Stop), res.output
+    assert f"{old} is deprecated; use {new}" in res.output
+    if given is None:
+        assert str(seen["out"]) == value
+    if profile:
+        assert seen["profile"] == profile
+
+
+def test_old_and_new_spelling_together_are_refused(run, tmp_path):
+    res = CliRunner().invoke(cli, ["build-engine", "--out-dir", str(tmp_path / "a"), "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "give only -o/--out" in res.output
+
+
+def test_package_needs_no_triton_flag(monkeypatch, tmp_path):
+    """Triton is the default format; --triton is still accepted."""
+    import sedeploy.cli.serve_cmds as R
+
+    calls = []
+    monkeypatch.setattr(R, "package_triton", lambda *a, **k: calls.append((a, k)) or {"models": []})
+    monkeypatch.setattr(R, "format_package", lambda res: "packaged")
+    for extra in ([], ["--triton"]):
+        res = CliRunner().invoke(cli, ["package", str(tmp_path), "-o", str(tmp_path / "repo"), *extra])
+        assert res.exit_code == 0 and "packaged" in res.output, res.output
+    assert len(calls) == 2 and calls[0] == calls[1]

@@ -831,14 +831,14 @@ def test_package_never_replaces_the_engines_or_the_users_files(tiny_onnx, tmp_pa
     for out, needle in ((eng, "is the engines folder"), (eng / "repo", "is inside the engines folder"),
                         (tmp_path, "contains the engines folder"), (mine, "is not a folder"),
                         (other, "not a sedeploy Triton repository")):
-        err = one_error(cli("package", eng, "--triton", "-o", out, "--force"))
+        err = one_error(cli("package", eng, "-o", out, "--force"))
         assert needle in err, err
     assert _tree(eng) == before and mine.read_text() == "mine" and (other / "a.txt").read_text() == "keep"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     repo = tmp_path / "repo"
-    assert cli("package", eng, "--triton", "-o", repo).returncode == 0
-    assert "replace it" in one_error(cli("package", eng, "--triton", "-o", repo))
-    res = cli("package", eng, "--triton", "-o", repo, "--force", "--max-batch", "4")
+    assert cli("package", eng, "-o", repo).returncode == 0
+    assert "replace it" in one_error(cli("package", eng, "-o", repo))
+    res = cli("package", eng, "-o", repo, "--force", "--max-batch", "4")
     assert res.returncode == 0, res.stderr
     assert "max_batch_size: 4" in (repo / "tiny_fp32_ort" / "config.pbtxt").read_text()
 

@@ -286,7 +286,7 @@ def test_cli_package_json(engines, tmp_path, model_config_pb2):
 
     from sedeploy.cli import cli
 
-    r = CliRunner().invoke(cli, ["package", str(engines), "--triton", "-o", str(tmp_path / "repo"), "--json"])
+    r = CliRunner().invoke(cli, ["package", str(engines), "-o", str(tmp_path / "repo"), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert [m["name"] for m in d["models"]] == ["tiny_fp32_ort"]

@@ -191,8 +191,8 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
     if serialized is None:
         raise SedeployError(f"TensorRT {trt.__version__} could not build an engine from '{src}' on "
                             f"{device['gpu']}:\n{logger.take()}",
-                            fix="read TensorRT's messages above; a larger --workspace or a smaller --max-batch "
-                                "helps when tactics run out of memory")
+                            fix="read TensorRT's messages above; a larger --workspace or a smaller MAX in "
+                                "--trt-profile MIN,OPT,MAX helps when tactics run out of memory")
     seconds = time.perf_counter() - t0
     layers = inspect_plan(trt, serialized, logger, tensor.name, shapes[1], str(src))
     if layers["unreadable"]:
@@ -348,7 +348,8 @@ class TrtRunner(Runner):
         if not lo <= n <= hi:  # before any TensorRT call
             raise SedeployError(f"Batch {n} is outside the engine's optimization profile {lo}..{hi} "
                                 f"('{self.path.name}').",
-                                fix=f"split the batch into chunks of at most {hi}, or rebuild with --max-batch {n}")
+                                fix=f"split the batch into chunks of at most {hi}, or rebuild with a --trt-profile "
+                                    f"MIN,OPT,MAX that covers {n}")
         ctx, stream = self.context, self._stream
         if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
             raise SedeployError(f"TensorRT refused input shape {tuple(x.shape)} for '{self.path.name}':\n"

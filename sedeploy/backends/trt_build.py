@@ -42,12 +42,11 @@ def validate_profile(min_batch: int, opt_batch: int, max_batch: int) -> tuple[in
     values = (min_batch, opt_batch, max_batch)
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise SedeployError(f"Batch profile min={min_batch}, opt={opt_batch}, max={max_batch} is not valid.",
-                            expected="positive integers", fix="e.g. --min-batch 1 --opt-batch 8 --max-batch 32")
+                            expected="positive integers", fix="e.g. --trt-profile 1,8,32")
     if not min_batch <= opt_batch <= max_batch:
         raise SedeployError(f"Batch profile min={min_batch}, opt={opt_batch}, max={max_batch} is not ordered.",
                             expected="min ≤ opt ≤ max (TensorRT tunes kernels for opt and accepts min..max)",
-                            fix=f"e.g. --min-batch {min(values)} --opt-batch {sorted(values)[1]} "
-                                f"--max-batch {max(values)}")
+                            fix="e.g. --trt-profile " + ",".join(map(str, sorted(values))))
     return values
 
 
@@ -129,7 +128,7 @@ def _check_profile_added(index: int, shapes, tensor_name: str, label: str, logge
                             f"(min {list(shapes[0])}, opt {list(shapes[1])}, max {list(shapes[2])}) of '{label}': "
                             f"add_optimization_profile returned {index!r}.\n{logger.take()}",
                             expected="min ≤ opt ≤ max batch, the other dimensions equal to the network's",
-                            fix="check --min-batch/--opt-batch/--max-batch against the model's input")
+                            fix="check --trt-profile MIN,OPT,MAX against the model's input")
 
 
 def check_build_request(src: Path, min_batch: int, opt_batch: int, max_batch: int,
@@ -165,7 +164,7 @@ def add_batch_profile(builder, config, tensor_name: str, shapes, label: str, log
         profile.set_shape(tensor_name, *shapes)
     except ValueError as err:  # the bindings raise on an inconsistent min/opt/max
         raise SedeployError(f"TensorRT rejected the batch profile for input '{tensor_name}' of '{label}': {err}",
-                            fix="check --min-batch/--opt-batch/--max-batch") from err
+                            fix="check --trt-profile MIN,OPT,MAX") from err
     _check_profile_added(config.add_optimization_profile(profile), shapes, tensor_name, label, logger)
 
 

@@ -313,8 +313,8 @@ def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
             raise SedeployError(f"Batch size {', '.join(map(str, bad))} does not fit '{s.name}', which {what}.",
                                 expected=f"batch sizes {'=' if static else '≤'} {s.max_batch} for this engine",
                                 fix=f"pass --batch {s.max_batch}, or rebuild the engine "
-                                    + ("exported with a dynamic batch" if static else f"with --max-batch "
-                                                                                        f"{max(bad)}"))
+                                    + ("exported with a dynamic batch" if static
+                                       else f"with a --trt-profile MIN,OPT,MAX covering {max(bad)}"))
 
 
 def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all") -> Runner:
