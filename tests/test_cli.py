@@ -179,3 +179,26 @@ def test_package_needs_no_triton_flag(monkeypatch, tmp_path):
         res = CliRunner().invoke(cli, ["package", str(tmp_path), "-o", str(tmp_path / "repo"), *extra])
         assert res.exit_code == 0 and "packaged" in res.output, res.output
     assert len(calls) == 2 and calls[0] == calls[1]
+
+
+def test_json_stdout_carries_only_the_json_whatever_libraries_print():
+    """With --json, what a library prints to stdout while the command runs (NNCF's progress bars and log lines
+    print there; a C library writes to file descriptor 1) goes to stderr: stdout parses as the one JSON object."""
+    import subprocess
+    import sys
+
+    code = ("import json, logging, os, sys\n"
+            "from sedeploy.cli.core import emit, json_only_stdout\n"
+            "handler = logging.StreamHandler(sys.stdout)  # bound before, as a library's logger is at import\n"
+            "with json_only_stdout():\n"
+            "    print('python-level noise')\n"
+            "    logging.getLogger('lib').addHandler(handler); logging.getLogger('lib').warning('logged noise')\n"
+            "    os.write(1, b'fd-level noise\\n')\n"
+            "    emit({'ok': True}, True, 'human')\n"
+            "print('after')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    body, after = proc.stdout.rsplit("}", 1)
+    assert json.loads(body + "}") == {"ok": True} and after.strip() == "after"
+    for noise in ("python-level noise", "logged noise", "fd-level noise"):
+        assert noise in proc.stderr and noise not in proc.stdout

@@ -1,10 +1,12 @@
 """What every command shares: logging on stderr, --json output, and errors/signals turned into exit codes."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -25,10 +27,54 @@ def progress(as_json: bool) -> bool:
     return not as_json and sys.stderr.isatty()
 
 
+#: where --json output goes while a command runs (stdout itself is pointed at stderr then): see json_only_stdout
+_JSON_STREAM: list = []
+
+
+@contextlib.contextmanager
+def json_only_stdout():
+    """With --json, stdout carries sedeploy's JSON and nothing else: while the command runs, whatever a library
+    prints to stdout (NNCF's progress bars and log lines, a C library's printf) goes to stderr, at the file
+    descriptor level where stdout is a real file, else at sys.stdout's; :func:`emit` and :func:`emit_line` write
+    to the real stdout."""
+    real = sys.stdout
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test runner's capture): Python level only
+        fd = None
+    saved = None
+    if fd is not None:
+        real.flush()
+        saved = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+        stream = os.fdopen(saved, "w", encoding="utf-8", closefd=False)
+    else:
+        stream = real
+    _JSON_STREAM.append(stream)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        _JSON_STREAM.pop()
+        stream.flush()
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def emit_line(text: str) -> None:
+    """One line of machine-readable output on the real stdout (flushed: a reader may be waiting for it)."""
+    stream = _JSON_STREAM[-1] if _JSON_STREAM else sys.stdout
+    click.echo(text, file=stream)
+    stream.flush()
+
+
 def emit(result: dict, as_json: bool, human: str) -> None:
     """One JSON object (--json) or the human summary on stdout."""
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        emit_line(json.dumps(result, indent=2, default=str))
     else:
         click.echo(human)
 
@@ -90,7 +136,8 @@ def handle_errors(fn):
         except ValueError:  # not the main thread (the CLI called from a library's thread): leave signals alone
             pass
         try:
-            return fn(*args, **kwargs)
+            with json_only_stdout() if kwargs.get("as_json") else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except SedeployError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)

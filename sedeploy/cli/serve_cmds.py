@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sedeploy.cli.core import emit, handle_errors, setup_logging
+from sedeploy.cli.core import emit, emit_line, handle_errors, setup_logging
 from sedeploy.cli.options import OUTPUT, json_and_verbose, out, threads
 from sedeploy.cli.sections import Command, option
 from sedeploy.serving.client import format_infer, infer_images
@@ -73,8 +73,11 @@ def _ready_printer(as_json: bool):
                  f"{served.max_batch_size}, preferred {served.preferred}, queue delay {served.queue_delay_us} us\n"
                  f"  HTTP {served.http_url}   gRPC {served.grpc_url}   metrics {served.metrics_url}\n"
                  f"  ready: GET {served.http_url}/v2/health/ready   stop: Ctrl-C or SIGTERM")
-        click.echo(json.dumps({"status": "ready", **d}, default=str) if as_json else human)
-        sys.stdout.flush()
+        if as_json:
+            emit_line(json.dumps({"status": "ready", **d}, default=str))
+        else:
+            click.echo(human)
+            sys.stdout.flush()
     return ready
 
 
@@ -121,8 +124,10 @@ def serve(engines_dir, engine, host, port, grpc_port, metrics_port, exit_timeout
                         results=results, threads=threads, log_file=log_file, exit_timeout_s=exit_timeout)
     served = serve_engine(engines_dir, engine, options=opts, on_ready=_ready_printer(as_json))
     by = signal.Signals(served.stopped_by).name if served.stopped_by else None
-    click.echo(json.dumps({"status": "stopped", "model": served.name, "signal": by}) if as_json else
-               f"stopped {served.name}" + (f" ({by})" if by else ""))
+    if as_json:
+        emit_line(json.dumps({"status": "stopped", "model": served.name, "signal": by}))
+    else:
+        click.echo(f"stopped {served.name}" + (f" ({by})" if by else ""))
     if served.stopped_by:
         sys.exit(128 + served.stopped_by)  # 130 after Ctrl-C, 143 after SIGTERM, as for every command
 
