@@ -7,7 +7,7 @@ import pytest
 
 from sedeploy.bench import accuracy as A
 from sedeploy.bench import report as R
-from sedeploy.bench.timing import time_runners
+from sedeploy.backends.timing import time_runners
 from sedeploy.errors import SedeployError
 
 

@@ -545,7 +545,7 @@ def _labels_setup(tmp_path: Path) -> Path:
 
 
 def test_labels_file_not_utf8_is_one_error(tmp_path):
-    from sedeploy.bench.labels import read_labels_file
+    from sedeploy.labels import read_labels_file
 
     p = tmp_path / "labels.tsv"
     p.write_bytes("a.jpg\t1\ncaf\xe9.jpg\t2\n".encode("latin-1"))
@@ -554,7 +554,7 @@ def test_labels_file_not_utf8_is_one_error(tmp_path):
 
 
 def test_superscript_label_is_refused_not_a_traceback(tmp_path):
-    from sedeploy.bench.labels import resolve_labels
+    from sedeploy.labels import resolve_labels
 
     root = _labels_setup(tmp_path)
     p = tmp_path / "labels.tsv"
@@ -564,7 +564,8 @@ def test_superscript_label_is_refused_not_a_traceback(tmp_path):
 
 
 def test_labels_path_that_is_a_folder_says_so(tmp_path):
-    from sedeploy.bench.labels import read_labels_file, read_synset_table
+    from sedeploy.classes import read_synset_table
+    from sedeploy.labels import read_labels_file
 
     with pytest.raises(SedeployError, match="is a folder"):
         read_labels_file(tmp_path)
@@ -866,7 +867,7 @@ def test_package_interrupted_while_publishing_keeps_the_previous_repository(tiny
 
 
 def test_class_names_tables_and_what_is_refused(tmp_path):
-    from sedeploy.bench.labels import read_class_names
+    from sedeploy.classes import read_class_names
 
     words = tmp_path / "synset_words.txt"
     words.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")

@@ -63,7 +63,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sedeploy.bench.probe import ceiling_kind
-from sedeploy.bench.timing import TimingResult, paired_speedup, speedup_interval
+from sedeploy.backends.timing import TimingResult, paired_speedup, speedup_interval
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.fsutil import atomic_path, atomic_write_text, ensure_writable_dir, publish_staged, staging_folder
 

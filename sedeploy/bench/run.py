@@ -9,7 +9,7 @@ Order of work, chosen so that every mistake surfaces before the long part and an
 3. **Ceiling probe** (GEMM fp32 / int8, ~2 s) when an engine runs on the CPU.
 4. **Extra rows**: the PyTorch eager FP32 baseline of the same network, and with ``compare_plain`` the same depth
    without SE, exported to a temporary folder — both timed with the engines, not scored for accuracy.
-5. **Timing**, interleaved (:func:`~sedeploy.bench.timing.time_runners`), per batch size.
+5. **Timing**, interleaved (:func:`~sedeploy.backends.timing.time_runners`), per batch size.
 6. **Accuracy** over the image folder: image chunks in the outer loop, engines inside, so that at any moment
    every engine has seen the same images — an interrupted pass still yields figures on a common subset.
 7. **Results** assembled, the CI gate applied (``gate.violations``), files written.
@@ -33,7 +33,7 @@ from sedeploy.bench import engines as E
 from sedeploy.bench.accuracy import Drift, check_budget, nonfinite_violations
 from sedeploy.bench.report import EngineInfo, FILES, assemble_results, format_table, require_matplotlib, \
     write_reports
-from sedeploy.bench.timing import check_timing_config, paired_speedup, time_runners
+from sedeploy.backends.timing import check_timing_config, paired_speedup, time_runners
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import ensure_writable_dir, folder_lock, missing_dirs, remove_empty_dirs
 from sedeploy.onnxcore import META, check_threads, pad_to_batch
@@ -339,7 +339,7 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
          peer_calib) -> dict[str, Any]:
     """:func:`run_bench` after its arguments were checked and the results folder made."""
     from sedeploy.backends.ort import default_threads
-    from sedeploy.bench.labels import resolve_labels_offset
+    from sedeploy.labels import resolve_labels_offset
     from sedeploy.preprocess import find_images, smooth_noise
 
     if out is not None and plots:
@@ -358,11 +358,11 @@ def _run(engines, out: Path | None, *, images, labels, sizes, threads, warmup, r
 
     found = None
     if labels is not None:  # a bad labels file is reported before any engine is opened
-        from sedeploy.bench.labels import read_labels_file
+        from sedeploy.labels import read_labels_file
 
         read_labels_file(labels)
     if synsets is not None:
-        from sedeploy.bench.labels import read_synset_table
+        from sedeploy.classes import read_synset_table
 
         read_synset_table(synsets)
     if images is not None:
