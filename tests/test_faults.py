@@ -589,7 +589,7 @@ def test_bare_bench_uses_engines_folder_and_says_so(tiny_onnx, tmp_path, cache_e
 
 
 def test_build_engine_summary_and_bench_table_show_the_weights(tmp_path, cache_env):
-    from sedeploy.bench.report import to_markdown
+    from sedeploy.bench.tables import to_markdown
     from sedeploy.bench.run import run_bench
     from sedeploy.export import export_model
     from sedeploy.pipeline import format_result
@@ -644,7 +644,7 @@ def _fake_results(gflops: list[float]) -> dict:
 
 
 def test_throughput_plot_of_one_model_is_one_bar_per_engine():
-    from sedeploy.bench.report import engine_colors, latency_figure, throughput_figure
+    from sedeploy.bench.plots import engine_colors, latency_figure, throughput_figure
 
     results = _fake_results([8.2, 8.2])
     fig = throughput_figure(results)
@@ -661,7 +661,7 @@ def test_throughput_plot_of_one_model_is_one_bar_per_engine():
 
 
 def test_throughput_plot_of_several_models_keeps_flop_axis():
-    from sedeploy.bench.report import throughput_figure
+    from sedeploy.bench.plots import throughput_figure
 
     ax = throughput_figure(_fake_results([8.2, 8.2, 15.6])).axes[0]
     assert ax.get_xscale() == "log"
