@@ -225,15 +225,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     ``budget`` on ``images`` (preprocessed N×3×H×W, ``labels`` optional). Returns (QuantReport, BudgetReport).
     Raises VerificationError, writing nothing, when the budget cannot be met."""
     t0 = time.perf_counter()
-    if budget.max_top1_drop is not None and labels is None:
-        raise SedeployError("--max-top1-drop needs labelled held-out images, and these have no labels.",
-                            fix="pass --val DIR with class subfolders (or a labelled --calib), or budget on "
-                                "--min-agreement instead (needs no labels)")
-    if len(images) < MIN_HELDOUT:
-        raise SedeployError(f"{len(images)} held-out images are too few for an accuracy budget.",
-                            expected=f"≥ {MIN_HELDOUT} (a few hundred for sub-point budgets)")
-    budget.check_images(len(images))
-    check_fallback_order(order)
+    _check_request(budget, images, labels, order)
     se = int8.DEFAULT_SE_POLICY if se is None else se
     out_path = Path(out_path)
     kind = output_kind(load_onnx(fp32_path, check=False))
@@ -277,16 +269,9 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
             log.info("INT8 %s misses the budget with every layer quantized (%s); measuring %d layers' "
                      "sensitivity on %d images", flavour, "; ".join(budget.violations(base)), len(layers), n_sens)
             macs = int8.layer_macs(fp32_path) if order == "gain-per-cost" else {}
-            base_sens = evaluate(all_path, n_sens)
-            sens = []
-            for i, layer in enumerate(layers):
-                path, _ = build(nodes_of([layer]), f"loo{i}")
-                m = evaluate(path, n_sens)
-                path.unlink()
-                sens.append({"layer": layer, "mean_kl": m["mean_kl"], "agreement_pct": m["agreement_pct"],
-                             "kl_gain": base_sens["mean_kl"] - m["mean_kl"], "macs": macs.get(layer)})
-            sens.sort(key=lambda r: rank_key(r, order))
-            report.sensitivity = sens
+            report.sensitivity = sens = _sensitivity(layers, lambda layer, name: build(nodes_of([layer]), name)[0],
+                                                     lambda path: evaluate(path, n_sens), evaluate(all_path, n_sens),
+                                                     macs, order)
             ranking = [r["layer"] for r in sens]
             # at least one layer stays INT8: with every layer in float there is no INT8 artifact to write (the
             # search would end in the quantizer's "quantized no operator" instead of the budget's own verdict)
@@ -306,17 +291,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                 lo, k = k, min(2 * k, limit)
             if not attempt(k):
                 best = max((t[2] for t in tried.values()), key=lambda m: m["agreement_pct"])
-                raise VerificationError(
-                    f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {len(images)} held-out "
-                    f"images: with every layer quantized {'; '.join(budget.violations(base))}, and still "
-                    f"{'; '.join(budget.violations(tried[k][2]))} with {k} of {len(layers)} weighted layers in "
-                    f"float (best agreement {best['agreement_pct']:.2f} %, {REPORT_CONFIDENCE:.0%} lower bound "
-                    f"{best['agreement_lcb_pct']:.2f} %). Nothing was written.",
-                    fix="relax --min-agreement / --max-top1-drop, improve the calibration (more or more "
-                        "representative --calib images, another --calib-method), or use FP16"
-                        + ("" if max_fallback is None else ", or allow more fallback layers")
-                        + ("" if budget.confidence is None else
-                           ", or show the bound with more held-out images (--val) or a lower --budget-confidence"))
+                raise _unmet(flavour, budget, len(images), base, tried[k][2], k, len(layers), best, max_fallback)
             hi = k
             while hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -341,6 +316,49 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
         return chosen_qr, report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_request(budget: Budget, images: np.ndarray, labels: np.ndarray | None, order: str) -> None:
+    """Refuse, before any work, a budget the held-out images cannot check."""
+    if budget.max_top1_drop is not None and labels is None:
+        raise SedeployError("--max-top1-drop needs labelled held-out images, and these have no labels.",
+                            fix="pass --val DIR with class subfolders (or a labelled --calib), or budget on "
+                                "--min-agreement instead (needs no labels)")
+    if len(images) < MIN_HELDOUT:
+        raise SedeployError(f"{len(images)} held-out images are too few for an accuracy budget.",
+                            expected=f"≥ {MIN_HELDOUT} (a few hundred for sub-point budgets)")
+    budget.check_images(len(images))
+    check_fallback_order(order)
+
+
+def _sensitivity(layers: list[str], build_without, evaluate, base_sens: dict, macs: dict, order: str) -> list[dict]:
+    """Leave-one-out sensitivity rows, most worth falling back first: ``build_without(layer, name)`` writes the
+    model with that layer in float, ``evaluate(path)`` measures it on the sensitivity images."""
+    sens = []
+    for i, layer in enumerate(layers):
+        path = build_without(layer, f"loo{i}")
+        m = evaluate(path)
+        path.unlink()
+        sens.append({"layer": layer, "mean_kl": m["mean_kl"], "agreement_pct": m["agreement_pct"],
+                     "kl_gain": base_sens["mean_kl"] - m["mean_kl"], "macs": macs.get(layer)})
+    sens.sort(key=lambda r: rank_key(r, order))
+    return sens
+
+
+def _unmet(flavour: str, budget: Budget, n: int, base: dict, last: dict, k: int, n_layers: int, best: dict,
+           max_fallback: int | None) -> VerificationError:
+    """The error when even ``k`` layers in float (the most the search may use) miss the budget."""
+    return VerificationError(
+        f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {n} held-out "
+        f"images: with every layer quantized {'; '.join(budget.violations(base))}, and still "
+        f"{'; '.join(budget.violations(last))} with {k} of {n_layers} weighted layers in "
+        f"float (best agreement {best['agreement_pct']:.2f} %, {REPORT_CONFIDENCE:.0%} lower bound "
+        f"{best['agreement_lcb_pct']:.2f} %). Nothing was written.",
+        fix="relax --min-agreement / --max-top1-drop, improve the calibration (more or more "
+            "representative --calib images, another --calib-method), or use FP16"
+            + ("" if max_fallback is None else ", or allow more fallback layers")
+            + ("" if budget.confidence is None else
+               ", or show the bound with more held-out images (--val) or a lower --budget-confidence"))
 
 
 def _budget_text(b: Budget) -> str:
