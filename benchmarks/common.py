@@ -85,9 +85,9 @@ def write_results(script: str | Path, data: dict[str, Any], markdown: str | None
 
 
 def time_activated(runners: dict, images, **kwargs):
-    """:func:`sedeploy.bench.timing.time_runners` over ``runners`` activated for the call and deactivated after it,
+    """:func:`sedeploy.backends.timing.time_runners` over ``runners`` activated for the call and deactivated after it,
     also when timing fails (each script times its engines this way)."""
-    from sedeploy.bench.timing import time_runners
+    from sedeploy.backends.timing import time_runners
 
     active = []
     try:

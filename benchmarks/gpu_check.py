@@ -8,7 +8,7 @@ On a machine with an NVIDIA GPU, a CUDA build of torch and TensorRT 10.x/11.x (`
    engine inspector (through an execution context at the opt batch; 10.x and 11.x JSON layouts);
 3. runs ``--images`` real images through each plan and through ONNX Runtime CPU on the same artifact: top-1
    agreement and max |Δlogit|;
-4. times the plans interleaved (sedeploy.bench.timing.time_runners) at batch 1, 8 and 32: the timer covers
+4. times the plans interleaved (sedeploy.backends.timing.time_runners) at batch 1, 8 and 32: the timer covers
    ``TrtRunner.infer`` (pinned host staging, H2D, execute_async_v3, D2H, one stream sync).
 
 Then one screen: per engine PASS/FAIL for *built*, *precisions* (FAIL when any layer's precision is unreadable, when
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
 def _tensorrt(paths: dict[str, Path], x: np.ndarray, tmp: Path, timing_seconds: float) -> dict:
     from sedeploy.backends.tensorrt import TrtRunner, build_trt_engine
-    from sedeploy.bench.timing import time_runners
+    from sedeploy.backends.timing import time_runners
     from sedeploy.errors import SedeployError
     from sedeploy.onnxcore import cpu_session, run_model
 

@@ -10,8 +10,8 @@ OpenVINO + NNCF INT8 (NNCF's default preset on the same calibration images, ``pe
 PyTorch eager, interleaved in one process (round-robin, rotated order, one settle call before each timed call; the
 timer covers one synchronous infer call, host numpy in → out). From the per-call samples in its results.json this
 script pairs each sedeploy engine with its peer round by round: the median of per-round ratios
-(:func:`sedeploy.bench.timing.paired_speedup`) and its 95 % sign-test interval
-(:func:`sedeploy.bench.timing.speedup_interval`). A lead is shown only when the interval's low end is above 1.
+(:func:`sedeploy.backends.timing.paired_speedup`) and its 95 % sign-test interval
+(:func:`sedeploy.backends.timing.speedup_interval`). A lead is shown only when the interval's low end is above 1.
 
     python benchmarks/peers_interval.py [--depths 50 101] [--repeats 40] [--work /tmp/peers-interval]
     python benchmarks/peers_interval.py --replot      # tables and plot again from the committed bench outputs
@@ -47,7 +47,7 @@ def run_depth(depth: int, repeats: int, work: Path, out: Path) -> dict:
 
 
 def pairs(results: dict) -> list[dict]:
-    from sedeploy.bench.timing import paired_speedup, speedup_interval
+    from sedeploy.backends.timing import paired_speedup, speedup_interval
 
     by_name = {e["name"]: e for e in results["engines"]}
     rows = []

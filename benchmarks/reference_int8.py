@@ -239,7 +239,7 @@ def main(argv=None) -> int:
 
     from common import time_activated, write_results
     from sedeploy.errors import SedeployError
-    from sedeploy.bench.timing import paired_speedup
+    from sedeploy.backends.timing import paired_speedup
     from sedeploy.calibration import calibrate
     from sedeploy.int8 import quantize_model
     from sedeploy.int8_budget import Budget, quantize_to_budget

@@ -112,7 +112,7 @@ def _build(form: str, fp32: Path, cal, work: Path, calib_x: np.ndarray):
 def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
     from sedeploy.calibration import calibrate
     from sedeploy.errors import SedeployError
-    from sedeploy.int8_budget import as_logits, metrics
+    from sedeploy.metrics import as_logits, metrics
     from sedeploy.onnxcore import load_onnx, output_kind
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 

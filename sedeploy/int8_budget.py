@@ -22,7 +22,7 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
    monotone in k, so "fewest" is the fewest along this ranking, not a global optimum (that search is
    exponential) — said in the report.
 4. Report the layers that fell back, the measured agreement / top-1 before and after, and the speed cost: FP32,
-   all-INT8 and the budgeted INT8 timed interleaved (:func:`sedeploy.bench.timing.time_runners`) on the runtime
+   all-INT8 and the budgeted INT8 timed interleaved (:func:`sedeploy.backends.timing.time_runners`) on the runtime
    the flavour is for (ONNX Runtime CPU for ``cpu``, OpenVINO for ``ov``; ``trt`` is timed by ``sedeploy bench``
    on a GPU). When even every layer in float misses the budget (or more than ``max_fallback`` layers would be needed),
    :class:`~sedeploy.errors.VerificationError` (exit 3) and nothing is written.
@@ -44,15 +44,21 @@ import logging
 import os
 import shutil
 import tempfile
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
+from sedeploy import int8
+from sedeploy.backends.openvino import OpenVinoModelRunner
+from sedeploy.backends.ort import OrtRunner
+from sedeploy.backends.timing import paired_speedup, time_runners
 from sedeploy.errors import SedeployError, VerificationError
+from sedeploy.metrics import REPORT_CONFIDENCE, agreement_lower_bound, as_logits, drop_upper_bound, images_needed, \
+    images_needed_for_drop, metrics
+from sedeploy.onnxcore import default_threads, image_input, load_onnx, output_kind, run_model
+from sedeploy.preprocess import find_images
 
 log = logging.getLogger("sedeploy")
 
@@ -62,61 +68,6 @@ SENSITIVITY_IMAGES = 128
 #: held-out share of --calib when no --val is given
 HOLDOUT_FRACTION = 0.25
 MIN_HELDOUT = 16
-#: one-sided confidence of the bounds reported beside every figure (the budget uses them only with a confidence)
-REPORT_CONFIDENCE = 0.95
-
-
-def _z(confidence: float) -> float:
-    return NormalDist().inv_cdf(confidence)
-
-
-def _check_counts(n: int, *counts: int) -> None:
-    if n <= 0 or any(c < 0 or c > n for c in counts):
-        raise SedeployError(f"Image counts {counts} of {n} images are not valid.",
-                            expected="n > 0 and every count within 0…n")
-
-
-def agreement_lower_bound(agree: int, n: int, confidence: float) -> float:
-    """One-sided Wilson score lower bound (percent) of the agreement rate, ``agree`` of ``n`` images."""
-    _check_counts(n, agree)
-    z, p = _z(confidence), agree / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100.0 * max(0.0, (centre - spread) / (1 + z * z / n))
-
-
-def drop_upper_bound(fp32_only: int, int8_only: int, n: int, confidence: float) -> float:
-    """One-sided upper bound (points) of the paired top-1 drop: ``fp32_only`` images right only in FP32,
-    ``int8_only`` right only in INT8. Bonett–Price adjusted Wald interval for a difference of paired proportions
-    (one pseudo count in each discordant cell, n + 2): close to nominal even when few predictions flip, where a
-    plain normal approximation claims more certainty than it has."""
-    _check_counts(n, fp32_only, int8_only, fp32_only + int8_only)
-    p12, p21, m = (fp32_only + 1) / (n + 2), (int8_only + 1) / (n + 2), n + 2
-    d = p12 - p21
-    return 100.0 * (d + _z(confidence) * math.sqrt(max(p12 + p21 - d * d, 0.0) / m))
-
-
-def images_needed(min_agreement: float, confidence: float) -> int | None:
-    """Fewest images whose Wilson lower bound can reach ``min_agreement`` % (when every image agrees); None for
-    100 %, which no finite sample can show."""
-    a = min_agreement / 100.0
-    if a >= 1.0:
-        return None
-    return math.ceil(_z(confidence) ** 2 * a / (1.0 - a))
-
-
-def images_needed_for_drop(max_top1_drop: float, confidence: float) -> int | None:
-    """Fewest images whose drop bound can reach ``max_top1_drop`` points (when no prediction flips); None for a
-    zero drop, which no finite sample can show."""
-    if max_top1_drop <= 0:
-        return None
-    lo, hi = 1, 2
-    while drop_upper_bound(0, 0, hi, confidence) > max_top1_drop:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # the bound without flips falls as n grows
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if drop_upper_bound(0, 0, mid, confidence) <= max_top1_drop else (mid, hi)
-    return hi if drop_upper_bound(0, 0, lo, confidence) > max_top1_drop else lo
 
 
 #: how the fallback candidates are ranked (the search then takes the fewest top-k along the ranking)
@@ -200,7 +151,7 @@ class Budget:
                     "drop it to budget on the point figure")
 
     def violations(self, m: dict) -> list[str]:
-        """What ``m`` (from :func:`metrics`) misses, judged on the bounds when a confidence is set."""
+        """What ``m`` (from :func:`sedeploy.metrics.metrics`) misses, judged on the bounds when a confidence is set."""
         out = []
         if self.confidence is None:
             agree, drop, what = m["agreement_pct"], m["top1_drop_pts"], ""
@@ -239,35 +190,6 @@ class BudgetReport:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
-def metrics(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Agreement (and top-1 drop with labels) of ``got`` against ``ref``, both as logits, with the counts behind
-    them and their one-sided bounds at :data:`REPORT_CONFIDENCE`."""
-    from sedeploy.bench.accuracy import kl_divergence
-
-    a, b = ref.argmax(1), got.argmax(1)
-    n, agree = len(a), int((a == b).sum())
-    m = {"n": n, "agree": agree, "agreement_pct": round(agree * 100.0 / n, 3),
-         "agreement_lcb_pct": round(agreement_lower_bound(agree, n, REPORT_CONFIDENCE), 3),
-         "mean_kl": float(kl_divergence(ref, got).mean()), "top1_drop_pts": 0.0}
-    if labels is not None:
-        ok_ref, ok_got = a == labels, b == labels
-        fp32_only, int8_only = int((ok_ref & ~ok_got).sum()), int((ok_got & ~ok_ref).sum())
-        t_ref, t_got = float(ok_ref.mean() * 100.0), float(ok_got.mean() * 100.0)
-        m.update(top1_fp32_pct=round(t_ref, 3), top1_int8_pct=round(t_got, 3), top1_drop_pts=round(t_ref - t_got, 3),
-                 fp32_only=fp32_only, int8_only=int8_only,
-                 top1_drop_ucb_pts=round(drop_upper_bound(fp32_only, int8_only, n, REPORT_CONFIDENCE), 3))
-    return m
-
-
-def as_logits(out: np.ndarray, kind: str) -> np.ndarray:
-    """Classifier outputs as logits: log(p) for probabilities (softmax(log p) = p), else as they are."""
-    out = out.astype(np.float64)
-    if kind == "probabilities":
-        return np.log(np.maximum(out, 1e-30))
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- held-out
 def heldout_count(n: int, fraction: float = HOLDOUT_FRACTION, *, min_heldout: int = MIN_HELDOUT,
                   most: int | None = None) -> int:
@@ -281,8 +203,6 @@ def heldout_split(folder: str | os.PathLike, seed: int = 0, fraction: float = HO
                   min_heldout: int = MIN_HELDOUT, min_rest: int = MIN_HELDOUT, most: int | None = None):
     """(root, held-out paths, relative paths to keep out of calibration): a seeded ``fraction`` of the folder
     (:func:`heldout_count`), leaving at least ``min_rest`` images to calibrate on."""
-    from sedeploy.preprocess import find_images
-
     found = find_images(folder, what="calibration image folder")
     n = len(found.paths)
     k = heldout_count(n, fraction, min_heldout=min_heldout, most=most)
@@ -304,19 +224,8 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     """Write the INT8 ``flavour`` of ``fp32_path`` to ``out_path`` with the fewest layers in float that meet
     ``budget`` on ``images`` (preprocessed N×3×H×W, ``labels`` optional). Returns (QuantReport, BudgetReport).
     Raises VerificationError, writing nothing, when the budget cannot be met."""
-    from sedeploy import int8
-    from sedeploy.onnxcore import load_onnx, output_kind, run_model
-
     t0 = time.perf_counter()
-    if budget.max_top1_drop is not None and labels is None:
-        raise SedeployError("--max-top1-drop needs labelled held-out images, and these have no labels.",
-                            fix="pass --val DIR with class subfolders (or a labelled --calib), or budget on "
-                                "--min-agreement instead (needs no labels)")
-    if len(images) < MIN_HELDOUT:
-        raise SedeployError(f"{len(images)} held-out images are too few for an accuracy budget.",
-                            expected=f"≥ {MIN_HELDOUT} (a few hundred for sub-point budgets)")
-    budget.check_images(len(images))
-    check_fallback_order(order)
+    _check_request(budget, images, labels, order)
     se = int8.DEFAULT_SE_POLICY if se is None else se
     out_path = Path(out_path)
     kind = output_kind(load_onnx(fp32_path, check=False))
@@ -360,16 +269,9 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
             log.info("INT8 %s misses the budget with every layer quantized (%s); measuring %d layers' "
                      "sensitivity on %d images", flavour, "; ".join(budget.violations(base)), len(layers), n_sens)
             macs = int8.layer_macs(fp32_path) if order == "gain-per-cost" else {}
-            base_sens = evaluate(all_path, n_sens)
-            sens = []
-            for i, layer in enumerate(layers):
-                path, _ = build(nodes_of([layer]), f"loo{i}")
-                m = evaluate(path, n_sens)
-                path.unlink()
-                sens.append({"layer": layer, "mean_kl": m["mean_kl"], "agreement_pct": m["agreement_pct"],
-                             "kl_gain": base_sens["mean_kl"] - m["mean_kl"], "macs": macs.get(layer)})
-            sens.sort(key=lambda r: rank_key(r, order))
-            report.sensitivity = sens
+            report.sensitivity = sens = _sensitivity(layers, lambda layer, name: build(nodes_of([layer]), name)[0],
+                                                     lambda path: evaluate(path, n_sens), evaluate(all_path, n_sens),
+                                                     macs, order)
             ranking = [r["layer"] for r in sens]
             # at least one layer stays INT8: with every layer in float there is no INT8 artifact to write (the
             # search would end in the quantizer's "quantized no operator" instead of the budget's own verdict)
@@ -389,17 +291,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                 lo, k = k, min(2 * k, limit)
             if not attempt(k):
                 best = max((t[2] for t in tried.values()), key=lambda m: m["agreement_pct"])
-                raise VerificationError(
-                    f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {len(images)} held-out "
-                    f"images: with every layer quantized {'; '.join(budget.violations(base))}, and still "
-                    f"{'; '.join(budget.violations(tried[k][2]))} with {k} of {len(layers)} weighted layers in "
-                    f"float (best agreement {best['agreement_pct']:.2f} %, {REPORT_CONFIDENCE:.0%} lower bound "
-                    f"{best['agreement_lcb_pct']:.2f} %). Nothing was written.",
-                    fix="relax --min-agreement / --max-top1-drop, improve the calibration (more or more "
-                        "representative --calib images, another --calib-method), or use FP16"
-                        + ("" if max_fallback is None else ", or allow more fallback layers")
-                        + ("" if budget.confidence is None else
-                           ", or show the bound with more held-out images (--val) or a lower --budget-confidence"))
+                raise _unmet(flavour, budget, len(images), base, tried[k][2], k, len(layers), best, max_fallback)
             hi = k
             while hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -426,6 +318,49 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _check_request(budget: Budget, images: np.ndarray, labels: np.ndarray | None, order: str) -> None:
+    """Refuse, before any work, a budget the held-out images cannot check."""
+    if budget.max_top1_drop is not None and labels is None:
+        raise SedeployError("--max-top1-drop needs labelled held-out images, and these have no labels.",
+                            fix="pass --val DIR with class subfolders (or a labelled --calib), or budget on "
+                                "--min-agreement instead (needs no labels)")
+    if len(images) < MIN_HELDOUT:
+        raise SedeployError(f"{len(images)} held-out images are too few for an accuracy budget.",
+                            expected=f"≥ {MIN_HELDOUT} (a few hundred for sub-point budgets)")
+    budget.check_images(len(images))
+    check_fallback_order(order)
+
+
+def _sensitivity(layers: list[str], build_without, evaluate, base_sens: dict, macs: dict, order: str) -> list[dict]:
+    """Leave-one-out sensitivity rows, most worth falling back first: ``build_without(layer, name)`` writes the
+    model with that layer in float, ``evaluate(path)`` measures it on the sensitivity images."""
+    sens = []
+    for i, layer in enumerate(layers):
+        path = build_without(layer, f"loo{i}")
+        m = evaluate(path)
+        path.unlink()
+        sens.append({"layer": layer, "mean_kl": m["mean_kl"], "agreement_pct": m["agreement_pct"],
+                     "kl_gain": base_sens["mean_kl"] - m["mean_kl"], "macs": macs.get(layer)})
+    sens.sort(key=lambda r: rank_key(r, order))
+    return sens
+
+
+def _unmet(flavour: str, budget: Budget, n: int, base: dict, last: dict, k: int, n_layers: int, best: dict,
+           max_fallback: int | None) -> VerificationError:
+    """The error when even ``k`` layers in float (the most the search may use) miss the budget."""
+    return VerificationError(
+        f"INT8 ({flavour}) cannot meet the budget ({_budget_text(budget)}) on {n} held-out "
+        f"images: with every layer quantized {'; '.join(budget.violations(base))}, and still "
+        f"{'; '.join(budget.violations(last))} with {k} of {n_layers} weighted layers in "
+        f"float (best agreement {best['agreement_pct']:.2f} %, {REPORT_CONFIDENCE:.0%} lower bound "
+        f"{best['agreement_lcb_pct']:.2f} %). Nothing was written.",
+        fix="relax --min-agreement / --max-top1-drop, improve the calibration (more or more "
+            "representative --calib images, another --calib-method), or use FP16"
+            + ("" if max_fallback is None else ", or allow more fallback layers")
+            + ("" if budget.confidence is None else
+               ", or show the bound with more held-out images (--val) or a lower --budget-confidence"))
+
+
 def _budget_text(b: Budget) -> str:
     parts = []
     if b.min_agreement is not None:
@@ -440,21 +375,14 @@ def _budget_text(b: Budget) -> str:
 def _speed(fp32_path, all_path, chosen_path, images, threads, flavour: str = "cpu") -> dict:
     """FP32 vs all-INT8 vs budgeted INT8, interleaved, at the model's batch (8 if dynamic), on the runtime the
     flavour is for: ONNX Runtime CPU (``cpu``) or OpenVINO CPU (``ov``; FP32 is OpenVINO reading the FP32 ONNX)."""
-    from sedeploy.bench.timing import paired_speedup, time_runners
-    from sedeploy.onnxcore import default_threads, image_input, load_onnx
-
     batch = image_input(load_onnx(fp32_path, check=False)).static_batch or 8
     if flavour == "ov":
-        from sedeploy.backends.openvino import OpenVinoModelRunner
-
         threads = default_threads() if threads is None else threads
         runners = {"fp32": OpenVinoModelRunner(fp32_path, precision="fp32", threads=threads),
                    "int8_all": OpenVinoModelRunner(all_path, precision="int8", threads=threads),
                    "int8_budget": OpenVinoModelRunner(chosen_path, precision="int8", threads=threads)}
         backend = "openvino-cpu"
     else:
-        from sedeploy.backends.ort import OrtRunner
-
         runners = {"fp32": OrtRunner(fp32_path, threads=threads), "int8_all": OrtRunner(all_path, threads=threads),
                    "int8_budget": OrtRunner(chosen_path, threads=threads)}
         backend = "onnxruntime-cpu"

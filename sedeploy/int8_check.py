@@ -31,8 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sedeploy import calibration
+from sedeploy.backends.openvino import OpenVinoModelRunner
+from sedeploy.backends.ort import cpu_computes_fp16
 from sedeploy.errors import SedeployError
-from sedeploy.onnxcore import sha256_file
+from sedeploy.int8_budget import heldout_count, heldout_split
+from sedeploy.metrics import REPORT_CONFIDENCE, as_logits, metrics
+from sedeploy.onnxcore import cpu_session, load_onnx, output_kind, pad_to_batch, run_model, sha256_file
+from sedeploy.preprocess import find_images
 
 log = logging.getLogger("sedeploy")
 
@@ -88,10 +94,6 @@ def _pick(paths: list[Path], k: int, seed: int) -> list[Path]:
 def plan(folder: str | Path, *, val: str | Path | None, count: int | None, seed: int, method: str) -> HeldOut | str:
     """The held-out images of the check, chosen before calibration; or, when a calibration folder is too small to
     split, the reason the check is not run."""
-    from sedeploy import calibration
-    from sedeploy.int8_budget import heldout_count, heldout_split
-    from sedeploy.preprocess import find_images
-
     if val is not None:
         found = find_images(val, what="held-out image folder (--val)")
         paths = _pick(found.paths, MAX_IMAGES, seed)
@@ -127,8 +129,6 @@ def refuse_seen_val(val_paths: list[Path], val_root: Path, folder: str | Path, *
                     seed: int) -> None:
     """``--val`` images must be held out: none may be an image calibration uses (the same file, a link to it, or a
     copy with the same contents), or every figure measured on them would flatter the INT8 artifact."""
-    from sedeploy import calibration
-
     count = calibration.DEFAULT_COUNT if count is None else count
     _, calibrated = calibration.select_images(folder, count, seed)
     by_size: dict[int, list[Path]] = {}
@@ -162,8 +162,6 @@ def runtime_for(kind: str, *, openvino_ok: bool) -> tuple[str, str | None]:
             return "openvino", None
         return "ort", "OpenVINO could not compile it, so it was measured on ONNX Runtime CPU"
     if kind == "int8-trt":
-        from sedeploy.backends.ort import cpu_computes_fp16
-
         return "ort", ("TensorRT runs it on a GPU; measured on ONNX Runtime CPU, which computes its FP16 parts in "
                        + ("FP16" if cpu_computes_fp16() else "FP32"))
     return "ort", None
@@ -172,11 +170,7 @@ def runtime_for(kind: str, *, openvino_ok: bool) -> tuple[str, str | None]:
 def logits(path: str | Path, runtime: str, images: np.ndarray, *, threads: int | None, precision: str) -> np.ndarray:
     """The first output of the model at ``path`` on ``images``, run on ``runtime`` in batches of :data:`BATCH`
     (a fixed-batch model in chunks of its batch)."""
-    from sedeploy.onnxcore import cpu_session, pad_to_batch, run_model
-
     if runtime == "openvino":
-        from sedeploy.backends.openvino import OpenVinoModelRunner
-
         with OpenVinoModelRunner(path, precision=precision, threads=threads) as r:
             fixed = r.input_shape[0] if isinstance(r.input_shape[0], int) else None
             step = fixed or BATCH
@@ -189,11 +183,8 @@ def logits(path: str | Path, runtime: str, images: np.ndarray, *, threads: int |
 
 def measure(fp32_path: str | Path, entries: list[tuple[str, Path, str]], images: np.ndarray, *,
             threads: int | None, ref: np.ndarray | None = None) -> dict[str, dict]:
-    """Agreement with FP32 of each ``(kind, artifact, runtime)`` on ``images`` (int8_budget.metrics: counts,
-    agreement, its Wilson lower bound). ``ref``: the FP32 logits when already computed."""
-    from sedeploy.int8_budget import as_logits, metrics
-    from sedeploy.onnxcore import load_onnx, output_kind
-
+    """Agreement with FP32 of each ``(kind, artifact, runtime)`` on ``images`` (:func:`sedeploy.metrics.metrics`:
+    counts, agreement, its Wilson lower bound). ``ref``: the FP32 logits when already computed."""
     kind = output_kind(load_onnx(fp32_path, weights=False, check=False))
     if ref is None:
         ref = as_logits(logits(fp32_path, "ort", images, threads=threads, precision="fp32"), kind)
@@ -209,8 +200,6 @@ def measure(fp32_path: str | Path, entries: list[tuple[str, Path, str]], images:
 
 def warning_text(kind: str, m: dict, floor: float, runtime: str, *, random_weights: bool = False) -> str:
     """The warning for an artifact below the floor: what was measured, and what to do."""
-    from sedeploy.int8_budget import REPORT_CONFIDENCE
-
     return (f"{kind} agrees with FP32 on {m['agreement_pct']:.2f} % of {m['n']} held-out images "
             f"({REPORT_CONFIDENCE:.0%} lower bound {m['agreement_lcb_pct']:.2f} %) on {RUNTIMES[runtime]}, below "
             f"{floor:g} % (--warn-agreement): its engine answers differently from FP32 more often than that. "

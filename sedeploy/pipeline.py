@@ -514,7 +514,7 @@ def _budget(opt: BuildOptions):
 
 def _heldout(opt: BuildOptions, folder: Path, pp: Preprocess, num_classes: int):
     """(images, labels or None, relative calibration paths to exclude, description) for the INT8 budget."""
-    from sedeploy.bench.labels import resolve_labels_offset
+    from sedeploy.labels import resolve_labels_offset
     from sedeploy.int8_budget import heldout_split
     from sedeploy.preprocess import find_images, load_batch
 
@@ -1027,7 +1027,7 @@ def _shape_report(proto, inp, changes: dict[str, Any] | None = None, pp: Preproc
 
 def _format_int8_check(check: dict[str, Any] | None) -> list[str]:
     """The summary lines of the INT8 agreement check."""
-    from sedeploy.int8_budget import REPORT_CONFIDENCE
+    from sedeploy.metrics import REPORT_CONFIDENCE
     from sedeploy.int8_check import RUNTIMES
 
     if not check:
@@ -1075,7 +1075,7 @@ def format_result(res: BuildResult) -> str:
     if res.validation is not None:
         lines.append(f"TensorRT Q/DQ rules: {'pass' if res.validation.get('ok') else 'FAIL'}")
     if res.int8_budget:
-        from sedeploy.int8_budget import REPORT_CONFIDENCE
+        from sedeploy.metrics import REPORT_CONFIDENCE
 
         b = res.int8_budget
         lines.append(f"INT8 budget {', '.join(f'{k} {v}' for k, v in b['budget'].items() if v is not None)} on "

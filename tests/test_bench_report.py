@@ -7,7 +7,8 @@ import pytest
 
 from sedeploy.bench import accuracy as A
 from sedeploy.bench import report as R
-from sedeploy.bench.timing import time_runners
+from sedeploy.bench import tables as T
+from sedeploy.backends.timing import time_runners
 from sedeploy.errors import SedeployError
 
 
@@ -91,9 +92,9 @@ def test_speedup_interval_in_json_csv_and_table(tmp_path):
     row = next(r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["engine"] == "fast")
     assert float(row["speedup_ci95_low"]) == pytest.approx(ratios[2])
     assert (ratios[2], ratios[9]) == pytest.approx((1.7857, 2.2321), abs=1e-4)
-    assert "1.78–2.24" in R.format_table(res)  # rounded outwards (to nearest: 1.79–2.23)
-    assert "1.78–2.24" in R.to_markdown(res) and "No 95 % CI" not in R.format_table(res)
-    assert "CEILING UNRELIABLE" not in R.format_table(res) and res["ceiling_exceeded"] == []  # no ceilings given
+    assert "1.78–2.24" in T.format_table(res)  # rounded outwards (to nearest: 1.79–2.23)
+    assert "1.78–2.24" in T.to_markdown(res) and "No 95 % CI" not in T.format_table(res)
+    assert "CEILING UNRELIABLE" not in T.format_table(res) and res["ceiling_exceeded"] == []  # no ceilings given
 
 
 def test_assembled_figures(results):
@@ -107,7 +108,7 @@ def test_assembled_figures(results):
     assert b4["speedup_vs_reference"] == pytest.approx(2.0) and len(b4["samples_s"]) == 5
     assert e["r101-fp32"]["batch"]["1"]["speedup_vs_reference"] == pytest.approx(0.5)
     assert b4["speedup_ci95"] is None  # 5 rounds: too few for a 95 % interval of the median
-    assert "No 95 % CI at batch 1, 4: fewer than 6 paired rounds" in R.format_table(results)
+    assert "No 95 % CI at batch 1, 4: fewer than 6 paired rounds" in T.format_table(results)
     # image 1 flips; image 3 has a NaN: a broken row counts as a disagreement and as wrong, never as agreeing
     assert e["r50-int8"]["accuracy"]["top1_agreement_pct"] == 50.0
     assert e["r50-int8"]["accuracy"]["nonfinite_images"] == 1 and e["r50-int8"]["accuracy"]["top1_pct"] == 50.0
@@ -165,7 +166,7 @@ def test_report_files_parse(results, tmp_path):
 
 
 def test_terminal_table(results):
-    text = R.format_table(results)
+    text = T.format_table(results)
     lines = text.splitlines()
     start = next(i for i, l in enumerate(lines) if l.startswith("engine") and "p50 ms" in l)
     table = lines[start:start + 2 + 6]  # header, rule, 3 engines × 2 batch sizes
@@ -188,7 +189,7 @@ def test_terminal_table(results):
 def test_incomplete_run_is_marked(tmp_path):
     res = _results(complete_run=False)
     assert res["complete"] is False and "Ctrl-C" in res["interrupted"]
-    assert R.format_table(res).startswith("Machine") and "INCOMPLETE RESULTS" in R.format_table(res)
+    assert T.format_table(res).startswith("Machine") and "INCOMPLETE RESULTS" in T.format_table(res)
     written = R.write_reports(res, tmp_path, plots=False)
     assert json.loads(written["json"].read_text())["complete"] is False
     assert "> **Incomplete:**" in written["md"].read_text()

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sedeploy import classes as C
+from sedeploy import labels as L
+from sedeploy import metrics as M
 from sedeploy.bench import accuracy as A
-from sedeploy.bench import labels as L
 from sedeploy.bench.probe import ceiling_kind, probe_fp32_gemm, probe_int8_gemm
-from sedeploy.bench.timing import DEFAULT_TIMER_COVERAGE, latency_stats, paired_speedup, speedup_interval, time_runners
+from sedeploy.backends.timing import DEFAULT_TIMER_COVERAGE, latency_stats, paired_speedup, speedup_interval, time_runners
 from sedeploy.errors import SedeployError
 
 
@@ -250,7 +252,7 @@ def test_engine_accuracy_on_crafted_logits():
     assert a["reference_top1_pct"] == 50.0 and a["top1_pct"] == 50.0 and a["top1_drop_pts"] == 0.0
     assert a["flips_right_to_wrong"] == 1 and a["flips_wrong_to_right"] == 1  # image 1 and image 3
     assert a["max_abs_logit_diff"] == pytest.approx(4.0)  # image 1: 5 → 1 and 1 → 5
-    kl = A.kl_divergence(ref, eng)
+    kl = M.kl_divergence(ref, eng)
     assert kl[0] == pytest.approx(0.0, abs=1e-12) and kl[2] == pytest.approx(0.0, abs=1e-12)
     assert kl[1] > 1.0 and a["mean_kl"] == pytest.approx(kl.mean())
     # top-5 over 6 classes: image 2's label 5 is ranked last by the reference, 6th → wrong; all others right
@@ -260,16 +262,16 @@ def test_engine_accuracy_on_crafted_logits():
 def test_kl_hand_computed():
     p = np.array([[0.0, 0.0]])
     q = np.array([[0.0, math.log(3.0)]])  # softmax → (1/4, 3/4)
-    assert A.kl_divergence(p, q)[0] == pytest.approx(0.5 * math.log(4 / 3))
+    assert M.kl_divergence(p, q)[0] == pytest.approx(0.5 * math.log(4 / 3))
     big = np.array([[1000.0, 0.0]])  # stable for large logits
-    assert np.isfinite(A.kl_divergence(big, big[:, ::-1])).all()
+    assert np.isfinite(M.kl_divergence(big, big[:, ::-1])).all()
 
 
 def test_topk_with_ties_and_rank():
     logits = np.array([[7, 6, 5, 4, 3, 2, 1], [7, 6, 5, 4, 3, 2, 1], [1, 1, 1, 1, 1, 1, 1]], np.float32)
     labels = np.array([4, 5, 4])  # 5th place → in top-5; 6th → not; all tied → first five indices win
-    assert A.topk_correct(logits, labels, 5).tolist() == [True, False, True]
-    assert A.topk_correct(logits, np.array([0, 1, 5]), 1).tolist() == [True, False, False]
+    assert M.topk_correct(logits, labels, 5).tolist() == [True, False, True]
+    assert M.topk_correct(logits, np.array([0, 1, 5]), 1).tolist() == [True, False, False]
 
 
 def test_accuracy_without_labels_has_agreement_only():
@@ -341,7 +343,7 @@ IMAGENETTE = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "
 
 
 def test_shipped_synsets_are_sorted_imagenet_order():
-    s = L.IMAGENET_SYNSETS
+    s = C.IMAGENET_SYNSETS
     assert len(s) == 1000 and len(set(s)) == 1000 and list(s) == sorted(s)
     assert [s.index(x) for x in IMAGENETTE] == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
 
@@ -367,7 +369,7 @@ def test_unknown_synset_and_custom_table(tmp_path):
         L.resolve_labels(paths, tmp_path, num_classes=1000)
     table = tmp_path / "table.tsv"
     table.write_text("index\tsynset\tname\n0\tn99999999\tthing\n1\tn01440764\ttench\n")
-    assert L.read_synset_table(table) == ("n99999999", "n01440764")
+    assert C.read_synset_table(table) == ("n99999999", "n01440764")
     got = L.resolve_labels(paths, tmp_path, num_classes=2, synsets=table)
     assert got.indices.tolist() == [1, 0] and "table" in got.rule  # the table's size matches: table order
     got = L.resolve_labels(paths, tmp_path, num_classes=2)  # default 1000-entry table: sorted-rank rule
@@ -433,21 +435,21 @@ def test_labels_file(tmp_path):
 def test_synset_table_formats(tmp_path):
     caffe = tmp_path / "synset_words.txt"
     caffe.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish\n")
-    assert L.read_synset_table(caffe) == ("n01440764", "n01443537")
+    assert C.read_synset_table(caffe) == ("n01440764", "n01443537")
     gap = tmp_path / "gap.tsv"
     gap.write_text("0\tn01440764\tx\n2\tn01443537\ty\n")
     with pytest.raises(SedeployError, match="missing: 1"):
-        L.read_synset_table(gap)
+        C.read_synset_table(gap)
     dup = tmp_path / "dup.txt"
     dup.write_text("n01440764\nn01440764\n")
     with pytest.raises(SedeployError, match="more than once"):
-        L.read_synset_table(dup)
+        C.read_synset_table(dup)
 
 
 def test_shipped_table_matches_research_tables(shared_data):
     labels_dir = shared_data / "labels"
-    assert L.read_synset_table(labels_dir / "imagenet1k_index_synset_name.tsv") == L.IMAGENET_SYNSETS
-    assert L.read_synset_table(labels_dir / "synset_words.txt") == L.IMAGENET_SYNSETS
+    assert C.read_synset_table(labels_dir / "imagenet1k_index_synset_name.tsv") == C.IMAGENET_SYNSETS
+    assert C.read_synset_table(labels_dir / "synset_words.txt") == C.IMAGENET_SYNSETS
 
 
 def test_real_imagenette_and_val_labels(shared_data):
@@ -528,7 +530,7 @@ def test_settle_must_be_a_count(clock, bad):
     ({"max_seconds": 0.0}, r"Time budget per batch size \(--max-seconds\) = 0.0"),
 ])
 def test_timing_options_are_named_as_the_user_typed_them(kw, message):
-    from sedeploy.bench.timing import check_timing_config
+    from sedeploy.backends.timing import check_timing_config
 
     args = {"batch_sizes": [1], "warmup": 3, "repeats": 20, "min_repeats": 3, "max_seconds": None, **kw}
     with pytest.raises(SedeployError, match=message) as err:
@@ -551,7 +553,7 @@ def test_drift_gathered_in_chunks_equals_one_pass():
         assert d.result(labels) == whole, chunk
     assert whole["nonfinite_images"] == 1 and whole["disagreements"] >= 1
     # the top-k and tie rules are those of topk_correct / argmax
-    ok = A.topk_correct(eng, labels, 5) & np.isfinite(eng).all(axis=1)
+    ok = M.topk_correct(eng, labels, 5) & np.isfinite(eng).all(axis=1)
     assert whole["top5_pct"] == pytest.approx(100.0 * ok.mean())
     with pytest.raises(SedeployError, match="No images"):
         A.Drift().result()

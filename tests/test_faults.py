@@ -545,7 +545,7 @@ def _labels_setup(tmp_path: Path) -> Path:
 
 
 def test_labels_file_not_utf8_is_one_error(tmp_path):
-    from sedeploy.bench.labels import read_labels_file
+    from sedeploy.labels import read_labels_file
 
     p = tmp_path / "labels.tsv"
     p.write_bytes("a.jpg\t1\ncaf\xe9.jpg\t2\n".encode("latin-1"))
@@ -554,7 +554,7 @@ def test_labels_file_not_utf8_is_one_error(tmp_path):
 
 
 def test_superscript_label_is_refused_not_a_traceback(tmp_path):
-    from sedeploy.bench.labels import resolve_labels
+    from sedeploy.labels import resolve_labels
 
     root = _labels_setup(tmp_path)
     p = tmp_path / "labels.tsv"
@@ -564,7 +564,8 @@ def test_superscript_label_is_refused_not_a_traceback(tmp_path):
 
 
 def test_labels_path_that_is_a_folder_says_so(tmp_path):
-    from sedeploy.bench.labels import read_labels_file, read_synset_table
+    from sedeploy.classes import read_synset_table
+    from sedeploy.labels import read_labels_file
 
     with pytest.raises(SedeployError, match="is a folder"):
         read_labels_file(tmp_path)
@@ -588,7 +589,7 @@ def test_bare_bench_uses_engines_folder_and_says_so(tiny_onnx, tmp_path, cache_e
 
 
 def test_build_engine_summary_and_bench_table_show_the_weights(tmp_path, cache_env):
-    from sedeploy.bench.report import to_markdown
+    from sedeploy.bench.tables import to_markdown
     from sedeploy.bench.run import run_bench
     from sedeploy.export import export_model
     from sedeploy.pipeline import format_result
@@ -643,7 +644,7 @@ def _fake_results(gflops: list[float]) -> dict:
 
 
 def test_throughput_plot_of_one_model_is_one_bar_per_engine():
-    from sedeploy.bench.report import engine_colors, latency_figure, throughput_figure
+    from sedeploy.bench.plots import engine_colors, latency_figure, throughput_figure
 
     results = _fake_results([8.2, 8.2])
     fig = throughput_figure(results)
@@ -660,7 +661,7 @@ def test_throughput_plot_of_one_model_is_one_bar_per_engine():
 
 
 def test_throughput_plot_of_several_models_keeps_flop_axis():
-    from sedeploy.bench.report import throughput_figure
+    from sedeploy.bench.plots import throughput_figure
 
     ax = throughput_figure(_fake_results([8.2, 8.2, 15.6])).axes[0]
     assert ax.get_xscale() == "log"
@@ -866,7 +867,7 @@ def test_package_interrupted_while_publishing_keeps_the_previous_repository(tiny
 
 
 def test_class_names_tables_and_what_is_refused(tmp_path):
-    from sedeploy.bench.labels import read_class_names
+    from sedeploy.classes import read_class_names
 
     words = tmp_path / "synset_words.txt"
     words.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")

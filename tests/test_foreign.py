@@ -110,7 +110,8 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
     import dataclasses
 
     from sedeploy import int8
-    from sedeploy.int8_budget import Budget, as_logits, metrics, quantize_to_budget
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+    from sedeploy.metrics import as_logits, metrics
     from sedeploy.onnxcore import run_model
 
     path, cal = fused_fp32
@@ -169,7 +170,8 @@ def test_budget_confidence_falls_back_at_least_as_far(fused_fp32, foreign_art, t
     same ranking it stops at the same k or later, and the written model's bound meets the budget."""
     import dataclasses
 
-    from sedeploy.int8_budget import Budget, agreement_lower_bound, quantize_to_budget
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+    from sedeploy.metrics import agreement_lower_bound
 
     path, cal = fused_fp32
     damaged = {"/b2/project/project.0/Conv", "/head/head.0/Conv"}
@@ -243,7 +245,7 @@ def test_heldout_split_and_calibration_exclude(foreign_art):
 
 
 def test_label_offset(foreign_art):
-    from sedeploy.bench.labels import resolve_labels_offset
+    from sedeploy.labels import resolve_labels_offset
     from sedeploy.preprocess import find_images
 
     found = find_images(foreign_art.heldout_dir)

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sedeploy.errors import SedeployError
-from sedeploy.int8_budget import (FALLBACK_ORDERS, Budget, agreement_lower_bound, drop_upper_bound, images_needed,
-                                  images_needed_for_drop, metrics, rank_key)
+from sedeploy.int8_budget import FALLBACK_ORDERS, Budget, rank_key
+from sedeploy.metrics import agreement_lower_bound, drop_upper_bound, images_needed, images_needed_for_drop, metrics
 
 
 @given(n=st.integers(1, 20000), frac=st.floats(0, 1), conf=st.floats(0.5, 0.999))

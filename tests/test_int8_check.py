@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from sedeploy import int8_check
 from sedeploy.calibration import select_images
 from sedeploy.cli import cli
-from sedeploy.int8_budget import REPORT_CONFIDENCE, agreement_lower_bound
+from sedeploy.metrics import REPORT_CONFIDENCE, agreement_lower_bound
 from sedeploy.pipeline import BuildOptions, build_engines, format_result
 
 try:

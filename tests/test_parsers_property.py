@@ -92,7 +92,7 @@ name = st.from_regex(r"[A-Za-z0-9_]{1,8}\.jpg", fullmatch=True)
 @FILES
 @given(st.binary(max_size=300))
 def test_labels_file_any_bytes_parse_or_one_error(tmp_path, data):
-    from sedeploy.bench.labels import read_labels_file
+    from sedeploy.labels import read_labels_file
 
     p = tmp_path / "labels.tsv"
     p.write_bytes(data)
@@ -116,7 +116,7 @@ bad_label = st.one_of(st.sampled_from(["²", "٣", "1.5", "cat", "n123", "0x10",
 @given(st.lists(st.tuples(name, valid_label), min_size=1, max_size=10, unique_by=lambda t: t[0]),
        st.sampled_from(["\t", " ", "  "]))
 def test_labels_file_valid_lines_round_trip(tmp_path, rows, sep):
-    from sedeploy.bench.labels import read_labels_file
+    from sedeploy.labels import read_labels_file
 
     p = tmp_path / "labels.tsv"
     p.write_text("# comment\n" + "".join(f"{n}{sep}{lab}\n" for n, lab in rows), encoding="utf-8")
@@ -127,7 +127,7 @@ def test_labels_file_valid_lines_round_trip(tmp_path, rows, sep):
 @given(st.lists(st.tuples(name, valid_label), min_size=1, max_size=6, unique_by=lambda t: t[0]), bad_label,
        st.data())
 def test_labels_file_one_bad_label_is_one_error(tmp_path, rows, bad, data):
-    from sedeploy.bench.labels import read_labels_file
+    from sedeploy.labels import read_labels_file
 
     assume(bad.strip() and "\t" not in bad and not bad.strip().startswith("#"))
     at = data.draw(st.integers(1, len(rows)))  # never line 1: a bad first line is a header
@@ -142,7 +142,7 @@ def test_labels_file_one_bad_label_is_one_error(tmp_path, rows, bad, data):
 @FILES
 @given(st.text(max_size=200))
 def test_synset_table_any_text_parses_or_one_error(tmp_path, text):
-    from sedeploy.bench.labels import SYNSET_RE, read_synset_table
+    from sedeploy.classes import SYNSET_RE, read_synset_table
 
     p = tmp_path / "synsets.txt"
     p.write_text(text, encoding="utf-8")

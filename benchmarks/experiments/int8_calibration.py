@@ -56,7 +56,7 @@ def _foreign():
 
 
 def _se50(n_images: int):
-    from sedeploy.bench.labels import resolve_labels
+    from sedeploy.labels import resolve_labels
     from sedeploy.export import export_model
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 
@@ -89,7 +89,7 @@ def _fuse(src: Path, work: Path) -> Path:
 
 def measure(name, spec, work: Path, methods=METHODS) -> list[dict]:
     from sedeploy import calibration, int8
-    from sedeploy.int8_budget import as_logits, metrics
+    from sedeploy.metrics import as_logits, metrics
     from sedeploy.onnxcore import load_onnx, output_kind, run_model
 
     src, calib_dir, pp, x, labels, caveat = spec

@@ -4,7 +4,7 @@ Builds, from ONE calibration of each model, the CPU-flavour variants of :mod:`se
 QDQ U8S8, per-channel on/off, reduce_range on/off, Conv-only vs "everything uint8" (QLinearAdd/Mul/Sigmoid/
 GlobalAveragePool), SE kept in FP32 or quantized) plus the TensorRT flavour, then
 
-* times them against the FP32 model, interleaved (:func:`sedeploy.bench.timing.time_runners`, order rotated
+* times them against the FP32 model, interleaved (:func:`sedeploy.backends.timing.time_runners`, order rotated
   every round), 2 threads, ORT_ENABLE_ALL, batch 1 and 8; the speed-up is the median of per-round ratios, so a
   background load slows all forms alike;
 * measures top-1 agreement and max |Δlogit| against FP32: on ~200 ImageNet validation images for SE-ResNet-50
@@ -37,8 +37,8 @@ sys.path.insert(0, str(BENCH))  # benchmarks/common.py
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from sedeploy.backends.ort import OrtRunner  # noqa: E402
-from sedeploy.bench.timing import paired_speedup, time_runners  # noqa: E402
-from sedeploy.bench.labels import resolve_labels  # noqa: E402
+from sedeploy.backends.timing import paired_speedup, time_runners  # noqa: E402
+from sedeploy.labels import resolve_labels  # noqa: E402
 from sedeploy.calibration import DEFAULT_METHOD, calibrate  # noqa: E402
 from sedeploy.preprocess import Preprocess, find_images, load_batch  # noqa: E402
 from sedeploy.int8 import CPU_OPTIONS, CpuOptions, quantize_model  # noqa: E402

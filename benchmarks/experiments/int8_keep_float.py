@@ -20,7 +20,7 @@ import onnx
 
 import sedeploy.int8 as Q
 from sedeploy.backends.ort import OrtRunner
-from sedeploy.bench.labels import resolve_labels
+from sedeploy.labels import resolve_labels
 from sedeploy.calibration import calibrate
 from sedeploy.preprocess import Preprocess, find_images, load_batch
 

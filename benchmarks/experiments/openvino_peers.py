@@ -1,7 +1,7 @@
 """sedeploy's CPU engines against OpenVINO FP32 and OpenVINO + NNCF INT8, side by side in one process.
 
 For each SE-ResNet depth (built by `sedeploy build-engine --int8 --backend openvino`, random weights, calibrated
-on the shipped sample images), these runners are timed interleaved (:func:`sedeploy.bench.timing.time_runners`:
+on the shipped sample images), these runners are timed interleaved (:func:`sedeploy.backends.timing.time_runners`:
 round-robin, order rotated every round, one settle call before each timed call, GC paused), batch 1 and 8:
 
 - ``ort-fp32`` / ``ort-int8-cpu``: ONNX Runtime on sedeploy's fused FP32 and its QOperator INT8 artifact;
@@ -53,7 +53,7 @@ from sedeploy.backends.ort import OrtRunner  # noqa: E402
 from sedeploy.bench.engines import describe_engine, preprocess_for  # noqa: E402
 from sedeploy.bench.peers import PEER_FP32, PEER_NNCF, make_peers  # noqa: E402
 from sedeploy.bench.report import machine_description  # noqa: E402
-from sedeploy.bench.timing import paired_speedup, time_runners  # noqa: E402
+from sedeploy.backends.timing import paired_speedup, time_runners  # noqa: E402
 from sedeploy.layout import Manifest  # noqa: E402
 from sedeploy.pipeline import BuildOptions, build_engines  # noqa: E402
 from sedeploy.preprocess import find_images, load_batch  # noqa: E402

@@ -5,7 +5,7 @@ AMX / AVX512-BF16 CPUs is bf16, a precision change sedeploy does not make silent
 give, on the artifacts ``benchmarks/reference_int8.py`` leaves in its work folder: the FP32 graph, every layer INT8,
 and the accuracy-budget artifacts (float fallback layers would run in bf16). Top-1 agreement with FP32 (f32) on the
 1,925 Imagenette val images the budget search never saw (``reference_int8.py``'s split), and speed at batch 8
-(static shape, 2 threads, LATENCY), all engines interleaved (:func:`sedeploy.bench.timing.time_runners`, settle 1).
+(static shape, 2 threads, LATENCY), all engines interleaved (:func:`sedeploy.backends.timing.time_runners`, settle 1).
 
     python benchmarks/reference_int8.py --budget-only --budget 99.3 --budget-images 2000   # leaves the artifacts
     python benchmarks/experiments/ov_bf16.py --budget-artifacts /tmp/sedeploy-reference-int8/budget/*.int8-ov.onnx
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     import openvino as ov
 
     from common import write_results
-    from sedeploy.bench.timing import paired_speedup, time_runners
+    from sedeploy.backends.timing import paired_speedup, time_runners
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 
     pp = Preprocess.for_size(args.size)

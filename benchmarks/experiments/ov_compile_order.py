@@ -1,7 +1,7 @@
 """Does the order in which two OpenVINO models are compiled bias a side-by-side timing? (It does, by a few %.)
 
 Every comparison sedeploy reports pairs calls round by round, so slow drifts of the machine cancel, and
-:func:`sedeploy.bench.timing.speedup_interval` bounds the round-to-round noise. Neither covers an effect that is
+:func:`sedeploy.backends.timing.speedup_interval` bounds the round-to-round noise. Neither covers an effect that is
 fixed for the life of one compiled model (where its weights and buffers landed in memory, what it shares caches
 with). This script measures one: sedeploy's ``int8-ov`` artifact and OpenVINO + NNCF INT8 of the same FP32 model
 (random-weight SE-ResNet-50, 224 px, batch 8, built by ``sedeploy build-engine --depth 50 --int8``; NNCF's default
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from sedeploy.backends.openvino import compile_config
     from sedeploy.bench.peers import nncf_int8, peer_calibration
-    from sedeploy.bench.timing import paired_speedup, speedup_interval
+    from sedeploy.backends.timing import paired_speedup, speedup_interval
     from sedeploy.preprocess import Preprocess
 
     engines = args.work / "se-resnet50" / "engines"

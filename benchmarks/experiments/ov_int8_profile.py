@@ -88,7 +88,7 @@ def profile_depth(depth: int, batch: int, calls: int, work: Path) -> dict:
                     total += ms
                     times[name].setdefault((p.node_name, p.node_type), []).append(ms)
             totals[name].append(total)
-    from sedeploy.bench.timing import paired_speedup, speedup_interval
+    from sedeploy.backends.timing import paired_speedup, speedup_interval
 
     ci = speedup_interval(totals[NNCF], totals[INT8])
     out = {"calibration": how, "batch": batch, "calls": calls, "engines": {},

@@ -9,7 +9,7 @@ script builds one artifact per placement from one FP32 graph and one calibration
 - top-1 agreement with FP32 (OpenVINO f32 on the same FP32 ONNX) on Imagenette val (3,925 images, never
   calibrated on), and top-1 against the labels;
 - speed at batch 1 and 8 on OpenVINO, interleaved with OpenVINO FP32 and OpenVINO + NNCF INT8 (NNCF's default
-  preset on the *same* calibration images) in one run (:func:`sedeploy.bench.timing.time_runners`: round-robin,
+  preset on the *same* calibration images) in one run (:func:`sedeploy.backends.timing.time_runners`: round-robin,
   rotated order, one settle call before each timed call; the timer covers one synchronous ``infer``, host numpy
   in → out; ratios are medians of per-round ratios).
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     from common import time_activated, write_results
     from sedeploy.backends.openvino import OpenVinoModelRunner
-    from sedeploy.bench.timing import paired_speedup
+    from sedeploy.backends.timing import paired_speedup
     from sedeploy.calibration import calibrate, select_images
     from sedeploy.int8 import OV_OPTIONS, quantize_model
     from sedeploy.preprocess import load_batch

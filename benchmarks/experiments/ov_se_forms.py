@@ -14,7 +14,7 @@ calibration (the shipped ``calib/`` photos, which the NNCF peer also calibrates 
   1e-4 relative).
 
 Timed interleaved with OpenVINO FP32 and OpenVINO + NNCF INT8 (:mod:`sedeploy.bench.peers`, NNCF defaults) at batch
-1 and 8 (:func:`sedeploy.bench.timing.time_runners`: round-robin, rotated order, one settle call before each timed
+1 and 8 (:func:`sedeploy.backends.timing.time_runners`: round-robin, rotated order, one settle call before each timed
 call); the timer covers one synchronous ``infer`` (host numpy in → out). Speed-ups: medians of per-round ratios.
 Where the time goes: OpenVINO's per-layer counters, grouped by SE role. Accuracy: top-1 agreement with the FP32
 engine on the tiny *trained* SE-ResNet-18 (500 held-out images; its basic blocks have no expanding 1×1 conv, so
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     from sedeploy.backends.openvino import OpenVinoRunner, build_engine
     from sedeploy.bench.engines import describe_engine
     from sedeploy.bench.peers import PEER_NNCF, make_peers
-    from sedeploy.bench.timing import paired_speedup, time_runners
+    from sedeploy.backends.timing import paired_speedup, time_runners
     from sedeploy.calibration import calibrate
     from sedeploy.export import export_onnx
     from sedeploy.model import build_model

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from sedeploy.backends.openvino import OpenVinoRunner, build_engine
     from sedeploy.bench.engines import describe_engine
     from sedeploy.bench.peers import make_peers
-    from sedeploy.bench.timing import paired_speedup, time_runners
+    from sedeploy.backends.timing import paired_speedup, time_runners
     from sedeploy.calibration import calibrate
     from sedeploy.export import export_onnx
     from sedeploy.model import build_model

@@ -5,7 +5,7 @@ sedeploy's OpenVINO runner compiles a dynamic-batch model once more for each bat
 since a user of NNCF could do the same — what it buys the peer: SE-ResNet-(``--depth``), random weights (speed
 does not depend on them), the ``int8-ov`` artifact calibrated on the shipped ``calib/`` photos, the FP32 engine,
 and OpenVINO + NNCF INT8 (NNCF's default preset on the same photos), each run with ``static_batch`` on and off,
-all timed interleaved in one process (:func:`sedeploy.bench.timing.time_runners`, settle 1, 2 threads). The timer
+all timed interleaved in one process (:func:`sedeploy.backends.timing.time_runners`, settle 1, 2 threads). The timer
 covers one synchronous ``infer`` (host numpy in → out). Ratios: medians of per-round ratios against the NNCF peer
 as NNCF's documentation runs it (dynamic batch, as read).
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from sedeploy.backends.openvino import OpenVinoModelRunner, OpenVinoRunner, build_engine
     from sedeploy.bench.engines import describe_engine
     from sedeploy.bench.peers import PEER_NNCF, make_peers
-    from sedeploy.bench.timing import paired_speedup, time_runners
+    from sedeploy.backends.timing import paired_speedup, time_runners
     from sedeploy.calibration import calibrate
     from sedeploy.export import export_onnx
     from sedeploy.int8 import quantize_model

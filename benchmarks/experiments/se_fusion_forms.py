@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from sedeploy.backends.ort import OrtRunner, optimized_graph_histogram
-from sedeploy.bench.timing import paired_speedup, time_runners
+from sedeploy.backends.timing import paired_speedup, time_runners
 from sedeploy.export import export_onnx
 from sedeploy.model import build_model
 from sedeploy.passes import DEFAULT_FORM, FORMS, fuse_se_blocks

@@ -2,7 +2,7 @@
 
 :func:`sedeploy.passes.squeeze_first` pools each bottleneck SE squeeze before the expanding 1×1 conv and folds that
 conv into the first SE FC (exact: a 1×1 conv commutes with the spatial mean). This script times, interleaved in
-one process (:func:`sedeploy.bench.timing.time_runners`: round-robin, rotated order, one settle call before each
+one process (:func:`sedeploy.backends.timing.time_runners`: round-robin, rotated order, one settle call before each
 timed call; the timer covers one synchronous ``infer``, host numpy in → out; ratios are medians of per-round
 ratios):
 
@@ -62,7 +62,7 @@ def measure(fp32: Path, pp, calib_paths: list[Path], x_time: np.ndarray, work: P
     from sedeploy.backends.openvino import OpenVinoModelRunner, OpenVinoRunner, build_engine
     from sedeploy.backends.ort import OrtRunner
     from sedeploy.bench.peers import nncf_int8
-    from sedeploy.bench.timing import paired_speedup
+    from sedeploy.backends.timing import paired_speedup
     from sedeploy.calibration import calibrate
     from sedeploy.int8 import quantize_model
     from sedeploy.onnxcore import load_onnx, save_onnx

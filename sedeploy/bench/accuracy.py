@@ -10,7 +10,7 @@ answer that, and both are reported because they fail differently:
   KL(softmax(reference) ‖ softmax(engine)) in nats, and max |Δlogit|. Agreement needs no ground truth and is the
   figure that matters for "did quantisation change the model".
 
-Softmax and KL are computed in float64 from log-softmax (stable for large logits). Argmax ties resolve to the
+Softmax and KL are computed in float64 from log-softmax (stable for large logits; :mod:`sedeploy.metrics`). Argmax ties resolve to the
 lowest class index, as ``numpy.argmax`` does, identically for reference and engine. Top-5 needs ≥ 5 classes
 (None otherwise). Non-finite logits are counted per engine: a NaN row is a broken engine, not a rounding
 difference, so it counts as a disagreement and as wrong (an all-NaN model scores 0 %, never "100 % agreement").
@@ -25,34 +25,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from sedeploy.errors import SedeployError
+from sedeploy.metrics import kl_divergence
 
-__all__ = ["Drift", "topk_correct", "log_softmax", "kl_divergence", "engine_accuracy", "compare_engines",
-           "check_budget", "nonfinite_violations"]
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def kl_divergence(reference: np.ndarray, engine: np.ndarray) -> np.ndarray:
-    """Per-row KL(softmax(reference) ‖ softmax(engine)) in nats (≥ 0; 0 when the rows are equal up to a shift)."""
-    lp, lq = log_softmax(reference), log_softmax(engine)
-    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
-
-
-def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Boolean per row: is ``labels[i]`` among the ``k`` highest logits of row ``i``?
-
-    Ties at the k-th place are broken towards lower class indices (a stable sort), so the result is deterministic.
-    """
-    logits = np.asarray(logits)
-    k = min(k, logits.shape[1])
-    # stable argsort of -logits: highest first, equal values in index order
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return (top == np.asarray(labels)[:, None]).any(axis=1)
+__all__ = ["Drift", "engine_accuracy", "compare_engines", "check_budget", "nonfinite_violations"]
 
 
 def _pct(mask: np.ndarray) -> float:

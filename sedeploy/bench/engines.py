@@ -10,30 +10,33 @@ Why the "same model" check matters: comparing an INT8 SE-ResNet-101 with an FP32
 that looks like a quantisation disaster and is nothing of the kind. Engines are compared field by field with the
 reference (model name, depth, SE, classes, weights, parameter count, input size) and every difference is named.
 
-The PyTorch baseline (:func:`torch_baseline`) is rebuilt from the same metadata (or a checkpoint) and accepted only
-when its logits match the FP32 reference engine: a baseline of another network would make the speed ratio a lie.
+The rows timed beside the engines (PyTorch eager, the same depth without SE) are made in
+:mod:`sedeploy.bench.baselines` from the same metadata.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from sedeploy.backends import Runner
+from sedeploy.backends import BACKENDS, Runner, backend_for_engine, open_runner as backend_runner, read_sidecar, \
+    sidecar_path
+from sedeploy.bench.report import EngineInfo
 from sedeploy.errors import SedeployError
 from sedeploy.layout import Manifest
-from sedeploy.onnxcore import META, get_metadata
+from sedeploy.onnxcore import META, check_input_memory, classifier_output, get_metadata, graph_precision, image_input, \
+    load_onnx, sha256_file
 from sedeploy.preprocess import Preprocess
 
 log = logging.getLogger("sedeploy")
 
-__all__ = ["EngineSpec", "expand_engine_paths", "describe_engine", "check_same_model", "pick_reference",
-           "start_runner", "check_batches", "model_flops", "preprocess_for", "TorchRunner", "torch_baseline"]
+__all__ = ["EngineSpec", "expand_engine_paths", "describe_engine", "check_classifiers", "check_same_model",
+           "pick_reference", "start_runner", "check_batches", "engine_info", "model_flops", "preprocess_for",
+           "stem_width"]
 
 #: metadata fields that must agree between engines of one benchmark (sedeploy export writes them)
 IDENTITY_FIELDS = (META.MODEL, META.DEPTH, META.SE, META.NUM_CLASSES, META.WEIGHTS,
@@ -41,7 +44,6 @@ IDENTITY_FIELDS = (META.MODEL, META.DEPTH, META.SE, META.NUM_CLASSES, META.WEIGH
 #: backends whose engines keep the ONNX graph's batch dimension: fixed there → that one batch only (TensorRT
 #: engines instead accept any batch up to their optimization profile's max)
 FIXED_BATCH_BACKENDS = ("ort", "openvino")
-_RANDOM_WEIGHTS = re.compile(r"^random \(seed (\d+)\)$")
 
 
 @dataclass
@@ -100,8 +102,6 @@ def expand_engine_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_light(path: Path):
     """The ONNX graph without external weight files (only names, types, shapes and metadata are needed)."""
-    from sedeploy.onnxcore import load_onnx
-
     return load_onnx(path, weights=False, check=False)
 
 
@@ -109,8 +109,6 @@ def _ort_sidecar(path: Path) -> dict[str, Any] | None:
     """The sidecar of an ORT engine (``.ort-opt.onnx``; None for a plain .onnx artifact, whose name maps to the
     sidecar of the engine built from it); an engine file that is not the one its sidecar describes (the recorded
     sha256 differs: a file swapped in from another build) is refused."""
-    from sedeploy.backends import BACKENDS, read_sidecar, sidecar_path
-
     side = sidecar_path(path)
     if not any(path.name.endswith(s) for s in BACKENDS["ort"].engine_suffixes) or not side.is_file():
         return None
@@ -127,9 +125,6 @@ def _ort_sidecar(path: Path) -> dict[str, Any] | None:
 
 def describe_engine(path: str | Path) -> EngineSpec:
     """Read an engine's description (precision, flavour, model metadata, input shape, batch limit)."""
-    from sedeploy.backends import backend_for_engine
-    from sedeploy.onnxcore import check_input_memory, graph_precision, image_input
-
     path = Path(path)
     if not path.exists():
         raise SedeployError(f"The engine '{path}' does not exist.", fix="check the path")
@@ -156,8 +151,6 @@ def describe_engine(path: str | Path) -> EngineSpec:
 
 @functools.lru_cache(maxsize=32)
 def _sha256(path: str, mtime_ns: int, size: int) -> str:
-    from sedeploy.onnxcore import sha256_file
-
     return sha256_file(path)
 
 
@@ -198,8 +191,6 @@ def stem_width(spec: "EngineSpec") -> int | None:
 
 def _describe_compiled(path: Path, backend: str) -> EngineSpec:
     """A compiled engine (TensorRT plan, OpenVINO model) described from its sidecar and its source ONNX."""
-    from sedeploy.backends import read_sidecar, sidecar_path
-
     side = read_sidecar(sidecar_path(path), engine=path)
     src = source_onnx(path, side)
     meta: dict[str, Any] = get_metadata(load_light(src)) if src is not None else {}
@@ -213,8 +204,6 @@ def _describe_compiled(path: Path, backend: str) -> EngineSpec:
     hi = dims("max")
     layout = "NCHW"
     if src is not None and hi is not None:  # the engine takes its source's layout (NHWC: the profile is N×H×W×C)
-        from sedeploy.onnxcore import image_input
-
         layout = image_input(load_light(src), path=str(src)).layout
         if layout == "NHWC":
             hi = [hi[0], hi[3], hi[1], hi[2]]
@@ -300,6 +289,13 @@ def check_same_model(specs: list[EngineSpec], reference: EngineSpec) -> None:
                                 "build-engine` call)")
 
 
+def check_classifiers(specs: list[EngineSpec]) -> None:
+    """Every ONNX engine must be an image classifier (one N×classes output): refuse anything else up front."""
+    for s in specs:
+        if s.backend == "ort":
+            classifier_output(load_onnx(s.path, weights=False, check=False), path=str(s.path))
+
+
 def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
     """Every batch size must fit every engine (a static batch, a TensorRT profile's max) — checked before timing."""
     for s in specs:
@@ -320,8 +316,6 @@ def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
 def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all") -> Runner:
     """An active runner for the engine. A plan needs TensorRT and a GPU; without them this raises, naming the
     engine (no engine is dropped from a benchmark behind the user's back)."""
-    from sedeploy.backends import BACKENDS, open_runner as backend_runner
-
     try:
         return backend_runner(spec.path, threads=threads, providers=providers, optimization=optimization).activate()
     except SedeployError as err:
@@ -330,6 +324,25 @@ def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optim
                                 expected=err.expected, fix=f"{err.fix}; or {leave_out}" if err.fix else leave_out)
         wrapped.exit_code = err.exit_code  # a missing extra stays exit 4, a bad engine file 2
         raise wrapped from err
+
+
+def engine_info(spec: EngineSpec, flops: dict[str, Any], runner, device: str) -> EngineInfo:
+    """The report's description of an engine: its metadata (less the preprocessing), FLOPs and runner."""
+    meta = spec.meta
+    info = {"path": str(spec.path), "flops_source": flops["flops_source"],
+            "input_shape": list(spec.input_shape), "metadata": {k: v for k, v in meta.items()
+                                                               if k != META.PREPROCESS}}
+    describe = getattr(runner, "describe", None)
+    if callable(describe):
+        info["runner"] = describe()
+    return EngineInfo(name=spec.name, model=str(meta.get(META.MODEL) or spec.path.name.split(".")[0]),
+                      precision=spec.precision, gflops_total=_nan(flops["gflops_total"]),
+                      depth=meta.get(META.DEPTH), flavour=spec.flavour, backend=spec.backend, device=device,
+                      gflops_seed=flops["gflops_seed"], info=info)
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def preprocess_for(spec: EngineSpec) -> Preprocess:
@@ -419,79 +432,3 @@ def model_flops(spec: EngineSpec) -> dict[str, Any]:
             return {"gflops_seed": None, "gflops_total": 2 * macs / 1e9,
                     "flops_source": "Conv + Gemm/MatMul nodes of the FP32 graph (no sedeploy metadata)"}
     return {"gflops_seed": None, "gflops_total": None, "flops_source": "unknown (no metadata, no FP32 graph)"}
-
-
-# --------------------------------------------------------------------------------------------------- PyTorch
-class TorchRunner(Runner):
-    """PyTorch eager FP32, channels_last, under ``inference_mode`` — the baseline the engines are compared with."""
-
-    backend = "pytorch"
-    timer_coverage = ("PyTorch eager forward, channels_last: host numpy in (NCHW → channels_last copy "
-                      "included) → host numpy out")
-    input_dtype = np.dtype(np.float32)
-
-    def __init__(self, model):
-        import torch
-
-        super().__init__()
-        self.model = model.eval().to(memory_format=torch.channels_last)
-
-    def _infer(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=torch.channels_last)
-            return self.model(t).numpy()
-
-
-def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_logits: np.ndarray, *,
-                   checkpoint: str | None = None) -> tuple[TorchRunner | None, str]:
-    """(runner, description) of the reference's network in PyTorch, or (None, the reason it cannot be made).
-
-    From ``checkpoint`` when given (a mismatch with the engines is then an error: the user named the wrong
-    file), else rebuilt from the metadata of a randomly initialised export (depth, SE, classes, width, seed).
-    Either way its logits on ``check_images`` must match ``reference_logits``.
-    """
-    meta = reference.meta
-    depth = meta.get(META.DEPTH)
-    if checkpoint is not None:
-        from sedeploy.checkpoints import load_checkpoint, weights_label
-
-        loaded = load_checkpoint(checkpoint, depth=depth, num_classes=reference.num_classes)
-        model, source = loaded.model, weights_label(loaded)
-    else:
-        if depth is None:
-            return None, (f"the reference {reference.name} carries no sedeploy model metadata (not exported by "
-                          "sedeploy), so its PyTorch network cannot be rebuilt; pass a checkpoint to time it")
-        weights = str(meta.get(META.WEIGHTS, ""))
-        match = _RANDOM_WEIGHTS.match(weights)
-        if not match:
-            return None, (f"{reference.name} was exported from {weights or 'unrecorded weights'}; pass that "
-                          "checkpoint to time the PyTorch baseline")
-        width = stem_width(reference)
-        if width is None:
-            return None, f"the stem width of {reference.name} cannot be read from an ONNX graph"
-        from sedeploy.model import build_model, count_params
-
-        model = build_model(int(depth), se=bool(meta.get(META.SE, True)),
-                            num_classes=int(reference.num_classes or meta.get(META.NUM_CLASSES, 1000)),
-                            base_channels=width, style=str(meta.get(META.BLOCK_STYLE, "pytorch")),
-                            seed=int(match.group(1)))
-        params = meta.get(META.PARAMS)
-        if params is not None and count_params(model) != params:
-            return None, (f"the rebuilt {model.spec.name} has {count_params(model)} parameters, the engines' "
-                          f"model {params}")
-        source = f"{model.spec.name}, {weights}, rebuilt from the ONNX metadata"
-    runner = TorchRunner(model).activate()
-    got = runner.infer(check_images.astype(np.float32))
-    ref = np.asarray(reference_logits, np.float64)
-    diff = float(np.abs(got - ref).max())
-    tol = 1e-3 * max(1.0, float(np.abs(ref).max()))
-    if not diff <= tol:
-        what = (f"the PyTorch network ({source}) differs from the reference engine {reference.name} by max "
-                f"|Δlogit| {diff:.3g} (> {tol:.2g}) on {len(check_images)} images")
-        if checkpoint is not None:
-            raise SedeployError(f"The checkpoint does not match the engines: {what}.",
-                                fix="pass the checkpoint the engines were exported from, or leave it out")
-        return None, what
-    return runner, f"{source}; matches {reference.name} to max |Δlogit| {diff:.2g}"

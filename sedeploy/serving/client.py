@@ -6,7 +6,7 @@ and ``sedeploy serve`` put there; without it, mmcls's pipeline at the input size
 serves the model: ``sedeploy serve`` here, or the model repository in the Triton container.
 
 Class names: a ``--labels-file`` (Caffe ``synset_words.txt``: ``n01440764 tench, Tinca tinca`` per line, the
-``index<TAB>synset<TAB>name…`` table, or one name per line; read by :func:`sedeploy.bench.labels.read_class_names`,
+``index<TAB>synset<TAB>name…`` table, or one name per line; read by :func:`sedeploy.classes.read_class_names`,
 as bench and package read it), else ``$SEDEPLOY_LABELS``; a file given either way must name exactly the model's
 classes. Without one, ``../shared/data/labels`` beside a source checkout is used when it fits the model; otherwise
 classes are shown as indices.
@@ -105,7 +105,7 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
                  labels_file: str | os.PathLike | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
     """Top-k classes of each image from a Triton server (HTTP). Returns {model, url, results: [{image, top: [{index,
     label, probability, logit}]}], logits (N×classes list)}."""
-    from sedeploy.bench.labels import read_class_names
+    from sedeploy.classes import read_class_names
     from sedeploy.onnxcore import input_layout
     from sedeploy.preprocess import layout_batch, load_image
     from sedeploy.serving.env import require_client

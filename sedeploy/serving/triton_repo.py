@@ -305,7 +305,7 @@ def package_triton(engines_dir: str | Path, out_dir: str | Path, *, results: str
     bench = read_results(results) if results is not None else None
     labels = None
     if labels_file is not None:
-        from sedeploy.bench.labels import read_class_names
+        from sedeploy.classes import read_class_names
 
         labels = read_class_names(labels_file)
     models = plan_models(engines_dir, results=bench, max_batch=max_batch, instances=instances, artifacts=artifacts,
