@@ -1,0 +1,188 @@
+"""Third-party classifiers through the product's own commands: does every zoo model build with the defaults, and how
+do its engines compare with OpenVINO + NNCF on accuracy and speed?
+
+For each model in ``../shared/data/models`` (its README gives provenance and preprocessing) this runs, as a user
+would, with the model's own preprocessing options and nothing else:
+
+1. ``sedeploy build-engine MODEL --fp16 --int8 --calib CALIB`` (64 seeded images of imagenet-val-1300) — exit
+   code, SE blocks found / fused, the INT8 held-out check the build prints, notes;
+2. ``sedeploy bench OUT --peers --images EVAL --labels … --batch 1,8`` — every engine and the two peers (OpenVINO
+   FP32, OpenVINO + NNCF INT8 with NNCF's default preset on the same 64 images) timed interleaved in one process,
+   with top-1, agreement with FP32 and top-1 drop on the evaluation images (none of them calibrated on);
+3. ``sedeploy build-engine MODEL --int8 --min-agreement 97 --budget-confidence 0.95 --val BUDGET`` — the accuracy
+   budget's held-out agreement, layers in float and speed.
+
+The images are split once (seed 0): 64 calibration, 400 for the budget search, the rest (836) for evaluation.
+PP-OCR's text-direction classifier is not an ImageNet model: it is scored by agreement with its FP32 outputs only.
+
+    python benchmarks/zoo.py [--models NAME …] [--repeats 20] [--eval-limit N]
+
+Writes ``benchmarks/results/zoo/`` (results.json, results.md; each model's bench results under ``<model>/``).
+About 25 min on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SHARED_DATA, provenance, provenance_markdown, results_dir  # noqa: E402
+
+MODELS_DIR = SHARED_DATA / "models"
+VAL = SHARED_DATA / "imagenet-val-1300"
+
+#: each model's preprocessing as its models/README.md states it, in sedeploy's options (nothing else is tuned)
+ZOO: dict[str, dict[str, Any]] = {
+    "efficientnet_lite0_torch_legacy": {
+        "flags": ["--mean", "127,127,127", "--std", "128,128,128", "--resize", "256"], "imagenet": True},
+    "mobilenet_v1_0.25_224_tf2onnx": {
+        "flags": ["--mean", "127.5,127.5,127.5", "--std", "127.5,127.5,127.5", "--resize", "256",
+                  "--label-offset", "1"], "imagenet": True, "label_offset": 1},
+    "mobilenet_v1_0.25_224_tf2onnx_nchw": {
+        "flags": ["--mean", "127.5,127.5,127.5", "--std", "127.5,127.5,127.5", "--resize", "256",
+                  "--label-offset", "1"], "imagenet": True, "label_offset": 1},
+    "squeezenet1.1_gluon_webnn": {
+        "flags": ["--mean", "123.675,116.28,103.53", "--std", "58.395,57.12,57.375", "--resize", "256"],
+        "imagenet": True},
+    "ppocr_textdir_cls_paddle2onnx_op13": {
+        "flags": ["--mean", "127.5,127.5,127.5", "--std", "127.5,127.5,127.5", "--input-shape", "48x192",
+                  "--channel-order", "bgr"], "imagenet": False},
+}
+
+
+def _split(tmp: Path, seed: int = 0) -> dict[str, Path]:
+    """calib (64) / budget (400) / eval (the rest) folders of symlinks, plus the labels files of the last two."""
+    labels = dict(line.split("\t") for line in (VAL / "labels.tsv").read_text().splitlines() if "\t" in line)
+    files = sorted(labels)
+    random.Random(seed).shuffle(files)
+    parts = {"calib": files[:64], "budget": files[64:464], "eval": files[464:]}
+    out = {}
+    for name, chosen in parts.items():
+        d = tmp / name
+        d.mkdir()
+        for f in chosen:
+            (d / f).symlink_to(VAL / "images" / f)
+        (tmp / f"{name}.tsv").write_text("".join(f"{f}\t{labels[f].strip()}\n" for f in chosen))
+        out[name] = d
+    return out
+
+
+def _sedeploy(*args: str, timeout: int = 3600) -> tuple[int, dict[str, Any] | None, str]:
+    proc = subprocess.run([sys.executable, "-m", "sedeploy", *args, "--json"], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        data = json.loads(proc.stdout) if proc.stdout.strip() else None
+    except json.JSONDecodeError:
+        data = None
+    return proc.returncode, data, "\n".join(proc.stderr.strip().splitlines()[-12:])
+
+
+def _engine_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for e in bench.get("engines") or []:
+        acc = e.get("accuracy") or {}
+        row = {"engine": e["name"], "precision": e.get("precision"), "flavour": e.get("flavour"),
+               "backend": e.get("backend"), "agreement_pct": acc.get("top1_agreement_pct"),
+               "top1_pct": acc.get("top1_pct"), "top1_drop_pts": acc.get("top1_drop_pts")}
+        for b, stats in (e.get("batch") or {}).items():
+            row[f"b{b}_img_s"] = stats.get("throughput")
+            row[f"b{b}_x_ref"] = stats.get("speedup_vs_reference")
+        rows.append(row)
+    return rows
+
+
+def run_model(name: str, split: dict[str, Path], work: Path, out: Path, *, repeats: int,
+              eval_limit: int | None) -> dict[str, Any]:
+    cfg = ZOO[name]
+    model = MODELS_DIR / f"{name}.onnx"
+    engines = work / name / "engines"
+    rec: dict[str, Any] = {"model": model.name, "flags": cfg["flags"]}
+    rc, build, tail = _sedeploy("build-engine", str(model), "--fp16", "--int8", "--calib", str(split["calib"]),
+                                *cfg["flags"], "-o", str(engines))
+    rec["default_build"] = {"exit": rc, "stderr_tail": None if rc == 0 else tail}
+    if build:
+        rec["default_build"].update({k: build.get(k) for k in ("se_blocks_found", "se_blocks_fused", "notes",
+                                                                "int8_check", "calibration")})
+        rec["default_build"]["engines"] = [e.get("path") for e in build.get("engines") or []]
+    if rc != 0:
+        return rec
+    bench_args = ["bench", str(engines), "--peers", "--images", str(split["eval"]), "--batch", "1,8",
+                  "--repeats", str(repeats), "--no-torch-baseline", "--out", str(out / name)]
+    if cfg["imagenet"]:
+        bench_args += ["--labels", str(split["eval"].parent / "eval.tsv"),
+                       "--label-offset", str(cfg.get("label_offset", 0))]
+    if eval_limit:
+        bench_args += ["--image-limit", str(eval_limit)]
+    rc, bench, tail = _sedeploy(*bench_args)
+    rec["bench"] = {"exit": rc, "stderr_tail": None if rc == 0 else tail,
+                    "engines": _engine_rows(bench) if bench else None}
+    budget_dir = work / name / "budget"
+    rc, budget, tail = _sedeploy("build-engine", str(model), "--int8", "--calib", str(split["calib"]), *cfg["flags"],
+                                 "--min-agreement", "97", "--budget-confidence", "0.95", "--val",
+                                 str(split["budget"]), "-o", str(budget_dir))
+    rec["budget_build"] = {"exit": rc, "stderr_tail": None if rc == 0 else tail,
+                           "int8_budget": (budget or {}).get("int8_budget")}
+    return rec
+
+
+def _fmt(v, spec=".1f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(records: list[dict[str, Any]], prov: dict[str, Any]) -> str:
+    lines = ["# Third-party classifiers with the defaults", "", provenance_markdown(prov), "",
+             "| model | default build | SE fused | engine | agreement % | top-1 drop pt | b1 × FP32 | b8 × FP32 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        b = r["default_build"]
+        built = "exit 0" if b["exit"] == 0 else f"**exit {b['exit']}**"
+        se = f"{b.get('se_blocks_fused')}/{b.get('se_blocks_found')}" if b.get("se_blocks_found") is not None else "–"
+        rows = (r.get("bench") or {}).get("engines") or [{}]
+        for i, e in enumerate(rows):
+            head = (r["model"], built, se) if i == 0 else ("", "", "")
+            lines.append(f"| {' | '.join(head)} | {e.get('engine', '–')} | {_fmt(e.get('agreement_pct'))} | "
+                         f"{_fmt(e.get('top1_drop_pts'), '+.2f')} | {_fmt(e.get('b1_x_ref'), '.2f')} | "
+                         f"{_fmt(e.get('b8_x_ref'), '.2f')} |")
+    lines += ["", "Budget builds (`--min-agreement 97 --budget-confidence 0.95`, 400 search images):", "",
+              "| model | exit | per flavour: held-out agreement (bound), layers in float, speed |", "|---|---|---|"]
+    for r in records:
+        bb = r.get("budget_build") or {}
+        flavours = ((bb.get("int8_budget") or {}).get("flavours") or {})
+        text = "; ".join(f"{k}: {json.dumps(v.get('summary', v), default=str)[:160]}" for k, v in flavours.items())
+        lines.append(f"| {r['model']} | {bb.get('exit', '–')} | {text or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="*", choices=sorted(ZOO), help="default: every zoo model")
+    ap.add_argument("--repeats", type=int, default=20, help="timed rounds per engine and batch (default 20)")
+    ap.add_argument("--eval-limit", type=int, help="score on the first N evaluation images only")
+    args = ap.parse_args(argv)
+    if not MODELS_DIR.is_dir():
+        print(f"zoo: {MODELS_DIR} is absent (../shared/data beside the checkout)", file=sys.stderr)
+        return 2
+    out = results_dir(__file__)
+    prov = provenance(__file__, argv)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="sedeploy-zoo-") as tmp:
+        split = _split(Path(tmp))
+        for name in args.models or list(ZOO):
+            print(f"zoo: {name}", file=sys.stderr, flush=True)
+            records.append(run_model(name, split, Path(tmp), out, repeats=args.repeats, eval_limit=args.eval_limit))
+            (out / "results.json").write_text(json.dumps({"provenance": prov, "models": records}, indent=1,
+                                                         default=str) + "\n")
+    (out / "results.md").write_text(markdown(records, prov))
+    print(markdown(records, prov))
+    return 0 if all(r["default_build"]["exit"] == 0 for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
