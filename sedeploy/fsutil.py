@@ -30,7 +30,7 @@ log = logging.getLogger("sedeploy")
 PARTIAL_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")
 #: errno values that mean "no room left": ENOSPC (disk full) and EDQUOT (quota exceeded)
 NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-#: a build writes into ``<out>/.sedeploy-staging-<random>/`` and publishes the finished set (sedeploy.pipeline)
+#: a build writes into ``<out>/.sedeploy-staging-<random>/`` and publishes the finished set (sedeploy.build)
 STAGE_PREFIX = ".sedeploy-staging-"
 
 

@@ -86,7 +86,7 @@ def test_missing_nncf_peers_exit_4(monkeypatch, tiny_onnx):
 @pytest.fixture(scope="module")
 def ov_build(tiny_trained_art, tmp_path_factory):
     """`build-engine --int8 --backend openvino` of the tiny trained model (FP32 + INT8-ov engines)."""
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
 
     if not HAVE_OV:
         pytest.skip("the 'openvino' package is not installed (pip install 'sedeploy[openvino]')")
@@ -198,7 +198,7 @@ def test_fp16_without_fp16_arithmetic_is_skipped_or_refused(tiny_onnx, tmp_path,
     """A CPU without FP16 arithmetic (made so here by asking for a capability no CPU reports): build-engine writes
     the FP16 artifact, builds no OpenVINO FP16 engine and says why; the FP16 artifact given as MODEL is refused with
     the reason (exit 2), nothing written. FP32 and INT8 never need a capability."""
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
 
     assert OVB.unsupported_here("fp32") is None and OVB.unsupported_here("int8") is None
     monkeypatch.setitem(OVB.NEEDED_CAPABILITY, "fp16", "NO-SUCH-CAPABILITY")

@@ -117,7 +117,7 @@ def test_importing_the_library_modules_loads_no_heavy_library():
     import subprocess
     import sys
 
-    modules = ["sedeploy.cli", "sedeploy.pipeline", "sedeploy.preprocess", "sedeploy.bench.run",
+    modules = ["sedeploy.cli", "sedeploy.build", "sedeploy.preprocess", "sedeploy.bench.run",
                "sedeploy.serving.client", *(row.module for row in BACKENDS.values())]
     heavy = ("torch", "onnxruntime", "openvino", "tensorrt", "onnx", "tritonclient")
     code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"

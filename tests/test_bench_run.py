@@ -378,7 +378,7 @@ def test_swapped_ort_engine_is_refused(tmp_path, tiny_onnx):
 def test_build_folder_missing_a_sidecar_is_refused(tiny_onnx, tmp_path):
     """bench DIR: every file the manifest lists for an engine must be there, its sidecar too (without it the
     engine's sha256 could not be checked, and a swapped engine would run under this build's name)."""
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
 
     out = tmp_path / "eng"
     build_engines(tiny_onnx, out, BuildOptions(backend="ort", progress=False))

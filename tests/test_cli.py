@@ -148,7 +148,7 @@ def test_old_spellings_still_work_with_a_deprecation_note(monkeypatch, tmp_path,
         raise Stop
 
     def fake_build(model, out, opts, **kwargs):
-        seen["out"], seen["profile"] = out, (opts.min_batch, opts.opt_batch, opts.max_batch)
+        seen["out"], seen["profile"] = out, (opts.engine.min_batch, opts.engine.opt_batch, opts.engine.max_batch)
         raise Stop
 
     monkeypatch.setattr(sedeploy.cli.model_cmds, "export_model", fake_export)

@@ -64,9 +64,9 @@ def add_onnx(tmp_path):
 
 
 def _build(model, out, **kw):
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
 
-    return build_engines(model, out, BuildOptions(backend="ort", progress=False, **kw))
+    return build_engines(model, out, BuildOptions.from_flat(backend="ort", progress=False, **kw))
 
 
 # ------------------------------------------------------------------------------------------ locking and staging
@@ -127,7 +127,7 @@ def test_rebuild_from_a_symlink_into_the_folder_keeps_its_target(tiny_onnx, tmp_
 
 
 def test_failed_build_leaves_the_previous_set_untouched(tiny_onnx, tmp_path, monkeypatch):
-    from sedeploy import pipeline
+    from sedeploy.build import run
 
     out = tmp_path / "eng"
     _build(tiny_onnx, out)
@@ -136,7 +136,7 @@ def test_failed_build_leaves_the_previous_set_untouched(tiny_onnx, tmp_path, mon
     def boom(*a, **k):
         raise SedeployError("FP16 conversion failed (injected).")
 
-    monkeypatch.setattr(pipeline, "_fp16", boom)
+    monkeypatch.setattr(run, "fp16_stage", boom)
     with pytest.raises(SedeployError, match="injected"):
         _build(tiny_onnx, out, fp16=True)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -175,11 +175,11 @@ def test_options_are_checked_before_any_file_is_written(tiny_onnx, tmp_path, kw,
 
 
 def test_failed_build_removes_the_output_folder_it_created(tiny_onnx, tmp_path, monkeypatch):
-    from sedeploy import pipeline
+    from sedeploy.build import run
 
     def boom(*a, **k):
         raise SedeployError("simulated failure after the output folder was made")
-    monkeypatch.setattr(pipeline, "_build_staged", boom)
+    monkeypatch.setattr(run, "build_staged", boom)
     with pytest.raises(SedeployError, match="simulated"):
         _build(tiny_onnx, tmp_path / "new")
     assert not (tmp_path / "new").exists()  # made by this run, left empty: removed
@@ -224,14 +224,14 @@ def test_calib_errors_name_the_calibration_folder(tiny_onnx, tmp_path):
 # ------------------------------------------------------------------------------------------ signals and partials
 _SLOW_BUILD = textwrap.dedent("""
     import sys, time
-    from sedeploy import pipeline
+    from sedeploy.build import run
     from sedeploy.cli import main
-    real = pipeline._build_engines
+    real = run.engines_stage
     def slow(res, stage, opt, **kw):
         real(res, stage, opt, **kw)
         print("READY", flush=True)
         time.sleep(60)
-    pipeline._build_engines = slow
+    run.engines_stage = slow
     sys.argv = ["sedeploy", "build-engine", sys.argv[1], "-o", sys.argv[2]]
     main()
 """)
@@ -592,7 +592,7 @@ def test_build_engine_summary_and_bench_table_show_the_weights(tmp_path, cache_e
     from sedeploy.bench.tables import to_markdown
     from sedeploy.bench.run import run_bench
     from sedeploy.export import export_model
-    from sedeploy.pipeline import format_result
+    from sedeploy.build import format_result
 
     model = export_model(depth=18, output=tmp_path / "m.onnx", input_size=32, verify_limit=2, base_channels=8)
     res = _build(model.path, tmp_path / "eng")
@@ -603,7 +603,7 @@ def test_build_engine_summary_and_bench_table_show_the_weights(tmp_path, cache_e
 
 
 def test_calibration_cache_hit_reports_this_runs_time(tiny_onnx, tmp_path, calib_dir):
-    from sedeploy.pipeline import format_result
+    from sedeploy.build import format_result
 
     first = _build(tiny_onnx, tmp_path / "a", int8=True, calib=calib_dir, calib_cache=tmp_path / "c.json")
     again = _build(tiny_onnx, tmp_path / "b", int8=True, calib=calib_dir, calib_cache=tmp_path / "c.json")
@@ -1037,11 +1037,11 @@ def test_an_old_opset_is_converted_and_a_static_batch_4_model_builds_fp16_and_in
 
 
 def test_errors_name_sedeploy_intermediates_as_such(tmp_path):
-    from sedeploy.pipeline import _name_intermediates  # noqa: PLC2701 (the pipeline's own helper, tested here)
+    from sedeploy.build.publish import name_intermediates
 
     stage = tmp_path / ".sedeploy-staging-abc"
     err = SedeployError(f"Quantizing '{stage}/m.fp32.onnx' failed.", fix="x")
-    _name_intermediates(err, stage, "models/m.onnx")
+    name_intermediates(err, stage, "models/m.onnx")
     assert str(stage) not in str(err) and "m.fp32.onnx (sedeploy's intermediate from 'models/m.onnx')" in str(err)
     assert err.what == "Quantizing 'm.fp32.onnx (sedeploy's intermediate from 'models/m.onnx')' failed."
 

@@ -52,7 +52,7 @@ def test_an_input_without_a_channel_dimension_is_refused(tmp_path):
 
 def test_build_engine_fixed_batch_foreign_model(foreign_art, tmp_path):
     """FP16 verification, calibration (batch 8 requested) and the INT8 smoke runs all run a batch-1 model."""
-    from sedeploy.pipeline import BuildOptions, build_engines, format_result
+    from sedeploy.build import BuildOptions, build_engines, format_result
 
     opts = BuildOptions(backend="ort", fp16=True, int8=True, calib=foreign_art.calib_dir, calib_batch=8,
                         preprocess=foreign_art.preprocess, progress=False)
@@ -347,7 +347,7 @@ def test_dynamic_batch_only_when_provably_safe(foreign_art, tmp_path):
     renamed; --dynamic-batch says which, and refuses (exit 2) when it cannot."""
     from sedeploy.onnxcore import load_onnx, run_model
     from sedeploy.passes import batch_dependence, fuse_se_blocks, make_batch_dynamic
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
 
     raw = load_onnx(foreign_art.onnx_path)
     assert "literal batch 1" in batch_dependence(raw)

@@ -14,7 +14,7 @@ from sedeploy import int8_check
 from sedeploy.calibration import select_images
 from sedeploy.cli import cli
 from sedeploy.metrics import REPORT_CONFIDENCE, agreement_lower_bound
-from sedeploy.pipeline import BuildOptions, build_engines, format_result
+from sedeploy.build import BuildOptions, build_engines, format_result
 
 try:
     import openvino  # noqa: F401
@@ -90,9 +90,9 @@ def test_cli_warn_agreement_refused_before_any_work(tiny_onnx, tmp_path):
 # ------------------------------------------------------------------------------------------------ the check
 @pytest.mark.slow
 def test_default_check_measures_every_int8_artifact(tiny_onnx, images64, tmp_path):
-    res = build_engines(tiny_onnx, tmp_path / "o", BuildOptions(int8=True, backend="ort", calib=images64,
-                                                                calib_cache=tmp_path / "c.json", threads=1,
-                                                                progress=False))
+    opts = BuildOptions.from_flat(int8=True, backend="ort", calib=images64, calib_cache=tmp_path / "c.json",
+                                  threads=1, progress=False)
+    res = build_engines(tiny_onnx, tmp_path / "o", opts)
     check = res.int8_check
     assert check["measured"] and check["heldout"]["source"] == "split" and check["heldout"]["images"] == 16
     assert res.calibration["images"] == 48 and res.calibration["held_out"] == 16  # the shrink is in the result
@@ -173,10 +173,9 @@ def test_budget_figures_are_reused_not_measured_again(tiny_onnx, images64, tmp_p
     calls = []
     real = int8_check.measure
     monkeypatch.setattr(int8_check, "measure", lambda *a, **k: calls.append(a) or real(*a, **k))
-    res = build_engines(tiny_onnx, tmp_path / "o", BuildOptions(int8=True, backend="ort", calib=images64,
-                                                                calib_method="minmax", min_agreement=1.0,
-                                                                calib_cache=tmp_path / "c.json", threads=1,
-                                                                progress=False))
+    opts = BuildOptions.from_flat(int8=True, backend="ort", calib=images64, calib_method="minmax", min_agreement=1.0,
+                                  calib_cache=tmp_path / "c.json", threads=1, progress=False)
+    res = build_engines(tiny_onnx, tmp_path / "o", opts)
     assert calls == []  # both flavours were measured by the budget on ONNX Runtime CPU
     for flavour in ("trt", "cpu"):
         m, r = res.int8_check["artifacts"][f"int8-{flavour}"], res.int8_budget["flavours"][flavour]["result"]
@@ -208,9 +207,9 @@ def _refuse_int8(monkeypatch):
 @needs_ov
 @pytest.mark.slow
 def test_int8_ov_is_measured_on_openvino(tiny_onnx, images64, tmp_path):
-    res = build_engines(tiny_onnx, tmp_path / "o", BuildOptions(int8=True, backend="openvino", calib=images64,
-                                                                calib_method="minmax", threads=1,
-                                                                calib_cache=tmp_path / "c.json", progress=False))
+    opts = BuildOptions.from_flat(int8=True, backend="openvino", calib=images64, calib_method="minmax", threads=1,
+                                  calib_cache=tmp_path / "c.json", progress=False)
+    res = build_engines(tiny_onnx, tmp_path / "o", opts)
     runtimes = {k: m["runtime"] for k, m in res.int8_check["artifacts"].items()}
     assert runtimes == {"int8-trt": "ort", "int8-cpu": "ort", "int8-ov": "openvino"}
     assert "on OpenVINO CPU" in format_result(res)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sedeploy.checks",),
     ("sedeploy.fp16", "sedeploy.fp16_verify", "sedeploy.calibration", "sedeploy.int8"),
     ("sedeploy.backends",),
-    ("sedeploy.pipeline", "sedeploy.build", "sedeploy.int8_budget", "sedeploy.int8_check"),
+    ("sedeploy.build", "sedeploy.int8_budget", "sedeploy.int8_check"),
     ("sedeploy.bench",),
     ("sedeploy.serving",),
     ("sedeploy.cli", "sedeploy.__main__"),

@@ -13,7 +13,7 @@ from sedeploy.onnxcore import graph_precision
 from sedeploy.backends.ort import OrtRunner
 from sedeploy.cli import cli
 from sedeploy.artifacts import artifact_stem
-from sedeploy.pipeline import BuildOptions, build_engines
+from sedeploy.build import BuildOptions, build_engines
 from sedeploy.errors import SedeployError
 from tiny_trained import INT8_MIN_AGREEMENT, MIN_TEST_ACCURACY, assert_flips_only_near_ties
 
@@ -34,8 +34,8 @@ def _top1(path, x):
 @pytest.fixture(scope="module")
 def built(tiny_trained_art, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    opts = BuildOptions(backend="ort", fp16=True, int8=True, calib=tiny_trained_art.calib_dir, calib_cache=out / "calib.json",
-                        threads=1, progress=False)
+    opts = BuildOptions.from_flat(backend="ort", fp16=True, int8=True, calib=tiny_trained_art.calib_dir,
+                                  calib_cache=out / "calib.json", threads=1, progress=False)
     return build_engines(tiny_trained_art.onnx_path, out, opts), out
 
 
@@ -98,7 +98,7 @@ def test_second_build_hits_the_calibration_cache(built, tiny_trained_art, tmp_pa
 def test_artifact_input_builds_only_its_engine(built, tmp_path):
     res, out = built
     cpu = next(a.path for a in res.artifacts if a.flavour == "cpu")
-    again = build_engines(cpu, tmp_path, BuildOptions(backend="ort", threads=1, progress=False))
+    again = build_engines(cpu, tmp_path, BuildOptions.from_flat(backend="ort", threads=1, progress=False))
     assert again.se_blocks_found is None and len(again.engines) == 1
     assert again.engines[0]["precision"] == "int8"
     with pytest.raises(SedeployError, match="already an INT8 artifact"):
@@ -110,7 +110,7 @@ def test_auto_builds_an_int8_cpu_artifact_for_onnx_runtime(built, tmp_path):
     ONNX Runtime, whatever the default CPU backend is."""
     res, out = built
     cpu = next(a.path for a in res.artifacts if a.flavour == "cpu")
-    again = build_engines(cpu, tmp_path / "auto", BuildOptions(backend="auto", threads=1, progress=False))
+    again = build_engines(cpu, tmp_path / "auto", BuildOptions.from_flat(backend="auto", threads=1, progress=False))
     assert [e["backend"] for e in again.engines] == ["ort"]
 
 
@@ -119,7 +119,7 @@ def test_artifact_of_the_other_flavour_is_built_as_asked_with_a_note(built, tmp_
     not the form ORT runs fastest — never an exit 0 with nothing built."""
     res, _ = built
     trt = next(a.path for a in res.artifacts if a.flavour == "trt")
-    again = build_engines(trt, tmp_path, BuildOptions(backend="ort", threads=1, progress=False))
+    again = build_engines(trt, tmp_path, BuildOptions.from_flat(backend="ort", threads=1, progress=False))
     assert [e["kind"] for e in again.engines] == ["int8-trt"]
     assert any("meant for another backend" in n and "as asked" in n for n in again.notes), again.notes
     from sedeploy.backends.ort import cpu_computes_fp16

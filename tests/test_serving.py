@@ -53,7 +53,7 @@ def model_config_pb2():
 @pytest.fixture(scope="module")
 def engines(tiny_onnx, tmp_path_factory) -> Path:
     """build-engine on the tiny model: FP32 artifact + its ONNX Runtime engine, manifest.json."""
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("serve-engines")
     build_engines(tiny_onnx, out, BuildOptions(backend="ort", progress=False))
@@ -202,7 +202,7 @@ def test_package_batching_from_bench_results(engines, tmp_path, model_config_pb2
 
 def test_package_fixed_batch_graph_has_no_batcher(tiny_model, tmp_path, model_config_pb2):
     from sedeploy.export import export_onnx
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
     from sedeploy.serving.triton_repo import package_triton
 
     onnx_path = export_onnx(tiny_model, tmp_path / "fixed.onnx", input_size=32, dynamic_batch=False, batch_size=2)
@@ -802,7 +802,7 @@ def test_packaging_an_fp16_artifact_for_triton_onnxruntime_on_cpu_says_it_runs_i
     import logging
 
     from sedeploy.backends.ort import cpu_computes_fp16
-    from sedeploy.pipeline import BuildOptions, build_engines
+    from sedeploy.build import BuildOptions, build_engines
     from sedeploy.serving.triton_repo import package_triton
 
     build_engines(tiny_onnx, tmp_path / "eng", BuildOptions(backend="none", fp16=True, progress=False))

@@ -55,7 +55,7 @@ from sedeploy.bench.peers import PEER_FP32, PEER_NNCF, make_peers  # noqa: E402
 from sedeploy.bench.report import machine_description  # noqa: E402
 from sedeploy.backends.timing import paired_speedup, time_runners  # noqa: E402
 from sedeploy.layout import Manifest  # noqa: E402
-from sedeploy.pipeline import BuildOptions, build_engines  # noqa: E402
+from sedeploy.build import BuildOptions, build_engines  # noqa: E402
 from sedeploy.preprocess import find_images, load_batch  # noqa: E402
 
 OUT = BENCH / "results" / "openvino_peers"

@@ -13,7 +13,7 @@ from sedeploy.cli.parsing import parse_trt_profile, parse_triple
 from sedeploy.cli.sections import Command, deprecated, option, stack
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import parse_input_shape
-from sedeploy.pipeline import BuildOptions, build_engines, foreign_preprocess, format_result
+from sedeploy.build import BuildOptions, build_engines, foreign_preprocess, format_result
 
 #: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
 DEFAULT_ENGINES = Path("engines")
@@ -118,8 +118,8 @@ trt_options = stack(
 def build_options(*, trt_profile: tuple[int, int, int], workspace: float, **flat):
     """The one place the command line turns into the library's BuildOptions."""
     min_batch, opt_batch, max_batch = trt_profile
-    return BuildOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gib=workspace,
-                        **flat)
+    return BuildOptions.from_flat(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                                  workspace_gib=workspace, **flat)
 
 
 def foreign_preprocessing(model, mean, std, resize, hw, channel_order, resize_mode):

@@ -182,13 +182,38 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
         raise SedeployError(f"The {what} '{p}' holds no ONNX graph (0 nodes); it is probably not an ONNX model "
                             "or was truncated.", fix="re-export it (`sedeploy export`) or re-copy the file")
     if check:
-        try:
-            onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SedeployError(f"The {what} '{p}' is not a valid ONNX model: {first}",
-                                fix="re-export it (`sedeploy export`) or re-copy the file") from err
+        _check_model(proto, p, what)
     return proto
+
+
+def complete_onnx(head, path: str | os.PathLike, *, what: str = "model"):
+    """What ``load_onnx(path)`` returns, from ``head`` = ``load_onnx(path, weights=False, check=False)`` read
+    before: ``head`` itself, checked, when every weight is inside the file (nothing is read again), else the file
+    loaded again with its external data."""
+    if _external_locations(head):
+        return load_onnx(path, what=what)
+    _check_model(head, Path(path), what)
+    return head
+
+
+def _check_model(proto, p: Path, what: str) -> None:
+    """``onnx.checker.check_model``, its refusal as one clear error naming the file."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SedeployError(f"The {what} '{p}' is not a valid ONNX model: {first}",
+                            fix="re-export it (`sedeploy export`) or re-copy the file") from err
+
+
+def _external_locations(head) -> list[str]:
+    """The external data files ``head``'s tensors name (sorted, each once)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    tensors = [*head.graph.initializer, *(a.t for n in head.graph.node for a in n.attribute if a.HasField("t"))]
+    return sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
 
 
 def _check_external_data(p: Path, what: str) -> None:
@@ -196,14 +221,12 @@ def _check_external_data(p: Path, what: str) -> None:
     one error naming the missing file(s), not onnx's low-level message."""
     import onnx
     from google.protobuf.message import DecodeError
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     try:
         head = onnx.load(str(p), format="protobuf", load_external_data=False)
     except (DecodeError, ValueError, OSError, RuntimeError):
         return  # unreadable: the caller's own load says so
-    tensors = [*head.graph.initializer, *(a.t for n in head.graph.node for a in n.attribute if a.HasField("t"))]
-    locations = sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
+    locations = _external_locations(head)
     missing = [loc for loc in locations if not (p.parent / loc).is_file()]
     if missing:
         raise SedeployError(f"The {what} '{p}' keeps its weights in external data file(s) that are not beside it: "
