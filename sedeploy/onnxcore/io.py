@@ -46,6 +46,9 @@ class META:
     INPUT_LAYOUT = "sedeploy.input_layout"
     #: how the input was made NCHW and static (e.g. {"source_layout": "NHWC", "pinned": [48, 192]})
     INPUT_CHANGES = "sedeploy.input_changes"
+    #: model output k + offset is dataset class k (1 for 1001-class models with a background class at 0), as
+    #: ``build-engine --label-offset`` was told; bench, package and infer use it unless told otherwise
+    LABEL_OFFSET = "sedeploy.label_offset"
 
 
 @dataclass(frozen=True)
