@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from sedeploy.backends import BACKENDS, backend_for_engine, sidecar_path
 from sedeploy.backends import openvino as OVB
+from sedeploy.backends import openvino_support as OVS
 from sedeploy.errors import MissingDependencyError, SedeployError, VerificationError
 
 HAVE_OV = importlib.util.find_spec("openvino") is not None
@@ -33,18 +34,18 @@ def cli(*args):
 
 # ------------------------------------------------------------------------------------------ no openvino needed
 def test_versions_compare_as_numbers():
-    assert OVB.parse_ov_version("2026.4.1-22982-e213a147257-releases/2026/4") == (2026, 4, 1)
-    assert OVB.parse_ov_version("2025.10") > OVB.parse_ov_version("2025.9")  # as text "2025.10" < "2025.9"
+    assert OVS.parse_ov_version("2026.4.1-22982-e213a147257-releases/2026/4") == (2026, 4, 1)
+    assert OVS.parse_ov_version("2025.10") > OVS.parse_ov_version("2025.9")  # as text "2025.10" < "2025.9"
     with pytest.raises(SedeployError, match="Cannot read an OpenVINO version"):
-        OVB.parse_ov_version("nightly")
+        OVS.parse_ov_version("nightly")
     side = {"openvino_version": "2025.10.0-1-abc", "source_model": "m.onnx"}
-    OVB.check_version(side, "2025.10.2-7-def", engine="m.ov.xml")  # same release, other patch/build: accepted
+    OVS.check_version(side, "2025.10.2-7-def", engine="m.ov.xml")  # same release, other patch/build: accepted
     with pytest.raises(SedeployError, match="saved by OpenVINO 2025.10.0") as err:
-        OVB.check_version(side, "2025.9.0", engine="m.ov.xml")
+        OVS.check_version(side, "2025.9.0", engine="m.ov.xml")
     assert "rebuild it here into a new folder" in err.value.fix and "-o NEW_FOLDER" in err.value.fix
     with pytest.raises(SedeployError, match=r"sidecar of 'm.ov.xml' names no readable OpenVINO version "
                                             r"\(openvino_version = 'garbage'\)") as err:
-        OVB.check_version({**side, "openvino_version": "garbage"}, "2025.10.2", engine="m.ov.xml")
+        OVS.check_version({**side, "openvino_version": "garbage"}, "2025.10.2", engine="m.ov.xml")
     assert err.value.fix and "-o NEW_FOLDER" in err.value.fix
 
 
@@ -53,11 +54,11 @@ def test_table_and_file_names():
     assert "int8-ov" in b.kinds and "int8-cpu" not in b.kinds  # OpenVINO cannot read the QOperator form
     assert backend_for_engine("x/m.int8-ov.ov.xml").name == "openvino"
     assert sidecar_path("x/m.fp32.ov.xml") == Path("x/m.fp32.ov.json")
-    cfg = OVB.compile_config(threads=3, precision_hint=OVB.precision_hint_for("fp32"))
+    cfg = OVS.compile_config(threads=3, precision_hint=OVS.precision_hint_for("fp32"))
     assert cfg["INFERENCE_NUM_THREADS"] == 3 and cfg["INFERENCE_PRECISION_HINT"] == "f32"
-    assert OVB.precision_hint_for("int8") == "f32" and OVB.precision_hint_for("fp16") == "f16"
+    assert OVS.precision_hint_for("int8") == "f32" and OVS.precision_hint_for("fp16") == "f16"
     with pytest.raises(SedeployError, match="threads"):
-        OVB.compile_config(threads=0, precision_hint="f32")
+        OVS.compile_config(threads=0, precision_hint="f32")
 
 
 def test_missing_openvino_exits_4_with_install_hint(monkeypatch, tiny_onnx, tmp_path):
@@ -113,7 +114,7 @@ def test_build_writes_ir_and_sidecar(ov_build):
         xml = Path(e["path"])
         assert xml.name.endswith(".ov.xml") and xml.with_name(xml.name.replace(".ov.xml", ".ov.bin")).is_file()
         side = json.loads(sidecar_path(xml).read_text())
-        assert OVB.parse_ov_version(side["openvino_version"]) == OVB.ov_version()
+        assert OVS.parse_ov_version(side["openvino_version"]) == OVS.ov_version()
         assert side["precision"] == ("fp32" if kind == "fp32" else "int8")
         assert side["source_sha256"] == sha256_file(e["from"])
         assert side["inference_precision_hint"] == "f32" and side["compress_to_fp16"] is False
@@ -223,7 +224,7 @@ def test_version_mismatch_refused(ov_build, tmp_path):
         shutil.copy(f, tmp_path / f.name)
     side = tmp_path / sidecar_path(xml).name
     data = json.loads(side.read_text())
-    year, release, _ = OVB.ov_version()
+    year, release, _ = OVS.ov_version()
     data["openvino_version"] = f"{year}.{release + 10}.0-1-test"  # numerically newer, textually "smaller"
     side.write_text(json.dumps(data))
     with pytest.raises(SedeployError, match=f"saved by OpenVINO {year}.{release + 10}.0"):
@@ -240,11 +241,9 @@ def test_failed_build_leaves_nothing(ov_build, tmp_path, monkeypatch, fail_at):
     res, _ = ov_build
     fp32 = next(a.path for a in res.artifacts if a.kind == "fp32")
     if fail_at == "rewrite":  # the FP32 graph rewrite writes its ONNX into the build's temporary folder
-        import sedeploy.passes
-
         def boom(*a, **k):
             raise OSError("disk full")
-        monkeypatch.setattr(sedeploy.passes, "squeeze_first", boom)
+        monkeypatch.setattr(OVB, "squeeze_first", boom)
         exc = OSError
     elif fail_at == "parity":
         def boom(*a, **k):
@@ -409,9 +408,9 @@ def test_broken_openvino_install_is_named_with_its_cause(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "openvino", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(IncompatibleDependencyError, match=r"fails to import \(RuntimeError: libopenvino") as err:
-        OVB.require_openvino("Building OpenVINO engines")
+        OVS.require_openvino("Building OpenVINO engines")
     assert err.value.exit_code == 4 and "--force-reinstall" in err.value.fix
     monkeypatch.setitem(sys.modules, "openvino", None)  # not importable at all
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(MissingDependencyError):
-        OVB.require_openvino("Building OpenVINO engines")
+        OVS.require_openvino("Building OpenVINO engines")

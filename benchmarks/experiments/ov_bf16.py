@@ -35,7 +35,7 @@ class _Compiled:
     product's runner never takes bf16 for an FP32/INT8 graph)."""
 
     def __init__(self, core, path: Path, hint: str, size: int):
-        from sedeploy.backends.openvino import compile_config
+        from sedeploy.backends.openvino_support import compile_config
 
         model = core.read_model(str(path))
         model.reshape({model.inputs[0]: [8, 3, size, size]})

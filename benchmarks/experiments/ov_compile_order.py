@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     import openvino as ov
 
-    from sedeploy.backends.openvino import compile_config
+    from sedeploy.backends.openvino_support import compile_config
     from sedeploy.bench.peers import nncf_int8, peer_calibration
     from sedeploy.backends.timing import paired_speedup, speedup_interval
     from sedeploy.preprocess import Preprocess

@@ -50,7 +50,7 @@ def build(depth: int, work: Path) -> Path:
 def profile_depth(depth: int, batch: int, calls: int, work: Path) -> dict:
     import openvino as ov
 
-    from sedeploy.backends.openvino import compile_config
+    from sedeploy.backends.openvino_support import compile_config
     from sedeploy.bench.peers import nncf_int8, peer_calibration
     from sedeploy.preprocess import Preprocess
 

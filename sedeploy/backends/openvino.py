@@ -1,8 +1,10 @@
 """OpenVINO backend (CPU): the same ONNX artifacts as the other backends, saved as OpenVINO IR and run by OpenVINO.
 
 ``openvino`` is imported only inside functions: this module imports, and its pure parts are tested, anywhere.
-Without the package every entry point raises :class:`~sedeploy.errors.MissingDependencyError` (exit 4) with the
-install hint ``pip install 'sedeploy[openvino]'``.
+Importing it, its version, the compile properties and the checks of a saved engine's files are in
+:mod:`sedeploy.backends.openvino_support`. Without the package every entry point raises
+:class:`~sedeploy.errors.MissingDependencyError` (exit 4) with the install hint ``pip install
+'sedeploy[openvino]'``.
 
 Build (:func:`build_engine`): ``Core().read_model(artifact.onnx)`` → ``save_model`` as ``<stem>.ov.xml`` +
 ``<stem>.ov.bin`` (both published, or neither), with the weights kept as they are in the graph
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -52,74 +53,29 @@ from typing import Any
 
 import numpy as np
 
+from sedeploy import __version__, layout
+from sedeploy.artifacts import Artifact
 from sedeploy.backends import BackendCompileError, Engine, EngineOptions, Runner, read_sidecar, sidecar_path, \
     validate_input, write_sidecar
-from sedeploy.errors import IncompatibleDependencyError, MissingDependencyError, SedeployError, VerificationError
+from sedeploy.backends.openvino_support import DEFAULT_PERFORMANCE_HINT, DEVICE, PRECISION_HINTS, check_files, \
+    check_version, compile_config, first_error_line, layer_times, precision_hint_for, require_openvino
+from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import disk_full_error, ensure_writable_dir, short_of_space
-from sedeploy import layout
-from sedeploy.onnxcore import default_threads
+from sedeploy.machine import cpu_description
+from sedeploy.onnxcore import default_threads, image_input, load_onnx, run_model, save_onnx, sha256_file
+from sedeploy.passes import squeeze_first
+from sedeploy.preprocess import layout_batch, smooth_noise
 
-__all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "parse_ov_version", "ov_version",
-           "require_openvino", "precision_hint_for", "compile_config", "layer_times", "DEFAULT_PERFORMANCE_HINT",
-           "unsupported_here"]
+__all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "unsupported_here"]
 
 ENGINE_SUFFIX = layout.ENGINE_SUFFIX["openvino"]
 WEIGHTS_SUFFIX = layout.OPENVINO_WEIGHTS_SUFFIX
-DEVICE = "CPU"
-#: LATENCY: one stream with all threads serves one synchronous request best (measured, see the module docstring)
-DEFAULT_PERFORMANCE_HINT = "LATENCY"
-PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
-#: graph precision → OpenVINO inference precision for its non-quantized parts (never OpenVINO's bf16 default)
-_PRECISION_HINTS = {"fp32": "f32", "int8": "f32", "fp16": "f16"}
 #: graph precision → the CPU plugin's OPTIMIZATION_CAPABILITIES entry it needs (fp32 and int8 run on any x86-64)
 NEEDED_CAPABILITY = {"fp16": "FP16"}
 #: FP32 parity with ONNX Runtime checked at build time: max |Δlogit| ≤ this × max |logit|
 FP32_PARITY_RTOL = 1e-4
 #: batch sizes compiled as static shapes per runner (each compiled model holds its own buffers)
 MAX_STATIC_SHAPES = 4
-#: how many leading version numbers must agree between the sidecar and the installed OpenVINO (year.release)
-VERSION_FIELDS = 2
-
-
-def require_openvino(purpose: str):
-    """``import openvino`` or exit 4: the install hint when it is missing, the cause when an installed one fails to
-    import (a missing shared library, a broken install raises anything)."""
-    import importlib.util
-
-    try:
-        import openvino as ov
-    except Exception as err:
-        if importlib.util.find_spec("openvino") is None:
-            raise MissingDependencyError("openvino", "openvino", purpose) from err
-        raise IncompatibleDependencyError(
-            f"{purpose} needs OpenVINO, but the installed 'openvino' package fails to import "
-            f"({type(err).__name__}: {_first_line(err)}).",
-            fix="reinstall it (pip install --force-reinstall 'sedeploy[openvino]'), or build for ONNX Runtime "
-                "(--backend ort)") from err
-    return ov
-
-
-def parse_ov_version(text: str) -> tuple[int, int, int]:
-    """``"2026.4.1-22982-e213a147257-releases/2026/4"`` → ``(2026, 4, 1)``; ``"2025.0"`` → ``(2025, 0, 0)``.
-    Numbers, never text ("2025.10" > "2025.9")."""
-    match = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(text))
-    if not match:
-        raise SedeployError(f"Cannot read an OpenVINO version from {text!r}.",
-                            expected="a version such as '2026.4.1-22982-…' or '2025.0'")
-    return tuple(int(g or 0) for g in match.groups())  # type: ignore[return-value]
-
-
-def ov_version() -> tuple[int, int, int]:
-    """The installed OpenVINO release (exit 4 when the package is missing)."""
-    return parse_ov_version(require_openvino("Reading the OpenVINO version").get_version())
-
-
-def precision_hint_for(precision: str) -> str:
-    """The ``INFERENCE_PRECISION_HINT`` a graph of ``precision`` runs with."""
-    try:
-        return _PRECISION_HINTS[precision]
-    except KeyError:
-        raise SedeployError(f"Unknown precision {precision!r}.", expected="fp32, fp16 or int8") from None
 
 
 def unsupported_here(precision: str) -> str | None:
@@ -136,18 +92,6 @@ def unsupported_here(precision: str) -> str | None:
     return (f"this CPU has no {precision.upper()} arithmetic for OpenVINO (its capabilities: {', '.join(caps)}), "
             f"and sedeploy does not run an {precision.upper()} graph in another precision silently")
 
-
-def compile_config(*, threads: int, precision_hint: str, performance_hint: str = DEFAULT_PERFORMANCE_HINT,
-                   perf_counters: bool = False) -> dict[str, Any]:
-    """The CPU compile properties sedeploy uses (explicit threads, precision and performance hint)."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise SedeployError(f"threads = {threads!r} is not valid.", expected="a positive integer",
-                            fix="omit --threads to use one per core this process may use")
-    if performance_hint not in PERFORMANCE_HINTS:
-        raise SedeployError(f"OpenVINO performance hint {performance_hint!r}.",
-                            expected=f"one of {', '.join(PERFORMANCE_HINTS)}")
-    return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision_hint,
-            "PERFORMANCE_HINT": performance_hint, "PERF_COUNT": bool(perf_counters)}
 
 
 class OpenVinoModelRunner(Runner):
@@ -192,8 +136,8 @@ class OpenVinoModelRunner(Runner):
             self.compiled = core.compile_model(self.model, DEVICE, self.config)
         except RuntimeError as err:
             raise BackendCompileError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the CPU: "
-                                      f"{_first_line(err)}", backend="openvino", model=self.name,
-                                      reason=_first_line(err),
+                                      f"{first_error_line(err)}", backend="openvino", model=self.name,
+                                      reason=first_error_line(err),
                                       fix="rebuild the engine with `sedeploy build-engine --backend openvino`") from err
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         got = got.get_type_name() if hasattr(got, "get_type_name") else str(got).lower()
@@ -235,8 +179,8 @@ class OpenVinoModelRunner(Runner):
                 self._static[shape] = self._core.compile_model(model, DEVICE, self.config).create_infer_request()
             except RuntimeError as err:
                 raise BackendCompileError(f"OpenVINO {self.ov.get_version()} cannot compile '{self.name}' for the "
-                                          f"input shape {list(shape)} (batch {shape[0]}): {_first_line(err)}",
-                                          backend="openvino", model=self.name, reason=_first_line(err),
+                                          f"input shape {list(shape)} (batch {shape[0]}): {first_error_line(err)}",
+                                          backend="openvino", model=self.name, reason=first_error_line(err),
                                           fix=f"a batch that large may not fit in memory: try a smaller batch (bench "
                                               f"--batch); from Python, OpenVinoRunner(..., static_batch=False) "
                                               f"runs the dynamic-batch model instead") from err
@@ -297,7 +241,7 @@ class OpenVinoRunner(OpenVinoModelRunner):
         check_version(self.sidecar, ov.get_version(), engine=path)
         check_files(self.sidecar, path, weights)
         precision = str(self.sidecar.get("precision", ""))
-        if precision not in _PRECISION_HINTS:
+        if precision not in PRECISION_HINTS:
             raise SedeployError(f"The sidecar of '{path}' records precision {precision!r}.",
                                 expected="fp32, fp16 or int8",
                                 fix="rebuild the engine with `sedeploy build-engine --backend openvino`")
@@ -309,66 +253,6 @@ class OpenVinoRunner(OpenVinoModelRunner):
         d.update({"precision": self.precision, "built_with_openvino": self.sidecar.get("openvino_version"),
                   "source_model": self.sidecar.get("source_model")})
         return d
-
-
-def check_files(sidecar: dict[str, Any], xml: Path, weights: Path) -> None:
-    """Refuse an IR or weights file that is not the one the sidecar describes (sha256 recorded at build time): a
-    .ov.bin copied from another build of the same name would otherwise run, with another model's weights."""
-    from sedeploy.onnxcore import sha256_file
-
-    for key, f in (("engine_sha256", xml), ("weights_sha256", weights)):
-        recorded = sidecar.get(key)
-        if recorded is None:
-            continue  # (recorded by every sedeploy build; an engine from before that is trusted as it is)
-        if sha256_file(f) != recorded:
-            raise SedeployError(f"'{f}' is not the file its sidecar '{sidecar_path(xml).name}' describes "
-                                f"(sha256 differs from the {key} recorded when the engine was built).",
-                                expected="the .ov.xml, .ov.bin and .ov.json of one build, side by side",
-                                fix="copy the three files of one build together, or rebuild into a new folder "
-                                    "with `sedeploy build-engine MODEL --backend openvino -o NEW_FOLDER`")
-
-
-def check_version(sidecar: dict[str, Any], installed: str, *, engine: str | Path) -> None:
-    """Refuse an engine whose sidecar names another OpenVINO release than the installed one (year.release)."""
-    built = sidecar.get("openvino_version")
-    if not built:
-        raise SedeployError(f"The sidecar of '{engine}' does not say which OpenVINO saved it.",
-                            fix="rebuild the engine into a new folder with `sedeploy build-engine MODEL --backend "
-                                "openvino -o NEW_FOLDER`")
-    try:
-        a = parse_ov_version(built)[:VERSION_FIELDS]
-    except SedeployError as err:
-        raise SedeployError(f"The sidecar of '{engine}' names no readable OpenVINO version "
-                            f"(openvino_version = {built!r}).", expected=err.expected,
-                            fix="rebuild the engine into a new folder with `sedeploy build-engine MODEL --backend "
-                                "openvino -o NEW_FOLDER`") from err
-    b = parse_ov_version(installed)[:VERSION_FIELDS]
-    if a != b:
-        raise SedeployError(f"The OpenVINO engine '{engine}' was saved by OpenVINO {built}; OpenVINO {installed} "
-                            "is installed.", expected=f"the same OpenVINO release ({'.'.join(map(str, a))})",
-                            fix=f"rebuild it here into a new folder, `sedeploy build-engine "
-                                f"{sidecar.get('source_model') or 'MODEL'} --backend openvino -o NEW_FOLDER` (a "
-                                f"build into the engine's own folder or ./engines replaces the whole build there), "
-                                f"or install openvino=={'.'.join(map(str, a))}.*")
-
-
-def layer_times(request) -> list[dict[str, Any]]:
-    """The executed layers of an infer request's last inference, with their real time in µs (compiled with
-    ``PERF_COUNT``): node name, type, kernel (exec_type, e.g. ``brgconv_avx512_amx_I8``), status."""
-    out = []
-    for p in request.get_profiling_info():
-        status = str(p.status).rsplit(".", 1)[-1]
-        if status != "EXECUTED":
-            continue
-        out.append({"name": p.node_name, "type": p.node_type, "exec_type": p.exec_type,
-                    "real_us": p.real_time.total_seconds() * 1e6, "cpu_us": p.cpu_time.total_seconds() * 1e6})
-    return out
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Exception from")]
-    return lines[0] if lines else type(err).__name__
-
 
 def _op_histogram(model) -> dict[str, int]:
     return dict(Counter(op.get_type_name() for op in model.get_ordered_ops()).most_common())
@@ -386,8 +270,6 @@ def _parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[st
     """Compile the saved IR as the runner will and compare with ONNX Runtime on the same artifact (smooth test
     images). FP32 must match to :data:`FP32_PARITY_RTOL` relative; other precisions must give finite logits of
     the same shape (their agreement is measured on real images by `sedeploy bench`)."""
-    from sedeploy.onnxcore import image_input, load_onnx, run_model
-    from sedeploy.preprocess import layout_batch, smooth_noise
 
     inp = image_input(load_onnx(src, weights=False, check=False), path=str(src))
     n = inp.static_batch or 2
@@ -416,7 +298,6 @@ def _parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[st
 def build_engine(artifact_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
     """Save ``artifact_path`` (an ONNX artifact) as the OpenVINO engine ``<stem>.ov.xml`` / ``.ov.bin`` plus the
     sidecar ``<stem>.ov.json`` in ``out_dir``; both model files are published together or not at all."""
-    from sedeploy.artifacts import Artifact
 
     options = options or EngineOptions()
     ov = require_openvino("Building OpenVINO engines (--backend openvino)")
@@ -449,8 +330,6 @@ def _cpu_rewrites(src: Path, art, tmp: Path) -> tuple[Path, dict[str, int]]:
     precisions are read as they are."""
     if art.precision != "fp32":
         return src, {}
-    from sedeploy.onnxcore import load_onnx, save_onnx
-    from sedeploy.passes import squeeze_first
 
     rewritten, report = squeeze_first(load_onnx(src))
     if not report.rewritten:
@@ -462,9 +341,6 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
            t0: float) -> Engine:
     """build_engine's work once the inputs are checked: read (after the CPU rewrites), save the IR in ``tmp``,
     check parity against ONNX Runtime on the artifact itself, publish."""
-    from sedeploy import __version__
-    from sedeploy.machine import cpu_description
-    from sedeploy.onnxcore import sha256_file
 
     stem = src.name.removesuffix(".onnx")
     read_from, rewrites = _cpu_rewrites(src, art, tmp)
@@ -473,7 +349,7 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
     except RuntimeError as err:
         failed = sorted({op.strip() for line in str(err).splitlines() if line.startswith("-- ") and ":" in line
                          for op in line.split(":", 1)[1].split(",") if op.strip()})
-        why = f"ops it cannot convert: {', '.join(failed)}" if failed else _first_line(err)
+        why = f"ops it cannot convert: {', '.join(failed)}" if failed else first_error_line(err)
         hint = (" (the INT8 CPU form is ONNX Runtime's QOperator format, QLinearConv & co.)"
                 if art.kind == "int8-cpu" else "")
         raise BackendCompileError(f"OpenVINO {ov.get_version()} cannot read '{src}'{hint}: {why}.",
@@ -492,7 +368,7 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
         except RuntimeError as err:  # OpenVINO reports a failed write as "basic_ios::clear: iostream error"
             if short_of_space(tmp, src.stat().st_size):
                 raise disk_full_error(final_xml, err) from err
-            raise SedeployError(f"OpenVINO {ov.get_version()} could not save the IR of '{src}': {_first_line(err)}.",
+            raise SedeployError(f"OpenVINO {ov.get_version()} could not save the IR of '{src}': {first_error_line(err)}.",
                                 fix="check that the output folder is writable, then rebuild") from err
         tmp_bin = tmp / f"{stem}{WEIGHTS_SUFFIX}"
         if not tmp_xml.is_file() or not tmp_bin.is_file():

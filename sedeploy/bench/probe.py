@@ -185,7 +185,7 @@ def probe_fp32_gemm_openvino(size: int = 1024, *, threads: int = 2, seconds: flo
 
     import onnx
 
-    from sedeploy.backends.openvino import compile_config
+    from sedeploy.backends.openvino_support import compile_config
 
     core = ov.Core()
     with tempfile.TemporaryDirectory(prefix="sedeploy-probe-") as tmp:

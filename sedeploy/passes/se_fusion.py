@@ -1,7 +1,8 @@
 """The SE fusion pass: every Squeeze-and-Excitation block, however it was spelled, rewritten into one form.
 
-Matching lives in :mod:`sedeploy.passes.se_patterns` (pattern + a reason for every non-match); this module
-rewrites the matched blocks with onnx-ir and reports what it did.
+Matching lives in :mod:`sedeploy.passes.se_patterns` (pattern + a reason for every non-match; its parts in
+:mod:`~sedeploy.passes.se_parts` and :mod:`~sedeploy.passes.se_squeeze`); this module rewrites the matched blocks
+with onnx-ir and reports what it did.
 
 Forms (``form=``), chosen by measurement (benchmarks/results/se_fusion_forms/results.md):
 
@@ -154,7 +155,7 @@ def _scan(graph, form: str):
 
 def _candidate_gate(node):
     """The gate ending at ``node`` when it could start an SE block (hard-swish gates are activations: skipped)."""
-    from sedeploy.passes.se_patterns import is_hard_swish, match_gate
+    from sedeploy.passes.se_parts import is_hard_swish, match_gate
 
     gate = match_gate(node)
     if gate is None:
