@@ -91,6 +91,21 @@ def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
     return export_onnx(tiny_model, path, input_size=32)
 
 
+def _run_folder(tmp_path_factory) -> Path:
+    """A folder of this test run that every pytest-xdist worker shares (their temp folders share a parent); without
+    xdist the session's own temp folder, never a parent that other runs (another --basetemp) would share."""
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def run_folder(tmp_path_factory) -> Path:
+    """:func:`_run_folder` as a fixture: where work shared by the xdist workers of one run goes."""
+    return _run_folder(tmp_path_factory)
+
+
 @pytest.fixture(scope="session")
 def tiny_trained_art(tmp_path_factory):
     """The tiny *trained* SE-ResNet-18 (tests/tiny_trained.py), trained once per test run and shared by the
@@ -99,7 +114,7 @@ def tiny_trained_art(tmp_path_factory):
 
     from tiny_trained import tiny_trained
 
-    base = os.environ.get("SEDEPLOY_TEST_CACHE") or tmp_path_factory.getbasetemp().parent / "tiny-trained-cache"
+    base = os.environ.get("SEDEPLOY_TEST_CACHE") or _run_folder(tmp_path_factory) / "tiny-trained-cache"
     return tiny_trained(base)
 
 
@@ -111,7 +126,7 @@ def foreign_art(tmp_path_factory):
 
     from foreign_model import foreign_model
 
-    base = os.environ.get("SEDEPLOY_TEST_CACHE") or tmp_path_factory.getbasetemp().parent / "tiny-trained-cache"
+    base = os.environ.get("SEDEPLOY_TEST_CACHE") or _run_folder(tmp_path_factory) / "tiny-trained-cache"
     return foreign_model(base)
 
 

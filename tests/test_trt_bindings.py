@@ -27,12 +27,6 @@ CASES = [node.name for node in ast.parse(CASES_FILE.read_text()).body
 INNER_TIMEOUT_S = 300
 
 
-def _shared_root(tmp_path_factory) -> Path:
-    """One folder per pytest run, shared by its xdist workers (they run each release once between them)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 def _parse_junit(path: Path) -> dict[str, dict[str, str]]:
     cases = {}
     for case in ET.parse(path).getroot().iter("testcase"):
@@ -81,10 +75,10 @@ def _run_releases(root: Path, artifacts) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="session")
-def release_results(tmp_path_factory, request):
+def release_results(run_folder, request):
     """``get(version)``: the outcome of every case in that release's process; all releases run once per pytest
     run (the first xdist worker to ask runs them, the others read its results)."""
-    root = _shared_root(tmp_path_factory) / "trt-bindings-runs"
+    root = run_folder / "trt-bindings-runs"  # one per run, shared by its xdist workers
     root.mkdir(parents=True, exist_ok=True)
     memo: dict[str, dict] = {}
 
@@ -103,6 +97,7 @@ def release_results(tmp_path_factory, request):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.trt_bindings
 @pytest.mark.parametrize("version", [tb.VERSIONS[10], tb.VERSIONS[11]])
 @pytest.mark.parametrize("case", CASES)
@@ -116,6 +111,7 @@ def test_backend_through_real_bindings(release_results, version, case):
                                 for name, r in bad.items())
 
 
+@pytest.mark.slow
 @pytest.mark.trt_bindings
 @pytest.mark.parametrize("version", [tb.VERSIONS[10], tb.VERSIONS[11]])
 def test_release_process_ran_every_case_and_nothing_else_failed(release_results, version):
