@@ -17,6 +17,7 @@ returns the class-folder name alongside each file so accuracy code can map it to
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
@@ -103,6 +104,33 @@ class Preprocess:
                   else f"resize short side {self.resize_short}, centre crop {h}×{w}")
         return (f"{resize}, {self.channel_order.upper()}, mean {', '.join(f'{v:g}' for v in self.mean)}, std "
                 f"{', '.join(f'{v:g}' for v in self.std)} (0–255 pixels)")
+
+
+def recorded_preprocess(stored, hw: tuple[int, int], *, name: str = "the model") -> Preprocess:
+    """The preprocessing a model records (its ``sedeploy.preprocess`` metadata: the ``as_dict`` dict or that dict's
+    JSON text) when it is readable and makes images of the model's input size ``hw`` = (height, width), else
+    mmcls's pipeline at that height and width (a warning says why when a record was there but is not used). The
+    one rule for "which preprocessing does this model take": callers pass H and W as the input's layout has them."""
+    h, w = int(hw[0]), int(hw[1])
+    fallback = f"using the mmcls pipeline at {h}×{w} px"
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            pass
+    if stored is not None:
+        try:
+            if not isinstance(stored, dict):
+                raise TypeError(f"not a mapping: {type(stored).__name__}")
+            pp = Preprocess.from_dict(stored)
+        except (TypeError, SedeployError):
+            log.warning("Ignoring unreadable preprocessing metadata %s of %s; %s.", stored, name, fallback)
+        else:
+            if pp.shape == (h, w):
+                return pp
+            log.warning("The preprocessing metadata of %s makes %d×%d images, its input is %d×%d; %s.", name,
+                        *pp.shape, h, w, fallback)
+    return Preprocess.for_size(h, width=None if h == w else w)
 
 
 #: a std below this (on 0–255 pixels) multiplies pixel steps by more than 1000: no normalisation does that

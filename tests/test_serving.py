@@ -213,6 +213,120 @@ def test_package_fixed_batch_graph_has_no_batcher(tiny_model, tmp_path, model_co
     assert list(cfg.input[0].dims) == [2, 3, 32, 32]
 
 
+@pytest.fixture(scope="module")
+def softmax_fixed(tmp_path_factory) -> Path:
+    """A build folder (artifacts only) whose model takes a fixed batch of 2, ends in a Softmax (it outputs
+    probabilities) and records label offset 1: 11 outputs, output 0 a background class."""
+    import onnx
+    from onnx import helper
+
+    from sedeploy.build import BuildOptions, build_engines
+    from sedeploy.export import export_onnx
+    from sedeploy.model import build_model
+    from sedeploy.onnxcore import META, load_onnx, save_onnx, set_metadata
+
+    d = tmp_path_factory.mktemp("softmax-fixed")
+    src = export_onnx(build_model(18, base_channels=8, num_classes=11, seed=5), d / "bg.onnx", input_size=32,
+                      dynamic_batch=False, batch_size=2)
+    out = tmp_path_factory.mktemp("softmax-fixed-eng")
+    build_engines(src, out, BuildOptions(progress=False, backend="none"))
+    for art in out.glob("*.onnx"):
+        proto = load_onnx(art)
+        if proto.graph.node[-1].op_type != "Softmax":
+            name = proto.graph.output[0].name
+            for node in proto.graph.node:
+                node.output[:] = [o + "_logits" if o == name else o for o in node.output]
+            proto.graph.node.append(helper.make_node("Softmax", [name + "_logits"], [name], axis=1))
+        set_metadata(proto, {META.LABEL_OFFSET: 1})
+        onnx.checker.check_model(proto)
+        save_onnx(proto, art)
+    return out
+
+
+def test_package_records_output_kind_and_label_offset(softmax_fixed, tmp_path, model_config_pb2):
+    from sedeploy.serving.triton_repo import package_triton
+
+    labels = tmp_path / "synset_words.txt"
+    labels.write_text("".join(f"n{k:08d} class-{k}, alias\n" for k in range(10)))  # the dataset's 10 classes
+    res = package_triton(softmax_fixed, tmp_path / "repo", labels_file=labels)
+    d = tmp_path / "repo" / res["models"][0]["name"]
+    cfg = _parse(model_config_pb2, d / "config.pbtxt")
+    assert cfg.parameters["sedeploy.output_kind"].string_value == "probabilities"
+    assert cfg.parameters["sedeploy.label_offset"].string_value == "1"
+    assert (d / "labels.txt").read_text().splitlines() == ["background"] + [f"class-{k}" for k in range(10)]
+    labels.write_text("".join(f"n{k:08d} class-{k}\n" for k in range(9)))
+    with pytest.raises(SedeployError, match="9 names"):
+        package_triton(softmax_fixed, tmp_path / "repo2", labels_file=labels)
+
+
+def test_request_batches_pad_a_fixed_batch_and_drop_the_padding():
+    from sedeploy.serving.client import request_batches
+
+    x = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    sent = list(request_batches(x, 0, [2, 3, 8, 8]))
+    assert [p.shape[0] for p, _ in sent] == [2, 2, 2] and [r for _, r in sent] == [2, 2, 1]
+    assert np.array_equal(np.concatenate([p[:r] for p, r in sent]), x)
+    assert [p.shape[0] for p, _ in request_batches(x, 4, [3, 8, 8])] == [4, 1]  # a batching model: no padding
+    assert [p.shape[0] for p, _ in request_batches(x, 0, [-1, 3, 8, 8])] == [5]  # any batch: one request
+
+
+def test_probabilities_and_class_names_follow_output_kind_and_offset():
+    from sedeploy.serving.client import class_names, probabilities
+
+    z = np.random.default_rng(1).normal(size=(3, 11)) * 3
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    assert np.allclose(probabilities(z, "logits"), p)
+    assert np.allclose(probabilities(p, "probabilities"), p)  # no second softmax
+    assert np.allclose(probabilities(np.log(p), "log_probabilities"), p)
+    names = [f"c{k}" for k in range(10)]
+    assert class_names(names, 11, 1, "f")[:2] == ["background", "c0"]
+    assert class_names(names + ["x"], 11, 1, "f")[0] == "c0"  # a table naming every output
+    with pytest.raises(SedeployError, match="names 10 classes"):
+        class_names(names, 11, 0, "f")
+
+
+def test_one_preprocessing_rule_warns_and_honours_height_width_and_layout(tmp_path, caplog):
+    import logging
+
+    from sedeploy.preprocess import Preprocess, recorded_preprocess
+    from sedeploy.serving.triton_config import TensorSpec
+    from sedeploy.serving.triton_repo import engine_preprocess
+
+    good = Preprocess.for_size(24, width=40, channel_order="bgr")
+    assert recorded_preprocess(good.as_dict(), (24, 40)) == good
+    assert recorded_preprocess(json.dumps(good.as_dict()), (24, 40)) == good  # config.pbtxt carries the JSON text
+    for stored in ({"size": 24, "channel_order": "xyz"}, "not json", good.as_dict()):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sedeploy"):
+            pp = recorded_preprocess(stored, (32, 48), name="m")
+        assert pp.shape == (32, 48) and pp.channel_order == "rgb" and "m" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sedeploy"):  # an engine that cannot be described: NHWC shape
+        pp = engine_preprocess(tmp_path / "missing.onnx", [TensorSpec("x", "TYPE_FP32", [-1, 24, 40, 3])])
+    assert pp.shape == (24, 40) and "missing.onnx" in caplog.text
+
+
+def test_start_closes_the_log_file_when_the_repository_cannot_be_written(tmp_path, monkeypatch):
+    from sedeploy.serving import env, server
+
+    opened = []
+
+    def open_log(path):
+        opened.append(open(path, "ab"))
+        return opened[-1]
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(env, "triton_distribution", lambda: object())
+    monkeypatch.setattr(server, "remove_stale_workdirs", lambda: None)
+    monkeypatch.setattr(server, "_open_log", open_log)
+    monkeypatch.setattr(server, "_write_repository", fail)
+    with pytest.raises(OSError):
+        server._start(object(), server.ServeOptions(log_file=str(tmp_path / "t.log")))
+    assert len(opened) == 1 and opened[0].closed
+
+
 def test_package_artifacts_with_labels_for_classification(engines, tmp_path, model_config_pb2):
     from sedeploy.serving.triton_repo import package_triton
 
@@ -367,10 +481,13 @@ def test_grpc_health_and_metrics(server, direct):
     assert float(line.rsplit(None, 1)[1]) >= 1
 
 
-def test_infer_images_top5(server, direct):
+def test_infer_images_top5(server, direct, monkeypatch):
     from sedeploy.serving.client import infer_images
 
+    monkeypatch.delenv("SEDEPLOY_LABELS", raising=False)
     res = infer_images(IMAGES[:3], server.http_url, server.name, top_k=5)
+    assert res["labels"] is None and res["output_kind"] == "logits"  # no table given: output indices, no other
+    assert all(t["label"] == str(t["index"]) for r in res["results"] for t in r["top"])
     want = direct.infer(_images(server)[:3])
     assert np.abs(np.asarray(res["logits"]) - want).max() <= 1e-4
     for r, row in zip(res["results"], want):
@@ -394,6 +511,37 @@ def test_cli_infer_prints_top5_with_label_names(server, direct, tmp_path):
     assert [t["label"] for t in top] == [f"class-{k}" for k in want]
     r = CliRunner().invoke(cli, ["infer", str(IMAGES[0]), "--url", server.http_url, "--model", "no_such_model"])
     assert r.exit_code == 2 and "no_such_model" in r.output
+
+
+@pytest.mark.slow
+def test_infer_fixed_batch_probabilities_and_label_offset(softmax_fixed, pytriton_ready, shared_data, monkeypatch):
+    from sedeploy.onnxcore import run_model
+    from sedeploy.preprocess import Preprocess, load_batch
+    from sedeploy.serving.client import infer_images
+    from sedeploy.serving.server import ServeOptions, running_server
+
+    labels = shared_data / "labels" / "synset_words.txt"
+    http_port, grpc_port, metrics_port = _free_ports(3)
+    opts = ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_s=5)
+    small = softmax_fixed.parent / "small-labels.txt"  # the first 10 lines of a real table: the dataset's classes
+    small.write_text("".join(labels.read_text().splitlines(keepends=True)[:10]))
+    monkeypatch.setenv("SEDEPLOY_LABELS", str(small))
+    with running_server(softmax_fixed, options=opts) as served:
+        assert served.max_batch_size == 0
+        res = infer_images(IMAGES[:3], served.http_url, served.name, top_k=11)  # 3 images, a fixed batch of 2
+        pp = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in served.preprocess.items()})
+    x, _ = load_batch(IMAGES[:3], pp)
+    want = run_model(served.engine, x)
+    from sedeploy.classes import read_class_names
+
+    names = read_class_names(small)
+    assert res["output_kind"] == "probabilities" and res["label_offset"] == 1
+    assert np.abs(np.asarray(res["logits"]) - want).max() <= 1e-5
+    for r, row in zip(res["results"], want):
+        got = {t["index"]: t for t in r["top"]}
+        assert np.allclose([got[k]["probability"] for k in range(11)], row / row.sum(), atol=1e-5)
+        assert got[0]["label"] == "background" and got[0]["class"] is None
+        assert [got[k]["label"] for k in range(1, 11)] == names and got[3]["class"] == 2
 
 
 def _raw_post(served, path: str, body: bytes) -> tuple[int, str]:

@@ -30,7 +30,7 @@ from sedeploy.errors import SedeployError
 from sedeploy.layout import Manifest
 from sedeploy.onnxcore import META, check_input_memory, classifier_output, get_metadata, graph_precision, image_input, \
     load_onnx, sha256_file
-from sedeploy.preprocess import Preprocess
+from sedeploy.preprocess import Preprocess, recorded_preprocess
 
 log = logging.getLogger("sedeploy")
 
@@ -346,21 +346,9 @@ def _nan(v: float | None) -> float:
 
 
 def preprocess_for(spec: EngineSpec) -> Preprocess:
-    """The preprocessing stored in the model's metadata, else mmcls's pipeline at the engine's input size."""
-    h, w = spec.input_hw or (224, 224)
-    stored = spec.meta.get(META.PREPROCESS)
-    if isinstance(stored, dict):
-        try:
-            pp = Preprocess.from_dict(stored)
-        except (TypeError, SedeployError):
-            log.warning("Ignoring unreadable preprocessing metadata %s of %s; using the mmcls pipeline at %d×%d px.",
-                        stored, spec.name, h, w)
-        else:
-            if pp.shape == (h, w):
-                return pp
-            log.warning("The preprocessing metadata of %s makes %d×%d images, its input is %d×%d; using the mmcls "
-                        "pipeline at %d×%d px.", spec.name, *pp.shape, h, w, h, w)
-    return Preprocess.for_size(h, width=None if h == w else w)
+    """The preprocessing stored in the model's metadata, else mmcls's pipeline at the engine's input size
+    (:func:`sedeploy.preprocess.recorded_preprocess`)."""
+    return recorded_preprocess(spec.meta.get(META.PREPROCESS), spec.input_hw or (224, 224), name=spec.name)
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs

@@ -8,13 +8,16 @@ serves the model: ``sedeploy serve`` here, or the model repository in the Triton
 Class names: a ``--labels-file`` (Caffe ``synset_words.txt``: ``n01440764 tench, Tinca tinca`` per line, the
 ``index<TAB>synset<TAB>name…`` table, or one name per line; read by :func:`sedeploy.classes.read_class_names`,
 as bench and package read it), else ``$SEDEPLOY_LABELS``; a file given either way must name exactly the model's
-classes. Without one, ``../shared/data/labels`` beside a source checkout is used when it fits the model; otherwise
-classes are shown as indices.
+classes (or, for a model with a label offset, the dataset's classes: outputs below the offset are ``background``).
+Without one, classes are shown as output indices.
+
+Probabilities: the model's ``sedeploy.output_kind`` parameter says whether its output already is probabilities (a
+Softmax ends many third-party graphs: used as they are) or logits (softmax taken here); its
+``sedeploy.label_offset`` says which output is dataset class 0.
 """
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,24 +29,12 @@ from sedeploy.errors import SedeployError
 
 log = logging.getLogger("sedeploy")
 
-LABEL_FILES = ("synset_words.txt", "imagenet1k_index_synset_name.tsv")
-
-
 def _host(url: str) -> str:
     """tritonclient takes host:port; accept http://host:port too."""
     for prefix in ("http://", "https://"):
         if url.startswith(prefix):
             return url[len(prefix):].rstrip("/")
     return url.rstrip("/")
-
-
-def default_labels_file() -> Path | None:
-    """The class-name table of a source checkout's ``../shared/data/labels``, when there is one."""
-    folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "labels"
-    for name in LABEL_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def check_http(url: str, timeout_s: float = 10.0) -> None:
@@ -92,13 +83,48 @@ def _model_info(client, model: str | None, url: str) -> tuple[str, dict[str, Any
                             fix="check --model (GET /v2/models/<name>/config) and --url") from err
 
 
-def _preprocess(config: dict[str, Any], height: int, width: int | None = None):
-    from sedeploy.preprocess import Preprocess
+def _parameters(config: dict[str, Any]) -> dict[str, str]:
+    return {k: (v or {}).get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
 
-    stored = ((config.get("parameters") or {}).get("sedeploy.preprocess") or {}).get("string_value")
-    if stored:
-        return Preprocess.from_dict(json.loads(stored))
-    return Preprocess.for_size(height, width=None if width in (None, height) else width)
+
+def request_batches(x: np.ndarray, max_batch: int, dims: Sequence[int]):
+    """The requests that carry the batch ``x`` to a model of ``max_batch_size`` ``max_batch`` and input ``dims``
+    (Triton's: without the batch when max_batch > 0, the whole shape when 0): (array to send, rows that are
+    images). A fixed-batch model (max_batch 0, dims[0] = B > 0) takes exactly B images per request: the last one is
+    padded (:func:`sedeploy.onnxcore.pad_to_batch`) and the padding's rows are dropped from its output."""
+    from sedeploy.onnxcore import pad_to_batch
+
+    fixed = int(dims[0]) if max_batch <= 0 and len(dims) == 4 and int(dims[0]) > 0 else None
+    chunk = max_batch if max_batch > 0 else fixed or len(x)
+    for i in range(0, len(x), chunk):
+        part = x[i:i + chunk]
+        yield np.ascontiguousarray(pad_to_batch(part, fixed)), len(part)
+
+
+def probabilities(y: np.ndarray, kind: str) -> np.ndarray:
+    """Class probabilities from a model's output of kind ``kind`` (:func:`sedeploy.onnxcore.output_kind`):
+    probabilities as they are (normalised), logits and log-probabilities through a softmax."""
+    from sedeploy.metrics import as_logits
+
+    z = as_logits(y, kind)
+    prob = np.exp(z - z.max(axis=1, keepdims=True))
+    return prob / prob.sum(axis=1, keepdims=True)
+
+
+def class_names(names: Sequence[str], classes: int, offset: int, where: str) -> list[str]:
+    """One name per model output from a class-name table: it names every output, or (label offset > 0) the dataset's
+    classes, output k being class k − offset and outputs below the offset ``background``."""
+    if not names:
+        return []
+    if len(names) == classes:
+        return list(names)
+    if offset and len(names) == classes - offset:
+        return ["background"] * offset + list(names)
+    want = f"{classes}" + (f" or {classes - offset} (label offset {offset})" if offset else "")
+    raise SedeployError(f"The labels file '{where}' names {len(names)} classes; the model has {classes} outputs.",
+                        expected=f"{want} names",
+                        fix="pass the class-name table of this model (one name per class, in index order), "
+                            "or leave --labels-file (and $SEDEPLOY_LABELS) out to see class indices")
 
 
 def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None = None, *, top_k: int = 5,
@@ -107,7 +133,7 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
     label, probability, logit}]}], logits (N×classes list)}."""
     from sedeploy.classes import read_class_names
     from sedeploy.onnxcore import input_layout
-    from sedeploy.preprocess import layout_batch, load_image
+    from sedeploy.preprocess import layout_batch, load_image, recorded_preprocess
     from sedeploy.serving.env import require_client
 
     require_client("sedeploy infer")
@@ -129,7 +155,8 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
         dims = [int(d) for d in inp["dims"]]
         layout = input_layout(([-1] if len(dims) == 3 else []) + dims) or "NCHW"  # NHWC engines: channels last
         h, w = (dims[-2], dims[-1]) if layout == "NCHW" else (dims[-3], dims[-2])
-        pp = _preprocess(cfg, h, w)
+        params = _parameters(cfg)
+        pp = recorded_preprocess(params.get("sedeploy.preprocess") or None, (h, w), name=f"model {model!r}")
         arrays = []
         for p in map(Path, paths):
             try:
@@ -138,10 +165,8 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
                 raise SedeployError(f"The image '{p}' cannot be read ({type(err).__name__}: {err}).",
                                     fix="pass JPEG/PNG files") from err
         x = layout_batch(np.stack(arrays), layout)
-        chunk = max_batch if max_batch > 0 else len(x)
         logits = []
-        for i in range(0, len(x), chunk):
-            part = x[i:i + chunk]
+        for part, rows in request_batches(x, max_batch, dims):
             ti = th.InferInput(inp["name"], list(part.shape), "FP32")
             ti.set_data_from_numpy(part)
             try:
@@ -149,31 +174,28 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
             except InferenceServerException as err:
                 raise SedeployError(f"The server refused the request for model {model!r}: {err.message()}",
                                     fix="check that the model takes N×3×H×W float32 images") from err
-            logits.append(res.as_numpy(out["name"]))
+            logits.append(res.as_numpy(out["name"])[:rows])
     finally:
         client.close()
     y = np.concatenate(logits).astype(np.float64)
-    lf = Path(given) if given else default_labels_file()
-    if given and len(names) != y.shape[1]:
-        raise SedeployError(f"The labels file '{lf}' names {len(names)} classes; model {model!r} has {y.shape[1]}.",
-                            fix="pass the class-name table of this model (one name per class, in index order), "
-                                "or leave --labels-file (and $SEDEPLOY_LABELS) out to see class indices")
-    if not given and lf is not None:
-        names = read_class_names(lf)
-        if len(names) != y.shape[1]:
-            log.info("%s names %d classes, model %s has %d: showing class indices.", lf, len(names), model,
-                     y.shape[1])
-            names = []
-    prob = np.exp(y - y.max(axis=1, keepdims=True))
-    prob /= prob.sum(axis=1, keepdims=True)
+    kind = params.get("sedeploy.output_kind") or "logits"
+    try:
+        offset = int(params.get("sedeploy.label_offset") or 0)
+    except ValueError:
+        offset = 0
+        log.warning("Model %s has an unreadable sedeploy.label_offset %r; using 0.", model,
+                    params.get("sedeploy.label_offset"))
+    names = class_names(names, y.shape[1], offset, str(given))
+    prob = probabilities(y, kind)
     results = []
     for p, row, pr in zip(paths, y, prob):
-        idx = np.argsort(-row, kind="stable")[:top_k]
-        results.append({"image": str(p), "top": [{"index": int(k), "label": names[k] if names else str(int(k)),
+        idx = np.argsort(-pr, kind="stable")[:top_k]
+        results.append({"image": str(p), "top": [{"index": int(k), "class": int(k) - offset if k >= offset else None,
+                                                   "label": names[k] if names else str(int(k)),
                                                    "probability": float(pr[k]), "logit": float(row[k])}
                                                   for k in idx]})
-    return {"model": model, "url": url, "labels": str(lf) if names else None, "results": results,
-            "logits": y.tolist()}
+    return {"model": model, "url": url, "labels": str(given) if names else None, "output_kind": kind,
+            "label_offset": offset, "results": results, "logits": y.tolist()}
 
 
 def batch_stats(metrics_url: str, model: str) -> tuple[float, float]:

@@ -289,6 +289,7 @@ def _start(model, o: ServeOptions) -> TritonProcess:
     dist = triton_distribution()
     remove_stale_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"sedeploy-serve-{os.getpid()}-"))
+    handle = None
     try:
         if o.log_file:
             log_path = Path(o.log_file)
@@ -309,6 +310,8 @@ def _start(model, o: ServeOptions) -> TritonProcess:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                                 env=_environment(dist, workdir), preexec_fn=die_with_parent)
     except BaseException:
+        if handle is not None:
+            handle.close()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     return TritonProcess(proc, workdir, log_path, handle, keep_log=bool(o.log_file))

@@ -38,7 +38,7 @@ from sedeploy.serving.triton_config import (DEFAULT_MAX_BATCH, ONNX_TO_TRITON, T
 log = logging.getLogger("sedeploy")
 
 __all__ = ["manifest_engines", "engine_io", "plan_models", "package_triton", "format_package", "check_output_folder",
-           "is_triton_repository", "model_name", "DEFAULT_MAX_BATCH", "TensorSpec", "TritonModel", "parse_config",
+           "is_triton_repository", "model_name", "output_facts", "output_labels", "DEFAULT_MAX_BATCH", "TensorSpec", "TritonModel", "parse_config",
            "read_results"]
 
 
@@ -113,19 +113,64 @@ def engine_io(entry: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]
 
 
 def engine_preprocess(path: Path, inputs: list[TensorSpec]):
-    """The engine's preprocessing as sedeploy's bench reads it (model metadata, else mmcls's pipeline at the input
-    size); recorded in config.pbtxt so a client needs nothing but the server. None for a non-image input."""
+    """The engine's preprocessing as sedeploy's bench reads it (:func:`sedeploy.preprocess.recorded_preprocess`:
+    model metadata, else mmcls's pipeline at the input's height and width); recorded in config.pbtxt so a client
+    needs nothing but the server. When the engine cannot be described, a warning says so and the input's own
+    shape (NCHW or NHWC) decides; None for a non-image input."""
     from sedeploy.bench.engines import describe_engine, preprocess_for
-    from sedeploy.preprocess import Preprocess
+    from sedeploy.onnxcore import input_layout
+    from sedeploy.preprocess import recorded_preprocess
 
     try:
         return preprocess_for(describe_engine(path))
     except SedeployError as err:
-        shape = inputs[0].shape if inputs else []
-        if len(shape) == 4 and shape[2] > 0:
-            log.info("Preprocessing of %s from its input size (%s).", path.name, err.what)
-            return Preprocess.for_size(int(shape[2]))
-        return None
+        shape = list(inputs[0].shape) if inputs else []
+        layout = input_layout(shape)
+        hw = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2]) if layout == "NHWC" else None
+        if hw is None or min(hw) <= 0:
+            log.warning("%s: no preprocessing recorded for it (%s; its input %s is not a fixed-size image).",
+                        path.name, err.what, shape)
+            return None
+        log.warning("The metadata of %s cannot be read (%s): its preprocessing is chosen from its input size.",
+                    path.name, err.what)
+        return recorded_preprocess(None, hw, name=path.name)
+
+
+def output_facts(entry: dict[str, Any]) -> tuple[str, int]:
+    """What the engine's first output holds (:func:`sedeploy.onnxcore.output_kind`: ``logits``, ``probabilities``
+    or ``log_probabilities``) and the label offset its build recorded (``META.LABEL_OFFSET``: output k + offset
+    is dataset class k; 0 when none is recorded), read from the engine's ONNX graph or the ONNX it was built from."""
+    from sedeploy.onnxcore import META, get_metadata, load_onnx, output_kind
+
+    source = entry["path"] if entry["backend"] == "ort" else entry.get("from")
+    if source is None or Path(source).suffix != ".onnx":
+        raise SedeployError(f"The ONNX artifact that '{entry['path']}' was built from is missing.",
+                            expected="the artifact next to the engine, as build-engine wrote it",
+                            fix="rebuild the folder with build-engine")
+    proto = load_onnx(Path(source), weights=False, check=False)
+    offset = get_metadata(proto).get(META.LABEL_OFFSET, 0)
+    try:
+        offset = int(offset)
+    except (TypeError, ValueError):
+        offset = -1
+    if offset < 0:
+        raise SedeployError(f"'{source}' records the label offset {offset!r}.", expected="an integer ≥ 0",
+                            fix="rebuild it with `sedeploy build-engine --label-offset N`")
+    return output_kind(proto), offset
+
+
+def output_labels(labels: list[str], classes: int, offset: int, *, where: str) -> list[str]:
+    """One name per model output (Triton's ``labels.txt``): a table naming every output as it is, or one naming
+    the dataset's classes when the model has ``offset`` extra outputs first (those are named ``background``)."""
+    if len(labels) == classes:
+        return list(labels)
+    if offset and len(labels) == classes - offset:
+        return ["background"] * offset + list(labels)
+    want = f"{classes}" + (f" (or {classes - offset}: outputs from {offset} on, label offset {offset})"
+                           if offset else "")
+    raise SedeployError(f"The labels file has {len(labels)} names, {where} has {classes} classes.",
+                        expected=f"{want} names",
+                        fix="pass the class-name table of this model (one name per class, in index order)")
 
 
 # ------------------------------------------------------------------------------------------- the repository
@@ -174,12 +219,12 @@ def plan_models(engines_dir: str | Path, *, results: dict[str, Any] | None = Non
                 log.warning("%s holds FP16 tensors; Triton's ONNX Runtime backend on the CPU computes them in FP32 "
                             "here (no FP16 kernels on this CPU): served, but not at FP16 speed or rounding.",
                             e["path"].name)
+        kind, offset = output_facts(e)
+        params.update({"sedeploy.output_kind": kind, "sedeploy.label_offset": str(offset)})
         classes = outputs[0].shape[-1] if outputs and outputs[0].shape else -1
-        if labels and len(labels) != classes:
-            raise SedeployError(f"The labels file has {len(labels)} names, '{e['path'].name}' has {classes} classes.",
-                                fix="pass the class-name table of this model (one name per class, in index order)")
+        names = output_labels(labels, classes, offset, where=f"'{e['path'].name}'") if labels else []
         models.append(TritonModel(model_name(e["path"], e["backend"]), e["path"], e["backend"], e.get("sidecar"), e,
-                                  inputs, outputs, mb, preferred, delay, rule, instances, params, list(labels or [])))
+                                  inputs, outputs, mb, preferred, delay, rule, instances, params, names))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise SedeployError(f"Two engines map to the same Triton model name: {names}.",
