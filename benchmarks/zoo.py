@@ -154,18 +154,23 @@ def _fmt(v, spec=".1f") -> str:
 
 def markdown(records: list[dict[str, Any]], prov: dict[str, Any]) -> str:
     lines = ["# Third-party classifiers with the defaults", "", provenance_markdown(prov), "",
-             "| model | default build | SE fused | engine | agreement % | top-1 drop pt | b1 × FP32 | b8 × FP32 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | default build | SE fused | engine | agreement % | top-1 Δ pt | b1 × FP32 | b8 × FP32 "
+             "| b1 × NNCF | b8 × NNCF |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         b = r["default_build"]
         built = "exit 0" if b["exit"] == 0 else f"**exit {b['exit']}**"
         se = f"{b.get('se_blocks_fused')}/{b.get('se_blocks_found')}" if b.get("se_blocks_found") is not None else "–"
         rows = (r.get("bench") or {}).get("engines") or [{}]
+        nncf = next((e for e in rows if "nncf" in str(e.get("engine"))), {})
         for i, e in enumerate(rows):
             head = (r["model"], built, se) if i == 0 else ("", "", "")
+            vs = [None if e.get(f"b{b}_x_ref") is None or not nncf.get(f"b{b}_x_ref") else
+                  e[f"b{b}_x_ref"] / nncf[f"b{b}_x_ref"] for b in (1, 8)]
+            drop = e.get("top1_drop_pts")
             lines.append(f"| {' | '.join(head)} | {e.get('engine', '–')} | {_fmt(e.get('agreement_pct'))} | "
-                         f"{_fmt(e.get('top1_drop_pts'), '+.2f')} | {_fmt(e.get('b1_x_ref'), '.2f')} | "
-                         f"{_fmt(e.get('b8_x_ref'), '.2f')} |")
+                         f"{_fmt(None if drop is None else -drop, '+.2f')} | {_fmt(e.get('b1_x_ref'), '.2f')} | "
+                         f"{_fmt(e.get('b8_x_ref'), '.2f')} | {_fmt(vs[0], '.2f')} | {_fmt(vs[1], '.2f')} |")
     lines += ["", "Budget builds (`--min-agreement 97 --budget-confidence 0.95`, 400 search images):", "",
               "| model | exit | per flavour: held-out agreement (bound), layers in float, speed |", "|---|---|---|"]
     for r in records:
