@@ -20,7 +20,7 @@ setup(
         # torch is pinned by the installer (README / .ci/run: torch==2.13.0 CPU); any torch ≥ 2.9 works.
         "torch>=2.9",
         "onnx>=1.17",
-        "onnxruntime>=1.32",  # quantize_static with calibration_cache_path (sedeploy.int8)
+        "onnxruntime>=1.32",  # quantize_static with calibration_cache_path (sedeploy.quantize.cpu)
         "onnxscript>=0.5",
         "onnx-ir>=0.1.12",
         "onnxconverter-common>=1.14",  # the FP16 graph rewrite (sedeploy.fp16)

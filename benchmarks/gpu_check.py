@@ -51,10 +51,10 @@ def _images(n: int, offset: int = 0) -> tuple[np.ndarray, str]:
 
 
 def _artifacts(tmp: Path, calib_images: int, checkpoint: str | None) -> dict[str, Path]:
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.export import export_onnx
     from sedeploy.fp16 import convert_fp16
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import quantize_model
     from sedeploy.model import build_model
 
     model = build_model(50, seed=0)

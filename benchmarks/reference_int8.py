@@ -141,8 +141,8 @@ def pct(mask) -> float:
 def budget_only(args, fp32: Path, x, y, ref, pp, work: Path) -> int:
     """The accuracy budget on the OpenVINO flavour: searched on ``--budget-images`` val images, checked on the rest."""
     from common import write_results
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import quantize_model
     from sedeploy.int8_budget import Budget, quantize_to_budget
 
     cal = calibrate(fp32, args.data / "train", method=args.method, count=args.calib_count, preprocess=pp,
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
     from common import time_activated, write_results
     from sedeploy.errors import SedeployError
     from sedeploy.backends.timing import paired_speedup
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import quantize_model
     from sedeploy.int8_budget import Budget, quantize_to_budget
     from sedeploy.preprocess import load_batch
 

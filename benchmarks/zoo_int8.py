@@ -8,7 +8,7 @@ The FP32 model is first put in canonical form (:func:`sedeploy.passes.canonical.
 build-engine does before anything else); every form and the FP32 reference use that graph.
 
 - ``fp16``: :func:`sedeploy.fp16.to_fp16` (the FP16 artifact's default policy), run by ONNX Runtime CPU;
-- ``int8-ov``: :func:`sedeploy.int8.quantize_model` flavour ``ov``, run by OpenVINO (CPU plugin);
+- ``int8-ov``: :func:`sedeploy.quantize.quantize_model` flavour ``ov``, run by OpenVINO (CPU plugin);
 - ``int8-cpu``: flavour ``cpu`` (QOperator), run by ONNX Runtime CPU;
 - ``int8-trt``: flavour ``trt`` (Q/DQ inside the FP16 graph), run by ONNX Runtime CPU (no TensorRT here; ORT
   executes that graph, facts §4);
@@ -80,7 +80,7 @@ def _ort_logits(source, x: np.ndarray, chunk: int = 32) -> np.ndarray:
 
 def _build(form: str, fp32: Path, cal, work: Path, calib_x: np.ndarray):
     """(what runs it, source for the runner) of one form."""
-    from sedeploy import int8
+    from sedeploy import quantize
 
     out = work / f"{form.replace(' ', '_')}.onnx"
     if form == "fp16":
@@ -98,19 +98,19 @@ def _build(form: str, fp32: Path, cal, work: Path, calib_x: np.ndarray):
         return "ov", nncf.quantize(model, data, subset_size=len(calib_x))
     kw: dict = {}
     if form == "int8-ov 8-bit weights":
-        kw["cpu_options"] = dataclasses.replace(int8.OV_OPTIONS, reduce_range=False)
+        kw["cpu_options"] = dataclasses.replace(quantize.OV_OPTIONS, reduce_range=False)
     elif form == "int8-ov no bias correction":
         kw["bias_correction"] = False
     elif form == "int8-ov Clip float":
-        kw["cpu_options"] = dataclasses.replace(int8.OV_OPTIONS, extra_ops=tuple(
-            o for o in int8.OV_OPTIONS.extra_ops if o != "Clip"))
+        kw["cpu_options"] = dataclasses.replace(quantize.OV_OPTIONS, extra_ops=tuple(
+            o for o in quantize.OV_OPTIONS.extra_ops if o != "Clip"))
     flavour = form.split()[0].removeprefix("int8-")
-    int8.quantize_model(fp32, cal, out, flavour=flavour, **kw)
+    quantize.quantize_model(fp32, cal, out, flavour=flavour, **kw)
     return ("ov" if flavour == "ov" else "ort"), out
 
 
 def run_model_forms(fp32: Path, spec: dict, args, work: Path) -> dict:
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.errors import SedeployError
     from sedeploy.metrics import as_logits, metrics
     from sedeploy.onnxcore import load_onnx, output_kind

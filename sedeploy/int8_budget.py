@@ -16,7 +16,7 @@ deterministic split of ``--calib`` that calibration then does not see. Per INT8 
    a tensor is rounded once by its producer (back to the previous Conv), so keeping only the Conv in float would
    still read a rounded input;
    TensorRT flavour: no Q/DQ on the layer's input and weight; the artifact is the FP16 graph with Q/DQ inside
-   (:mod:`sedeploy.int8`), so a strongly typed TensorRT network runs a fallback layer in FP16) for the smallest k
+   (:mod:`sedeploy.quantize`), so a strongly typed TensorRT network runs a fallback layer in FP16) for the smallest k
    that meets the budget: k = 1, 2, 4, …
    until it holds, then a bisection between the last failing and the first passing k. Agreement is not strictly
    monotone in k, so "fewest" is the fewest along this ranking, not a global optimum (that search is
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sedeploy import int8
+from sedeploy import quantize
 from sedeploy.backends.openvino import OpenVinoModelRunner
 from sedeploy.backends.ort import OrtRunner
 from sedeploy.backends.timing import paired_speedup, time_runners
@@ -226,14 +226,14 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     Raises VerificationError, writing nothing, when the budget cannot be met."""
     t0 = time.perf_counter()
     _check_request(budget, images, labels, order)
-    se = int8.DEFAULT_SE_POLICY if se is None else se
+    se = quantize.DEFAULT_SE_POLICY if se is None else se
     out_path = Path(out_path)
     kind = output_kind(load_onnx(fp32_path, check=False))
     ref = as_logits(run_model(fp32_path, images), kind)
     # candidates: the quantized weighted layers (the head is already float under the default head policy)
-    in_float = set(int8.float_head_layers(fp32_path, flavour))
-    layers = [layer for layer in int8.weighted_layers(fp32_path) if layer not in in_float]
-    groups = int8.float_groups(fp32_path, layers, flavour)
+    in_float = set(quantize.float_head_layers(fp32_path, flavour))
+    layers = [layer for layer in quantize.weighted_layers(fp32_path) if layer not in in_float]
+    groups = quantize.float_groups(fp32_path, layers, flavour)
 
     def nodes_of(chosen):
         return sorted({n for layer in chosen for n in groups[layer]})
@@ -243,8 +243,8 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     try:
         def build(exclude, name):
             path = work / f"{name}.onnx"
-            qr = int8.quantize_model(fp32_path, calibration, path, flavour=flavour, se=se, exclude=exclude,
-                                     keep_fp32=keep_fp32)
+            qr = quantize.quantize_model(fp32_path, calibration, path, flavour=flavour, se=se, exclude=exclude,
+                                         keep_fp32=keep_fp32)
             return path, qr
 
         def evaluate(path, subset=None):
@@ -268,7 +268,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
                         "improve the calibration (more or more representative --calib images)")
             log.info("INT8 %s misses the budget with every layer quantized (%s); measuring %d layers' "
                      "sensitivity on %d images", flavour, "; ".join(budget.violations(base)), len(layers), n_sens)
-            macs = int8.layer_macs(fp32_path) if order == "gain-per-cost" else {}
+            macs = quantize.layer_macs(fp32_path) if order == "gain-per-cost" else {}
             report.sensitivity = sens = _sensitivity(layers, lambda layer, name: build(nodes_of([layer]), name)[0],
                                                      lambda path: evaluate(path, n_sens), evaluate(all_path, n_sens),
                                                      macs, order)

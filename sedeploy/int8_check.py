@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sedeploy import calibration
+from sedeploy import quantize
 from sedeploy.backends.openvino import OpenVinoModelRunner
 from sedeploy.backends.ort import cpu_computes_fp16
 from sedeploy.errors import SedeployError
@@ -99,17 +99,17 @@ def plan(folder: str | Path, *, val: str | Path | None, count: int | None, seed:
         paths = _pick(found.paths, MAX_IMAGES, seed)
         refuse_seen_val(paths, found.root, folder, count=count, seed=seed)
         return HeldOut(found.root, paths, "val", f"{len(paths)} of the {len(found.paths)} images of --val {found.root}")
-    count = calibration.DEFAULT_COUNT if count is None else count
+    count = quantize.DEFAULT_COUNT if count is None else count
     found = find_images(folder, what="calibration image folder")
     n = len(found.paths)
     if n > count:
-        root, used = calibration.select_images(folder, count, seed)
+        root, used = quantize.select_images(folder, count, seed)
         used_set = set(used)
         rest = [p for p in found.paths if p not in used_set]
         paths = _pick(rest, MAX_IMAGES, seed)
         return HeldOut(root, paths, "unpicked",
                        f"{len(paths)} images of {root} that calibration did not pick ({count} of {n} calibrated on)")
-    need = calibration.MIN_IMAGES[method]
+    need = quantize.MIN_IMAGES[method]
     k = heldout_count(n, min_heldout=MIN_IMAGES, most=MAX_IMAGES)
     if n - k < need:
         return (f"the calibration folder {found.root} holds {n} images: too few to hold {k} out and still calibrate "
@@ -129,8 +129,8 @@ def refuse_seen_val(val_paths: list[Path], val_root: Path, folder: str | Path, *
                     seed: int) -> None:
     """``--val`` images must be held out: none may be an image calibration uses (the same file, a link to it, or a
     copy with the same contents), or every figure measured on them would flatter the INT8 artifact."""
-    count = calibration.DEFAULT_COUNT if count is None else count
-    _, calibrated = calibration.select_images(folder, count, seed)
+    count = quantize.DEFAULT_COUNT if count is None else count
+    _, calibrated = quantize.select_images(folder, count, seed)
     by_size: dict[int, list[Path]] = {}
     for c in calibrated:
         by_size.setdefault(c.stat().st_size, []).append(c)

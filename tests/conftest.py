@@ -134,9 +134,9 @@ def foreign_art(tmp_path_factory):
 def tiny_artifacts(tiny_onnx, calib_dir, tmp_path_factory):
     """The tiny SE-ResNet-18's FP16 artifact and both INT8 flavours (TensorRT: Q/DQ in the FP16 graph); the TensorRT
     backend tests (fake and real bindings) build from them."""
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.fp16 import convert_fp16
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import quantize_model
     from sedeploy.preprocess import Preprocess
 
     out = tmp_path_factory.mktemp("trt-artifacts")

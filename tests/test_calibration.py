@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sedeploy.calibration import CalibrationResult, calibrate, calibration_key, method_params
+from sedeploy.quantize import CalibrationResult, calibrate, calibration_key, method_params
 from sedeploy.errors import SedeployError
 from sedeploy.preprocess import Preprocess
 
@@ -192,7 +192,7 @@ def test_entropy_keeps_relu_ranges(tiny, tmp_path):
 def test_mse_threshold_follows_the_grid():
     """mse picks the clipping threshold for the grid a tensor is rounded to: 255 uint8 levels over [0, t] have half
     the step of 127 int8 levels, so the optimum clips less — never more — on a heavy-tailed histogram."""
-    from sedeploy.calibration import HIST_BINS, mse_amax
+    from sedeploy.quantize import HIST_BINS, mse_amax
 
     rng = np.random.default_rng(0)
     x = np.abs(rng.standard_t(3, size=200_000))  # post-ReLU-like, heavy tail

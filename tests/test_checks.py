@@ -351,8 +351,8 @@ def test_inspect_quantized_model(tmp_path, bad, ok):
 # --------------------------------------------------------------------------- sedeploy's own TensorRT Q/DQ artifact
 @pytest.fixture(scope="module")
 def trt_artifacts(tiny_trained_art, tmp_path_factory):
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import quantize_model
 
     art = tiny_trained_art
     out = tmp_path_factory.mktemp("trt")

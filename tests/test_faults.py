@@ -421,7 +421,7 @@ def test_folder_of_only_broken_entries_is_one_error(tmp_path):
 
 
 def test_calibration_with_a_dangling_link_in_the_folder(tiny_onnx, tmp_path, calib_dir):
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
 
     folder = tmp_path / "calib"
     folder.mkdir()
@@ -944,7 +944,7 @@ def test_an_int64_pad_chain_gets_no_calibration_range_and_the_model_builds(tmp_p
     range of an integer or constant tensor, even on the graph as exported."""
     import onnx
 
-    from sedeploy.calibration import activation_tensors
+    from sedeploy.quantize import activation_tensors
 
     model = _foreign(tmp_path / "padded.onnx", pad_chain=True)
     acts = set(activation_tensors(onnx.load(model)))
@@ -1052,7 +1052,7 @@ def test_an_unmeetable_agreement_budget_is_the_budgets_verdict_not_an_empty_quan
     """With every weighted layer in float there is no INT8 model left: the fallback search stops one layer short
     and reports the budget it could not meet (exit 3), instead of the quantizer's "quantized no operator"."""
     from sedeploy import int8_budget
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.errors import VerificationError
     from sedeploy.preprocess import Preprocess, load_folder
 
@@ -1074,7 +1074,7 @@ def test_an_unmeetable_agreement_budget_is_the_budgets_verdict_not_an_empty_quan
 def test_calibration_refuses_a_model_that_itself_outputs_nan(tmp_path, calib_dir):
     """NaN/inf in the FP32 model's own output on calibration images: the model's problem, named with the images
     (not non-finite ranges to 'recalibrate' later)."""
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.preprocess import Preprocess
 
     model = _foreign(tmp_path / "nan.onnx", nan=True)

@@ -17,7 +17,7 @@ from sedeploy.errors import SedeployError, VerificationError
 @pytest.fixture(scope="module")
 def fused_fp32(foreign_art, tmp_path_factory):
     """The foreign model, SE-fused, as an FP32 file (what quantize_model takes), and its calibration."""
-    from sedeploy import calibration
+    from sedeploy import quantize
     from sedeploy.onnxcore import load_onnx, save_onnx
     from sedeploy.passes import fuse_se_blocks
 
@@ -27,8 +27,8 @@ def fused_fp32(foreign_art, tmp_path_factory):
     path = save_onnx(fused, out / "foreign.fp32.onnx")
     # percentile pinned: the budget tests below damage two layers' ranges and assert the search finds exactly those;
     # that premise was built on percentile ranges (with the mse default the trt/ov searches also take others)
-    cal = calibration.calibrate(path, foreign_art.calib_dir, preprocess=foreign_art.preprocess, progress=False,
-                                use_cache=False, method="percentile")
+    cal = quantize.calibrate(path, foreign_art.calib_dir, preprocess=foreign_art.preprocess, progress=False,
+                             use_cache=False, method="percentile")
     return path, cal
 
 
@@ -71,21 +71,21 @@ def test_build_engine_fixed_batch_foreign_model(foreign_art, tmp_path):
 
 
 def test_quantize_model_exclude(fused_fp32, foreign_art, tmp_path):
-    from sedeploy import int8
+    from sedeploy import quantize
     from sedeploy.onnxcore import Graph
 
     path, cal = fused_fp32
-    layers = int8.weighted_layers(path)
+    layers = quantize.weighted_layers(path)
     assert len(layers) == 20 and "/classifier/Gemm" in layers
     keep = [layers[0], "/classifier/Gemm"]
-    cpu = int8.quantize_model(path, cal, tmp_path / "cpu.onnx", flavour="cpu", exclude=keep)
+    cpu = quantize.quantize_model(path, cal, tmp_path / "cpu.onnx", flavour="cpu", exclude=keep)
     g = Graph(onnx.load(str(tmp_path / "cpu.onnx")))
     by_name = {n.name: n for n in g.nodes}
     assert all(by_name[name].op_type in ("Conv", "Gemm") for name in keep)  # still float ops
     assert set(keep) <= set(cpu.settings["excluded_nodes"])
     # beyond what was asked, only the head's input ops (the default head policy keeps the classifier in float)
     assert set(cpu.settings["excluded_nodes"]) - set(keep) <= set(cpu.settings["head"]["float_nodes"])
-    trt = int8.quantize_model(path, cal, tmp_path / "trt.onnx", flavour="trt", exclude=keep)
+    trt = quantize.quantize_model(path, cal, tmp_path / "trt.onnx", flavour="trt", exclude=keep)
     g = Graph(onnx.load(str(tmp_path / "trt.onnx")))
     for n in g.nodes:
         if n.op_type in ("Conv", "Gemm"):
@@ -93,7 +93,7 @@ def test_quantize_model_exclude(fused_fp32, foreign_art, tmp_path):
             assert quantized == (n.name not in keep), n.name
     assert trt.settings["weight_dq"] == len(layers) - len(keep)
     with pytest.raises(SedeployError, match="does not have"):
-        int8.quantize_model(path, cal, tmp_path / "bad.onnx", flavour="cpu", exclude=["no-such-node"])
+        quantize.quantize_model(path, cal, tmp_path / "bad.onnx", flavour="cpu", exclude=["no-such-node"])
     assert not (tmp_path / "bad.onnx").exists()
 
 
@@ -109,7 +109,7 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
     the budget needs (1, 2, …) differs from machine to machine; only what holds on every CPU is asserted."""
     import dataclasses
 
-    from sedeploy import int8
+    from sedeploy import quantize
     from sedeploy.int8_budget import Budget, quantize_to_budget
     from sedeploy.metrics import as_logits, metrics
     from sedeploy.onnxcore import run_model
@@ -117,7 +117,7 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
     path, cal = fused_fp32
     damaged = {"/b2/project/project.0/Conv", "/head/head.0/Conv"}
     # the CPU/OpenVINO forms keep the classifier (/classifier/Gemm) in float (DEFAULT_HEAD_POLICY): one candidate less
-    head_float = int8.DEFAULT_HEAD_POLICY[flavour] == "float"
+    head_float = quantize.DEFAULT_HEAD_POLICY[flavour] == "float"
     inputs = {n.input[0] for n in onnx.load(str(path)).graph.node if n.name in damaged}
     def shrink(ranges):
         return {k: (lo / 10, hi / 10) if k in inputs else (lo, hi) for k, (lo, hi) in ranges.items()}
@@ -133,7 +133,7 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
     assert rep.layers == 20 - head_float
     assert qr.settings["head"]["layers"] == (["/classifier/Gemm"] if head_float else [])
     ranking = [r["layer"] for r in rep.sensitivity]
-    assert sorted(ranking) == sorted(set(int8.weighted_layers(path)) - set(qr.settings["head"]["layers"]))
+    assert sorted(ranking) == sorted(set(quantize.weighted_layers(path)) - set(qr.settings["head"]["layers"]))
     assert damaged & set(ranking[:2])  # restoring a damaged layer is among the two largest gains
     k = len(rep.fell_back)
     assert k >= 1 and rep.fell_back == ranking[:k]  # the top of the ranking falls back, nothing else
@@ -234,13 +234,13 @@ def test_budget_needs_labels_for_top1_drop(fused_fp32, foreign_art, tmp_path):
 
 
 def test_heldout_split_and_calibration_exclude(foreign_art):
-    from sedeploy import calibration
+    from sedeploy import quantize
     from sedeploy.int8_budget import heldout_split
 
     root, held, exclude = heldout_split(foreign_art.calib_dir, seed=0)
     assert len(held) == 16 and len(exclude) == 16
     assert heldout_split(foreign_art.calib_dir, seed=0)[2] == exclude  # deterministic
-    _, paths = calibration.select_images(foreign_art.calib_dir, None, 0, exclude)
+    _, paths = quantize.select_images(foreign_art.calib_dir, None, 0, exclude)
     assert len(paths) == 48 and not {p.name for p in paths} & {p.name for p in held}
 
 
@@ -286,7 +286,7 @@ def test_cli_budget_options_need_int8(foreign_art, tmp_path):
 
 
 def test_mse_threshold_clips_outliers_keeps_compact():
-    from sedeploy.calibration import HIST_BINS, mse_amax
+    from sedeploy.quantize import HIST_BINS, mse_amax
 
     compact = np.zeros(HIST_BINS, np.int64)
     compact[:1000] = 100  # uniform up to bin 1000: clipping any of it costs more than the finer step gains
@@ -320,8 +320,8 @@ def test_bias_correction_removes_the_mean_shift(tmp_path, flavour, full_weights)
     ``reduce_range``, 8-bit without)."""
     import dataclasses
 
-    from sedeploy import int8
-    from sedeploy.calibration import CalibrationResult
+    from sedeploy import quantize
+    from sedeploy.quantize import CalibrationResult
     from sedeploy.onnxcore import run_model
 
     rng = np.random.default_rng(0)
@@ -335,8 +335,8 @@ def test_bias_correction_removes_the_mean_shift(tmp_path, flavour, full_weights)
     shift = {}
     for bc in (False, True):
         out = tmp_path / f"{flavour}-{bc}.onnx"
-        kw = {"cpu_options": dataclasses.replace(int8.OV_OPTIONS, reduce_range=False)} if full_weights else {}
-        rep = int8.quantize_model(path, cal, out, flavour=flavour, bias_correction=bc, **kw)
+        kw = {"cpu_options": dataclasses.replace(quantize.OV_OPTIONS, reduce_range=False)} if full_weights else {}
+        rep = quantize.quantize_model(path, cal, out, flavour=flavour, bias_correction=bc, **kw)
         assert rep.settings["bias_corrected_layers"] == int(bc)
         shift[bc] = np.abs((run_model(out, x) - ref).mean(axis=(0, 2, 3))).mean()
     assert shift[True] < 0.5 * shift[False], shift

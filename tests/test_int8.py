@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sedeploy import calibration
-from sedeploy.calibration import calibrate
+from sedeploy import quantize
+from sedeploy.quantize import calibrate
 from sedeploy.errors import SedeployError
-from sedeploy.int8 import DEFAULT_SE_POLICY, quantize_model
+from sedeploy.quantize import DEFAULT_SE_POLICY, quantize_model
 from sedeploy.checks import check_trt_qdq
 
 from tiny_trained import INT8_MIN_AGREEMENT as MIN_AGREEMENT, MIN_TEST_ACCURACY
@@ -20,7 +20,7 @@ def tiny(tiny_trained_art):
 
 #: the default method (mse); entropy is not used here: its threshold collapses on ReLU outputs in the uint8 CPU form
 #: (the spike of exact zeros in bin 0 dominates the KL search; see test_calibration.test_entropy_keeps_relu_ranges).
-METHOD = calibration.DEFAULT_METHOD
+METHOD = quantize.DEFAULT_METHOD
 
 
 @pytest.fixture(scope="session")
@@ -163,14 +163,14 @@ def test_head_policy(tiny, calib, tmp_path, flavour):
     rounding its input — out of INT8; head="int8" quantizes it. Everything else is quantized the same way."""
     import onnx
 
-    from sedeploy import int8
+    from sedeploy import quantize
     from sedeploy.onnxcore import Graph
 
-    heads = int8.head_layers(tiny.onnx_path)
+    heads = quantize.head_layers(tiny.onnx_path)
     assert len(heads) == 1
     reps = {h: quantize_model(tiny.onnx_path, calib, tmp_path / f"{h}.onnx", flavour=flavour, head=h)
-            for h in int8.HEAD_POLICIES}
-    assert int8.DEFAULT_HEAD_POLICY == {"cpu": "float", "ov": "float", "trt": "int8"}
+            for h in quantize.HEAD_POLICIES}
+    assert quantize.DEFAULT_HEAD_POLICY == {"cpu": "float", "ov": "float", "trt": "int8"}
     for h, rep in reps.items():
         g = Graph(onnx.load(rep.path))
         gemm = [n for n in g.nodes if n.op_type in ("Gemm", "QGemm")]
@@ -184,7 +184,7 @@ def test_head_policy(tiny, calib, tmp_path, flavour):
     assert heads[0] in reps["float"].settings["head"]["float_nodes"]
     conv = {h: r.quantized_ops.get("Conv", 0) + r.quantized_ops.get("QLinearConv", 0) for h, r in reps.items()}
     assert conv["float"] == conv["int8"] > 0
-    assert int8.float_head_layers(tiny.onnx_path, flavour) == (heads if flavour != "trt" else [])
+    assert quantize.float_head_layers(tiny.onnx_path, flavour) == (heads if flavour != "trt" else [])
     with pytest.raises(SedeployError, match="head precision policy"):
         quantize_model(tiny.onnx_path, calib, tmp_path / "bad.onnx", flavour=flavour, head="fp8")
     assert not (tmp_path / "bad.onnx").exists()
@@ -198,7 +198,7 @@ def test_trt_form_smoke_run_sees_an_fp16_overflow(tmp_path):
     from onnxconverter_common import float16
 
     from sedeploy.errors import VerificationError
-    from sedeploy.int8 import _smoke_run
+    from sedeploy.quantize import smoke_run
 
     w = numpy_helper.from_array(np.full((4, 3, 3, 3), 3000.0, np.float32), "w")  # fits FP16; its output does not
     k = numpy_helper.from_array(np.full((1, 4, 1, 1), 1e-4, np.float32), "k")
@@ -209,9 +209,9 @@ def test_trt_form_smoke_run_sees_an_fp16_overflow(tmp_path):
     path = tmp_path / "big.fp16.onnx"
     onnx.save(float16.convert_float_to_float16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
                                                keep_io_types=True), str(path))
-    _smoke_run(path, "big")  # run as ORT's CPU provider runs it: FP32 arithmetic, finite
+    smoke_run(path, "big")  # run as ORT's CPU provider runs it: FP32 arithmetic, finite
     with pytest.raises(VerificationError, match=r"tensor\(s\) overflow FP16.*'c'"):
-        _smoke_run(path, "big", fp16=True)
+        smoke_run(path, "big", fp16=True)
 
 
 # ------------------------------------------------------------------------------- bounded ReLU (Clip) and depthwise
@@ -277,7 +277,7 @@ def test_bounded_relu_is_quantized_like_relu(clip_images, tmp_path, flavour):
     import onnx
     from onnx import numpy_helper
 
-    from sedeploy import int8
+    from sedeploy import quantize
     from sedeploy.onnxcore import run_model
 
     folder, pp, x = clip_images
@@ -299,7 +299,7 @@ def test_bounded_relu_is_quantized_like_relu(clip_images, tmp_path, flavour):
             assert zp.dtype == np.uint8 and int(zp) == 0 and 0 < scale * 255 <= 6 + 1e-5
     else:
         assert rep.quantized_ops["QLinearConv"] == 3
-    base = int8.OV_OPTIONS if flavour == "ov" else int8.CPU_OPTIONS
+    base = quantize.OV_OPTIONS if flavour == "ov" else quantize.CPU_OPTIONS
     without = dataclasses.replace(base, extra_ops=tuple(o for o in base.extra_ops if o != "Clip"))
     rep2 = quantize_model(fp32, cal, tmp_path / "q2.onnx", flavour=flavour, head="int8", cpu_options=without)
     assert rep2.op_histogram["Clip"] == 3

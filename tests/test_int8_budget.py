@@ -129,15 +129,15 @@ def test_layer_macs_counts_each_weighted_layer(tmp_path):
     import torch
     from torch import nn
 
-    from sedeploy import int8
+    from sedeploy import quantize
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
     path = tmp_path / "net.onnx"
     torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "n"}})
-    macs = int8.layer_macs(path)
-    conv1, conv2, fc = int8.weighted_layers(path)
+    macs = quantize.layer_macs(path)
+    conv1, conv2, fc = quantize.weighted_layers(path)
     assert macs == {conv1: 16 * 16 * 8 * 3 * 9, conv2: 16 * 16 * 16 * 8, fc: 16 * 10}
 
 
@@ -146,15 +146,15 @@ def test_layer_macs_grouped_conv(tmp_path):
     import torch
     from torch import nn
 
-    from sedeploy import int8
+    from sedeploy import quantize
 
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(8, 4)).eval()
     path = tmp_path / "dw.onnx"
     torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"])
-    pw, dw, fc = int8.weighted_layers(path)
-    assert int8.layer_macs(path) == {pw: 16 * 16 * 8 * 3, dw: 16 * 16 * 8 * 9, fc: 8 * 4}
+    pw, dw, fc = quantize.weighted_layers(path)
+    assert quantize.layer_macs(path) == {pw: 16 * 16 * 8 * 3, dw: 16 * 16 * 8 * 9, fc: 8 * 4}
 
 
 def test_fallback_orders():

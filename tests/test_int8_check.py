@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sedeploy import int8_check
-from sedeploy.calibration import select_images
+from sedeploy.quantize import select_images
 from sedeploy.cli import cli
 from sedeploy.metrics import REPORT_CONFIDENCE, agreement_lower_bound
 from sedeploy.build import BuildOptions, build_engines, format_result
@@ -110,7 +110,7 @@ def test_default_check_measures_every_int8_artifact(tiny_onnx, images64, tmp_pat
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["int8_check"] == json.loads(json.dumps(check)) and "_int8_pending" not in manifest
     # the figures are the artifacts' own: recomputed here from the published files on the images not calibrated on
-    from sedeploy.calibration import CalibrationResult
+    from sedeploy.quantize import CalibrationResult
     from sedeploy.onnxcore import run_model
     from sedeploy.preprocess import Preprocess, load_batch
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sedeploy"
 #: benchmark use sits below both: the figures (``metrics``: KL, top-k, the Wilson / Bonett–Price bounds) and the
 #: ground truth of an image folder (``classes``, ``labels``) with the data they are computed on; the interleaved
 #: timer (``backends.timing``) with the ``Runner`` protocol it times. ``int8_budget`` and ``int8_check`` sit in the
-#: build layer, not with ``int8``: they measure the INT8 artifacts through runners (ONNX Runtime, OpenVINO) and
+#: build layer, not with ``quantize``: they measure the INT8 artifacts through runners (ONNX Runtime, OpenVINO) and
 #: time them with that timer, so they stand on the backends, as the build job that calls them does.
 LAYERS: list[tuple[str, ...]] = [
     ("sedeploy.errors", "sedeploy.fsutil", "sedeploy.machine"),
@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sedeploy.model", "sedeploy.checkpoints", "sedeploy.flops", "sedeploy.export", "sedeploy.info"),
     ("sedeploy.passes",),
     ("sedeploy.checks",),
-    ("sedeploy.fp16", "sedeploy.fp16_verify", "sedeploy.calibration", "sedeploy.int8"),
+    ("sedeploy.fp16", "sedeploy.fp16_verify", "sedeploy.quantize"),
     ("sedeploy.backends",),
     ("sedeploy.build", "sedeploy.int8_budget", "sedeploy.int8_check"),
     ("sedeploy.bench",),

@@ -133,8 +133,8 @@ def test_cpu_quantization_leaves_the_callers_logging_alone(tiny_trained_art, tmp
     sedeploy must not leave a root handler behind."""
     import logging
 
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import quantize_model
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])  # an application that configured no logging (pytest adds its own)
@@ -197,7 +197,7 @@ def test_bad_input(case, tiny_onnx, tmp_path):
 
 
 def test_interrupted_build_leaves_no_partial_artifact(tiny_onnx, tmp_path, monkeypatch):
-    import sedeploy.int8 as q
+    import sedeploy.quantize as q
 
     def boom(*a, **k):
         raise KeyboardInterrupt

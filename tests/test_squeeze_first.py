@@ -210,8 +210,8 @@ def test_openvino_int8_engine_keeps_the_standard_form(fused, tmp_path):
     from sedeploy.artifacts import Artifact
     from sedeploy.backends import EngineOptions
     from sedeploy.backends.openvino import build_engine
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import quantize_model
     from sedeploy.onnxcore import save_onnx
     from sedeploy.preprocess import Preprocess
 

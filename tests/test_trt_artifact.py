@@ -8,13 +8,13 @@ from onnx import numpy_helper as nh
 
 from sedeploy.checks import check_strong_typing, format_inspection, inspect_model
 from sedeploy.errors import SedeployError
-from sedeploy.int8 import FP16_MIN_NORMAL, TRT_OPSET, quantize_model
+from sedeploy.quantize import FP16_MIN_NORMAL, TRT_OPSET, quantize_model
 from sedeploy.onnxcore import Graph, default_opset
 
 
 @pytest.fixture(scope="module")
 def calib(tiny_onnx, calib_dir, tmp_path_factory):
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.preprocess import Preprocess
 
     return calibrate(tiny_onnx, calib_dir, method="percentile", progress=False,

@@ -3,7 +3,7 @@
 ``benchmarks/reference_int8.py --budget-only --order sensitivity|gain-per-cost`` each time their artifact against
 FP32 in their own run; a comparison between the two counts only when they are timed interleaved in one run. This
 script rebuilds the artifact each budget result file describes (same export, same calibration, the recorded layers
-kept in float with :func:`sedeploy.int8.float_groups`), checks that it reproduces the recorded held-out agreement,
+kept in float with :func:`sedeploy.quantize.float_groups`), checks that it reproduces the recorded held-out agreement,
 and times OpenVINO FP32, every-layer INT8 and each budgeted artifact interleaved at batch 1 and 8
 (:func:`sedeploy.backends.timing.time_runners`: round-robin with rotated order, one settle call before each timed
 call; the timer covers one synchronous OpenVINO ``infer``, host numpy in → out; ratios are medians of per-round
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
 
     from common import time_activated, write_results
     from sedeploy.backends.timing import paired_speedup
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import float_groups, quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import float_groups, quantize_model
     from sedeploy.onnxcore import sha256_file
 
     fp32, pp, x, y = prepare(args.checkpoint, args.size, args.data, args.work)

@@ -88,7 +88,7 @@ def _fuse(src: Path, work: Path) -> Path:
 
 
 def measure(name, spec, work: Path, methods=METHODS) -> list[dict]:
-    from sedeploy import calibration, int8
+    from sedeploy import quantize
     from sedeploy.metrics import as_logits, metrics
     from sedeploy.onnxcore import load_onnx, output_kind, run_model
 
@@ -99,13 +99,13 @@ def measure(name, spec, work: Path, methods=METHODS) -> list[dict]:
     rows = []
     for method in methods:
         t0 = time.perf_counter()
-        cal = calibration.calibrate(fp32, calib_dir, method=method, count=64, preprocess=pp, progress=False,
-                                    use_cache=False)
+        cal = quantize.calibrate(fp32, calib_dir, method=method, count=64, preprocess=pp, progress=False,
+                                 use_cache=False)
         t_cal = time.perf_counter() - t0
         for flavour in ("cpu", "trt"):
             for bc in (False, True):
                 out = work / f"{name}-{method}-{flavour}-{int(bc)}.onnx"
-                int8.quantize_model(fp32, cal, out, flavour=flavour, bias_correction=bc)
+                quantize.quantize_model(fp32, cal, out, flavour=flavour, bias_correction=bc)
                 m = metrics(ref, as_logits(run_model(out, x), kind), labels)
                 rows.append({"model": name, "method": method, "flavour": flavour, "bias_correction": bc,
                              "images": int(len(x)), "calibration_s": round(t_cal, 2), **m,

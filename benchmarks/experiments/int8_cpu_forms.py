@@ -1,6 +1,6 @@
 """Which INT8 form runs fastest on ONNX Runtime CPU here, at what drift — and which SE policy to default to.
 
-Builds, from ONE calibration of each model, the CPU-flavour variants of :mod:`sedeploy.int8` (QOperator vs
+Builds, from ONE calibration of each model, the CPU-flavour variants of :mod:`sedeploy.quantize` (QOperator vs
 QDQ U8S8, per-channel on/off, reduce_range on/off, Conv-only vs "everything uint8" (QLinearAdd/Mul/Sigmoid/
 GlobalAveragePool), SE kept in FP32 or quantized) plus the TensorRT flavour, then
 
@@ -39,9 +39,9 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 from sedeploy.backends.ort import OrtRunner  # noqa: E402
 from sedeploy.backends.timing import paired_speedup, time_runners  # noqa: E402
 from sedeploy.labels import resolve_labels  # noqa: E402
-from sedeploy.calibration import DEFAULT_METHOD, calibrate  # noqa: E402
+from sedeploy.quantize import DEFAULT_METHOD, calibrate  # noqa: E402
 from sedeploy.preprocess import Preprocess, find_images, load_batch  # noqa: E402
-from sedeploy.int8 import CPU_OPTIONS, CpuOptions, quantize_model  # noqa: E402
+from sedeploy.quantize import CPU_OPTIONS, CpuOptions, quantize_model  # noqa: E402
 
 CONV_ONLY = ()
 #: name → (flavour, se, CpuOptions or None)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-import sedeploy.int8 as Q
+import sedeploy.quantize as Q
 from sedeploy.backends.ort import OrtRunner
 from sedeploy.labels import resolve_labels
-from sedeploy.calibration import calibrate
+from sedeploy.quantize import calibrate
 from sedeploy.preprocess import Preprocess, find_images, load_batch
 
 BENCH = Path(__file__).resolve().parents[1]  # benchmarks/ (this script lives in benchmarks/experiments/)

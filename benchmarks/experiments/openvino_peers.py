@@ -113,7 +113,7 @@ def squeeze_first(fp32: Path, out: Path) -> Path:
 
 def build_sqfirst(out: Path, calib: Path | None) -> None:
     """The squeeze-first FP32 and its int8-ov artifact (same calibration folder), and their OpenVINO engines."""
-    from sedeploy import calibration, int8
+    from sedeploy import quantize
 
     stem = min(out.glob("*.fp32.onnx")).name.removesuffix(".fp32.onnx")
     done = out / f"{stem}.sqfirst.int8-ov.ov.xml"
@@ -122,9 +122,9 @@ def build_sqfirst(out: Path, calib: Path | None) -> None:
     fp32 = squeeze_first(out / f"{stem}.fp32.onnx", out)
     folder = calib or Path(Manifest.read(out).calibration["folder"])
     pp = preprocess_for(describe_engine(fp32))
-    c = calibration.calibrate(fp32, folder, preprocess=pp, progress=False)
+    c = quantize.calibrate(fp32, folder, preprocess=pp, progress=False)
     q = out / f"{stem}.sqfirst.int8-ov.onnx"
-    int8.quantize_model(fp32, c, q, flavour="ov")
+    quantize.quantize_model(fp32, c, q, flavour="ov")
     build_engine(fp32, out)
     build_engine(q, out)
 

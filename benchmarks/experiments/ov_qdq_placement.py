@@ -1,7 +1,7 @@
 """Where the OpenVINO INT8 artifact rounds: Q/DQ placement against accuracy and speed on the trained reference.
 
 The ``int8-ov`` flavour quantizes, besides every Conv/Gemm input and weight, the ops of
-:data:`sedeploy.int8.OV_OPTIONS` ``extra_ops`` (residual Add, SE Mul/Sigmoid/squeeze, Relu, MaxPool, Reshape,
+:data:`sedeploy.quantize.OV_OPTIONS` ``extra_ops`` (residual Add, SE Mul/Sigmoid/squeeze, Relu, MaxPool, Reshape,
 Flatten): every one is a Q/DQ pair on its inputs and output, so a tensor may be rounded more than once between
 two convolutions. Each rounding costs agreement; whether it buys speed depends on what OpenVINO fuses. This
 script builds one artifact per placement from one FP32 graph and one calibration, and measures
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     from common import time_activated, write_results
     from sedeploy.backends.openvino import OpenVinoModelRunner
     from sedeploy.backends.timing import paired_speedup
-    from sedeploy.calibration import calibrate, select_images
-    from sedeploy.int8 import OV_OPTIONS, quantize_model
+    from sedeploy.quantize import calibrate, select_images
+    from sedeploy.quantize import OV_OPTIONS, quantize_model
     from sedeploy.preprocess import load_batch
 
     work = args.work

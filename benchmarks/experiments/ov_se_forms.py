@@ -3,7 +3,7 @@
 What sedeploy controls to get ahead of NNCF: the SE fusion form and the Q/DQ placement around
 SE. Every form below is built from one FP32 SE-ResNet (random weights; speed does not depend on them) and one
 calibration (the shipped ``calib/`` photos, which the NNCF peer also calibrates on), written by
-:func:`sedeploy.int8.quantize_model` (``flavour="ov"``) and compiled by sedeploy's OpenVINO backend:
+:func:`sedeploy.quantize.quantize_model` (``flavour="ov"``) and compiled by sedeploy's OpenVINO backend:
 
 - ``se-int8``: the ``int8-ov`` default so far — every SE op quantized (squeeze output, both FCs, gate);
 - ``se-fc-float``: NNCF's SE placement — the squeeze reads the int8 conv output, the FCs and the Sigmoid run in
@@ -59,8 +59,8 @@ def build_forms(fp32: Path, cal, out: Path, *, sqfirst_fp32: Path | None = None)
     squeeze-first graph, a second calibration is made on it: its squeeze tensors are new)."""
     from sedeploy.backends import EngineOptions
     from sedeploy.backends.openvino import build_engine
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import quantize_model
 
     sources = {"": (fp32, cal)}
     if sqfirst_fp32 is not None:
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     from sedeploy.bench.engines import describe_engine
     from sedeploy.bench.peers import PEER_NNCF, make_peers
     from sedeploy.backends.timing import paired_speedup, time_runners
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.export import export_onnx
     from sedeploy.model import build_model
     from sedeploy.onnxcore import load_onnx, save_onnx

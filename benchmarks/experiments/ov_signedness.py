@@ -28,7 +28,7 @@ FORMS = {"uint8 asymmetric": False, "signed (int8 symmetric / uint8 zp 0)": True
 def _quantize(fp32: Path, cal, out: Path, signed: bool, pp=None) -> dict[str, Path]:
     from sedeploy.backends import EngineOptions
     from sedeploy.backends.openvino import build_engine
-    from sedeploy.int8 import CpuOptions, quantize_model
+    from sedeploy.quantize import CpuOptions, quantize_model
 
     engines = {}
     for name, flag in FORMS.items():
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from sedeploy.bench.engines import describe_engine
     from sedeploy.bench.peers import make_peers
     from sedeploy.backends.timing import paired_speedup, time_runners
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.export import export_onnx
     from sedeploy.model import build_model
     from sedeploy.passes import fuse_se_blocks

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     from sedeploy.bench.engines import describe_engine
     from sedeploy.bench.peers import PEER_NNCF, make_peers
     from sedeploy.backends.timing import paired_speedup, time_runners
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.export import export_onnx
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import quantize_model
     from sedeploy.model import build_model
     from sedeploy.onnxcore import load_onnx, save_onnx
     from sedeploy.passes import fuse_se_blocks

@@ -63,8 +63,8 @@ def measure(fp32: Path, pp, calib_paths: list[Path], x_time: np.ndarray, work: P
     from sedeploy.backends.ort import OrtRunner
     from sedeploy.bench.peers import nncf_int8
     from sedeploy.backends.timing import paired_speedup
-    from sedeploy.calibration import calibrate
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import calibrate
+    from sedeploy.quantize import quantize_model
     from sedeploy.onnxcore import load_onnx, save_onnx
     from sedeploy.passes import squeeze_first
     from sedeploy.preprocess import load_batch
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         plot(json.loads((results_dir(__file__) / "results.json").read_text())["models"],
              results_dir(__file__) / "speedups.png")
         return 0
-    from sedeploy.calibration import select_images
+    from sedeploy.quantize import select_images
     from sedeploy.preprocess import Preprocess, find_images, load_batch
 
     results = {}

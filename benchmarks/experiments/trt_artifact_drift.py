@@ -49,8 +49,8 @@ REFERENCE = Path.home() / ".cache" / "sedeploy" / "reference" / "se-resnet50-ima
 
 _MAIN_SNIPPET = """
 import sys
-from sedeploy.calibration import CalibrationResult, calibrate
-from sedeploy.int8 import quantize_model
+from sedeploy.quantize import CalibrationResult, calibrate
+from sedeploy.quantize import quantize_model
 from sedeploy.preprocess import Preprocess
 cal = calibrate(sys.argv[1], sys.argv[2], method="percentile", count=None, progress=False, cache_dir=sys.argv[4])
 quantize_model(sys.argv[1], cal, sys.argv[3], flavour="trt")
@@ -97,10 +97,10 @@ def main(argv=None) -> int:
     import onnxruntime
     import torch
 
-    from sedeploy.calibration import calibrate
+    from sedeploy.quantize import calibrate
     from sedeploy.export import export_onnx
     from sedeploy.fp16 import convert_fp16
-    from sedeploy.int8 import quantize_model
+    from sedeploy.quantize import quantize_model
     from sedeploy.model import build_model
     from sedeploy.preprocess import Preprocess, load_batch
 

@@ -12,7 +12,7 @@ Build (:func:`build_engine`): ``Core().read_model(artifact.onnx)`` → ``save_mo
 sidecar ``<stem>.ov.json`` (OpenVINO version, precision read from the graph, source sha256, CPU, threads, the
 inference-precision and performance hints). OpenVINO reads sedeploy's Q/DQ INT8 artifacts and turns them into
 int8 kernels with its low-precision transformations: ``.int8-ov.onnx`` (signed where negative, uint8 after ReLU;
-the form built by default, see :mod:`sedeploy.int8`) and ``.int8-trt.onnx`` (signed activations: slower and less faithful here). It
+the form built by default, see :mod:`sedeploy.quantize`) and ``.int8-trt.onnx`` (signed activations: slower and less faithful here). It
 does not read the ONNX Runtime QOperator form (``.int8-cpu.onnx``): that is refused with the ops it cannot convert.
 An FP32 artifact is read after one exact rewrite, :func:`sedeploy.passes.squeeze_first` (each bottleneck SE
 squeeze pools the expanding conv's input, a quarter of the channels; measured faster, see that module); the

@@ -77,12 +77,12 @@ def fp32_onnx_of(ref: EngineSpec) -> Path:
 def peer_calibration(fp32_onnx: Path, pp: Preprocess, folder: str | Path | None = None) -> tuple[np.ndarray, str]:
     """(N×3×S×S images, where they came from) for NNCF: ``folder`` when given (sedeploy's selection rule with its
     defaults), else exactly the images of the build recorded in ``manifest.json`` beside ``fp32_onnx``."""
-    from sedeploy import calibration
+    from sedeploy import quantize
     from sedeploy.preprocess import load_batch
 
     if folder is not None:
-        root, paths = calibration.select_images(folder, calibration.DEFAULT_COUNT, 0)
-        how = f"{len(paths)} images of {root} (sedeploy's selection: at most {calibration.DEFAULT_COUNT}, seed 0)"
+        root, paths = quantize.select_images(folder, quantize.DEFAULT_COUNT, 0)
+        how = f"{len(paths)} images of {root} (sedeploy's selection: at most {quantize.DEFAULT_COUNT}, seed 0)"
     else:
         build = fp32_onnx.parent
         present = Manifest.present(build)
@@ -95,7 +95,7 @@ def peer_calibration(fp32_onnx: Path, pp: Preprocess, folder: str | Path | None 
                                          "FP32 ONNX, or a calibration folder",
                                 fix="pass --peer-calib DIR (the images sedeploy calibrated on)")
         selected = int(calib["images"]) + len(calib.get("skipped") or [])
-        root, paths = calibration.select_images(calib["folder"], selected, int(calib.get("seed", 0)))
+        root, paths = quantize.select_images(calib["folder"], selected, int(calib.get("seed", 0)))
         how = (f"the {len(paths)} images sedeploy calibrated on ({calib['folder']}, seed {calib.get('seed', 0)}, "
                f"from {MANIFEST})")
     images, loaded = load_batch(paths, pp, what=f"peer calibration folder '{root}'")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sedeploy import calibration, fp16, int8
+from sedeploy import fp16, quantize
 from sedeploy.backends import BACKENDS, BUILD_CHOICES, EngineOptions, require
 from sedeploy.backends.tensorrt import require_trt, validate_profile
 from sedeploy.errors import SedeployError
@@ -35,12 +35,12 @@ class BuildOptions:
     fuse_se: bool = True
     backend: str = "auto"  # "auto": sedeploy.backends.default_cpu_backend() (OpenVINO when it imports, else ORT)
     calib: str | Path | None = None  # None: the shipped calib/ folder (said in the log)
-    calib_method: str | None = None  # None: calibration.DEFAULT_METHOD
-    calib_count: int | None = None  # None: calibration.DEFAULT_COUNT
+    calib_method: str | None = None  # None: quantize.DEFAULT_METHOD
+    calib_count: int | None = None  # None: quantize.DEFAULT_COUNT
     calib_seed: int = 0
     calib_batch: int | None = None
     calib_cache: str | Path | None = None
-    se_int8: str | None = None  # None: int8.DEFAULT_SE_POLICY
+    se_int8: str | None = None  # None: quantize.DEFAULT_SE_POLICY
     keep_fp32: str | None = None  # None: fp16.DEFAULT_KEEP_FP32
     preprocess: Preprocess | None = None  # None: from the model's metadata, else mmcls defaults at its input size
     progress: bool = True
@@ -96,15 +96,16 @@ def check_choices(opt: BuildOptions) -> str:
                             fix="pass --backend ort (ONNX Runtime, runs everywhere), trt (NVIDIA GPU), openvino "
                                 "(CPU) or none (portable artifacts only)")
     check_threads(opt.engine.threads)
-    check_positive(opt.calib_batch, "--calib-batch", f"omit it (default {calibration.DEFAULT_BATCH_SIZE})")
-    check_positive(opt.calib_count, "--calib-count", f"omit it (default {calibration.DEFAULT_COUNT})")
-    method = opt.calib_method or calibration.DEFAULT_METHOD
-    if method not in calibration.METHODS:
+    check_positive(opt.calib_batch, "--calib-batch", f"omit it (default {quantize.DEFAULT_BATCH_SIZE})")
+    check_positive(opt.calib_count, "--calib-count", f"omit it (default {quantize.DEFAULT_COUNT})")
+    method = opt.calib_method or quantize.DEFAULT_METHOD
+    if method not in quantize.METHODS:
         raise SedeployError(f"Unknown calibration method '{method}'.",
-                            expected=f"one of {', '.join(calibration.METHODS)}",
-                            fix=f"omit --calib-method (default {calibration.DEFAULT_METHOD})")
-    if opt.se_int8 is not None and opt.se_int8 not in int8.SE_POLICIES:
-        raise SedeployError(f"--se-int8 {opt.se_int8} is not valid.", expected=f"one of {', '.join(int8.SE_POLICIES)}")
+                            expected=f"one of {', '.join(quantize.METHODS)}",
+                            fix=f"omit --calib-method (default {quantize.DEFAULT_METHOD})")
+    if opt.se_int8 is not None and opt.se_int8 not in quantize.SE_POLICIES:
+        raise SedeployError(f"--se-int8 {opt.se_int8} is not valid.",
+                            expected=f"one of {', '.join(quantize.SE_POLICIES)}")
     if opt.keep_fp32 is not None:
         fp16.parse_keep_fp32(opt.keep_fp32)
         if not (opt.fp16 or opt.int8):
@@ -118,8 +119,8 @@ def check_calibration(opt: BuildOptions, method: str) -> None:
     """Enough calibration images for ``method`` (--calib, --calib-count) and a writable calibration cache."""
     if opt.calib is not None:
         found = find_images(opt.calib, what="calibration image folder (--calib)")
-        need = calibration.MIN_IMAGES[method]
-        usable = min(len(found.paths), opt.calib_count or calibration.DEFAULT_COUNT)
+        need = quantize.MIN_IMAGES[method]
+        usable = min(len(found.paths), opt.calib_count or quantize.DEFAULT_COUNT)
         if opt.int8 and usable < need:
             why = (f"--calib-count {opt.calib_count}" if opt.calib_count and opt.calib_count < len(found.paths)
                    else f"the calibration image folder (--calib) '{found.root}' holds {len(found.paths)}")
@@ -127,10 +128,10 @@ def check_calibration(opt: BuildOptions, method: str) -> None:
                                 expected=f"{need} or more calibration images for {method}",
                                 fix=f"add images to the folder, raise --calib-count to ≥ {need}, or use "
                                     "--calib-method minmax")
-    elif opt.int8 and opt.calib_count is not None and opt.calib_count < calibration.MIN_IMAGES[method]:
+    elif opt.int8 and opt.calib_count is not None and opt.calib_count < quantize.MIN_IMAGES[method]:
         raise SedeployError(f"--calib-count {opt.calib_count} is below what calibration method '{method}' needs "
-                            f"({calibration.MIN_IMAGES[method]} images).",
-                            fix=f"raise --calib-count to ≥ {calibration.MIN_IMAGES[method]}, or use "
+                            f"({quantize.MIN_IMAGES[method]} images).",
+                            fix=f"raise --calib-count to ≥ {quantize.MIN_IMAGES[method]}, or use "
                                 "--calib-method minmax")
     if opt.int8:
         check_cache_location(opt.calib_cache)
@@ -194,7 +195,7 @@ def check_cache_location(pinned: str | Path | None) -> None:
     if pinned is not None:
         check_file_target(pinned, "calibration cache file (--calib-cache)")
         return
-    folder = calibration.default_cache_dir()
+    folder = quantize.default_cache_dir()
     ensure_writable_dir(folder, "calibration cache folder",
                         fix="set SEDEPLOY_CACHE to a writable folder, or pass --calib-cache FILE")
     clean_stale_partials(folder, older_than=time.time(), locked=False)

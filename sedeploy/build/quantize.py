@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from sedeploy import calibration, int8, int8_check
+from sedeploy import int8_check, quantize
 from sedeploy.artifacts import Artifact, artifact_path
 from sedeploy.build.inputs import default_calib_dir
 from sedeploy.build.options import BuildOptions, budget_of
@@ -57,15 +57,15 @@ def int8_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Pre
         res.int8_pending = {"images": held_x, "what": held_what, "pp": pp}
     else:
         held = int8_check.plan(folder, val=opt.val, count=opt.calib_count, seed=opt.calib_seed,
-                               method=opt.calib_method or calibration.DEFAULT_METHOD)
+                               method=opt.calib_method or quantize.DEFAULT_METHOD)
         res.int8_pending = {"held": held, "pp": pp}
         if isinstance(held, int8_check.HeldOut):
             exclude = held.exclude
     t0 = time.perf_counter()
     kwargs = {k: v for k, v in {"method": opt.calib_method, "count": opt.calib_count,
                                 "batch_size": opt.calib_batch}.items() if v is not None}
-    calib = calibration.calibrate(fp32_path, folder, seed=opt.calib_seed, cache_path=opt.calib_cache,
-                                  progress=opt.progress, preprocess=pp, exclude=exclude, **kwargs)
+    calib = quantize.calibrate(fp32_path, folder, seed=opt.calib_seed, cache_path=opt.calib_cache,
+                               progress=opt.progress, preprocess=pp, exclude=exclude, **kwargs)
     res.timings["calibrate_s"] = round(time.perf_counter() - t0, 2)
     res.calibration = {"folder": str(folder), "images": len(calib.images), "skipped": list(calib.skipped),
                        "method": calib.method, "params": calib.params, "seed": opt.calib_seed,
@@ -75,7 +75,7 @@ def int8_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Pre
         res.calibration["computed_seconds"] = calib.seconds  # what the cached run took
     if budget is None and not isinstance(res.int8_pending["held"], str):
         confirm_unseen(res.int8_pending["held"], calib.images)
-    se = int8.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
+    se = quantize.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
     # the OpenVINO form only when OpenVINO engines are built (ORT and TensorRT have their own forms)
     for flavour in ("trt", "cpu", *(("ov",) if opt.backend == "openvino" else ())):
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def int8_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Pre
                                               order=opt.fallback_order or DEFAULT_FALLBACK_ORDER)
             res.int8_budget["flavours"][flavour] = brep.as_dict()
         else:
-            report = int8.quantize_model(fp32_path, calib, path, flavour=flavour, se=se, keep_fp32=keep)
+            report = quantize.quantize_model(fp32_path, calib, path, flavour=flavour, se=se, keep_fp32=keep)
         entry = Artifact(path, "int8", flavour, report.as_dict())
         if flavour == "trt":
             check = check_trt_qdq(str(path))
