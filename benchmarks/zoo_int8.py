@@ -11,7 +11,7 @@ build-engine does before anything else); every form and the FP32 reference use t
 - ``int8-ov``: :func:`sedeploy.quantize.quantize_model` flavour ``ov``, run by OpenVINO (CPU plugin);
 - ``int8-cpu``: flavour ``cpu`` (QOperator), run by ONNX Runtime CPU;
 - ``int8-trt``: flavour ``trt`` (Q/DQ inside the FP16 graph), run by ONNX Runtime CPU (no TensorRT here; ORT
-  executes that graph, facts §4);
+  executes that graph);
 - ``nncf``: ``nncf.quantize`` with its default preset on the same calibration images, run by OpenVINO.
 
 ``--ov-isa AVX2`` caps OpenVINO's kernels at AVX2 (``ONEDNN_MAX_CPU_ISA``, set before OpenVINO loads), i.e. what a

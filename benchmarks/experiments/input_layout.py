@@ -11,7 +11,7 @@ Forms of one NHWC model (e.g. tf2onnx's default export, input 1×224×224×3):
 - ``nchw+T``: the NHWC graph with one Transpose (NCHW→NHWC) added in front (what :func:`nchw_input` does when the
   graph does not start with the converter's Transpose).
 
-    python benchmarks/input_layout.py ../shared/data/models/mobilenet_v1_0.25_224_tf2onnx.onnx --threads 1 --rounds 200
+    python benchmarks/experiments/input_layout.py ../shared/data/models/mobilenet_v1_0.25_224_tf2onnx.onnx --threads 1 --rounds 200
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+REPO = Path(__file__).resolve().parents[2]  # this script lives in benchmarks/experiments/
+sys.path.insert(0, str(REPO))
 
 
 def _added_transpose(proto):
