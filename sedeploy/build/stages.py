@@ -73,13 +73,21 @@ def fuse_stage(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, r
     return fp32_path
 
 
-def dynamic_batch(proto, opt: BuildOptions, res: BuildResult):
-    """--dynamic-batch: the model with its fixed batch renamed to N, or a clear refusal (nothing is written)."""
+def dynamic_batch(proto, opt: BuildOptions, res: BuildResult, *, early: bool = False):
+    """--dynamic-batch: the model with its fixed batch renamed to N, or a clear refusal (nothing is written).
+
+    ``early``: the input graph, before canonicalisation folds ``Shape(input)`` into the literal batch (a
+    batch-generic ``x.view(x.size(0), -1)`` stays generic only there); when it cannot be made dynamic yet, it is
+    returned as is and the SE-fused graph is tried again (SE fusion removes batch-dependent SE reshapes)."""
+    if "→" in str((res.shapes or {}).get("batch_handling") or ""):
+        return proto  # made dynamic already (early)
     if not opt.dynamic_batch or not (res.shapes or {}).get("static_batch"):
-        if opt.dynamic_batch:
+        if opt.dynamic_batch and not early:
             res.notes.append("--dynamic-batch: the batch is already dynamic")
         return proto
     dyn, why = make_batch_dynamic(proto)
+    if dyn is None and early:
+        return proto
     if dyn is None:
         raise SedeployError(f"--dynamic-batch: the batch of '{res.source}' cannot be made dynamic safely: {why}.",
                             expected="a graph without batch-dependent constants (after SE fusion)",
