@@ -529,3 +529,22 @@ def test_a_second_bench_into_the_same_results_folder_is_refused(tiny_pair, tmp_p
     assert "--out DIR" in str(err.value) and not any(out.iterdir())
     run_bench([fp32], batches=(1,), out_dir=out, torch_baseline=False, plots=False, **FAST)
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md"]
+
+
+def test_1001_outputs_without_an_offset_hint_at_label_offset_1(tmp_path):
+    from PIL import Image
+
+    from flatten_model import flatten_classifier
+
+    src = flatten_classifier(tmp_path / "bg.onnx", classes=1001, size=32)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"{k}.png")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0.png\t3\n1.png\t7\n")
+    res = run_bench([src], batches=(1,), images=root, labels=labels, torch_baseline=False, **FAST)
+    assert any(n.startswith("WARNING") and "--label-offset 1" in n for n in res["notes"]), res["notes"]
+    res = run_bench([src], batches=(1,), images=root, labels=labels, torch_baseline=False, label_offset=1, **FAST)
+    assert not any("--label-offset 1" in n for n in res["notes"]), res["notes"]
