@@ -17,6 +17,7 @@ from sedeploy.build.source import reference_outputs
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.onnxcore import META, run_model, save_onnx, set_metadata
 from sedeploy.passes import fuse_se_blocks, make_batch_dynamic
+from sedeploy.passes.canonical import canonicalize
 from sedeploy.preprocess import Preprocess
 
 
@@ -85,7 +86,9 @@ def dynamic_batch(proto, opt: BuildOptions, res: BuildResult, *, early: bool = F
         if opt.dynamic_batch and not early:
             res.notes.append("--dynamic-batch: the batch is already dynamic")
         return proto
-    dyn, why = make_batch_dynamic(proto)
+    # early: proven on the canonical form of the renamed graph (constant subgraphs folded, Shape(input) kept)
+    dyn, why = make_batch_dynamic(proto, normalize=(lambda m: canonicalize(m, label=res.source)[0]) if early
+                                  else None)
     if dyn is None and early:
         return proto
     if dyn is None:

@@ -124,9 +124,13 @@ def batch_dependence(model) -> str | None:
     return None
 
 
-def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, str]:
+def make_batch_dynamic(model, *, check_batch: int = 3, normalize=None) -> tuple[object | None, str]:
     """(copy of ``model`` with the batch dimension named ``N``, how it was proven) when safe, else (None, reason).
-    ``model`` must have one input with a fixed batch (see the module docstring)."""
+    ``model`` must have one input with a fixed batch (see the module docstring).
+
+    ``normalize``: a function of a model returning the model it is checked as (e.g. its canonical form, with
+    constant subgraphs folded): the renamed copy is normalized, then proven; the renamed copy is returned. Renaming
+    first keeps ``Shape(input)`` symbolic, so a graph that reads the batch from its input stays batch-generic."""
     import onnx
 
     from sedeploy.onnxcore import image_input, run_model
@@ -134,9 +138,6 @@ def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, s
     inp = image_input(model, path="the model")
     if not inp.static_batch:
         return None, "the batch is already dynamic"
-    why = batch_dependence(model)
-    if why is not None:
-        return None, why
     dyn = onnx.ModelProto()
     dyn.CopyFrom(model)
     for vi in [*dyn.graph.input, *dyn.graph.output]:
@@ -144,11 +145,15 @@ def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, s
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value == inp.static_batch:
             dims[0].dim_param = "N"
     del dyn.graph.value_info[:]  # inferred shapes of the fixed model would pin the batch again
+    checked = dyn if normalize is None else normalize(dyn)
+    why = batch_dependence(checked)
+    if why is not None:
+        return None, why
     from sedeploy.preprocess import smooth_noise
 
     x = smooth_noise(check_batch, (inp.height, inp.width), seed=11)
     ref = run_model(model, x)  # chunked at the fixed batch
-    got = run_model(dyn, x)
+    got = run_model(checked, x)
     diff = float(np.abs(ref - got).max()) if ref.shape == got.shape else float("inf")
     tol = 1e-5 * max(1.0, float(np.abs(ref).max()))
     if not diff <= tol:
