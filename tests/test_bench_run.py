@@ -222,9 +222,54 @@ def test_static_batch(tiny_model, tmp_path, calib_dir):
     with pytest.raises(SedeployError, match=r"Batch size 1, 8 does not fit 'static', which has a static batch "
                                             r"of 2"):
         run_bench([static], batches=(1, 2, 8), **FAST)
+    with pytest.raises(SedeployError, match="--dynamic-batch"):  # the fix names the option that makes it dynamic
+        run_bench([static], batches=(1,), **FAST)
     # the accuracy pass pads the last chunk for a static-batch engine (5 images, batch 2)
     res = run_bench([static], batches=(2,), images=calib_dir, image_limit=5, torch_baseline=False, **FAST)
     assert res["engines"][0]["accuracy"]["n_images"] == 5 and res["complete"]
+    # no --batch: the engine's fixed batch is timed, and a note says so
+    res = run_bench([static], torch_baseline=False, **FAST)
+    assert list(res["engines"][0]["batch"]) in ([2], ["2"]), res["engines"][0]["batch"].keys()
+    assert any("fixed batch" in n and "Batch 2 only" in n for n in res["notes"]), res["notes"]
+
+
+def test_engines_with_different_fixed_batches_are_refused_naming_each(tiny_model, tmp_path):
+    from sedeploy.export import export_onnx
+
+    a = export_onnx(tiny_model, tmp_path / "a" / "tiny.onnx", dynamic_batch=False, batch_size=2, input_size=32,
+                    opset=17)
+    b = export_onnx(tiny_model, tmp_path / "b" / "tiny3.onnx", dynamic_batch=False, batch_size=3, input_size=32,
+                    opset=17)
+    with pytest.raises(SedeployError, match=r"different fixed batches: tiny \(batch 2\), tiny3 \(batch 3\)"):
+        run_bench([a, b], reference="tiny", torch_baseline=False, **FAST)
+
+
+def _with_offset(src: Path, dest: Path, offset: int) -> Path:
+    import onnx
+
+    from sedeploy.onnxcore import META, set_metadata
+
+    proto = onnx.load(str(src))
+    set_metadata(proto, {META.LABEL_OFFSET: offset})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(dest))
+    return dest
+
+
+def test_label_offset_recorded_by_the_build_is_used(tiny_pair, tmp_path):
+    fp32, fp16 = tiny_pair
+    assert run_bench([fp32], batches=(1,), torch_baseline=False, **FAST)["config"]["label_offset"] == 0
+    one = _with_offset(fp32, tmp_path / "one" / "tiny.fp32.onnx", 1)
+    res = run_bench([one], batches=(1,), torch_baseline=False, **FAST)
+    assert res["config"]["label_offset"] == 1 and not any("label offset" in n for n in res["notes"])
+    # an explicit --label-offset wins, with a warning naming both
+    res = run_bench([one], batches=(1,), torch_baseline=False, label_offset=0, **FAST)
+    assert res["config"]["label_offset"] == 0
+    assert any(n.startswith("WARNING") and "--label-offset 0" in n and "offset 1" in n for n in res["notes"])
+    # engines recording different offsets are not one build
+    zero = _with_offset(fp16, tmp_path / "one" / "tiny.fp16.onnx", 0)
+    with pytest.raises(SedeployError, match="different label offsets"):
+        run_bench([one, zero], batches=(1,), torch_baseline=False, **FAST)
 
 
 def test_bad_inputs_are_refused_before_measuring(tiny_pair, tmp_path, calib_dir, shared_data):
@@ -484,3 +529,22 @@ def test_a_second_bench_into_the_same_results_folder_is_refused(tiny_pair, tmp_p
     assert "--out DIR" in str(err.value) and not any(out.iterdir())
     run_bench([fp32], batches=(1,), out_dir=out, torch_baseline=False, plots=False, **FAST)
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md"]
+
+
+def test_1001_outputs_without_an_offset_hint_at_label_offset_1(tmp_path):
+    from PIL import Image
+
+    from flatten_model import flatten_classifier
+
+    src = flatten_classifier(tmp_path / "bg.onnx", classes=1001, size=32)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"{k}.png")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0.png\t3\n1.png\t7\n")
+    res = run_bench([src], batches=(1,), images=root, labels=labels, torch_baseline=False, **FAST)
+    assert any(n.startswith("WARNING") and "--label-offset 1" in n for n in res["notes"]), res["notes"]
+    res = run_bench([src], batches=(1,), images=root, labels=labels, torch_baseline=False, label_offset=1, **FAST)
+    assert not any("--label-offset 1" in n for n in res["notes"]), res["notes"]

@@ -480,6 +480,52 @@ def test_one_channel_and_uint8_input_models_are_refused(tmp_path):
     assert "1 channel(s)" in one_error(cli("bench", gray, "--no-probe"))
 
 
+def test_output_without_a_declared_shape_is_inferred(tmp_path):
+    from flatten_model import flatten_classifier
+
+    src = flatten_classifier(tmp_path / "noshape.onnx", declare_output=False)
+    res = _build(src, tmp_path / "eng")
+    assert res.shapes["output"] and res.engines
+
+
+def test_float16_input_to_float32_compute_is_refused_as_such(tmp_path):
+    from flatten_model import flatten_classifier
+    from sedeploy.artifacts import Artifact
+
+    src = flatten_classifier(tmp_path / "half_in.onnx", fp16_input=True)
+    assert Artifact.from_file(src).precision == "fp32"  # precision is the compute's, not the input's dtype
+    err = one_error(cli("build-engine", src, "-o", tmp_path / "eng", "--backend", "ort"))
+    assert "input 'x' is float16" in err and "float32" in err and "Fix:" in err
+    assert "already an FP16" not in err and not (tmp_path / "eng").exists()
+
+
+def test_one_output_model_is_refused_with_a_fix(tmp_path):
+    from flatten_model import flatten_classifier
+
+    src = flatten_classifier(tmp_path / "one.onnx", classes=1)
+    err = one_error(cli("build-engine", src, "-o", tmp_path / "eng"))
+    assert "1 output class" in err and "Fix:" in err
+
+
+def test_normalisation_error_names_the_channel_order_given(tmp_path):
+    from flatten_model import flatten_classifier
+
+    src = flatten_classifier(tmp_path / "m.onnx")
+    err = one_error(cli("build-engine", src, "-o", tmp_path / "eng", "--channel-order", "bgr", "--std", "1,2"))
+    assert "(B,G,R)" in err and "R,G,B" not in err
+    err = one_error(cli("build-engine", src, "-o", tmp_path / "eng", "--std", "1,2"))
+    assert "(R,G,B)" in err
+
+
+def test_warnings_print_once_as_warnings_in_the_summary():
+    from sedeploy.build.result import BuildResult, format_result
+
+    res = BuildResult(source="m.onnx", out_dir="eng", notes=["WARNING: INT8 agreement not measured", "plain"])
+    text = format_result(res)
+    assert "warning: INT8 agreement not measured" in text and "note: plain" in text
+    assert "WARNING" not in text
+
+
 def test_inspect_of_an_empty_file_fails(tmp_path):
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")

@@ -239,3 +239,51 @@ def test_inspect_passes_trt_flavour_and_fails_a_corrupted_one(built, tmp_path):
     r = CliRunner().invoke(cli, ["inspect", str(cpu)])
     assert r.exit_code == 3 and "int8-cpu artifact, the form for ONNX Runtime" in r.output
     assert ".int8-trt.onnx artifact the same build wrote" in r.output and "rebuild it" not in r.output
+
+
+def test_label_offset_travels_with_every_artifact_and_the_manifest(tiny_onnx, calib_dir, tmp_path):
+    from sedeploy.onnxcore import META, get_metadata, load_onnx
+
+    out = tmp_path / "eng"
+    res = build_engines(tiny_onnx, out, BuildOptions.from_flat(backend="ort", fp16=True, int8=True, calib=calib_dir,
+                                                               calib_count=16, label_offset=1, progress=False))
+    onnx_files = sorted(out.glob("*.onnx"))
+    assert len(onnx_files) >= 3, onnx_files  # FP32, FP16, INT8 artifacts and the ORT engines
+    for f in onnx_files:
+        assert int(get_metadata(load_onnx(f, weights=False, check=False))[META.LABEL_OFFSET]) == 1, f.name
+    assert json.loads((out / "manifest.json").read_text())["label_offset"] == 1 == res.label_offset
+    # not given: nothing recorded (bench then scores with its own --label-offset, default 0)
+    res = build_engines(tiny_onnx, tmp_path / "plain", BuildOptions.from_flat(backend="ort", progress=False))
+    assert res.label_offset is None
+    assert META.LABEL_OFFSET not in get_metadata(load_onnx(res.artifacts[0].path, weights=False, check=False))
+
+
+@pytest.mark.parametrize("offset", [10, 5000])
+def test_label_offset_beyond_the_outputs_is_refused_before_any_work(tiny_onnx, tmp_path, offset):
+    with pytest.raises(SedeployError, match=rf"--label-offset {offset} is not valid .* has 10 outputs"):
+        build_engines(tiny_onnx, tmp_path / "eng", BuildOptions.from_flat(backend="ort", label_offset=offset))
+    assert not (tmp_path / "eng").exists()
+
+
+def test_dynamic_batch_keeps_a_batch_generic_flatten(tmp_path):
+    """torch's ``x.view(x.size(0), -1)`` (Shape → Gather → Concat → Reshape) at a fixed batch: --dynamic-batch
+    makes the batch dynamic before canonicalisation folds Shape(input) into the literal batch."""
+    from flatten_model import flatten_classifier
+
+    src = flatten_classifier(tmp_path / "flat.onnx", batch=4)
+    res = build_engines(src, tmp_path / "eng", BuildOptions.from_flat(backend="ort", dynamic_batch=True,
+                                                                      progress=False))
+    assert res.shapes["static_batch"] is None and "fixed batch 4 →" in res.shapes["batch_handling"]
+    x = np.random.default_rng(0).random((7, 3, 16, 16), dtype=np.float32)
+    xp = np.concatenate([x, x[:1]])  # the fixed-batch model, run in chunks of 4
+    fixed = np.concatenate([_logits(src, xp[:4]), _logits(src, xp[4:])])[:7]
+    for a in res.artifacts:
+        got = _logits(a.path, x)
+        assert got.shape == (7, 10)
+        np.testing.assert_allclose(got, fixed, rtol=1e-4, atol=1e-5)
+    # a literal batch in the target is still refused, with the reason
+    from sedeploy.passes import make_batch_dynamic
+    from sedeploy.passes.canonical import canonicalize
+
+    folded, _ = canonicalize(onnx.load(str(src)), label="flat")
+    assert make_batch_dynamic(folded)[0] is None

@@ -308,9 +308,57 @@ def check_batches(specs: list[EngineSpec], batch_sizes: Sequence[int]) -> None:
                     else f"has a TensorRT optimization profile up to batch {s.max_batch}")
             raise SedeployError(f"Batch size {', '.join(map(str, bad))} does not fit '{s.name}', which {what}.",
                                 expected=f"batch sizes {'=' if static else '≤'} {s.max_batch} for this engine",
-                                fix=f"pass --batch {s.max_batch}, or rebuild the engine "
-                                    + ("exported with a dynamic batch" if static
-                                       else f"with a --trt-profile MIN,OPT,MAX covering {max(bad)}"))
+                                fix=f"pass --batch {s.max_batch}, or rebuild the engine with `sedeploy build-engine "
+                                    + ("--dynamic-batch`" if static
+                                       else f"--trt-profile MIN,OPT,MAX` covering {max(bad)}"))
+
+
+def label_offset_for(specs: list[EngineSpec], given: int | None) -> tuple[int, str | None]:
+    """The label offset to score with, and a warning when ``given`` (--label-offset) contradicts what the engines
+    record (``build-engine --label-offset``, metadata :data:`META.LABEL_OFFSET`): the given one wins. Engines that
+    record different offsets are refused, naming each."""
+    recorded = {s.name: int(s.meta[META.LABEL_OFFSET]) for s in specs if s.meta.get(META.LABEL_OFFSET) is not None}
+    if len(set(recorded.values())) > 1:
+        raise SedeployError("These engines record different label offsets: "
+                            + ", ".join(f"{n} (--label-offset {o})" for n, o in recorded.items()) + ".",
+                            expected="the engines of one build (one label offset)",
+                            fix="benchmark the engines of one `sedeploy build-engine` call, or rebuild them with "
+                                "the same --label-offset")
+    stored = next(iter(recorded.values()), None)
+    if given is None:
+        return (stored or 0), None
+    if stored is not None and stored != given:
+        return given, (f"--label-offset {given} overrides the label offset {stored} the engines were built with "
+                       f"({', '.join(recorded)}); top-1 is scored with {given}.")
+    return given, None
+
+
+def choose_batches(specs: list[EngineSpec], given: Sequence[int] | None,
+                   default: Sequence[int]) -> tuple[list[int], str | None]:
+    """The batch sizes to time, and a note saying why when they are not the ones asked for. ``given`` (--batch)
+    must fit every engine (:func:`check_batches`). Without it: ``default``, or the fixed batch the engines share
+    (engines with different fixed batches are refused, naming each); sizes beyond a TensorRT profile are dropped."""
+    if given is not None:
+        check_batches(specs, given)
+        return list(given), None
+    fixed = {s.name: s.static_batch for s in specs if s.static_batch is not None}
+    if len(set(fixed.values())) > 1:
+        raise SedeployError("These engines have different fixed batches: "
+                            + ", ".join(f"{n} (batch {b})" for n, b in fixed.items()) + ".",
+                            expected="engines with one fixed batch (or a dynamic one) to time at the same batch sizes",
+                            fix="benchmark them in separate runs, or rebuild them with `sedeploy build-engine "
+                                "--dynamic-batch`")
+    if fixed:
+        batch = next(iter(fixed.values()))
+        check_batches(specs, [batch])
+        return [batch], (f"Batch {batch} only: the engines' fixed batch ({', '.join(fixed)}); --batch was not given "
+                         "(`sedeploy build-engine --dynamic-batch` makes the batch dynamic).")
+    top = min((s.max_batch for s in specs if s.max_batch is not None), default=None)
+    if top is None or max(default) <= top:
+        return list(default), None
+    sizes = [b for b in default if b <= top] or [top]
+    return sizes, (f"Batch {', '.join(map(str, sizes))}: the engines' TensorRT profile ends at batch {top}; "
+                   "--batch was not given.")
 
 
 def start_runner(spec: EngineSpec, *, threads: int | None, providers=None, optimization: str = "all") -> Runner:

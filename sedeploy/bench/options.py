@@ -25,7 +25,7 @@ class BenchOptions:
     engines: Sequence[str | Path] = ()
     images: str | Path | None = None
     labels: str | Path | None = None
-    batches: Sequence[int] = DEFAULT_BATCHES
+    batches: Sequence[int] | None = None  # None: DEFAULT_BATCHES, or the engines' fixed batch
     threads: int | None = None
     warmup: int = 3
     repeats: int = 20
@@ -47,7 +47,7 @@ class BenchOptions:
     providers: Any = None
     optimization: str = "all"
     settle: int = 1
-    label_offset: int = 0
+    label_offset: int | None = None  # None: the offset the engines record (build-engine --label-offset), else 0
     peers: bool = False
     peer_calib: str | Path | None = None
 
@@ -59,7 +59,8 @@ class BenchOptions:
     def check(self) -> list[int]:
         """Refuse bad options (one error naming the option); returns the batch sizes as a list."""
         repeats = self.repeats
-        sizes = check_timing_config(self.batches, self.warmup, repeats, min(3, repeats) if repeats >= 1 else 1, None)
+        sizes = check_timing_config(DEFAULT_BATCHES if self.batches is None else self.batches, self.warmup, repeats,
+                                    min(3, repeats) if repeats >= 1 else 1, None)
         drop, agree = self.max_top1_drop, self.min_agreement
         if drop is not None and not (isinstance(drop, (int, float)) and drop >= 0):
             raise SedeployError(f"--max-top1-drop {drop}.", expected="percentage points ≥ 0, e.g. 0.5")

@@ -90,6 +90,7 @@ class _Job:
     infos: list[EngineInfo] = field(default_factory=list)
     peer_rows: dict[str, str] = field(default_factory=dict)
     num_classes: int = 0
+    label_offset: int = 0  # model output k + offset is dataset class k (given, else recorded by build-engine)
     lab: Any = None  # labels.Labels, or None
     head: np.ndarray | None = None  # the first images that decode: the timing pool and the PyTorch check
     config: dict[str, Any] = field(default_factory=dict)
@@ -98,13 +99,13 @@ class _Job:
 
 
 def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None, labels: str | Path | None = None,
-              batches: Sequence[int] = DEFAULT_BATCHES, threads: int | None = None, warmup: int = 3,
+              batches: Sequence[int] | None = None, threads: int | None = None, warmup: int = 3,
               repeats: int = 20, max_seconds: float | None = None, reference: str | None = None,
               torch_baseline: bool = True, checkpoint: str | None = None, compare_plain: bool = False,
               probe: bool = True, probe_seconds: float = 2.0, out_dir: str | Path | None = None, plots: bool = True,
               progress: bool = True, max_top1_drop: float | None = None, min_agreement: float | None = None,
               image_limit: int | None = None, eval_batch: int = 32, synsets: str | Path | None = None,
-              providers=None, optimization: str = "all", settle: int = 1, label_offset: int = 0,
+              providers=None, optimization: str = "all", settle: int = 1, label_offset: int | None = None,
               peers: bool = False, peer_calib: str | Path | None = None) -> dict[str, Any]:
     """Benchmark ``engines`` (files, or ``build-engine`` output folders) and return the results dict
     (:mod:`sedeploy.bench.report` schema, plus ``notes``, ``gate``, ``flops`` and ``se_cost``).
@@ -114,7 +115,9 @@ def run_bench(engines: Sequence[str | Path], *, images: str | Path | None = None
     (default: the one FP32 engine). ``torch_baseline``: time PyTorch eager FP32 of the same network (rebuilt from
     the ONNX metadata or ``checkpoint``; skipped with the reason in ``notes`` when it cannot be).
     ``compare_plain``: also time the same depth without SE. ``probe``: measure the GEMM ceilings.
-    ``label_offset``: model output k + offset is dataset class k (1001-class models with a background class: 1).
+    ``batches``: None is :data:`DEFAULT_BATCHES`, or the engines' fixed batch when they have one.
+    ``label_offset``: model output k + offset is dataset class k (1001-class models with a background class: 1);
+    None: the offset the engines record (``build-engine --label-offset``), else 0.
     A reference whose graph ends in Softmax is compared on log-probabilities (softmax(log p) = p, so agreement
     and KL keep their meaning; said in ``notes``). ``peers``: also time and score OpenVINO FP32 and OpenVINO + NNCF
     INT8 of the reference's FP32 ONNX (:mod:`sedeploy.bench.peers`; NNCF calibrates on the build's images, or on
@@ -186,10 +189,15 @@ def _describe(opts: BenchOptions, out: Path | None, sizes: list[int]) -> _Job:
     ref = E.pick_reference(specs, opts.reference)
     specs.sort(key=lambda s: s is not ref)  # the reference first: tables read from it
     E.check_same_model(specs, ref)
-    E.check_batches(specs, sizes)
     notes = ["Timings were taken interleaved (round-robin, rotated order): compare engines by their ratios; "
              "absolute figures depend on the machine's load (see machine.loadavg)."]
-    job = _Job(opts, out, sizes, threads, specs, ref, E.preprocess_for(ref), notes)
+    sizes, why = E.choose_batches(specs, None if opts.batches is None else sizes, DEFAULT_BATCHES)
+    if why:
+        notes.append(why)
+    offset, clash = E.label_offset_for(specs, opts.label_offset)
+    if clash:  # printed once, with the notes
+        notes.append(f"WARNING: {clash}")
+    job = _Job(opts, out, sizes, threads, specs, ref, E.preprocess_for(ref), notes, label_offset=offset)
     if opts.labels is not None:  # a bad labels file is reported before any engine is opened
         read_labels_file(opts.labels)
     if opts.synsets is not None:
@@ -263,7 +271,11 @@ def _resolve_labels(job: _Job) -> None:
     if found is not None:
         job.lab = resolve_labels_offset(found.paths, found.root, num_classes=job.num_classes,
                                         labels_file=opts.labels, synsets=opts.synsets,
-                                        label_offset=opts.label_offset)
+                                        label_offset=job.label_offset)
+        if job.lab is not None and job.num_classes == 1001 and not job.label_offset:
+            hint = ("The model has 1001 outputs and no label offset was given or recorded: if output 0 is a "
+                    "background class, top-1 is scored against the wrong classes; pass --label-offset 1.")
+            job.notes.append(f"WARNING: {hint}")
         if job.lab is None and opts.max_top1_drop is not None:
             raise SedeployError(f"--max-top1-drop needs labels, but '{found.root}' is a flat folder without a "
                                 "labels file.", fix="pass --labels FILE (file<TAB>class index), or gate on "
@@ -281,6 +293,7 @@ def _config(job: _Job) -> dict[str, Any]:
             "preprocess": job.pp.as_dict(), "max_top1_drop_pts": o.max_top1_drop, "min_agreement_pct": o.min_agreement,
             "optimization": o.optimization, "torch_baseline": o.torch_baseline, "compare_plain": o.compare_plain,
             "weights": str(job.ref.meta.get(META.WEIGHTS) or "unknown (not recorded in the model)"),
+            "label_offset": job.label_offset,
             "peers": job.peer_rows or None}
 
 
@@ -360,7 +373,7 @@ def _score(job: _Job) -> None:
         # labels of the images that decode (as if the folder had been decoded whole), then of those scored
         lab = resolve_labels_offset([p for p in found.paths if p not in bad], found.root,
                                     num_classes=job.num_classes, labels_file=opts.labels, synsets=opts.synsets,
-                                    label_offset=opts.label_offset)
+                                    label_offset=job.label_offset)
         job.lab = lab = dataclasses.replace(lab, indices=lab.indices[:len(scored)])
     if scored:
         job.state["accuracy"] = {n: {**d.result(lab.indices if lab is not None else None), "reference": ref.name}

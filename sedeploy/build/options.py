@@ -50,7 +50,7 @@ class BuildOptions:
     budget_confidence: float | None = None  # meet the budget with one-sided bounds at this confidence
     fallback_order: str | None = None  # sedeploy.int8_budget.FALLBACK_ORDERS; None: its default
     val: str | Path | None = None  # held-out images; None: a seeded split of the calibration folder
-    label_offset: int = 0  # model output k + offset is dataset class k (1001-class models: 1)
+    label_offset: int | None = None  # model output k + offset is dataset class k (1001-class models: 1); recorded
     max_fallback: int | None = None  # most layers allowed back in float
     dynamic_batch: bool = False  # a fixed-batch model: make the batch dynamic (refused with the reason if unsafe)
     input_shape: tuple[int, int] | None = None  # (H, W) pinning a model's dynamic height and width
@@ -161,13 +161,25 @@ def check_int8_checks(opt: BuildOptions) -> None:
     check_warn_agreement(opt.warn_agreement)
     if opt.max_fallback is not None and opt.max_fallback < 0:
         raise SedeployError(f"--max-fallback {opt.max_fallback} is not valid.", expected="a whole number ≥ 0")
-    if opt.label_offset < 0:
-        raise SedeployError(f"--label-offset {opt.label_offset} is not valid.", expected="a whole number ≥ 0",
-                            fix="pass 1 for 1001-class models with a background class at index 0")
+    check_label_offset(opt.label_offset, None)
     if budget:
         budget_of(opt)  # validates before any work
     if opt.fallback_order is not None:
         check_fallback_order(opt.fallback_order)
+
+
+def check_label_offset(offset: int | None, classes: int | None, *, path: str = "the model") -> None:
+    """``--label-offset``: 0 ≤ offset < the model's number of outputs (``classes``; None: unknown yet)."""
+    if offset is None:
+        return
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise SedeployError(f"--label-offset {offset!r} is not valid.", expected="a whole number ≥ 0",
+                            fix="pass 1 for 1001-class models with a background class at index 0")
+    if classes is not None and offset >= classes:
+        raise SedeployError(f"--label-offset {offset} is not valid for '{path}', which has {classes} outputs.",
+                            expected=f"0 ≤ offset < {classes} (model output k + offset is dataset class k)",
+                            fix="pass 1 for 1001-class models with a background class at index 0, else drop "
+                                "--label-offset")
 
 
 def check_engine(engine: EngineOptions, backend: str) -> None:

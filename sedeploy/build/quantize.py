@@ -33,8 +33,12 @@ def heldout_images(opt: BuildOptions, folder: Path, pp: Preprocess, num_classes:
         root, paths, exclude = heldout_split(folder, seed=opt.calib_seed)
         what = f"{len(paths)} images held out of --calib {root} (seeded split; not calibrated on)"
     images, loaded = load_batch(paths, pp, progress=opt.progress, what=f"held-out image folder '{root}'")
-    labels = resolve_labels_offset(loaded, root, num_classes=num_classes, label_offset=opt.label_offset) \
+    labels = resolve_labels_offset(loaded, root, num_classes=num_classes, label_offset=opt.label_offset or 0) \
         if any(len(p.relative_to(root).parts) > 1 for p in loaded) else None
+    if labels is not None and num_classes == 1001 and opt.label_offset is None:
+        log.warning("The model has 1001 outputs and no --label-offset was given: if output 0 is a background "
+                    "class, pass --label-offset 1 (top-1 of the held-out images is scored against the wrong "
+                    "classes otherwise).")
     return images, None if labels is None else labels.indices, exclude, what
 
 

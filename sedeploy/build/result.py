@@ -18,6 +18,7 @@ class BuildResult:
     source: str
     out_dir: str
     weights: str | None = None  # from the model's metadata: "random (seed 0)", "mmcls checkpoint x.pth (…)"
+    label_offset: int | None = None  # --label-offset (also in every artifact's metadata); None: not given
     se_blocks_found: int | None = None
     se_blocks_fused: int | None = None
     fusion: dict[str, Any] | None = None
@@ -122,7 +123,8 @@ def format_result(res: BuildResult) -> str:
                          + (f"  (fallback: {BACKENDS[fb['backend']].label} cannot compile {fb['artifact']}: "
                             f"{fb['reason']}; report it at {fb['report']})" if fb else ""))
     for n in res.notes:
-        lines.append(f"note: {n}")
+        warned = n.removeprefix("WARNING: ")  # a warning prints once, as a warning
+        lines.append(f"warning: {warned}" if warned != n else f"note: {n}")
     lines.append(f"time        {res.timings.get('total_s', 0):.1f} s "
                  + " ".join(f"{k[:-2]}={v:.1f}s" for k, v in res.timings.items() if k != "total_s"))
     return "\n".join(lines)

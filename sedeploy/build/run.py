@@ -12,16 +12,17 @@ from sedeploy.artifacts import Artifact, artifact_stem
 from sedeploy.backends import BACKENDS, resolve_backend
 from sedeploy.build.engines import check_artifact_for_backend, engines_stage
 from sedeploy.build.inputs import prepare_input, preprocess_for, shape_report
-from sedeploy.build.options import BuildOptions, check_options
+from sedeploy.build.options import BuildOptions, check_label_offset, check_options
 from sedeploy.build.publish import name_intermediates, publish
 from sedeploy.build.quantize import int8_stage
 from sedeploy.build.result import BuildResult
 from sedeploy.build.source import canonicalize_source, check_model_file, source_model
-from sedeploy.build.stages import fp16_stage, fuse_stage
+from sedeploy.build.stages import dynamic_batch, fp16_stage, fuse_stage
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import (clean_stale_partials, ensure_writable_dir, folder_lock, missing_dirs, remove_empty_dirs,
                              staging_folder)
-from sedeploy.onnxcore import META, classifier_output, complete_onnx, get_metadata, image_input, load_onnx
+from sedeploy.onnxcore import (META, classifier_output, complete_onnx, get_metadata, image_input, load_onnx,
+                               set_metadata)
 
 log = logging.getLogger("sedeploy")
 
@@ -40,6 +41,7 @@ def build_engines(model: str | Path | None, out_dir: str | Path, options: BuildO
     head = None  # MODEL read once without external weights: checked here, completed in the staged build
     if model is not None:
         head = check_model_file(model, opt.input_shape)
+        check_label_offset(opt.label_offset, classifier_output(head, path=str(model)), path=str(model))
     elif opt.input_shape is not None:
         raise SedeployError("--input-shape pins the dynamic height and width of a MODEL; none was given.",
                             fix="pass the ONNX file, or drop --input-shape (the SE-ResNet export has a fixed size)")
@@ -96,7 +98,10 @@ def build_staged(model, head, out: Path, stage: Path, opt: BuildOptions, *, dept
         src, head = source_model(out, stage, opt, res, depth, checkpoint)
     res.source = str(out / src.name) if src.parent == stage else str(src)
     proto = load_onnx(src) if head is None else complete_onnx(head, src)
-    classifier_output(proto, path=str(src))
+    check_label_offset(opt.label_offset, classifier_output(proto, path=str(src)), path=str(src))
+    if opt.label_offset is not None:  # travels with every artifact and engine (bench scores with it)
+        set_metadata(proto, {META.LABEL_OFFSET: opt.label_offset})
+        res.label_offset = opt.label_offset
     given = Artifact.from_file(src, proto)
     if given.precision == "fp32":
         proto, inp, changes = prepare_input(proto, opt, src, res)
@@ -111,12 +116,14 @@ def build_staged(model, head, out: Path, stage: Path, opt: BuildOptions, *, dept
     if given.precision != "fp32":  # an artifact made elsewhere: build its engine only
         if opt.fp16 or opt.int8:
             raise SedeployError(f"'{src}' is already an {given.precision.upper()} artifact; --fp16/--int8 convert "
-                                "an FP32 model.", fix=f"pass the FP32 model, or drop --fp16/--int8 to build a "
-                                                      f"{opt.backend} engine from this artifact as it is")
+                                "an FP32 model.", fix=f"pass the FP32 model, or drop --fp16/--int8 to build the "
+                                                      f"{BACKENDS[opt.backend].label} engine of this artifact as it "
+                                                      "is")
         check_artifact_for_backend(given, opt.backend)
         res.artifacts.append(given)
         res.notes.append(f"input is a {given.kind} artifact: used as is (no SE fusion, no conversion)")
     else:
+        proto = dynamic_batch(proto, opt, res, early=True)  # before canonicalisation folds Shape(input)
         canonical = canonicalize_source(proto, src, res)
         fp32_path = fuse_stage(canonical, stage, stem, opt, pp, res,
                                reference=proto if res.canonical["changed"] else None, label=res.source)

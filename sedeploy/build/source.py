@@ -17,8 +17,8 @@ from sedeploy.build.options import BuildOptions
 from sedeploy.build.result import BuildResult
 from sedeploy.errors import SedeployError
 from sedeploy.export import export_model
-from sedeploy.onnxcore import (META, check_input_memory, classifier_output, get_metadata, image_input, load_onnx,
-                               run_model)
+from sedeploy.onnxcore import (META, check_input_memory, classifier_output, get_metadata, graph_precision, image_input,
+                               load_onnx, run_model)
 from sedeploy.onnxcore.session import ort_errors, ort_module
 from sedeploy.passes.canonical import canonicalize
 
@@ -42,6 +42,10 @@ def check_model_file(model: str | Path, input_shape: tuple[int, int] | None = No
     check_input_memory(dataclasses.replace(inp, height=h, width=w), path=str(p),
                        option=f"--input-shape {h}x{w}" if inp.dynamic_hw else None)
     classifier_output(proto, path=str(p))
+    if inp.elem_type != 1 and graph_precision(proto) == "fp32":  # a float16 input to float32 compute
+        raise SedeployError(f"'{p}' input '{inp.name}' is float16 but the model computes in float32.",
+                            expected="float32 images (the input of the float32 model every artifact is built from)",
+                            fix="re-export the model with a float32 input (drop the Cast at its input)")
     return proto
 
 

@@ -17,6 +17,7 @@ from sedeploy.build.source import reference_outputs
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.onnxcore import META, run_model, save_onnx, set_metadata
 from sedeploy.passes import fuse_se_blocks, make_batch_dynamic
+from sedeploy.passes.canonical import canonicalize
 from sedeploy.preprocess import Preprocess
 
 
@@ -73,13 +74,23 @@ def fuse_stage(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, r
     return fp32_path
 
 
-def dynamic_batch(proto, opt: BuildOptions, res: BuildResult):
-    """--dynamic-batch: the model with its fixed batch renamed to N, or a clear refusal (nothing is written)."""
+def dynamic_batch(proto, opt: BuildOptions, res: BuildResult, *, early: bool = False):
+    """--dynamic-batch: the model with its fixed batch renamed to N, or a clear refusal (nothing is written).
+
+    ``early``: the input graph, before canonicalisation folds ``Shape(input)`` into the literal batch (a
+    batch-generic ``x.view(x.size(0), -1)`` stays generic only there); when it cannot be made dynamic yet, it is
+    returned as is and the SE-fused graph is tried again (SE fusion removes batch-dependent SE reshapes)."""
+    if "→" in str((res.shapes or {}).get("batch_handling") or ""):
+        return proto  # made dynamic already (early)
     if not opt.dynamic_batch or not (res.shapes or {}).get("static_batch"):
-        if opt.dynamic_batch:
+        if opt.dynamic_batch and not early:
             res.notes.append("--dynamic-batch: the batch is already dynamic")
         return proto
-    dyn, why = make_batch_dynamic(proto)
+    # early: proven on the canonical form of the renamed graph (constant subgraphs folded, Shape(input) kept)
+    dyn, why = make_batch_dynamic(proto, normalize=(lambda m: canonicalize(m, label=res.source)[0]) if early
+                                  else None)
+    if dyn is None and early:
+        return proto
     if dyn is None:
         raise SedeployError(f"--dynamic-batch: the batch of '{res.source}' cannot be made dynamic safely: {why}.",
                             expected="a graph without batch-dependent constants (after SE fusion)",

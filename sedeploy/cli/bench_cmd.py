@@ -49,8 +49,9 @@ bench_options = stack(
     label_offset,
     option("--reference", section=INPUT,
            help="Engine (name or path) that drift is measured against [default: the FP32 one]."),
-    option("--batch", "batches", default=DEFAULT_BATCH_TEXT, show_default=True, section=TIMING,
-           help="Comma-separated batch sizes."),
+    option("--batch", "batches", default=None, section=TIMING,
+           help=f"Comma-separated batch sizes [default: {DEFAULT_BATCH_TEXT}; the engines' batch when they have a "
+                "fixed one]."),
     threads,
     option("--warmup", type=int, default=3, show_default=True, section=TIMING,
            help="Untimed runs per engine and batch."),
@@ -105,7 +106,7 @@ def bench(engines, batches, out, no_plots, as_json, verbose, **library_options):
     --settle untimed calls of the same engine.
     """
     setup_logging(verbose)
-    sizes = parse_batch_list(batches)
+    sizes = parse_batch_list(batches) if batches is not None else None
     if not engines:
         engines = (default_engines(),)
     try:

@@ -130,8 +130,9 @@ def foreign_preprocessing(model, mean, std, resize, hw, channel_order, resize_mo
         raise SedeployError("--mean/--std/--resize/--channel-order/--resize-mode/--input-shape describe a "
                             "foreign MODEL; none was given.",
                             fix="pass the ONNX file, or drop these options for the SE-ResNet export")
-    return foreign_preprocess(model, mean=parse_triple(mean, "--mean"), resize=resize,
-                              std=parse_triple(std, "--std", positive=True), input_shape=hw,
+    return foreign_preprocess(model, mean=parse_triple(mean, "--mean", channel_order=channel_order),
+                              resize=resize, std=parse_triple(std, "--std", positive=True, channel_order=channel_order),
+                              input_shape=hw,
                               channel_order=channel_order, resize_mode=resize_mode)
 
 

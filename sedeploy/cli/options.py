@@ -24,9 +24,10 @@ json_and_verbose = stack(
 threads = option("--threads", type=int, default=None, section=ENGINES,
                  help="Intra-op threads of each engine (ONNX Runtime, OpenVINO) [default: physical cores].")
 
-label_offset = option("--label-offset", type=int, default=0, show_default=True, section=INPUT,
+label_offset = option("--label-offset", type=int, default=None, section=INPUT,
                       help="Model output k+OFFSET is dataset class k (1 for 1001-class models with a background "
-                           "class).")
+                           "class); build-engine records it in the engines [default: bench: the engines' recorded "
+                           "offset, else 0].")
 
 
 def out(help: str, *, old: str | None = None, **kwargs):

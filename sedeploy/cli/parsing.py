@@ -11,8 +11,10 @@ MAX_BATCH = 4096
 DEFAULT_TRT_PROFILE = (1, 8, 32)
 
 
-def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tuple[float, float, float] | None:
-    """``--mean``/``--std`` text → three finite numbers (R, G, B); ``positive``: each must be > 0 (a std)."""
+def parse_triple(text: str | None, option: str, *, positive: bool = False,
+                 channel_order: str | None = None) -> tuple[float, float, float] | None:
+    """``--mean``/``--std`` text → three finite numbers, one per input channel in the model's ``channel_order``
+    (R, G, B; B, G, R for ``"bgr"``); ``positive``: each must be > 0 (a std)."""
     if text is None:
         return None
     try:
@@ -21,7 +23,7 @@ def parse_triple(text: str | None, option: str, *, positive: bool = False) -> tu
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) for v in values) or (positive and min(values) <= 0):
         raise SedeployError(f"{option} '{text}' is not valid.",
-                            expected="three comma-separated finite numbers (R,G,B)"
+                            expected=f"three comma-separated finite numbers ({','.join((channel_order or 'rgb').upper())})"
                                      + (", each > 0" if positive else ""),
                             fix=f"e.g. {option} " + ("58.395,57.12,57.375" if positive else "123.675,116.28,103.53")
                                 + " (pixel scale 0–255)")

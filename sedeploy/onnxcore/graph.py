@@ -165,7 +165,14 @@ def graph_precision(model) -> str:
         return "int8"
     if any(t.data_type == FLOAT16 for t in graph.initializer):
         return "fp16"
+    # a float16 graph input that is only cast to float32 is an input dtype, not float16 compute
+    widened = {n.input[0] for n in graph.node if n.op_type == "Cast" and attr(n, "to") == FLOAT and n.input}
+    only_cast = {i.name for i in graph.input
+                 if i.name in widened and all(n.op_type == "Cast" and attr(n, "to") == FLOAT
+                                              for n in graph.node if i.name in n.input)}
     for vi in (*graph.input, *graph.output, *graph.value_info):
+        if vi.name in only_cast:
+            continue
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == FLOAT16:
             return "fp16"
     for node in graph.node:

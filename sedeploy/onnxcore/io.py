@@ -184,9 +184,21 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
     if not proto.graph.node:
         raise SedeployError(f"The {what} '{p}' holds no ONNX graph (0 nodes); it is probably not an ONNX model "
                             "or was truncated.", fix="re-export it (`sedeploy export`) or re-copy the file")
+    declare_output_shapes(proto)
     if check:
         _check_model(proto, p, what)
     return proto
+
+
+def declare_output_shapes(proto) -> None:
+    """Graph outputs declared without a shape get the type ONNX shape inference derives for them (in place; the
+    checker requires a shape, and every consumer reads the class count from it). Outputs it cannot infer stay."""
+    for out in proto.graph.output:
+        tt = out.type.tensor_type
+        if not tt.HasField("shape") or not tt.elem_type:
+            inferred = inferred_output_type(proto, out.name)
+            if inferred is not None:
+                tt.CopyFrom(inferred)
 
 
 def complete_onnx(head, path: str | os.PathLike, *, what: str = "model"):
@@ -373,6 +385,20 @@ def name_nodes(proto) -> None:
             used.add(name)
 
 
+def inferred_output_type(proto, name: str):
+    """The tensor type ONNX shape inference derives for graph output ``name`` (None when it cannot)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError):
+        return None
+    for vi in (*inferred.graph.output, *inferred.graph.value_info):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return vi.type.tensor_type
+    return None
+
+
 def classifier_output(proto, *, path: str = "model") -> int | None:
     """The class count of a classifier's one N×classes float output (None when the class dimension is symbolic),
     or a clear error for a graph that is not an image classifier (e.g. an elementwise op whose output is 4-D)."""
@@ -385,6 +411,9 @@ def classifier_output(proto, *, path: str = "model") -> int | None:
     out = outputs[0]
     tt = out.type.tensor_type
     dims = [d.dim_param or d.dim_value for d in tt.shape.dim] if tt.HasField("shape") else None
+    if dims is None or not tt.elem_type:  # no declared shape/type: what ONNX shape inference derives for it
+        tt = inferred_output_type(proto, out.name) or tt
+        dims = [d.dim_param or d.dim_value for d in tt.shape.dim] if tt.HasField("shape") else None
     if tt.elem_type not in (1, 10) or dims is None or len(dims) != 2:
         import onnx
 
@@ -396,5 +425,7 @@ def classifier_output(proto, *, path: str = "model") -> int | None:
     classes = dims[1]
     if isinstance(classes, int) and classes < 2 and classes != 0:
         raise SedeployError(f"'{path}' has {classes} output class: not a classifier.",
-                            expected="N×classes logits with at least 2 classes")
+                            expected="N×classes logits with at least 2 classes",
+                            fix="pass an image classifier whose output scores every class (a 1-output model, e.g. a "
+                                "regressor or binary logit, is not one)")
     return classes if isinstance(classes, int) and classes > 0 else None

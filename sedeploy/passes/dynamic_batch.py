@@ -8,7 +8,8 @@ steps and refuses with the reason otherwise:
 1. Structure: every tensor keeps the batch on axis 0 and no constant encodes it. Refused: ``Reshape`` whose
    constant target has a literal batch other than ``0``/``-1`` in position 0 (a ``[1, C, 1, 1]`` written by a
    converter; ``[-1, …]`` and ``[0, …]`` follow the input) or a computed target; ``Expand``, ``Tile``,
-   ``ConstantOfShape``, ``Shape``, ``Size``, ``Range``, ``Resize``/``Upsample`` with sizes — shape arithmetic the
+   ``ConstantOfShape``, ``Shape`` (except the batch read for a ``Reshape`` target as torch exports
+   ``x.view(x.size(0), -1)``, see :func:`batch_generic_target`), ``Size``, ``Range``, ``Resize``/``Upsample`` with sizes — shape arithmetic the
    check cannot follow; ops that move or index axis 0 (``Transpose`` with perm[0] ≠ 0, ``Flatten``/``Softmax``-family
    with axis 0, ``Concat``/``Split``/``Gather``/``Slice`` on axis 0, ``Squeeze``/``Unsqueeze``/reductions of
    axis 0); any op outside a list of per-sample ops.
@@ -38,14 +39,62 @@ def _axes(node, g) -> list[int] | None:
     return None if axes is None else [int(a) for a in axes]
 
 
+def batch_generic_target(g, target: str) -> list | None:
+    """The nodes computing a Reshape ``target`` that reads the batch from the tensor itself — torch's
+    ``x.view(x.size(0), -1)``: ``Concat(Unsqueeze(Gather(Shape(t), 0)), constants)`` (or a 1-D ``Gather`` index
+    ``[0]`` without the Unsqueeze) — or None for any other target. Its position 0 is the running batch."""
+    from sedeploy.onnxcore import attr
+
+    concat = g.producer.get(target)
+    if concat is None or concat.op_type != "Concat" or int(attr(concat, "axis", 0)) != 0 or not concat.input:
+        return None
+    if any(g.const(i) is None for i in concat.input[1:]):
+        return None
+    used, head = [concat], g.producer.get(concat.input[0])
+    if head is not None and head.op_type == "Unsqueeze":
+        axes = _axes(head, g)
+        if axes not in ([0], [-1]):
+            return None
+        used.append(head)
+        head = g.producer.get(head.input[0])
+    if head is None or head.op_type != "Gather" or int(attr(head, "axis", 0)) != 0:
+        return None
+    index = g.const(head.input[1])
+    if index is None or index.size != 1 or int(index.ravel()[0]) != 0 or index.ndim + len(used) != 2:
+        return None  # a scalar index 0 needs the Unsqueeze, an index [0] needs none
+    shape = g.producer.get(head.input[0])
+    if shape is None or shape.op_type != "Shape" or int(attr(shape, "start", 0)) != 0:
+        return None
+    return [*used, head, shape]
+
+
 def batch_dependence(model) -> str | None:
     """Why renaming the batch dimension of ``model`` could change its results, or None when the structure is
     batch-agnostic (step 1 of the module docstring)."""
     from sedeploy.onnxcore import Graph, attr
 
     g = Graph(model)
+    generic: dict[int, list] = {}  # Reshape → the nodes reading its batch from Shape (checked with it)
+    for n in g.nodes:
+        if n.op_type == "Reshape" and len(n.input) > 1 and g.const(n.input[1]) is None:
+            found = batch_generic_target(g, n.input[1])
+            if found is not None:
+                generic[id(n)] = found
+    consumers: dict[str, list] = {}
+    for n in g.nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    exempt = {id(m) for nodes in generic.values() for m in nodes
+              if all(id(c) in {id(x) for x in nodes} or id(c) in generic for o in m.output
+                     for c in consumers.get(o, []))}
     for n in g.nodes:
         op, who = n.op_type, f"{n.op_type} '{n.name}'"
+        if id(n) in exempt:
+            continue
+        if id(n) in generic:
+            if int(attr(n, "allowzero", 0)):
+                return f"{who} has allowzero=1"
+            continue
         if n.domain not in ("", "ai.onnx") or op not in _PER_SAMPLE:
             return f"{who} is not on the list of ops known to keep samples independent"
         if op == "Reshape":
@@ -75,9 +124,13 @@ def batch_dependence(model) -> str | None:
     return None
 
 
-def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, str]:
+def make_batch_dynamic(model, *, check_batch: int = 3, normalize=None) -> tuple[object | None, str]:
     """(copy of ``model`` with the batch dimension named ``N``, how it was proven) when safe, else (None, reason).
-    ``model`` must have one input with a fixed batch (see the module docstring)."""
+    ``model`` must have one input with a fixed batch (see the module docstring).
+
+    ``normalize``: a function of a model returning the model it is checked as (e.g. its canonical form, with
+    constant subgraphs folded): the renamed copy is normalized, then proven; the renamed copy is returned. Renaming
+    first keeps ``Shape(input)`` symbolic, so a graph that reads the batch from its input stays batch-generic."""
     import onnx
 
     from sedeploy.onnxcore import image_input, run_model
@@ -85,9 +138,6 @@ def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, s
     inp = image_input(model, path="the model")
     if not inp.static_batch:
         return None, "the batch is already dynamic"
-    why = batch_dependence(model)
-    if why is not None:
-        return None, why
     dyn = onnx.ModelProto()
     dyn.CopyFrom(model)
     for vi in [*dyn.graph.input, *dyn.graph.output]:
@@ -95,11 +145,15 @@ def make_batch_dynamic(model, *, check_batch: int = 3) -> tuple[object | None, s
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value == inp.static_batch:
             dims[0].dim_param = "N"
     del dyn.graph.value_info[:]  # inferred shapes of the fixed model would pin the batch again
+    checked = dyn if normalize is None else normalize(dyn)
+    why = batch_dependence(checked)
+    if why is not None:
+        return None, why
     from sedeploy.preprocess import smooth_noise
 
     x = smooth_noise(check_batch, (inp.height, inp.width), seed=11)
     ref = run_model(model, x)  # chunked at the fixed batch
-    got = run_model(dyn, x)
+    got = run_model(checked, x)
     diff = float(np.abs(ref - got).max()) if ref.shape == got.shape else float("inf")
     tol = 1e-5 * max(1.0, float(np.abs(ref).max()))
     if not diff <= tol:
