@@ -147,3 +147,14 @@ def tiny_artifacts(tiny_onnx, calib_dir, tmp_path_factory):
     quantize_model(tiny_onnx, cal, out / "tiny.int8-cpu.onnx", flavour="cpu")
     return {"fp32": tiny_onnx, "fp16": out / "tiny.fp16.onnx", "int8-trt": out / "tiny.int8-trt.onnx",
             "int8-cpu": out / "tiny.int8-cpu.onnx"}
+
+
+#: fixtures that train a network when a run first asks for them (tens of seconds): a test using one is slow
+TRAINING_FIXTURES = ("foreign_art",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need a network trained at test time run in the full suite, not in the `-m "not slow"` loop."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in TRAINING_FIXTURES):
+            item.add_marker(pytest.mark.slow)

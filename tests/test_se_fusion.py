@@ -92,6 +92,7 @@ def test_exported_se_resnet_fused_exactly(exported, depth, opset, blocks):
         assert report.already_fused == blocks and report.rewritten == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,opset", [(50, 18), (50, 17)])
 def test_exported_numerics_and_idempotency(exported, depth, opset):
     model = exported((depth, True, opset))

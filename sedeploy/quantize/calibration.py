@@ -4,18 +4,8 @@ One :class:`CalibrationResult` (tensor name → (lo, hi)) feeds every INT8 flavo
 the symmetric TensorRT one uses ``max(|lo|, |hi|)``, the asymmetric uint8 CPU one uses ``(lo, hi)``, the OpenVINO one
 either, by sign (symmetric int8 where ``lo < 0``, uint8 from 0 otherwise).
 
-Methods (:mod:`sedeploy.quantize.estimators`)
-    ``minmax``      the observed min and max. Exact for what was seen, but one outlier pixel widens the range
-                    (and so the quantisation step) for every other value.
-    ``entropy``     TensorRT's calibrator: the clipping threshold on |x| whose 128-level quantised histogram
-                    loses the least information (minimum KL divergence), searched on a 2048-bin histogram.
-    ``percentile``  clip |x| at a percentile of its histogram (default 99.99 %).
-    ``mse``         per tensor, the clipping threshold on |x| that minimises the expected squared quantisation
-                    error on its histogram: values inside the range cost the rounding noise step²/12 (step =
-                    amax/127), values beyond it their clipping error. Each tensor gets its own trade-off (a
-                    heavy-tailed tensor is clipped, a compact one keeps its max), which is what choosing the range
-                    estimator per tensor by quantisation error amounts to: the sweep covers the min/max,
-                    percentile and entropy thresholds as candidates and keeps the one with the least error.
+The range methods (``minmax``, ``entropy``, ``percentile``, ``mse``) are described and implemented in
+:mod:`sedeploy.quantize.estimators`.
 
 The histograms are sedeploy's own (numpy), not ``onnxruntime.quantization``'s calibrators. ORT's
 ``HistogramCalibrater`` keeps every intermediate output of every image in memory before binning (gigabytes for
