@@ -165,6 +165,15 @@ def shown_names(items: Sequence[str], limit: int = 8) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+
+def _in_index_order(indexed: dict[int, str], what: str) -> list[str]:
+    """The values of ``indexed`` (class index → name or synset) in index order; refused unless numbered 0…N−1."""
+    if sorted(indexed) != list(range(len(indexed))):
+        missing = sorted(set(range(max(indexed) + 1)) - set(indexed))
+        raise SedeployError(f"{what} does not number its classes 0…{len(indexed) - 1}; missing: "
+                            f"{shown_names(missing)}.")
+    return [indexed[i] for i in range(len(indexed))]
+
 def read_synset_table(path: str | os.PathLike) -> tuple[str, ...]:
     """Read a class-order table: ``index<TAB>synset<TAB>…`` (header line optional), Caffe-style
     ``synset_words.txt`` (``n01440764 tench, …`` in index order) or one synset per line.
@@ -196,11 +205,7 @@ def read_synset_table(path: str | os.PathLike) -> tuple[str, ...]:
         raise SedeployError(f"The synset table '{p}' mixes indexed and unindexed lines.",
                             fix="use one format for the whole file")
     if indexed:
-        if sorted(indexed) != list(range(len(indexed))):
-            missing = sorted(set(range(max(indexed) + 1)) - set(indexed))
-            raise SedeployError(f"The synset table '{p}' does not number its classes 0…{len(indexed) - 1}; "
-                                f"missing: {shown_names(missing)}.")
-        ordered = [indexed[i] for i in range(len(indexed))]
+        ordered = _in_index_order(indexed, f"The synset table '{p}'")
     if not ordered:
         raise SedeployError(f"The synset table '{p}' contains no synset IDs.")
     dups = sorted({s for s in ordered if ordered.count(s) > 1}) if len(set(ordered)) != len(ordered) else []
@@ -268,11 +273,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         raise SedeployError(f"The labels file '{p}' mixes table rows (index<TAB>…) and plain lines.",
                             fix="use one format for the whole file")
     if indexed:
-        if sorted(indexed) != list(range(len(indexed))):
-            missing = sorted(set(range(max(indexed) + 1)) - set(indexed))
-            raise SedeployError(f"The labels file '{p}' does not number its classes 0…{len(indexed) - 1}; "
-                                f"missing: {shown_names(missing)}.")
-        names = [indexed[i] for i in range(len(indexed))]
+        names = _in_index_order(indexed, f"The labels file '{p}'")
     if not names:
         raise SedeployError(f"The labels file '{p}' contains no class names.", expected=expected)
     return names
