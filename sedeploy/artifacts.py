@@ -14,6 +14,7 @@ from typing import Any
 
 from sedeploy.errors import SedeployError
 from sedeploy.layout import INT8_FLAVOURS, MANIFEST, KINDS, artifact_path, artifact_stem
+from sedeploy.onnxcore import META, QOPERATOR_OPS, get_metadata, graph_precision, load_onnx
 
 __all__ = ["Artifact", "INT8_FLAVOURS", "KINDS", "MANIFEST", "artifact_path", "artifact_stem"]
 
@@ -52,8 +53,6 @@ class Artifact:
     def from_file(cls, path: str | Path, proto=None) -> "Artifact":
         """Describe an ONNX file: precision from the graph itself, flavour from sedeploy's metadata (or, for a
         file without it, "cpu" when it holds QOperator ops; otherwise unknown: None)."""
-        from sedeploy.onnxcore import META, get_metadata, graph_precision, load_onnx
-
         proto = proto if proto is not None else load_onnx(path, weights=False, check=False)
         precision = graph_precision(proto)
         flavour = None
@@ -64,8 +63,6 @@ class Artifact:
 
 
 def _infer_flavour(proto) -> str | None:
-    from sedeploy.onnxcore import QOPERATOR_OPS
-
     if any(n.op_type in QOPERATOR_OPS for n in proto.graph.node):
         return "cpu"
     return None

@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 
 from sedeploy.errors import SedeployError
-from sedeploy.fsutil import atomic_path, ensure_writable_dir
+from sedeploy.fsutil import atomic_path, cache_dir, ensure_writable_dir
 from sedeploy.model import ARCH, ImageClassifier, ModelSpec, build_model
+from sedeploy.onnxcore import sha256_file
 
 log = logging.getLogger("sedeploy")
 
@@ -89,8 +90,6 @@ def weights_label(loaded: LoadedCheckpoint | None, seed: int = 0) -> str:
 
 def default_cache_dir() -> Path:
     """``$SEDEPLOY_CACHE/checkpoints`` when SEDEPLOY_CACHE is set, else ``~/.cache/sedeploy/checkpoints``."""
-    from sedeploy.fsutil import cache_dir
-
     return cache_dir("checkpoints")
 
 
@@ -199,8 +198,6 @@ def _check_hash_prefix(path: Path, sha: str, downloaded_from: str | None = None)
 
 
 def _sha256(path: Path, src: str) -> str:
-    from sedeploy.onnxcore import sha256_file
-
     return sha256_file(path, what=f"checkpoint (given as '{src}')")
 
 

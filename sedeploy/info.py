@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from sedeploy import model as M
+from sedeploy.export import check_export_options
 from sedeploy.flops import count_complexity
 from sedeploy.preprocess import Preprocess
 
@@ -43,8 +44,6 @@ class ModelCard:
 
 
 def model_card(depth: int = 50, *, se: bool = True, input_size: int = 224, num_classes: int = 1000) -> ModelCard:
-    from sedeploy.export import check_export_options
-
     check_export_options(depth=depth, input_size=input_size, num_classes=num_classes)
     net = M.build_model(depth, se=se, num_classes=num_classes, seed=None)
     cx = count_complexity(net, input_size)

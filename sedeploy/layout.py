@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sedeploy.errors import SedeployError
+from sedeploy.fsutil import atomic_write_text
 
 #: the file a build-engine output folder lists its artifacts and engines in (read by bench, package, peers)
 MANIFEST = "manifest.json"
@@ -129,8 +130,6 @@ class Manifest:
     @staticmethod
     def write(folder: str | Path, data: dict[str, Any]) -> Path:
         """Write ``data`` as ``folder``'s ``manifest.json``, atomically (a reader sees the old file or the new)."""
-        from sedeploy.fsutil import atomic_write_text
-
         return atomic_write_text(Path(folder) / MANIFEST, json.dumps(data, indent=2, default=str) + "\n")
 
     @property

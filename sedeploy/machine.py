@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from sedeploy.errors import SedeployError
+
 #: the vector / matrix features that change which kernels ONNX Runtime and OpenVINO run
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "f16c")
 
@@ -71,7 +73,6 @@ def check_omp_num_threads() -> None:
     value = os.environ.get("OMP_NUM_THREADS")
     if value is None or not value.strip() or re.fullmatch(r"\s*[1-9][0-9]*\s*(,\s*[1-9][0-9]*\s*)*", value):
         return
-    from sedeploy.errors import SedeployError
 
     raise SedeployError(f"The environment variable OMP_NUM_THREADS={value!r} is not valid.",
                         expected="unset, or a positive whole number of threads (e.g. 2)",

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sedeploy import __version__
 from sedeploy.backends import Engine, EngineOptions, Runner, validate_input, write_sidecar
 from sedeploy.errors import SedeployError
 from sedeploy.machine import cpu_description
@@ -184,8 +185,6 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
     temporary name in ``out_dir`` that is renamed into place only once the session was created and the file read
     back. At levels "all" / "layout" the result is specific to this CPU's vector width (see the module docstring).
     """
-    from sedeploy import __version__
-
     ort = ort_module()
     src = Path(onnx_path)
     if not src.is_file():

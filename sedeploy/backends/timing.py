@@ -40,6 +40,7 @@ import numpy as np
 
 from sedeploy.backends import Runner
 from sedeploy.errors import SedeployError
+from sedeploy.preprocess import layout_batch
 
 log = logging.getLogger("sedeploy")
 
@@ -215,8 +216,6 @@ def _make_input(inputs: np.ndarray | Callable[[int], np.ndarray], batch: int) ->
 def _runner_input(runner: Runner, x: np.ndarray) -> np.ndarray:
     """Convert once, before timing, to the layout (``input_layout``, e.g. NHWC) and dtype a runner declares
     (``input_dtype``, e.g. an FP16-input graph)."""
-    from sedeploy.preprocess import layout_batch
-
     x = layout_batch(x, getattr(runner, "input_layout", None))
     want = getattr(runner, "input_dtype", None)
     return x if want is None or np.dtype(want) == x.dtype else x.astype(want)

@@ -20,6 +20,7 @@ from sedeploy.backends.ort import OrtRunner
 from sedeploy.bench.engines import EngineSpec, load_light, source_onnx, stem_width
 from sedeploy.bench.report import EngineInfo
 from sedeploy.errors import SedeployError
+from sedeploy.export import export_onnx
 from sedeploy.onnxcore import META, default_opset
 
 __all__ = ["TORCH_NAME", "TorchRunner", "torch_baseline", "plain_engine", "torch_threads"]
@@ -107,7 +108,6 @@ def torch_baseline(reference: EngineSpec, check_images: np.ndarray, reference_lo
 
 def plain_engine(ref: EngineSpec, tmp: Path, threads: int) -> tuple[Any, EngineInfo] | str:
     """The same depth and width without SE, exported FP32 into ``tmp``; or the reason it cannot be made."""
-    from sedeploy.export import export_onnx
     from sedeploy.flops import count_complexity
     from sedeploy.model import build_model
 

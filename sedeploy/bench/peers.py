@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from sedeploy import quantize
+from sedeploy.backends.openvino import OpenVinoModelRunner
 from sedeploy.bench.engines import EngineSpec, source_onnx
 from sedeploy.errors import MissingDependencyError, SedeployError
 from sedeploy.layout import MANIFEST, Manifest
-from sedeploy.preprocess import Preprocess
+from sedeploy.preprocess import Preprocess, load_batch
 
 log = logging.getLogger("sedeploy")
 
@@ -77,9 +79,6 @@ def fp32_onnx_of(ref: EngineSpec) -> Path:
 def peer_calibration(fp32_onnx: Path, pp: Preprocess, folder: str | Path | None = None) -> tuple[np.ndarray, str]:
     """(N×3×S×S images, where they came from) for NNCF: ``folder`` when given (sedeploy's selection rule with its
     defaults), else exactly the images of the build recorded in ``manifest.json`` beside ``fp32_onnx``."""
-    from sedeploy import quantize
-    from sedeploy.preprocess import load_batch
-
     if folder is not None:
         root, paths = quantize.select_images(folder, quantize.DEFAULT_COUNT, 0)
         how = f"{len(paths)} images of {root} (sedeploy's selection: at most {quantize.DEFAULT_COUNT}, seed 0)"
@@ -117,8 +116,6 @@ def make_peers(ref: EngineSpec, pp: Preprocess, *, threads: int, calib: str | Pa
     """The two peer rows for the reference's network (see the module docstring); runners not yet active."""
     nncf = _require("Benchmark peers (--peers: OpenVINO FP32 and OpenVINO + NNCF INT8)")
     import openvino as ov
-
-    from sedeploy.backends.openvino import OpenVinoModelRunner
 
     src = fp32_onnx_of(ref)
     images, how = peer_calibration(src, pp, calib)

@@ -36,7 +36,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sedeploy.backends.openvino_support import compile_config
 from sedeploy.errors import MissingDependencyError, SedeployError
+from sedeploy.machine import fp32_isa_peak
+from sedeploy.onnxcore import cpu_session
 
 log = logging.getLogger("sedeploy")
 
@@ -128,7 +131,6 @@ def probe_int8_gemm(size: int = 1024, *, threads: int = 2, seconds: float = 1.0,
         import onnxruntime as ort
     except ImportError as err:
         raise MissingDependencyError("onnxruntime", "dev", "The int8 GEMM probe") from err
-    from sedeploy.onnxcore import cpu_session
 
     session = cpu_session(_int8_matmul_model(size), threads=threads)
     a = np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)
@@ -162,7 +164,6 @@ def probe_fp32_gemm_ort(size: int = 1024, *, threads: int = 2, seconds: float = 
         import onnxruntime as ort
     except ImportError as err:
         raise MissingDependencyError("onnxruntime", "dev", "The fp32 GEMM probe") from err
-    from sedeploy.onnxcore import cpu_session
 
     session = cpu_session(_fp32_matmul_model(size), threads=threads)
     feed = {"a": np.random.default_rng(1).standard_normal((size, size)).astype(np.float32)}
@@ -185,8 +186,6 @@ def probe_fp32_gemm_openvino(size: int = 1024, *, threads: int = 2, seconds: flo
 
     import onnx
 
-    from sedeploy.backends.openvino_support import compile_config
-
     core = ov.Core()
     with tempfile.TemporaryDirectory(prefix="sedeploy-probe-") as tmp:
         path = Path(tmp) / "gemm.onnx"
@@ -203,8 +202,6 @@ def probe_fp32_gemm_openvino(size: int = 1024, *, threads: int = 2, seconds: flo
 def machine_ceilings(*, size: int = 1024, threads: int = 2, seconds: float = 2.0) -> dict[str, dict[str, Any]]:
     """The probes: ``{"fp32": {...}, "int8": {...}}`` (``per_s`` is the ceiling). fp32 is the best of the fp32
     kernels (each one's figure under ``kernels``, the ISA bound under ``isa_peak``); they share ``seconds``."""
-    from sedeploy.machine import fp32_isa_peak
-
     share = max(seconds / 3, 0.5)
     kernels = [probe_fp32_gemm(size, threads=threads, seconds=share),
                probe_fp32_gemm_ort(size, threads=threads, seconds=share)]

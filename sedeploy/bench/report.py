@@ -63,12 +63,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sedeploy import __version__
 from sedeploy.backends.timing import TimingResult, paired_speedup, speedup_interval
 from sedeploy.bench.plots import PLOT_FILES, write_plots
 from sedeploy.bench.probe import ceiling_kind
 from sedeploy.bench.tables import CSV_FIELDS, ceiling_exceeded, csv_rows, to_markdown
 from sedeploy.errors import SedeployError
 from sedeploy.fsutil import atomic_write_text, ensure_writable_dir, publish_staged, staging_folder
+from sedeploy.machine import cpu_description
 
 __all__ = ["SCHEMA", "EngineInfo", "machine_description", "assemble_results", "se_cost", "write_reports", "FILES"]
 
@@ -112,10 +114,6 @@ def machine_description(extra: Mapping[str, Any] | None = None) -> dict[str, Any
     Versions come from package metadata, so describing the machine imports nothing heavy. The load average is
     recorded because other processes on a shared machine are the main source of noise in the timings.
     """
-    from sedeploy import __version__
-
-    from sedeploy.machine import cpu_description
-
     cpu_desc = cpu_description()
     cpu, features = cpu_desc["cpu"], cpu_desc["cpu_features"]
     versions = {"sedeploy": __version__}

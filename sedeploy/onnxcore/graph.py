@@ -11,6 +11,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from sedeploy.onnxcore.io import as_model
+
 #: Explicit quantization nodes (what TensorRT wants).
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 #: Quantized operators / integer forms (QOperator format) that ONNX Runtime's quantizer can emit.
@@ -157,8 +159,6 @@ def graph_precision(model) -> str:
     Constant, Cast target) → fp16; otherwise fp32. This is what decides TensorRT's precision: a strongly typed
     network builds exactly the types the graph contains. ``model`` is a ModelProto or a path (weights not read).
     """
-    from sedeploy.onnxcore.io import as_model
-
     proto, _ = as_model(model, weights=False)
     graph = proto.graph
     if is_quantized(proto):
@@ -189,8 +189,6 @@ def holds_fp16_tensors(model) -> bool:
     """Does the graph (a path or ModelProto) hold any float16 initializer? True for the FP16 artifact and for the
     TensorRT INT8 form (Q/DQ inside the FP16 graph); after ORT's level-"all" optimizer, only where an FP16 kernel
     runs (it folds the weights of a Conv it runs in FP32)."""
-    from sedeploy.onnxcore.io import as_model
-
     proto, _ = as_model(model, weights=True)
     return any(t.data_type == FLOAT16 for t in proto.graph.initializer)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore.io import ImageInput, image_input
+from sedeploy.onnxcore.session import cpu_session
+from sedeploy.preprocess import layout_batch, smooth_noise
 
 #: NHWC → NCHW, the permutation a channels-last graph applies before its first convolution
 TO_NCHW = (0, 3, 1, 2)
@@ -79,9 +81,6 @@ def _run_once(model, inp: ImageInput, height: int, width: int, path: str) -> Non
     length) passes shape inference and fails only here."""
     import onnxruntime as ort
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
-
-    from sedeploy.onnxcore.session import cpu_session
-    from sedeploy.preprocess import layout_batch, smooth_noise
 
     import onnx
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sedeploy.errors import SedeployError
+from sedeploy.fsutil import atomic_path, require_utf8_path
 from sedeploy.layout import MANIFEST, NOT_A_MODEL
 
 
@@ -153,8 +154,6 @@ def load_onnx(path: str | os.PathLike, *, what: str = "model", weights: bool = T
     import onnx
     from google.protobuf.message import DecodeError
 
-    from sedeploy.fsutil import require_utf8_path
-
     p = require_utf8_path(path, what)
     if not p.exists():
         raise _not_found(p, what)
@@ -275,8 +274,6 @@ def save_onnx(proto, path: str | os.PathLike, *, full_check: bool = True, before
     check with shape inference), optionally tested by ``before_publish(tmp_path)``, then renamed into place.
     On any failure nothing is left at ``path``."""
     import onnx
-
-    from sedeploy.fsutil import atomic_path
 
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))

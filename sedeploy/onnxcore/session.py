@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from sedeploy.errors import SedeployError
+from sedeploy.fsutil import disk_full_error, short_of_space
 
 log = logging.getLogger("sedeploy")
 
@@ -178,8 +179,6 @@ def make_session(model, *, providers: str | Sequence[str] | None = None, threads
         session = ort.InferenceSession(source, sess_options=so, providers=chosen, **extra)
     except ort_errors(ort) as err:
         if optimized_model_path is not None:  # ORT writes the optimized graph itself and loses the errno
-            from sedeploy.fsutil import disk_full_error, short_of_space
-
             need = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
             if short_of_space(Path(optimized_model_path).parent, need):
                 raise disk_full_error(optimized_model_path, err) from err

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from sedeploy.onnxcore import Graph, attr, image_input, run_model
+from sedeploy.preprocess import smooth_noise
+
 #: ops that compute each sample independently (for the attribute checks below)
 _PER_SAMPLE = {"Conv", "ConvTranspose", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Add", "Sub",
                "Div", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm",
@@ -30,8 +33,6 @@ _PER_SAMPLE = {"Conv", "ConvTranspose", "Relu", "Clip", "Sigmoid", "HardSigmoid"
 
 
 def _axes(node, g) -> list[int] | None:
-    from sedeploy.onnxcore import attr
-
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         c = g.const(node.input[1])
@@ -43,8 +44,6 @@ def batch_generic_target(g, target: str) -> list | None:
     """The nodes computing a Reshape ``target`` that reads the batch from the tensor itself — torch's
     ``x.view(x.size(0), -1)``: ``Concat(Unsqueeze(Gather(Shape(t), 0)), constants)`` (or a 1-D ``Gather`` index
     ``[0]`` without the Unsqueeze) — or None for any other target. Its position 0 is the running batch."""
-    from sedeploy.onnxcore import attr
-
     concat = g.producer.get(target)
     if concat is None or concat.op_type != "Concat" or int(attr(concat, "axis", 0)) != 0 or not concat.input:
         return None
@@ -71,8 +70,6 @@ def batch_generic_target(g, target: str) -> list | None:
 def batch_dependence(model) -> str | None:
     """Why renaming the batch dimension of ``model`` could change its results, or None when the structure is
     batch-agnostic (step 1 of the module docstring)."""
-    from sedeploy.onnxcore import Graph, attr
-
     g = Graph(model)
     generic: dict[int, list] = {}  # Reshape → the nodes reading its batch from Shape (checked with it)
     for n in g.nodes:
@@ -133,8 +130,6 @@ def make_batch_dynamic(model, *, check_batch: int = 3, normalize=None) -> tuple[
     first keeps ``Shape(input)`` symbolic, so a graph that reads the batch from its input stays batch-generic."""
     import onnx
 
-    from sedeploy.onnxcore import image_input, run_model
-
     inp = image_input(model, path="the model")
     if not inp.static_batch:
         return None, "the batch is already dynamic"
@@ -149,7 +144,6 @@ def make_batch_dynamic(model, *, check_batch: int = 3, normalize=None) -> tuple[
     why = batch_dependence(checked)
     if why is not None:
         return None, why
-    from sedeploy.preprocess import smooth_noise
 
     x = smooth_noise(check_batch, (inp.height, inp.width), seed=11)
     ref = run_model(model, x)  # chunked at the fixed batch

@@ -7,12 +7,12 @@ classifier. SE squeezes are already GlobalAveragePool after the SE fusion pass; 
 """
 from __future__ import annotations
 
+from sedeploy.onnxcore import Graph, attr
+
 
 def reduce_mean_to_global_pool(model) -> int:
     """Rewrite, in place, each ``ReduceMean`` over axes (2, 3) with keepdims=1 on a 4-D tensor to
     ``GlobalAveragePool`` (same output name, same values). Returns how many nodes were rewritten."""
-    from sedeploy.onnxcore import Graph, attr
-
     g = Graph(model)
     changed = 0
     for n in model.graph.node:

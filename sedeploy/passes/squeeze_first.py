@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sedeploy.errors import SedeployError
+from sedeploy.onnxcore import Graph, attr
 
 @dataclass
 class SqueezeFirstCandidate:
@@ -62,8 +63,6 @@ class SqueezeFirstReport:
 
 def _is_plain_1x1(node, weight: np.ndarray | None) -> str | None:
     """Why ``node`` (a Conv) is not a plain 1×1 conv (stride 1, no padding, one group), or None."""
-    from sedeploy.onnxcore import attr
-
     if weight is None:
         return "its weight is not a constant"
     if weight.ndim != 4 or weight.shape[2:] != (1, 1):
@@ -182,8 +181,6 @@ def _names_used(graph) -> set[str]:
 
 def find_squeeze_first(model) -> list[SqueezeFirstCandidate]:
     """Every GlobalAveragePool of ``model`` (an onnx.ModelProto) and whether the rewrite applies to it."""
-    from sedeploy.onnxcore import Graph
-
     return _plan(Graph(model), model.graph)[0]
 
 
@@ -196,8 +193,6 @@ def squeeze_first(model):
     (another node, a subgraph, a graph input) still reads them."""
     import onnx
     from onnx import numpy_helper
-
-    from sedeploy.onnxcore import Graph
 
     if not isinstance(model, onnx.ModelProto):
         raise SedeployError(f"squeeze_first was given a {type(model).__name__}.", expected="an onnx.ModelProto",

@@ -25,7 +25,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sedeploy.classes import read_class_names
 from sedeploy.errors import SedeployError
+from sedeploy.metrics import as_logits
+from sedeploy.onnxcore import input_layout, pad_to_batch
+from sedeploy.preprocess import layout_batch, load_image, recorded_preprocess
+from sedeploy.serving.env import require_client
 
 log = logging.getLogger("sedeploy")
 
@@ -92,8 +97,6 @@ def request_batches(x: np.ndarray, max_batch: int, dims: Sequence[int]):
     (Triton's: without the batch when max_batch > 0, the whole shape when 0): (array to send, rows that are
     images). A fixed-batch model (max_batch 0, dims[0] = B > 0) takes exactly B images per request: the last one is
     padded (:func:`sedeploy.onnxcore.pad_to_batch`) and the padding's rows are dropped from its output."""
-    from sedeploy.onnxcore import pad_to_batch
-
     fixed = int(dims[0]) if max_batch <= 0 and len(dims) == 4 and int(dims[0]) > 0 else None
     chunk = max_batch if max_batch > 0 else fixed or len(x)
     for i in range(0, len(x), chunk):
@@ -104,8 +107,6 @@ def request_batches(x: np.ndarray, max_batch: int, dims: Sequence[int]):
 def probabilities(y: np.ndarray, kind: str) -> np.ndarray:
     """Class probabilities from a model's output of kind ``kind`` (:func:`sedeploy.onnxcore.output_kind`):
     probabilities as they are (normalised), logits and log-probabilities through a softmax."""
-    from sedeploy.metrics import as_logits
-
     z = as_logits(y, kind)
     prob = np.exp(z - z.max(axis=1, keepdims=True))
     return prob / prob.sum(axis=1, keepdims=True)
@@ -131,11 +132,6 @@ def infer_images(paths: Sequence[str | os.PathLike], url: str, model: str | None
                  labels_file: str | os.PathLike | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
     """Top-k classes of each image from a Triton server (HTTP). Returns {model, url, results: [{image, top: [{index,
     label, probability, logit}]}], logits (N×classes list)}."""
-    from sedeploy.classes import read_class_names
-    from sedeploy.onnxcore import input_layout
-    from sedeploy.preprocess import layout_batch, load_image, recorded_preprocess
-    from sedeploy.serving.env import require_client
-
     require_client("sedeploy infer")
     import tritonclient.http as th
     from tritonclient.utils import InferenceServerException

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sedeploy.backends import open_runner
+
 log = logging.getLogger("sedeploy")
 
 
@@ -52,8 +54,6 @@ class TritonPythonModel:
     """Triton's python-backend interface (initialize / execute / finalize)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        from sedeploy.backends import open_runner
-
         cfg = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         self.name = cfg["name"]

@@ -42,8 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import sedeploy
 from sedeploy.errors import SedeployError
+from sedeploy.serving import python_model
+from sedeploy.serving.env import check_pytriton, server_environment, triton_distribution
 from sedeploy.serving.process import TritonProcess, die_with_parent, remove_stale_workdirs
+from sedeploy.serving.triton_config import TensorSpec, parse_config, read_results
+from sedeploy.serving.triton_repo import plan_models
 
 log = logging.getLogger("sedeploy")
 
@@ -202,9 +207,6 @@ def _open_log(path: Path):
 
 
 def _plan(engines_dir, engine, o: ServeOptions):
-    from sedeploy.serving.triton_config import TensorSpec, read_results
-    from sedeploy.serving.triton_repo import plan_models
-
     bench = read_results(o.results) if o.results is not None else None
     models = plan_models(engines_dir, results=bench, max_batch=o.max_batch or 32)
     m = _pick(models, engines_dir, engine)
@@ -247,9 +249,6 @@ def _plan(engines_dir, engine, o: ServeOptions):
 def _write_repository(root: Path, model, dist) -> None:
     """The one-model repository (python backend running :mod:`sedeploy.serving.python_model`) and a backend folder
     holding Triton's python backend with the stub built for this Python (Triton looks for the stub there)."""
-    from sedeploy.serving import python_model
-    from sedeploy.serving.triton_config import parse_config
-
     d = root / "repository" / model.name
     (d / "1").mkdir(parents=True)
     text = model.config_text(backend="python")
@@ -269,9 +268,6 @@ def _environment(dist, workdir: Path) -> dict[str, str]:
     environment first on PATH (the stub's embedded Python finds its packages from it); this sedeploy first on
     PYTHONPATH (the stub imports the same sedeploy as this process); TMPDIR in the run's own folder (tritonserver
     writes a ``.ses`` file there), so nothing of the run outlives it."""
-    import sedeploy
-    from sedeploy.serving.env import server_environment
-
     env = dict(os.environ)
     fix = server_environment().get("LD_LIBRARY_PATH")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (fix or env.get("LD_LIBRARY_PATH", ""), str(dist.libs)) if p)
@@ -284,8 +280,6 @@ def _environment(dist, workdir: Path) -> dict[str, str]:
 
 
 def _start(model, o: ServeOptions) -> TritonProcess:
-    from sedeploy.serving.env import triton_distribution
-
     dist = triton_distribution()
     remove_stale_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"sedeploy-serve-{os.getpid()}-"))
@@ -358,8 +352,6 @@ def running_server(engines_dir: str | Path, engine: str | None = None, options: 
     """Start tritonserver with the engine, yield what is served once it is ready, and always stop it (within
     its exit timeout + KILL_GRACE_S) and remove its temporary files. ``stop``: a request to stop (the signals of
     :func:`serve`); when it comes during start-up, :class:`StartInterrupted` is raised after the shutdown."""
-    from sedeploy.serving.env import check_pytriton
-
     o = options or ServeOptions()
     o.check()
     check_pytriton()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sedeploy.errors import SedeployError
+from sedeploy.serving.env import require_client
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_QUEUE_DELAY_US", "TRITON_BACKENDS", "ONNX_TO_TRITON", "TensorSpec",
            "TritonModel", "parse_config", "read_results", "batching_policy"]
@@ -102,8 +103,6 @@ def parse_config(text: str, *, where: str = "config.pbtxt"):
     """Parse ``text`` with Triton's ModelConfig protobuf; a clear error when Triton would reject it."""
     from google.protobuf import text_format
     from google.protobuf.text_format import ParseError
-
-    from sedeploy.serving.env import require_client
 
     require_client("Validating Triton model configurations")
     from tritonclient.grpc import model_config_pb2

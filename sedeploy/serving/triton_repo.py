@@ -30,8 +30,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sedeploy.backends import read_sidecar
+from sedeploy.backends.ort import unsupported_here
+from sedeploy.bench.engines import describe_engine, preprocess_for
+from sedeploy.classes import read_class_names
 from sedeploy.errors import SedeployError
+from sedeploy.fsutil import folder_lock, missing_dirs, remove_empty_dirs
 from sedeploy.layout import ENGINE_SUFFIX, Manifest
+from sedeploy.onnxcore import META, get_metadata, holds_fp16_tensors, input_layout, load_onnx, output_kind
+from sedeploy.preprocess import recorded_preprocess
+from sedeploy.serving.env import require_client
 from sedeploy.serving.triton_config import (DEFAULT_MAX_BATCH, ONNX_TO_TRITON, TRITON_BACKENDS, TensorSpec,
                                             TritonModel, batching_policy, parse_config, read_results)
 
@@ -69,8 +77,6 @@ def manifest_engines(engines_dir: str | Path, *, artifacts: bool = False) -> lis
 
 
 def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from sedeploy.onnxcore import load_onnx
-
     proto = load_onnx(path, weights=False, check=False)
     inits = {t.name for t in proto.graph.initializer}
 
@@ -88,8 +94,6 @@ def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def engine_io(entry: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec], int | None, int | None]:
     """Inputs, outputs, the largest batch the engine takes (None: unlimited) and its tuned batch (plans) —
     read from the ONNX graph (ORT engines, artifacts) or the ONNX the engine was built from plus the sidecar."""
-    from sedeploy.backends import read_sidecar
-
     path, backend = entry["path"], entry["backend"]
     if backend == "ort":
         inputs, outputs = _onnx_io(path)
@@ -117,10 +121,6 @@ def engine_preprocess(path: Path, inputs: list[TensorSpec]):
     model metadata, else mmcls's pipeline at the input's height and width); recorded in config.pbtxt so a client
     needs nothing but the server. When the engine cannot be described, a warning says so and the input's own
     shape (NCHW or NHWC) decides; None for a non-image input."""
-    from sedeploy.bench.engines import describe_engine, preprocess_for
-    from sedeploy.onnxcore import input_layout
-    from sedeploy.preprocess import recorded_preprocess
-
     try:
         return preprocess_for(describe_engine(path))
     except SedeployError as err:
@@ -140,8 +140,6 @@ def output_facts(entry: dict[str, Any]) -> tuple[str, int]:
     """What the engine's first output holds (:func:`sedeploy.onnxcore.output_kind`: ``logits``, ``probabilities``
     or ``log_probabilities``) and the label offset its build recorded (``META.LABEL_OFFSET``: output k + offset
     is dataset class k; 0 when none is recorded), read from the engine's ONNX graph or the ONNX it was built from."""
-    from sedeploy.onnxcore import META, get_metadata, load_onnx, output_kind
-
     source = entry["path"] if entry["backend"] == "ort" else entry.get("from")
     if source is None or Path(source).suffix != ".onnx":
         raise SedeployError(f"The ONNX artifact that '{entry['path']}' was built from is missing.",
@@ -212,9 +210,6 @@ def plan_models(engines_dir: str | Path, *, results: dict[str, Any] | None = Non
         params = {"sedeploy.preprocess": json.dumps(pp.as_dict())} if pp else {}
         params.update({"sedeploy.precision": str(e.get("precision")), "sedeploy.kind": str(e.get("kind"))})
         if e["backend"] == "ort":  # served KIND_CPU (TRITON_BACKENDS)
-            from sedeploy.backends.ort import unsupported_here
-            from sedeploy.onnxcore import holds_fp16_tensors
-
             if unsupported_here("fp16") is not None and holds_fp16_tensors(e["path"]):
                 log.warning("%s holds FP16 tensors; Triton's ONNX Runtime backend on the CPU computes them in FP32 "
                             "here (no FP16 kernels on this CPU): served, but not at FP16 speed or rounding.",
@@ -246,8 +241,6 @@ def _engine_files(m: TritonModel) -> list[tuple[Path, str]]:
 
 
 def _write_model(m: TritonModel, root: Path) -> dict[str, Any]:
-    from sedeploy.backends import read_sidecar
-
     d = root / m.name
     (d / "1").mkdir(parents=True)
     text = m.config_text()
@@ -341,17 +334,12 @@ def package_triton(engines_dir: str | Path, out_dir: str | Path, *, results: str
     ``labels_file``: class names (``synset_words.txt``) written as ``labels.txt`` for Triton's classification
     extension, so a client can ask the server for the top-k names. Returns a summary (one dict per model).
     """
-    from sedeploy.fsutil import folder_lock, missing_dirs, remove_empty_dirs
-    from sedeploy.serving.env import require_client
-
     require_client("sedeploy package --triton (it validates every config.pbtxt with Triton's ModelConfig)")
     out = Path(out_dir)
     check_output_folder(engines_dir, out, force=force)
     bench = read_results(results) if results is not None else None
     labels = None
     if labels_file is not None:
-        from sedeploy.classes import read_class_names
-
         labels = read_class_names(labels_file)
     models = plan_models(engines_dir, results=bench, max_batch=max_batch, instances=instances, artifacts=artifacts,
                          labels=labels)
