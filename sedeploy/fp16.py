@@ -169,7 +169,9 @@ def _head(g: Graph, fc) -> list:
 
 
 # ------------------------------------------------------------------------------------------------------ conversion
-def _converter():
+def fp16_converter():
+    """The FP16 converter sedeploy uses (``onnxconverter_common.float16``), or the missing-dependency error naming
+    the ``fp16`` extra."""
     try:
         from onnxconverter_common import float16
     except ImportError as err:
@@ -316,7 +318,7 @@ def to_fp16(model, *, keep_fp32: str | Iterable[str] | None = DEFAULT_KEEP_FP32)
             log.warning("FP16: the FP32 group '%s' matches no node in this model; nothing kept for it", k)
     block = sorted({n for names in kept.values() for n in names})
     out_of_range = _count_out_of_range(src)
-    float16 = _converter()
+    float16 = fp16_converter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one UserWarning per out-of-range tensor; counted in the report instead
         out = float16.convert_float_to_float16(src, min_positive_val=FP16_MIN_SUBNORMAL, max_finite_val=FP16_MAX,

@@ -72,6 +72,9 @@ _FORMAT = {"FLOAT": "Row major linear FP32", "HALF": "Channel major FP16 format 
 _FORMAT_11 = {"FLOAT": ("Row major linear FP32 format (kLINEAR)", "Float"),
               "HALF": ("Channel major FP16 format where channel % 8 == 0 (kHWC8)", "Half"),
               "INT8": ("Channel major INT8 format where channel % 32 == 0 (kHWC32)", "Int8")}
+#: what ``sedeploy.backends.tensorrt.cuda_device`` returns on a machine with a GPU, for tests that have none
+FAKE_GPU = {"gpu": "Fake GPU", "compute_capability": "9.0", "cuda_runtime": "12.8", "device_index": "0"}
+
 FAILURES = frozenset({"network", "profile", "set_shape", "build", "deserialize", "context", "set_input_shape",
                       "inspector", "execute"})
 

@@ -248,7 +248,7 @@ def test_failed_build_leaves_nothing(ov_build, tmp_path, monkeypatch, fail_at):
     elif fail_at == "parity":
         def boom(*a, **k):
             raise VerificationError("simulated parity failure")
-        monkeypatch.setattr(OVB, "_parity_check", boom)
+        monkeypatch.setattr(OVB, "parity_check", boom)
         exc = VerificationError
     else:
         def boom(*a, **k):

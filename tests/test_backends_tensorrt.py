@@ -22,7 +22,7 @@ from sedeploy.onnxcore import graph_precision
 from sedeploy.backends import tensorrt as T
 from sedeploy.errors import MissingDependencyError, SedeployError
 
-from fake_tensorrt import make_fake_tensorrt
+from fake_tensorrt import FAKE_GPU, make_fake_tensorrt
 
 FP32_BUILD_TOL = 1e-2  # relative to the largest |logit|: TensorRT's default TF32 convolutions on Ampere+
 
@@ -192,14 +192,11 @@ def test_plan_compatibility_check(caplog):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Install a fake `tensorrt` (tests/fake_tensorrt.py) and a fake GPU description; returns the installer."""
-    monkeypatch.setattr(T, "_LOGGER", None)  # the process-wide logger must not outlive the stand-in
-    monkeypatch.setattr(T, "_cuda_device", lambda: {"gpu": "Fake GPU", "compute_capability": "9.0",
-                                                    "cuda_runtime": "12.8", "device_index": "0"})
+    monkeypatch.setattr(T, "cuda_device", lambda: dict(FAKE_GPU))
 
     def install(version="10.13.0.35", **kwargs):
         module = make_fake_tensorrt(version, **kwargs)
-        monkeypatch.setitem(sys.modules, "tensorrt", module)
-        monkeypatch.setattr(T, "_LOGGER", None)
+        monkeypatch.setitem(sys.modules, "tensorrt", module)  # T.trt_logger makes the stand-in a logger of its own
         return module
     return install
 

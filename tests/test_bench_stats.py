@@ -474,10 +474,10 @@ def test_real_imagenette_and_val_labels(shared_data):
 def test_int8_probe_graph_computes_the_product():
     import onnxruntime as ort
 
-    from sedeploy.bench.probe import _int8_matmul_model
+    from sedeploy.bench.probe import int8_matmul_model
 
     # 7-bit weights: the product must be exact, also on AVX2 CPUs without VNNI (int16 pair sums)
-    model = _int8_matmul_model(128, seed=5)
+    model = int8_matmul_model(128, seed=5)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(2).integers(0, 256, (128, 128), dtype=np.uint8)
     from onnx import numpy_helper

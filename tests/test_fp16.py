@@ -294,7 +294,7 @@ def test_converter_that_converts_nothing_is_caught(tiny, tmp_path, monkeypatch):
         def convert_float_to_float16(model, **_):
             return model
 
-    monkeypatch.setattr(P, "_converter", lambda: Identity)
+    monkeypatch.setattr(P, "fp16_converter", lambda: Identity)
     with pytest.raises(SedeployError, match="essentially FP32: 0 FP16"):
         convert_fp16(tiny.onnx_path, tmp_path / "x.onnx")
     assert not list(tmp_path.iterdir())

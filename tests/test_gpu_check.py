@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_tensorrt import make_fake_tensorrt
+from fake_tensorrt import FAKE_GPU, make_fake_tensorrt
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
@@ -75,10 +75,8 @@ def test_verdict_reads_what_the_backend_records(gpu_check, tiny_artifacts, tmp_p
     """The sidecar keys the build writes are the ones the verdict reads (built here with tests/fake_tensorrt.py)."""
     from sedeploy.backends import tensorrt as T
 
-    monkeypatch.setattr(T, "_cuda_device", lambda: {"gpu": "Fake GPU", "compute_capability": "9.0",
-                                                    "cuda_runtime": "12.8", "device_index": "0"})
+    monkeypatch.setattr(T, "cuda_device", lambda: dict(FAKE_GPU))
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt("11.0.0"))
-    monkeypatch.setattr(T, "_LOGGER", None)
     meta = T.build_trt_engine(tiny_artifacts["int8-trt"], tmp_path, opt_batch=2, max_batch=4).metadata
     check = {**_good("int8"), **{k: meta[k] for k in ("layer_precisions", "layers", "unreadable_layers")}}
     ok, lines = gpu_check.engine_verdict("int8-trt", check, 0.9)

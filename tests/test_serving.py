@@ -307,7 +307,7 @@ def test_one_preprocessing_rule_warns_and_honours_height_width_and_layout(tmp_pa
 
 
 def test_start_closes_the_log_file_when_the_repository_cannot_be_written(tmp_path, monkeypatch):
-    from sedeploy.serving import env, server
+    from sedeploy.serving import server
 
     opened = []
 
@@ -318,12 +318,12 @@ def test_start_closes_the_log_file_when_the_repository_cannot_be_written(tmp_pat
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(env, "triton_distribution", lambda: object())
+    monkeypatch.setattr(server, "triton_distribution", lambda: object())
     monkeypatch.setattr(server, "remove_stale_workdirs", lambda: None)
-    monkeypatch.setattr(server, "_open_log", open_log)
-    monkeypatch.setattr(server, "_write_repository", fail)
+    monkeypatch.setattr(server, "open_log_file", open_log)
+    monkeypatch.setattr(server, "write_repository", fail)
     with pytest.raises(OSError):
-        server._start(object(), server.ServeOptions(log_file=str(tmp_path / "t.log")))
+        server.start_server(object(), server.ServeOptions(log_file=str(tmp_path / "t.log")))
     assert len(opened) == 1 and opened[0].closed
 
 

@@ -24,7 +24,7 @@ import torch
 from sedeploy.backends import tensorrt as T
 from sedeploy.errors import SedeployError
 
-from fake_tensorrt import FAILURES, RealSignatures, make_fake_tensorrt
+from fake_tensorrt import FAILURES, FAKE_GPU, RealSignatures, make_fake_tensorrt
 
 VERSION = os.environ.get("SEDEPLOY_TRT_BINDINGS_VERSION")
 MAJOR = int(VERSION.split(".")[0]) if VERSION else None
@@ -50,13 +50,11 @@ def artifacts(request):
 @pytest.fixture
 def trt_over_real(real, monkeypatch):
     """Install the fake over the real module as `tensorrt`, with a fake GPU description; returns the installer."""
-    monkeypatch.setattr(T, "_cuda_device", lambda: {"gpu": "Fake GPU", "compute_capability": "9.0",
-                                                    "cuda_runtime": "12.8", "device_index": "0"})
+    monkeypatch.setattr(T, "cuda_device", lambda: dict(FAKE_GPU))
 
     def install(**kwargs):
         module = make_fake_tensorrt(real=real, **kwargs)
-        monkeypatch.setitem(sys.modules, "tensorrt", module)
-        monkeypatch.setattr(T, "_LOGGER", None)  # the process-wide logger must not outlive the module
+        monkeypatch.setitem(sys.modules, "tensorrt", module)  # T.trt_logger makes it a logger of its own
         return module
     return install
 
@@ -91,7 +89,7 @@ def test_the_module_is_the_real_binding_of_this_release(real):
 
 def test_sedeploys_logger_passes_the_real_constructors_argument_check(real, trt_over_real):
     trt = trt_over_real()
-    logger = T._logger(trt)
+    logger = T.trt_logger(trt)
     assert isinstance(logger, real.ILogger)
     for cls in (real.Builder, real.Runtime):
         with pytest.raises(TypeError, match="returned nullptr"):  # arguments accepted; the stub has no builder
@@ -156,7 +154,7 @@ def test_signature_checks_are_the_real_ones(real):
 
 def test_fake_refuses_a_hard_coded_enum_integer(real, trt_over_real):
     trt = trt_over_real()
-    config = trt.Builder(T._logger(trt)).create_builder_config()
+    config = trt.Builder(T.trt_logger(trt)).create_builder_config()
     with pytest.raises(TypeError, match="incompatible"):
         config.set_memory_pool_limit(int(real.MemoryPoolType.WORKSPACE), 1)
     with pytest.raises(TypeError, match="incompatible"):
@@ -206,7 +204,7 @@ def test_inspector_without_shapes_gives_unreadable_layers_not_a_pass(real, trt_o
 
     trt = trt_over_real()
     art = T.build_trt_engine(artifacts["fp16"], tmp_path, min_batch=1, opt_batch=2, max_batch=4)
-    runtime = trt.Runtime(T._logger(trt))
+    runtime = trt.Runtime(T.trt_logger(trt))
     engine = runtime.deserialize_cuda_engine(art.path.read_bytes())
     bare = layer_precisions(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     assert bare["layers"] and len(bare["unreadable"]) == len(bare["layers"]) and set(bare["counts"]) == {"unknown"}

@@ -66,7 +66,7 @@ from sedeploy.onnxcore import default_threads, image_input, load_onnx, run_model
 from sedeploy.passes import squeeze_first
 from sedeploy.preprocess import layout_batch, smooth_noise
 
-__all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "unsupported_here"]
+__all__ = ["OpenVinoRunner", "OpenVinoModelRunner", "build_engine", "parity_check", "unsupported_here"]
 
 ENGINE_SUFFIX = layout.ENGINE_SUFFIX["openvino"]
 WEIGHTS_SUFFIX = layout.OPENVINO_WEIGHTS_SUFFIX
@@ -266,7 +266,7 @@ def _profile(model) -> dict[str, list[int]]:
     return {"min": [shape[0] if shape[0] > 0 else 1, *shape[1:]], "max": shape}
 
 
-def _parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[str, Any]:
+def parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[str, Any]:
     """Compile the saved IR as the runner will and compare with ONNX Runtime on the same artifact (smooth test
     images). FP32 must match to :data:`FP32_PARITY_RTOL` relative; other precisions must give finite logits of
     the same shape (their agreement is measured on real images by `sedeploy bench`)."""
@@ -373,7 +373,7 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
         tmp_bin = tmp / f"{stem}{WEIGHTS_SUFFIX}"
         if not tmp_xml.is_file() or not tmp_bin.is_file():
             raise SedeployError(f"OpenVINO {ov.get_version()} did not write the IR of '{src}' (.xml and .bin).")
-        check = _parity_check(src, tmp_xml, art.precision, threads)
+        check = parity_check(src, tmp_xml, art.precision, threads)
         metadata = {
             "backend": "openvino", "sedeploy_version": __version__, "openvino_version": ov.get_version(),
             "device": DEVICE, "precision": art.precision, "kind": art.kind, "flavour": art.flavour,

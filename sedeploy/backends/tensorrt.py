@@ -53,7 +53,7 @@ log = logging.getLogger("sedeploy")
 
 __all__ = ["STRONGLY_TYPED_MAJOR", "parse_trt_version", "trt_version", "require_trt", "validate_profile",
            "profile_shapes", "validate_trt_input", "build_engine", "build_trt_engine", "check_plan_compatible",
-           "TrtRunner"]
+           "cuda_device", "trt_logger", "TrtRunner"]
 
 #: TensorRT data type names → numpy dtype names (IO tensors sedeploy feeds / reads).
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "UINT8": "uint8", "INT32": "int32",
@@ -82,10 +82,12 @@ def require_trt(purpose: str) -> tuple[tuple[int, int, int], dict[str, str]]:
 
     Called before any long work (export, calibration) so that `--backend trt` on a CPU machine costs nothing."""
     trt = _import_trt(purpose)
-    return parse_trt_version(trt.__version__), _cuda_device()
+    return parse_trt_version(trt.__version__), cuda_device()
 
 
-def _cuda_device() -> dict[str, str]:
+def cuda_device() -> dict[str, str]:
+    """The CUDA device TensorRT builds and runs on, as sidecars record it: ``gpu`` (name), ``compute_capability``,
+    ``cuda_runtime`` (torch's CUDA version), ``device_index``; the error says how to fix a machine without one."""
     import torch
 
     if not torch.cuda.is_available():
@@ -101,14 +103,16 @@ def _cuda_device() -> dict[str, str]:
             "cuda_runtime": str(torch.version.cuda), "device_index": str(index)}
 
 
-_LOGGER = None
+#: the tensorrt module the logger was made for, and the logger
+_LOGGER: tuple[Any, Any] | None = None
 
 
-def _logger(trt):
+def trt_logger(trt):
     """One process-wide TensorRT logger (TensorRT keeps the first one it is given) that also keeps the recent
-    messages, so that failures can quote TensorRT's own explanation."""
+    messages, so that failures can quote TensorRT's own explanation. It is made once per ``trt`` module: another
+    module given in its place (a stand-in) gets a logger of its own."""
     global _LOGGER
-    if _LOGGER is None:
+    if _LOGGER is None or _LOGGER[0] is not trt:
         sev = trt.ILogger.Severity
 
         class _CapturingLogger(trt.ILogger):
@@ -128,8 +132,8 @@ def _logger(trt):
                 text, self.lines = "\n".join(self.lines), []
                 return text
 
-        _LOGGER = _CapturingLogger()
-    return _LOGGER
+        _LOGGER = (trt, _CapturingLogger())
+    return _LOGGER[1]
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
@@ -154,12 +158,12 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
     typing, precision = check_build_request(src, min_batch, opt_batch, max_batch, workspace_gib)
     trt = _import_trt("Building a TensorRT engine")
     version = parse_trt_version(trt.__version__)
-    device = _cuda_device()
+    device = cuda_device()
     out = ensure_writable_dir(out_dir)
     plan_path, sidecar = out / f"{src.stem}.plan", out / f"{src.stem}.trt.json"
     cache_path = timing_cache_path(timing_cache, trt.__version__, device["compute_capability"]) \
         if timing_cache is not None else None
-    logger = _logger(trt)
+    logger = trt_logger(trt)
     logger.take()
 
     t0 = time.perf_counter()
@@ -269,7 +273,7 @@ class TrtRunner(Runner):
             raise SedeployError(f"The TensorRT plan '{self.path}' does not exist.", fix="check the path")
         self.meta = read_sidecar(sidecar or sidecar_for(self.path), engine=self.path)
         trt = _import_trt("Running a TensorRT engine")
-        self._device = _cuda_device()
+        self._device = cuda_device()
         check_plan_compatible(self.meta, trt.__version__, self._device, str(self.path))
         if self.meta.get("plan_sha256") not in (None, sha256_file(self.path)):
             raise SedeployError(f"The sidecar of '{self.path}' describes a different plan (sha256 differs).",
@@ -283,7 +287,7 @@ class TrtRunner(Runner):
         import torch
 
         trt = _import_trt("Running a TensorRT engine")
-        self._logger = logger = _logger(trt)
+        self._logger = logger = trt_logger(trt)
         logger.take()
         self._runtime = trt.Runtime(logger)  # must outlive the engine
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())

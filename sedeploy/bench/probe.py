@@ -44,7 +44,7 @@ from sedeploy.onnxcore import cpu_session
 log = logging.getLogger("sedeploy")
 
 __all__ = ["probe_fp32_gemm", "probe_fp32_gemm_ort", "probe_fp32_gemm_openvino", "probe_int8_gemm", "machine_ceilings",
-           "ceiling_kind"]
+           "ceiling_kind", "int8_matmul_model", "fp32_matmul_model"]
 
 
 def _time_calls(fn: Callable[[], Any], *, seconds: float, warmup: int, min_calls: int,
@@ -102,7 +102,10 @@ def probe_fp32_gemm(size: int = 1024, *, threads: int = 2, seconds: float = 1.0,
                     method=f"torch {torch.__version__} matmul float32")
 
 
-def _int8_matmul_model(size: int, seed: int = 0):
+def int8_matmul_model(size: int, seed: int = 0):
+    """The int8 GEMM probe's graph: one ``MatMulInteger`` of a uint8 ``size``×``size`` input ``a`` (zero point
+    128) with a constant 7-bit int8 weight ``w`` drawn from ``seed`` (zero point 0) → int32 ``y``, so the product
+    is exact on every x86 CPU (see the module docstring)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -132,7 +135,7 @@ def probe_int8_gemm(size: int = 1024, *, threads: int = 2, seconds: float = 1.0,
     except ImportError as err:
         raise MissingDependencyError("onnxruntime", "dev", "The int8 GEMM probe") from err
 
-    session = cpu_session(_int8_matmul_model(size), threads=threads)
+    session = cpu_session(int8_matmul_model(size), threads=threads)
     a = np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)
     feed = {"a": a}
     samples = _time_calls(lambda: session.run(["y"], feed), seconds=seconds, warmup=warmup, min_calls=min_calls)
@@ -140,7 +143,9 @@ def probe_int8_gemm(size: int = 1024, *, threads: int = 2, seconds: float = 1.0,
                     method=f"onnxruntime {ort.__version__} MatMulInteger u8s8 (CPU)")
 
 
-def _fp32_matmul_model(size: int, seed: int = 0):
+def fp32_matmul_model(size: int, seed: int = 0):
+    """The fp32 GEMM probe's graph: one ``MatMul`` of a float32 ``size``×``size`` input ``a`` with a constant
+    standard-normal weight ``w`` drawn from ``seed`` → ``y``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -165,7 +170,7 @@ def probe_fp32_gemm_ort(size: int = 1024, *, threads: int = 2, seconds: float = 
     except ImportError as err:
         raise MissingDependencyError("onnxruntime", "dev", "The fp32 GEMM probe") from err
 
-    session = cpu_session(_fp32_matmul_model(size), threads=threads)
+    session = cpu_session(fp32_matmul_model(size), threads=threads)
     feed = {"a": np.random.default_rng(1).standard_normal((size, size)).astype(np.float32)}
     samples = _time_calls(lambda: session.run(["y"], feed), seconds=seconds, warmup=warmup, min_calls=min_calls)
     return _summary("fp32", 2.0 * size ** 3, samples, shape=[size, size, size], threads=threads,
@@ -189,7 +194,7 @@ def probe_fp32_gemm_openvino(size: int = 1024, *, threads: int = 2, seconds: flo
     core = ov.Core()
     with tempfile.TemporaryDirectory(prefix="sedeploy-probe-") as tmp:
         path = Path(tmp) / "gemm.onnx"
-        onnx.save(_fp32_matmul_model(size), str(path))
+        onnx.save(fp32_matmul_model(size), str(path))
         compiled = core.compile_model(core.read_model(str(path)), "CPU",
                                       compile_config(threads=threads, precision_hint="f32"))
     request = compiled.create_infer_request()

@@ -197,7 +197,7 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
                                     ) from None
 
 
-def _open_log(path: Path):
+def open_log_file(path: Path):
     """The user's --log-file, opened for appending (it collects tritonserver's output over runs)."""
     try:
         return open(path, "ab")
@@ -246,7 +246,7 @@ def _plan(engines_dir, engine, o: ServeOptions):
 
 
 # ------------------------------------------------------------------------------------------- the server process
-def _write_repository(root: Path, model, dist) -> None:
+def write_repository(root: Path, model, dist) -> None:
     """The one-model repository (python backend running :mod:`sedeploy.serving.python_model`) and a backend folder
     holding Triton's python backend with the stub built for this Python (Triton looks for the stub there)."""
     d = root / "repository" / model.name
@@ -279,7 +279,10 @@ def _environment(dist, workdir: Path) -> dict[str, str]:
     return env
 
 
-def _start(model, o: ServeOptions) -> TritonProcess:
+def start_server(model, o: ServeOptions) -> TritonProcess:
+    """Start tritonserver on ``model`` (one planned model) in a working folder of its own: the one-model repository,
+    the log (``o.log_file`` appended to, else a log in that folder), the environment. A start that fails leaves
+    nothing behind: the log file is closed and the folder removed."""
     dist = triton_distribution()
     remove_stale_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"sedeploy-serve-{os.getpid()}-"))
@@ -287,11 +290,11 @@ def _start(model, o: ServeOptions) -> TritonProcess:
     try:
         if o.log_file:
             log_path = Path(o.log_file)
-            handle = _open_log(log_path)
+            handle = open_log_file(log_path)
         else:
             log_path = workdir / "tritonserver.log"
             handle = open(log_path, "ab")
-        _write_repository(workdir, model, dist)
+        write_repository(workdir, model, dist)
         args = [str(dist.server), f"--model-repository={workdir / 'repository'}",
                 f"--backend-directory={workdir / 'backends'}", "--model-control-mode=none",
                 "--strict-readiness=true", f"--exit-timeout-secs={int(o.exit_timeout_s)}",
@@ -357,7 +360,7 @@ def running_server(engines_dir: str | Path, engine: str | None = None, options: 
     check_pytriton()
     served, model = _plan(engines_dir, engine, o)
     check_ports(o.host, {"--port": o.http_port, "--grpc-port": o.grpc_port, "--metrics-port": o.metrics_port})
-    server = _start(model, o)
+    server = start_server(model, o)
     try:
         if not _wait_ready(server, served, o, stop):
             raise StartInterrupted(served)
