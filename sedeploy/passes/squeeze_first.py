@@ -34,6 +34,7 @@ import numpy as np
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import Graph, attr
 
+
 @dataclass
 class SqueezeFirstCandidate:
     """One GlobalAveragePool the matcher looked at: matched (``reason is None``) or why not."""
