@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sedeploy import __version__
 from sedeploy.errors import SedeployError, VerificationError
 from sedeploy.fsutil import atomic_path, clean_stale_partials, disk_full_error, is_disk_full, require_utf8_path
-from sedeploy.onnxcore import META, get_metadata, set_metadata, sha256_file
+from sedeploy.onnxcore import META, cpu_session, get_metadata, load_onnx, pad_to_batch, set_metadata, sha256_file
 from sedeploy.preprocess import Preprocess, load_folder, smooth_noise
 
 log = logging.getLogger("sedeploy")
@@ -44,6 +45,11 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_CALIB_DIR = Path(__file__).resolve().parent.parent / "calib"
 #: largest --input-size accepted: ~13× ImageNet's side; one SE-ResNet-50 image then needs ~10 GiB of activations
 MAX_INPUT_SIZE = 2048
+#: Per-node ``metadata_props`` keys the exporter writes that hold file locations (the Python source lines each node
+#: came from, with absolute paths of the checkout and of site-packages): the same network exported from two
+#: checkouts would differ in bytes. They are dropped; the node names and the module scopes
+#: (``namespace``, ``pkg.torch.onnx.name_scopes``, ``pkg.torch.onnx.class_hierarchy``) stay.
+LOCATION_METADATA_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})
 
 
 @dataclass
@@ -133,12 +139,40 @@ def _quiet_exporter():
             lg.setLevel(lvl)
 
 
+def strip_location_metadata(proto) -> int:
+    """Drop :data:`LOCATION_METADATA_KEYS` from every node (subgraphs and local functions included), so the file's
+    bytes do not depend on where sedeploy or torch is installed. Returns how many entries were dropped."""
+    import onnx
+
+    dropped = 0
+
+    def nodes(graph):
+        for node in graph.node:
+            yield node
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        yield from nodes(g)
+
+    for node in [*nodes(proto.graph), *(n for f in proto.functions for n in f.node)]:
+        keep = [p for p in node.metadata_props if p.key not in LOCATION_METADATA_KEYS]
+        if len(keep) != len(node.metadata_props):
+            dropped += len(node.metadata_props) - len(keep)
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+    return dropped
+
+
 def export_onnx(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, batch_size: int = 1,
                 input_size: int = 224, metadata: dict | None = None) -> Path:
     """Export ``model`` (N×3×S×S → logits) to ``path`` as one self-contained ONNX file, checked in full.
 
     Inputs are named ``input``/``logits``; with ``dynamic_batch`` the batch dimension is symbolic ("batch").
-    ``metadata`` goes into the model's metadata_props (values JSON-encoded when not strings).
+    ``metadata`` goes into the model's metadata_props (values JSON-encoded when not strings). The exporter's
+    per-node source locations are dropped (:func:`strip_location_metadata`): the bytes depend only on the network,
+    the options and the library versions, not on where the checkout is.
     """
     import onnx
     import torch
@@ -170,6 +204,7 @@ def export_onnx(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool 
         proto = onnx.load(str(tmp), load_external_data=False)
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             raise SedeployError("The exporter wrote weights to an external data file; sedeploy needs one file.")
+        strip_location_metadata(proto)
         set_metadata(proto, metadata or {})
         onnx.save(proto, str(tmp))
         stray = tmp.with_name(tmp.name + ".data")
@@ -181,8 +216,6 @@ def export_onnx(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool 
 
 def read_metadata(path) -> dict:
     """sedeploy's metadata from an ONNX file (JSON values decoded)."""
-    from sedeploy.onnxcore import load_onnx
-
     return get_metadata(load_onnx(path, weights=False, check=False))
 
 
@@ -190,8 +223,6 @@ def verify_onnx(model, onnx_path, *, images: np.ndarray, image_folder: str = "",
                 rtol: float = DEFAULT_RTOL, batch_size: int | None = None, random_inputs: int = 2, seed: int = 0) -> Verification:
     """Run ``onnx_path`` in ONNX Runtime (CPU) and ``model`` in PyTorch on the same inputs; compare logits."""
     import torch
-
-    from sedeploy.onnxcore import cpu_session, pad_to_batch
 
     sess = cpu_session(onnx_path)
     size = images.shape[-1]
@@ -294,8 +325,6 @@ def export_model(*, depth: int | None = None, checkpoint: str | None = None, out
         META.PREPROCESS: pp.as_dict(), META.WEIGHTS: weights,
         META.BLOCK_STYLE: spec.style, META.PRECISION: "fp32",
     }
-    from sedeploy import __version__
-
     metadata[META.VERSION] = __version__
     # Export to a temporary name, verify, then rename: a failed verification leaves nothing behind. Partial files
     # of this name that killed runs (SIGKILL) left behind are removed first.

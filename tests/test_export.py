@@ -1,5 +1,10 @@
 """Export produces one verified, self-contained ONNX file — or nothing at all."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -126,3 +131,26 @@ def test_se_resnet50_parity_on_real_images(tmp_path, shared_data):
     extra = E.verify_onnx(build_model(50), res.path, images=x, random_inputs=0)
     assert extra.max_abs_diff <= 1e-4 and extra.top1_agreement == 1.0
     assert res.params == 28_088_024 and res.flops == 4_127_927_392
+
+
+@pytest.mark.slow
+def test_export_bytes_do_not_depend_on_the_checkout_or_the_output_folder(tmp_path, calib_dir):
+    """The same network exported by this checkout and by a copy of it elsewhere, into two folders: the same bytes.
+
+    The exporter records each node's Python source location (absolute paths) unless export drops it."""
+    package = Path(E.__file__).resolve().parent
+    other = tmp_path / "elsewhere" / "checkout"
+    shutil.copytree(package, other / "sedeploy", ignore=shutil.ignore_patterns("__pycache__"))
+    kw = dict(depth=18, base_channels=8, input_size=32, verify_limit=2, verify_images=str(calib_dir))
+    here, there = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx"
+    here.parent.mkdir()
+    E.export_model(output=here, **kw)
+    code = f"from sedeploy import export as E; E.export_model(output={str(there)!r}, **{kw!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(other)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = here.read_bytes()
+    assert str(package.parent).encode() not in data and str(other).encode() not in there.read_bytes()
+    assert data == there.read_bytes()
+    scopes = {p.key for n in onnx.load(str(here)).graph.node for p in n.metadata_props}
+    assert "namespace" in scopes and not scopes & E.LOCATION_METADATA_KEYS
