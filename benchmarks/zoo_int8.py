@@ -50,7 +50,7 @@ ZOO = {
                                              "std": (128.0,) * 3, "offset": 0},
 }
 FORMS = ("fp16", "int8-ov", "int8-cpu", "int8-trt", "nncf")
-ABLATIONS = ("int8-ov 8-bit weights", "int8-ov no bias correction", "int8-ov Clip float")
+ABLATIONS = ("int8-ov 8-bit weights", "int8-ov 7-bit all", "int8-ov 7-bit dense inputs", "int8-ov no bias correction", "int8-ov Clip float")
 
 
 def _labels(folder: Path) -> dict[str, int]:
@@ -98,7 +98,11 @@ def _build(form: str, fp32: Path, cal, work: Path, calib_x: np.ndarray):
         return "ov", nncf.quantize(model, data, subset_size=len(calib_x))
     kw: dict = {}
     if form == "int8-ov 8-bit weights":
-        kw["cpu_options"] = dataclasses.replace(quantize.OV_OPTIONS, reduce_range=False)
+        kw["cpu_options"] = dataclasses.replace(quantize.OV_OPTIONS, reduce_range="none")
+    elif form == "int8-ov 7-bit all":
+        kw["cpu_options"] = dataclasses.replace(quantize.OV_OPTIONS, reduce_range="all")
+    elif form == "int8-ov 7-bit dense inputs":
+        kw["cpu_options"] = dataclasses.replace(quantize.OV_OPTIONS, reduce_range="dense-inputs")
     elif form == "int8-ov no bias correction":
         kw["bias_correction"] = False
     elif form == "int8-ov Clip float":

@@ -347,3 +347,98 @@ def test_openvino_form_uses_seven_bit_weights_and_bias_correction(clip_images, t
     for w in weights:
         per_channel = np.abs(w.reshape(w.shape[0], -1).astype(int)).max(1)
         assert per_channel.max() <= 64 and (per_channel == 64).all()
+
+
+def _mixed_net(path, seed: int = 0):
+    """x → conv_img → Relu → conv_relu → Clip(0, 6) → conv_relu6 → conv_signed (reads conv_relu6's raw, signed
+    output) → Relu → GlobalAveragePool → Flatten → Gemm: one weighted layer behind each kind of input."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in {
+        "w0": rng.normal(0, 0.5, (8, 3, 3, 3)), "w1": rng.normal(0, 0.3, (8, 8, 3, 3)),
+        "w2": rng.normal(0, 0.3, (8, 8, 1, 1)), "w3": rng.normal(0, 0.3, (8, 8, 1, 1)),
+        "wf": rng.normal(0, 0.5, (10, 8)), "zero": np.array(0.0), "six": np.array(6.0)}.items()]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv_img"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv_relu"),
+             helper.make_node("Clip", ["c1", "zero", "six"], ["r1"], name="relu6"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv_relu6"),
+             helper.make_node("Conv", ["c2", "w3"], ["c3"], name="conv_signed"),
+             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_dense_inputs_get_seven_bit_weights(clip_images, tmp_path):
+    """reduce_range="dense-inputs": 7-bit weights exactly where the layer's input fills the 8-bit grid (the image,
+    a ReLU6 output, a signed tensor), full 8 bits after a plain ReLU; each weight still per channel (its largest
+    value on the layer's top level), the file passes onnx's full check and stays close to FP32."""
+    import dataclasses
+
+    import onnx
+    from onnx import numpy_helper
+
+    from sedeploy import quantize
+    from sedeploy.onnxcore import run_model
+
+    folder, pp, x = clip_images
+    fp32 = _mixed_net(tmp_path / "mixed.onnx")
+    cal = calibrate(fp32, folder, progress=False, preprocess=pp, cache_dir=tmp_path / "cal")
+    seven = quantize.seven_bit_layers(onnx.load(str(fp32)), cal, "dense-inputs")
+    assert seven == {"conv_img", "conv_relu6", "conv_signed"}, seven
+    opts = dataclasses.replace(quantize.OV_OPTIONS, reduce_range="dense-inputs")
+    rep = quantize_model(fp32, cal, tmp_path / "q.onnx", flavour="ov", head="int8", cpu_options=opts)
+    assert rep.settings["seven_bit_weight_layers"] == 3
+    m = onnx.load(rep.path)
+    onnx.checker.check_model(m, full_check=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    levels = {}
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            dq = next(p for p in m.graph.node if n.input[1] in p.output)
+            w = inits[dq.input[0]].astype(int)
+            assert dq.input[1] in inits and inits[dq.input[1]].size == w.shape[0]  # per output channel
+            levels[n.name] = int(np.abs(w).max())
+    assert levels == {"conv_img": 64, "conv_relu": 127, "conv_relu6": 64, "conv_signed": 64, "fc": 127}, levels
+    ref, got = run_model(fp32, x), run_model(rep.path, x)
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    with pytest.raises(SedeployError, match="QDQ"):
+        quantize.CpuOptions(reduce_range="dense-inputs")  # QOperator default format
+    with pytest.raises(SedeployError, match="reduce_range"):
+        quantize.CpuOptions(format="qdq", reduce_range="some")
+
+
+def test_float_head_only_while_cheap(tmp_path):
+    """head="float" keeps a head in float only while it is a small share of the multiply-adds: a classifier ending
+    in a 1×1 conv on the full map (as SqueezeNet does) is quantized, a Gemm head stays float."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sedeploy import quantize
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
+             for n, s in {"w0": (16, 3, 3, 3), "w1": (100, 16, 1, 1)}.items()]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv_head"),
+             helper.make_node("GlobalAveragePool", ["c1"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["y"], name="flat")]
+    g = helper.make_graph(nodes, "convhead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])], inits)
+    path = tmp_path / "convhead.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    macs = quantize.layer_macs(path)
+    assert macs["conv_head"] / sum(macs.values()) > quantize.FLOAT_HEAD_MAX_MACS_SHARE
+    assert quantize.head_layers(path) == ["conv_head"]
+    assert quantize.float_head_layers(path, "ov") == []
+    assert quantize.float_head_layers(path, "ov", "int8") == []
+    mixed = _mixed_net(tmp_path / "mixed.onnx")  # its Gemm head: a tiny share
+    assert quantize.float_head_layers(mixed, "ov") == ["fc"]

@@ -31,10 +31,11 @@ from sedeploy.quantize.bias import DEFAULT_BIAS_CORRECTION, WEIGHT_QMAX_FULL, WE
 from sedeploy.quantize.calibration import (CACHE_FORMAT, CALIBRATION_VERSION, DEFAULT_BATCH_SIZE, DEFAULT_COUNT,
                                            DEFAULT_METHOD, GRIDS, MIN_IMAGES, CalibrationResult, activation_tensors,
                                            calibrate, calibration_key, default_cache_dir, select_images)
-from sedeploy.quantize.cpu import CPU_OPTIONS, OV_OPTIONS, CpuOptions, write_cpu
+from sedeploy.quantize.cpu import CPU_OPTIONS, OV_OPTIONS, REDUCE_RANGE_SCOPES, CpuOptions, seven_bit_layers, write_cpu
 from sedeploy.quantize.estimators import (DEFAULT_PERCENTILE, HIST_BINS, METHODS, QUANT_BINS, entropy_amax,
                                           method_params, mse_amax, percentile_amax)
-from sedeploy.quantize.policies import (DEFAULT_HEAD_POLICY, DEFAULT_SE_POLICY, HEAD_POLICIES, SE_POLICIES,
+from sedeploy.quantize.policies import (DEFAULT_HEAD_POLICY, DEFAULT_SE_POLICY, FLOAT_HEAD_MAX_MACS_SHARE,
+                                        HEAD_POLICIES, SE_POLICIES,
                                         float_groups, float_head_layers, head_layers, head_policy, layer_macs,
                                         quantized_op_counts, weighted_layers)
 from sedeploy.quantize.source import MIN_OPSET, load_fp32, se_nodes
@@ -64,18 +65,20 @@ FLAVOURS: dict[str, Flavour] = {f.name: f for f in (
     Flavour("trt", "TensorRT: symmetric Q/DQ inside the FP16 graph, as its strongly typed parser wants", write_trt),
     Flavour("cpu", "ONNX Runtime CPU: QOperator U8S8 with 7-bit weights, fastest without VNNI", write_cpu,
             CPU_OPTIONS),
-    Flavour("ov", "OpenVINO CPU: Q/DQ, int8 where negative and uint8 after ReLU, 7-bit weights", write_cpu,
+    Flavour("ov", "OpenVINO CPU: Q/DQ, int8 where negative and uint8 after ReLU, 7-bit weights on dense inputs",
+            write_cpu,
             OV_OPTIONS),
 )}
 
 __all__ = [
     "CACHE_FORMAT", "CALIBRATION_VERSION", "CPU_OPTIONS", "DEFAULT_BATCH_SIZE", "DEFAULT_BIAS_CORRECTION",
     "DEFAULT_COUNT", "DEFAULT_HEAD_POLICY", "DEFAULT_METHOD", "DEFAULT_PERCENTILE", "DEFAULT_SE_POLICY",
-    "FLAVOURS", "FP16_MIN_NORMAL", "GRIDS", "HEAD_POLICIES", "HIST_BINS", "METHODS", "MIN_IMAGES", "MIN_OPSET",
-    "OV_OPTIONS", "QUANT_BINS", "SE_POLICIES", "TRT_OPSET", "CalibrationResult", "CpuOptions", "Flavour",
+    "FLAVOURS", "FLOAT_HEAD_MAX_MACS_SHARE", "FP16_MIN_NORMAL", "GRIDS", "HEAD_POLICIES", "HIST_BINS", "METHODS",
+    "MIN_IMAGES", "MIN_OPSET",
+    "OV_OPTIONS", "QUANT_BINS", "REDUCE_RANGE_SCOPES", "SE_POLICIES", "TRT_OPSET", "CalibrationResult", "CpuOptions", "Flavour",
     "QuantReport", "activation_tensors", "calibrate", "calibration_key", "default_cache_dir", "entropy_amax",
     "float_groups", "float_head_layers", "head_layers", "head_policy", "layer_macs", "method_params", "mse_amax",
-    "percentile_amax", "quantize_model", "quantized_op_counts", "select_images", "smoke_run", "weighted_layers",
+    "percentile_amax", "quantize_model", "quantized_op_counts", "select_images", "seven_bit_layers", "smoke_run", "weighted_layers",
 ]
 
 
@@ -180,8 +183,9 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         bias_correction = DEFAULT_BIAS_CORRECTION[flavour]
     if bias_correction:
         skip = set(exclude) | (se_nodes(model) if se == "fp32" else set())
-        # the levels the flavour gives the weights (CPU/OpenVINO options: 7-bit with reduce_range)
-        qmax = WEIGHT_QMAX_REDUCED if options is not None and options.reduce_range else WEIGHT_QMAX_FULL
+        # the levels the flavour gives each layer's weights (CPU/OpenVINO options: 7-bit with reduce_range)
+        seven = seven_bit_layers(model, calibration, options.reduce_range) if options is not None else set()
+        qmax = {n.name: WEIGHT_QMAX_REDUCED if n.name in seven else WEIGHT_QMAX_FULL for n in model.graph.node}
         corrected = correct_biases(model, calibration, qmax, skip)
     model, settings = row.write(model, calibration, se, label, set(exclude), options, keep_fp32)
     fmt = "QOperator" if options is not None and options.format == "qoperator" else "QDQ"

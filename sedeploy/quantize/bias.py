@@ -1,6 +1,8 @@
 """Bias correction: each quantized layer's bias corrected for the mean shift its weight quantization causes."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from sedeploy.onnxcore import Graph, attr
@@ -29,11 +31,12 @@ def _fake_quant(w: np.ndarray, axis: int, qmax: float) -> np.ndarray:
     return np.moveaxis(np.clip(np.rint(moved / scale), -qmax, qmax) * scale, 0, axis)
 
 
-def correct_biases(model, calibration: CalibrationResult, qmax: float, skip: set[str]) -> int:
+def correct_biases(model, calibration: CalibrationResult, qmax: float | Mapping[str, float], skip: set[str]) -> int:
     """Bias correction (Nagel et al. 2019, "Data-free quantization", empirical form): quantizing a weight W to W_q
     shifts the layer's expected output by (W_q − W)·E[x]; subtracting that from the bias restores the mean. E[x] is
     the per-channel mean of the layer's input over the calibration images (``calibration.channel_means``; a
-    zero-padded border is treated like the interior). ``qmax``: the weights' symmetric levels. In place; returns
+    zero-padded border is treated like the interior). ``qmax``: the weights' symmetric levels (one for every
+    layer, or per node name). In place; returns
     how many layers were corrected."""
     from onnx import numpy_helper
 
@@ -43,13 +46,14 @@ def correct_biases(model, calibration: CalibrationResult, qmax: float, skip: set
     for n in g.nodes:
         if n.op_type not in WEIGHTED or n.name in skip or len(n.input) < 2 or n.input[1] not in inits:
             continue
+        levels = qmax.get(n.name, WEIGHT_QMAX_FULL) if isinstance(qmax, Mapping) else qmax
         mean = calibration.channel_means.get(n.input[0])
         if mean is None or attr(n, "transA", 0):
             continue
         w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
         m = np.asarray(mean, np.float64)
         if n.op_type == "Conv":
-            dw = (_fake_quant(w, 0, qmax) - w).reshape(w.shape[0], w.shape[1], -1).sum(-1)  # [out, in/groups]
+            dw = (_fake_quant(w, 0, levels) - w).reshape(w.shape[0], w.shape[1], -1).sum(-1)  # [out, in/groups]
             groups = int(attr(n, "group", 1))
             per_group = w.shape[0] // groups
             idx = (np.arange(w.shape[0])[:, None] // per_group) * w.shape[1] + np.arange(w.shape[1])[None, :]
@@ -59,7 +63,7 @@ def correct_biases(model, calibration: CalibrationResult, qmax: float, skip: set
             scale = 1.0
         else:
             axis = 0 if attr(n, "transB", 0) else 1
-            dw = _fake_quant(w, axis, qmax) - w
+            dw = _fake_quant(w, axis, levels) - w
             dw = dw if axis == 0 else dw.T  # [out, in]
             if dw.shape[1] != m.size:
                 continue

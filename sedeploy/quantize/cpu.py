@@ -14,10 +14,11 @@
     benchmarks/results/openvino_peers/results.md): the CPU flavour's quantizer and placement (every op of :data:`CPU_OPTIONS`,
     squeeze as GlobalAveragePool) written as Q/DQ (:data:`OV_OPTIONS`), with int8 symmetric activations where a
     tensor has negative values and uint8 with zero point 0 after a ReLU (all 8 bits, no zero-point arithmetic;
-    NNCF's choice), and 7-bit weights (``reduce_range``) like the CPU flavour: on a CPU without VNNI (AVX2)
-    OpenVINO's int8 kernels sum pairs of uint8·int8 products in int16, which full 8-bit weights overflow — the same
-    artifact then loses 25 points of top-1 agreement on SqueezeNet 1.1 that it keeps on a VNNI/AMX CPU
-    (benchmarks/results/zoo_int8/); with 7 bits it gives the same predictions on both. Other SE placements (NNCF's float excitation, squeeze-first) were measured and are not faster
+    NNCF's choice), and 7-bit weights where a layer's input fills the 8-bit grid (the image, a ReLU6 output, a
+    signed tensor; :func:`seven_bit_layers`): on a CPU without VNNI (AVX2) OpenVINO's int8 kernels sum pairs of
+    uint8·int8 products in int16, which full 8-bit weights overflow on such inputs — SqueezeNet 1.1 then loses 25
+    points of top-1 agreement that it keeps on a VNNI/AMX CPU (benchmarks/results/zoo_int8/); after a plain ReLU
+    the values sit near zero and full 8-bit weights are safe and more faithful. Other SE placements (NNCF's float excitation, squeeze-first) were measured and are not faster
     (benchmarks/results/ov_se_forms/). OpenVINO cannot read the QOperator CPU
     flavour at all (QLinearConv with per-channel scales and the com.microsoft QLinear ops fail to convert).
 """
@@ -38,13 +39,20 @@ from sedeploy.quantize.calibration import CalibrationResult, activation_tensors
 from sedeploy.quantize.source import MIN_OPSET, WEIGHTED, all_activations, check_ranges, se_nodes
 
 
+#: the values of :attr:`CpuOptions.reduce_range`
+REDUCE_RANGE_SCOPES = ("all", "none", "dense-inputs")
+
+
 @dataclass(frozen=True)
 class CpuOptions:
     """How the CPU flavour is quantized (the fields benchmarks/experiments/int8_cpu_forms.py explores)."""
 
     format: str = "qoperator"  # "qoperator" (QLinearConv …) or "qdq" (ORT fuses QDQ groups at session creation)
     per_channel: bool = True
-    reduce_range: bool = True  # 7-bit weights: no u8×s8 int16 saturation on AVX2 without VNNI
+    #: which weighted layers get 7-bit weights (ORT's ``reduce_range``): ``"all"``, ``"none"`` or
+    #: ``"dense-inputs"`` (:func:`seven_bit_layers`). 7 bits rule out the int16 saturation of the u8×s8
+    #: multiply-add of a CPU without VNNI (AVX2); True / False are read as "all" / "none".
+    reduce_range: str | bool = "all"
     #: op types quantized besides Conv/Gemm; their QLinear kernels keep activations uint8 between layers. A Clip is
     #: quantized only as a bounded ReLU (a constant lower bound of 0: ReLU6, hard-swish's Clip): the quantizer then
     #: drops it and the producer's output is rounded once, on the Clip's range, as with Relu — left out, the
@@ -56,6 +64,17 @@ class CpuOptions:
     #: QDQ only: tensors with negative values as int8 symmetric (zero point 0), the rest uint8 (a post-ReLU range
     #: starts at 0, so its zero point is 0 too) — no zero-point arithmetic left for the int8 kernels (NNCF's choice)
     signed_activations: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.reduce_range, bool):
+            object.__setattr__(self, "reduce_range", "all" if self.reduce_range else "none")
+        if self.reduce_range not in REDUCE_RANGE_SCOPES:
+            raise SedeployError(f"CpuOptions.reduce_range {self.reduce_range!r} is not valid.",
+                                expected=" or ".join(REDUCE_RANGE_SCOPES))
+        if self.reduce_range == "dense-inputs" and self.format != "qdq":
+            raise SedeployError("CpuOptions.reduce_range='dense-inputs' needs the QDQ format (per-layer weight "
+                                "ranges are set through QDQ overrides).",
+                                fix="use format='qdq', or reduce_range 'all' / 'none'")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -73,14 +92,22 @@ CPU_OPTIONS = CpuOptions()
 #: quiet machine): 1.04× / 1.01× NNCF at batch 1 / 8 instead of 0.98× / 0.94× with uint8 asymmetric activations;
 #: agreement with FP32 99.8 % (was 99.6 %) on the tiny trained network, 88.0 % (was 89.0 %; NNCF 87.3 %) on the
 #: random-weight SE-ResNet-50.
-#: ``reduce_range`` (7-bit weights) since the zoo measurement (benchmarks/results/zoo_int8/, 64 calibration images,
-#: agreement with FP32 on the other 1,236 of imagenet-val-1300, OpenVINO 2026.4 on an AMX Xeon and on the same
-#: Xeon restricted to AVX2 with ONEDNN_MAX_CPU_ISA=AVX2, bias correction on): full 8-bit weights give SqueezeNet 1.1
-#: 97.9 % on AMX but 72.3 % on AVX2 (int16 overflow), MobileNet-V1 0.25 90.6 / 84.4 %; 7-bit weights 96.3 / 96.3 %
-#: and 90.3 / 90.4 %; SE-ResNet-50 (random weights, 300 images) 88.7 / 88.7 % where 8-bit gave 89.0 / 84.3 %, the
-#: tiny trained SE-ResNet-18 99.8 / 99.8 %. The price on a VNNI/AMX CPU is up to 1.6 points against 8-bit weights;
-#: ``dataclasses.replace(OV_OPTIONS, reduce_range=False)`` gives them back where only such CPUs run the artifact.
-OV_OPTIONS = CpuOptions(format="qdq", reduce_range=True, signed_activations=True)
+#: ``reduce_range="dense-inputs"`` (7-bit weights only where a layer's input fills the 8-bit grid,
+#: :func:`seven_bit_layers`): on a CPU without VNNI (AVX2) OpenVINO's int8 kernels sum pairs of uint8·int8 products
+#: in int16, which full 8-bit weights overflow on such inputs — 8-bit weights everywhere lose 25 points of top-1
+#: agreement on SqueezeNet 1.1 under AVX2 that they keep on a VNNI/AMX CPU —, while 7 bits everywhere cost up to
+#: 1.6 points on every CPU. Measured (64 calibration images, agreement with FP32 on held-out imagenet-val-1300
+#: images, OpenVINO 2026.4 on an AMX Xeon and on the same Xeon with ONEDNN_MAX_CPU_ISA=AVX2; results in
+#: benchmarks/results/zoo_int8/): see :data:`OV_OPTIONS_MEASURED`.
+OV_OPTIONS = CpuOptions(format="qdq", reduce_range="dense-inputs", signed_activations=True)
+#: the measurement behind :data:`OV_OPTIONS`' ``reduce_range`` (AMX / AVX2 top-1 agreement with FP32, %; 400
+#: held-out images for the zoo models, 300 for SE-ResNet-50 with random weights)
+OV_OPTIONS_MEASURED = {
+    "SqueezeNet 1.1": {"all": (96.75, 96.00), "none": (97.00, 74.25), "dense-inputs": (97.75, 97.75)},
+    "MobileNet-V1 0.25 (every input after ReLU6: dense-inputs is all)": {"all": (90.00, 90.50),
+                                                                          "none": (89.25, 84.25)},
+    "SE-ResNet-50, random weights": {"all": (88.67, 88.67), "none": (89.00, 84.33), "dense-inputs": (90.00, 88.67)},
+}
 
 
 def write_cpu(model, calibration: CalibrationResult, se: str, label: str, exclude: set[str],
@@ -127,12 +154,21 @@ def write_cpu(model, calibration: CalibrationResult, se: str, label: str, exclud
     fmt = QuantFormat.QOperator if options.format == "qoperator" else QuantFormat.QDQ
     extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
     signed = []
+    seven = seven_bit_layers(model, calibration, options.reduce_range)
+    overrides = {}
+    if options.reduce_range == "dense-inputs":
+        # an override without "axis" would make ORT quantize that weight per tensor: give the axis it would use
+        overrides = {n.input[1]: [{"reduce_range": n.name in seven,
+                                   **({"axis": _weight_axis(n)} if options.per_channel else {})}]
+                     for n in model.graph.node if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in inits}
     if options.signed_activations:
         if fmt != QuantFormat.QDQ:
             raise SedeployError("signed_activations needs the QDQ format (QOperator kernels take one activation "
                                 "type).", fix="use CpuOptions(format='qdq', signed_activations=True)")
         signed = sorted(t for t, (lo, _) in calibration.ranges.items() if lo < 0)
-        extra["TensorQuantOverrides"] = {t: [{"quant_type": QuantType.QInt8, "symmetric": True}] for t in signed}
+        overrides.update({t: [{"quant_type": QuantType.QInt8, "symmetric": True}] for t in signed})
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     with tempfile.TemporaryDirectory(prefix="sedeploy-int8-") as tmp:
         cache, out = Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
@@ -140,7 +176,7 @@ def write_cpu(model, calibration: CalibrationResult, se: str, label: str, exclud
             quantize_static(model, out, calibration_data_reader=None, calibration_cache_path=cache,
                             calibrate_method=CalibrationMethod.MinMax, quant_format=fmt,
                             op_types_to_quantize=op_types, per_channel=options.per_channel,
-                            reduce_range=options.reduce_range, activation_type=QuantType.QUInt8,
+                            reduce_range=options.reduce_range == "all", activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                             extra_options=extra)
         quantized = onnx.load(str(out))  # ORT saves the nodes in topological order (QDQ format too)
@@ -148,10 +184,55 @@ def write_cpu(model, calibration: CalibrationResult, se: str, label: str, exclud
                                     "after ReLU), per-tensor") if signed else "uint8 asymmetric per-tensor",
                 "signed_activation_tensors": len(signed), "float_clips": sorted(float_clips),
                 "weight_type": "int8 symmetric " + ("per-channel" if options.per_channel else "per-tensor"),
-                **options.as_dict(), "squeeze_rewritten_to_gap": gap,
+                **options.as_dict(), "seven_bit_weight_layers": len(seven), "squeeze_rewritten_to_gap": gap,
                 "excluded_se_nodes": len(se_names),
                 "excluded_nodes": sorted(exclude)}
     return quantized, settings
+
+
+def seven_bit_layers(model, calibration: CalibrationResult, scope: str) -> set[str]:
+    """The weighted layers (node names) that get 7-bit weights under ``scope`` (:data:`REDUCE_RANGE_SCOPES`).
+
+    ``"dense-inputs"``: the layers whose input fills the 8-bit grid, where a CPU without VNNI saturates the int16
+    sum of two uint8·int8 products — the layers fed by the model's input (an image uses every level; nothing
+    weighted lies between), by a bounded activation (ReLU6, hard-swish's Clip(0, 6): its values pile up at the top
+    of the grid) and by a tensor with negative values (int8, shifted by 128 for the uint8 kernels, or a
+    zero-point-centred uint8: every product is large). A ReLU's long tail sets its range, so its values sit near
+    zero and those layers keep full 8-bit weights."""
+    g = Graph(model)
+    weighted = [n for n in g.nodes if n.op_type in WEIGHTED]
+    if scope == "all":
+        return {n.name for n in weighted}
+    if scope == "none":
+        return set()
+    # an image uses every level; a bounded activation (ReLU6, hard-swish's Clip) piles its values at the top of the
+    # grid; a tensor with negative values is centred on the grid (int8 is shifted by 128 for the u8 kernels)
+    dense = _reached_before_weights(g, {i.name for i in model.graph.input}
+                                    | {n.output[0] for n in g.nodes if n.op_type == "Clip" and _bounded_relu(g, n)
+                                       and _has_upper_bound(n)})
+    signed = {t for t, (lo, _) in calibration.ranges.items() if lo < 0}
+    return {n.name for n in weighted if n.input[0] in dense or n.input[0] in signed}
+
+
+def _weight_axis(node) -> int:
+    """The output-channel axis of a Conv or Gemm weight, as ONNX Runtime's quantizer takes it per channel."""
+    if node.op_type == "Conv":
+        return 0
+    return 0 if attr(node, "transB", 0) else 1
+
+
+def _reached_before_weights(g: Graph, sources: set[str]) -> set[str]:
+    """``sources`` and the tensors computed from them through no weighted layer."""
+    reached = set(sources)
+    for n in g.nodes:  # topological order
+        if n.op_type not in WEIGHTED and any(i in reached for i in n.input):
+            reached.update(o for o in n.output if o)
+    return reached
+
+
+def _has_upper_bound(node) -> bool:
+    """A Clip given a maximum (as an input, opset ≥ 11, or an attribute)."""
+    return bool(len(node.input) > 2 and node.input[2]) or attr(node, "max") is not None
 
 
 def _bounded_relu(g: Graph, node) -> bool:

@@ -28,6 +28,12 @@ HEAD_POLICIES = ("float", "int8")
 #: one-off check, the artifact run by ONNX Runtime CPU on the same images; not in the committed results), so it keeps
 #: the head in INT8 (NVIDIA's placement, no float weighted layer for the checker to flag).
 DEFAULT_HEAD_POLICY = {"cpu": "float", "ov": "float", "trt": "int8"}
+#: ``"float"`` keeps a head in float only while it is cheap: at most this share of the model's multiply-adds. A
+#: classifier that ends in a large convolution (SqueezeNet 1.1's 512→1000 1×1 conv on a 13×13 map: 25 % of its
+#: multiply-adds) would otherwise run a quarter of its work in float — OpenVINO then ran SqueezeNet 1.1's int8-ov
+#: artifact at 10.7 ms against NNCF's 6.2 ms (batch 1, one thread, benchmarks/results/zoo/). Heads of SE-ResNet-50
+#: (0.05 %), MobileNet-V1 0.25 (0.6 %) and EfficientNet-Lite0 (0.3 %) stay float.
+FLOAT_HEAD_MAX_MACS_SHARE = 0.02
 
 
 def quantized_op_counts(model, *, qdq: bool = True) -> dict[str, int]:
@@ -143,9 +149,17 @@ def head_policy(flavour: str, head: str | None = None) -> str:
 def float_head_layers(fp32, flavour: str, head: str | None = None) -> list[str]:
     """The head layers that the head policy (``head``, None: the flavour's default) keeps in float: the
     :func:`head_layers` under ``"float"``, unless they are every weighted layer of the model (then they are
-    quantized, or nothing would be); none under ``"int8"``."""
+    quantized, or nothing would be) or cost more than :data:`FLOAT_HEAD_MAX_MACS_SHARE` of its multiply-adds;
+    none under ``"int8"``."""
     if head_policy(flavour, head) != "float":
         return []
     heads = head_layers(fp32)
-    return [] if set(heads) >= set(weighted_layers(fp32)) else heads
+    if set(heads) >= set(weighted_layers(fp32)):
+        return []
+    try:
+        macs = layer_macs(fp32)
+    except SedeployError:  # map sizes unknown: the cost cannot be told, the head stays float as the policy says
+        return heads
+    share = sum(macs[h] for h in heads) / max(sum(macs.values()), 1)
+    return heads if share <= FLOAT_HEAD_MAX_MACS_SHARE else []
 
