@@ -116,8 +116,9 @@ def test_budget_met_with_fewest_fallback(fused_fp32, foreign_art, tmp_path, flav
 
     path, cal = fused_fp32
     damaged = {"/b2/project/project.0/Conv", "/head/head.0/Conv"}
-    # the CPU/OpenVINO forms keep the classifier (/classifier/Gemm) in float (DEFAULT_HEAD_POLICY): one candidate less
-    head_float = quantize.DEFAULT_HEAD_POLICY[flavour] == "float"
+    # the CPU/OpenVINO forms keep a cheap classifier (/classifier/Gemm) in float (DEFAULT_HEAD_POLICY,
+    # FLOAT_HEAD_MAX_MACS_SHARE): one candidate less
+    head_float = bool(quantize.float_head_layers(path, flavour))
     inputs = {n.input[0] for n in onnx.load(str(path)).graph.node if n.name in damaged}
     def shrink(ranges):
         return {k: (lo / 10, hi / 10) if k in inputs else (lo, hi) for k, (lo, hi) in ranges.items()}
