@@ -92,7 +92,7 @@ def ov_build(tiny_trained_art, tmp_path_factory):
     if not HAVE_OV:
         pytest.skip("the 'openvino' package is not installed (pip install 'sedeploy[openvino]')")
     out = tmp_path_factory.mktemp("ov-build")
-    res = build_engines(tiny_trained_art.onnx_path, out, BuildOptions(int8=True, backend="openvino",
+    res = build_engines(tiny_trained_art.onnx_path, out, BuildOptions.from_flat(int8=True, backend="openvino",
                                                                        calib=tiny_trained_art.calib_dir,
                                                                        progress=False))
     return res, out
@@ -205,7 +205,7 @@ def test_fp16_without_fp16_arithmetic_is_skipped_or_refused(tiny_onnx, tmp_path,
     monkeypatch.setitem(OVB.NEEDED_CAPABILITY, "fp16", "NO-SUCH-CAPABILITY")
     assert "no FP16 arithmetic" in OVB.unsupported_here("fp16")
     out = tmp_path / "o"
-    res = build_engines(tiny_onnx, out, BuildOptions(fp16=True, backend="openvino", progress=False))
+    res = build_engines(tiny_onnx, out, BuildOptions.from_flat(fp16=True, backend="openvino", progress=False))
     assert any(a.kind == "fp16" and Path(a.path).is_file() for a in res.artifacts)  # the artifact is written
     assert [e["precision"] for e in res.engines] == ["fp32"]
     assert not list(out.glob("*fp16*.ov.*"))

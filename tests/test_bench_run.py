@@ -426,7 +426,7 @@ def test_build_folder_missing_a_sidecar_is_refused(tiny_onnx, tmp_path):
     from sedeploy.build import BuildOptions, build_engines
 
     out = tmp_path / "eng"
-    build_engines(tiny_onnx, out, BuildOptions(backend="ort", progress=False))
+    build_engines(tiny_onnx, out, BuildOptions.from_flat(backend="ort", progress=False))
     assert E.expand_engine_paths([out])
     (out / "tiny.fp32.ort.json").unlink()
     with pytest.raises(SedeployError, match=r"lists 'tiny\.fp32\.ort\.json', which is not in"):

@@ -54,7 +54,7 @@ def test_build_engine_fixed_batch_foreign_model(foreign_art, tmp_path):
     """FP16 verification, calibration (batch 8 requested) and the INT8 smoke runs all run a batch-1 model."""
     from sedeploy.build import BuildOptions, build_engines, format_result
 
-    opts = BuildOptions(backend="ort", fp16=True, int8=True, calib=foreign_art.calib_dir, calib_batch=8,
+    opts = BuildOptions.from_flat(backend="ort", fp16=True, int8=True, calib=foreign_art.calib_dir, calib_batch=8,
                         preprocess=foreign_art.preprocess, progress=False)
     res = build_engines(foreign_art.onnx_path, tmp_path / "out", opts)
     assert (res.se_blocks_found, res.se_blocks_fused) == (3, 3)
@@ -364,11 +364,11 @@ def test_dynamic_batch_only_when_provably_safe(foreign_art, tmp_path):
     sess = ort.InferenceSession(dyn.SerializeToString(), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x})[0]  # one call at batch 5
     assert out.shape == (5, 1001) and np.abs(out - run_model(raw, x)).max() < 1e-5
-    res = build_engines(foreign_art.onnx_path, tmp_path / "o", BuildOptions(
+    res = build_engines(foreign_art.onnx_path, tmp_path / "o", BuildOptions.from_flat(
         dynamic_batch=True, preprocess=foreign_art.preprocess, progress=False, backend="none"))
     assert res.shapes["static_batch"] is None and "made dynamic" in res.shapes["batch_handling"]
     with pytest.raises(SedeployError, match="literal batch 1"):
-        build_engines(foreign_art.onnx_path, tmp_path / "o2", BuildOptions(
+        build_engines(foreign_art.onnx_path, tmp_path / "o2", BuildOptions.from_flat(
             dynamic_batch=True, fuse_se=False, preprocess=foreign_art.preprocess, progress=False, backend="none"))
     assert not (tmp_path / "o2" / "foreign_mnv3_b1.fp32.onnx").exists()
 

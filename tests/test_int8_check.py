@@ -160,7 +160,7 @@ def test_a_degraded_int8_engine_is_warned_not_silent(tiny_onnx, images64, tmp_pa
 def test_too_small_a_calib_folder_is_said_not_skipped_silently(tiny_onnx, tmp_path, caplog):
     folder = _folder(tmp_path / "c", 18)
     with caplog.at_level(logging.WARNING, logger="sedeploy"):
-        res = build_engines(tiny_onnx, tmp_path / "o", BuildOptions(int8=True, backend="none", calib=folder,
+        res = build_engines(tiny_onnx, tmp_path / "o", BuildOptions.from_flat(int8=True, backend="none", calib=folder,
                                                                     calib_cache=tmp_path / "c.json",
                                                                     progress=False))
     assert res.int8_check["measured"] is False and "18 images" in res.int8_check["reason"]

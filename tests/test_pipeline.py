@@ -89,7 +89,7 @@ def test_ort_engines_and_manifest(built):
 
 def test_second_build_hits_the_calibration_cache(built, tiny_trained_art, tmp_path):
     res, out = built
-    opts = BuildOptions(int8=True, calib=tiny_trained_art.calib_dir, calib_cache=out / "calib.json",
+    opts = BuildOptions.from_flat(int8=True, calib=tiny_trained_art.calib_dir, calib_cache=out / "calib.json",
                         backend="none", progress=False)
     again = build_engines(tiny_trained_art.onnx_path, tmp_path, opts)
     assert again.calibration["cache_hit"] is True and again.engines == []
@@ -102,7 +102,7 @@ def test_artifact_input_builds_only_its_engine(built, tmp_path):
     assert again.se_blocks_found is None and len(again.engines) == 1
     assert again.engines[0]["precision"] == "int8"
     with pytest.raises(SedeployError, match="already an INT8 artifact"):
-        build_engines(cpu, tmp_path, BuildOptions(backend="ort", fp16=True, progress=False))
+        build_engines(cpu, tmp_path, BuildOptions.from_flat(backend="ort", fp16=True, progress=False))
 
 
 def test_auto_builds_an_int8_cpu_artifact_for_onnx_runtime(built, tmp_path):

@@ -56,7 +56,7 @@ def engines(tiny_onnx, tmp_path_factory) -> Path:
     from sedeploy.build import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("serve-engines")
-    build_engines(tiny_onnx, out, BuildOptions(backend="ort", progress=False))
+    build_engines(tiny_onnx, out, BuildOptions.from_flat(backend="ort", progress=False))
     return out
 
 
@@ -206,7 +206,7 @@ def test_package_fixed_batch_graph_has_no_batcher(tiny_model, tmp_path, model_co
     from sedeploy.serving.triton_repo import package_triton
 
     onnx_path = export_onnx(tiny_model, tmp_path / "fixed.onnx", input_size=32, dynamic_batch=False, batch_size=2)
-    build_engines(onnx_path, tmp_path / "eng", BuildOptions(progress=False, backend="none"))
+    build_engines(onnx_path, tmp_path / "eng", BuildOptions.from_flat(progress=False, backend="none"))
     package_triton(tmp_path / "eng", tmp_path / "repo")
     cfg = _parse(model_config_pb2, tmp_path / "repo" / "fixed_fp32_onnx" / "config.pbtxt")
     assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
@@ -229,7 +229,7 @@ def softmax_fixed(tmp_path_factory) -> Path:
     src = export_onnx(build_model(18, base_channels=8, num_classes=11, seed=5), d / "bg.onnx", input_size=32,
                       dynamic_batch=False, batch_size=2)
     out = tmp_path_factory.mktemp("softmax-fixed-eng")
-    build_engines(src, out, BuildOptions(progress=False, backend="none"))
+    build_engines(src, out, BuildOptions.from_flat(progress=False, backend="none"))
     for art in out.glob("*.onnx"):
         proto = load_onnx(art)
         if proto.graph.node[-1].op_type != "Softmax":
@@ -953,7 +953,7 @@ def test_packaging_an_fp16_artifact_for_triton_onnxruntime_on_cpu_says_it_runs_i
     from sedeploy.build import BuildOptions, build_engines
     from sedeploy.serving.triton_repo import package_triton
 
-    build_engines(tiny_onnx, tmp_path / "eng", BuildOptions(backend="none", fp16=True, progress=False))
+    build_engines(tiny_onnx, tmp_path / "eng", BuildOptions.from_flat(backend="none", fp16=True, progress=False))
     with caplog.at_level(logging.WARNING, logger="sedeploy"):
         res = package_triton(tmp_path / "eng", tmp_path / "repo", artifacts=True)
     assert {m["name"] for m in res["models"]} == {"tiny_fp32_onnx", "tiny_fp16_onnx"}

@@ -66,8 +66,8 @@ INT8_ROWS = ("ort-int8-cpu", "ov-int8-ov", "ov-int8-trt", "ov-int8-ov-sqfirst")
 def build(out: Path, depth: int | None = None, model: Path | None = None, calib: Path | None = None) -> Path:
     """`build-engine --int8 --backend openvino` (once), plus sedeploy's OpenVINO engine of the int8-trt artifact."""
     if not Manifest.present(out):
-        build_engines(model, out, BuildOptions(int8=True, backend="openvino", calib=calib, progress=False),
-                      depth=depth or 50)
+        build_engines(model, out, BuildOptions.from_flat(int8=True, backend="openvino", calib=calib, progress=False,
+                                                         depth=None if model is not None else depth or 50))
     trt = next(out.glob("*.int8-trt.onnx"))
     if not trt.with_name(trt.name.replace(".onnx", ".ov.xml")).is_file():
         build_engine(trt, out)

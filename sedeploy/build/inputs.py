@@ -29,7 +29,7 @@ def default_calib_dir() -> Path:
 MAX_RESIZE_FACTOR = 8
 
 
-def foreign_preprocess(model: str | Path, *, mean: tuple[float, float, float] | None = None,
+def foreign_preprocess(model: str | Path, *, head=None, mean: tuple[float, float, float] | None = None,
                        std: tuple[float, float, float] | None = None, resize: int | None = None,
                        input_shape: tuple[int, int] | None = None, channel_order: str | None = None,
                        resize_mode: str | None = None) -> Preprocess:
@@ -37,8 +37,9 @@ def foreign_preprocess(model: str | Path, *, mean: tuple[float, float, float] | 
     model records (a sedeploy export), else the mmcls pipeline at the model's input size (``input_shape`` (H, W)
     where H/W are dynamic), with the given values in place. ``resize`` (the short side before the centre crop) from
     the crop's short side to :data:`MAX_RESIZE_FACTOR` × it. Mean/std on the 0–1 scale are refused with the
-    values they stand for on 0–255 pixels."""
-    proto = load_onnx(model, weights=False, check=False)
+    values they stand for on 0–255 pixels. ``head``: MODEL as read already (without its weights), so it is not
+    read again."""
+    proto = load_onnx(model, weights=False, check=False) if head is None else head
     h, w = model_image_size(image_input(proto, path=str(model), dynamic_hw=True), input_shape, path=str(model))
     check_normalisation(mean, std)
     short = min(h, w)
@@ -120,7 +121,7 @@ def prepare_input(proto, opt: BuildOptions, src: Path, res: BuildResult):
     inference) and NCHW (an NHWC model's converter Transpose dropped, or one Transpose added), recorded in the
     metadata and the notes."""
     inp = image_input(proto, path=str(src), dynamic_hw=True)
-    h, w = model_image_size(inp, opt.input_shape, path=str(src))
+    h, w = model_image_size(inp, opt.source.input_shape, path=str(src))
     changes: dict[str, Any] = {"source_shape": inp.shape, "source_layout": inp.layout}
     if inp.dynamic_hw:
         proto = pin_image_size(proto, h, w, path=str(src))

@@ -9,7 +9,7 @@ from pathlib import Path
 from sedeploy import int8_check, quantize
 from sedeploy.artifacts import Artifact, artifact_path
 from sedeploy.build.inputs import default_calib_dir
-from sedeploy.build.options import BuildOptions, budget_of
+from sedeploy.build.options import BuildOptions
 from sedeploy.build.result import BuildResult
 from sedeploy.checks import check_trt_qdq, format_report
 from sedeploy.errors import VerificationError
@@ -24,18 +24,19 @@ log = logging.getLogger("sedeploy")
 
 def heldout_images(opt: BuildOptions, folder: Path, pp: Preprocess, num_classes: int):
     """(images, labels or None, relative calibration paths to exclude, description) for the INT8 budget."""
-    if opt.val is not None:
-        found = find_images(opt.val, what="held-out image folder (--val)")
+    cal, offset = opt.calibration, opt.source.label_offset
+    if opt.budget.val is not None:
+        found = find_images(opt.budget.val, what="held-out image folder (--val)")
         root, paths, exclude = found.root, found.paths, set()
-        refuse_seen_val(paths, root, folder, count=opt.calib_count, seed=opt.calib_seed)
+        refuse_seen_val(paths, root, folder, count=cal.calib_count, seed=cal.calib_seed)
         what = f"{len(paths)} images of --val {root}"
     else:
-        root, paths, exclude = heldout_split(folder, seed=opt.calib_seed)
+        root, paths, exclude = heldout_split(folder, seed=cal.calib_seed)
         what = f"{len(paths)} images held out of --calib {root} (seeded split; not calibrated on)"
     images, loaded = load_batch(paths, pp, progress=opt.progress, what=f"held-out image folder '{root}'")
-    labels = resolve_labels_offset(loaded, root, num_classes=num_classes, label_offset=opt.label_offset or 0) \
+    labels = resolve_labels_offset(loaded, root, num_classes=num_classes, label_offset=offset or 0) \
         if any(len(p.relative_to(root).parts) > 1 for p in loaded) else None
-    if labels is not None and num_classes == 1001 and opt.label_offset is None:
+    if labels is not None and num_classes == 1001 and offset is None:
         log.warning("The model has 1001 outputs and no --label-offset was given: if output 0 is a background "
                     "class, pass --label-offset 1 (top-1 of the held-out images is scored against the wrong "
                     "classes otherwise).")
@@ -43,54 +44,54 @@ def heldout_images(opt: BuildOptions, folder: Path, pp: Preprocess, num_classes:
 
 
 def int8_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> None:
-    if opt.calib is None:
+    cal, bud, prec = opt.calibration, opt.budget, opt.precision
+    if cal.calib is None:
         log.info("--int8 without --calib: calibrating on the %s images shipped in %s (pass --calib DIR with "
                  "images like the deployment data for better ranges)", "sample", default_calib_dir())
         res.notes.append(f"calibrated on the shipped sample images in {default_calib_dir()} (no --calib given)")
-    folder = Path(opt.calib) if opt.calib else default_calib_dir()
+    folder = Path(cal.calib) if cal.calib else default_calib_dir()
     budget = None
     exclude: set[str] = set()
-    if opt.max_top1_drop is not None or opt.min_agreement is not None:
-        budget = budget_of(opt)
+    if bud.enabled:
+        budget = bud.budget()
         num_classes = int(run_model(fp32_path, smooth_noise(1, pp.shape, seed=1)).shape[1])
         held_x, held_y, exclude, held_what = heldout_images(opt, folder, pp, num_classes)
         budget.check_images(len(held_x))  # too few images for --budget-confidence: refused before calibrating
-        res.int8_budget = {"budget": {"max_top1_drop": opt.max_top1_drop, "min_agreement": opt.min_agreement,
-                                      "confidence": opt.budget_confidence},
+        res.int8_budget = {"budget": {"max_top1_drop": bud.max_top1_drop, "min_agreement": bud.min_agreement,
+                                      "confidence": bud.budget_confidence},
                            "heldout": held_what, "labelled": held_y is not None, "flavours": {}}
         res.int8_pending = {"images": held_x, "what": held_what, "pp": pp}
     else:
-        held = int8_check.plan(folder, val=opt.val, count=opt.calib_count, seed=opt.calib_seed,
-                               method=opt.calib_method or quantize.DEFAULT_METHOD)
+        held = int8_check.plan(folder, val=bud.val, count=cal.calib_count, seed=cal.calib_seed, method=cal.method)
         res.int8_pending = {"held": held, "pp": pp}
         if isinstance(held, int8_check.HeldOut):
             exclude = held.exclude
     t0 = time.perf_counter()
-    kwargs = {k: v for k, v in {"method": opt.calib_method, "count": opt.calib_count,
-                                "batch_size": opt.calib_batch}.items() if v is not None}
-    calib = quantize.calibrate(fp32_path, folder, seed=opt.calib_seed, cache_path=opt.calib_cache,
+    kwargs = {k: v for k, v in {"method": cal.calib_method, "count": cal.calib_count,
+                                "batch_size": cal.calib_batch}.items() if v is not None}
+    calib = quantize.calibrate(fp32_path, folder, seed=cal.calib_seed, cache_path=cal.calib_cache,
                                progress=opt.progress, preprocess=pp, exclude=exclude, **kwargs)
     res.timings["calibrate_s"] = round(time.perf_counter() - t0, 2)
     res.calibration = {"folder": str(folder), "images": len(calib.images), "skipped": list(calib.skipped),
-                       "method": calib.method, "params": calib.params, "seed": opt.calib_seed,
+                       "method": calib.method, "params": calib.params, "seed": cal.calib_seed,
                        "cache_hit": calib.cache_hit, "cache_path": calib.cache_path, "key": calib.key,
                        "seconds": res.timings["calibrate_s"], "held_out": len(exclude)}
     if calib.cache_hit:
         res.calibration["computed_seconds"] = calib.seconds  # what the cached run took
     if budget is None and not isinstance(res.int8_pending["held"], str):
         confirm_unseen(res.int8_pending["held"], calib.images)
-    se = quantize.DEFAULT_SE_POLICY if opt.se_int8 is None else opt.se_int8
+    se = quantize.DEFAULT_SE_POLICY if prec.se_int8 is None else prec.se_int8
     # the OpenVINO form only when OpenVINO engines are built (ORT and TensorRT have their own forms)
     for flavour in ("trt", "cpu", *(("ov",) if opt.backend == "openvino" else ())):
         t0 = time.perf_counter()
         path = artifact_path(out, stem, f"int8-{flavour}")
         # the TensorRT flavour is the FP16 graph with Q/DQ: it takes the FP16 artifact's keep-FP32 policy
-        keep = opt.keep_fp32 if flavour == "trt" else None
+        keep = prec.keep_fp32 if flavour == "trt" else None
         if budget is not None:
             report, brep = quantize_to_budget(fp32_path, calib, path, flavour=flavour, images=held_x, labels=held_y,
-                                              budget=budget, se=se, max_fallback=opt.max_fallback,
+                                              budget=budget, se=se, max_fallback=bud.max_fallback,
                                               threads=opt.engine.threads, keep_fp32=keep,
-                                              order=opt.fallback_order or DEFAULT_FALLBACK_ORDER)
+                                              order=bud.fallback_order or DEFAULT_FALLBACK_ORDER)
             res.int8_budget["flavours"][flavour] = brep.as_dict()
         else:
             report = quantize.quantize_model(fp32_path, calib, path, flavour=flavour, se=se, keep_fp32=keep)
@@ -109,13 +110,14 @@ def int8_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Pre
 
 def int8_check_stage(res: BuildResult, opt: BuildOptions) -> None:
     """INT8 agreement with FP32 on held-out images (sedeploy.int8_check), on the runtime each artifact runs on;
-    warns below ``opt.warn_agreement``. The budget's own figures are reused where it measured on that runtime."""
+    warns below ``opt.precision.warn_agreement``. The budget's own figures are reused where it measured on that runtime."""
     pending, res.int8_pending = res.int8_pending, None
     ints = [a for a in res.artifacts if a.precision == "int8" and a.flavour]
     if pending is None or not ints:
         return
     t0 = time.perf_counter()
-    floor = int8_check.DEFAULT_WARN_AGREEMENT if opt.warn_agreement is None else opt.warn_agreement
+    warn = opt.precision.warn_agreement
+    floor = int8_check.DEFAULT_WARN_AGREEMENT if warn is None else warn
     held = pending.get("held")
     if isinstance(held, str):
         said = (f"WARNING: INT8 agreement with FP32 not measured: {held}. Pass --val DIR (held-out images like "

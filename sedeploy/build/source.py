@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from sedeploy import __version__
-from sedeploy.build.inputs import model_image_size
-from sedeploy.build.options import BuildOptions
+from sedeploy.build.inputs import foreign_preprocess, model_image_size
+from sedeploy.build.options import BuildOptions, SourceOptions, check_label_offset
 from sedeploy.build.result import BuildResult
 from sedeploy.errors import SedeployError
 from sedeploy.export import export_model
@@ -49,6 +49,18 @@ def check_model_file(model: str | Path, input_shape: tuple[int, int] | None = No
     return proto
 
 
+def source_for_model(model: str | Path, head, source: SourceOptions) -> SourceOptions:
+    """``source`` for MODEL, whose read (:func:`check_model_file`) is ``head``: its label offset checked against
+    the model's outputs, and ``--mean/--std/…/--input-shape`` made the model's preprocessing from what was read
+    (MODEL is not read again)."""
+    check_label_offset(source.label_offset, classifier_output(head, path=str(model)), path=str(model))
+    given = source.overrides()
+    if source.preprocess is not None or not (given or source.input_shape is not None):
+        return source
+    pp = foreign_preprocess(model, head=head, input_shape=source.input_shape, **given)
+    return dataclasses.replace(source, preprocess=pp, **dict.fromkeys(given))
+
+
 def matching_export(path: Path, name: str, weights: str):
     """``path`` read without external weights when it is an export of the same network with the same weights by
     this sedeploy version, else None."""
@@ -65,13 +77,13 @@ def matching_export(path: Path, name: str, weights: str):
     return proto if dynamic and all(str(meta.get(k)) == str(v) for k, v in want.items()) else None
 
 
-def source_model(out: Path, stage: Path, opt: BuildOptions, res: BuildResult, depth: int | None,
-                 checkpoint: str | None) -> tuple[Path, Any]:
+def source_model(out: Path, stage: Path, opt: BuildOptions, res: BuildResult) -> tuple[Path, Any]:
     """No MODEL given: reuse the matching export (./<name>.onnx from `sedeploy export`, or <out>/<name>.onnx), or
     export into the staging folder; either way say which. Returns the model's path and, for a reused export, what
     was read of it (else None)."""
-    from sedeploy.model import build_model
+    from sedeploy.model import build_model  # imports torch: only when there is no MODEL
 
+    depth, checkpoint = opt.source.depth, opt.source.checkpoint
     if checkpoint is None:
         name = build_model(depth or 50, seed=None).spec.name
         for candidate in (Path(f"{name}.onnx"), out / f"{name}.onnx"):

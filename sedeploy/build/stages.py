@@ -34,7 +34,8 @@ def fuse_stage(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, r
                label: str = "model") -> Path:
     fp32_path = artifact_path(out, stem, "fp32")
     reference = proto if reference is None else reference
-    x = check_images(pp, Path(opt.calib) if opt.calib else None)
+    calib = opt.calibration.calib
+    x = check_images(pp, Path(calib) if calib else None)
     before = reference_outputs(reference, x, label, (res.shapes or {}).get("static_batch"))
     tol = max(FUSION_ATOL, FUSION_RTOL * float(np.abs(before).max()))
     if reference is not proto:  # the canonical graph must compute what the input model computes
@@ -45,7 +46,7 @@ def fuse_stage(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, r
             raise VerificationError(f"The canonicalised graph of '{label}' differs from it by max |Δ| {diff:.3g} "
                                     f"> {tol:.3g}; nothing was written.",
                                     fix="report this as a sedeploy bug with the model")
-    if not opt.fuse_se:
+    if not opt.source.fuse_se:
         res.notes.append("SE fusion skipped (--no-fuse-se): the FP32 artifact is the input graph")
         proto = dynamic_batch(proto, opt, res)
         set_metadata(proto, {META.PRECISION: "fp32", META.SE_FUSED: 0, META.PREPROCESS: pp.as_dict()})
@@ -82,8 +83,8 @@ def dynamic_batch(proto, opt: BuildOptions, res: BuildResult, *, early: bool = F
     returned as is and the SE-fused graph is tried again (SE fusion removes batch-dependent SE reshapes)."""
     if "→" in str((res.shapes or {}).get("batch_handling") or ""):
         return proto  # made dynamic already (early)
-    if not opt.dynamic_batch or not (res.shapes or {}).get("static_batch"):
-        if opt.dynamic_batch and not early:
+    if not opt.source.dynamic_batch or not (res.shapes or {}).get("static_batch"):
+        if opt.source.dynamic_batch and not early:
             res.notes.append("--dynamic-batch: the batch is already dynamic")
         return proto
     # early: proven on the canonical form of the renamed graph (constant subgraphs folded, Shape(input) kept)
@@ -103,9 +104,10 @@ def dynamic_batch(proto, opt: BuildOptions, res: BuildResult, *, early: bool = F
 
 def fp16_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, res: BuildResult) -> None:
     t0 = time.perf_counter()
-    keep = fp16.DEFAULT_KEEP_FP32 if opt.keep_fp32 is None else opt.keep_fp32
+    keep = fp16.DEFAULT_KEEP_FP32 if opt.precision.keep_fp32 is None else opt.precision.keep_fp32
+    calib = opt.calibration.calib
     path = artifact_path(out, stem, "fp16")
     report = fp16.convert_fp16(fp32_path, path, keep_fp32=keep,
-                                    verify_inputs=check_images(pp, Path(opt.calib) if opt.calib else None))
+                                    verify_inputs=check_images(pp, Path(calib) if calib else None))
     res.timings["fp16_s"] = round(time.perf_counter() - t0, 2)
     res.artifacts.append(Artifact(path, "fp16", None, report.as_dict()))

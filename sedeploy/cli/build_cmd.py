@@ -11,9 +11,8 @@ from sedeploy.cli.options import (BUDGET, CALIBRATION, ENGINES, INPUT, MODEL, TR
                                   label_offset, out, threads)
 from sedeploy.cli.parsing import parse_trt_profile, parse_triple
 from sedeploy.cli.sections import Command, deprecated, option, stack
-from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import parse_input_shape
-from sedeploy.build import BuildOptions, build_engines, foreign_preprocess, format_result
+from sedeploy.build import BuildOptions, build_engines, format_result
 
 #: where `build-engine` writes by default, and so what a bare `sedeploy bench` benchmarks
 DEFAULT_ENGINES = Path("engines")
@@ -122,20 +121,6 @@ def build_options(*, trt_profile: tuple[int, int, int], workspace: float, **flat
                                   workspace_gib=workspace, **flat)
 
 
-def foreign_preprocessing(model, mean, std, resize, hw, channel_order, resize_mode):
-    """--mean/--std/--resize/… of a foreign MODEL → the library's preprocessing (None when none was given)."""
-    if all(v is None for v in (mean, std, resize, channel_order, resize_mode, hw)):
-        return None
-    if not model:
-        raise SedeployError("--mean/--std/--resize/--channel-order/--resize-mode/--input-shape describe a "
-                            "foreign MODEL; none was given.",
-                            fix="pass the ONNX file, or drop these options for the SE-ResNet export")
-    return foreign_preprocess(model, mean=parse_triple(mean, "--mean", channel_order=channel_order),
-                              resize=resize, std=parse_triple(std, "--std", positive=True, channel_order=channel_order),
-                              input_shape=hw,
-                              channel_order=channel_order, resize_mode=resize_mode)
-
-
 @click.command("build-engine", cls=Command)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @model_options
@@ -148,9 +133,8 @@ def foreign_preprocessing(model, mean, std, resize, hw, channel_order, resize_mo
      default=str(DEFAULT_ENGINES), show_default=True)
 @json_and_verbose
 @handle_errors
-def build_engine(model, depth, checkpoint, mean, std, resize, input_shape, channel_order, resize_mode, dynamic_batch,
-                 out, as_json, verbose, trt_profile, deprecated_min_batch, deprecated_opt_batch,
-                 deprecated_max_batch, **library_options):
+def build_engine(model, depth, mean, std, input_shape, out, as_json, verbose, trt_profile, deprecated_min_batch,
+                 deprecated_opt_batch, deprecated_max_batch, **library_options):
     """Fuse SE blocks, write FP32/FP16/INT8 ONNX artifacts, and build engines from them.
 
     \b
@@ -180,16 +164,14 @@ def build_engine(model, depth, checkpoint, mean, std, resize, input_shape, chann
     it was, and a second build-engine into the same OUT is refused while one runs.
     """
     setup_logging(verbose)
-    if model and (depth or checkpoint):
-        raise SedeployError(f"--depth/--checkpoint choose the network to export when no MODEL is given; MODEL "
-                            f"'{model}' was given too.",
-                            fix="drop --depth/--checkpoint to build from MODEL, or drop MODEL to export")
     profile = parse_trt_profile(trt_profile, min_batch=deprecated_min_batch, opt_batch=deprecated_opt_batch,
                                 max_batch=deprecated_max_batch)
     hw = parse_input_shape(input_shape)
-    pp = foreign_preprocessing(model, mean, std, resize, hw, channel_order, resize_mode)
+    order = library_options["channel_order"]
     fuse_se = not library_options.pop("no_fuse_se")
-    opts = build_options(trt_profile=profile, preprocess=pp, input_shape=hw, dynamic_batch=dynamic_batch,
+    opts = build_options(trt_profile=profile, input_shape=hw, depth=int(depth) if depth else None,
+                         mean=parse_triple(mean, "--mean", channel_order=order),
+                         std=parse_triple(std, "--std", positive=True, channel_order=order),
                          fuse_se=fuse_se, progress=progress(as_json), **library_options)
-    res = build_engines(model, out, opts, depth=int(depth) if depth else None, checkpoint=checkpoint)
+    res = build_engines(model, out, opts)
     emit(res.as_dict(), as_json, format_result(res))
