@@ -247,10 +247,12 @@ def require(name: str, purpose: str):
     return importlib.import_module(b.module)
 
 
-def build_engine(name: str, artifact: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
-    """Build backend ``name``'s engine from one ONNX artifact into ``out_dir``."""
+def build_engine(name: str, artifact: str | Path, out_dir: str | Path, options: EngineOptions | None = None, *,
+                 source_as: str | Path | None = None) -> Engine:
+    """Build backend ``name``'s engine from one ONNX artifact into ``out_dir``; ``source_as``: the path its sidecar
+    records as its source (where the artifact is published; default: ``artifact``)."""
     module = importlib.import_module(backend(name).module)
-    return module.build_engine(artifact, out_dir, options or EngineOptions())
+    return module.build_engine(artifact, out_dir, options or EngineOptions(), source_as=source_as)
 
 
 def unsupported_here(name: str, precision: str) -> str | None:

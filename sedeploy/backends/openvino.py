@@ -295,9 +295,12 @@ def parity_check(src: Path, xml: Path, precision: str, threads: int) -> dict[str
     return check
 
 
-def build_engine(artifact_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
+def build_engine(artifact_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None, *,
+                 source_as: str | Path | None = None) -> Engine:
     """Save ``artifact_path`` (an ONNX artifact) as the OpenVINO engine ``<stem>.ov.xml`` / ``.ov.bin`` plus the
-    sidecar ``<stem>.ov.json`` in ``out_dir``; both model files are published together or not at all."""
+    sidecar ``<stem>.ov.json`` in ``out_dir``; both model files are published together or not at all.
+    ``source_as``: the path the sidecar records as the engine's source (where the artifact is published, when it is
+    built in a staging folder; default: the artifact's path)."""
 
     options = options or EngineOptions()
     ov = require_openvino("Building OpenVINO engines (--backend openvino)")
@@ -319,7 +322,7 @@ def build_engine(artifact_path: str | Path, out_dir: str | Path, options: Engine
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{stem}.ov-"))
     try:
-        return _build(ov, src, art, tmp, final_xml, final_bin, sidecar, threads, t0)
+        return _build(ov, src, art, tmp, final_xml, final_bin, sidecar, threads, t0, Path(source_as or src))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -338,9 +341,10 @@ def _cpu_rewrites(src: Path, art, tmp: Path) -> tuple[Path, dict[str, int]]:
 
 
 def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, sidecar: Path, threads: int,
-           t0: float) -> Engine:
+           t0: float, recorded: Path) -> Engine:
     """build_engine's work once the inputs are checked: read (after the CPU rewrites), save the IR in ``tmp``,
-    check parity against ONNX Runtime on the artifact itself, publish."""
+    check parity against ONNX Runtime on the artifact itself, publish; the sidecar names ``recorded`` as the
+    source."""
 
     stem = src.name.removesuffix(".onnx")
     read_from, rewrites = _cpu_rewrites(src, art, tmp)
@@ -377,7 +381,7 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
         metadata = {
             "backend": "openvino", "sedeploy_version": __version__, "openvino_version": ov.get_version(),
             "device": DEVICE, "precision": art.precision, "kind": art.kind, "flavour": art.flavour,
-            "source_model": str(src.resolve()), "source_sha256": sha256_file(src),
+            "source_model": str(recorded.resolve()), "source_sha256": sha256_file(src),
             "engine_sha256": sha256_file(tmp_xml), "weights_sha256": sha256_file(tmp_bin),
             "weights_file": final_bin.name, "compress_to_fp16": False,
             "threads": threads, "inference_precision_hint": precision_hint_for(art.precision),
@@ -399,5 +403,6 @@ def _build(ov, src: Path, art, tmp: Path, final_xml: Path, final_bin: Path, side
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         raise
-    return Engine(path=final_xml, sidecar=sidecar, backend="openvino", precision=art.precision, source=src,
+    return Engine(path=final_xml, sidecar=sidecar, backend="openvino", precision=art.precision,
+                  source=recorded,
                   metadata=metadata, companions=[final_bin])

@@ -171,19 +171,23 @@ def unsupported_here(precision: str) -> str | None:
     return None
 
 
-def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
+def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None, *,
+                 source_as: str | Path | None = None) -> Engine:
     """The backend-table entry point: :func:`build_ort_engine` with the options that concern ONNX Runtime."""
     options = options or EngineOptions()
-    return build_ort_engine(onnx_path, out_dir, threads=options.threads)
+    return build_ort_engine(onnx_path, out_dir, threads=options.threads, source_as=source_as)
 
 
 def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int | None = None,
-                     providers: str | Sequence[str] | None = None, optimization: str = "all") -> Engine:
+                     providers: str | Sequence[str] | None = None, optimization: str = "all",
+                     source_as: str | Path | None = None) -> Engine:
     """Save ORT's optimized graph of ``onnx_path`` as ``<stem>.ort-opt.onnx`` plus ``<stem>.ort.json``.
 
     ORT writes the optimized model itself (``SessionOptions.optimized_model_filepath``), so it is pointed at a
     temporary name in ``out_dir`` that is renamed into place only once the session was created and the file read
     back. At levels "all" / "layout" the result is specific to this CPU's vector width (see the module docstring).
+    ``source_as``: the path the sidecar records as the engine's source (where the artifact is published, when it is
+    built in a staging folder; default: the artifact's path).
     """
     ort = ort_module()
     src = Path(onnx_path)
@@ -214,7 +218,7 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
     metadata = {
         "backend": "ort", "sedeploy_version": __version__, "onnxruntime_version": ort.__version__,
         "providers": active, "optimization": str(optimization).lower(), "intra_op_threads": threads_used,
-        "precision": precision, "source_model": str(src), "source_sha256": sha256_file(src),
+        "precision": precision, "source_model": str(source_as or src), "source_sha256": sha256_file(src),
         "engine_sha256": sha256_file(final), "nchwc_nodes": nchwc, "op_histogram": histogram,
         "machine_specific": machine_specific, **cpu_description(),
         "note": ("optimized for this CPU's vector width (NCHWc blocking); it loads on other x86-64 CPUs but is "
@@ -229,4 +233,5 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, *, threads: int
         final.unlink(missing_ok=True)  # an engine without its sidecar is not published,
         sidecar.unlink(missing_ok=True)  # and a previous engine's sidecar would describe a file that is gone
         raise
-    return Engine(path=final, sidecar=sidecar, backend="ort", precision=precision, source=src, metadata=metadata)
+    return Engine(path=final, sidecar=sidecar, backend="ort", precision=precision, source=Path(source_as or src),
+                  metadata=metadata)

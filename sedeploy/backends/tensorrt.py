@@ -136,22 +136,24 @@ def trt_logger(trt):
     return _LOGGER[1]
 
 
-def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None) -> Engine:
+def build_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions | None = None, *,
+                 source_as: str | Path | None = None) -> Engine:
     """The backend-table entry point: :func:`build_trt_engine` with the options that concern TensorRT."""
     o = options or EngineOptions()
     return build_trt_engine(onnx_path, out_dir, min_batch=o.min_batch, opt_batch=o.opt_batch, max_batch=o.max_batch,
-                            workspace_gib=o.workspace_gib, timing_cache=o.timing_cache)
+                            workspace_gib=o.workspace_gib, timing_cache=o.timing_cache, source_as=source_as)
 
 
 def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
                      max_batch: int = 32, workspace_gib: float = 4.0, timing_cache: str | Path | None = None,
-                     input_name: str | None = None) -> Engine:
+                     input_name: str | None = None, source_as: str | Path | None = None) -> Engine:
     """Build ``<stem>.plan`` and ``<stem>.trt.json`` in ``out_dir`` from ``onnx_path``, strongly typed.
 
     The batch dimension gets one optimization profile (min/opt/max); ``workspace_gib`` caps TensorRT's scratch
     memory; ``timing_cache`` names a cache file: the one actually used carries the TensorRT version and compute
     capability in its name (:func:`~sedeploy.backends.trt_support.timing_cache_path`), and is merged, not
-    overwritten, under a file lock.
+    overwritten, under a file lock. ``source_as``: the path the sidecar records as the engine's source (where the
+    artifact is published, when it is built in a staging folder; default: the artifact's path).
     """
     src = Path(onnx_path)
     # before TensorRT is even imported: a wrong input costs nothing
@@ -216,7 +218,7 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
         "unreadable_layers": layers["unreadable"], "inspector_layout": layers["layout"],
         "inspected_shape": list(shapes[1]),
         "profile": {"input": tensor.name, "min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
-        "workspace_gib": workspace_gib, "source_model": str(src), "source_sha256": sha256_file(src),
+        "workspace_gib": workspace_gib, "source_model": str(source_as or src), "source_sha256": sha256_file(src),
         "plan_sha256": sha256_file(plan_path), "build_seconds": round(seconds, 3),
         "timing_cache": str(cache_path) if cache_path is not None else None,
         "timing_cache_bytes_loaded": cache_bytes, "timing_cache_saved": cache_saved,
@@ -229,7 +231,8 @@ def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, *, min_batch: i
         raise
     log.info("Built %s (%s, %s) in %.1f s; layers by precision: %s.", plan_path, precision, device["gpu"], seconds,
              json.dumps(layers["counts"]))
-    return Engine(path=plan_path, sidecar=sidecar, backend="trt", precision=precision, source=src, metadata=metadata)
+    return Engine(path=plan_path, sidecar=sidecar, backend="trt", precision=precision, source=Path(source_as or src),
+                  metadata=metadata)
 
 
 def sidecar_for(plan_path: str | Path) -> Path:

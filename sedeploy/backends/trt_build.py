@@ -69,13 +69,15 @@ def profile_shapes(input_shape: tuple[int, ...], min_batch: int, opt_batch: int,
     return (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest)
 
 
-def validate_trt_input(onnx_path: str | Path) -> dict[str, Any]:
+def validate_trt_input(onnx_path: str | Path, model=None) -> dict[str, Any]:
     """Everything checked about an ONNX file before TensorRT sees it (the one place; the pipeline calls it for
     artifacts given as MODEL, :func:`~sedeploy.backends.tensorrt.build_trt_engine` for every build): the INT8 CPU
     form (QOperator ops, ``sedeploy.int8_flavour=cpu``) is refused, a Q/DQ model must pass TensorRT's Q/DQ rules,
     and every model the strong-typing check (:func:`sedeploy.checks.check_strong_typing`: what TensorRT's strongly
-    typed parser would reject). Returns the strong-typing summary (recorded in the sidecar)."""
-    proto, label = as_model(onnx_path, what="ONNX model for TensorRT")
+    typed parser would reject). Returns the strong-typing summary (recorded in the sidecar). ``model``: the file as
+    read already (it is not read again)."""
+    proto, label = (model, str(onnx_path)) if model is not None else as_model(onnx_path,
+                                                                              what="ONNX model for TensorRT")
     flavour = str(get_metadata(proto).get(META.FLAVOUR, "")).strip('"')
     qoperator = sorted({n.op_type for n in proto.graph.node if n.op_type in QOPERATOR_OPS})
     if flavour == "cpu" or qoperator:

@@ -2,31 +2,17 @@
 previous build wrote and this one did not removed; errors about staged files named as sedeploy's intermediates."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
-from sedeploy.artifacts import MANIFEST, Artifact
+from sedeploy.artifacts import MANIFEST
 from sedeploy.build.result import BuildResult
 from sedeploy.errors import SedeployError
-from sedeploy.fsutil import atomic_write_text, publish_staged
+from sedeploy.fsutil import publish_staged
 from sedeploy.layout import Manifest
 
 log = logging.getLogger("sedeploy")
-
-
-def relocate(obj, stage: str, out: str):
-    """``obj`` with every string that starts with the staging folder's path pointing into the output folder."""
-    if isinstance(obj, str):
-        return out + obj[len(stage):] if obj.startswith(stage) else obj
-    if isinstance(obj, Path):
-        return Path(relocate(str(obj), stage, out))
-    if isinstance(obj, dict):
-        return {k: relocate(v, stage, out) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(relocate(v, stage, out) for v in obj)
-    return obj
 
 
 def listed_files(out: Path) -> set[str]:
@@ -40,21 +26,8 @@ def listed_files(out: Path) -> set[str]:
 
 def publish(stage: Path, out: Path, res: BuildResult) -> None:
     """Move the finished set from ``stage`` into ``out`` (manifest last) and remove what the previous manifest
-    listed that this build did not write. Runs with SIGINT/SIGTERM/SIGHUP held back."""
-    pairs = [(str(stage.resolve()), str(out.resolve())), (str(stage), str(out))]  # absolute paths first
-
-    def to_out(obj):
-        for s, o in pairs:
-            obj = relocate(obj, s, o)
-        return obj
-
-    for sidecar in stage.glob("*.json"):  # sidecars record their source model's path
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-        atomic_write_text(sidecar, json.dumps(to_out(data), indent=2, sort_keys=True) + "\n")
-    res.artifacts = [Artifact(to_out(a.path), a.precision, a.flavour, to_out(a.report)) for a in res.artifacts]
-    for name in ("engines", "notes", "fusion", "calibration", "validation", "int8_budget"):
-        if hasattr(res, name):
-            setattr(res, name, to_out(getattr(res, name)))
+    listed that this build did not write. Runs with SIGINT/SIGTERM/SIGHUP held back. The result and the sidecars
+    already record the published paths (:meth:`BuildResult.published`), so nothing is rewritten here."""
     new = sorted(p.name for p in stage.iterdir() if not p.name.startswith("."))
     keep = set(new) | {MANIFEST}
     source = Path(res.source)

@@ -95,10 +95,10 @@ def int8_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Pre
             res.int8_budget["flavours"][flavour] = brep.as_dict()
         else:
             report = quantize.quantize_model(fp32_path, calib, path, flavour=flavour, se=se, keep_fp32=keep)
-        entry = Artifact(path, "int8", flavour, report.as_dict())
+        entry = Artifact(res.published(path), "int8", flavour, {**report.as_dict(), "path": str(res.published(path))})
         if flavour == "trt":
             check = check_trt_qdq(str(path))
-            res.validation = check.as_dict()
+            res.validation = {**check.as_dict(), "model": str(res.published(path))}
             if not check.ok:
                 path.unlink(missing_ok=True)
                 raise VerificationError(f"The TensorRT INT8 artifact breaks TensorRT's Q/DQ rules; it was not "
@@ -108,9 +108,10 @@ def int8_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Pre
         res.artifacts.append(entry)
 
 
-def int8_check_stage(res: BuildResult, opt: BuildOptions) -> None:
+def int8_check_stage(res: BuildResult, opt: BuildOptions, stage: Path) -> None:
     """INT8 agreement with FP32 on held-out images (sedeploy.int8_check), on the runtime each artifact runs on;
-    warns below ``opt.precision.warn_agreement``. The budget's own figures are reused where it measured on that runtime."""
+    warns below ``opt.precision.warn_agreement``. The budget's own figures are reused where it measured on that
+    runtime. The artifacts are read in the staging folder ``stage``."""
     pending, res.int8_pending = res.int8_pending, None
     ints = [a for a in res.artifacts if a.precision == "int8" and a.flavour]
     if pending is None or not ints:
@@ -127,7 +128,7 @@ def int8_check_stage(res: BuildResult, opt: BuildOptions) -> None:
         res.int8_check = {"measured": False, "reason": held, "warn_below_pct": floor}
         return
     ov_built = {e["kind"] for e in res.engines if e["backend"] == "openvino"}
-    fp32 = next(a.path for a in res.artifacts if a.precision == "fp32")
+    fp32 = stage / next(a.path for a in res.artifacts if a.precision == "fp32").name
     budget = (res.int8_budget or {}).get("flavours") or {}
     figures, entries, notes = {}, [], {}
     for a in ints:
@@ -139,7 +140,7 @@ def int8_check_stage(res: BuildResult, opt: BuildOptions) -> None:
             figures[a.kind] = {**{k: r[k] for k in ("n", "agree", "agreement_pct", "agreement_lcb_pct")},
                                "runtime": runtime, "from": "the INT8 budget's held-out measurement"}
         else:
-            entries.append((a.kind, Path(a.path), runtime))
+            entries.append((a.kind, stage / a.path.name, runtime))
     if held is not None:
         images, _ = load_batch(held.paths, pending["pp"], progress=opt.progress,
                                what=f"held-out image folder '{held.root}'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sedeploy.artifacts import Artifact
@@ -35,6 +36,11 @@ class BuildResult:
     int8_check: dict[str, Any] | None = None  # INT8 agreement with FP32 on held-out images (sedeploy.int8_check)
     int8_pending: Any = field(default=None, repr=False, compare=False)  # the check's images, until it runs (not
     # in the manifest)
+
+    def published(self, path: str | Path) -> Path:
+        """Where a file this build writes (into its staging folder) is published: its name in the output folder.
+        Every path the result records is made with it, so nothing is rewritten when the set is published."""
+        return Path(self.out_dir) / Path(path).name
 
     def as_dict(self) -> dict[str, Any]:
         """The manifest's content."""

@@ -117,7 +117,7 @@ def build_staged(model, head, out: Path, stage: Path, opt: BuildOptions) -> Buil
                                 "an FP32 model.", fix=f"pass the FP32 model, or drop --fp16/--int8 to build the "
                                                       f"{BACKENDS[opt.backend].label} engine of this artifact as it "
                                                       "is")
-        check_artifact_for_backend(given, opt.backend)
+        check_artifact_for_backend(given, opt.backend, proto)
         res.artifacts.append(given)
         res.notes.append(f"input is a {given.kind} artifact: used as is (no SE fusion, no conversion)")
     else:
@@ -125,10 +125,10 @@ def build_staged(model, head, out: Path, stage: Path, opt: BuildOptions) -> Buil
         canonical = canonicalize_source(proto, src, res)
         fp32_path = fuse_stage(canonical, stage, stem, opt, pp, res,
                                reference=proto if res.canonical["changed"] else None, label=res.source)
-        res.artifacts.append(Artifact(fp32_path, "fp32"))
+        res.artifacts.append(Artifact(res.published(fp32_path), "fp32"))
         if opt.precision.fp16:
             fp16_stage(fp32_path, stage, stem, opt, pp, res)
         if opt.precision.int8:
             int8_stage(fp32_path, stage, stem, opt, pp, res)
-    engines_stage(res, stage, opt, given=given.precision != "fp32")
+    engines_stage(res, stage, opt, given=proto if given.precision != "fp32" else None)
     return res

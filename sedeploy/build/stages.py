@@ -110,4 +110,5 @@ def fp16_stage(fp32_path: Path, out: Path, stem: str, opt: BuildOptions, pp: Pre
     report = fp16.convert_fp16(fp32_path, path, keep_fp32=keep,
                                     verify_inputs=check_images(pp, Path(calib) if calib else None))
     res.timings["fp16_s"] = round(time.perf_counter() - t0, 2)
-    res.artifacts.append(Artifact(path, "fp16", None, report.as_dict()))
+    res.artifacts.append(Artifact(res.published(path), "fp16", None,
+                                  {**report.as_dict(), "path": str(res.published(path))}))
