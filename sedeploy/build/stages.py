@@ -71,7 +71,8 @@ def fuse_stage(proto, out: Path, stem: str, opt: BuildOptions, pp: Preprocess, r
         res.fusion["ort_optimized_histogram"] = hist
         res.fusion["ort_reorders"] = {k.split(":")[-1]: v for k, v in hist.items() if "Reorder" in k}
     except SedeployError as err:  # the histogram is a report, not a requirement
-        res.notes.append(f"ORT optimized-graph histogram unavailable: {err.what}")
+        said = err.what.replace(str(fp32_path), str(res.published(fp32_path)))  # the file as it is published
+        res.notes.append(f"ORT optimized-graph histogram unavailable: {said}")
     return fp32_path
 
 
