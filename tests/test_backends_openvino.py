@@ -359,7 +359,8 @@ def test_peers_use_the_fp32_onnx_beside_a_copied_engine(ov_build, tmp_path):
 
 @needs_ov
 def test_bench_describes_openvino_engines(ov_build):
-    from sedeploy.bench.engines import check_batches, describe_engine
+    from sedeploy.bench.engines import describe_engine
+    from sedeploy.bench.selection import check_batches
 
     res, _ = ov_build
     spec = describe_engine(next(e for e in res.engines if e["kind"] == "int8-ov")["path"])

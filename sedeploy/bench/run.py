@@ -3,7 +3,7 @@
 Order of work, chosen so that every mistake surfaces before the long part and an interruption loses nothing:
 
 1. **Checks** (seconds): output folder writable, engines described from their metadata, one model
-   (:func:`~sedeploy.bench.engines.check_same_model`), batch sizes within every engine's limits, labels resolved
+   (:func:`~sedeploy.bench.selection.check_same_model`), batch sizes within every engine's limits, labels resolved
    against the model's classes *before* any image is decoded, budgets usable (a top-1 budget needs labels).
 2. **Runners** opened (a TensorRT plan without TensorRT / GPU is an error naming it), the FP32 reference run once.
 3. **Ceiling probe** (GEMM fp32 / int8, ~2 s) when an engine runs on the CPU.
@@ -33,6 +33,7 @@ import numpy as np
 from sedeploy.backends.ort import default_threads
 from sedeploy.backends.timing import time_runners
 from sedeploy.bench import engines as E
+from sedeploy.bench import selection as S
 from sedeploy.bench.accuracy import check_budget, nonfinite_violations
 from sedeploy.bench.baselines import TORCH_NAME, plain_engine, torch_baseline, torch_threads
 from sedeploy.bench.measure import CHECK_IMAGES, accuracy_pass, load_head, outputs_probabilities, pad_run, \
@@ -184,17 +185,17 @@ def _describe(opts: BenchOptions, out: Path | None, sizes: list[int]) -> _Job:
         require_matplotlib()
     threads = default_threads() if opts.threads is None else opts.threads
     specs = [E.describe_engine(p) for p in E.expand_engine_paths(opts.engines)]
-    E.check_classifiers(specs)
-    E.unique_names(specs)
-    ref = E.pick_reference(specs, opts.reference)
+    S.check_classifiers(specs)
+    S.unique_names(specs)
+    ref = S.pick_reference(specs, opts.reference)
     specs.sort(key=lambda s: s is not ref)  # the reference first: tables read from it
-    E.check_same_model(specs, ref)
+    S.check_same_model(specs, ref)
     notes = ["Timings were taken interleaved (round-robin, rotated order): compare engines by their ratios; "
              "absolute figures depend on the machine's load (see machine.loadavg)."]
-    sizes, why = E.choose_batches(specs, None if opts.batches is None else sizes, DEFAULT_BATCHES)
+    sizes, why = S.choose_batches(specs, None if opts.batches is None else sizes, DEFAULT_BATCHES)
     if why:
         notes.append(why)
-    offset, clash = E.label_offset_for(specs, opts.label_offset)
+    offset, clash = S.label_offset_for(specs, opts.label_offset)
     if clash:  # printed once, with the notes
         notes.append(f"WARNING: {clash}")
     job = _Job(opts, out, sizes, threads, specs, ref, E.preprocess_for(ref), notes, label_offset=offset)
