@@ -61,10 +61,9 @@ HEAVY_MODULES: dict[str, str] = {
     "sedeploy.passes.se_squeeze": "onnxscript and onnx_ir (as se_parts)",
 }
 
-#: Packages and modules whose sedeploy imports inside functions need not be at the top yet (they were being changed
-#: when the rule came). This list only shrinks: remove an entry once its imports are moved up (quantize
-#: imports only heavy modules inside functions as it stands).
-NOT_YET_AT_TOP: tuple[str, ...] = ("sedeploy.quantize",)
+#: Packages and modules whose sedeploy imports inside functions need not be at the top yet. Empty: every module
+#: follows the rule; keep it empty.
+NOT_YET_AT_TOP: tuple[str, ...] = ()
 
 #: what `sedeploy --help` and every command's --help must not import
 NOT_FOR_HELP = ("torch", "onnxruntime", "openvino", "nncf", "onnxscript", "onnx_ir", "tensorrt", "tritonclient",
