@@ -158,9 +158,9 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     measured per-flavour default :data:`DEFAULT_BIAS_CORRECTION`; ``"measured"`` (TensorRT flavour, its default)
     then corrects each quantized layer's bias, layer after layer, by the output mean shift measured on the quantized
     model (:mod:`sedeploy.quantize.measured_bias`; it reads the first :data:`MEASURED_BIAS_IMAGES` calibration
-    images, so ``calibration`` must come from :func:`calibrate` in this process). ``head``: ``"float"`` keeps the classifier head
-    (:func:`head_layers`, with the ops that round its input in the CPU/OpenVINO forms) in the graph's float type,
-    ``"int8"`` quantizes it; None: the flavour's measured default :data:`DEFAULT_HEAD_POLICY`.
+    images, so ``calibration`` must come from :func:`calibrate` in this process). ``head``: ``"float"`` keeps the
+    classifier head (:func:`head_layers`, with the ops that round its input in the CPU/OpenVINO forms) in the graph's
+    float type, ``"int8"`` quantizes it; None: the flavour's measured default :data:`DEFAULT_HEAD_POLICY`.
     The file is checked with ``onnx.checker`` (full check), the TensorRT flavour also with the strong-typing check,
     loaded and run once in ONNX Runtime, and only then renamed into place; on any failure nothing is left at
     ``out_path``.
