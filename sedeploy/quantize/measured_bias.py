@@ -26,7 +26,9 @@ import numpy as np
 
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import attr, cpu_session, pad_to_batch
+from sedeploy.preprocess import Preprocess, load_batch
 from sedeploy.quantize.calibration import CalibrationResult
+from sedeploy.quantize.policies import head_layers
 from sedeploy.quantize.source import WEIGHTED
 
 #: Calibration images the measured correction runs (the first of the calibration's seeded selection): the
@@ -40,8 +42,6 @@ def calibration_images(calibration: CalibrationResult, count: int = MEASURED_BIA
     """The first ``count`` calibration images, preprocessed as the calibration did (N×C×H×W float32). Needs a
     calibration made by :func:`sedeploy.quantize.calibrate` in this process (one loaded from a file does not know
     its image folder)."""
-    from sedeploy.preprocess import Preprocess, load_batch
-
     if not calibration.image_root:
         raise SedeployError("Measured bias correction needs the calibration images, and this calibration does not "
                             "know its image folder (it was loaded from a file, or built by hand).",
@@ -121,8 +121,6 @@ def correct_biases_measured(qmodel, fp32_model, images: np.ndarray, layers: Coll
     the head corrected: MobileNet-V1 0.25 top-1 drop 1.33 → 2.0 pt, SqueezeNet 1.1 1.0 → 2.0 pt, 300 images)."""
     import onnx
     from onnx import numpy_helper
-
-    from sedeploy.quantize.policies import head_layers
 
     if layers is None:
         heads = set(head_layers(fp32_model))
