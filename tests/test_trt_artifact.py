@@ -121,3 +121,56 @@ def test_fp32_scale_in_fp16_graph_fails_naming_the_node(trt_int8, tmp_path):
     assert any("because DequantizeLinear" in v.found and "fp32 scale" in v.found for v in report.errors)
     d = inspect_model(model)
     assert not d["ok"] and "FAILED" in format_inspection(d)
+
+
+def _layer_means(model, images, nodes):
+    """Per-channel output means of the named nodes of ``model`` over ``images``."""
+    from sedeploy.onnxcore import cpu_session
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    by_name = {n.name: n.output[0] for n in m.graph.node}
+    outs = [by_name[n] for n in nodes]
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outs)
+    sess = cpu_session(m)
+    got = sess.run(outs, {sess.get_inputs()[0].name: images})
+    return {n: a.astype(np.float64).mean(axis=(0, 2, 3)) for n, a in zip(nodes, got)}
+
+
+def test_measured_bias_correction_restores_layer_means(tiny_onnx, calib, trt_int8, tmp_path):
+    """The TensorRT form's default bias correction is measured on the quantized model: each corrected layer's
+    per-channel output mean on the calibration images comes back to FP32's, far closer than with the weight-only
+    correction (which cannot see the activation grid's shift). The head keeps the weight-only correction."""
+    from sedeploy.quantize import head_layers
+    from sedeploy.quantize.measured_bias import calibration_images, quantized_layers
+
+    path, report = trt_int8
+    assert report.settings["bias_correction"] == "measured"
+    measured = onnx.load(str(path))
+    layers = [n for n in quantized_layers(measured) if n not in head_layers(tiny_onnx)]
+    assert report.settings["bias_measured_layers"] == len(layers) > 0
+    weights_only = tmp_path / "w.onnx"
+    assert quantize_model(tiny_onnx, calib, weights_only, flavour="trt",
+                          bias_correction=True).settings["bias_correction"] is True
+    images = calibration_images(calib)
+    fp32 = _layer_means(onnx.load(str(tiny_onnx)), images, layers)
+    residual = {}
+    for name, model in (("measured", measured), ("weights", onnx.load(str(weights_only)))):
+        got = _layer_means(model, images, layers)
+        residual[name] = float(np.mean([np.abs(got[n] - fp32[n]).mean() for n in layers]))
+    assert residual["measured"] < 0.5 * residual["weights"], residual
+
+
+def test_measured_bias_correction_needs_the_images(tiny_onnx, calib, tmp_path):
+    """A calibration read back from its file does not know its image folder: the measured correction says so
+    (weight-only correction still works); it applies to the TensorRT flavour only."""
+    from sedeploy.quantize import CalibrationResult
+
+    loaded = CalibrationResult.load(calib.cache_path)
+    with pytest.raises(SedeployError, match="image folder"):
+        quantize_model(tiny_onnx, loaded, tmp_path / "a.onnx", flavour="trt")
+    assert not (tmp_path / "a.onnx").exists()
+    rep = quantize_model(tiny_onnx, loaded, tmp_path / "b.onnx", flavour="trt", bias_correction=True)
+    assert rep.settings["bias_correction"] is True
+    with pytest.raises(SedeployError, match="TensorRT flavour"):
+        quantize_model(tiny_onnx, calib, tmp_path / "c.onnx", flavour="cpu", bias_correction="measured")

@@ -25,13 +25,14 @@ import numpy as np
 from sedeploy.checks.strong_typing import require_strong_typing
 from sedeploy.errors import SedeployError
 from sedeploy.fp16_verify import fp16_overflows, overflow_error
-from sedeploy.onnxcore import META, cpu_session, run_model, save_onnx, set_metadata, sha256_file
+from sedeploy.onnxcore import META, copy_model, cpu_session, run_model, save_onnx, set_metadata, sha256_file
 from sedeploy.preprocess import smooth_noise
 from sedeploy.quantize.bias import DEFAULT_BIAS_CORRECTION, WEIGHT_QMAX_FULL, WEIGHT_QMAX_REDUCED, correct_biases
 from sedeploy.quantize.calibration import (CACHE_FORMAT, CALIBRATION_VERSION, DEFAULT_BATCH_SIZE, DEFAULT_COUNT,
                                            DEFAULT_METHOD, GRIDS, MIN_IMAGES, CalibrationResult, activation_tensors,
                                            calibrate, calibration_key, default_cache_dir, select_images)
 from sedeploy.quantize.cpu import CPU_OPTIONS, OV_OPTIONS, REDUCE_RANGE_SCOPES, CpuOptions, seven_bit_layers, write_cpu
+from sedeploy.quantize.measured_bias import MEASURED_BIAS_IMAGES, calibration_images, correct_biases_measured
 from sedeploy.quantize.estimators import (DEFAULT_PERCENTILE, HIST_BINS, METHODS, QUANT_BINS, entropy_amax,
                                           method_params, mse_amax, percentile_amax)
 from sedeploy.quantize.policies import (DEFAULT_HEAD_POLICY, DEFAULT_SE_POLICY, FLOAT_HEAD_MAX_MACS_SHARE,
@@ -74,7 +75,7 @@ __all__ = [
     "CACHE_FORMAT", "CALIBRATION_VERSION", "CPU_OPTIONS", "DEFAULT_BATCH_SIZE", "DEFAULT_BIAS_CORRECTION",
     "DEFAULT_COUNT", "DEFAULT_HEAD_POLICY", "DEFAULT_METHOD", "DEFAULT_PERCENTILE", "DEFAULT_SE_POLICY",
     "FLAVOURS", "FLOAT_HEAD_MAX_MACS_SHARE", "FP16_MIN_NORMAL", "GRIDS", "HEAD_POLICIES", "HIST_BINS", "METHODS",
-    "MIN_IMAGES", "MIN_OPSET",
+    "MEASURED_BIAS_IMAGES", "MIN_IMAGES", "MIN_OPSET",
     "OV_OPTIONS", "QUANT_BINS", "REDUCE_RANGE_SCOPES", "SE_POLICIES", "TRT_OPSET", "CalibrationResult", "CpuOptions", "Flavour",
     "QuantReport", "activation_tensors", "calibrate", "calibration_key", "default_cache_dir", "entropy_amax",
     "float_groups", "float_head_layers", "head_layers", "head_policy", "layer_macs", "method_params", "mse_amax",
@@ -141,7 +142,7 @@ def _check_request(flavour: str, se: str, calibration, keep_fp32, exclude) -> Fl
 def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavour: str,
                    se: str = DEFAULT_SE_POLICY, cpu_options: CpuOptions | None = None,
                    keep_fp32: str | Collection[str] | None = None, exclude: Collection[str] = (),
-                   smoke_test: bool = True, bias_correction: bool | None = None,
+                   smoke_test: bool = True, bias_correction: bool | str | None = None,
                    head: str | None = None) -> QuantReport:
     """Write the INT8 ``flavour`` (a name of :data:`FLAVOURS`) of the FP32 model ``fp32_path`` to ``out_path``.
 
@@ -154,9 +155,12 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     excluded Conv/Gemm/Add gets no Q/DQ and stays FP16; in the CPU flavour ORT's quantizer leaves it float.
     ``bias_correction`` corrects each quantized layer's bias for the mean shift its weight quantization causes
     (needs the calibration's channel means; the number of corrected layers is in ``settings``); None: the
-    measured per-flavour default :data:`DEFAULT_BIAS_CORRECTION`. ``head``: ``"float"`` keeps the classifier head
-    (:func:`head_layers`, with the ops that round its input in the CPU/OpenVINO forms) in the graph's float type,
-    ``"int8"`` quantizes it; None: the flavour's measured default :data:`DEFAULT_HEAD_POLICY`.
+    measured per-flavour default :data:`DEFAULT_BIAS_CORRECTION`; ``"measured"`` (TensorRT flavour, its default)
+    then corrects each quantized layer's bias, layer after layer, by the output mean shift measured on the quantized
+    model (:mod:`sedeploy.quantize.measured_bias`; it reads the first :data:`MEASURED_BIAS_IMAGES` calibration
+    images, so ``calibration`` must come from :func:`calibrate` in this process). ``head``: ``"float"`` keeps the
+    classifier head (:func:`head_layers`, with the ops that round its input in the CPU/OpenVINO forms) in the graph's
+    float type, ``"int8"`` quantizes it; None: the flavour's measured default :data:`DEFAULT_HEAD_POLICY`.
     The file is checked with ``onnx.checker`` (full check), the TensorRT flavour also with the strong-typing check,
     loaded and run once in ONNX Runtime, and only then renamed into place; on any failure nothing is left at
     ``out_path``.
@@ -181,6 +185,12 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     corrected = 0
     if bias_correction is None:
         bias_correction = DEFAULT_BIAS_CORRECTION[flavour]
+    measured = bias_correction == "measured"
+    if measured and not row.fp16_graph:
+        raise SedeployError(f"bias_correction='measured' applies to the TensorRT flavour (float biases), not "
+                            f"{flavour!r}.", fix="pass bias_correction=True (weight-only) or None (the default)")
+    reference = copy_model(model, what="FP32 model")[0] if measured else None
+    images = calibration_images(calibration) if measured else None  # before the work: a missing folder fails now
     if bias_correction:
         skip = set(exclude) | (se_nodes(model) if se == "fp32" else set())
         # the levels the flavour gives each layer's weights (CPU/OpenVINO options: 7-bit with reduce_range)
@@ -188,9 +198,11 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
         qmax = {n.name: WEIGHT_QMAX_REDUCED if n.name in seven else WEIGHT_QMAX_FULL for n in model.graph.node}
         corrected = correct_biases(model, calibration, qmax, skip)
     model, settings = row.write(model, calibration, se, label, set(exclude), options, keep_fp32)
+    if measured:
+        settings["bias_measured_layers"] = correct_biases_measured(model, reference, images)
     fmt = "QOperator" if options is not None and options.format == "qoperator" else "QDQ"
     settings["strong_typing"] = require_strong_typing(model, label).summary()
-    settings["bias_correction"] = bool(bias_correction)
+    settings["bias_correction"] = "measured" if measured else bool(bias_correction)
     settings["bias_corrected_layers"] = corrected
     settings["head"] = {"policy": head, "layers": heads, "float_nodes": sorted(head_nodes)}
     set_metadata(model, {META.PRECISION: "int8", META.FLAVOUR: flavour, META.INT8_FORMAT: fmt, META.INT8_SE: se,

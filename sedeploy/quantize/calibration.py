@@ -93,6 +93,9 @@ class CalibrationResult:
     #: ranges of the non-negative tensors for a uint8 grid (255 levels over [0, hi]; the CPU and OpenVINO
     #: flavours), where the threshold depends on the grid (``mse``); empty for the other methods
     uint8_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: the folder ``images`` are relative to, known when :func:`calibrate` made or found this result (not stored in
+    #: the cache: a file may be read where that folder is elsewhere); measured bias correction reads the images
+    image_root: str | None = None
 
     def amax(self, name: str) -> float:
         """Symmetric range of one tensor (what TensorRT-style int8 uses)."""
@@ -112,6 +115,7 @@ class CalibrationResult:
         d = asdict(self)
         d.pop("cache_hit")
         d.pop("cache_path")
+        d.pop("image_root")
         d["ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()}
         d["uint8_ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.uint8_ranges.items()}
         d = {"format": CACHE_FORMAT, "version": CALIBRATION_VERSION, **d}
@@ -366,6 +370,7 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
         else:
             if cached.key == key:
                 log.info("Calibration cache hit: %s", target)
+                cached.image_root = str(root)
                 return cached
             log.warning("Calibration cache %s was made for different inputs (stored key %s…, current %s…): "
                         "recomputing and overwriting it.", target, cached.key[:12], key[:12])
@@ -379,7 +384,7 @@ def calibrate(model_path: str | os.PathLike, image_folder: str | os.PathLike, *,
                                images=[p.relative_to(root).as_posix() for p in loaded], key=key, cache_hit=False,
                                seconds=round(time.perf_counter() - t0, 3), model_sha256=model_sha,
                                preprocess=preprocess.as_dict(), count=count or 0, seed=seed, skipped=skipped,
-                               channel_means=means, uint8_ranges=uint8_ranges)
+                               channel_means=means, uint8_ranges=uint8_ranges, image_root=str(root))
     if use_cache:
         result.save(target)
         result.cache_path = str(target)
