@@ -442,3 +442,53 @@ def test_float_head_only_while_cheap(tmp_path):
     assert quantize.float_head_layers(path, "ov", "int8") == []
     mixed = _mixed_net(tmp_path / "mixed.onnx")  # its Gemm head: a tiny share
     assert quantize.float_head_layers(mixed, "ov") == ["fc"]
+
+
+def test_openvino_form_concatenates_on_one_shared_range(clip_images, tmp_path):
+    """The OpenVINO form quantizes a Concat with its inputs and output on one range (the union of theirs), so the
+    runtime concatenates int8 tensors as they are: every Q/DQ of those tensors carries the same scale and zero
+    point, the ranges of other tensors are untouched, and the result stays close to FP32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sedeploy import quantize
+    from sedeploy.onnxcore import run_model
+
+    folder, pp, x = clip_images
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, s, shape).astype(np.float32), n) for n, s, shape in (
+        ("w0", 0.5, (8, 3, 3, 3)), ("wa", 0.3, (4, 8, 1, 1)), ("wb", 1.5, (4, 8, 3, 3)), ("wc", 0.3, (6, 8, 1, 1)),
+        ("wf", 0.5, (10, 6)))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "wa"], ["ca"], name="expand1x1"),
+             helper.make_node("Relu", ["ca"], ["ra"], name="relua"),
+             helper.make_node("Conv", ["r0", "wb"], ["cb"], pads=[1, 1, 1, 1], name="expand3x3"),
+             helper.make_node("Relu", ["cb"], ["rb"], name="relub"),
+             helper.make_node("Concat", ["ra", "rb"], ["cat"], axis=1, name="concat"),
+             helper.make_node("MaxPool", ["cat"], ["mp"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             helper.make_node("Conv", ["mp", "wc"], ["cc"], name="conv_after"),
+             helper.make_node("Relu", ["cc"], ["rc"], name="reluc"),
+             helper.make_node("GlobalAveragePool", ["rc"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "fire", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    fp32 = tmp_path / "fire.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(fp32))
+    cal = calibrate(fp32, folder, progress=False, preprocess=pp, cache_dir=tmp_path / "cal")
+    assert cal.ranges["ra"][1] != cal.ranges["rb"][1]  # the branches differ, so sharing is a real change
+    unified = quantize.unify_concat_ranges(onnx.load(str(fp32)), cal)
+    span = (min(cal.ranges[t][0] for t in ("ra", "rb", "cat")), max(cal.ranges[t][1] for t in ("ra", "rb", "cat")))
+    assert all(unified.ranges[t] == span for t in ("ra", "rb", "cat"))
+    assert unified.ranges["r0"] == cal.ranges["r0"] and cal.ranges["ra"] != span  # nothing else, no in-place edit
+    rep = quantize_model(fp32, cal, tmp_path / "q.onnx", flavour="ov")
+    m = onnx.load(rep.path)
+    onnx.checker.check_model(m, full_check=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    params = {(float(inits[n.input[1]]), int(inits[n.input[2]])) for n in m.graph.node
+              if n.op_type == "QuantizeLinear" and n.input[0] in ("ra", "rb", "cat", "mp")}
+    assert len(params) == 1, params
+    assert any(n.op_type == "Concat" for n in m.graph.node)
+    ref, got = run_model(fp32, x), run_model(rep.path, x)
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()

@@ -31,7 +31,8 @@ from sedeploy.quantize.bias import DEFAULT_BIAS_CORRECTION, WEIGHT_QMAX_FULL, WE
 from sedeploy.quantize.calibration import (CACHE_FORMAT, CALIBRATION_VERSION, DEFAULT_BATCH_SIZE, DEFAULT_COUNT,
                                            DEFAULT_METHOD, GRIDS, MIN_IMAGES, CalibrationResult, activation_tensors,
                                            calibrate, calibration_key, default_cache_dir, select_images)
-from sedeploy.quantize.cpu import CPU_OPTIONS, OV_OPTIONS, REDUCE_RANGE_SCOPES, CpuOptions, seven_bit_layers, write_cpu
+from sedeploy.quantize.cpu import (CPU_OPTIONS, OV_OPTIONS, REDUCE_RANGE_SCOPES, CpuOptions, seven_bit_layers,
+                                   unify_concat_ranges, write_cpu)
 from sedeploy.quantize.measured_bias import MEASURED_BIAS_IMAGES, calibration_images, correct_biases_measured
 from sedeploy.quantize.estimators import (DEFAULT_PERCENTILE, HIST_BINS, METHODS, QUANT_BINS, entropy_amax,
                                           method_params, mse_amax, percentile_amax)
@@ -79,7 +80,8 @@ __all__ = [
     "OV_OPTIONS", "QUANT_BINS", "REDUCE_RANGE_SCOPES", "SE_POLICIES", "TRT_OPSET", "CalibrationResult", "CpuOptions", "Flavour",
     "QuantReport", "activation_tensors", "calibrate", "calibration_key", "default_cache_dir", "entropy_amax",
     "float_groups", "float_head_layers", "head_layers", "head_policy", "layer_macs", "method_params", "mse_amax",
-    "percentile_amax", "quantize_model", "quantized_op_counts", "select_images", "seven_bit_layers", "smoke_run", "weighted_layers",
+    "percentile_amax", "quantize_model", "quantized_op_counts", "select_images", "seven_bit_layers", "smoke_run",
+    "unify_concat_ranges", "weighted_layers",
 ]
 
 
@@ -170,6 +172,8 @@ def quantize_model(fp32_path, calibration: CalibrationResult, out_path, *, flavo
     options = None if row.options is None else (cpu_options or row.options)
     head = head_policy(flavour, head)
     model, label = load_fp32(fp32_path)
+    if options is not None and options.unify_concat:
+        calibration = unify_concat_ranges(model, calibration)
     exclude = frozenset(exclude)
     unknown = sorted(exclude - {n.name for n in model.graph.node})
     if unknown:

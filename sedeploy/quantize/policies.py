@@ -9,7 +9,7 @@ import numpy as np
 
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import QDQ_OPS, QOPERATOR_OPS, Graph
-from sedeploy.quantize.cpu import CPU_OPTIONS
+from sedeploy.quantize.cpu import CPU_OPTIONS, OV_OPTIONS
 from sedeploy.quantize.source import WEIGHTED, load_fp32
 
 SE_POLICIES = ("fp32", "int8")
@@ -104,7 +104,7 @@ def float_groups(fp32, layers: Collection[str], flavour: str) -> dict[str, list[
         return {layer: [layer] for layer in layers}
     g = Graph(model)
     by_name = {n.name: n for n in g.nodes}
-    quantized = set(CPU_OPTIONS.extra_ops) | set(WEIGHTED)
+    quantized = set((OV_OPTIONS if flavour == "ov" else CPU_OPTIONS).extra_ops) | set(WEIGHTED)
     groups = {}
     for layer in layers:
         group, todo = [layer], [by_name[layer].input[0]]
