@@ -153,7 +153,13 @@ def _fmt(v, spec=".1f") -> str:
 
 
 def markdown(records: list[dict[str, Any]], prov: dict[str, Any]) -> str:
-    lines = ["# Third-party classifiers with the defaults", "", provenance_markdown(prov), "",
+    runs = {}  # the runs these records come from (several after --update), each with its models
+    for r in records:
+        p = r.get("provenance") or prov
+        runs.setdefault(json.dumps(p, sort_keys=True, default=str), (p, []))[1].append(r["model"])
+    head = [provenance_markdown(prov)] if len(runs) == 1 else [
+        f"Run {i}: {', '.join(models)}\n\n{provenance_markdown(p)}" for i, (p, models) in enumerate(runs.values(), 1)]
+    lines = ["# Third-party classifiers with the defaults", "", "\n\n".join(head), "",
              "| model | default build | SE fused | engine | agreement % | top-1 Δ pt | b1 × FP32 | b8 × FP32 "
              "| b1 × NNCF | b8 × NNCF |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -177,6 +183,8 @@ def markdown(records: list[dict[str, Any]], prov: dict[str, Any]) -> str:
         bb = r.get("budget_build") or {}
         flavours = ((bb.get("int8_budget") or {}).get("flavours") or {})
         text = "; ".join(f"{k}: {json.dumps(v.get('summary', v), default=str)[:160]}" for k, v in flavours.items())
+        if bb.get("provenance"):  # kept from an earlier run by --update
+            text += f" (commit {bb['provenance'].get('git_commit')}, {bb['provenance'].get('date_utc')} UTC)"
         lines.append(f"| {r['model']} | {bb.get('exit', '–')} | {text or '–'} |")
     return "\n".join(lines) + "\n"
 
@@ -187,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds per engine and batch (default 20)")
     ap.add_argument("--eval-limit", type=int, help="score on the first N evaluation images only")
     ap.add_argument("--no-budget", action="store_true", help="skip step 3 (the budget builds, the slowest part)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other models' records of the existing results.json (each record says which run, "
+                         "commit and machine it comes from); a rerun model's budget record is kept under --no-budget")
     args = ap.parse_args(argv)
     if not MODELS_DIR.is_dir():
         print(f"zoo: {MODELS_DIR} is absent (../shared/data beside the checkout)", file=sys.stderr)
@@ -194,18 +205,30 @@ def main(argv: list[str] | None = None) -> int:
     out = results_dir(__file__)
     prov = provenance(__file__, argv)
     records = []
+    old: dict[str, dict[str, Any]] = {}
+    if args.update and (out / "results.json").is_file():
+        before = json.loads((out / "results.json").read_text())
+        old = {r["model"]: {"provenance": before.get("provenance"), **r} for r in before.get("models", [])}
     with tempfile.TemporaryDirectory(prefix="sedeploy-zoo-") as tmp:
         split = _split(Path(tmp))
         names = args.models or list(ZOO)
 
         def save():
-            (out / "results.json").write_text(json.dumps({"provenance": prov, "models": records}, indent=1,
+            fresh = {r["model"] for r in records}
+            kept = [r for m, r in old.items() if m not in fresh]
+            everything = sorted([*kept, *records], key=lambda r: list(ZOO).index(r["model"].removesuffix(".onnx")))
+            (out / "results.json").write_text(json.dumps({"provenance": prov, "models": everything}, indent=1,
                                                          default=str) + "\n")
-            (out / "results.md").write_text(markdown(records, prov))
+            (out / "results.md").write_text(markdown(everything, prov))
 
         for name in names:
             print(f"zoo: {name}", file=sys.stderr, flush=True)
-            records.append(run_model(name, split, Path(tmp), out, repeats=args.repeats, eval_limit=args.eval_limit))
+            rec = run_model(name, split, Path(tmp), out, repeats=args.repeats, eval_limit=args.eval_limit)
+            rec["provenance"] = prov
+            if args.no_budget and "budget_build" in old.get(rec["model"], {}):
+                rec["budget_build"] = {**old[rec["model"]]["budget_build"],
+                                       "provenance": old[rec["model"]].get("provenance")}
+            records.append(rec)
             save()
         for name, rec in zip(names, records):
             if not args.no_budget and rec["default_build"]["exit"] == 0:
