@@ -238,6 +238,14 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
     def nodes_of(chosen):
         return sorted({n for layer in chosen for n in groups[layer]})
 
+    # in the CPU/OpenVINO forms a layer falls back with the layer feeding it (its float group), and the float head
+    # with its own, so some sets of fewer than every layer already leave nothing in INT8: those are not candidates
+    head_nodes = {n for group in quantize.float_groups(fp32_path, sorted(in_float), flavour).values() for n in group}
+    every = set(quantize.weighted_layers(fp32_path))
+
+    def leaves_int8(chosen) -> bool:
+        return not every <= set(nodes_of(chosen)) | head_nodes
+
     n_sens = min(len(images), sensitivity_images)
     work = Path(tempfile.mkdtemp(prefix=".int8-budget-", dir=out_path.parent))
     try:
@@ -269,13 +277,18 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
             log.info("INT8 %s misses the budget with every layer quantized (%s); measuring %d layers' "
                      "sensitivity on %d images", flavour, "; ".join(budget.violations(base)), len(layers), n_sens)
             macs = quantize.layer_macs(fp32_path) if order == "gain-per-cost" else {}
-            report.sensitivity = sens = _sensitivity(layers, lambda layer, name: build(nodes_of([layer]), name)[0],
+            report.sensitivity = sens = _sensitivity([layer for layer in layers if leaves_int8([layer])],
+                                                     lambda layer, name: build(nodes_of([layer]), name)[0],
                                                      lambda path: evaluate(path, n_sens), evaluate(all_path, n_sens),
                                                      macs, order)
             ranking = [r["layer"] for r in sens]
             # at least one layer stays INT8: with every layer in float there is no INT8 artifact to write (the
             # search would end in the quantizer's "quantized no operator" instead of the budget's own verdict)
             limit = max(0, len(ranking) - 1) if max_fallback is None else min(max_fallback, len(ranking) - 1)
+            while limit > 0 and not leaves_int8(ranking[:limit]):  # stop while a weighted layer is still INT8
+                limit -= 1
+            if limit == 0:
+                raise _unmet(flavour, budget, len(images), base, base, 0, len(layers), base, max_fallback)
             tried: dict[int, tuple] = {}
 
             def attempt(k):

@@ -492,3 +492,28 @@ def test_openvino_form_concatenates_on_one_shared_range(clip_images, tmp_path):
     assert any(n.op_type == "Concat" for n in m.graph.node)
     ref, got = run_model(fp32, x), run_model(rep.path, x)
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_budget_search_stops_while_a_layer_is_int8(clip_images, tmp_path):
+    """In the CPU form a layer falls back to float together with the layer feeding it, so in a chain (the
+    MobileNet-style clip net) two of its three layers already cover all three: an unreachable budget ends in the
+    budget's own verdict, never in the quantizer's "quantized no operator", and writes nothing."""
+    import dataclasses
+
+    from sedeploy import quantize
+    from sedeploy.errors import VerificationError
+    from sedeploy.int8_budget import Budget, quantize_to_budget
+
+    folder, pp, x = clip_images
+    fp32 = _clip_net(tmp_path / "clip.onnx")
+    cal = calibrate(fp32, folder, progress=False, preprocess=pp, cache_dir=tmp_path / "cal")
+    layers = [n for n in quantize.weighted_layers(fp32) if n not in quantize.float_head_layers(fp32, "cpu")]
+    groups = quantize.float_groups(fp32, layers, "cpu")
+    assert any(set(layers) <= set(groups[a]) | set(groups[b]) for a in layers for b in layers if a != b)
+    broken = dataclasses.replace(cal, ranges={k: (lo / 50, hi / 50) for k, (lo, hi) in cal.ranges.items()},
+                                 uint8_ranges={k: (lo / 50, hi / 50) for k, (lo, hi) in cal.uint8_ranges.items()})
+    out = tmp_path / "q.onnx"
+    with pytest.raises(VerificationError, match="cannot meet the budget") as err:
+        quantize_to_budget(fp32, broken, out, flavour="cpu", images=x, budget=Budget(min_agreement=100.0),
+                           time_speed=False)
+    assert "quantized no operator" not in str(err.value) and not out.exists()
