@@ -152,6 +152,15 @@ def _fmt(v, spec=".1f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _budget_cell(form: str, v: dict[str, Any]) -> str:
+    a, b = v.get("all_int8") or {}, v.get("result") or {}
+    speed = (v.get("speed") or {}).get("speedup_vs_fp32") or {}
+    timed = (f", {_fmt(speed.get('int8_all'), '.2f')} → {_fmt(speed.get('int8_budget'), '.2f')}×" if speed else "")
+    return (f"{form}: {_fmt(a.get('agreement_pct'))} ({_fmt(a.get('agreement_lcb_pct'))}) → "
+            f"{_fmt(b.get('agreement_pct'))} ({_fmt(b.get('agreement_lcb_pct'))}), "
+            f"{len(v.get('fell_back') or [])}/{v.get('layers')} float{timed}")
+
+
 def markdown(records: list[dict[str, Any]], prov: dict[str, Any]) -> str:
     runs = {}  # the runs these records come from (several after --update), each with its models
     for r in records:
@@ -177,12 +186,18 @@ def markdown(records: list[dict[str, Any]], prov: dict[str, Any]) -> str:
             lines.append(f"| {' | '.join(head)} | {e.get('engine', '–')} | {_fmt(e.get('agreement_pct'))} | "
                          f"{_fmt(None if drop is None else -drop, '+.2f')} | {_fmt(e.get('b1_x_ref'), '.2f')} | "
                          f"{_fmt(e.get('b8_x_ref'), '.2f')} | {_fmt(vs[0], '.2f')} | {_fmt(vs[1], '.2f')} |")
-    lines += ["", "Budget builds (`--min-agreement 97 --budget-confidence 0.95`, 400 search images):", "",
-              "| model | exit | per flavour: held-out agreement (bound), layers in float, speed |", "|---|---|---|"]
+    lines += ["", "Budget builds (`--min-agreement 97 --budget-confidence 0.95 --val` the 400 search images): per INT8 "
+              "form, top-1 agreement with FP32 on those images and its 95 % lower bound, with every layer in INT8 → "
+              "as built; the layers the search put back in float; batch-8 speed × FP32 (all-INT8 → as built, timed "
+              "interleaved by the build; the TensorRT form is not timed without a GPU).", "",
+              "| model | exit | per form: agreement % (bound) all-INT8 → built, layers in float, speed × FP32 |",
+              "|---|---|---|"]
     for r in records:
         bb = r.get("budget_build") or {}
         flavours = ((bb.get("int8_budget") or {}).get("flavours") or {})
-        text = "; ".join(f"{k}: {json.dumps(v.get('summary', v), default=str)[:160]}" for k, v in flavours.items())
+        text = "; ".join(_budget_cell(k, v) for k, v in flavours.items())
+        if bb.get("exit") not in (None, 0) and bb.get("stderr_tail"):
+            text = next((ln.strip() for ln in bb["stderr_tail"].splitlines() if ln.startswith("error:")), "")[:300]
         if bb.get("provenance"):  # kept from an earlier run by --update
             text += f" (commit {bb['provenance'].get('git_commit')}, {bb['provenance'].get('date_utc')} UTC)"
         lines.append(f"| {r['model']} | {bb.get('exit', '–')} | {text or '–'} |")
