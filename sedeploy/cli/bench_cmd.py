@@ -27,7 +27,7 @@ GATES = "CI gates"
 def default_engines() -> Path:
     """A bare `sedeploy bench` benchmarks engines/, where build-engine writes."""
     if not (DEFAULT_ENGINES / MANIFEST).is_file():
-        state = "has no manifest.json" if DEFAULT_ENGINES.is_dir() else "does not exist"
+        state = f"has no {MANIFEST}" if DEFAULT_ENGINES.is_dir() else "does not exist"
         raise SedeployError(f"No ENGINES given, and the default folder '{DEFAULT_ENGINES}/' (where build-engine "
                             f"writes) {state}.",
                             expected="engine files (.onnx, .plan) or a folder written by `sedeploy build-engine`",
