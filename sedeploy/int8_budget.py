@@ -287,7 +287,7 @@ def quantize_to_budget(fp32_path, calibration, out_path, *, flavour: str, images
             limit = max(0, len(ranking) - 1) if max_fallback is None else min(max_fallback, len(ranking) - 1)
             while limit > 0 and not leaves_int8(ranking[:limit]):  # stop while a weighted layer is still INT8
                 limit -= 1
-            if limit == 0:
+            if limit <= 0:
                 raise _unmet(flavour, budget, len(images), base, base, 0, len(layers), base, max_fallback)
             tried: dict[int, tuple] = {}
 

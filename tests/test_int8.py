@@ -517,3 +517,37 @@ def test_budget_search_stops_while_a_layer_is_int8(clip_images, tmp_path):
         quantize_to_budget(fp32, broken, out, flavour="cpu", images=x, budget=Budget(min_agreement=100.0),
                            time_speed=False)
     assert "quantized no operator" not in str(err.value) and not out.exists()
+
+
+def test_seven_bit_layers_read_the_graph_not_its_listing(tmp_path):
+    """An old-IR graph lists its initializers among the inputs: that makes no layer "fed by the model input"; a
+    weight shared by an 8-bit and a 7-bit layer is quantized once, so both get 7 bits; and a Concat that reads a
+    model input keeps its ranges (the input's other readers would change)."""
+    import onnx
+    from onnx import helper
+
+    from sedeploy import quantize
+    from sedeploy.quantize import CalibrationResult
+
+    model = onnx.load(str(_mixed_net(tmp_path / "mixed.onnx")))
+    ranges = {"x": (-2.0, 2.0), "c0": (-3.0, 3.0), "r0": (0.0, 3.0), "c1": (-4.0, 4.0), "r1": (0.0, 6.0),
+              "c2": (-1.0, 1.0), "c3": (-1.0, 1.0), "r3": (0.0, 1.0)}
+    cal = CalibrationResult(ranges=ranges, method="minmax", params={}, images=[], key="k", cache_hit=False,
+                            seconds=0.0)
+    want = {"conv_img", "conv_relu6", "conv_signed"}
+    assert quantize.seven_bit_layers(model, cal, "dense-inputs") == want
+    old_ir = onnx.load(str(tmp_path / "mixed.onnx"))
+    old_ir.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                              for t in old_ir.graph.initializer)
+    listed = quantize.seven_bit_layers(old_ir, cal, "dense-inputs")  # (an input-listed Clip bound is not constant)
+    assert "conv_img" in listed and "conv_relu" not in listed and listed <= want
+    shared = onnx.load(str(tmp_path / "mixed.onnx"))
+    node = {n.name: n for n in shared.graph.node}
+    node["conv_relu6"].input[1] = "w1"  # conv_relu's 3×3 weight, shape-compatible with a 3×3 conv here
+    node["conv_relu6"].attribute.extend([helper.make_attribute("pads", [1, 1, 1, 1])])
+    assert quantize.seven_bit_layers(shared, cal, "dense-inputs") == want | {"conv_relu"}
+    cat = helper.make_node("Concat", ["x", "r0"], ["cat"], axis=1, name="cat")
+    model.graph.node.append(cat)
+    wide = CalibrationResult(ranges={**ranges, "cat": (-2.0, 3.0)}, method="minmax", params={}, images=[], key="k",
+                             cache_hit=False, seconds=0.0)
+    assert quantize.unify_concat_ranges(model, wide).ranges == wide.ranges

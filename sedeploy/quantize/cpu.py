@@ -203,8 +203,8 @@ def write_cpu(model, calibration: CalibrationResult, se: str, label: str, exclud
 
 def unify_concat_ranges(model, calibration: CalibrationResult) -> CalibrationResult:
     """``calibration`` with every Concat's inputs and output on one range, the union of theirs (tensors joined by
-    several Concats share one range across all of them). Other ranges are kept; the calibration itself is not
-    changed."""
+    several Concats share one range across all of them); a Concat that reads a model input keeps its ranges (other
+    readers of that input would change). Other ranges are kept; the calibration itself is not changed."""
     parent: dict[str, str] = {}
 
     def find(t: str) -> str:
@@ -213,8 +213,9 @@ def unify_concat_ranges(model, calibration: CalibrationResult) -> CalibrationRes
             t = parent[t]
         return t
 
+    graph_inputs = {i.name for i in model.graph.input}  # other readers of a model input keep its own range
     for n in model.graph.node:
-        if n.op_type == "Concat":
+        if n.op_type == "Concat" and not graph_inputs & set(n.input):
             tensors = [t for t in (*n.input, *n.output) if t in calibration.ranges]
             for t in tensors[1:]:
                 parent[find(t)] = find(tensors[0])
@@ -252,11 +253,15 @@ def seven_bit_layers(model, calibration: CalibrationResult, scope: str) -> set[s
         return set()
     # an image uses every level; a bounded activation (ReLU6, hard-swish's Clip) piles its values at the top of the
     # grid; a tensor with negative values is centred on the grid (int8 is shifted by 128 for the u8 kernels)
-    dense = _reached_before_weights(g, {i.name for i in model.graph.input}
+    inits = {t.name for t in model.graph.initializer}  # an old-IR graph also lists its initializers as inputs
+    dense = _reached_before_weights(g, {i.name for i in model.graph.input if i.name not in inits}
                                     | {n.output[0] for n in g.nodes if n.op_type == "Clip" and _bounded_relu(g, n)
                                        and _has_upper_bound(n)})
     signed = {t for t, (lo, _) in calibration.ranges.items() if lo < 0}
-    return {n.name for n in weighted if n.input[0] in dense or n.input[0] in signed}
+    seven = {n.name for n in weighted if n.input[0] in dense or n.input[0] in signed}
+    # one weight tensor is quantized once: shared by several layers, it gets 7 bits if any of them needs them
+    shared = {n.input[1] for n in weighted if n.name in seven and len(n.input) > 1}
+    return seven | {n.name for n in weighted if len(n.input) > 1 and n.input[1] in shared}
 
 
 def _weight_axis(node) -> int:

@@ -40,7 +40,7 @@ _CHUNK = 16  # images per run of a dynamic-batch model
 
 
 def calibration_images(calibration: CalibrationResult, count: int = MEASURED_BIAS_IMAGES) -> np.ndarray:
-    """The first ``count`` calibration images, preprocessed as the calibration did (N×C×H×W float32). Needs a
+    """``count`` calibration images, evenly spread over the calibration's selection, preprocessed as the calibration did (N×C×H×W float32). Needs a
     calibration made by :func:`sedeploy.quantize.calibrate` in this process (one loaded from a file does not know
     its image folder)."""
     if not calibration.image_root:
@@ -49,7 +49,10 @@ def calibration_images(calibration: CalibrationResult, count: int = MEASURED_BIA
                             fix="calibrate with sedeploy.quantize.calibrate(model, folder) and pass that result, or "
                                 "pass bias_correction=True (weight-only correction)")
     root = Path(calibration.image_root)
-    paths = [root / rel for rel in calibration.images[:count]]
+    # evenly spread over the calibration's selection (kept in path order: the first ones of a class-per-folder set
+    # would be a few classes only)
+    chosen = calibration.images[::max(1, len(calibration.images) // count)][:count]
+    paths = [root / rel for rel in chosen]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SedeployError(f"Calibration images are gone from '{root}': {missing[:3]}.",

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Collection
 
 import numpy as np
+import onnx
 
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import QDQ_OPS, QOPERATOR_OPS, Graph
@@ -158,7 +159,8 @@ def float_head_layers(fp32, flavour: str, head: str | None = None) -> list[str]:
         return []
     try:
         macs = layer_macs(fp32)
-    except SedeployError:  # map sizes unknown: the cost cannot be told, the head stays float as the policy says
+    except (SedeployError, ValueError, onnx.shape_inference.InferenceError):  # map sizes or shapes unknown: the
+        # cost cannot be told, and the head stays float as the policy says
         return heads
     share = sum(macs[h] for h in heads) / max(sum(macs.values()), 1)
     return heads if share <= FLOAT_HEAD_MAX_MACS_SHARE else []
