@@ -6,7 +6,6 @@ from collections import Counter
 from collections.abc import Collection
 
 import numpy as np
-import onnx
 
 from sedeploy.errors import SedeployError
 from sedeploy.onnxcore import QDQ_OPS, QOPERATOR_OPS, Graph
@@ -157,10 +156,12 @@ def float_head_layers(fp32, flavour: str, head: str | None = None) -> list[str]:
     heads = head_layers(fp32)
     if set(heads) >= set(weighted_layers(fp32)):
         return []
+    from onnx.shape_inference import InferenceError
+
     try:
         macs = layer_macs(fp32)
-    except (SedeployError, ValueError, onnx.shape_inference.InferenceError):  # map sizes or shapes unknown: the
-        # cost cannot be told, and the head stays float as the policy says
+    except (SedeployError, ValueError, InferenceError):  # map sizes or shapes unknown: the cost cannot be told,
+        # and the head stays float as the policy says
         return heads
     share = sum(macs[h] for h in heads) / max(sum(macs.values()), 1)
     return heads if share <= FLOAT_HEAD_MAX_MACS_SHARE else []
